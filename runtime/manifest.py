@@ -1,0 +1,249 @@
+"""The bundle manifest: schema, integrity, file verification. Written once here; the exporter imports it.
+
+A bundle is a folder holding ``manifest.json`` and the files it lists. Loading verifies, and refuses with
+a one-line :class:`BundleError`:
+
+* the schema version is one this runtime knows;
+* the manifest's own ``integrity`` digest (sha256 of its canonical JSON without that field) matches, so an
+  edited threshold, class list or policy is caught;
+* every listed file exists with the recorded size and sha256 (large files may be checked through a cache
+  keyed on path, size, mtime and inode; ``full_verify=True`` or ``SAFECLIP_VERIFY=full`` hashes all);
+* the gate section is complete and consistent with the vision graph's declared outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+GATE_OUTPUT = "class_probs"
+FEATURES_OUTPUT = "image_features"
+CACHE_MIN_BYTES = 16 << 20          # files at least this big may be verified through the cache
+
+__all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "sha256_file", "integrity_of",
+           "SCHEMA_VERSION", "MANIFEST", "GATE_OUTPUT", "FEATURES_OUTPUT", "atomic_write_text"]
+
+
+class BundleError(Exception):
+    """A bundle that must not serve: tampered, incomplete, unknown schema, or gate missing."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def integrity_of(manifest: dict) -> str:
+    return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "integrity"})).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a half-written one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(bundle_dir: Path, manifest: dict) -> dict:
+    """Seal (integrity digest) and write ``manifest.json`` atomically; returns the sealed dict."""
+    manifest = dict(manifest)
+    manifest["schema_version"] = manifest.get("schema_version", SCHEMA_VERSION)
+    manifest["integrity"] = integrity_of(manifest)
+    atomic_write_text(Path(bundle_dir) / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Manifest:
+    """A verified manifest. ``data`` is the whole JSON; the properties name the parts the runtime uses."""
+    root: Path
+    data: dict
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def target(self) -> str:
+        return self.data["target"]
+
+    @property
+    def graphs(self) -> dict[str, dict]:
+        return self.data["graphs"]
+
+    @property
+    def gate(self) -> dict:
+        return self.data["gate"]
+
+    @property
+    def preprocess(self) -> dict:
+        return self.data["preprocess"]
+
+    @property
+    def model(self) -> dict:
+        return self.data.get("model", {})
+
+    @property
+    def prompt(self) -> dict:
+        return self.data.get("prompt", {})
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.data.get("tokenizer", {})
+
+
+def _require(d: Any, keys: list[str], where: str) -> None:
+    if not isinstance(d, dict):
+        raise BundleError(f"manifest: '{where}' must be an object")
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise BundleError(f"manifest: '{where}' lacks {', '.join(missing)}")
+
+
+def _check_gate(m: dict) -> None:
+    gate = m.get("gate")
+    if gate is None:
+        raise BundleError("manifest has no gate section: a bundle without its gate must not serve")
+    _require(gate, ["variant", "classes", "safe_classes", "threshold", "policy", "descriptors"], "gate")
+    classes, safe = gate["classes"], gate["safe_classes"]
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise BundleError("manifest: gate.classes must list at least two class names")
+    if not isinstance(safe, list) or not safe or any(s not in classes for s in safe):
+        raise BundleError("manifest: gate.safe_classes must name classes of gate.classes")
+    t = gate["threshold"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+        raise BundleError(f"manifest: gate.threshold must be a number in [0, 1], got {t!r}")
+    vg = m.get("graphs", {}).get("vision_gate")
+    if not vg:
+        raise BundleError("manifest lists no vision_gate graph")
+    out = vg.get("outputs", {})
+    if GATE_OUTPUT not in out or FEATURES_OUTPUT not in out:
+        raise BundleError(f"vision_gate graph lacks the outputs '{FEATURES_OUTPUT}' and '{GATE_OUTPUT}'")
+    if out[GATE_OUTPUT].get("shape", [None, None])[-1] != len(classes):
+        raise BundleError("vision_gate graph's class_probs width differs from gate.classes")
+
+
+class _VerifyCache:
+    """sha256 results keyed on (realpath, size, mtime_ns, inode): a file unchanged on disk is not rehashed."""
+
+    def __init__(self) -> None:
+        base = os.environ.get("SAFECLIP_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "safeclip")
+        self.path = Path(base) / "verified.json"
+        try:
+            self.entries = json.loads(self.path.read_text())
+            if not isinstance(self.entries, dict):
+                self.entries = {}
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    @staticmethod
+    def key(p: Path, st: os.stat_result) -> str:
+        return f"{os.path.realpath(p)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+    def get(self, p: Path, st: os.stat_result) -> str | None:
+        return self.entries.get(self.key(p, st))
+
+    def put(self, p: Path, st: os.stat_result, digest: str) -> None:
+        self.entries[self.key(p, st)] = digest
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.entries))
+        except OSError:
+            pass                     # a read-only home only costs a re-hash next time
+
+
+def verify_files(root: Path, files: dict, full_verify: bool = False) -> dict[str, bool]:
+    """Check size and sha256 of every listed file; returns {name: came_from_cache}."""
+    if not isinstance(files, dict) or not files:
+        raise BundleError("manifest lists no files")
+    full_verify = full_verify or os.environ.get("SAFECLIP_VERIFY", "").lower() == "full"
+    cache = None if full_verify else _VerifyCache()
+    cached: dict[str, bool] = {}
+    for name, entry in files.items():
+        _require(entry, ["sha256", "size"], f"files.{name}")
+        p = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"manifest: file name '{name}' leaves the bundle")
+        try:
+            st = p.stat()
+        except OSError:
+            raise BundleError(f"bundle is incomplete: '{name}' is missing") from None
+        if st.st_size != entry["size"]:
+            raise BundleError(f"bundle is tampered or truncated: '{name}' is {st.st_size} bytes, "
+                              f"manifest says {entry['size']}")
+        digest = cache.get(p, st) if (cache and st.st_size >= CACHE_MIN_BYTES) else None
+        cached[name] = digest is not None
+        if digest is None:
+            digest = sha256_file(p)
+            if cache and st.st_size >= CACHE_MIN_BYTES and digest == entry["sha256"]:
+                cache.put(p, st, digest)
+        if digest != entry["sha256"]:
+            raise BundleError(f"bundle is tampered: sha256 of '{name}' does not match the manifest")
+    if cache:
+        cache.save()
+    return cached
+
+
+def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: bool = True) -> Manifest:
+    """Read and verify a bundle's manifest and files. Raises :class:`BundleError` with a one-line reason."""
+    root = Path(bundle_dir)
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle folder")
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{root}: not a bundle (no {MANIFEST})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath}: unreadable manifest ({type(e).__name__})") from None
+    if not isinstance(m, dict):
+        raise BundleError(f"{mpath}: manifest is not a JSON object")
+    sv = m.get("schema_version")
+    if sv != SCHEMA_VERSION:
+        raise BundleError(f"{mpath}: unknown schema version {sv!r} (this runtime reads {SCHEMA_VERSION}); "
+                          "re-export the bundle or upgrade safeclip-edge")
+    if m.get("integrity") != integrity_of(m):
+        raise BundleError(f"{mpath}: manifest integrity check failed (edited by hand or corrupted); "
+                          "use safeclip-calibrate to change thresholds")
+    _require(m, ["name", "target", "files", "graphs", "gate", "preprocess"], "manifest")
+    _check_gate(m)
+    for gname, g in m["graphs"].items():
+        _require(g, ["file", "inputs", "outputs"], f"graphs.{gname}")
+        for f in [g["file"], *([g["data"]] if g.get("data") else [])]:
+            if f not in m["files"]:
+                raise BundleError(f"manifest: graph '{gname}' file '{f}' is not hashed in files")
+    if verify:
+        verify_files(root, m["files"], full_verify=full_verify)
+    return Manifest(root=root, data=m)
