@@ -1,0 +1,74 @@
+"""Parity as a build gate: compare an exported graph's outputs with the PyTorch reference.
+
+``validate(component, reference, onnx_path, inputs, atol)`` runs the ONNX graph in ONNX Runtime (CPU),
+compares every named output with the reference arrays, checks all of them, then raises one
+:class:`ParityError` naming each failing output, its max abs error and the tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+
+class ParityError(RuntimeError):
+    """An exported graph disagrees with its PyTorch reference beyond tolerance."""
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    component: str
+    max_abs_err: dict[str, float]
+    atol: dict[str, float]
+
+    def __str__(self) -> str:
+        return f"{self.component}: " + ", ".join(
+            f"{k} max|err|={v:.2e} (tol {self.atol[k]:.0e})" for k, v in self.max_abs_err.items())
+
+
+def compare(component: str, reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray],
+            atol: float | Mapping[str, float]) -> ParityResult:
+    """Compare named arrays; raise :class:`ParityError` listing every failing output."""
+    tols = {k: float(atol[k] if isinstance(atol, Mapping) else atol) for k in reference}
+    errs, failures = {}, []
+    for name, ref in reference.items():
+        if name not in actual:
+            failures.append(f"output '{name}' missing")
+            continue
+        ref = np.asarray(ref, dtype=np.float64)
+        got = np.asarray(actual[name], dtype=np.float64)
+        if ref.shape != got.shape:
+            failures.append(f"output '{name}' has shape {got.shape}, reference {ref.shape}")
+            continue
+        if not np.all(np.isfinite(got)):
+            failures.append(f"output '{name}' has non-finite values")
+            errs[name] = float("inf")
+            continue
+        err = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+        errs[name] = err
+        if not err <= tols[name]:
+            failures.append(f"output '{name}' max abs error {err:.3e} > tolerance {tols[name]:.0e}")
+    if failures:
+        raise ParityError(f"{component} parity failed: " + "; ".join(failures))
+    return ParityResult(component, errs, tols)
+
+
+def run_onnx(onnx_path: str | Path, inputs: Mapping[str, np.ndarray], output_names: list[str] | None = None,
+             threads: int | None = None) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    names = output_names or [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(inputs))))
+
+
+def validate(component: str, reference: Mapping[str, np.ndarray], onnx_path: str | Path,
+             inputs: Mapping[str, np.ndarray], atol: float | Mapping[str, float]) -> ParityResult:
+    """Run ``onnx_path`` on ``inputs`` with ONNX Runtime and compare with ``reference``."""
+    actual = run_onnx(onnx_path, inputs, list(reference))
+    return compare(component, reference, actual, atol)
