@@ -1,0 +1,249 @@
+"""Write a bundle: export every component into a temporary folder, check parity, hash, seal, then rename.
+
+An interrupted export leaves no half bundle: everything is written under ``.<name>.tmp-*`` beside the
+destination, and only a complete, sealed folder is moved into place (an existing bundle is replaced only
+once the new one is complete; a folder that is not a bundle is never overwritten).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from safeclip.descriptors import load_descriptor_set
+from safeclip.runtime.gate import DEFAULT_INSTRUCTION, POLICIES, verdict_from_probs
+from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, sha256_file,
+                                       write_manifest)
+
+from .onnx import onnx_from_module
+from .parity import ParityResult, validate
+
+FEATURE_ATOL, PROB_ATOL = 1e-4, 1e-5
+
+
+@dataclass
+class ExportOptions:
+    model: str = "demo"
+    clip: str | None = None
+    descriptors: str = "default"
+    gate: str = "reference"
+    threshold: float | None = None
+    policy: str = "instruct"
+    target: str = "cpu"
+    out: Path | None = None
+    name: str | None = None
+    with_decoder: bool = True
+    text_embeds_override: object = None          # tests: a controlled gate ([S, E] tensor)
+
+
+@dataclass
+class ExportReport:
+    bundle: Path
+    parity: list[ParityResult] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+class BundleExistsError(FileExistsError):
+    pass
+
+
+def default_name(opts: ExportOptions) -> str:
+    base = "demo" if opts.model == "demo" else Path(opts.model.rstrip("/")).name
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base) or "bundle"
+
+
+def _files_entry(root: Path) -> dict:
+    return {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def _io(names: dict[str, tuple[list, str]]) -> dict:
+    return {k: {"shape": shape, "dtype": dtype} for k, (shape, dtype) in names.items()}
+
+
+def vision_gate_from_sources(src, dset, variant: str, text_embeds=None):
+    """Build the torch :class:`VisionGate` for a loaded LLaVA + CLIP and a descriptor set."""
+    from .descriptors import logit_scale_of, text_embeddings
+    from .vision_gate import VisionGate
+
+    cfg = src.llava.config
+    te = text_embeds if text_embeds is not None else text_embeddings(src.clip, src.clip_path, dset)
+    return VisionGate(src.llava.model.vision_tower, src.llava.model.multi_modal_projector,
+                      cfg.vision_feature_layer, cfg.vision_feature_select_strategy, variant,
+                      src.clip.visual_projection, te, dset.class_index, len(dset.classes),
+                      logit_scale_of(src.clip)).eval()
+
+
+def _parity_inputs(size: int, batch: int = 2) -> np.ndarray:
+    rng = np.random.default_rng(1234)
+    # pixel_values in the normalised range the processor produces (about [-1.8, 2.2])
+    return rng.uniform(-1.8, 2.1, size=(batch, 3, size, size)).astype(np.float32)
+
+
+def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None) -> tuple[dict, ParityResult]:
+    import torch
+
+    module = vision_gate_from_sources(src, dset, variant, text_embeds)
+    vcfg = src.llava.config.vision_config
+    size = vcfg.image_size
+    sample = torch.from_numpy(_parity_inputs(size))
+    path = tmp / "vision_gate.onnx"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    onnx_from_module(module, (sample,), path, ["pixel_values"], [FEATURES_OUTPUT, GATE_OUTPUT],
+                     dynamic_shapes={"pixel_values": {0: batch}})
+    with torch.no_grad():
+        feats, probs = module(sample)
+    ref = {FEATURES_OUTPUT: feats.numpy(), GATE_OUTPUT: probs.numpy()}
+    result = validate("vision_gate", ref, path, {"pixel_values": sample.numpy()},
+                      {FEATURES_OUTPUT: FEATURE_ATOL, GATE_OUTPUT: PROB_ATOL})
+    # Verdicts from the ONNX graph must equal a plain reimplementation of the reference rule on torch's output.
+    from .parity import ParityError, run_onnx
+    got = run_onnx(path, {"pixel_values": sample.numpy()}, [GATE_OUTPUT])[GATE_OUTPUT]
+    for t in (dset.default_threshold, 0.0, 0.3):
+        for a, b in zip(ref[GATE_OUTPUT], got):
+            va = verdict_from_probs(a, list(dset.classes), list(dset.safe_classes), t)
+            vb = verdict_from_probs(b, list(dset.classes), list(dset.safe_classes), t)
+            if (va.flagged, va.category) != (vb.flagged, vb.category):
+                raise ParityError(f"vision_gate parity failed: verdicts differ at threshold {t}")
+    n_tokens, d_lm = feats.shape[1], feats.shape[2]
+    graph = {
+        "file": "vision_gate.onnx",
+        "data": "vision_gate.onnx.data" if (tmp / "vision_gate.onnx.data").exists() else None,
+        "inputs": _io({"pixel_values": (["batch", 3, size, size], "float32")}),
+        "outputs": _io({FEATURES_OUTPUT: (["batch", n_tokens, d_lm], "float32"),
+                        GATE_OUTPUT: (["batch", len(dset.classes)], "float32")}),
+        "encoder_layers_computed": len(module.layers),
+        "encoder_layers_total": vcfg.num_hidden_layers,
+    }
+    return graph, result
+
+
+def _tokenizer_and_prompt(src, tmp: Path) -> tuple[dict, dict]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src.llava_path)
+    tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    template = tok.chat_template
+    if not template:
+        try:
+            from transformers import AutoProcessor
+            template = AutoProcessor.from_pretrained(src.llava_path).chat_template
+        except Exception:
+            template = None
+    image_token = getattr(tok, "image_token", None) or "<image>"
+    return ({"file": "tokenizer.json", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+             "pad_token": tok.pad_token},
+            {"chat_template": template, "image_token": image_token})
+
+
+def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda s: None) -> ExportReport:
+    """Export ``opts.model`` into a sealed bundle folder; returns where it went and the parity figures."""
+    from .checkpoint import load_sources
+
+    t0 = time.perf_counter()
+    if opts.gate not in ("reference", "clip"):
+        raise ValueError(f"unknown gate variant '{opts.gate}' (supported: reference, clip)")
+    if opts.policy not in POLICIES:
+        raise ValueError(f"unknown policy '{opts.policy}' (supported: {', '.join(POLICIES)})")
+    if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in [0, 1], got {opts.threshold}")
+    if opts.target != "cpu":
+        raise ValueError(f"unknown target '{opts.target}' (supported: cpu)")
+    dset = load_descriptor_set(opts.descriptors)
+    out = Path(opts.out) if opts.out else Path("engines") / (opts.name or default_name(opts))
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise BundleExistsError(f"{out} exists and is not a bundle; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        progress("loading checkpoints")
+        src = load_sources(opts.model, opts.clip, tmp / "_work")
+        progress("exporting vision + gate graph")
+        vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override)
+        parity = [vparity]
+        graphs = {"vision_gate": vgraph}
+        extra: dict = {}
+        if opts.with_decoder:
+            from .decoder import export_decoder
+            progress("exporting language model (decoder with KV cache)")
+            frag = export_decoder(src.llava, tmp)
+            graphs.update(frag["graphs"])
+            extra = {k: v for k, v in frag.items() if k not in ("graphs", "files", "parity")}
+            parity.extend(frag.get("parity", []))
+        progress("writing tokenizer, preprocessing and manifest")
+        tok_entry, prompt = _tokenizer_and_prompt(src, tmp)
+        from safeclip.runtime.image import preprocess_spec_from_config
+        pre_cfg = json.loads((src.llava_path / "preprocessor_config.json").read_text())
+        shutil.rmtree(tmp / "_work", ignore_errors=True)
+        import onnx
+        import torch
+        import transformers
+
+        from .descriptors import logit_scale_of
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": out.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "target": opts.target,
+            "architecture": "llava",
+            "source": {"model": opts.model, "model_revision": src.model_revision,
+                       "clip": src.clip_id, "clip_revision": src.clip_revision,
+                       "vision_tower": opts.model},
+            "producer": {"safeclip_edge": _version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "onnx": onnx.__version__,
+                         "python": platform.python_version()},
+            "files": _files_entry(tmp),
+            "graphs": {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in graphs.items()},
+            "preprocess": preprocess_spec_from_config(pre_cfg),
+            "gate": {
+                "variant": opts.gate, "classes": list(dset.classes), "safe_classes": list(dset.safe_classes),
+                "threshold": float(opts.threshold if opts.threshold is not None else dset.default_threshold),
+                "aggregation": "sum", "logit_scale": logit_scale_of(src.clip),
+                "policy": opts.policy, "instruction": DEFAULT_INSTRUCTION,
+                "refusals": dict(dset.refusals),
+                "descriptors": {"name": dset.name, "version": dset.version, "sha256": dset.sha256,
+                                "source": dset.source, "description": dset.description,
+                                "sentences": {c: list(s) for c, s in zip(dset.classes, dset.sentences)}},
+                "history": [],
+            },
+            "tokenizer": tok_entry,
+            "prompt": prompt,
+            **extra,
+            "build": {"target": opts.target, "parity": {r.component: r.max_abs_err for r in parity}},
+        }
+        write_manifest(tmp, manifest)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return ExportReport(out, parity, time.perf_counter() - t0, peak)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    os.chmod(tmp, 0o755)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("safeclip-edge")
+    except Exception:
+        return "unknown"

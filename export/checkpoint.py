@@ -1,0 +1,99 @@
+"""Loading source checkpoints: a LLaVA model and the CLIP that provides the gate's projection and text tower.
+
+``--model`` and ``--clip`` take a Hugging Face id or a local folder. Without network access and without a
+local copy (in the HF cache or on disk) a :class:`CheckpointError` names the missing model on one line.
+``demo`` builds the embedded tiny model into a temporary folder and loads it through this same code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+class CheckpointError(RuntimeError):
+    """A source checkpoint is missing, unreadable or of an unsupported kind."""
+
+
+@dataclass
+class Sources:
+    llava: object            # LlavaForConditionalGeneration (eval, fp32)
+    clip: object             # CLIPModel (eval, fp32)
+    llava_path: Path
+    clip_path: Path
+    model_id: str
+    clip_id: str
+    model_revision: str | None
+    clip_revision: str | None
+
+
+def _resolve(name: str, what: str) -> tuple[Path, str | None]:
+    """A local folder or a snapshot of a hub id in the local cache; never downloads when offline."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"{what} '{name}': folder has no config.json")
+        return p, None
+    if p.exists():
+        raise CheckpointError(f"{what} '{name}': not a checkpoint folder")
+    if name.count("/") != 1 or name.startswith(("/", ".")):
+        raise CheckpointError(f"{what} '{name}': no such folder, and not a Hugging Face id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError as e:  # pragma: no cover - transformers depends on huggingface_hub
+        raise CheckpointError(f"huggingface_hub is missing: {e}") from None
+    try:
+        path = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"],
+                                 local_files_only=os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"))
+    except Exception as e:
+        try:
+            path = snapshot_download(name, local_files_only=True)
+        except Exception:
+            kind = type(e).__name__
+            raise CheckpointError(f"{what} '{name}' is not available locally and could not be downloaded "
+                                  f"({kind}); copy it to a folder and pass the folder") from None
+    rev = Path(path).name if Path(path).parent.name == "snapshots" else None
+    return Path(path), rev
+
+
+def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str | None = None) -> Sources:
+    """Load LLaVA and CLIP. ``model == 'demo'`` builds the demo checkpoints into ``workdir`` first."""
+    import torch
+    from transformers import CLIPModel, LlavaForConditionalGeneration
+
+    if model == "demo":
+        from .demo import build_demo
+        llava_dir, clip_dir = build_demo(workdir / "demo")
+        model_rev = clip_rev = None
+        clip_name = clip or "demo"
+        if clip not in (None, "demo"):
+            clip_dir, clip_rev = _resolve(clip, "CLIP model")
+    else:
+        llava_dir, model_rev = _resolve(model, "model")
+        clip_name = clip or DEFAULT_CLIP
+        clip_dir, clip_rev = _resolve(clip_name, "CLIP model")
+
+    cfg = json.loads((llava_dir / "config.json").read_text())
+    mt = cfg.get("model_type")
+    if mt != "llava":
+        raise CheckpointError(f"model '{model}': model_type '{mt}' is not supported (supported: llava)")
+    try:
+        llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    except Exception as e:
+        raise CheckpointError(f"model '{model}': cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    try:
+        clip_model = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    except Exception as e:
+        raise CheckpointError(f"CLIP model '{clip_name}': cannot load "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    vt = llava.model.vision_tower
+    if clip_model.visual_projection.in_features != vt.config.hidden_size:
+        raise CheckpointError(f"CLIP model '{clip_name}': visual_projection takes {clip_model.visual_projection.in_features} "
+                              f"features but the LLaVA tower is {vt.config.hidden_size} wide")
+    return Sources(llava=llava, clip=clip_model, llava_path=llava_dir, clip_path=clip_dir, model_id=model,
+                   clip_id=clip_name, model_revision=model_rev, clip_revision=clip_rev)

@@ -1,0 +1,88 @@
+"""``safeclip-export``: a LLaVA checkpoint -> a bundle under ``engines/<name>``.
+
+    safeclip-export                                   # the built-in demo model, offline
+    safeclip-export --model llava-hf/llava-1.5-7b-hf --clip openai/clip-vit-large-patch14
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (progress bars, fallback warnings, exporter logs) off the user's terminal."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("torch.onnx", "torch._export", "torch.export", "torch._dynamo", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safeclip-export", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("source")
+    src.add_argument("--model", default="demo", help="LLaVA checkpoint: Hugging Face id, local folder, or 'demo' "
+                                                    "(default: the built-in demo model)")
+    src.add_argument("--clip", default=None, help="CLIP checkpoint providing visual_projection and the text tower "
+                                                 "(default: openai/clip-vit-large-patch14; the demo brings its own)")
+    gate = p.add_argument_group("gate")
+    gate.add_argument("--descriptors", default="default", help="built-in set name (default, extended) or a JSON file")
+    gate.add_argument("--gate", choices=["reference", "clip"], default="reference",
+                      help="reference: penultimate-layer CLS as the paper; clip: canonical CLIP image embedding")
+    gate.add_argument("--threshold", type=float, default=None, help="flag threshold on the top class's probability "
+                                                                    "(default: the descriptor set's)")
+    gate.add_argument("--policy", choices=["instruct", "refuse", "annotate"], default="instruct",
+                      help="what a flagged image does to generation (overridable per request)")
+    out = p.add_argument_group("output")
+    out.add_argument("--target", choices=["cpu"], default="cpu", help="deployment preset")
+    out.add_argument("--out", type=Path, default=None, help="bundle folder (default: engines/<name>)")
+    out.add_argument("--no-decoder", action="store_true", help="export the vision+gate graph only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    t0 = time.perf_counter()
+
+    def progress(step: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {step} ...", file=sys.stderr, flush=True)
+
+    try:
+        from .bundle import ExportOptions, export_bundle
+        report = export_bundle(ExportOptions(model=args.model, clip=args.clip, descriptors=args.descriptors,
+                                             gate=args.gate, threshold=args.threshold, policy=args.policy,
+                                             target=args.target, out=args.out, with_decoder=not args.no_decoder),
+                               progress=progress)
+    except KeyboardInterrupt:
+        print("safeclip-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except ImportError as e:
+        print(f"safeclip-export: {e} (install the exporter: pip install 'safeclip-edge[export]')", file=sys.stderr)
+        return 2
+    except Exception as e:  # the library raises typed, one-line errors; show them without a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"safeclip-export: error: {msg}", file=sys.stderr)
+        return 1
+    for r in report.parity:
+        print(f"parity  {r}", file=sys.stderr)
+    print(f"bundle  {report.bundle}  ({report.seconds:.1f}s, peak RSS {report.peak_rss_mb:.0f} MiB)", file=sys.stderr)
+    print(report.bundle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

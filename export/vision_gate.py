@@ -1,0 +1,92 @@
+"""The vision+gate module: LLaVA's vision tower and projector, plus the SafeCLIP gate head, in one graph.
+
+``pixel_values [B,3,H,W]`` -> ``image_features [B,N,D_lm]`` (exactly what LLaVA feeds its language model)
+and ``class_probs [B,C]`` (the gate's per-class probabilities). Supported: CLIP vision towers
+(``CLIPVisionModel``), ``vision_feature_layer`` as an int or a list, select strategies ``default`` (drop
+CLS) and ``full``.
+
+Gate variants (``SAFECLIP.md``):
+
+* ``reference``: CLS of ``hidden_states[vision_feature_layer]`` (the vector LLaVA discards), no
+  post-LayerNorm, as the paper's code does;
+* ``clip``: CLS of the last layer after ``post_layernorm``: the canonical CLIP image embedding.
+
+Both then apply ``visual_projection`` of the ``--clip`` checkpoint, L2-normalise, take
+``logit_scale * image_embed @ text_embeds.T`` over all descriptor sentences, softmax over all sentences,
+and sum the probabilities per class (a proper distribution over classes; for equal sentence counts the
+summed probability is exactly the reference's ``mean x sentences_per_class``). The decision rule with its
+threshold is applied by the runtime, so re-calibration needs no rebuild.
+
+Only the encoder layers that some output needs are kept: with the ``reference`` variant and
+``vision_feature_layer = -2`` the last encoder layer is never computed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GATE_VARIANTS = ("reference", "clip")
+
+
+def _layer_count(feature_layer: int, num_layers: int) -> int:
+    """Number of encoder layers whose output is ``hidden_states[feature_layer]`` (hidden_states[0] = embeddings)."""
+    idx = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 0 <= idx <= num_layers:
+        raise ValueError(f"vision_feature_layer {feature_layer} is out of range for {num_layers} layers")
+    return idx
+
+
+class VisionGate(nn.Module):
+    def __init__(self, tower, projector: nn.Module, feature_layer: int | list[int], select_strategy: str,
+                 variant: str, visual_projection: nn.Linear, text_embeds: torch.Tensor,
+                 class_index: list[int], num_classes: int, logit_scale: float):
+        super().__init__()
+        if variant not in GATE_VARIANTS:
+            raise ValueError(f"unknown gate variant '{variant}' (supported: {', '.join(GATE_VARIANTS)})")
+        if select_strategy not in ("default", "full"):
+            raise ValueError(f"unsupported vision_feature_select_strategy '{select_strategy}'")
+        n_layers = len(tower.encoder.layers)
+        layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+        self.feature_idx = [_layer_count(l, n_layers) for l in layers]
+        # reference: the CLS of the feature layer (with several feature layers, the last one); clip: the last layer
+        self.gate_idx = self.feature_idx[-1] if variant == "reference" else n_layers
+        keep = max(self.feature_idx + [self.gate_idx])
+        self.embeddings = tower.embeddings
+        self.pre_layrnorm = tower.pre_layrnorm
+        self.layers = nn.ModuleList(list(tower.encoder.layers)[:keep])
+        self.post_layernorm = tower.post_layernorm if variant == "clip" else None
+        self.projector = projector
+        self.drop_cls = select_strategy == "default"
+        self.variant = variant
+        self.visual_projection = visual_projection
+        # text_embeds: [S, E], L2-normalised descriptor sentence embeddings (baked in as a constant)
+        te = text_embeds.detach().float()
+        te = te / te.norm(dim=-1, keepdim=True)
+        self.register_buffer("text_embeds_t", te.t().contiguous())                # [E, S]
+        onehot = torch.zeros(te.shape[0], num_classes)
+        onehot[torch.arange(te.shape[0]), torch.tensor(class_index)] = 1.0
+        self.register_buffer("class_matrix", onehot)                               # [S, C]
+        self.logit_scale = float(logit_scale)
+
+    def forward(self, pixel_values: torch.Tensor):
+        # pixel_values: [B, 3, H, W]
+        h = self.pre_layrnorm(self.embeddings(pixel_values))                      # [B, 1+P, Dv]
+        states = {0: h}
+        for i, layer in enumerate(self.layers, start=1):
+            h = layer(h, None)
+            states[i] = h
+        feats = [states[i] for i in self.feature_idx]
+        if self.drop_cls:
+            feats = [f[:, 1:] for f in feats]
+        selected = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        image_features = self.projector(selected)                                 # [B, N, D_lm]
+
+        cls = states[self.gate_idx][:, 0]                                          # [B, Dv]
+        if self.post_layernorm is not None:
+            cls = self.post_layernorm(cls)
+        emb = self.visual_projection(cls)                                          # [B, E]
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        logits = self.logit_scale * (emb @ self.text_embeds_t)                     # [B, S]
+        probs = torch.softmax(logits, dim=-1)
+        class_probs = probs @ self.class_matrix                                    # [B, C]
+        return image_features, class_probs

@@ -1,0 +1,79 @@
+"""Shared fixtures: the demo checkpoints are built once per test session, offline, with random weights."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cache")
+    os.environ["SAFECLIP_CACHE_DIR"] = str(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def demo_sources(tmp_path_factory):
+    pytest.importorskip("torch")
+    from safeclip.export.checkpoint import load_sources
+    return load_sources("demo", None, tmp_path_factory.mktemp("demo_src"))
+
+
+def images_dir(root: Path) -> Path:
+    """A few small synthetic RGB images of different sizes and contents."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    specs = {"red.png": (400, 300, (220, 30, 30)), "blue.jpg": (300, 500, (20, 40, 210)),
+             "noise.png": (336, 336, None), "wide.png": (800, 200, (240, 240, 240))}
+    for name, (w, h, colour) in specs.items():
+        if colour is None:
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        else:
+            arr = np.zeros((h, w, 3), np.uint8) + np.array(colour, np.uint8)
+            arr[h // 4: h // 2, w // 4: w // 2] = 255 - np.array(colour, np.uint8)
+        Image.fromarray(arr).save(root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def test_images(tmp_path_factory) -> Path:
+    return images_dir(tmp_path_factory.mktemp("images"))
+
+
+def gate_embedding(sources, pixel_values, variant: str = "reference"):
+    """Oracle: the gate's image embedding computed with plain transformers calls."""
+    import torch
+
+    with torch.no_grad():
+        out = sources.llava.model.vision_tower(torch.as_tensor(pixel_values), output_hidden_states=True)
+        if variant == "reference":
+            cls = out.hidden_states[sources.llava.config.vision_feature_layer][:, 0]
+        else:
+            cls = sources.llava.model.vision_tower.post_layernorm(out.hidden_states[-1][:, 0])
+        e = sources.clip.visual_projection(cls)
+    return (e / e.norm(dim=-1, keepdim=True)).numpy()
+
+
+def controlled_text_embeds(sources, dset, toxic_pv, clean_pv, toxic_class: str, variant="reference", seed=0):
+    """Descriptor embeddings that make ``toxic_pv`` land in ``toxic_class`` and ``clean_pv`` in the safe class."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    et = gate_embedding(sources, toxic_pv, variant)[0]
+    ec = gate_embedding(sources, clean_pv, variant)[0]
+    rows = []
+    for cls, group in zip(dset.classes, dset.sentences):
+        for _ in group:
+            base = et if cls == toxic_class else ec if cls in dset.safe_classes else rng.normal(size=et.shape)
+            v = base + 0.01 * rng.normal(size=et.shape)
+            rows.append(v / np.linalg.norm(v))
+    return torch.tensor(np.stack(rows), dtype=torch.float32)
