@@ -20,7 +20,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore")
-    for name in ("torch.onnx", "torch._export", "torch.export", "torch._dynamo", "onnxscript", "transformers"):
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._export", "torch.export",
+                 "torch._dynamo", "onnxscript", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

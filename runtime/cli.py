@@ -99,7 +99,7 @@ def scan_main(argv: list[str] | None = None) -> int:
 
 
 def _report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> int:
-    from .metrics import evaluate, sweep_from_records
+    from .metrics import confusion_text, evaluate, sweep, sweep_inputs
 
     by_path = {str(Path(r["path"]).resolve()): r for r in records if "error" not in r}
     joined = []
@@ -116,13 +116,9 @@ def _report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> i
     print(f"labelled {m['n']} (toxic {m['n_toxic']}, safe {m['n_safe']}); not scanned: {missing}", file=sys.stderr)
     print(f"DSR {pct(m['dsr'])}  FPR {pct(m['fpr'])}  precision {pct(m['precision'])}  F1 {pct(m['f1'])}",
           file=sys.stderr)
-    cm = m["confusion"]
-    width = max(len(x) for x in cm["labels"] + cm["predicted"]) + 1
     print("confusion (rows: label, columns: verdict)", file=sys.stderr)
-    print(" " * width + "".join(f"{c:>{width}}" for c in cm["predicted"]), file=sys.stderr)
-    for lab, row in zip(cm["labels"], cm["matrix"]):
-        print(f"{lab:<{width}}" + "".join(f"{x:>{width}}" for x in row), file=sys.stderr)
-    rows = sweep_from_records(joined, pipe.classes, pipe.safe_classes)
+    print(confusion_text(m["confusion"]), file=sys.stderr)
+    rows = sweep(*sweep_inputs(joined, pipe.classes, pipe.safe_classes))
     if args.report:
         from .manifest import atomic_write_text
         atomic_write_text(args.report, json.dumps({"bundle": str(args.bundle), "threshold": pipe.threshold,

@@ -237,8 +237,8 @@ def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: boo
     if m.get("integrity") != integrity_of(m):
         raise BundleError(f"{mpath}: manifest integrity check failed (edited by hand or corrupted); "
                           "use safeclip-calibrate to change thresholds")
-    _require(m, ["name", "target", "files", "graphs", "gate", "preprocess"], "manifest")
     _check_gate(m)
+    _require(m, ["name", "target", "files", "graphs", "preprocess"], "manifest")
     for gname, g in m["graphs"].items():
         _require(g, ["file", "inputs", "outputs"], f"graphs.{gname}")
         for f in [g["file"], *([g["data"]] if g.get("data") else [])]:

@@ -77,3 +77,18 @@ def controlled_text_embeds(sources, dset, toxic_pv, clean_pv, toxic_class: str, 
             v = base + 0.01 * rng.normal(size=et.shape)
             rows.append(v / np.linalg.norm(v))
     return torch.tensor(np.stack(rows), dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def vision_bundle(tmp_path_factory, cache_dir) -> Path:
+    """A demo bundle with the vision+gate graph only (fast to export)."""
+    pytest.importorskip("torch")
+    from safeclip.export.bundle import ExportOptions, export_bundle
+    out = tmp_path_factory.mktemp("bundles") / "demo-vision"
+    return export_bundle(ExportOptions(model="demo", out=out, with_decoder=False)).bundle
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
