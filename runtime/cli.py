@@ -80,16 +80,18 @@ def scan_main(argv: list[str] | None = None) -> int:
     records, n_err, n_flag = [], 0, 0
     for path in iter_images(args.paths):
         rec: dict = {"path": str(path)}
+        exact = None
         try:
             v = pipe.gate(path)
             rec.update(v.to_json())
             rec.pop("latency_ms", None)
             n_flag += v.flagged
+            exact = [v.probs[c] for c in pipe.classes] if v.probs else None
         except Exception as e:          # one bad image never stops the scan
             rec["error"] = _one_line(e)
             n_err += 1
         print(json.dumps(rec), flush=True)
-        records.append(rec)
+        records.append({**rec, "probs": exact} if exact is not None else rec)   # sweeps use exact scores
     n = len(records)
     print(f"safeclip-scan: {n} images, {n_flag} flagged, {n_err} errors (threshold {pipe.threshold:g})",
           file=sys.stderr)
@@ -135,3 +137,100 @@ def _report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> i
 
 if __name__ == "__main__":
     sys.exit(scan_main())
+
+
+# --- safeclip-calibrate ---------------------------------------------------------------------------------
+def calibrate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safeclip-calibrate", description="Choose the gate threshold that maximises "
+                                "the defense success rate under a false-positive bound, on your labelled images, "
+                                "and write it into the bundle (re-sealed atomically, old value kept in history).")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--labels", required=True, type=Path, help="CSV with columns path,label")
+    p.add_argument("--max-fpr", required=True, type=float, help="largest false-positive rate allowed, e.g. 0.03")
+    p.add_argument("--compare", type=Path, help="a bundle of the other gate variant: report its calibrated result")
+    p.add_argument("--descriptors-out", type=Path, help="also write the descriptor set with this threshold as "
+                                                        "its default_threshold to FILE")
+    p.add_argument("--dry-run", action="store_true", help="print the choice, change nothing")
+    return p
+
+
+def _gate_labelled(pipe, labels: dict[str, str]) -> list[dict]:
+    records = []
+    for path, label in labels.items():
+        try:
+            v = pipe.gate(path)
+        except Exception as e:
+            raise RuntimeError(f"{path}: {_one_line(e)}") from None
+        records.append({"path": path, "label": label, **v.to_json(),
+                        "probs": [v.probs[c] for c in pipe.classes] if v.probs else None})
+    return records
+
+
+def _calibrated(pipe, labels, max_fpr):
+    from .metrics import calibrate, evaluate, sweep, sweep_inputs
+
+    records = _gate_labelled(pipe, labels)
+    m = evaluate(records, pipe.classes, pipe.safe_classes)
+    rows = sweep(*sweep_inputs(records, pipe.classes, pipe.safe_classes))
+    return calibrate(rows, max_fpr, m["n_safe"], m["n_toxic"]), m
+
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    args = calibrate_parser().parse_args(argv)
+    from .manifest import BundleError, load_manifest, write_manifest
+    from .metrics import CalibrationError, LabelsError, read_labels
+    from .pipeline import Pipeline
+
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"
+    try:
+        pipe = Pipeline.load(args.bundle)
+        labels = read_labels(args.labels, pipe.classes, pipe.safe_classes)
+        choice, before = _calibrated(pipe, labels, args.max_fpr)
+        alt = None
+        if args.compare:
+            other = Pipeline.load(args.compare)
+            alt = (other.manifest.gate["variant"], *_calibrated(other, read_labels(
+                args.labels, other.classes, other.safe_classes), args.max_fpr))
+    except (BundleError, LabelsError, CalibrationError, RuntimeError, ValueError, OSError) as e:
+        print(f"safeclip-calibrate: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    old = pipe.threshold
+    variant = pipe.manifest.gate["variant"]
+    print(f"gate {variant}: {choice['n_toxic']} toxic / {choice['n_safe']} safe labelled images")
+    print(f"  current threshold {old:g}: DSR {pct(before['dsr'])}, FPR {pct(before['fpr'])}")
+    print(f"  chosen  threshold {choice['threshold']:.6g}: DSR {pct(choice['dsr'])}, FPR {pct(choice['fpr'])} "
+          f"(bound {pct(args.max_fpr)}; 95% upper FPR {pct(choice['fpr_upper95'])})")
+    if not choice["bound_confident"]:
+        print("  note: the bound holds on these images but not with 95% confidence: label more safe images")
+    if alt:
+        print(f"  compare gate {alt[0]}: threshold {alt[1]['threshold']:.6g}, DSR {pct(alt[1]['dsr'])}, "
+              f"FPR {pct(alt[1]['fpr'])}")
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    import datetime
+    import hashlib
+
+    m = load_manifest(args.bundle)         # re-verify right before writing
+    data = dict(m.data)
+    gate = dict(data["gate"])
+    gate["history"] = list(gate.get("history", [])) + [{
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "old_threshold": old, "new_threshold": choice["threshold"], "max_fpr": args.max_fpr,
+        "labels": str(args.labels), "labels_sha256": hashlib.sha256(args.labels.read_bytes()).hexdigest(),
+        "n_safe": choice["n_safe"], "n_toxic": choice["n_toxic"], "dsr": choice["dsr"], "fpr": choice["fpr"]}]
+    gate["threshold"] = float(choice["threshold"])
+    data["gate"] = gate
+    write_manifest(args.bundle, data)
+    print(f"wrote threshold {old:g} -> {choice['threshold']:.6g} into {args.bundle / 'manifest.json'}")
+    if args.descriptors_out:
+        from .manifest import atomic_write_text
+        d = gate["descriptors"]
+        out = {"name": d["name"], "version": d["version"], "description": d.get("description", ""),
+               "safe_classes": gate["safe_classes"], "default_threshold": gate["threshold"],
+               "classes": d["sentences"]}
+        if gate.get("refusals"):
+            out["refusals"] = gate["refusals"]
+        atomic_write_text(args.descriptors_out, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {args.descriptors_out}")
+    return 0
