@@ -34,6 +34,7 @@ FEATURE_ATOL, PROB_ATOL = 1e-4, 1e-5
 class ExportOptions:
     model: str = "demo"
     clip: str | None = None
+    vision_tower: str | None = None
     descriptors: str = "default"
     gate: str = "reference"
     threshold: float | None = None
@@ -167,7 +168,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         progress("loading checkpoints")
-        src = load_sources(opts.model, opts.clip, tmp / "_work")
+        src = load_sources(opts.model, opts.clip, tmp / "_work", vision_tower=opts.vision_tower)
         progress("exporting vision + gate graph")
         vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override)
         parity = [vparity]
@@ -198,7 +199,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             "architecture": "llava",
             "source": {"model": opts.model, "model_revision": src.model_revision,
                        "clip": src.clip_id, "clip_revision": src.clip_revision,
-                       "vision_tower": opts.model},
+                       "vision_tower": src.vision_tower_id or opts.model,
+                       "vision_tower_revision": src.vision_tower_revision if src.vision_tower_id else src.model_revision},
             "producer": {"safeclip_edge": _version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "onnx": onnx.__version__,
                          "python": platform.python_version()},

@@ -28,6 +28,8 @@ class Sources:
     clip_id: str
     model_revision: str | None
     clip_revision: str | None
+    vision_tower_id: str | None = None
+    vision_tower_revision: str | None = None
 
 
 def _resolve(name: str, what: str) -> tuple[Path, str | None]:
@@ -60,8 +62,18 @@ def _resolve(name: str, what: str) -> tuple[Path, str | None]:
     return Path(path), rev
 
 
+def _check_model_type(folder: Path, model: str) -> None:
+    try:
+        mt = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise CheckpointError(f"model '{model}': unreadable config.json") from None
+    if mt != "llava":
+        raise CheckpointError(f"model '{model}': model_type '{mt}' is not supported (supported: llava)")
+
+
 def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str | None = None) -> Sources:
-    """Load LLaVA and CLIP. ``model == 'demo'`` builds the demo checkpoints into ``workdir`` first."""
+    """Load LLaVA and CLIP. ``model == 'demo'`` builds the demo checkpoints into ``workdir`` first.
+    ``vision_tower`` swaps LLaVA's tower for another CLIP vision checkpoint of the same shape."""
     import torch
     from transformers import CLIPModel, LlavaForConditionalGeneration
 
@@ -74,13 +86,10 @@ def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
             clip_dir, clip_rev = _resolve(clip, "CLIP model")
     else:
         llava_dir, model_rev = _resolve(model, "model")
+        _check_model_type(llava_dir, model)
         clip_name = clip or DEFAULT_CLIP
         clip_dir, clip_rev = _resolve(clip_name, "CLIP model")
-
-    cfg = json.loads((llava_dir / "config.json").read_text())
-    mt = cfg.get("model_type")
-    if mt != "llava":
-        raise CheckpointError(f"model '{model}': model_type '{mt}' is not supported (supported: llava)")
+    _check_model_type(llava_dir, model)
     try:
         llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
@@ -91,9 +100,43 @@ def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
     except Exception as e:
         raise CheckpointError(f"CLIP model '{clip_name}': cannot load "
                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    vt_id = vt_rev = None
+    if vision_tower:
+        vt_dir, vt_rev = _resolve(vision_tower, "vision tower")
+        swap_vision_tower(llava, vt_dir, vision_tower)
+        vt_id = vision_tower
     vt = llava.model.vision_tower
     if clip_model.visual_projection.in_features != vt.config.hidden_size:
         raise CheckpointError(f"CLIP model '{clip_name}': visual_projection takes {clip_model.visual_projection.in_features} "
                               f"features but the LLaVA tower is {vt.config.hidden_size} wide")
     return Sources(llava=llava, clip=clip_model, llava_path=llava_dir, clip_path=clip_dir, model_id=model,
-                   clip_id=clip_name, model_revision=model_rev, clip_revision=clip_rev)
+                   clip_id=clip_name, model_revision=model_rev, clip_revision=clip_rev,
+                   vision_tower_id=vt_id, vision_tower_revision=vt_rev)
+
+
+_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+               "patch_size", "num_channels")
+
+
+def swap_vision_tower(llava, tower_dir: Path, name: str) -> None:
+    """Replace LLaVA's vision tower by a ``CLIPVisionModel`` checkpoint of the same shape (e.g. Safe-CLIP's
+    ``aimagelab/safeclip_vit-l_14_336``, a drop-in for LLaVA-1.5). A CLIPModel checkpoint works too (its
+    vision half is taken). Every tower weight must come from the checkpoint: missing keys are an error."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    try:
+        tower, info = CLIPVisionModel.from_pretrained(tower_dir, dtype=torch.float32, attn_implementation="eager",
+                                                      output_loading_info=True)
+    except Exception as e:
+        raise CheckpointError(f"vision tower '{name}': cannot load as CLIPVisionModel "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if info.get("missing_keys"):
+        raise CheckpointError(f"vision tower '{name}': checkpoint lacks {len(info['missing_keys'])} tower weights "
+                              f"(e.g. {sorted(info['missing_keys'])[0]})")
+    old, new = llava.config.vision_config, tower.config
+    diff = [f"{k} {getattr(new, k, None)} != {getattr(old, k, None)}" for k in _SHAPE_KEYS
+            if getattr(new, k, None) != getattr(old, k, None)]
+    if diff:
+        raise CheckpointError(f"vision tower '{name}' does not fit this LLaVA: " + ", ".join(diff))
+    llava.model.vision_tower = tower.eval()

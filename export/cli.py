@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the built-in demo model)")
     src.add_argument("--clip", default=None, help="CLIP checkpoint providing visual_projection and the text tower "
                                                  "(default: openai/clip-vit-large-patch14; the demo brings its own)")
+    src.add_argument("--vision-tower", default=None, help="replace LLaVA's vision tower by this CLIPVisionModel "
+                                                         "checkpoint of the same shape (e.g. a Safe-CLIP tower)")
     gate = p.add_argument_group("gate")
     gate.add_argument("--descriptors", default="default", help="built-in set name (default, extended) or a JSON file")
     gate.add_argument("--gate", choices=["reference", "clip"], default="reference",
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from .bundle import ExportOptions, export_bundle
-        report = export_bundle(ExportOptions(model=args.model, clip=args.clip, descriptors=args.descriptors,
+        report = export_bundle(ExportOptions(model=args.model, clip=args.clip, vision_tower=args.vision_tower, descriptors=args.descriptors,
                                              gate=args.gate, threshold=args.threshold, policy=args.policy,
                                              target=args.target, out=args.out, with_decoder=not args.no_decoder),
                                progress=progress)
