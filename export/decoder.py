@@ -1,0 +1,342 @@
+"""The language-model half of a LLaVA bundle: decoder graph with an explicit KV cache, plus embedding table.
+
+Supported: ``LlavaForConditionalGeneration`` whose language model is a Llama-style decoder (LLaVA-1.5;
+``model.model.language_model`` + ``model.lm_head``), with multi-head or grouped-query attention, in fp32
+or fp16. Batch, sequence and past length are dynamic; a past length of 0 (prefill) works in the same graph.
+
+Graph ``decoder.onnx`` (opset 18, weights in ``decoder.onnx.data``)::
+
+    inputs_embeds            [B, S, D]        float   token embeddings, image features spliced in
+    attention_mask           [B, P+S]         int64   1 = attend (left padding allowed)
+    position_ids             [B, S]           int64
+    past_key_values.{i}.key  [B, KVH, P, Hd]  float   one pair per layer, P may be 0
+    past_key_values.{i}.value
+    -> logits                [B, 1, V]        float   last position only: all generation needs, and it
+                                                      saves the [S, V] head matmul on prefill
+    -> present.{i}.key       [B, KVH, P+S, Hd]        past followed by this call's keys
+    -> present.{i}.value
+
+Why these choices:
+
+* The token embedding table is *not* in the graph: it is written as ``embed_tokens.npy`` [V, D] and the
+  runtime gathers rows with numpy. Generation needs one row per step (a 2*D-byte read) and the prompt
+  needs image features spliced in anyway, so a graph call per token (or an embedding graph with a second
+  [V, D] copy of the weights on the device) costs more than it saves; on Jetson the host and the GPU share
+  memory, and on a discrete GPU one [1, 1, D] upload per step is negligible.
+* Attention is exported through our own copy of transformers' eager attention whose scores, mask and
+  softmax are explicitly fp32 (see :func:`_attention_fp32_softmax` for the onnxscript behaviour this
+  avoids); Llama's RMSNorm already reduces in fp32. So the fp16 graph keeps those reductions in fp32
+  (TensorRT fp16 overflows in them otherwise), and :func:`export_decoder` checks the graph for it.
+* torch.export specialises sample sizes 0 and 1, so the sample batch, sequence and past are all >= 2; the
+  graph is then checked with P = 0 and S = 1. ``attention_mask``'s length is P+S, which ``dynamic_shapes``
+  cannot express as ``Dim + Dim``: it gets its own ``Dim.DYNAMIC``.
+* Parity is a build gate: ONNX Runtime vs the PyTorch wrapper on a prefill (P = 0) and on a decode step
+  whose past is that prefill's cache. Tolerance is relative to the output's magnitude (floor 1):
+  ``1e-4 * max(1, max|ref|)`` for fp32; for fp16 ``2e-2 * max(1, max|ref|)``, measured against the fp32
+  reference (what the user would have got), not against fp16 PyTorch.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from .onnx import onnx_from_module
+from .parity import ParityError, compare, run_onnx
+
+__all__ = ["decoder_for_export", "export_decoder", "decoder_names", "ATOL"]
+
+DTYPES = ("float32", "float16")
+ATOL = {"float32": 1e-4, "float16": 2e-2}      # times max(1, max|reference|), per output
+FP32_OPS = ("Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal")    # must compute in fp32 in an fp16 graph
+PAST_KEY, PAST_VALUE = "past_key_values.{i}.key", "past_key_values.{i}.value"
+PRESENT_KEY, PRESENT_VALUE = "present.{i}.key", "present.{i}.value"
+
+
+def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, in positional order."""
+    ins = ["inputs_embeds", "attention_mask", "position_ids"]
+    outs = ["logits"]
+    for i in range(num_layers):
+        ins += [PAST_KEY.format(i=i), PAST_VALUE.format(i=i)]
+        outs += [PRESENT_KEY.format(i=i), PRESENT_VALUE.format(i=i)]
+    return ins, outs
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - the [export] extra installs it
+        raise ImportError("exporting needs torch: pip install 'safeclip-edge[export]'") from e
+    return torch
+
+
+def decoder_for_export(language_model, lm_head):
+    """Llama-style language model + LM head with the KV cache as flat tensors (see the module docstring)."""
+    return _wrapper_class()(language_model, lm_head)
+
+
+@functools.lru_cache(maxsize=1)
+def _wrapper_class():
+    torch = _torch()
+
+    class DecoderForExport(torch.nn.Module):
+        def __init__(self, language_model, lm_head):
+            super().__init__()
+            self.language_model, self.lm_head = language_model, lm_head
+            self.num_layers = language_model.config.num_hidden_layers
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+            from transformers import DynamicCache
+
+            # past: 2 * num_layers tensors [B, KVH, P, Hd], (key, value) per layer
+            cache = DynamicCache(config=self.language_model.config)
+            for i in range(self.num_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, cache=cache, use_cache=True)
+            logits = self.lm_head(out.last_hidden_state[:, -1:, :])          # [B, 1, V]
+            present = []
+            for layer in out.cache.layers:                                   # [B, KVH, P+S, Hd] each
+                present += [layer.keys, layer.values]
+            return (logits, *present)
+
+    return DecoderForExport
+
+
+ATTENTION = "safeclip_fp32_softmax"
+
+
+def _attention_fp32_softmax(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention with the scores, mask and softmax explicitly in fp32.
+
+    Eager attention calls ``softmax(x, dtype=torch.float32)``; onnxscript's torchlib translates that as
+    Softmax in the input dtype followed by a Cast (onnxscript 0.7.2, ``aten_softmax``), i.e. an fp16
+    softmax in an fp16 graph. Casting the scores first keeps the fp32 island in the ONNX graph.
+    """
+    import torch
+
+    n_rep = module.num_key_value_groups
+    b, kvh, s, hd = key.shape
+    if n_rep > 1:  # GQA: [B, KVH, P+S, Hd] -> [B, H, P+S, Hd]
+        key = key[:, :, None].expand(b, kvh, n_rep, s, hd).reshape(b, kvh * n_rep, s, hd)
+        value = value[:, :, None].expand(b, kvh, n_rep, s, hd).reshape(b, kvh * n_rep, s, hd)
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling     # [B, H, S, P+S] fp32
+    if attention_mask is not None:
+        scores = scores + attention_mask.float()
+    weights = torch.softmax(scores, dim=-1).to(query.dtype)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()        # [B, S, H, Hd]
+    return out, weights
+
+
+class _ExportAttention:
+    """Route the language model through :func:`_attention_fp32_softmax` (eager masks), then restore.
+
+    Registers the function under :data:`ATTENTION` in transformers' attention and mask registries (a
+    name of our own; nothing existing is replaced).
+    """
+
+    def __init__(self, *configs):
+        self.configs, self.saved = configs, []
+
+    def __enter__(self):
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(ATTENTION, _attention_fp32_softmax)
+        AttentionMaskInterface.register(ATTENTION, eager_mask)
+        self.saved = [c._attn_implementation for c in self.configs]
+        for c in self.configs:
+            c._attn_implementation = ATTENTION
+
+    def __exit__(self, *exc):
+        for c, v in zip(self.configs, self.saved):
+            c._attn_implementation = v
+
+
+def _kv_dims(cfg) -> tuple[int, int, int]:
+    heads = cfg.num_attention_heads
+    kvh = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kvh, hd
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _model_facts(llava_model, tokenizer) -> dict:
+    cfg, tcfg = llava_model.config, llava_model.config.get_text_config(decoder=True)
+    gen = getattr(llava_model, "generation_config", None)
+    eos: list[int] = []
+    for v in (_ids(getattr(gen, "eos_token_id", None)) + _ids(tcfg.eos_token_id)):
+        if v not in eos:
+            eos.append(v)
+    image_token_id = getattr(cfg, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = cfg.image_token_index
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(llava_model.name_or_path, local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot load the tokenizer of '{llava_model.name_or_path}' to name the image token; "
+                             "pass tokenizer= to export_decoder") from e
+    image_token = tokenizer.convert_ids_to_tokens(int(image_token_id))
+    pad = getattr(gen, "pad_token_id", None)
+    pad = pad if pad is not None else (tcfg.pad_token_id if tcfg.pad_token_id is not None else cfg.pad_token_id)
+    bos = getattr(gen, "bos_token_id", None)
+    return {"vocab_size": int(tcfg.vocab_size), "hidden_size": int(tcfg.hidden_size),
+            "num_layers": int(tcfg.num_hidden_layers), "context_length": int(tcfg.max_position_embeddings),
+            "bos_token_id": int(bos if bos is not None else tcfg.bos_token_id),
+            "eos_token_ids": eos, "pad_token_id": None if pad is None else int(pad),
+            "image_token_id": int(image_token_id), "image_token": image_token,
+            "image_seq_length": int(cfg.image_seq_length)}
+
+
+def _sample_args(torch, embed, b: int, s: int, p: int, kvh: int, hd: int, layers: int, dtype, gen):
+    """Inputs for one call: real token embeddings (realistic scale) and random past of matching scale."""
+    ids = torch.randint(0, embed.shape[0], (b, s), generator=gen)
+    x = embed[ids].to(dtype)                                             # [B, S, D]
+    mask = torch.ones(b, p + s, dtype=torch.int64)                       # [B, P+S]
+    pos = torch.arange(p, p + s, dtype=torch.int64)[None].repeat(b, 1)   # [B, S]
+    past = [torch.randn(b, kvh, p, hd, generator=gen).to(dtype) for _ in range(2 * layers)]
+    return (x, mask, pos, *past)
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().numpy() if t.dtype.is_floating_point else t.detach().numpy()
+
+
+def _check_fp32_islands(onnx_path: Path) -> None:
+    """In an fp16 graph, softmax and RMSNorm's reductions must compute in fp32 (TensorRT overflow)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    bad = sorted({n.op_type for n in model.graph.node if n.op_type in FP32_OPS
+                  and types.get(n.input[0]) == onnx.TensorProto.FLOAT16})
+    if bad:
+        raise ParityError(f"fp16 decoder computes {', '.join(bad)} in fp16; they must stay fp32")
+
+
+def _converted(ref_wrapper, tdtype):
+    """A copy of the wrapper in ``tdtype`` whose rotary frequencies stay fp32.
+
+    ``Module.to`` would also round the RoPE ``inv_freq`` buffers to fp16: a relative error of ~5e-4 in a
+    frequency is an angle error of ~2 rad at position 4096.
+    """
+    conv = copy.deepcopy(ref_wrapper).to(tdtype).eval()
+    ref_bufs = dict(ref_wrapper.named_buffers())
+    for name, buf in conv.named_buffers():
+        if name.endswith("inv_freq"):
+            buf.data = ref_bufs[name].detach().clone()
+    return conv
+
+
+def _parity_cases(ref_wrapper, embed, kv: tuple[int, int, int]) -> list[tuple[str, tuple, tuple]]:
+    """Prefill (P = 0, S = 7, B = 1), then one decode step on that prefill's cache: (name, inputs, reference).
+
+    Run with the model's own attention implementation, so the check also covers the export attention.
+    """
+    torch = _torch()
+    layers, kvh, hd = kv
+    gen = torch.Generator().manual_seed(0)
+    prefill = _sample_args(torch, embed, 1, 7, 0, kvh, hd, layers, torch.float32, gen)
+    ids = torch.randint(0, embed.shape[0], (1, 1), generator=gen)
+    with torch.no_grad():
+        ref = ref_wrapper(*prefill)
+        step = (embed[ids], torch.ones(1, 8, dtype=torch.int64), torch.tensor([[7]]), *ref[1:])
+        ref_step = ref_wrapper(*step)
+    return [("prefill", prefill, ref), ("decode", step, ref_step)]
+
+
+def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
+    """ONNX Runtime vs the fp32 reference on each case; raises ParityError (see the module docstring)."""
+    torch = _torch()
+    tdtype = torch.float16 if dtype == "float16" else torch.float32
+    in_names, out_names = decoder_names(layers)
+    results = []
+    for name, args, reference in cases:
+        feeds = {n: (a.to(tdtype) if a.dtype.is_floating_point else a).numpy() for n, a in zip(in_names, args)}
+        refs = {n: _np(r) for n, r in zip(out_names, reference)}
+        got = run_onnx(onnx_path, feeds, out_names)
+        atol = {n: ATOL[dtype] * max(1.0, float(np.abs(r).max())) for n, r in refs.items()}
+        results.append(compare(f"decoder[{dtype}] {name}", refs, got, atol))
+    return results
+
+
+def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer=None) -> dict:
+    """Write ``decoder.onnx`` (+ ``.data``) and ``embed_tokens.npy`` into ``out_dir``; check parity.
+
+    Returns the manifest fragment ``{"graphs": {"decoder": ...}, "embeddings": ..., "model": ...}`` plus two
+    keys that are not manifest sections: ``files`` (the paths written) and ``parity`` (the
+    :class:`~safeclip.export.parity.ParityResult` of the prefill and decode checks). Raises
+    :class:`~safeclip.export.parity.ParityError` when ONNX Runtime and PyTorch disagree beyond tolerance.
+    ``tokenizer`` (a transformers tokenizer) names the image token; by default it is loaded from the
+    model's own folder.
+    """
+    torch = _torch()
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown decoder dtype '{dtype}' (supported: {', '.join(DTYPES)})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm, head = llava_model.model.language_model, llava_model.lm_head
+    layers, kvh, hd = _kv_dims(lm.config)
+    facts = _model_facts(llava_model, tokenizer)
+    tdtype = torch.float16 if dtype == "float16" else torch.float32
+
+    # The reference is fp32; converted copies leave the caller's model as it was.
+    if next(lm.parameters()).dtype != torch.float32:
+        lm, head = copy.deepcopy(lm).float(), copy.deepcopy(head).float()
+    ref_wrapper = decoder_for_export(lm, head).eval()
+    wrapper = ref_wrapper if dtype == "float32" else _converted(ref_wrapper, tdtype)
+    embed = lm.get_input_embeddings().weight.detach().float()             # [V, D]
+
+    cases = _parity_cases(ref_wrapper, embed, (layers, kvh, hd))
+    in_names, out_names = decoder_names(layers)
+    Dim = torch.export.Dim
+    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
+    dynamic = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.DYNAMIC},
+               "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in range(2 * layers))}
+    # sample sizes >= 2 everywhere: torch.export specialises 0 and 1
+    sample = _sample_args(torch, embed, 2, 5, 3, kvh, hd, layers, tdtype, torch.Generator().manual_seed(1))
+    onnx_path = out / "decoder.onnx"
+    with _ExportAttention(lm.config, wrapper.language_model.config):
+        files = onnx_from_module(wrapper, sample, onnx_path, in_names, out_names, dynamic_shapes=dynamic)
+        if dtype == "float16":
+            _check_fp32_islands(onnx_path)
+    parity = _parity(onnx_path, cases, layers, dtype)
+
+    data_name = files[1].name if len(files) > 1 else None
+    emb_path = out / "embed_tokens.npy"
+    table = embed.numpy().astype(dtype)                                  # [V, D]
+    np.save(emb_path, table)
+    files.append(emb_path)
+
+    def spec(shape, dt):
+        return {"shape": shape, "dtype": dt}
+
+    kv_shape_in, kv_shape_out = ["batch", kvh, "past", hd], ["batch", kvh, "past+seq", hd]
+    inputs = {"inputs_embeds": spec(["batch", "seq", facts["hidden_size"]], dtype),
+              "attention_mask": spec(["batch", "past+seq"], "int64"),
+              "position_ids": spec(["batch", "seq"], "int64")}
+    outputs = {"logits": spec(["batch", 1, facts["vocab_size"]], dtype)}
+    for i in range(layers):
+        for tmpl in (PAST_KEY, PAST_VALUE):
+            inputs[tmpl.format(i=i)] = spec(kv_shape_in, dtype)
+        for tmpl in (PRESENT_KEY, PRESENT_VALUE):
+            outputs[tmpl.format(i=i)] = spec(kv_shape_out, dtype)
+    graph = {"file": onnx_path.name, "data": data_name,
+             "inputs": inputs, "outputs": outputs,
+             "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype,
+                    "past_key": PAST_KEY, "past_value": PAST_VALUE,
+                    "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}}
+    return {"graphs": {"decoder": graph},
+            "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
+            "model": facts, "files": files, "parity": parity}
