@@ -1,0 +1,46 @@
+"""Tiny demo LLaVA models with their exported decoders, built once per test session (shared by test files).
+
+Cached per (num_kv_heads, dtype) in a temporary folder removed at exit: test_decoder.py and
+test_generate.py use the same exports instead of paying for them twice.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_ROOT = Path(tempfile.mkdtemp(prefix="safeclip-lm-tests-"))
+atexit.register(shutil.rmtree, _ROOT, True)
+
+
+@dataclass
+class LM:
+    llava_dir: Path
+    model: object            # LlavaForConditionalGeneration (torch, fp32, eval)
+    hf_tokenizer: object     # transformers tokenizer
+    bundle: Path             # folder holding decoder.onnx(.data) and embed_tokens.npy
+    frag: dict               # export_decoder's return value
+
+
+@functools.lru_cache(maxsize=None)
+def demo_model(num_kv_heads: int = 2):
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from safeclip.export.demo import build_demo
+
+    llava_dir, _ = build_demo(_ROOT / f"demo_kv{num_kv_heads}", num_kv_heads=num_kv_heads)
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    return llava_dir, model, AutoTokenizer.from_pretrained(llava_dir)
+
+
+@functools.lru_cache(maxsize=None)
+def exported(num_kv_heads: int = 2, dtype: str = "float32") -> LM:
+    from safeclip.export.decoder import export_decoder
+
+    llava_dir, model, tok = demo_model(num_kv_heads)
+    bundle = _ROOT / f"bundle_kv{num_kv_heads}_{dtype}"
+    frag = export_decoder(model, bundle, dtype=dtype, tokenizer=tok)
+    return LM(llava_dir, model, tok, bundle, frag)
