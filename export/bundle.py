@@ -25,7 +25,7 @@ from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, S
                                        write_manifest)
 
 from .onnx import onnx_from_module
-from .parity import ParityResult, validate
+from .parity import ParityResult
 
 FEATURE_ATOL, PROB_ATOL = 1e-4, 1e-5
 
@@ -91,27 +91,43 @@ def _parity_inputs(size: int, batch: int = 2) -> np.ndarray:
     return rng.uniform(-1.8, 2.1, size=(batch, 3, size, size)).astype(np.float32)
 
 
-def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None) -> tuple[dict, ParityResult]:
+def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
+                       precision: str = "float32") -> tuple[dict, ParityResult]:
+    """Export the vision+gate graph and check it against the fp32 PyTorch module (a build gate).
+
+    fp32: max abs error <= 1e-4 on image features and <= 1e-5 on probabilities. fp16 (GPU targets; LayerNorms
+    and the gate head stay fp32): features within 2e-2 x max(1, max|ref|), probabilities within 1e-3. In both
+    cases the verdicts at several thresholds must equal those of the fp32 reference.
+    """
     import torch
 
+    from .parity import ParityError, compare, run_onnx
+    from .vision_gate import HalfVisionGate
+
+    if precision not in ("float32", "float16"):
+        raise ValueError(f"unknown precision '{precision}' (supported: float32, float16)")
     module = vision_gate_from_sources(src, dset, variant, text_embeds)
     vcfg = src.llava.config.vision_config
     size = vcfg.image_size
-    sample = torch.from_numpy(_parity_inputs(size))
+    sample = torch.from_numpy(_parity_inputs(size))                      # pixel_values [2, 3, S, S]
+    with torch.no_grad():
+        feats, probs = module(sample)                                    # the fp32 reference
+    ref = {FEATURES_OUTPUT: feats.numpy(), GATE_OUTPUT: probs.numpy()}
+    exported = module if precision == "float32" else HalfVisionGate(module).eval()
     path = tmp / "vision_gate.onnx"
     batch = torch.export.Dim("batch", min=1, max=64)
-    onnx_from_module(module, (sample,), path, ["pixel_values"], [FEATURES_OUTPUT, GATE_OUTPUT],
+    onnx_from_module(exported, (sample,), path, ["pixel_values"], [FEATURES_OUTPUT, GATE_OUTPUT],
                      dynamic_shapes={"pixel_values": {0: batch}})
-    with torch.no_grad():
-        feats, probs = module(sample)
-    ref = {FEATURES_OUTPUT: feats.numpy(), GATE_OUTPUT: probs.numpy()}
-    result = validate("vision_gate", ref, path, {"pixel_values": sample.numpy()},
-                      {FEATURES_OUTPUT: FEATURE_ATOL, GATE_OUTPUT: PROB_ATOL})
-    # Verdicts from the ONNX graph must equal a plain reimplementation of the reference rule on torch's output.
-    from .parity import ParityError, run_onnx
-    got = run_onnx(path, {"pixel_values": sample.numpy()}, [GATE_OUTPUT])[GATE_OUTPUT]
-    for t in (dset.default_threshold, 0.0, 0.3):
-        for a, b in zip(ref[GATE_OUTPUT], got):
+    del exported
+    got = run_onnx(path, {"pixel_values": sample.numpy()}, [FEATURES_OUTPUT, GATE_OUTPUT])
+    if precision == "float32":
+        tol = {FEATURES_OUTPUT: FEATURE_ATOL, GATE_OUTPUT: PROB_ATOL}
+    else:
+        tol = {FEATURES_OUTPUT: 2e-2 * max(1.0, float(np.abs(ref[FEATURES_OUTPUT]).max())), GATE_OUTPUT: 1e-3}
+    result = compare(f"vision_gate[{precision}]", ref, got, tol)
+    # Verdicts from the graph must equal the reference rule applied to the fp32 module's output.
+    for t in sorted({dset.default_threshold, 0.0, 0.3, 0.6}):
+        for a, b in zip(ref[GATE_OUTPUT], got[GATE_OUTPUT]):
             va = verdict_from_probs(a, list(dset.classes), list(dset.safe_classes), t)
             vb = verdict_from_probs(b, list(dset.classes), list(dset.safe_classes), t)
             if (va.flagged, va.category) != (vb.flagged, vb.category):
@@ -120,8 +136,9 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None) -> 
     graph = {
         "file": "vision_gate.onnx",
         "data": "vision_gate.onnx.data" if (tmp / "vision_gate.onnx.data").exists() else None,
+        "precision": precision,
         "inputs": _io({"pixel_values": (["batch", 3, size, size], "float32")}),
-        "outputs": _io({FEATURES_OUTPUT: (["batch", n_tokens, d_lm], "float32"),
+        "outputs": _io({FEATURES_OUTPUT: (["batch", n_tokens, d_lm], precision),
                         GATE_OUTPUT: (["batch", len(dset.classes)], "float32")}),
         "encoder_layers_computed": len(module.layers),
         "encoder_layers_total": vcfg.num_hidden_layers,
@@ -158,8 +175,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         raise ValueError(f"unknown policy '{opts.policy}' (supported: {', '.join(POLICIES)})")
     if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {opts.threshold}")
-    if opts.target != "cpu":
-        raise ValueError(f"unknown target '{opts.target}' (supported: cpu)")
+    from .targets import target as target_preset
+    tgt = target_preset(opts.target)
     dset = load_descriptor_set(opts.descriptors)
     out = Path(opts.out) if opts.out else Path("engines") / (opts.name or default_name(opts))
     if out.exists() and not (out / MANIFEST).is_file():
@@ -170,14 +187,15 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         progress("loading checkpoints")
         src = load_sources(opts.model, opts.clip, tmp / "_work", vision_tower=opts.vision_tower)
         progress("exporting vision + gate graph")
-        vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override)
+        vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override,
+                                                 precision=tgt.precision)
         parity = [vparity]
         graphs = {"vision_gate": vgraph}
         extra: dict = {}
         if opts.with_decoder:
             from .decoder import export_decoder
             progress("exporting language model (decoder with KV cache)")
-            frag = export_decoder(src.llava, tmp)
+            frag = export_decoder(src.llava, tmp, dtype=tgt.precision)
             graphs.update(frag["graphs"])
             extra = {k: v for k, v in frag.items() if k not in ("graphs", "files", "parity")}
             parity.extend(frag.get("parity", []))
@@ -221,7 +239,9 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             "tokenizer": tok_entry,
             "prompt": prompt,
             **extra,
-            "build": {"target": opts.target, "parity": {r.component: r.max_abs_err for r in parity}},
+            "build": {"target": opts.target, "precision": tgt.precision,
+                      "parity": {r.component: r.max_abs_err for r in parity},
+                      "plan": build_plan(tgt, graphs, extra.get("model", {})), "engines": {}},
         }
         write_manifest(tmp, manifest)
         _swap_into_place(tmp, out)
@@ -230,6 +250,25 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         raise
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return ExportReport(out, parity, time.perf_counter() - t0, peak)
+
+
+def build_plan(tgt, graphs: dict, model: dict) -> dict:
+    """What ``safeclip-build`` does on the device: per graph, its optimisation profiles, precision, workspace."""
+    if tgt.build_engines == "never":
+        return {}
+    vg = graphs["vision_gate"]
+    size = vg["inputs"]["pixel_values"]["shape"][-1]
+    plan = {"vision_gate": {"profiles": tgt.vision_profiles(size), "precision": tgt.precision,
+                            "workspace_bytes": tgt.workspace_bytes}}
+    dec = graphs.get("decoder")
+    if dec:
+        kv = dec["kv"]
+        hidden = dec["inputs"]["inputs_embeds"]["shape"][-1]
+        plan["decoder"] = {"profiles": tgt.decoder_profiles(hidden, kv["num_layers"], kv["num_kv_heads"],
+                                                            kv["head_dim"], model.get("context_length", tgt.context)),
+                           "precision": tgt.precision, "workspace_bytes": tgt.workspace_bytes,
+                           "profile_names": ["prefill", "decode"]}
+    return plan
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

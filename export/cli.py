@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--policy", choices=["instruct", "refuse", "annotate"], default="instruct",
                       help="what a flagged image does to generation (overridable per request)")
     out = p.add_argument_group("output")
-    out.add_argument("--target", choices=["cpu"], default="cpu", help="deployment preset")
+    out.add_argument("--target", choices=["cpu", "jetson", "datacenter"], default="cpu",
+                     help="deployment preset: cpu (fp32, ONNX Runtime), jetson (fp16, engines built on the device "
+                          "with safeclip-build), datacenter (fp16, engines built now when TensorRT is present)")
     out.add_argument("--out", type=Path, default=None, help="bundle folder (default: engines/<name>)")
     out.add_argument("--no-decoder", action="store_true", help="export the vision+gate graph only")
     return p

@@ -90,3 +90,60 @@ class VisionGate(nn.Module):
         probs = torch.softmax(logits, dim=-1)
         class_probs = probs @ self.class_matrix                                    # [B, C]
         return image_features, class_probs
+
+
+class _Fp32LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 inside a half-precision graph (fp16 norms overflow in TensorRT)."""
+
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__()
+        self.ln = ln.float()
+
+    def forward(self, x):
+        return self.ln(x.float()).to(x.dtype)
+
+
+class HalfVisionGate(nn.Module):
+    """fp16 tower and projector; LayerNorms, the gate head and its probabilities stay fp32.
+
+    Input ``pixel_values`` stays float32 (the runtime's preprocessing output); ``image_features`` are fp16
+    (what an fp16 decoder consumes); ``class_probs`` are fp32 so the threshold compares exact values.
+    """
+
+    def __init__(self, gate: VisionGate):
+        super().__init__()
+        import copy
+
+        g = copy.deepcopy(gate)
+        for parent in list(g.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.LayerNorm):
+                    setattr(parent, name, _Fp32LayerNorm(child))
+        g.embeddings.half()
+        g.layers.half()
+        g.projector.half()
+        for m in g.layers.modules():                 # half() above also halved the norms' weights
+            if isinstance(m, _Fp32LayerNorm):
+                m.ln.float()
+        g.pre_layrnorm.float()
+        self.gate = g
+
+    def forward(self, pixel_values: torch.Tensor):
+        g = self.gate
+        h = g.pre_layrnorm(g.embeddings(pixel_values.half()))                     # [B, 1+P, Dv] fp16
+        states = {0: h}
+        for i, layer in enumerate(g.layers, start=1):
+            h = layer(h, None)
+            states[i] = h
+        feats = [states[i] for i in g.feature_idx]
+        if g.drop_cls:
+            feats = [f[:, 1:] for f in feats]
+        selected = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        image_features = g.projector(selected)                                    # [B, N, D_lm] fp16
+        cls = states[g.gate_idx][:, 0].float()                                     # gate head in fp32
+        if g.post_layernorm is not None:
+            cls = g.post_layernorm(cls)
+        emb = g.visual_projection(cls)
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        probs = torch.softmax(g.logit_scale * (emb @ g.text_embeds_t), dim=-1)
+        return image_features, probs @ g.class_matrix
