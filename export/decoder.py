@@ -169,16 +169,20 @@ def _ids(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
 def _model_facts(llava_model, tokenizer) -> dict:
     cfg, tcfg = llava_model.config, llava_model.config.get_text_config(decoder=True)
     gen = getattr(llava_model, "generation_config", None)
     eos: list[int] = []
-    for v in (_ids(getattr(gen, "eos_token_id", None)) + _ids(tcfg.eos_token_id)):
+    for v in (_ids(getattr(gen, "eos_token_id", None)) + _ids(getattr(tcfg, "eos_token_id", None))):
         if v not in eos:
             eos.append(v)
-    image_token_id = getattr(cfg, "image_token_id", None)
+    image_token_id = _first(getattr(cfg, "image_token_id", None), getattr(cfg, "image_token_index", None))
     if image_token_id is None:
-        image_token_id = cfg.image_token_index
+        raise ValueError("the model config names no image token (image_token_id / image_token_index)")
     if tokenizer is None:
         from transformers import AutoTokenizer
         try:
@@ -187,13 +191,15 @@ def _model_facts(llava_model, tokenizer) -> dict:
             raise ValueError(f"cannot load the tokenizer of '{llava_model.name_or_path}' to name the image token; "
                              "pass tokenizer= to export_decoder") from e
     image_token = tokenizer.convert_ids_to_tokens(int(image_token_id))
-    pad = getattr(gen, "pad_token_id", None)
-    pad = pad if pad is not None else (tcfg.pad_token_id if tcfg.pad_token_id is not None else cfg.pad_token_id)
-    bos = getattr(gen, "bos_token_id", None)
+    if not image_token:
+        raise ValueError(f"the tokenizer has no token for the image token id {image_token_id}")
+    pad = _first(getattr(gen, "pad_token_id", None), getattr(tcfg, "pad_token_id", None),
+                 getattr(cfg, "pad_token_id", None))
+    bos = _first(getattr(gen, "bos_token_id", None), getattr(tcfg, "bos_token_id", None))
     return {"vocab_size": int(tcfg.vocab_size), "hidden_size": int(tcfg.hidden_size),
             "num_layers": int(tcfg.num_hidden_layers), "context_length": int(tcfg.max_position_embeddings),
-            "bos_token_id": int(bos if bos is not None else tcfg.bos_token_id),
-            "eos_token_ids": eos, "pad_token_id": None if pad is None else int(pad),
+            "bos_token_id": None if bos is None else int(bos), "eos_token_ids": eos,
+            "pad_token_id": None if pad is None else int(pad),
             "image_token_id": int(image_token_id), "image_token": image_token,
             "image_seq_length": int(cfg.image_seq_length)}
 

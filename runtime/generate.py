@@ -97,7 +97,7 @@ class OrtDecoder:
             self._arena = np.zeros((2, 2 * L, self._slab), self.dtype)       # [set, layer k/v, KVH*C*Hd]
             self._ptr = [[self._arena[s, j].ctypes.data for j in range(2 * L)] for s in range(2)]
         else:
-            self._arena = [[ort.OrtValue.ortvalue_from_shape_and_type([self._slab], self.dtype, "cuda", 0)
+            self._arena = [[ort.OrtValue.ortvalue_from_shape_and_type([self._slab], self.dtype.type, "cuda", 0)
                             for _ in range(2 * L)] for _ in range(2)]
             self._ptr = [[v.data_ptr() for v in row] for row in self._arena]
         self._mask = np.ones((1, self.capacity), np.int64)                 # attention_mask [1, P+S] = prefix

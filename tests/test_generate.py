@@ -240,6 +240,30 @@ def test_kv_update_costs(gqa):
     assert all(t > 0 for t in c["step_s"] + c["bind_s"]) and c["weights_bytes"] > 0 and c["copy_GBps"] > 0
 
 
+def test_fp16_decoder_runs_close_to_fp32(gqa):
+    lm16 = Runtime(exported(2, "float16"))
+    ids = gqa.ids(*PROMPTS[1][:2], PROMPTS[1][2])
+    l32 = gqa.decoder.prefill(gqa.embeds(ids, _pixels(2))).copy()
+    l16 = lm16.decoder.prefill(lm16.embeds(ids, _pixels(2))).astype(np.float32)
+    assert lm16.decoder.dtype == np.float16 and np.abs(l16 - l32).max() < 2e-2 * max(1.0, np.abs(l32).max())
+    res = lm16.run(*PROMPTS[1])
+    assert len(res.token_ids) == N_NEW
+
+
+@pytest.mark.cuda
+def test_greedy_on_cuda_arenas(gqa):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with the CUDA execution provider")
+    cuda = G.OrtDecoder.from_manifest(gqa.lm.bundle, gqa.lm.frag["graphs"]["decoder"], device="cuda",
+                                      context_length=gqa.facts["context_length"])
+    text, image, instruction = PROMPTS[1]
+    emb = gqa.embeds(gqa.ids(text, image, instruction), _pixels(image))
+    res = G.generate(cuda, gqa.table, emb, tokenizer=gqa.tok, max_new_tokens=N_NEW, eos_token_ids=[])
+    assert res.token_ids == gqa.run(text, image, instruction).token_ids
+
+
 def test_runtime_imports_no_torch():
     code = ("import sys, safeclip.runtime.generate, safeclip.runtime.prompt; "
             "bad = [m for m in ('torch', 'transformers', 'onnx', 'safeclip.export') if m in sys.modules]; "
