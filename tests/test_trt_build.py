@@ -1,0 +1,393 @@
+"""Engine builder (safeclip.export.trt).
+
+Without TensorRT: profile validation, the install hint, plan cache keys, atomic writes, and the build
+orchestration against a stand-in ``tensorrt`` module that mimics the TensorRT 10 and 11 Python API names
+the builder uses (checked against the tensorrt 10.3.0 and 11.4.0.106 bindings). With TensorRT and a GPU
+(``-m trt``): a real two-profile build of a small graph.
+"""
+from __future__ import annotations
+
+import enum
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from safeclip.export import trt as build  # noqa: E402
+
+TRT_SKIP = "tensorrt not installed (cannot be installed here: no NVIDIA index)"
+PROFILES = [{"x": {"min": [1, 4], "opt": [1, 4], "max": [1, 4]}},          # decode-like: batch 1
+            {"x": {"min": [1, 4], "opt": [4, 4], "max": [8, 4]}}]          # prefill-like: up to 8
+DEVICE = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
+
+
+def small_onnx(path: Path, op: str = "Relu", batch="B") -> Path:
+    # x: [B, 4] -> MatMul w [4, 3] -> op -> y: [B, 3]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node(op, ["h"], ["y"], name="act")]
+    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
+                          [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+# -- a stand-in for the tensorrt module ----------------------------------------------------------------
+
+def fake_tensorrt(version: str, build_fails: bool = False):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    major = int(version.split(".")[0])
+
+    class ILogger:
+        class Severity(enum.IntEnum):
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self):
+            pass
+
+    class IProgressMonitor:
+        def __init__(self):
+            pass
+
+    trt.ILogger, trt.IProgressMonitor = ILogger, IProgressMonitor
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
+    flags = {"TF32": 7, "REFIT": 3} | ({"FP16": 0, "INT8": 1} if major < 11 else {})   # 11 removed FP16/INT8
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", flags)
+    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
+
+    class Tensor:
+        def __init__(self, name, shape):
+            self.name, self.shape = name, shape
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.inputs = flags, []
+
+        num_inputs = property(lambda self: len(self.inputs))
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_flag(self, flag):
+            return bool(self.flags & (1 << int(flag)))
+
+    class ParserError:
+        def __init__(self, node, op, desc):
+            self._n, self._o, self._d = node, op, desc
+
+        def desc(self):
+            return self._d
+
+        def node_name(self):
+            return self._n
+
+        def node_operator(self):
+            return self._o
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.errors = network, []
+
+        def parse_from_file(self, path):
+            m = onnx.load(path)
+            for vi in m.graph.input:
+                dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
+                self.network.inputs.append(Tensor(vi.name, dims))
+            self.errors = [ParserError(n.name, n.op_type, "unsupported operator") for n in m.graph.node
+                           if n.op_type == "Multinomial"]
+            return not self.errors
+
+        num_errors = property(lambda self: len(self.errors))
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class Cache:
+        def __init__(self, blob):
+            self.blob = bytes(blob)
+
+        def serialize(self):
+            return bytearray(self.blob + b"+")            # one more timing entry per build
+
+    class Config:
+        def __init__(self):
+            self.flags, self.pools, self.profiles, self.cache, self.progress_monitor = set(), {}, [], None, None
+            self.loaded = None
+
+        def set_flag(self, flag):
+            self.flags.add(flag.name)
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pools[pool.name] = size
+
+        def add_optimization_profile(self, p):
+            self.profiles.append(p.shapes)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, blob):
+            return Cache(blob)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            if cache.blob and not cache.blob.startswith(b"cache:" + version.encode()):
+                return False                              # recorded elsewhere: TensorRT refuses it
+            self.cache, self.loaded = cache, cache.blob
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, mn, opt, mx):
+            self.shapes[name] = (tuple(mn), tuple(opt), tuple(mx))
+
+    class Builder:
+        last = None
+
+        def __init__(self, logger):
+            self.logger = logger
+            Builder.last = self
+
+        def create_network(self, flags):
+            self.network = Network(flags)
+            return self.network
+
+        def create_builder_config(self):
+            self.config = Config()
+            return self.config
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            if config.progress_monitor is not None:
+                config.progress_monitor.phase_start("Building engine", None, 2)
+            if build_fails:
+                self.logger.log(ILogger.Severity.ERROR, "out of workspace for layer mm")
+                return None
+            if config.cache is not None and not config.cache.blob:
+                config.cache = Cache(b"cache:" + version.encode())
+            return bytearray(b"PLAN " + repr(sorted(config.flags)).encode())
+
+    trt.Builder, trt.OnnxParser = Builder, OnnxParser
+    return trt
+
+
+@pytest.fixture
+def with_trt(monkeypatch):
+    def install(version="10.3.0.30", **kw):
+        trt = fake_tensorrt(version, **kw)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        return trt
+    return install
+
+
+# -- no TensorRT ----------------------------------------------------------------------------------------
+
+def test_missing_tensorrt_raises_with_install_hint(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)        # import tensorrt -> ImportError
+    with pytest.raises(build.TensorRTUnavailableError, match="TensorRT is not installed: on Jetson use the JetPack"):
+        build.import_tensorrt()
+    with pytest.raises(build.TensorRTUnavailableError, match="NVIDIA's index"):
+        build.engine_from_onnx(small_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", PROFILES, device=DEVICE)
+    with pytest.raises(build.TensorRTUnavailableError, match="TensorRT is not installed"):
+        build.device_key()
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_validate_profiles_normalises_and_rejects():
+    one = build.validate_profiles(PROFILES[0])
+    assert one == [{"x": {"min": (1, 4), "opt": (1, 4), "max": (1, 4)}}]
+    assert len(build.validate_profiles(PROFILES)) == 2
+    assert build.validate_profiles([]) == []                 # a graph without dynamic inputs needs none
+    bad = [
+        ({"x": {"min": [1], "max": [2]}}, "exactly the keys min, opt, max"),
+        ({"x": {"min": [2, 4], "opt": [1, 4], "max": [8, 4]}}, "min <= opt <= max"),
+        ({"x": {"min": [1], "opt": [1, 4], "max": [1, 4]}}, "different ranks"),
+        ({"x": {"min": [1, -1], "opt": [1, 4], "max": [1, 4]}}, "non-negative ints"),
+        ({"x": {"min": "14", "opt": [1, 4], "max": [1, 4]}}, "non-negative ints"),
+        ({"x": {"min": [1.0, 4], "opt": [1, 4], "max": [1, 4]}}, "non-negative ints"),
+        ([PROFILES[0], {"y": PROFILES[0]["x"]}], r"profile 1 names inputs \['y'\]"),
+    ]
+    for profiles, msg in bad:
+        with pytest.raises(build.ProfileError, match=msg):
+            build.validate_profiles(profiles)
+
+
+def test_plan_cache_key_changes_with_every_fact():
+    base = dict(onnx_sha256="ab" * 32, device=DEVICE, precision="strongly_typed", profiles=PROFILES)
+    key = build.plan_cache_key(**base)
+    assert key == build.plan_cache_key(**base) and len(key) == 64
+    variants = [dict(onnx_sha256="cd" * 32), dict(precision="fp16"), dict(profiles=PROFILES[:1]),
+                dict(device={**DEVICE, "tensorrt_version": "10.3.0.26"}), dict(device={**DEVICE, "gpu_name": "Thor"}),
+                dict(device={**DEVICE, "compute_capability": "11.0"}), dict(workspace_bytes=1 << 30)]
+    keys = {build.plan_cache_key(**{**base, **v}) for v in variants}
+    assert len(keys) == len(variants) and key not in keys
+    with pytest.raises(ValueError, match="lack \\['gpu_name'\\]"):
+        build.plan_cache_key(**{**base, "device": {"tensorrt_version": "10.3", "compute_capability": "8.7"}})
+
+
+def test_save_engine_is_atomic(tmp_path):
+    path = build.save_engine(b"\x00plan", tmp_path / "sub" / "v.plan")
+    assert path.read_bytes() == b"\x00plan" and [p.name for p in path.parent.iterdir()] == ["v.plan"]
+    build.save_engine(bytearray(b"new"), path)               # any bytes-like object (TensorRT's IHostMemory)
+    assert path.read_bytes() == b"new" and len(list(path.parent.iterdir())) == 1
+    with pytest.raises(build.EngineBuildError, match="empty engine"):
+        build.save_engine(b"", tmp_path / "e.plan")
+
+
+# -- build orchestration against the stand-in ------------------------------------------------------------
+
+def test_trt10_strongly_typed_build(with_trt, tmp_path):
+    with_trt("10.3.0.30")
+    onnx_path, plan_path, cache = small_onnx(tmp_path / "m.onnx"), tmp_path / "out" / "m.plan", tmp_path / "t.cache"
+    msgs = []
+    rec = build.engine_from_onnx(onnx_path, plan_path, PROFILES, workspace_bytes=1 << 28, timing_cache=cache,
+                                 progress=msgs.append, device=DEVICE)
+    b = sys.modules["tensorrt"].Builder.last
+    assert b.network.flags == 1 << 1                         # STRONGLY_TYPED requested at network creation
+    assert b.config.flags == set() and b.config.pools == {"WORKSPACE": 1 << 28}
+    assert b.config.profiles == [{"x": ((1, 4), (1, 4), (1, 4))}, {"x": ((1, 4), (4, 4), (8, 4))}]
+    assert plan_path.read_bytes() == b"PLAN []" and msgs == ["Building engine (2 steps)"]
+    assert rec["file"] == "m.plan" and rec["bytes"] == 7 and rec["precision"] == "strongly_typed"
+    assert rec["profiles"][1] == {"x": {"min": [1, 4], "opt": [4, 4], "max": [8, 4]}}
+    assert {k: rec[k] for k in DEVICE} == DEVICE
+    assert cache.read_bytes() == b"cache:10.3.0.30+"
+    build.engine_from_onnx(onnx_path, plan_path, PROFILES, timing_cache=cache, device=DEVICE)
+    assert sys.modules["tensorrt"].Builder.last.config.loaded == b"cache:10.3.0.30+"   # reused, then extended
+    assert cache.read_bytes() == b"cache:10.3.0.30++"
+
+
+def test_trt10_fp16_flag_build(with_trt, tmp_path):
+    with_trt("10.16.0.72")
+    build.engine_from_onnx(small_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", PROFILES, precision="fp16",
+                           device=DEVICE)
+    b = sys.modules["tensorrt"].Builder.last
+    assert b.network.flags == 0 and b.config.flags == {"FP16"}
+    assert (tmp_path / "m.plan").read_bytes() == b"PLAN ['FP16']"
+
+
+def test_trt11_is_strongly_typed_only(with_trt, tmp_path):
+    with_trt("11.4.0.106")
+    onnx_path = small_onnx(tmp_path / "m.onnx")
+    build.engine_from_onnx(onnx_path, tmp_path / "m.plan", PROFILES, device=DEVICE)
+    b = sys.modules["tensorrt"].Builder.last
+    assert b.network.flags == 0 and b.config.flags == set()   # always strongly typed; the flag is ignored there
+    with pytest.raises(build.EngineBuildError, match="no BuilderFlag.FP16 \\(removed in TensorRT 11\\)"):
+        build.engine_from_onnx(onnx_path, tmp_path / "m2.plan", PROFILES, precision="fp16", device=DEVICE)
+    assert not (tmp_path / "m2.plan").exists()
+    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+        build.engine_from_onnx(onnx_path, tmp_path / "m2.plan", PROFILES, precision="int8", device=DEVICE)
+
+
+def test_precision_and_network_typing_must_agree(with_trt, tmp_path):
+    trt = with_trt("10.3.0.30")
+    builder = trt.Builder(build.make_logger(trt))
+    logger = build.make_logger(trt)
+    weak, _ = build.network_from_onnx_path(builder, small_onnx(tmp_path / "m.onnx"), False, logger, trt)
+    with pytest.raises(build.EngineBuildError, match="needs a network created with STRONGLY_TYPED"):
+        build.engine_bytes_from_network(builder, weak, precision="strongly_typed", trt=trt)
+    strong, _ = build.network_from_onnx_path(builder, tmp_path / "m.onnx", True, logger, trt)
+    with pytest.raises(build.EngineBuildError, match="needs a weakly typed network"):
+        build.engine_bytes_from_network(builder, strong, precision="fp16", trt=trt)
+
+
+def test_parser_errors_are_listed(with_trt, tmp_path):
+    with_trt()
+    path = small_onnx(tmp_path / "bad.onnx", op="Multinomial")
+    with pytest.raises(build.EngineBuildError) as e:
+        build.engine_from_onnx(path, tmp_path / "bad.plan", PROFILES, device=DEVICE)
+    assert str(e.value) == "TensorRT could not parse bad.onnx: act (Multinomial): unsupported operator"
+
+
+def test_profiles_must_fit_the_network(with_trt, tmp_path):
+    with_trt()
+    path = small_onnx(tmp_path / "m.onnx")
+    cases = [([], "dynamic inputs \\['x'\\]: give at least one optimization profile"),
+             ({"ids": {"min": [1], "opt": [1], "max": [1]}}, "names \\['ids'\\], which are not network inputs"),
+             ({"x": {"min": [1, 5], "opt": [1, 5], "max": [2, 5]}}, "does not fit its dims \\(-1, 4\\)"),
+             ({"x": {"min": [1], "opt": [1], "max": [1]}}, "does not fit")]
+    for prof, msg in cases:
+        with pytest.raises(build.ProfileError, match=msg):
+            build.engine_from_onnx(path, tmp_path / "m.plan", prof, device=DEVICE)
+    static = small_onnx(tmp_path / "static.onnx", batch=2)
+    rec = build.engine_from_onnx(static, tmp_path / "static.plan", [], device=DEVICE)
+    assert rec["profiles"] == [] and sys.modules["tensorrt"].Builder.last.config.profiles == []
+
+
+def test_failed_build_reports_tensorrt_errors(with_trt, tmp_path):
+    with_trt(build_fails=True)
+    with pytest.raises(build.EngineBuildError, match="failed to build the engine: out of workspace for layer mm"):
+        build.engine_from_onnx(small_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", PROFILES, device=DEVICE)
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_foreign_timing_cache_is_replaced(with_trt, tmp_path, capsys):
+    with_trt("10.3.0.30")
+    cache = tmp_path / "t.cache"
+    cache.write_bytes(b"cache:10.16.0.72+++")
+    build.engine_from_onnx(small_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", PROFILES, timing_cache=cache,
+                           device=DEVICE)
+    assert "does not match this device" in capsys.readouterr().err
+    assert cache.read_bytes() == b"cache:10.3.0.30+"
+
+
+def test_device_key_through_cuda_python(with_trt, monkeypatch):
+    with_trt("10.3.0.30")
+
+    class Err(enum.IntEnum):
+        cudaSuccess, cudaErrorInsufficientDriver = 0, 35
+
+    state = {"count": (Err.cudaSuccess, 1)}
+    runtime = types.SimpleNamespace(
+        cudaGetDeviceCount=lambda: state["count"],
+        cudaGetDeviceProperties=lambda i: (Err.cudaSuccess,
+                                           types.SimpleNamespace(name=b"Orin\x00\x00", major=8, minor=7)),
+        cudaGetErrorString=lambda e: (Err.cudaSuccess, b"CUDA driver version is insufficient for CUDA runtime version"))
+    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+    bindings.runtime, cuda.bindings = runtime, bindings
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
+    assert build.device_key() == {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
+    with pytest.raises(build.TensorRTUnavailableError, match="CUDA device 1 not present"):
+        build.device_key(1)
+    state["count"] = (Err.cudaErrorInsufficientDriver, None)    # cuda-bindings 12.9 on a machine without a driver
+    with pytest.raises(build.TensorRTUnavailableError, match="cudaGetDeviceCount failed: CUDA driver version"):
+        build.device_key()
+
+
+# -- real TensorRT -------------------------------------------------------------------------------------
+
+@pytest.mark.trt
+def test_real_two_profile_build(tmp_path):
+    trt = pytest.importorskip("tensorrt", reason=TRT_SKIP)
+    pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed (pip install cuda-python)")
+    onnx_path = small_onnx(tmp_path / "m.onnx")
+    precisions = ["strongly_typed"] + (["fp16"] if build.tensorrt_major(trt) < 11 else [])
+    for precision in precisions:
+        plan = tmp_path / f"m-{precision}.plan"
+        rec = build.engine_from_onnx(onnx_path, plan, PROFILES, precision=precision, workspace_bytes=1 << 28,
+                                     timing_cache=tmp_path / "t.cache")
+        assert rec["tensorrt_version"] == trt.__version__ and plan.stat().st_size == rec["bytes"]
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+        assert engine is not None and engine.num_optimization_profiles == 2
+        assert [tuple(s) for s in engine.get_tensor_profile_shape("x", 1)] == [(1, 4), (4, 4), (8, 4)]
+    assert (tmp_path / "t.cache").stat().st_size > 0
+
+
+@pytest.mark.trt
+@pytest.mark.cuda
+def test_real_device_key():
+    pytest.importorskip("tensorrt", reason=TRT_SKIP)
+    pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed (pip install cuda-python)")
+    key = build.device_key()
+    major, minor = key["compute_capability"].split(".")
+    assert int(major) >= 5 and minor.isdigit() and key["gpu_name"]
