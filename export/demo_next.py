@@ -1,0 +1,110 @@
+"""A tiny random-weight LLaVA-NeXT ("anyres") plus a matching CLIP, built offline and deterministically.
+
+Like :mod:`safeclip.export.demo` (same byte-level tokenizer helper, same CLIP construction), but a
+``LlavaNextForConditionalGeneration``: a CLIP-shaped tower of 84 px with patch 14 (6x6 = 36 positions per
+view), grid pinpoints that are the llava-v1.6 set scaled by 84/336 (2x1, 1x2, 2x2, 3x1, 1x3 tiles), a random
+``image_newline``, and a Llama-shaped language model with grouped-query attention (as llava-v1.6-vicuna).
+Saved with a ``LlavaNextImageProcessor`` config and a ``LlavaNextProcessor`` (patch size, select strategy,
+one additional image token for the CLS), so transformers' own processor is the oracle in tests.
+
+The chat template is llava-v1.6-vicuna's (``USER: <image>\\n... ASSISTANT:``), written out here; it also
+takes plain-string contents. Its weights are random: text output and gate verdicts carry no meaning.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .demo import CLIP_MEAN, CLIP_STD, DEMO_SEED, byte_level_tokenizer
+
+IMAGE_SIZE, PATCH = 84, 14
+GRID_PINPOINTS = [[84, 168], [168, 84], [168, 168], [252, 84], [84, 252]]
+
+# llava-hf/llava-v1.6-vicuna-*: a system turn prints its text, other roles "ROLE: "; a turn's images first,
+# then its texts each followed by a space; the generation prompt is "ASSISTANT:".
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}"
+    "{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_demo_next(out_dir: str | Path, seed: int = DEMO_SEED + 1, num_kv_heads: int = 2) -> tuple[Path, Path]:
+    """Write the tiny LLaVA-NeXT and its CLIP under ``out_dir``; returns (llava_next_dir, clip_dir)."""
+    import torch
+    from tokenizers import processors
+    from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, LlamaConfig,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor,
+                              PreTrainedTokenizerFast)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    out = Path(out_dir)
+    next_dir, clip_dir = out / "llava_next", out / "clip"
+
+    lm_specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    lm_tok = PreTrainedTokenizerFast(
+        tokenizer_object=byte_level_tokenizer(lm_specials, bos="<s>"),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
+    lm_tok.chat_template = LLAVA_NEXT_CHAT_TEMPLATE
+    image_token_id = lm_tok.convert_tokens_to_ids("<image>")
+
+    clip_specials = ["<|startoftext|>", "<|endoftext|>"]
+    clip_tok = PreTrainedTokenizerFast(
+        tokenizer_object=byte_level_tokenizer(clip_specials, bos="<|startoftext|>"),
+        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>", model_max_length=77)
+    clip_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+
+    torch.manual_seed(seed)
+    vision_cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH,
+                                  projection_dim=32, hidden_act="quick_gelu")
+    text_cfg = LlamaConfig(vocab_size=len(lm_tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=4096,
+                           rms_norm_eps=1e-5, bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id,
+                           pad_token_id=lm_tok.pad_token_id, tie_word_embeddings=False)
+    cfg = LlavaNextConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
+                          projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                          vision_feature_layer=-2, image_grid_pinpoints=GRID_PINPOINTS,
+                          image_seq_length=(IMAGE_SIZE // PATCH) ** 2, pad_token_id=lm_tok.pad_token_id)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(lm_tok, key))
+
+    clip_cfg = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=48, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                   projection_dim=32, bos_token_id=clip_tok.bos_token_id,
+                                   eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id).to_dict(),
+        vision_config=vision_cfg.to_dict(), projection_dim=32)
+    clip = CLIPModel(clip_cfg).eval()
+    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())   # the tower is the CLIP tower
+    with torch.no_grad():
+        clip.logit_scale.fill_(torch.log(torch.tensor(100.0)))
+
+    sq = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    common = dict(do_resize=True, resample=3, do_center_crop=True, crop_size=sq, do_rescale=True,
+                  rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                  do_convert_rgb=True)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                                 image_grid_pinpoints=GRID_PINPOINTS, do_pad=True, **common)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=lm_tok, patch_size=PATCH,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA_NEXT_CHAT_TEMPLATE)
+    model.save_pretrained(next_dir)
+    processor.save_pretrained(next_dir)            # tokenizer, chat template, processor_config.json
+    image_processor.save_pretrained(next_dir)      # preprocessor_config.json, as llava-hf checkpoints ship it
+    clip.save_pretrained(clip_dir)
+    clip_tok.save_pretrained(clip_dir)
+    CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, **common).save_pretrained(clip_dir)
+    return next_dir, clip_dir
