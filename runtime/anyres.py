@@ -30,7 +30,8 @@ from PIL import Image
 from .image import _PIL_RESAMPLE, ImageError, _to_rgb, check_spec, preprocess, preprocess_spec_from_config
 
 __all__ = ["select_best_resolution", "grid_shape", "anyres_spec_from_config", "check_anyres_spec",
-           "anyres_views", "pack_features", "num_image_tokens", "features_for_image", "ANYRES_PROCESSORS"]
+           "anyres_views", "pack_features", "num_image_tokens", "features_for_image", "max_views",
+           "ANYRES_PROCESSORS"]
 
 ANYRES_PROCESSORS = ("LlavaNextImageProcessor", "LlavaNextImageProcessorPil", "LlavaNextImageProcessorFast")
 # transformers' LlavaNextImageProcessor default (used when the config has no image_grid_pinpoints)
@@ -70,6 +71,11 @@ def grid_shape(image_size, grid_pinpoints, tile_size: int) -> tuple[int, int]:
     """(rows, cols) of tiles for an image of ``image_size`` (transformers' ``get_anyres_image_grid_shape``)."""
     h, w = select_best_resolution(image_size, grid_pinpoints)
     return h // tile_size, w // tile_size
+
+
+def max_views(grid_pinpoints, tile_size: int) -> int:
+    """The largest view count (base + tiles) any image can produce: the vision graph's batch upper bound."""
+    return 1 + max((h // tile_size) * (w // tile_size) for h, w in grid_pinpoints)
 
 
 # ---------------------------------------------------------------------------------------------------------

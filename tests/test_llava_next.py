@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 
 from safeclip.descriptors import load_descriptor_set
 from safeclip.export.architectures import ARCHITECTURES, read_preprocessor_config, spec_for
-from safeclip.runtime.anyres import (anyres_spec_from_config, anyres_views, features_for_image, num_image_tokens,
-                                     pack_features, select_best_resolution)
+from safeclip.runtime.anyres import (anyres_spec_from_config, anyres_views, features_for_image, max_views,
+                                     num_image_tokens, pack_features, select_best_resolution)
 from safeclip.runtime.views import aggregate_views
 
 from conftest import gate_embedding
@@ -113,7 +113,7 @@ def test_views_match_hf_processor(nxt, hw):
     assert pv.shape == ref.shape and pv.dtype == np.float32
     assert np.max(np.abs(pv - ref)) <= 1e-6
     rows, cols = (s // 84 for s in select_best_resolution(hw, nxt["spec"]["anyres"]["grid_pinpoints"]))
-    assert pv.shape[0] == 1 + rows * cols
+    assert pv.shape[0] == 1 + rows * cols <= max_views(nxt["spec"]["anyres"]["grid_pinpoints"], 84) == 5
 
 
 def test_spec_refuses_what_it_cannot_reproduce(nxt):
