@@ -1,37 +1,182 @@
 """``Pipeline``: a verified bundle, its vision+gate graph and (when present) its language model.
 
     pipe = Pipeline.load("engines/demo")
-    verdict = pipe.gate("photo.jpg")                 # Verdict(flagged, category, score, probs, ...)
+    verdict = pipe.gate("photo.jpg")                              # Verdict(flagged, category, score, ...)
+    answer = pipe.generate("photo.jpg", "What is in the picture?")  # Answer(text, verdict, policy, timings)
+    for piece in (s := pipe.stream("photo.jpg", "Describe it")):  # text as it is generated
+        print(piece, end="")
+    s.result                                                      # the Answer, once the stream is done
 
 Loading verifies the manifest and every file (see ``manifest.py``) and then checks that the vision graph
 really emits the gate output with one probability per manifest class; anything else refuses to serve.
+
+Policies for a flagged image (default from the manifest, overridable per request):
+``instruct`` inserts the safety instruction right after the image, before the user's text (a clean image
+gets no extra tokens); ``refuse`` answers with the category's templated refusal and never runs the
+language model; ``annotate`` generates as usual and reports the verdict. Text-only prompts are not gated.
 """
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from .backends import make_session
-from .gate import Verdict, verdict_from_probs
+from .gate import DEFAULT_INSTRUCTION, DEFAULT_REFUSAL, POLICIES, Verdict, verdict_from_probs
 from .image import MAX_PIXELS, load_image, preprocess
 from .manifest import FEATURES_OUTPUT, GATE_OUTPUT, BundleError, Manifest, load_manifest
 
 
+class GenerationUnavailable(RuntimeError):
+    """The bundle has no language model (exported with --no-decoder)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    verdict: Verdict | None          # None for a text-only prompt (not gated)
+    policy: str
+    action: str                      # generated | instructed | refused | annotated
+    finish_reason: str               # eos | stop | length | context | refused
+    backend: str
+    timings: dict = field(default_factory=dict)
+    token_ids: tuple[int, ...] = ()
+    prompt_tokens: int = 0
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "verdict": None if self.verdict is None else self.verdict.to_json(),
+                "policy": self.policy, "action": self.action, "finish_reason": self.finish_reason,
+                "backend": self.backend, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": len(self.token_ids), "timings": self.timings}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+class AnswerStream:
+    """One request: the gate has run when this object exists (``.verdict``); iterate for the text pieces.
+
+    Errors about the request (unreadable image, prompt too long for the context) are raised when the stream
+    is created, before any language-model work.
+    """
+
+    def __init__(self, pipe: "Pipeline", image, prompt: str, *, policy: str | None, instruction: str | None,
+                 max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                 seed: int | None, stop: Sequence[str], max_pixels: int):
+        from .generate import ContextError, TextStream, embed_prompt
+        from .prompt import render, tokenize
+
+        t0 = time.perf_counter()
+        self.pipe, self.policy = pipe, policy or pipe.policy
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy '{self.policy}' (supported: {', '.join(POLICIES)})")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        lm = pipe._lm
+        has_image = image is not None
+        self.timings: dict = {}
+        self.verdict: Verdict | None = None
+        self.refusal: str | None = None
+        self._text_stream = None
+
+        def ids_for(instr: str | None) -> np.ndarray:
+            text = render(lm.template, prompt, has_image, instr, **lm.special_tokens)
+            return tokenize(lm.tokenizer, text, lm.image_token_id, lm.image_seq_length,
+                            bos_token=lm.special_tokens.get("bos_token"), num_images=int(has_image))
+
+        if lm is not None:
+            ids = ids_for(None)
+            if ids.size > lm.decoder.capacity:          # before any work, the vision pass included
+                raise ContextError(f"prompt of {ids.size} tokens exceeds the context capacity of "
+                                   f"{lm.decoder.capacity} tokens")
+        feats = None
+        if has_image:
+            t1 = time.perf_counter()
+            pv = pipe.pixel_values(image, max_pixels)
+            self.timings["preprocess_ms"] = _ms(time.perf_counter() - t1)
+            feats, self.verdict = pipe._vision_pass(pv)
+            self.timings["vision_gate_ms"] = self.verdict.latency_ms
+        flagged = self.verdict is not None and self.verdict.flagged
+        if flagged and self.policy == "refuse":
+            self.action = "refused"
+            self.refusal = pipe.refusal_for(self.verdict.category)
+            self.timings["total_ms"] = _ms(time.perf_counter() - t0)
+            return
+        if lm is None:
+            raise GenerationUnavailable(f"{pipe.manifest.root}: bundle has no language model "
+                                        "(exported with --no-decoder); only gating is available")
+        instr = None
+        if flagged and self.policy == "instruct":
+            instr = pipe.instruction_for(self.verdict.category, instruction)
+            ids = ids_for(instr)
+        self.action = ("instructed" if instr else "annotated" if flagged else "generated")
+        embeds = embed_prompt(lm.table, ids, lm.image_token_id, None if feats is None else feats[0],
+                              dtype=lm.decoder.dtype)                          # [S, D]
+        self._text_stream = TextStream(lm.decoder, lm.table, embeds, tokenizer=lm.tokenizer,
+                                       max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids,
+                                       stop_strings=list(stop), temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed)
+        self._t0 = t0
+        self._result: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self.refusal is not None:
+            yield self.refusal
+            return
+        with self.pipe._lock:                     # one decoder, one sequence at a time
+            for piece in self._text_stream:
+                yield piece
+        r = self._text_stream.result
+        self.timings.update(prefill_ms=_ms(r.timings.prefill_s), decode_ms=_ms(r.timings.decode_s),
+                            decode_tokens_per_s=round(r.timings.tokens_per_s, 2),
+                            ttft_ms=_ms(self.timings.get("preprocess_ms", 0) / 1e3 +
+                                        (self.timings.get("vision_gate_ms") or 0) / 1e3 + r.timings.prefill_s),
+                            total_ms=_ms(time.perf_counter() - self._t0))
+
+    @property
+    def result(self) -> Answer:
+        if self.refusal is not None:
+            return Answer(self.refusal, self.verdict, self.policy, "refused", "refused", self.pipe.backend,
+                          dict(self.timings))
+        r = self._text_stream.result
+        return Answer(r.text, self.verdict, self.policy, self.action, r.finish_reason, self.pipe.backend,
+                      dict(self.timings), tuple(r.token_ids), r.prompt_tokens)
+
+
+@dataclass
+class _LanguageModel:
+    decoder: object
+    table: np.ndarray
+    tokenizer: object
+    template: str
+    special_tokens: dict
+    image_token_id: int
+    image_seq_length: int
+    eos_ids: list[int]
+
+
 class Pipeline:
-    def __init__(self, manifest: Manifest, vision, backend: str):
+    def __init__(self, manifest: Manifest, vision, backend: str, lm: _LanguageModel | None = None):
         self.manifest = manifest
         self.vision = vision
         self.backend = backend
+        self._lm = lm
+        self._lock = threading.Lock()
         g = manifest.gate
         self.classes: list[str] = list(g["classes"])
         self.safe_classes: list[str] = list(g["safe_classes"])
         self.threshold = float(g["threshold"])
+        self.policy: str = g.get("policy", "instruct")
 
     @classmethod
     def load(cls, bundle_dir: str | Path, backend: str = "auto", full_verify: bool = False,
-             threads: int | None = None) -> "Pipeline":
+             threads: int | None = None, context: int | None = None) -> "Pipeline":
+        """Verify and open a bundle. ``context`` caps the KV cache (default: the model's context length)."""
         m = load_manifest(bundle_dir, full_verify=full_verify)
         device = "cpu" if backend in ("auto", "onnxruntime", "cpu") else backend
         vg = m.graphs["vision_gate"]
@@ -42,22 +187,86 @@ class Pipeline:
         if shape[-1] != len(m.gate["classes"]):
             raise BundleError(f"{m.root}: vision graph's gate width {shape[-1]} differs from the manifest's "
                               f"{len(m.gate['classes'])} classes")
-        return cls(m, vision, f"onnxruntime-{vision.provider.replace('ExecutionProvider', '').lower()}")
+        lm = _load_language_model(m, context, threads) if "decoder" in m.graphs else None
+        return cls(m, vision, f"onnxruntime-{vision.provider.replace('ExecutionProvider', '').lower()}", lm)
+
+    @property
+    def has_language_model(self) -> bool:
+        return self._lm is not None
 
     # -- vision + gate ----------------------------------------------------------------------------------
     def pixel_values(self, image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return preprocess(load_image(image, max_pixels=max_pixels), self.manifest.preprocess)
 
-    def encode(self, image, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, Verdict]:
-        """(image_features [1, N, D_lm], verdict) for one image (path, bytes or PIL image)."""
-        pv = self.pixel_values(image, max_pixels)                  # [1, 3, H, W]
+    def _vision_pass(self, pv: np.ndarray) -> tuple[np.ndarray, Verdict]:
         t0 = time.perf_counter()
-        out = self.vision.run({"pixel_values": pv})
+        out = self.vision.run({"pixel_values": pv})                 # pixel_values [1, 3, H, W]
         ms = (time.perf_counter() - t0) * 1e3
         probs = out.get(GATE_OUTPUT)
         v = verdict_from_probs(None if probs is None else probs[0], self.classes, self.safe_classes,
-                               self.threshold, latency_ms=ms)
-        return out[FEATURES_OUTPUT], v
+                               self.threshold, latency_ms=round(ms, 3))
+        return out[FEATURES_OUTPUT], v                              # [1, N, D_lm], verdict
+
+    def encode(self, image, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, Verdict]:
+        """(image_features [1, N, D_lm], verdict) for one image (path, bytes or PIL image)."""
+        return self._vision_pass(self.pixel_values(image, max_pixels))
 
     def gate(self, image, max_pixels: int = MAX_PIXELS) -> Verdict:
         return self.encode(image, max_pixels)[1]
+
+    # -- policies ---------------------------------------------------------------------------------------
+    def instruction_for(self, category: str, override: str | None = None) -> str:
+        text = override or self.manifest.gate.get("instruction") or DEFAULT_INSTRUCTION
+        return text.replace("{category}", category.replace("_", " "))
+
+    def refusal_for(self, category: str) -> str:
+        refusals = self.manifest.gate.get("refusals") or {}
+        return refusals.get(category) or DEFAULT_REFUSAL.replace("{category}", category.replace("_", " "))
+
+    # -- generation -------------------------------------------------------------------------------------
+    def stream(self, image, prompt: str, *, policy: str | None = None, instruction: str | None = None,
+               max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+               max_pixels: int = MAX_PIXELS) -> AnswerStream:
+        """Gate ``image`` (None for a text-only prompt) and prepare the answer; iterate for text pieces."""
+        return AnswerStream(self, image, prompt, policy=policy, instruction=instruction,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=stop, max_pixels=max_pixels)
+
+    def generate(self, image, prompt: str, **kw) -> Answer:
+        """Like :meth:`stream`, run to the end; returns the :class:`Answer`."""
+        s = self.stream(image, prompt, **kw)
+        for _ in s:
+            pass
+        return s.result
+
+
+def _load_language_model(m: Manifest, context: int | None, threads: int | None) -> _LanguageModel:
+    from tokenizers import Tokenizer
+
+    from .generate import OrtDecoder
+
+    model, tok, prompt = m.model, m.tokenizer, m.prompt
+    for key in ("image_token_id", "image_seq_length", "eos_token_ids", "context_length"):
+        if key not in model:
+            raise BundleError(f"manifest: 'model' lacks {key}")
+    if not prompt.get("chat_template"):
+        raise BundleError("manifest: the bundle has no chat template")
+    try:
+        tokenizer = Tokenizer.from_file(str(m.path(tok["file"])))
+    except Exception as e:
+        raise BundleError(f"{m.root}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e})") from None
+    emb = m.data.get("embeddings") or {}
+    table = np.load(m.path(emb["file"]), mmap_mode="r", allow_pickle=False)     # [V, D]
+    ctx = int(model["context_length"]) if context is None else min(int(context), int(model["context_length"]))
+    so = None
+    if threads:
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+    decoder = OrtDecoder.from_manifest(m.root, m.graphs["decoder"], capacity=ctx,
+                                       context_length=int(model["context_length"]), session_options=so)
+    specials = {k: tok.get(k) for k in ("bos_token", "eos_token", "pad_token") if tok.get(k)}
+    return _LanguageModel(decoder, table, tokenizer, prompt["chat_template"], specials,
+                          int(model["image_token_id"]), int(model["image_seq_length"]),
+                          [int(i) for i in model["eos_token_ids"]])

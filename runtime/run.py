@@ -1,0 +1,101 @@
+"""``safeclip-run``: one gated answer from a bundle (no torch needed).
+
+    safeclip-run --bundle engines/demo --image photo.jpg --prompt "What is in the picture?"
+    safeclip-run --bundle engines/demo --image photo.jpg --prompt "..." --policy refuse --json
+    safeclip-run --bundle engines/demo --prompt "Hello" --stream          # text only: not gated
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safeclip-run", description="Answer a question about an image with a "
+                                "bundle's gated vision-language model.")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder (engines/<name>)")
+    p.add_argument("--image", type=Path, help="image file (omit for a text-only prompt, which is not gated)")
+    p.add_argument("--prompt", required=True, help="the user's question")
+    g = p.add_argument_group("gate")
+    g.add_argument("--policy", choices=["instruct", "refuse", "annotate"], help="what a flagged image does "
+                   "(default: the bundle's)")
+    g.add_argument("--instruction", help="safety instruction text for --policy instruct ({category} is filled in)")
+    s = p.add_argument_group("generation")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--context", type=int, default=None, help="KV-cache capacity (default: the model's context)")
+    o = p.add_argument_group("output")
+    o.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    o.add_argument("--json", action="store_true", help="print one JSON object: text, verdict, policy, timings")
+    o.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
+    o.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
+    return p
+
+
+def _check_args(a) -> str | None:
+    if a.max_new_tokens < 1:
+        return "--max-new-tokens must be at least 1"
+    if a.temperature < 0:
+        return "--temperature must be >= 0"
+    if a.top_k is not None and a.top_k < 1:
+        return "--top-k must be at least 1"
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        return "--top-p must be in (0, 1]"
+    if a.context is not None and a.context < 1:
+        return "--context must be at least 1"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = run_parser().parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        print(f"safeclip-run: error: {problem}", file=sys.stderr)
+        return 2
+    from .pipeline import Pipeline
+
+    try:
+        pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify, context=args.context)
+        stream = pipe.stream(str(args.image) if args.image else None, args.prompt, policy=args.policy,
+                             instruction=args.instruction, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             stop=args.stop)
+        if args.stream and not args.json:
+            v = stream.verdict
+            if v is not None and v.flagged:
+                print(f"[gate: flagged {v.category} ({v.score:.3f}); policy {stream.policy}]", file=sys.stderr)
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            for _ in stream:
+                pass
+        answer = stream.result
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:       # library errors are typed one-liners; never show a traceback
+        s = str(e).strip()
+        print(f"safeclip-run: error: {s.splitlines()[0] if s else type(e).__name__}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer.to_json(), ensure_ascii=False))
+    elif not args.stream:
+        v = answer.verdict
+        if v is not None and v.flagged:
+            print(f"[gate: flagged {v.category} ({v.score:.3f}); policy {answer.policy}]", file=sys.stderr)
+        print(answer.text)
+    t = answer.timings
+    if not args.json and "decode_tokens_per_s" in t:
+        print(f"[{answer.backend}: ttft {t['ttft_ms']:.0f} ms, {t['decode_tokens_per_s']:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
