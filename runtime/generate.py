@@ -89,7 +89,7 @@ class OrtDecoder:
         L, H, D = kv.num_layers, kv.num_kv_heads, kv.head_dim
         self._names = [(kv.past_key.format(i=i), kv.present_key.format(i=i)) for i in range(L)] + \
                       [(kv.past_value.format(i=i), kv.present_value.format(i=i)) for i in range(L)]
-        missing = [n for p, o in self._names for n in (p, o) if n not in inputs and n not in outputs]
+        missing = [p for p, _ in self._names if p not in inputs] + [o for _, o in self._names if o not in outputs]
         if missing:
             raise ValueError(f"decoder graph lacks the KV tensors {', '.join(missing[:4])}")
         self._slab = H * self.capacity * D                                  # elements per arena
