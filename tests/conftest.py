@@ -92,3 +92,12 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     import shutil
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory, cache_dir) -> Path:
+    """The full demo bundle (vision+gate and language model), as `safeclip-export` writes it."""
+    pytest.importorskip("torch")
+    from safeclip.export.bundle import ExportOptions, export_bundle
+    out = tmp_path_factory.mktemp("bundles") / "demo"
+    return export_bundle(ExportOptions(model="demo", out=out)).bundle

@@ -1,0 +1,142 @@
+"""Gated generation through the Pipeline, against transformers' LlavaForConditionalGeneration.generate.
+
+The bundle's gate is controlled (descriptor embeddings made to point at chosen images) so that one image is
+flagged as 'gun' and another is clean; the language model is the demo's, exported through the normal path.
+"""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from safeclip.runtime import run as run_cli
+from safeclip.runtime.generate import ContextError
+from safeclip.runtime.pipeline import Pipeline
+
+from conftest import controlled_text_embeds
+
+N = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, demo_sources, test_images, cache_dir):
+    from safeclip.descriptors import load_descriptor_set
+    from safeclip.export.bundle import ExportOptions, export_bundle
+    from safeclip.runtime.image import load_image, preprocess, preprocess_spec_from_config
+
+    spec = preprocess_spec_from_config(json.loads((demo_sources.llava_path / "preprocessor_config.json").read_text()))
+    toxic, clean = test_images / "red.png", test_images / "blue.jpg"
+    te = controlled_text_embeds(demo_sources, load_descriptor_set("default"),
+                                preprocess(load_image(toxic), spec), preprocess(load_image(clean), spec), "gun")
+    out = tmp_path_factory.mktemp("gen") / "bundle"
+    bundle = export_bundle(ExportOptions(out=out, text_embeds_override=te)).bundle
+    return Pipeline.load(bundle), bundle, toxic, clean
+
+
+def hf_generate(sources, pipe, image, prompt, instruction=None, max_new_tokens=N):
+    """The oracle: transformers' tokenizer + chat template + LLaVA generate (greedy)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(sources.llava_path)
+    content = ([{"type": "image"}] if image is not None else []) + \
+              ([{"type": "text", "text": instruction}] if instruction else []) + [{"type": "text", "text": prompt}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                   tokenize=False)
+    n = sources.llava.config.image_seq_length
+    text = text.replace("<image>", "<image>" * n)                       # what LlavaProcessor does
+    ids = torch.tensor([tok(text).input_ids])
+    kw = {}
+    if image is not None:
+        kw["pixel_values"] = torch.from_numpy(pipe.pixel_values(image))
+    with torch.no_grad():
+        out = sources.llava.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, **kw)
+    return out[0, ids.shape[1]:].tolist(), ids.shape[1]
+
+
+@pytest.mark.parametrize("prompt", ["What is in the picture?", "Describe the colours. Be brief."])
+def test_instruct_on_flagged_image_equals_hf_with_instruction(setup, demo_sources, prompt):
+    pipe, _, toxic, _ = setup
+    a = pipe.generate(toxic, prompt, policy="instruct", max_new_tokens=N)
+    assert a.verdict.flagged and a.verdict.category == "gun" and a.action == "instructed"
+    instruction = pipe.instruction_for("gun")
+    assert "gun" in instruction
+    ref, prompt_len = hf_generate(demo_sources, pipe, toxic, prompt, instruction)
+    assert list(a.token_ids) == ref and a.prompt_tokens == prompt_len
+    assert len(ref) == N or ref[-1] in pipe._lm.eos_ids
+
+
+@pytest.mark.parametrize("prompt", ["What is in the picture?", "Is this safe?"])
+def test_clean_image_gets_no_extra_tokens_and_equals_hf(setup, demo_sources, prompt):
+    pipe, _, _, clean = setup
+    a = pipe.generate(clean, prompt, max_new_tokens=N)
+    assert not a.verdict.flagged and a.action == "generated"
+    ref, prompt_len = hf_generate(demo_sources, pipe, clean, prompt)
+    assert list(a.token_ids) == ref and a.prompt_tokens == prompt_len
+    assert set(a.timings) >= {"vision_gate_ms", "prefill_ms", "decode_tokens_per_s", "ttft_ms"}
+
+
+def test_annotate_generates_unchanged_but_reports(setup, demo_sources):
+    pipe, _, toxic, _ = setup
+    a = pipe.generate(toxic, "What is in the picture?", policy="annotate", max_new_tokens=N)
+    ref, _ = hf_generate(demo_sources, pipe, toxic, "What is in the picture?")
+    assert a.verdict.flagged and a.action == "annotated" and list(a.token_ids) == ref
+
+
+def test_refuse_never_runs_the_language_model(setup, monkeypatch):
+    pipe, _, toxic, clean = setup
+
+    def forbidden(*a, **k):
+        raise AssertionError("the decoder ran under policy refuse")
+
+    monkeypatch.setattr(pipe._lm.decoder, "prefill", forbidden)
+    monkeypatch.setattr(pipe._lm.decoder, "decode_one_token", forbidden)
+    a = pipe.generate(toxic, "What is in the picture?", policy="refuse")
+    assert a.action == "refused" and a.finish_reason == "refused" and a.token_ids == ()
+    assert a.text == pipe.manifest.gate["refusals"]["gun"]
+    with pytest.raises(AssertionError, match="decoder ran"):
+        pipe.generate(clean, "What is in the picture?", policy="refuse")   # a clean image is answered
+
+
+def test_text_only_prompt_is_not_gated_and_equals_hf(setup, demo_sources):
+    pipe = setup[0]
+    a = pipe.generate(None, "Tell me a story.", max_new_tokens=N)
+    ref, _ = hf_generate(demo_sources, pipe, None, "Tell me a story.")
+    assert a.verdict is None and list(a.token_ids) == ref
+
+
+def test_stream_matches_generate_and_sampling_is_reproducible(setup):
+    pipe, _, _, clean = setup
+    s = pipe.stream(clean, "Hi", max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    pieces = list(s)
+    assert "".join(pieces) == s.result.text
+    again = pipe.generate(clean, "Hi", max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    assert again.token_ids == s.result.token_ids
+    others = {pipe.generate(clean, "Hi", max_new_tokens=12, temperature=0.9, seed=k).token_ids for k in range(4)}
+    assert len(others) > 1
+
+
+def test_prompt_too_long_fails_before_any_work(setup, monkeypatch):
+    pipe, bundle, toxic, _ = setup
+    small = Pipeline.load(bundle, context=600)                    # 576 image positions + a little text
+    monkeypatch.setattr(small.vision, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("vision ran")))
+    with pytest.raises(ContextError, match="exceeds the context capacity of 600"):
+        small.stream(toxic, "word " * 100)
+
+
+def test_safeclip_run_json_and_errors(setup, capsys, tmp_path):
+    _, bundle, toxic, _ = setup
+    assert run_cli.main(["--bundle", str(bundle), "--image", str(toxic), "--prompt", "What?", "--json",
+                         "--max-new-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"]["flagged"] and out["verdict"]["category"] == "gun" and out["policy"] == "instruct"
+    assert {"text", "timings", "backend"} <= set(out)
+    assert run_cli.main(["--bundle", str(bundle), "--image", str(toxic), "--prompt", "What?",
+                         "--policy", "refuse"]) == 0
+    assert "firearms" in capsys.readouterr().out
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    assert run_cli.main(["--bundle", str(bundle), "--image", str(tmp_path / "bad.jpg"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "safeclip-run: error" in err and "Traceback" not in err
+    assert run_cli.main(["--bundle", str(bundle), "--prompt", "x", "--max-new-tokens", "0"]) == 2
