@@ -30,8 +30,8 @@ Why these choices:
   avoids); Llama's RMSNorm already reduces in fp32. So the fp16 graph keeps those reductions in fp32
   (TensorRT fp16 overflows in them otherwise), and :func:`export_decoder` checks the graph for it.
 * torch.export specialises sample sizes 0 and 1, so the sample batch, sequence and past are all >= 2; the
-  parity gate then runs the graph with P = 0 (prefill) and S = 1 (decode). ``attention_mask``'s length is P+S, which ``dynamic_shapes``
-  cannot express as ``Dim + Dim``: it gets its own ``Dim.DYNAMIC``.
+  parity gate then runs the graph with P = 0 (prefill) and S = 1 (decode). ``attention_mask``'s length
+  is P+S, which ``dynamic_shapes`` cannot express as ``Dim + Dim``: it gets its own ``Dim.DYNAMIC``.
 * Parity is a build gate: ONNX Runtime vs the PyTorch wrapper on a prefill (P = 0) and on a decode step
   whose past is that prefill's cache. Tolerance is relative to the output's magnitude (floor 1):
   ``1e-4 * max(1, max|ref|)`` for fp32; for fp16 ``2e-2 * max(1, max|ref|)``, measured against the fp32
@@ -295,7 +295,8 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lm, head = llava_model.model.language_model, llava_model.lm_head
-    if getattr(lm.config, "sliding_window", None) or "sliding_attention" in (getattr(lm.config, "layer_types", None) or []):
+    layer_types = getattr(lm.config, "layer_types", None) or []
+    if getattr(lm.config, "sliding_window", None) or "sliding_attention" in layer_types:
         raise ValueError("sliding-window attention is not supported by the decoder export (present != past + new)")
     layers, kvh, hd = _kv_dims(lm.config)
     facts = _model_facts(llava_model, tokenizer)

@@ -80,8 +80,8 @@ def test_greedy_matches_transformers(rt, text, image, instruction):
     ids = rt.ids(text, image, instruction)
     kw = {"pixel_values": _pixels(image)} if image is not None else {}
     with torch.no_grad():
-        ref = rt.lm.model.generate(input_ids=torch.tensor(ids)[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                   max_new_tokens=N_NEW, do_sample=False, eos_token_id=None, **kw)
+        ref = rt.lm.model.generate(input_ids=torch.tensor(ids)[None], max_new_tokens=N_NEW, do_sample=False,
+                                   attention_mask=torch.ones(1, len(ids), dtype=torch.long), eos_token_id=None, **kw)
     expected = ref[0, len(ids):].tolist()
     res = rt.run(text, image, instruction)
     assert len(expected) == N_NEW and res.token_ids == expected
@@ -182,7 +182,8 @@ def test_sample_distribution():
 def test_stop_strings_and_stream(gqa):
     text, image, _ = PROMPTS[1]
     full = gqa.run(text, image)
-    printable = [i for i in range(4, len(full.text) - 3) if full.text[i:i + 3].isprintable() and "\ufffd" not in full.text[i:i + 3]]
+    printable = [i for i in range(4, len(full.text) - 3)
+                 if full.text[i:i + 3].isprintable() and "\ufffd" not in full.text[i:i + 3]]
     assert printable, f"no printable stretch in {full.text!r}"
     stop = full.text[printable[0]:printable[0] + 3]
     cut = full.text.find(stop)
