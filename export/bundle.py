@@ -39,6 +39,7 @@ class ExportOptions:
     gate: str = "reference"
     threshold: float | None = None
     policy: str = "instruct"
+    views: str = "any"                           # anyres models: how per-view verdicts combine
     target: str = "cpu"
     out: Path | None = None
     name: str | None = None
@@ -59,7 +60,7 @@ class BundleExistsError(FileExistsError):
 
 
 def default_name(opts: ExportOptions) -> str:
-    base = "demo" if opts.model == "demo" else Path(opts.model.rstrip("/")).name
+    base = opts.model if opts.model in ("demo", "demo-next") else Path(opts.model.rstrip("/")).name
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in base) or "bundle"
 
 
@@ -77,10 +78,9 @@ def vision_gate_from_sources(src, dset, variant: str, text_embeds=None):
     from .descriptors import logit_scale_of, text_embeddings
     from .vision_gate import VisionGate
 
-    cfg = src.llava.config
+    parts = src.arch.vision_parts(src.llava)
     te = text_embeds if text_embeds is not None else text_embeddings(src.clip, src.clip_path, dset)
-    return VisionGate(src.llava.model.vision_tower, src.llava.model.multi_modal_projector,
-                      cfg.vision_feature_layer, cfg.vision_feature_select_strategy, variant,
+    return VisionGate(parts.tower, parts.projector, parts.feature_layer, parts.select_strategy, variant,
                       src.clip.visual_projection, te, dset.class_index, len(dset.classes),
                       logit_scale_of(src.clip)).eval()
 
@@ -171,6 +171,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     t0 = time.perf_counter()
     if opts.gate not in ("reference", "clip"):
         raise ValueError(f"unknown gate variant '{opts.gate}' (supported: reference, clip)")
+    if opts.views not in ("any", "base", "mean"):
+        raise ValueError(f"unknown view aggregation '{opts.views}' (supported: any, base, mean)")
     if opts.policy not in POLICIES:
         raise ValueError(f"unknown policy '{opts.policy}' (supported: {', '.join(POLICIES)})")
     if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:
@@ -201,8 +203,12 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             parity.extend(frag.get("parity", []))
         progress("writing tokenizer, preprocessing and manifest")
         tok_entry, prompt = _tokenizer_and_prompt(src, tmp)
-        from safeclip.runtime.image import preprocess_spec_from_config
-        pre_cfg = json.loads((src.llava_path / "preprocessor_config.json").read_text())
+        from .architectures import read_preprocessor_config
+        preprocess = src.arch.preprocess_spec(read_preprocessor_config(src.llava_path), src.llava.config)
+        newline = src.arch.vision_parts(src.llava).image_newline
+        if newline is not None:                         # anyres: packed between rows of tiles by the runtime
+            np.save(tmp / "image_newline.npy", newline.astype(np.float32))
+            vgraph["image_newline"] = "image_newline.npy"
         shutil.rmtree(tmp / "_work", ignore_errors=True)
         import onnx
         import torch
@@ -214,7 +220,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             "name": out.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": opts.target,
-            "architecture": "llava",
+            "architecture": src.arch.model_type,
             "source": {"model": opts.model, "model_revision": src.model_revision,
                        "clip": src.clip_id, "clip_revision": src.clip_revision,
                        "vision_tower": src.vision_tower_id or opts.model,
@@ -224,11 +230,12 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
                          "python": platform.python_version()},
             "files": _files_entry(tmp),
             "graphs": {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in graphs.items()},
-            "preprocess": preprocess_spec_from_config(pre_cfg),
+            "preprocess": preprocess,
             "gate": {
                 "variant": opts.gate, "classes": list(dset.classes), "safe_classes": list(dset.safe_classes),
                 "threshold": float(opts.threshold if opts.threshold is not None else dset.default_threshold),
                 "aggregation": "sum", "logit_scale": logit_scale_of(src.clip),
+                **({"views": opts.views} if newline is not None else {}),
                 "policy": opts.policy, "instruction": DEFAULT_INSTRUCTION,
                 "refusals": dict(dset.refusals),
                 "descriptors": {"name": dset.name, "version": dset.version, "sha256": dset.sha256,
@@ -241,7 +248,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             **extra,
             "build": {"target": opts.target, "precision": tgt.precision,
                       "parity": {r.component: r.max_abs_err for r in parity},
-                      "plan": build_plan(tgt, graphs, extra.get("model", {})), "engines": {}},
+                      "plan": build_plan(tgt, graphs, extra.get("model", {}), preprocess), "engines": {}},
         }
         write_manifest(tmp, manifest)
         _swap_into_place(tmp, out)
@@ -252,13 +259,17 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     return ExportReport(out, parity, time.perf_counter() - t0, peak)
 
 
-def build_plan(tgt, graphs: dict, model: dict) -> dict:
+def build_plan(tgt, graphs: dict, model: dict, preprocess: dict | None = None) -> dict:
     """What ``safeclip-build`` does on the device: per graph, its optimisation profiles, precision, workspace."""
     if tgt.build_engines == "never":
         return {}
     vg = graphs["vision_gate"]
     size = vg["inputs"]["pixel_values"]["shape"][-1]
-    plan = {"vision_gate": {"profiles": tgt.vision_profiles(size), "precision": tgt.precision,
+    views = 1
+    if preprocess and preprocess.get("anyres"):
+        from safeclip.runtime.anyres import max_views
+        views = max_views(preprocess["anyres"]["grid_pinpoints"], preprocess["anyres"]["tile_size"])
+    plan = {"vision_gate": {"profiles": tgt.vision_profiles(size, views), "precision": tgt.precision,
                             "workspace_bytes": tgt.workspace_bytes}}
     dec = graphs.get("decoder")
     if dec:

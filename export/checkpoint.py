@@ -2,7 +2,8 @@
 
 ``--model`` and ``--clip`` take a Hugging Face id or a local folder. Without network access and without a
 local copy (in the HF cache or on disk) a :class:`CheckpointError` names the missing model on one line.
-``demo`` builds the embedded tiny model into a temporary folder and loads it through this same code.
+``demo`` (LLaVA-1.5 shaped) and ``demo-next`` (LLaVA-NeXT shaped) build the embedded tiny models into a
+temporary folder and load them through this same code.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Sources:
     clip_revision: str | None
     vision_tower_id: str | None = None
     vision_tower_revision: str | None = None
+    arch: object = None      # safeclip.export.architectures.ArchSpec
 
 
 def _resolve(name: str, what: str) -> tuple[Path, str | None]:
@@ -62,37 +64,44 @@ def _resolve(name: str, what: str) -> tuple[Path, str | None]:
     return Path(path), rev
 
 
-def _check_model_type(folder: Path, model: str) -> None:
+DEMOS = {"demo": "llava", "demo-next": "llava_next"}
+
+
+def _arch_of(folder: Path, model: str):
+    from .architectures import spec_for
+
     try:
         mt = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         raise CheckpointError(f"model '{model}': unreadable config.json") from None
-    if mt != "llava":
-        raise CheckpointError(f"model '{model}': model_type '{mt}' is not supported (supported: llava)")
+    try:
+        return spec_for(mt)
+    except ValueError as e:
+        raise CheckpointError(f"model '{model}': {e}") from None
 
 
 def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str | None = None) -> Sources:
     """Load LLaVA and CLIP. ``model == 'demo'`` builds the demo checkpoints into ``workdir`` first.
     ``vision_tower`` swaps LLaVA's tower for another CLIP vision checkpoint of the same shape."""
     import torch
-    from transformers import CLIPModel, LlavaForConditionalGeneration
+    from transformers import CLIPModel
 
-    if model == "demo":
-        from .demo import build_demo
-        llava_dir, clip_dir = build_demo(workdir / "demo")
+    from .architectures import ARCHITECTURES
+
+    if model in DEMOS:                       # built offline, then loaded like any checkpoint folder
+        llava_dir, clip_dir = ARCHITECTURES[DEMOS[model]].tiny_test_model(workdir / model)
         model_rev = clip_rev = None
-        clip_name = clip or "demo"
-        if clip not in (None, "demo"):
+        clip_name = clip or model
+        if clip not in (None, model):
             clip_dir, clip_rev = _resolve(clip, "CLIP model")
     else:
         llava_dir, model_rev = _resolve(model, "model")
-        _check_model_type(llava_dir, model)
+        _arch_of(llava_dir, model)
         clip_name = clip or DEFAULT_CLIP
         clip_dir, clip_rev = _resolve(clip_name, "CLIP model")
-    _check_model_type(llava_dir, model)
+    arch = _arch_of(llava_dir, model)
     try:
-        llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
+        llava = arch.model_cls().from_pretrained(llava_dir, dtype=torch.float32, attn_implementation="eager").eval()
     except Exception as e:
         raise CheckpointError(f"model '{model}': cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     try:
@@ -111,7 +120,7 @@ def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
                               f"features but the LLaVA tower is {vt.config.hidden_size} wide")
     return Sources(llava=llava, clip=clip_model, llava_path=llava_dir, clip_path=clip_dir, model_id=model,
                    clip_id=clip_name, model_revision=model_rev, clip_revision=clip_rev,
-                   vision_tower_id=vt_id, vision_tower_revision=vt_rev)
+                   vision_tower_id=vt_id, vision_tower_revision=vt_rev, arch=arch)
 
 
 _SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",

@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safeclip-export", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source")
-    src.add_argument("--model", default="demo", help="LLaVA checkpoint: Hugging Face id, local folder, or 'demo' "
-                                                    "(default: the built-in demo model)")
+    src.add_argument("--model", default="demo", help="LLaVA or LLaVA-NeXT checkpoint: Hugging Face id, local folder, "
+                                                    "'demo' (default) or 'demo-next' (built-in tiny models)")
     src.add_argument("--clip", default=None, help="CLIP checkpoint providing visual_projection and the text tower "
                                                  "(default: openai/clip-vit-large-patch14; the demo brings its own)")
     src.add_argument("--vision-tower", default=None, help="replace LLaVA's vision tower by this CLIPVisionModel "
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reference: penultimate-layer CLS as the paper; clip: canonical CLIP image embedding")
     gate.add_argument("--threshold", type=float, default=None, help="flag threshold on the top class's probability "
                                                                     "(default: the descriptor set's)")
+    gate.add_argument("--views", choices=["any", "base", "mean"], default="any",
+                      help="LLaVA-NeXT: how the verdicts of the base view and the tiles combine (default: any)")
     gate.add_argument("--policy", choices=["instruct", "refuse", "annotate"], default="instruct",
                       help="what a flagged image does to generation (overridable per request)")
     out = p.add_argument_group("output")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .bundle import ExportOptions, export_bundle
         report = export_bundle(ExportOptions(model=args.model, clip=args.clip, vision_tower=args.vision_tower, descriptors=args.descriptors,
-                                             gate=args.gate, threshold=args.threshold, policy=args.policy,
+                                             gate=args.gate, threshold=args.threshold, policy=args.policy, views=args.views,
                                              target=args.target, out=args.out, with_decoder=not args.no_decoder),
                                progress=progress)
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ class Verdict:
     probs: dict[str, float] = field(default_factory=dict)
     reason: str = ""         # set when the gate failed closed
     latency_ms: float | None = None
+    view: int | None = None  # multi-view models: the view that triggered the verdict (0 = base view)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -33,6 +34,8 @@ class Verdict:
         d["probs"] = {k: (round(v, 6) if np.isfinite(v) else None) for k, v in self.probs.items()}
         if not self.reason:
             d.pop("reason")
+        if self.view is None:
+            d.pop("view")
         return d
 
 

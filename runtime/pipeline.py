@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -84,22 +84,25 @@ class AnswerStream:
         self.refusal: str | None = None
         self._text_stream = None
 
+        pv = size = None
+        if has_image:
+            t1 = time.perf_counter()
+            pv, size = pipe._views(image, max_pixels)
+            self.timings["preprocess_ms"] = _ms(time.perf_counter() - t1)
+
         def ids_for(instr: str | None) -> np.ndarray:
             text = render(lm.template, prompt, has_image, instr, **lm.special_tokens)
-            return tokenize(lm.tokenizer, text, lm.image_token_id, lm.image_seq_length,
+            return tokenize(lm.tokenizer, text, lm.image_token_id, pipe.image_tokens(size),
                             bos_token=lm.special_tokens.get("bos_token"), num_images=int(has_image))
 
         if lm is not None:
             ids = ids_for(None)
-            if ids.size > lm.decoder.capacity:          # before any work, the vision pass included
+            if ids.size > lm.decoder.capacity:          # before the vision pass and the language model
                 raise ContextError(f"prompt of {ids.size} tokens exceeds the context capacity of "
                                    f"{lm.decoder.capacity} tokens")
         feats = None
         if has_image:
-            t1 = time.perf_counter()
-            pv = pipe.pixel_values(image, max_pixels)
-            self.timings["preprocess_ms"] = _ms(time.perf_counter() - t1)
-            feats, self.verdict = pipe._vision_pass(pv)
+            feats, self.verdict = pipe._vision_pass(pv, size)
             self.timings["vision_gate_ms"] = self.verdict.latency_ms
         flagged = self.verdict is not None and self.verdict.flagged
         if flagged and self.policy == "refuse":
@@ -172,6 +175,14 @@ class Pipeline:
         self.safe_classes: list[str] = list(g["safe_classes"])
         self.threshold = float(g["threshold"])
         self.policy: str = g.get("policy", "instruct")
+        self.views: str = g.get("views", "any")
+        self.anyres: dict | None = manifest.preprocess.get("anyres")
+        self.image_newline: np.ndarray | None = None
+        if self.anyres is not None:
+            name = manifest.graphs["vision_gate"].get("image_newline")
+            if not name or name not in manifest.data["files"]:
+                raise BundleError(f"{manifest.root}: anyres bundle lacks its hashed image_newline file")
+            self.image_newline = np.load(manifest.path(name), allow_pickle=False)      # [D_lm]
 
     @classmethod
     def load(cls, bundle_dir: str | Path, backend: str = "auto", full_verify: bool = False,
@@ -196,23 +207,47 @@ class Pipeline:
 
     # -- vision + gate ----------------------------------------------------------------------------------
     def pixel_values(self, image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-        return preprocess(load_image(image, max_pixels=max_pixels), self.manifest.preprocess)
+        """[V, 3, H, W]: one view, or for anyres models the base view plus tiles."""
+        return self._views(image, max_pixels)[0]
 
-    def _vision_pass(self, pv: np.ndarray) -> tuple[np.ndarray, Verdict]:
+    def _views(self, image, max_pixels: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+        pil = load_image(image, max_pixels=max_pixels)
+        if self.anyres is None:
+            return preprocess(pil, self.manifest.preprocess), None
+        from .anyres import anyres_views
+        return anyres_views(pil, self.manifest.preprocess)                        # [1+T, 3, S, S], (H, W)
+
+    def _vision_pass(self, pv: np.ndarray, size: tuple[int, int] | None = None) -> tuple[np.ndarray, Verdict]:
         t0 = time.perf_counter()
-        out = self.vision.run({"pixel_values": pv})                 # pixel_values [1, 3, H, W]
-        ms = (time.perf_counter() - t0) * 1e3
+        out = self.vision.run({"pixel_values": pv})                 # pixel_values [V, 3, H, W]
+        ms = round((time.perf_counter() - t0) * 1e3, 3)
         probs = out.get(GATE_OUTPUT)
-        v = verdict_from_probs(None if probs is None else probs[0], self.classes, self.safe_classes,
-                               self.threshold, latency_ms=round(ms, 3))
-        return out[FEATURES_OUTPUT], v                              # [1, N, D_lm], verdict
+        feats = out[FEATURES_OUTPUT]                                 # [V, N, D_lm]
+        if self.anyres is None:
+            v = verdict_from_probs(None if probs is None else probs[0], self.classes, self.safe_classes,
+                                   self.threshold, latency_ms=ms)
+            return feats, v
+        from .anyres import features_for_image
+        from .views import aggregate_views
+
+        v, view = aggregate_views(probs, self.classes, self.safe_classes, self.threshold, self.views, latency_ms=ms)
+        packed = features_for_image(feats, size, self.manifest.preprocess, self.image_newline)   # [1, L, D_lm]
+        return packed, replace(v, view=view)
 
     def encode(self, image, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, Verdict]:
         """(image_features [1, N, D_lm], verdict) for one image (path, bytes or PIL image)."""
-        return self._vision_pass(self.pixel_values(image, max_pixels))
+        return self._vision_pass(*self._views(image, max_pixels))
 
     def gate(self, image, max_pixels: int = MAX_PIXELS) -> Verdict:
         return self.encode(image, max_pixels)[1]
+
+    def image_tokens(self, size: tuple[int, int] | None) -> int:
+        """Positions one image takes in the prompt (fixed for LLaVA-1.5, by image size for anyres)."""
+        if self.anyres is None or size is None:
+            return self._lm.image_seq_length
+        from .anyres import num_image_tokens
+        a = self.anyres
+        return num_image_tokens(size, a["grid_pinpoints"], a["tile_size"], a["patch_size"])
 
     # -- policies ---------------------------------------------------------------------------------------
     def instruction_for(self, category: str, override: str | None = None) -> str:
