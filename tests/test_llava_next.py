@@ -43,7 +43,7 @@ def nxt(tmp_path_factory):
     model_dir, clip_dir = arch.tiny_test_model(tmp_path_factory.mktemp("demo_next"))
     model = arch.model_cls().from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    src = Sources(model, clip, model_dir, clip_dir, "demo-next", "demo", None, None)
+    src = Sources(model, clip, model_dir, clip_dir, "demo-next", "demo", None, None, arch=arch)
     spec = arch.preprocess_spec(read_preprocessor_config(model_dir), model.config)
     return {"arch": arch, "src": src, "model": model, "processor": AutoProcessor.from_pretrained(model_dir),
             "spec": spec, "parts": arch.vision_parts(model)}
