@@ -188,3 +188,20 @@ assert not bad
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_runtime_rule_agrees_with_the_metrics_oracle():
+    """The serving rule (gate.py) and the evaluation rule (metrics.py) are written independently; calibration
+    is only meaningful if they decide identically, ties and boundaries included."""
+    from safeclip.runtime.metrics import verdict
+
+    rng = np.random.default_rng(0)
+    classes, safe = ["neutral", "a", "b", "c"], ["neutral"]
+    for _ in range(2000):
+        p = rng.dirichlet(np.full(4, rng.uniform(0.1, 3)))
+        if rng.random() < 0.1:
+            p = np.round(p, 1)                      # ties and exact threshold hits
+        t = float(rng.choice([0.0, 0.3, 0.5, 0.6, float(p.max())]))
+        a = verdict_from_probs(p, classes, safe, t)
+        b = verdict(p, classes, safe, t)
+        assert (a.flagged, a.category) == (b[0], b[1])
