@@ -201,6 +201,14 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             graphs.update(frag["graphs"])
             extra = {k: v for k, v in frag.items() if k not in ("graphs", "files", "parity")}
             parity.extend(frag.get("parity", []))
+        if tgt.build_engines != "never":
+            # TensorRT targets: every graph must parse with the oldest TensorRT we support (JetPack 6: 10.3)
+            # and the newest (11.x) before a device ever sees the bundle.
+            from .trt_check import assert_tensorrt_compatible
+            progress("checking graphs against TensorRT's ONNX parser (10.3, 11.4)")
+            for g in graphs.values():
+                for version in ("10.3", "11.4"):
+                    assert_tensorrt_compatible(tmp / g["file"], version)
         progress("writing tokenizer, preprocessing and manifest")
         tok_entry, prompt = _tokenizer_and_prompt(src, tmp)
         from .architectures import read_preprocessor_config
