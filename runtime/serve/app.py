@@ -1,0 +1,406 @@
+"""OpenAI-compatible HTTP app around one :class:`~safeclip.runtime.pipeline.Pipeline` (FastAPI + uvicorn).
+
+Routes: ``POST /v1/chat/completions`` (plain JSON or ``stream: true`` as server-sent events in the OpenAI
+chunk format), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, and the kiosk page at ``/``
+(``static/``, no CDN, works offline). Every completion carries the gate's verdict in an extra ``safeclip``
+object (``gated, flagged, category, score, probs, policy, action, finish_reason``; in a stream: on the first
+chunk, before any text, and on the last). A flagged image is handled by the server's policy (the bundle's
+unless ``policy=`` overrides it); clients cannot weaken it per request.
+
+Limits, each answered with a 4xx in OpenAI's error format (``{"error": {message, type, code, param}}``),
+never a 500 or a hang: body size (413), body read time (408), content type (415), malformed JSON and unknown
+fields (400), image bytes/format/pixels (400 ``invalid_image``), prompt length and context (400
+``context_length_exceeded``), ``max_tokens`` (400), remote image URLs (400 unless allowed), missing or wrong
+key (401). One model runs one request at a time (``slot.Slot``): at most ``max_queue`` further requests wait, in
+arrival order; a full queue or a wait longer than ``queue_timeout_s`` answers 503 with ``Retry-After``.
+A client that disconnects while queued, or mid-generation (plain or streamed), gives its place back at once;
+the token being computed finishes on the model thread and the generator is closed there.
+
+Threads: all model work runs on one dedicated thread (``ThreadPoolExecutor(1)``), step by step (one token
+per call), so the event loop stays free and work of two requests can never interleave. Images are decoded
+(with the pixel limit) on the default thread pool, at most two at a time, before a request queues.
+"""
+from __future__ import annotations
+
+import asyncio
+import calendar
+import hmac
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..gate import POLICIES
+from ..generate import ContextError
+from ..image import ImageError, load_image
+from ..prompt import PromptError
+from .slot import Busy, Disconnected, Slot
+from .request import DEFAULTS, ChatRequest, RequestError, parse_chat_request, parse_json_body
+
+log = logging.getLogger("safeclip.serve")
+STATIC = Path(__file__).resolve().parent / "static"
+_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+_END = object()
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                503: "service_unavailable"}
+
+
+def _error(status: int, message: str, code: str | None = None, param: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "code": code,
+                      "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Job:
+    """One request's hold on the model: its AnswerStream, stepped on the model thread; ``close`` is idempotent."""
+
+    def __init__(self, srv: "_Server", stream, t0: float):
+        self.srv, self.stream, self.t0 = srv, stream, t0
+        self.it = iter(stream)
+        self.finished = self.closed = False
+
+    async def next_piece(self):
+        piece = await self.srv.run(next, self.it, _END)
+        self.finished = piece is _END
+        return piece
+
+    def close(self) -> None:
+        """Give the slot back; an unfinished generator is closed on the model thread after the step in flight."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.finished:
+            try:
+                self.srv.executor.submit(self.it.close)
+            except RuntimeError:                        # executor already shut down (server stopping)
+                pass
+        self.srv.slot.release(time.perf_counter() - self.t0)
+
+
+class _SSEResponse(StreamingResponse):
+    """A streaming response that always closes its generator and its job, so a dropped client frees the slot
+    even when it left before the generator ever started."""
+
+    def __init__(self, content, job: _Job, **kw):
+        super().__init__(content, **kw)
+        self.job = job
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+            self.job.close()
+
+
+class _Server:
+    def __init__(self, pipe, *, api_key: str | None, policy: str | None, allow_remote_images: bool,
+                 limits: dict):
+        self.pipe, self.api_key, self.policy, self.allow_remote = pipe, api_key, policy, allow_remote_images
+        self.limits = limits
+        self.model_id = pipe.manifest.name
+        self.slot = Slot(limits["max_queue"], limits["queue_timeout_s"])
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeclip-model")
+        self.decode_sem: asyncio.Semaphore | None = None
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise RequestError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                               "invalid_api_key")
+
+    async def read_body(self, request: Request) -> bytes:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise RequestError(415, f"content type must be application/json, got '{ctype or 'none'}'",
+                               "unsupported_media_type")
+        limit = self.limits["max_body_bytes"]
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise RequestError(413 if declared.isdigit() else 400,
+                               f"request body of {declared} bytes exceeds the limit of {limit} bytes"
+                               if declared.isdigit() else "invalid Content-Length", "request_too_large")
+
+        async def collect() -> bytes:
+            parts, n = [], 0
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > limit:
+                    raise RequestError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+                parts.append(chunk)
+            return b"".join(parts)
+
+        try:
+            return await asyncio.wait_for(collect(), self.limits["body_timeout_s"])
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {self.limits['body_timeout_s']:.0f} s",
+                               "request_timeout") from None
+
+    def fetch_remote(self, url: str) -> bytes:
+        """Only with allow_remote_images: GET an http(s) image, bounded in size and time."""
+        limit = self.limits["max_body_bytes"]
+
+        class _Redirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                if not newurl.lower().startswith(("http://", "https://")):
+                    raise urllib.error.URLError(f"redirect to a non-http URL refused ({newurl[:40]})")
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        try:
+            opener = urllib.request.build_opener(_Redirect)
+            with opener.open(urllib.request.Request(url, headers={"User-Agent": "safeclip-serve"}), timeout=10) as r:
+                data = r.read(limit + 1)
+        except Exception as e:                       # urllib raises many types (URLError, socket, http.client)
+            raise RequestError(400, f"cannot fetch the image URL ({' '.join(str(e).split())[:120]})",
+                               "invalid_image", "messages.content.image_url") from None
+        if len(data) > limit:
+            raise RequestError(413, f"the remote image exceeds {limit} bytes", "request_too_large")
+        return data
+
+    async def decode_image(self, source: bytes | str):
+        if self.decode_sem is None:
+            self.decode_sem = asyncio.Semaphore(2)
+        async with self.decode_sem:
+            if isinstance(source, str):
+                source = await anyio.to_thread.run_sync(self.fetch_remote, source)
+            try:
+                return await anyio.to_thread.run_sync(load_image, source, self.limits["max_pixels"])
+            except ImageError as e:
+                raise RequestError(400, str(e).replace("<bytes>: ", "image: "), "invalid_image",
+                                   "messages.content.image_url") from None
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def start_stream(self, image, req: ChatRequest):
+        """The pipeline's AnswerStream (gate already run), or a RequestError for the client's input."""
+        max_new = req.max_tokens or min(self.limits["default_max_tokens"], self.limits["max_tokens"])
+        try:
+            return self.pipe.stream(image, req.prompt, policy=self.policy, max_new_tokens=max_new,
+                                    temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
+                                    max_pixels=self.limits["max_pixels"])
+        except ContextError as e:
+            raise RequestError(400, str(e), "context_length_exceeded", "messages") from None
+        except ImageError as e:
+            raise RequestError(400, str(e), "invalid_image", "messages.content.image_url") from None
+        except PromptError as e:
+            raise RequestError(400, str(e), "invalid_prompt", "messages") from None
+        except ValueError as e:                     # the pipeline's other request checks (one-line messages)
+            raise RequestError(400, str(e), "invalid_request") from None
+
+    def gate_json(self, s, answer=None) -> dict:
+        v = s.verdict
+        d = {"gated": v is not None, "flagged": bool(v is not None and v.flagged),
+             "category": None if v is None else v.category, "score": None, "probs": None,
+             "policy": s.policy, "action": s.action}
+        if v is not None:
+            j = v.to_json()
+            d.update(score=j["score"], probs=j["probs"])
+            if j.get("reason"):
+                d["reason"] = j["reason"]
+        if answer is not None:
+            d["finish_reason"] = answer.finish_reason
+            d["timings"] = answer.timings
+        return d
+
+    def models_json(self) -> dict:
+        g, m = self.pipe.manifest.gate, self.pipe.manifest
+        return {"id": self.model_id, "object": "model", "created": _created(m.data.get("created")),
+                "owned_by": "safeclip-edge",
+                "safeclip": {"classes": list(g["classes"]), "safe_classes": list(g["safe_classes"]),
+                             "threshold": float(g["threshold"]), "policy": self.policy or self.pipe.policy,
+                             "context_length": int(m.model.get("context_length", 0)),
+                             "max_tokens": self.limits["max_tokens"], "backend": self.pipe.backend}}
+
+
+def _created(stamp) -> int:
+    try:
+        return calendar.timegm(time.strptime(str(stamp), "%Y-%m-%dT%H:%M:%SZ"))
+    except (ValueError, OverflowError):
+        return 0
+
+
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "refused": "content_filter"}
+
+
+def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DEFAULTS["max_body_bytes"],
+               max_pixels: int = DEFAULTS["max_pixels"], max_queue: int = DEFAULTS["max_queue"],
+               allow_remote_images: bool = False, policy: str | None = None,
+               max_tokens: int = DEFAULTS["max_tokens"], default_max_tokens: int = DEFAULTS["default_max_tokens"],
+               max_prompt_chars: int = DEFAULTS["max_prompt_chars"],
+               queue_timeout_s: float = DEFAULTS["queue_timeout_s"],
+               body_timeout_s: float = DEFAULTS["body_timeout_s"]) -> FastAPI:
+    """The FastAPI app serving ``pipeline`` (which must have a language model)."""
+    if not pipeline.has_language_model:
+        raise ValueError(f"{pipeline.manifest.root}: bundle has no language model (exported with --no-decoder); "
+                         "safeclip-serve needs one")
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+    for name, v in (("max_body_bytes", max_body_bytes), ("max_pixels", max_pixels), ("max_tokens", max_tokens),
+                    ("default_max_tokens", default_max_tokens), ("max_prompt_chars", max_prompt_chars)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(max_queue, int) or max_queue < 0:
+        raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty")
+    limits = dict(max_body_bytes=max_body_bytes, max_pixels=max_pixels, max_queue=max_queue, max_tokens=max_tokens,
+                  default_max_tokens=default_max_tokens, max_prompt_chars=max_prompt_chars,
+                  queue_timeout_s=float(queue_timeout_s), body_timeout_s=float(body_timeout_s))
+    srv = _Server(pipeline, api_key=api_key, policy=policy, allow_remote_images=allow_remote_images, limits=limits)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        srv.executor.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(title="safeclip-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.safeclip = srv
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, e: RequestError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return _error(e.status, e.message, e.code, e.param, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        return _error(400, "invalid request", "invalid_request")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return _error(500, f"internal error ({type(e).__name__})", "internal_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": srv.model_id, "busy": srv.slot.busy, "queued": len(srv.slot.waiters),
+                "max_queue": max_queue}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        srv.check_auth(request)
+        return {"object": "list", "data": [srv.models_json()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        srv.check_auth(request)
+        if model_id != srv.model_id:
+            raise RequestError(404, f"model '{model_id}' not found (this server serves '{srv.model_id}')",
+                               "model_not_found", "model")
+        return srv.models_json()
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": _CSP,
+                                                             "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        srv.check_auth(request)
+        body = await srv.read_body(request)
+        req = parse_chat_request(parse_json_body(body), allow_remote_images=srv.allow_remote,
+                                 max_prompt_chars=max_prompt_chars, max_tokens_limit=max_tokens)
+        if req.model is not None and req.model != srv.model_id:
+            raise RequestError(404, f"model '{req.model}' not found (this server serves '{srv.model_id}')",
+                               "model_not_found", "model")
+        image = None if req.image is None else await srv.decode_image(req.image)
+        try:
+            await srv.slot.acquire(request.receive)
+        except Busy as e:
+            return _error(503, str(e), "server_busy", headers={"Retry-After": str(e.retry_after)})
+        except Disconnected:
+            return _error(400, "client disconnected", "client_disconnected")
+        t0 = time.perf_counter()
+        try:
+            job = _Job(srv, await srv.run(srv.start_stream, image, req), t0)
+        except BaseException:
+            srv.slot.release(time.perf_counter() - t0)
+            raise
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return _SSEResponse(_sse(srv, job, req, cid, created), job, media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return await _complete(srv, job, request, cid, created)
+        finally:
+            job.close()
+
+    return app
+
+
+async def _complete(srv: _Server, job: _Job, request: Request, cid: str, created: int):
+    while (await job.next_piece()) is not _END:
+        if await request.is_disconnected():
+            return _error(400, "client disconnected", "client_disconnected")
+    s = job.stream
+    a = s.result
+    message = {"role": "assistant", "content": a.text}
+    if a.action == "refused":
+        message["refusal"] = a.text
+    return {"id": cid, "object": "chat.completion", "created": created, "model": srv.model_id,
+            "choices": [{"index": 0, "message": message, "finish_reason": _FINISH.get(a.finish_reason, "stop"),
+                         "logprobs": None}],
+            "usage": _usage(a), "safeclip": srv.gate_json(s, a)}
+
+
+def _usage(a) -> dict:
+    return {"prompt_tokens": a.prompt_tokens, "completion_tokens": len(a.token_ids),
+            "total_tokens": a.prompt_tokens + len(a.token_ids)}
+
+
+def _event(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse(srv: _Server, job: _Job, req: ChatRequest, cid: str, created: int):
+    """OpenAI chunk stream: role (+ verdict), content pieces, finish (+ verdict), [usage], [DONE]."""
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": srv.model_id}
+    s = job.stream
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+        return _event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                       **extra})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""}, safeclip=srv.gate_json(s))
+        refused = s.action == "refused"
+        while (piece := await job.next_piece()) is not _END:
+            yield chunk({"content": piece, **({"refusal": piece} if refused else {})})
+        a = s.result
+        yield chunk({}, _FINISH.get(a.finish_reason, "stop"), safeclip=srv.gate_json(s, a))
+        if req.include_usage:
+            yield _event({**base, "choices": [], "usage": _usage(a)})
+        yield b"data: [DONE]\n\n"
+    except Exception as e:                           # after the 200 went out, an error can only be an event
+        log.exception("generation failed mid-stream")
+        yield _event({"error": {"message": f"generation failed ({type(e).__name__})", "type": "server_error",
+                                "code": "internal_error", "param": None}})
+    finally:
+        job.close()

@@ -1,0 +1,148 @@
+"""``safeclip-serve``: serve a bundle over HTTP (OpenAI chat completions) with the kiosk page at ``/``.
+
+    safeclip-serve --bundle engines/demo                         # http://127.0.0.1:8000/
+    SAFECLIP_API_KEY=... safeclip-serve --bundle engines/demo --host 0.0.0.0 --port 8000
+
+Binds to loopback unless told otherwise; ``--api-key`` (or ``SAFECLIP_API_KEY``, which keeps the key out
+of the process list) makes every ``/v1`` route demand ``Authorization: Bearer <key>``. ``--port 0`` picks a
+free port; the first line on stderr names the address actually bound.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+
+from ..gate import POLICIES
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    from .request import DEFAULTS
+    p = argparse.ArgumentParser(prog="safeclip-serve", description="Serve a bundle's gated vision-language model "
+                                "over an OpenAI-compatible HTTP API, with a kiosk page at /.")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder (engines/<name>)")
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    n.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    n.add_argument("--api-key", default=os.environ.get("SAFECLIP_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SAFECLIP_API_KEY)")
+    n.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (off by default: the server never touches the network)")
+    n.add_argument("--max-connections", type=int, default=64, help="open connections before uvicorn answers "
+                   "503 (default 64)")
+    g = p.add_argument_group("gate")
+    g.add_argument("--policy", choices=POLICIES, help="what a flagged image does (default: the bundle's)")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-body-mb", type=float, default=DEFAULTS["max_body_bytes"] / 2 ** 20,
+                     help="largest request body in MiB (default %(default)g)")
+    lim.add_argument("--max-pixels", type=int, default=DEFAULTS["max_pixels"],
+                     help="largest image in pixels (default %(default)d)")
+    lim.add_argument("--max-queue", type=int, default=DEFAULTS["max_queue"],
+                     help="requests that may wait while one runs; more get 503 (default %(default)d)")
+    lim.add_argument("--queue-timeout", type=float, default=DEFAULTS["queue_timeout_s"],
+                     help="seconds a request may wait in line before a 503 (default %(default)g)")
+    lim.add_argument("--max-tokens", type=int, default=DEFAULTS["max_tokens"],
+                     help="largest max_tokens a request may ask for (default %(default)d)")
+    lim.add_argument("--default-max-tokens", type=int, default=DEFAULTS["default_max_tokens"],
+                     help="max_tokens when a request names none (default %(default)d, capped by --max-tokens)")
+    lim.add_argument("--max-prompt-chars", type=int, default=DEFAULTS["max_prompt_chars"],
+                     help="longest prompt text in characters (default %(default)d)")
+    m = p.add_argument_group("model")
+    m.add_argument("--context", type=int, default=None, help="KV-cache capacity (default: the model's context)")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all)")
+    m.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
+    m.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def _check_args(a) -> str | None:
+    if not 0 <= a.port <= 65535:
+        return "--port must be in 0..65535"
+    for name in ("max_pixels", "max_tokens", "default_max_tokens", "max_prompt_chars", "max_connections"):
+        if getattr(a, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    if a.max_queue < 0:
+        return "--max-queue must be >= 0"
+    if a.max_body_mb <= 0 or a.queue_timeout <= 0:
+        return "--max-body-mb and --queue-timeout must be positive"
+    if a.context is not None and a.context < 1:
+        return "--context must be at least 1"
+    if a.api_key is not None and not a.api_key.strip():
+        return "--api-key is empty"
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = serve_parser().parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        print(f"safeclip-serve: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        print(f"safeclip-serve: error: {e.name or 'fastapi'} is not installed; install the serving extra: "
+              "pip install 'safeclip-edge[serve]'", file=sys.stderr)
+        return 1
+    from ..pipeline import Pipeline
+    from .app import create_app
+
+    try:
+        pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify, threads=args.threads,
+                             context=args.context)
+        app = create_app(pipe, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2 ** 20),
+                         max_pixels=args.max_pixels, max_queue=args.max_queue,
+                         allow_remote_images=args.allow_remote_images, policy=args.policy,
+                         max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+                         max_prompt_chars=args.max_prompt_chars, queue_timeout_s=args.queue_timeout)
+    except Exception as e:                 # library errors are typed one-liners; never show a traceback
+        s = str(e).strip()
+        print(f"safeclip-serve: error: {s.splitlines()[0] if s else type(e).__name__}", file=sys.stderr)
+        return 1
+    try:
+        sock = _listen(args.host, args.port)
+    except OSError as e:
+        print(f"safeclip-serve: error: cannot listen on {args.host}:{args.port} ({e.strerror or e})", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"safeclip-serve: serving {pipe.manifest.name} ({pipe.backend}) on http://{shown}:{port}/ "
+          f"(policy {args.policy or pipe.policy}{', API key required' if args.api_key else ''})",
+          file=sys.stderr, flush=True)
+    if not _is_loopback(args.host) and not args.api_key:
+        print("safeclip-serve: warning: listening beyond this machine without --api-key: anyone on the network "
+              "can use the model", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, limit_concurrency=args.max_connections,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=5, server_header=False)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Parsing and validation of ``POST /v1/chat/completions`` bodies (OpenAI chat format), without a web framework.
+
+Supported: ONE user message (the runtime renders a single user turn, see ``prompt.py``) whose ``content`` is
+a string or a list of parts: ``{"type": "text", "text": ...}`` (joined with newlines) and at most one
+``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}``. Images come inline as base64 ``data:``
+URIs; ``http(s)`` URLs only when the server allows remote images (refused by default: an offline kiosk must
+not fetch the network, and a server that fetches what a client names is an SSRF hole); other schemes never.
+
+Sampling fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (default 0 = greedy, unlike
+OpenAI's 1: a kiosk wants the same answer twice), ``top_p``, ``seed``, ``stop``, ``stream``,
+``stream_options.include_usage``. OpenAI fields that change nothing here are accepted only at their neutral
+value (``n`` = 1, penalties 0, ``logprobs`` false, text-only ``response_format``/``modalities``); ``user``,
+``metadata`` and ``safety_identifier`` are accepted and ignored. Any other field is refused by name, so a
+client never believes a setting took effect when it did not.
+
+Every problem raises :class:`RequestError` (HTTP status, one-line message, OpenAI error code and param).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+
+SUPPORTED_FIELDS = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+                    "temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty",
+                    "logprobs", "response_format", "modalities", "user", "metadata", "safety_identifier")
+_NEUTRAL = {                     # accepted only at the value that changes nothing (null is always neutral)
+    "n": lambda v: v == 1 and not isinstance(v, bool),
+    "presence_penalty": lambda v: v == 0 and not isinstance(v, bool),
+    "frequency_penalty": lambda v: v == 0 and not isinstance(v, bool),
+    "logprobs": lambda v: v is False,
+    "response_format": lambda v: v == {"type": "text"},
+    "modalities": lambda v: v == ["text"],
+}
+# Server limits (create_app / safeclip-serve flags); here so the CLI can show them without importing FastAPI.
+DEFAULTS = dict(max_body_bytes=16 * 1024 * 1024, max_pixels=16_000_000, max_queue=8, max_tokens=1024,
+                default_max_tokens=256, max_prompt_chars=16_000, queue_timeout_s=120.0, body_timeout_s=30.0)
+MAX_STOP = 4
+MAX_STOP_CHARS = 64
+_DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
+_SPACE = re.compile(rb"\s+")
+
+
+class RequestError(ValueError):
+    """A request the server answers with a 4xx: ``status``, one-line message, OpenAI ``code`` and ``param``."""
+
+    def __init__(self, status: int, message: str, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str | None
+    prompt: str
+    image: bytes | str | None        # decoded data-URI bytes, a remote URL (when allowed), or None (text only)
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None           # None: the server's default
+    temperature: float
+    top_p: float | None
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+def _bad(message: str, param: str | None = None, code: str = "invalid_request", status: int = 400):
+    return RequestError(status, message, code, param)
+
+
+def parse_json_body(body: bytes) -> dict:
+    """The body as a JSON object, or a 400 naming what is wrong with it."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        text = body.decode("utf-8")
+        data = json.loads(text, parse_constant=no_constants)
+    except UnicodeDecodeError:
+        raise _bad("malformed JSON: the body is not UTF-8", code="invalid_json") from None
+    except RecursionError:
+        raise _bad("malformed JSON: nested too deeply", code="invalid_json") from None
+    except ValueError as e:                           # json.JSONDecodeError is a ValueError
+        raise _bad(f"malformed JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise _bad(f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    return data
+
+
+def _int(v, name: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(f"'{name}' must be an integer", name)
+    if v < lo or (hi is not None and v > hi):
+        raise _bad(f"'{name}' must be between {lo} and {hi}, got {v}" if hi is not None
+                   else f"'{name}' must be at least {lo}, got {v}", name)
+    return v
+
+
+def _number(v, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(f"'{name}' must be a number", name)
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise _bad(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
+    return float(v)
+
+
+def decode_data_uri(url: str, param: str = "messages.content.image_url") -> bytes:
+    """The bytes of a base64 ``data:image/...;base64,...`` URI (400 on anything else)."""
+    m = _DATA_URI.match(url)
+    if not m:
+        raise _bad("malformed data: URI (expected data:image/<type>;base64,<data>)", param, "invalid_image")
+    mime = m.group("mime").strip().lower()
+    params = [p.strip().lower() for p in m.group("params").split(";") if p.strip()]
+    if mime and not mime.startswith("image/"):
+        raise _bad(f"data: URI of type '{mime}' is not an image", param, "invalid_image")
+    if "base64" not in params:
+        raise _bad("data: URI must be base64-encoded (';base64,')", param, "invalid_image")
+    payload = _SPACE.sub(b"", url[m.end():].encode("ascii", "replace"))
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("data: URI holds invalid base64", param, "invalid_image") from None
+    if not data:
+        raise _bad("data: URI holds an empty image", param, "invalid_image")
+    return data
+
+
+def _image_source(part: dict, allow_remote: bool, where: str):
+    spec = part.get("image_url")
+    if isinstance(spec, dict):
+        extra = set(spec) - {"url", "detail"}
+        if extra:
+            raise _bad(f"unknown field '{sorted(extra)[0]}' in {where}.image_url", f"{where}.image_url")
+        url = spec.get("url")
+        if spec.get("detail") not in (None, "auto", "low", "high"):
+            raise _bad("'detail' must be auto, low or high", f"{where}.image_url.detail")
+    else:
+        url = spec                                    # some clients send the URL itself
+    if not isinstance(url, str) or not url:
+        raise _bad(f"{where}.image_url needs a 'url' string", f"{where}.image_url")
+    scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
+    if scheme == "data":
+        return decode_data_uri(url, f"{where}.image_url")
+    if scheme in ("http", "https"):
+        if not allow_remote:
+            raise _bad("remote image URLs are refused: this server does not fetch the network; send the image "
+                       "inline as a data: URI (data:image/jpeg;base64,...)", f"{where}.image_url",
+                       "remote_image_refused")
+        return url
+    raise _bad(f"unsupported image URL scheme '{scheme or url[:16]}' (use a data: URI)", f"{where}.image_url",
+               "invalid_image")
+
+
+def _user_content(content, allow_remote: bool) -> tuple[str, bytes | str | None]:
+    if isinstance(content, str):
+        return content, None
+    if not isinstance(content, list) or not content:
+        raise _bad("message 'content' must be a string or a non-empty list of parts", "messages.content")
+    texts: list[str] = []
+    image = None
+    for i, part in enumerate(content):
+        where = f"messages.content[{i}]"
+        if not isinstance(part, dict):
+            raise _bad(f"{where} must be an object", where)
+        kind = part.get("type")
+        allowed = {"text": {"type", "text"}, "image_url": {"type", "image_url"}}.get(kind)
+        if allowed is None:
+            raise _bad(f"{where}: unsupported content part type {kind!r} (supported: text, image_url)", where)
+        extra = set(part) - allowed
+        if extra:
+            raise _bad(f"unknown field '{sorted(extra)[0]}' in {where}", where)
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"{where}.text must be a string", where)
+            texts.append(part["text"])
+        else:
+            if image is not None:
+                raise _bad("only one image per request is supported", where, "too_many_images")
+            image = _image_source(part, allow_remote, where)
+    return "\n".join(texts), image
+
+
+def _messages(messages, allow_remote: bool) -> tuple[str, bytes | str | None]:
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", "messages")
+    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
+        roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in messages]
+        raise _bad(f"this server answers exactly one user message (the runtime renders a single user turn "
+                   f"about at most one image); got roles {roles}", "messages", "unsupported_conversation")
+    msg = messages[0]
+    extra = set(msg) - {"role", "content", "name"}
+    if extra:
+        raise _bad(f"unknown field '{sorted(extra)[0]}' in messages[0]", "messages")
+    if "content" not in msg:
+        raise _bad("messages[0] has no 'content'", "messages")
+    return _user_content(msg["content"], allow_remote)
+
+
+def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_chars: int,
+                       max_tokens_limit: int) -> ChatRequest:
+    """A validated :class:`ChatRequest` from a parsed JSON body, or :class:`RequestError`."""
+    unknown = [k for k in data if k not in SUPPORTED_FIELDS]
+    if unknown:
+        raise _bad(f"unsupported field '{unknown[0]}' (this server accepts: {', '.join(SUPPORTED_FIELDS)})",
+                   unknown[0], "unsupported_field")
+    for name, neutral in _NEUTRAL.items():
+        if data.get(name) is not None and not neutral(data[name]):
+            raise _bad(f"'{name}' = {json.dumps(data[name])[:40]} is not supported by this server", name,
+                       "unsupported_value")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("'model' must be a string", "model")
+    if "messages" not in data:
+        raise _bad("'messages' is required", "messages")
+    prompt, image = _messages(data["messages"], allow_remote_images)
+    if not prompt.strip():
+        raise _bad("the prompt is empty: add a text part with the question", "messages")
+    if len(prompt) > max_prompt_chars:
+        raise _bad(f"prompt of {len(prompt)} characters exceeds the limit of {max_prompt_chars}", "messages",
+                   "context_length_exceeded")
+    stream = data.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be true or false", "stream")
+    include_usage = False
+    opts = data.get("stream_options")
+    if opts is not None:
+        if not stream:
+            raise _bad("'stream_options' is only allowed with stream: true", "stream_options")
+        if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
+            raise _bad("'stream_options' supports only include_usage", "stream_options")
+        include_usage = opts.get("include_usage") is True
+    mt, mct = data.get("max_tokens"), data.get("max_completion_tokens")
+    if mt is not None and mct is not None and mt != mct:
+        raise _bad("'max_tokens' and 'max_completion_tokens' disagree", "max_tokens")
+    name = "max_tokens" if mt is not None else "max_completion_tokens"
+    max_tokens = None if (mt if mt is not None else mct) is None else \
+        _int(mt if mt is not None else mct, name, 1, max_tokens_limit)
+    t = data.get("temperature")
+    temperature = 0.0 if t is None else _number(t, "temperature", 0.0, 2.0)
+    tp = data.get("top_p")
+    top_p = None if tp is None else _number(tp, "top_p", 0.0, 1.0, lo_open=True)
+    seed = data.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise _bad("'seed' must be an integer", "seed")
+        seed &= (1 << 64) - 1                        # numpy wants a non-negative seed; OpenAI allows any int
+    stop = data.get("stop")
+    stops: tuple[str, ...] = ()
+    if stop is not None:
+        stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else None
+        if stops is None or not all(isinstance(s, str) and s for s in stops):
+            raise _bad("'stop' must be a non-empty string or a list of them", "stop")
+        if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise _bad(f"'stop' takes at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters", "stop")
+    for name in ("user", "safety_identifier"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise _bad(f"'{name}' must be a string", name)
+    if data.get("metadata") is not None and not isinstance(data["metadata"], dict):
+        raise _bad("'metadata' must be an object", "metadata")
+    return ChatRequest(model, prompt, image, stream, include_usage, max_tokens, temperature, top_p, seed, stops)
