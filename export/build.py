@@ -1,0 +1,279 @@
+"""``safeclip-build``: TensorRT engines for a bundle, built on the device that will run them.
+
+    safeclip-build --bundle engines/llava [--timing-cache FILE] [--force] [--no-parity]
+
+Torch-free on purpose: this module lives in ``export/`` but runs on the device (a Jetson, a serving GPU),
+where only the runtime (numpy, onnxruntime), TensorRT and cuda-python are installed. It imports
+``export.trt`` (standard library only at module level) and the runtime, never torch, transformers or onnx.
+
+For each graph in ``manifest["build"]["plan"]`` (``vision_gate``, ``decoder``) it builds an engine with
+:func:`safeclip.export.trt.engine_from_onnx`, using the plan's optimization profiles and workspace. The
+graphs carry their own precision (fp16 with fp32 LayerNorm/softmax/gate islands, or fp32), so engines are
+built *strongly typed* on TensorRT 10 and 11 alike: TensorRT keeps the exported types instead of demoting
+the fp32 islands as ``BuilderFlag.FP16`` would (and TensorRT 11 has no such flag). Each engine is then
+checked against ONNX Runtime on the same graph (a build gate, ``--no-parity`` skips it), written as
+``<graph>.plan``, and recorded in ``manifest["build"]["engines"][graph]`` with the TensorRT version, GPU
+name, compute capability, precision, profiles, size and sha256; the plan files join ``files`` and the
+manifest is re-sealed atomically. An engine whose record matches this device, the graph and the build
+settings (``cache_key``) is kept unless ``--force``.
+
+Plans are built under temporary names and moved into place together just before the manifest is
+rewritten; a crash in that instant leaves plans that do not match the manifest, which loading reports
+and a re-run of ``safeclip-build`` repairs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from safeclip.runtime.manifest import BundleError, load_manifest, sha256_file, verify_files, write_manifest
+
+from . import trt as trt_build
+
+GRAPH_PRECISION = {"float16": "strongly_typed", "float32": "strongly_typed"}
+PARITY_TOL = {"float32": 1e-2, "float16": 5e-2}     # x max(1, max|reference|); fp32 engines may use TF32
+
+__all__ = ["BuildError", "BuildReport", "BuildOutcome", "build_engines", "maybe_build_engines", "engine_parity",
+           "main"]
+
+
+class BuildError(RuntimeError):
+    """The bundle cannot be built (no plan, unknown precision) or an engine failed its parity check."""
+
+
+@dataclass
+class BuildReport:
+    bundle: Path
+    built: dict[str, dict] = field(default_factory=dict)      # graph -> engine record
+    kept: list[str] = field(default_factory=list)             # graphs whose engine was up to date
+    seconds: float = 0.0
+
+
+@dataclass
+class BuildOutcome:
+    built: bool
+    message: str
+    report: BuildReport | None = None
+
+
+def graph_precision(graph: dict, fallback: str = "float32") -> str:
+    """The precision a graph was exported in: its own record, else its KV cache dtype (decoder)."""
+    return graph.get("precision") or (graph.get("kv") or {}).get("dtype") or fallback
+
+
+def _tolerance(graph_precision: str, ref: np.ndarray) -> float:
+    return PARITY_TOL.get(graph_precision, 5e-2) * max(1.0, float(np.abs(ref).max()))
+
+
+def _compare(where: str, ref: np.ndarray, got: np.ndarray, precision: str) -> float:
+    ref, got = np.asarray(ref, np.float32), np.asarray(got, np.float32)
+    if ref.shape != got.shape:
+        raise BuildError(f"{where}: engine output shape {list(got.shape)} differs from ONNX Runtime's {list(ref.shape)}")
+    err, tol = float(np.abs(ref - got).max()) if ref.size else 0.0, _tolerance(precision, ref)
+    if not np.isfinite(got).all() or err > tol:
+        raise BuildError(f"{where}: engine differs from ONNX Runtime by {err:.3g} (tolerance {tol:.3g})")
+    return err
+
+
+def engine_parity(name: str, plan_path: Path, manifest: dict, root: Path, device: dict) -> dict[str, float]:
+    """Max abs error of the engine against ONNX Runtime (CPU) on the same graph; raises :class:`BuildError`.
+
+    vision_gate: one random image batch of the plan's opt size. decoder: a 6-token prompt of embedding-table
+    rows, then 3 greedy decode steps, logits compared at every step (KV cache included).
+    """
+    from safeclip.runtime.backends.ort import make_session
+    from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession
+
+    graph = manifest["graphs"][name]
+    precision = graph_precision(graph, manifest.get("build", {}).get("precision", "float32"))
+    rng = np.random.default_rng(0)
+    if name == "vision_gate":
+        ref = make_session(root / graph["file"], "cpu")
+        eng = TrtVisionSession(plan_path)
+        try:
+            shape = list(manifest["build"]["plan"][name]["profiles"][0]["pixel_values"]["opt"])
+            pv = rng.uniform(-1.8, 2.1, size=shape).astype(np.float32)           # pixel_values [B, 3, H, W]
+            want, got = ref.run({"pixel_values": pv}), eng.run({"pixel_values": pv})
+            return {k: _compare(f"{name} {k}", want[k], got[k], precision) for k in want}
+        finally:
+            eng.close()
+    if name == "decoder":
+        from safeclip.runtime.generate import KVSpec, OrtDecoder
+
+        table = np.load(root / manifest["embeddings"]["file"], mmap_mode="r")    # [V, D]
+        kv = KVSpec.from_manifest(graph["kv"])
+        ref = OrtDecoder(root / graph["file"], kv, capacity=16)
+        eng = TrtDecoder(plan_path, kv, capacity=16)
+        try:
+            prompt = np.asarray(table[rng.integers(0, table.shape[0], 6)])        # [6, D]
+            a, b = ref.prefill(prompt).copy(), eng.prefill(prompt).copy()
+            worst = _compare(f"{name} prefill logits", a, b, precision)
+            for step in range(3):
+                tok = int(np.argmax(a))
+                a, b = ref.decode_one_token(table[tok]).copy(), eng.decode_one_token(table[tok]).copy()
+                worst = max(worst, _compare(f"{name} decode step {step + 1} logits", a, b, precision))
+            return {"logits": worst}
+        finally:
+            eng.close()
+    raise BuildError(f"no parity check for graph '{name}'")
+
+
+def build_engines(bundle: str | Path, *, timing_cache: str | Path | None = None, force: bool = False,
+                  parity: bool = True, progress: Callable[[str], None] = lambda s: None,
+                  build_engine: Callable | None = None, device: dict | None = None,
+                  check_parity: Callable | None = None) -> BuildReport:
+    """Build every planned engine of ``bundle`` on this device and re-seal its manifest (module docstring).
+
+    ``build_engine`` (default :func:`safeclip.export.trt.engine_from_onnx`), ``device`` (default
+    :func:`safeclip.export.trt.device_key`) and ``check_parity`` (default :func:`engine_parity`) are
+    parameters so the bookkeeping can be tested without a GPU.
+    """
+    t0 = time.perf_counter()
+    m = load_manifest(bundle, verify=False)                       # integrity and schema now, files below
+    root, data = m.root, dict(m.data)
+    build = dict(data.get("build") or {})
+    plan = build.get("plan") or {}
+    plans = {f"{g}.plan" for g in plan}
+    verify_files(root, {k: v for k, v in data["files"].items() if k not in plans})   # graphs, tokenizer, ...
+    if not plan:
+        raise BuildError(f"{root}: target '{data.get('target')}' has no TensorRT build plan; "
+                         "export with --target jetson or --target datacenter")
+    device = dict(device) if device is not None else trt_build.device_key()
+    build_engine = build_engine or trt_build.engine_from_onnx
+    check_parity = check_parity or engine_parity
+    engines, files = dict(build.get("engines") or {}), dict(data["files"])
+    report, staged = BuildReport(root), []
+    try:
+        for name, spec in plan.items():
+            graph = data["graphs"].get(name)
+            if graph is None:
+                raise BuildError(f"{root}: the build plan names '{name}', which the bundle does not have")
+            gprec = graph_precision(graph, spec.get("precision", "float32"))   # what the graph really is
+            if gprec not in GRAPH_PRECISION:
+                raise BuildError(f"{name}: unknown graph precision '{gprec}' (supported: {', '.join(GRAPH_PRECISION)})")
+            precision, onnx_sha = GRAPH_PRECISION[gprec], files[graph["file"]]["sha256"]
+            key = trt_build.plan_cache_key(onnx_sha, device, precision, spec["profiles"], spec.get("workspace_bytes"))
+            old, final = engines.get(name) or {}, f"{name}.plan"
+            if not force and old.get("cache_key") == key and old.get("file") == final and _intact(root, files, final):
+                progress(f"{name}: engine up to date ({final})")
+                report.kept.append(name)
+                continue
+            tmp = root / f".{final}.building"
+            staged.append(tmp)
+            t1 = time.perf_counter()
+            progress(f"{name}: building {precision} engine from {graph['file']} "
+                     f"({len(spec['profiles'])} profile(s), workspace {spec.get('workspace_bytes')})")
+            rec = build_engine(root / graph["file"], tmp, spec["profiles"], precision=precision,
+                               workspace_bytes=spec.get("workspace_bytes"), timing_cache=timing_cache,
+                               progress=lambda s, n=name: progress(f"{n}: {s}"), device=device)
+            seconds = time.perf_counter() - t1
+            errors = {}
+            if parity:
+                progress(f"{name}: checking the engine against ONNX Runtime")
+                errors = check_parity(name, tmp, data, root, device)
+            report.built[name] = {**rec, "file": final, "graph": graph["file"], "onnx_sha256": onnx_sha,
+                                  "graph_precision": gprec, "precision": precision, "cache_key": key,
+                                  "profile_names": spec.get("profile_names") or [f"profile{i}" for i in range(len(spec["profiles"]))],
+                                  "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                  "build_seconds": round(seconds, 1), "parity": errors}
+            progress(f"{name}: built {rec['bytes'] / 2**20:.1f} MiB in {seconds:.1f}s")
+        for name, rec in report.built.items():                     # move into place, hash, record
+            path = root / rec["file"]
+            os.replace(root / f".{rec['file']}.building", path)
+            digest, size = sha256_file(path), path.stat().st_size
+            if size != rec["bytes"] or digest != rec["sha256"]:
+                raise BuildError(f"{path.name}: written plan ({size} bytes) differs from the built one ({rec['bytes']})")
+            files[rec["file"]] = {"sha256": digest, "size": size}
+            engines[name] = rec
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+    if report.built:
+        data["files"], data["build"] = files, {**build, "engines": engines}
+        write_manifest(root, data)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _intact(root: Path, files: dict, name: str) -> bool:
+    """The plan file is present and matches its manifest hash (a stale or half-moved plan is rebuilt)."""
+    if name not in files:
+        return False
+    try:
+        verify_files(root, {name: files[name]})
+    except BundleError:
+        return False
+    return True
+
+
+def maybe_build_engines(bundle: str | Path, progress: Callable[[str], None] = lambda s: None,
+                        **kw) -> BuildOutcome:
+    """For ``safeclip-export --target datacenter``: build at once when TensorRT and a GPU are here, else say
+    what to run on the serving machine. Build failures (a bad graph, a parity failure) still raise."""
+    try:
+        device = trt_build.device_key()
+    except trt_build.TensorRTUnavailableError as e:
+        return BuildOutcome(False, f"engines not built here ({str(e).split(':')[0]}); on the serving machine run: "
+                                   f"safeclip-build --bundle {bundle}")
+    report = build_engines(bundle, progress=progress, device=device, **kw)
+    return BuildOutcome(True, f"engines built for {device['gpu_name']} (TensorRT {device['tensorrt_version']}) "
+                              f"in {report.seconds:.0f}s", report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safeclip-build", description="Build a bundle's TensorRT engines on this device "
+                                "(TensorRT and cuda-python needed; no torch).")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder written by safeclip-export")
+    p.add_argument("--timing-cache", type=Path, default=None,
+                   help="TensorRT timing cache file: read if present, written after the build (speeds up rebuilds)")
+    p.add_argument("--force", action="store_true", help="rebuild engines even when they are up to date")
+    p.add_argument("--no-parity", action="store_true", help="skip the engine vs ONNX Runtime check")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from safeclip.runtime.backends.ort import BackendError
+
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        report = build_engines(args.bundle, timing_cache=args.timing_cache, force=args.force,
+                               parity=not args.no_parity, progress=progress)
+    except KeyboardInterrupt:
+        print("safeclip-build: interrupted; the manifest was not changed", file=sys.stderr)
+        return 130
+    except trt_build.TensorRTUnavailableError as e:
+        print(f"safeclip-build: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (BundleError, BuildError, BackendError, trt_build.EngineBuildError, trt_build.ProfileError,
+            OSError, ValueError) as e:
+        print(f"safeclip-build: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    for name, rec in report.built.items():
+        err = ", ".join(f"{k} {v:.2e}" for k, v in rec.get("parity", {}).items()) or "not checked"
+        print(f"built   {name:12s} {rec['file']:18s} {rec['bytes'] / 2**20:9.1f} MiB  {rec['build_seconds']:7.1f}s  "
+              f"parity: {err}", file=sys.stderr)
+    for name in report.kept:
+        print(f"kept    {name:12s} (up to date; --force rebuilds)", file=sys.stderr)
+    print(report.bundle)
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The few CUDA runtime calls the TensorRT backend needs, through NVIDIA's cuda-python bindings (no torch).
+
+Supported: ``cuda-python`` >= 12.6 (``from cuda.bindings import runtime``) and older releases
+(``from cuda import cudart``); on Jetson, the release matching the JetPack's CUDA (12.6 for JetPack 6,
+13.x for JetPack 7). Every binding returns ``(cudaError_t, *results)``; :meth:`CudaRuntime.call` turns a
+non-zero error into :class:`CudaError` with CUDA's own message.
+
+Memory: :meth:`CudaRuntime.malloc` (device, ``cudaMalloc``: 256-byte aligned, as TensorRT's
+``set_tensor_address`` requires) and :meth:`CudaRuntime.host_array` (page-locked host memory from
+``cudaMallocHost`` viewed as a numpy array, so asynchronous copies really are asynchronous). Buffers are
+freed by :meth:`CudaRuntime.release`. The import is lazy; without cuda-python the error carries the
+install hint.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+
+from .ort import BackendError
+
+CUDA_HINT = ("cuda-python is not installed: `pip install cuda-python` (NVIDIA's CUDA bindings; on Jetson pick "
+             "the release matching the JetPack's CUDA, e.g. cuda-python 12.6 for JetPack 6)")
+ALIGN = 256                      # cudaMalloc alignment; TensorRT: "The pointer must have at least 256-byte alignment"
+
+__all__ = ["CudaError", "CudaRuntime", "import_cudart", "CUDA_HINT", "ALIGN", "round_up"]
+
+
+class CudaError(BackendError):
+    """cuda-python is missing, or a CUDA runtime call failed."""
+
+
+def import_cudart():
+    """The cuda-python runtime module (``cudart`` API names), or :class:`CudaError` with the install hint."""
+    try:
+        from cuda.bindings import runtime          # cuda-python >= 12.6
+        return runtime
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart                    # older cuda-python
+        return cudart
+    except ImportError as e:
+        raise CudaError(CUDA_HINT) from e
+
+
+def round_up(n: int, to: int = ALIGN) -> int:
+    return -(-int(n) // to) * to
+
+
+class CudaRuntime:
+    """Error-checked wrappers around ``cudaMalloc``, ``cudaMallocHost``, ``cudaMemcpyAsync``, streams."""
+
+    def __init__(self, rt=None):
+        self.rt = rt if rt is not None else import_cudart()
+        kinds = self.rt.cudaMemcpyKind
+        self.H2D, self.D2H, self.D2D = (kinds.cudaMemcpyHostToDevice, kinds.cudaMemcpyDeviceToHost,
+                                        kinds.cudaMemcpyDeviceToDevice)
+        self._device: list[int] = []
+        self._host: list[int] = []
+
+    def call(self, fn: str, *args) -> Any:
+        result = getattr(self.rt, fn)(*args)
+        err, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+        if int(err) != 0:
+            _, msg = self.rt.cudaGetErrorString(err)
+            msg = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)
+            raise CudaError(f"CUDA {fn} failed: {msg}")
+        return rest[0] if len(rest) == 1 else (rest or None)
+
+    # -- device facts ------------------------------------------------------------------------------------
+    def device_facts(self, index: int = 0) -> dict[str, str]:
+        """``{gpu_name, compute_capability}`` of CUDA device ``index``."""
+        count = int(self.call("cudaGetDeviceCount"))
+        if not 0 <= index < count:
+            raise CudaError(f"CUDA device {index} not present ({count} found)")
+        prop = self.call("cudaGetDeviceProperties", index)
+        name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+        return {"gpu_name": name.split("\x00")[0].strip(), "compute_capability": f"{int(prop.major)}.{int(prop.minor)}"}
+
+    # -- memory --------------------------------------------------------------------------------------------
+    def malloc(self, nbytes: int) -> int:
+        """Device memory of at least ``nbytes`` (one aligned block for an empty request, so addresses are valid)."""
+        ptr = int(self.call("cudaMalloc", max(int(nbytes), ALIGN)))
+        self._device.append(ptr)
+        return ptr
+
+    def host_array(self, count: int, dtype) -> np.ndarray:
+        """A page-locked host buffer of ``count`` elements as a numpy array (valid until :meth:`release`)."""
+        dt = np.dtype(dtype)
+        nbytes = max(int(count) * dt.itemsize, dt.itemsize)
+        ptr = int(self.call("cudaMallocHost", nbytes))
+        self._host.append(ptr)
+        raw = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), (nbytes,))
+        return raw.view(dt)[: max(int(count), 1)]
+
+    def release(self) -> None:
+        """Free every buffer this object allocated (idempotent)."""
+        while self._device:
+            self.call("cudaFree", self._device.pop())
+        while self._host:
+            self.call("cudaFreeHost", self._host.pop())
+
+    # -- streams and copies ----------------------------------------------------------------------------------
+    def stream(self):
+        return self.call("cudaStreamCreate")
+
+    def destroy_stream(self, stream) -> None:
+        self.call("cudaStreamDestroy", stream)
+
+    def h2d(self, dst: int, src: np.ndarray | int, nbytes: int, stream) -> None:
+        self.call("cudaMemcpyAsync", int(dst), _addr(src), int(nbytes), self.H2D, stream)
+
+    def d2h(self, dst: np.ndarray | int, src: int, nbytes: int, stream) -> None:
+        self.call("cudaMemcpyAsync", _addr(dst), int(src), int(nbytes), self.D2H, stream)
+
+    def d2d(self, dst: int, src: int, nbytes: int, stream) -> None:
+        self.call("cudaMemcpyAsync", int(dst), int(src), int(nbytes), self.D2D, stream)
+
+    def sync(self, stream) -> None:
+        self.call("cudaStreamSynchronize", stream)
+
+
+def _addr(x: np.ndarray | int) -> int:
+    return int(x.ctypes.data) if isinstance(x, np.ndarray) else int(x)

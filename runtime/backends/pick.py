@@ -1,0 +1,115 @@
+"""Which backend runs a bundle here: ``tensorrt``, then ``onnxruntime-cuda``, then ``onnxruntime-cpu``.
+
+* ``tensorrt``: the bundle's manifest has a TensorRT build plan, every planned graph has an engine record
+  whose file is hashed in the manifest, TensorRT and cuda-python import, a GPU answers, and every plan was
+  built by this TensorRT version on this GPU (``check_plan_compatible``).
+* ``onnxruntime-cuda``: onnxruntime lists ``CUDAExecutionProvider`` (onnxruntime-gpu).
+* ``onnxruntime-cpu``: always, when onnxruntime imports.
+* ``onnxruntime-tensorrt`` (ORT's TensorRT execution provider) only when asked for by name: it builds its
+  own engines at session creation, and where TensorRT is present the native backend is preferred.
+
+``auto`` walks that order and records in :attr:`BackendChoice.notes` why a faster backend was passed over
+(e.g. a plan built on another GPU, with the rebuild command); an explicit request that cannot be honoured
+raises :class:`BackendError` with the reason. Nothing here imports TensorRT unless the tensorrt backend is
+considered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .ort import BackendError
+from .trt_plan import PlanMismatchError, check_plan_compatible
+
+BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+ORT_DEVICE = {"onnxruntime-cuda": "cuda", "onnxruntime-cpu": "cpu", "onnxruntime-tensorrt": "tensorrt-ep"}
+_ALIASES = {"auto": "auto", "tensorrt": "tensorrt", "trt": "tensorrt", "onnxruntime-cuda": "onnxruntime-cuda",
+            "onnxruntime-gpu": "onnxruntime-cuda", "cuda": "onnxruntime-cuda", "onnxruntime-cpu": "onnxruntime-cpu",
+            "onnxruntime": "onnxruntime-cpu", "cpu": "onnxruntime-cpu", "onnxruntime-tensorrt": "onnxruntime-tensorrt"}
+
+__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "pick_backend"]
+
+
+class Probe:
+    """What this machine offers; tests replace it."""
+
+    def tensorrt_device(self) -> dict[str, str]:
+        from .trt import this_device          # imports TensorRT and cuda-python (lazily, with install hints)
+        return this_device()
+
+    def ort_providers(self) -> list[str]:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return []
+        return list(ort.get_available_providers())
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str                                     # tensorrt | onnxruntime-cuda | onnxruntime-cpu | onnxruntime-tensorrt
+    notes: tuple[str, ...] = field(default_factory=tuple)   # why faster backends were passed over
+
+
+def _tensorrt_refusal(data: Mapping, root: str, probe: Probe) -> str | None:
+    """Why the tensorrt backend cannot run this bundle here, or None if it can."""
+    plan = (data.get("build") or {}).get("plan") or {}
+    if not plan:
+        return f"bundle target '{data.get('target')}' has no TensorRT build plan (export with --target jetson or datacenter)"
+    engines = (data.get("build") or {}).get("engines") or {}
+    missing = [g for g in plan if g in data.get("graphs", {}) and g not in engines]
+    if missing:
+        return f"no TensorRT engines for {', '.join(missing)}; build them on this device: safeclip-build --bundle {root}"
+    unhashed = [r.get("file") for g, r in engines.items() if g in plan and r.get("file") not in data.get("files", {})]
+    if unhashed:
+        return f"engine files {unhashed} are not hashed in the manifest; rebuild: safeclip-build --bundle {root}"
+    try:
+        device = probe.tensorrt_device()
+    except BackendError as e:
+        return str(e)
+    for g in plan:
+        if g in engines:
+            try:
+                check_plan_compatible(engines[g], device, bundle=root)
+            except PlanMismatchError as e:
+                return str(e)
+    return None
+
+
+def choose_backend(manifest, requested: str = "auto", probe: Probe | None = None) -> BackendChoice:
+    """The backend to run ``manifest`` (a ``Manifest`` or its dict) with; raises :class:`BackendError` when an
+    explicit request cannot be honoured. ``auto``: tensorrt (plans built here), then onnxruntime-cuda
+    (CUDAExecutionProvider present), then onnxruntime-cpu."""
+    want = _ALIASES.get(str(requested).lower())
+    if want is None:
+        raise BackendError(f"unknown backend '{requested}' (supported: auto, {', '.join(BACKENDS)}, "
+                           "onnxruntime-tensorrt)")
+    data = getattr(manifest, "data", manifest)
+    root = str(getattr(manifest, "root", "DIR"))
+    probe = probe or Probe()
+    notes: list[str] = []
+    if want in ("auto", "tensorrt"):
+        why = _tensorrt_refusal(data, root, probe)
+        if why is None:
+            return BackendChoice("tensorrt")
+        if want == "tensorrt":
+            raise BackendError(f"tensorrt backend unavailable: {why}")
+        notes.append(f"tensorrt: {why}")
+    providers = probe.ort_providers()
+    if not providers:
+        raise BackendError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)")
+    for name, ep in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
+        if want == name and ep not in providers:
+            raise BackendError(f"{name} backend unavailable: onnxruntime has no {ep} (have: {', '.join(providers)}); "
+                               "install onnxruntime-gpu (on Jetson, the build for your JetPack)")
+    if want in ("onnxruntime-cuda", "onnxruntime-tensorrt", "onnxruntime-cpu"):
+        return BackendChoice(want)
+    if "CUDAExecutionProvider" in providers:
+        return BackendChoice("onnxruntime-cuda", tuple(notes))
+    notes.append("onnxruntime-cuda: onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    return BackendChoice("onnxruntime-cpu", tuple(notes))
+
+
+def pick_backend(manifest, requested: str = "auto", probe: Probe | None = None) -> str:
+    """Name of the backend :func:`choose_backend` picks."""
+    return choose_backend(manifest, requested, probe).name
