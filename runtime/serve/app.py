@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..gate import POLICIES
 from ..generate import ContextError
@@ -152,6 +153,9 @@ class _Server:
 
         try:
             return await asyncio.wait_for(collect(), self.limits["body_timeout_s"])
+        except ClientDisconnect:
+            raise RequestError(400, "the client disconnected before the body was complete",
+                               "client_disconnected") from None
         except asyncio.TimeoutError:
             raise RequestError(408, f"the request body did not arrive within {self.limits['body_timeout_s']:.0f} s",
                                "request_timeout") from None

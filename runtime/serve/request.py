@@ -164,7 +164,8 @@ def _user_content(content, allow_remote: bool) -> tuple[str, bytes | str | None]
         if not isinstance(part, dict):
             raise _bad(f"{where} must be an object", where)
         kind = part.get("type")
-        allowed = {"text": {"type", "text"}, "image_url": {"type", "image_url"}}.get(kind)
+        allowed = {"text": {"type", "text"}, "image_url": {"type", "image_url"}}.get(kind if isinstance(kind, str)
+                                                                                      else None)
         if allowed is None:
             raise _bad(f"{where}: unsupported content part type {kind!r} (supported: text, image_url)", where)
         extra = set(part) - allowed

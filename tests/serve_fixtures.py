@@ -1,0 +1,116 @@
+"""Helpers for the server tests (test_serve.py, test_kiosk.py): a controlled demo bundle with a decoder, a
+uvicorn server on a free loopback port in a thread, and a pipeline wrapper that slows generation down.
+
+The bundle is exported once per test session (module-level cache) whichever test file asks first: red
+images score 'gun' (flagged), blue images 'neutral' (clean), through descriptor embeddings made to point at
+them (``conftest.controlled_text_embeds``).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+_BUNDLES: dict[str, Path] = {}
+
+
+def controlled_bundle(tmp_path_factory, demo_sources, test_images) -> Path:
+    if "bundle" not in _BUNDLES:
+        from safeclip.descriptors import load_descriptor_set
+        from safeclip.export.bundle import ExportOptions, export_bundle
+        from safeclip.runtime.image import load_image, preprocess, preprocess_spec_from_config
+
+        from conftest import controlled_text_embeds
+
+        spec = preprocess_spec_from_config(json.loads((demo_sources.llava_path / "preprocessor_config.json")
+                                                      .read_text()))
+        toxic_pv = preprocess(load_image(test_images / "red.png"), spec)
+        clean_pv = preprocess(load_image(test_images / "blue.jpg"), spec)
+        te = controlled_text_embeds(demo_sources, load_descriptor_set("default"), toxic_pv, clean_pv, "gun")
+        out = tmp_path_factory.mktemp("serve") / "bundle"
+        _BUNDLES["bundle"] = export_bundle(ExportOptions(model="demo", out=out, with_decoder=True,
+                                                         text_embeds_override=te)).bundle
+    return _BUNDLES["bundle"]
+
+
+def data_uri(path: Path | bytes, mime: str = "image/png") -> str:
+    raw = path if isinstance(path, bytes) else Path(path).read_bytes()
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class ServerThread:
+    """``with ServerThread(app) as s: s.url`` — uvicorn on 127.0.0.1:<free port>, stopped on exit."""
+
+    def __init__(self, app, **config):
+        import uvicorn
+
+        self.sock = free_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, **config))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.sock.close()
+        assert not self.thread.is_alive(), "the test server did not stop"
+
+
+class SlowPipeline:
+    """The real pipeline, with a pause before each text piece (and a record of concurrent generations), so
+    queueing and disconnects can be observed with a model that is otherwise done in milliseconds."""
+
+    def __init__(self, pipe, delay_s: float):
+        self._pipe, self.delay_s = pipe, delay_s
+        self.active = self.max_active = self.started = self.closed = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def stream(self, *args, **kw):
+        inner = self._pipe.stream(*args, **kw)
+        outer = self
+
+        class _Stream:
+            verdict, policy, action = inner.verdict, inner.policy, inner.action
+
+            def __iter__(self):
+                with outer._lock:
+                    outer.active += 1
+                    outer.started += 1
+                    outer.max_active = max(outer.max_active, outer.active)
+                try:
+                    for piece in inner:
+                        time.sleep(outer.delay_s)
+                        yield piece
+                finally:
+                    with outer._lock:
+                        outer.active -= 1
+                        outer.closed += 1
+
+            @property
+            def result(self):
+                return inner.result
+
+        return _Stream()

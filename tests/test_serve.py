@@ -1,0 +1,306 @@
+"""safeclip-serve: the official ``openai`` client against a real uvicorn server on a free loopback port (plain
+and streamed, with and without an image, flagged and clean), raw HTTP for every limit (never a 500), the
+bounded queue, disconnects, a bounded 50-client load test, the CLI, and runtime isolation.
+
+Oracle: a second Pipeline on the same bundle, called directly; greedy decoding makes the server's answers
+equal to it token for token. The bundle's gate is controlled: red images flag 'gun', blue ones are clean.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the [serve] extra (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="needs the [serve] extra (fastapi, uvicorn)")
+openai = pytest.importorskip("openai", reason="needs the openai client (dev extra)")
+
+from safeclip.runtime.pipeline import Pipeline  # noqa: E402
+from safeclip.runtime.serve import create_app  # noqa: E402
+from serve_fixtures import ServerThread, SlowPipeline, controlled_bundle, data_uri  # noqa: E402
+
+N = 12                     # default max_tokens of the servers here: small keeps the suite fast
+Q = "What is in the picture?"
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory, demo_sources, test_images, cache_dir):
+    return controlled_bundle(tmp_path_factory, demo_sources, test_images)
+
+
+@pytest.fixture(scope="module")
+def oracle(bundle):
+    return Pipeline.load(bundle)
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    app = create_app(Pipeline.load(bundle, context=1024), default_max_tokens=N, max_tokens=64,
+                     max_body_bytes=256 * 1024, max_pixels=200_000, max_prompt_chars=4000, body_timeout_s=1.0)
+    with ServerThread(app) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def refuse_server(bundle):
+    with ServerThread(create_app(Pipeline.load(bundle), policy="refuse", default_max_tokens=N,
+                                 api_key="s3cret")) as s:
+        yield s
+
+
+def client(url: str, key: str = "unused"):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def user(text: str, image: str | None = None) -> list[dict]:
+    content = [{"type": "text", "text": text}]
+    if image:
+        content.append({"type": "image_url", "image_url": {"url": image}})
+    return [{"role": "user", "content": content}]
+
+
+def pieces(chunks) -> list[str]:
+    """The text pieces of a streamed completion, in order."""
+    return [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+
+
+def raw(url: str, method: str, path: str, body=b"", headers: dict | None = None, timeout: float = 30):
+    """(status, headers, parsed JSON or None) over plain http.client."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    h = {"Content-Type": "application/json"} if headers is None else headers
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    conn.request(method, path, body=body, headers=h, encode_chunked=not isinstance(body, (bytes, str)))
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, parsed
+
+
+def health(url: str) -> dict:
+    return raw(url, "GET", "/health", headers={})[2]
+
+
+# -- the openai client ----------------------------------------------------------------------------------
+def test_openai_client_plain_and_streamed(server, oracle, test_images):
+    c = client(server.url)
+    model = c.models.list().data[0]
+    assert model.id == oracle.manifest.name and model.model_extra["safeclip"]["classes"] == oracle.classes
+
+    # text only, plain: not gated
+    r = c.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "Hello there"}])
+    want = oracle.generate(None, "Hello there", max_new_tokens=N)
+    assert r.choices[0].message.content == want.text
+    assert r.usage.prompt_tokens == want.prompt_tokens and r.usage.completion_tokens == len(want.token_ids)
+    assert r.model_extra["safeclip"]["gated"] is False and r.model_extra["safeclip"]["flagged"] is False
+
+    # clean image, streamed: verdict on the first chunk, text equal to the pipeline's
+    want = oracle.generate(str(test_images / "blue.jpg"), Q, max_new_tokens=N)
+    chunks = list(c.chat.completions.create(model=model.id, stream=True, stream_options={"include_usage": True},
+                                            messages=user(Q, data_uri(test_images / "blue.jpg", "image/jpeg"))))
+    first = chunks[0].model_extra["safeclip"]
+    assert first["gated"] and not first["flagged"] and first["category"] == "neutral"
+    assert first["score"] == pytest.approx(want.verdict.score, abs=1e-5)
+    assert pieces(chunks) == list(oracle.stream(str(test_images / "blue.jpg"), Q, max_new_tokens=N))
+    assert "".join(pieces(chunks)) == want.text
+    finish = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == "length"
+    assert finish[0].model_extra["safeclip"]["finish_reason"] == want.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids) and not chunks[-1].choices
+
+    # flagged image, plain and streamed: the bundle's policy (instruct) answers with the safety instruction
+    want = oracle.generate(str(test_images / "red.png"), Q, max_new_tokens=N)
+    assert want.action == "instructed"
+    r = c.chat.completions.create(model=model.id, messages=user(Q, data_uri(test_images / "red.png")))
+    g = r.model_extra["safeclip"]
+    assert (g["flagged"], g["category"], g["action"], g["policy"]) == (True, "gun", "instructed", "instruct")
+    assert g["probs"]["gun"] == pytest.approx(want.verdict.probs["gun"], abs=1e-5)
+    assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == want.prompt_tokens
+    chunks = list(c.chat.completions.create(model=model.id, stream=True,
+                                            messages=user(Q, data_uri(test_images / "red.png"))))
+    assert chunks[0].model_extra["safeclip"]["flagged"] is True
+    assert pieces(chunks) == list(oracle.stream(str(test_images / "red.png"), Q, max_new_tokens=N))
+    assert len(pieces(chunks)) > 1 and "".join(pieces(chunks)) == want.text
+
+
+def test_refuse_policy_and_api_key(refuse_server, oracle, test_images):
+    c = client(refuse_server.url, "s3cret")
+    r = c.chat.completions.create(model=oracle.manifest.name, messages=user(Q, data_uri(test_images / "red.png")))
+    refusal = oracle.refusal_for("gun")
+    assert r.choices[0].message.content == refusal and r.choices[0].message.refusal == refusal
+    assert r.choices[0].finish_reason == "content_filter" and r.usage.completion_tokens == 0
+    assert r.model_extra["safeclip"]["action"] == "refused"
+    chunks = list(c.chat.completions.create(model=oracle.manifest.name, stream=True,
+                                            messages=user(Q, data_uri(test_images / "red.png"))))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == refusal
+    # a clean image is answered as usual under the same policy
+    r = c.chat.completions.create(model=oracle.manifest.name, messages=user(Q, data_uri(test_images / "blue.jpg")))
+    assert r.choices[0].message.content == oracle.generate(str(test_images / "blue.jpg"), Q, max_new_tokens=N).text
+    assert r.choices[0].message.refusal is None
+    with pytest.raises(openai.AuthenticationError):
+        client(refuse_server.url, "wrong").models.list()
+    status, headers, body = raw(refuse_server.url, "GET", "/v1/models", headers={})       # no key at all
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, headers, body = raw(refuse_server.url, "POST", "/v1/chat/completions", {"messages": user("hi")}, headers={
+        "Content-Type": "application/json", "Authorization": "Bearer wrong"})
+    assert status == 401 and headers.get("www-authenticate") == "Bearer" and body["error"]["code"] == "invalid_api_key"
+    assert health(refuse_server.url)["status"] == "ok"       # health needs no key
+
+
+
+# -- limits, over raw HTTP: each a clear 4xx, never a 500 ----------------------------------------------------
+def _png(w: int, h: int) -> bytes:
+    import io
+
+    from PIL import Image
+    b = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(b, "PNG")
+    return b.getvalue()
+
+
+def _chat(**kw) -> dict:
+    return {"messages": user(Q), "max_tokens": 4, **kw}
+
+
+JSON = {"Content-Type": "application/json"}
+LIMITS = {   # name: (body, headers, status, error code)
+    "body too large": (b"{" + b" " * 300_000 + b"}", JSON, 413, "request_too_large"),
+    "body too large, chunked": (iter([b" " * 100_000] * 3), JSON, 413, "request_too_large"),
+    "malformed JSON": (b'{"messages": [', JSON, 400, "invalid_json"),
+    "JSON not an object": (b"[1, 2]", JSON, 400, "invalid_json"),
+    "not UTF-8": (b'{"model": "\xff"}', JSON, 400, "invalid_json"),
+    "NaN": (b'{"temperature": NaN}', JSON, 400, "invalid_json"),
+    "nested too deeply": (b"[" * 60_000 + b"]" * 60_000, JSON, 400, "invalid_json"),
+    "unknown field": (_chat(frobnicate=1), JSON, 400, "unsupported_field"),
+    "unsupported feature": (_chat(tools=[]), JSON, 400, "unsupported_field"),
+    "n > 1": (_chat(n=2), JSON, 400, "unsupported_value"),
+    "text/plain": (_chat(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+    "no content type": (_chat(), {}, 415, "unsupported_media_type"),
+    "form data": (b"a=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    "no messages": ({"max_tokens": 4}, JSON, 400, "invalid_request"),
+    "two user turns": ({"messages": user("a") + user("b")}, JSON, 400, "unsupported_conversation"),
+    "system message": ({"messages": [{"role": "system", "content": "x"}] + user("a")}, JSON, 400,
+                       "unsupported_conversation"),
+    "empty prompt": ({"messages": user("   ")}, JSON, 400, "invalid_request"),
+    "unknown part type": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, JSON, 400,
+                          "invalid_request"),
+    "prompt over the character limit": ({"messages": user("x" * 4001)}, JSON, 400, "context_length_exceeded"),
+    "prompt over the context": ({"messages": user("y " * 1500)}, JSON, 400, "context_length_exceeded"),
+    "max_tokens 0": (_chat(max_tokens=0), JSON, 400, "invalid_request"),
+    "max_tokens over the limit": (_chat(max_tokens=65), JSON, 400, "invalid_request"),
+    "max_tokens a string": (_chat(max_tokens="8"), JSON, 400, "invalid_request"),
+    "max_tokens true": (_chat(max_tokens=True), JSON, 400, "invalid_request"),
+    "temperature 3": (_chat(temperature=3), JSON, 400, "invalid_request"),
+    "top_p 0": (_chat(top_p=0), JSON, 400, "invalid_request"),
+    "five stop strings": (_chat(stop=["a", "b", "c", "d", "e"]), JSON, 400, "invalid_request"),
+    "stream a string": (_chat(stream="yes"), JSON, 400, "invalid_request"),
+    "wrong model": (_chat(model="gpt-4o"), JSON, 404, "model_not_found"),
+    "remote image": ({"messages": user(Q, "http://127.0.0.1:9/x.png")}, JSON, 400, "remote_image_refused"),
+    "file URL": ({"messages": user(Q, "file:///etc/passwd")}, JSON, 400, "invalid_image"),
+    "bad base64": ({"messages": user(Q, "data:image/png;base64,@@@")}, JSON, 400, "invalid_image"),
+    "not an image": ({"messages": user(Q, data_uri(b"hello world", "image/png"))}, JSON, 400, "invalid_image"),
+    "data URI not an image type": ({"messages": user(Q, data_uri(b"hi", "text/plain"))}, JSON, 400, "invalid_image"),
+    "too many pixels": ({"messages": user(Q, data_uri(_png(600, 400)))}, JSON, 400, "invalid_image"),
+    "two images": ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": Q}, {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}},
+        {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}}]}]}, JSON, 400, "too_many_images"),
+    "image placeholder typed by the user": ({"messages": user("look <image> here", data_uri(_png(8, 8)))}, JSON,
+                                            400, "invalid_prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(LIMITS))
+def test_limits_answer_a_clear_4xx(server, case):
+    body, headers, status, code = LIMITS[case]
+    got, _, err = raw(server.url, "POST", "/v1/chat/completions", body, headers)
+    assert (got, err and err["error"]["code"]) == (status, code), err
+    assert err["error"]["message"] and "\n" not in err["error"]["message"]
+
+
+def test_routes_methods_and_page(server):
+    assert raw(server.url, "GET", "/nope", headers={})[0:3:2] == (404, {"error": {
+        "message": "Not Found", "type": "not_found_error", "code": "not_found", "param": None}})
+    assert raw(server.url, "GET", "/v1/chat/completions", headers={})[0] == 405
+    assert raw(server.url, "GET", "/v1/models/nope", headers={})[0] == 404
+    status, headers, _ = raw(server.url, "GET", "/", headers={})
+    assert status == 200 and "default-src 'self'" in headers["content-security-policy"]
+    static = Path(__import__("safeclip.runtime.serve.app", fromlist=["STATIC"]).STATIC)
+    for f in sorted(static.iterdir()):        # every page file is served, and none loads anything from elsewhere
+        assert raw(server.url, "GET", f"/static/{f.name}", headers={})[0] == 200
+        text = f.read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, f.name
+
+
+def test_truncated_and_slow_bodies_do_not_hang(server):
+    host, port = "127.0.0.1", server.port
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{\"messages\":")
+    with socket.create_connection((host, port), timeout=10) as s:       # half a body, then silence
+        s.sendall(head)
+        t0 = time.monotonic()
+        reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5
+    with socket.create_connection((host, port), timeout=10) as s:       # half a body, then gone
+        s.sendall(head)
+    s = socket.create_connection((host, port), timeout=10)              # garbage instead of HTTP
+    s.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 400")
+    s.close()
+    assert health(server.url) == {"status": "ok", "model": server_model(server), "busy": False, "queued": 0,
+                                  "max_queue": 8}
+
+
+def server_model(server) -> str:
+    return raw(server.url, "GET", "/v1/models", headers={})[2]["data"][0]["id"]
+
+
+ROUNDS = int(__import__("os").environ.get("SAFECLIP_FUZZ_ROUNDS", "150"))
+
+
+def test_mutated_requests_never_500(server, test_images):
+    """Random mutations of a valid request (seeded; 150 rounds, SAFECLIP_FUZZ_ROUNDS for more): every answer is a 200 or a clear 4xx."""
+    rng = random.Random(0)
+    base = {"model": server_model(server), "max_tokens": 3,
+            "messages": user(Q, data_uri(test_images / "red.png"))}
+    values = [None, 0, -1, 1.5, 10 ** 30, "", "x", True, [], {}, [None], {"a": 1}, "data:", "\u0000"]
+
+    def pick():
+        return json.loads(json.dumps(rng.choice(values)))      # a fresh copy: no shared lists or dicts
+
+    def mutate(obj, depth=0):
+        if isinstance(obj, dict) and obj:
+            k = rng.choice(list(obj))
+            obj[k] = mutate(obj[k], depth + 1) if rng.random() < 0.6 else pick()
+        elif isinstance(obj, list) and obj:
+            i = rng.randrange(len(obj))
+            obj[i] = mutate(obj[i], depth + 1) if rng.random() < 0.6 else pick()
+        else:
+            obj = pick()
+        return obj
+
+    seen = set()
+    for _ in range(ROUNDS):
+        body = json.loads(json.dumps(base))
+        for _ in range(rng.randint(1, 3)):
+            body = mutate(body)
+        status, _, err = raw(server.url, "POST", "/v1/chat/completions", body)
+        assert status in (200, 400, 404, 413), (status, body)
+        assert status == 200 or err["error"]["message"]
+        seen.add(status)
+    assert {200, 400} <= seen
+    assert health(server.url)["busy"] is False
