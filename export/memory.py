@@ -1,0 +1,242 @@
+"""Memory estimate for ``safeclip-export --dry-run``: will this LLaVA model fit this Jetson Orin module?
+
+Counted, for a LLaVA / LLaVA-NeXT config (``config.json`` as a dict, a transformers config, or a name in
+:data:`MODELS`):
+
+* weights: the whole CLIP vision tower (the reference gate computes one layer fewer; counted anyway, a
+  conservative bound), the gate head (CLIP's visual projection; the descriptor embeddings are a few
+  hundred rows and left out), the projector (+ LLaVA-NeXT's ``image_newline``), the language model with
+  its embedding table (the runtime keeps it in host memory: on a Jetson that is the same DRAM) and
+  ``lm_head``, all at the graph precision (fp16: 2 bytes, fp32: 4);
+* the KV cache as the runtime allocates it: 2 (key, value) x layers x KV heads x head_dim x context x
+  bytes x 2 ping-pong arena sets (see ``runtime/generate.py`` and ``runtime/backends/trt.py``);
+* activations, order of magnitude only: the vision tower on its largest batch of views (1 for LLaVA-1.5,
+  5 for LLaVA-NeXT's default pinpoints), each layer holding tokens x (4 hidden + intermediate) values plus
+  heads x tokens^2 attention scores; the decoder's prefill at the full context, tokens x (4 hidden +
+  2 intermediate) values (attention fused, as TensorRT does for fp16).
+
+int8 / int4 weights are not supported by this exporter (its graphs are fp16 or fp32, and TensorRT 11
+takes precision from the graph), so asking for them raises :class:`UnsupportedPrecision`.
+
+Usable memory per module is an assumption, stated in :data:`USABLE_ASSUMPTION`: the module's DRAM minus
+2 GiB for a headless JetPack and the CUDA/TensorRT runtime. CPU and GPU share that DRAM.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+GiB = 1 << 30
+BYTES = {"fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+UNSUPPORTED = ("int8", "int4", "fp8", "nf4")
+OS_RESERVE_GIB = 2.0
+
+# Module DRAM as NVIDIA names the modules (GB of LPDDR5 on the module).
+ORIN_MODULES: dict[str, float] = {"AGX Orin 64GB": 64, "AGX Orin 32GB": 32, "Orin NX 16GB": 16, "Orin NX 8GB": 8,
+                                  "Orin Nano 8GB": 8, "Orin Nano 4GB": 4}
+USABLE_ASSUMPTION = (f"usable memory = module DRAM - {OS_RESERVE_GIB:g} GiB: a headless JetPack (kernel, firmware "
+                     "carve-outs, services, about 1 GiB) plus the CUDA/TensorRT context and libraries (about 1 GiB); "
+                     "with the desktop running, count about 1 GiB less. CPU and GPU share this memory.")
+
+# LLaVA's default CLIP ViT-L/14-336 tower (transformers LlavaConfig / LlavaNextConfig default vision_config,
+# the tower of every llava-hf checkpoint below).
+_CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+               "image_size": 336, "patch_size": 14, "projection_dim": 768}
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _llava(text: dict, next_: bool = False) -> dict:
+    cfg = {"model_type": "llava_next" if next_ else "llava", "vision_config": dict(_CLIP_L_336),
+           "text_config": {"tie_word_embeddings": False, **text}, "vision_feature_layer": -2}
+    if next_:
+        cfg["image_grid_pinpoints"] = _NEXT_PINPOINTS
+    return cfg
+
+
+# Architecture dims of the llava-hf checkpoints, from their config.json. The converters
+# (transformers' convert_llava_weights_to_hf.py / convert_llava_next_weights_to_hf.py) take text_config from
+# the base LM's config.json (lmsys/vicuna-7b-v1.5 and -13b-v1.5, mistralai/Mistral-7B-Instruct-v0.2,
+# NousResearch/Nous-Hermes-2-Yi-34B) and resize the vocabulary by the added tokens, padded to a multiple of
+# 64: 32000 + 2 -> 32064, and 64000 + 3 -> 64064 for the 34B.
+MODELS: dict[str, dict] = {
+    "llava-1.5-7b": _llava({"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+                            "max_position_embeddings": 4096}),
+    "llava-1.5-13b": _llava({"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                             "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32064,
+                             "max_position_embeddings": 4096}),
+    "llava-v1.6-mistral-7b": _llava({"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064,
+                                     "max_position_embeddings": 32768}, next_=True),
+    "llava-v1.6-vicuna-13b": _llava({"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                                     "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32064,
+                                     "max_position_embeddings": 4096}, next_=True),
+    "llava-v1.6-34b": _llava({"hidden_size": 7168, "intermediate_size": 20480, "num_hidden_layers": 60,
+                              "num_attention_heads": 56, "num_key_value_heads": 8, "vocab_size": 64064,
+                              "max_position_embeddings": 4096}, next_=True),
+}
+MODEL_SOURCES = {
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf (text: lmsys/vicuna-7b-v1.5)",
+    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf (text: lmsys/vicuna-13b-v1.5)",
+    "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf (text: mistralai/Mistral-7B-Instruct-v0.2)",
+    "llava-v1.6-vicuna-13b": "llava-hf/llava-v1.6-vicuna-13b-hf (text: lmsys/vicuna-13b-v1.5)",
+    "llava-v1.6-34b": "llava-hf/llava-v1.6-34b-hf (text: NousResearch/Nous-Hermes-2-Yi-34B)",
+}
+# transformers defaults for keys a sparse config.json leaves out (LlamaConfig, LlavaConfig)
+_TEXT_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+
+__all__ = ["UnsupportedPrecision", "MemoryEstimate", "estimate", "param_counts", "dry_run_table", "family_table",
+           "MODELS", "MODEL_SOURCES", "ORIN_MODULES", "USABLE_ASSUMPTION", "usable_bytes"]
+
+
+class UnsupportedPrecision(ValueError):
+    """A precision this exporter cannot produce (int8, int4)."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    name: str
+    precision: str
+    context: int
+    params: dict[str, int]          # vision_tower, gate_head, projector, language_model
+    weight_bytes: int
+    kv_bytes: int
+    vision_act_bytes: int
+    decoder_act_bytes: int
+    views: int
+    kv_formula: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.vision_act_bytes + self.decoder_act_bytes
+
+
+def _bytes_per(precision: str) -> int:
+    p = str(precision).lower()
+    if p in UNSUPPORTED:
+        raise UnsupportedPrecision(f"{precision} weights are not supported by this exporter: its graphs are fp16 or "
+                                   "fp32 (TensorRT 11 takes precision from the graph; no quantized export exists)")
+    if p not in BYTES:
+        raise ValueError(f"unknown precision '{precision}' (supported: fp16, fp32)")
+    return BYTES[p]
+
+
+def _config(config_or_name: Any) -> tuple[str, dict]:
+    if isinstance(config_or_name, str) and config_or_name in MODELS:
+        return config_or_name, MODELS[config_or_name]
+    if isinstance(config_or_name, (str, Path)):
+        p = Path(config_or_name)
+        p = p / "config.json" if p.is_dir() else p
+        if not p.is_file():
+            raise ValueError(f"'{config_or_name}' is neither a known model ({', '.join(MODELS)}) nor a config.json")
+        return p.parent.name, json.loads(p.read_text())
+    if hasattr(config_or_name, "to_dict"):
+        d = config_or_name.to_dict()
+        return str(d.get("_name_or_path") or d.get("model_type") or "model"), d
+    if isinstance(config_or_name, Mapping):
+        return str(config_or_name.get("_name_or_path") or config_or_name.get("model_type") or "model"), dict(config_or_name)
+    raise TypeError(f"expected a model name, a config dict or a config.json path, got {type(config_or_name).__name__}")
+
+
+def _max_views(cfg: Mapping, tile: int) -> int:
+    pins = cfg.get("image_grid_pinpoints")
+    if not pins:
+        return 1
+    return 1 + max((h // tile) * (w // tile) for h, w in pins)
+
+
+def param_counts(cfg: Mapping) -> dict[str, int]:
+    """Parameters per component of a LLaVA / LLaVA-NeXT config (formulas in the module docstring)."""
+    v = {**_CLIP_L_336, **(cfg.get("vision_config") or {})}
+    t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+    H, I, n = v["hidden_size"], v["intermediate_size"], (v["image_size"] // v["patch_size"]) ** 2
+    embeddings = 3 * v["patch_size"] ** 2 * H + H + (n + 1) * H          # patch conv (no bias), class, positions
+    layer = 4 * (H * H + H) + 2 * 2 * H + (H * I + I) + (I * H + H)     # q k v o, 2 LayerNorms, fc1, fc2
+    vision = embeddings + 2 * H + v["num_hidden_layers"] * layer + 2 * H  # + pre- and post-LayerNorm
+    Ht, It, L = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+    heads = t["num_attention_heads"]
+    kvh = t.get("num_key_value_heads") or heads
+    hd = t.get("head_dim") or Ht // heads
+    lm_layer = Ht * heads * hd + 2 * Ht * kvh * hd + heads * hd * Ht + 3 * Ht * It + 2 * Ht
+    vocab = t["vocab_size"]
+    lm = vocab * Ht + L * lm_layer + Ht + (0 if t.get("tie_word_embeddings") else vocab * Ht)
+    projector = H * Ht + Ht + Ht * Ht + Ht + (Ht if cfg.get("image_grid_pinpoints") else 0)   # + image_newline
+    return {"vision_tower": vision, "gate_head": v.get("projection_dim", 768) * H, "projector": projector,
+            "language_model": lm}
+
+
+def estimate(config_or_name: Any, context: int, precision: str = "fp16") -> MemoryEstimate:
+    """Weights, KV cache and activation estimate of one model at ``context`` tokens."""
+    name, cfg = _config(config_or_name)
+    b = _bytes_per(precision)
+    v = {**_CLIP_L_336, **(cfg.get("vision_config") or {})}
+    t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+    max_ctx = int(t["max_position_embeddings"])
+    if not 1 <= int(context) <= max_ctx:
+        raise ValueError(f"context {context} outside 1..{max_ctx}, the model's max_position_embeddings")
+    params = param_counts(cfg)
+    heads, L = t["num_attention_heads"], t["num_hidden_layers"]
+    kvh = t.get("num_key_value_heads") or heads
+    hd = t.get("head_dim") or t["hidden_size"] // heads
+    kv = 2 * L * kvh * hd * int(context) * b * 2
+    views = _max_views(cfg, v["image_size"])
+    tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    H, I = v["hidden_size"], v["intermediate_size"]
+    vision_act = views * b * (tokens * (4 * H + I) + v["num_attention_heads"] * tokens * tokens)
+    dec_act = int(context) * b * (4 * t["hidden_size"] + 2 * t["intermediate_size"]) + 4 * t["vocab_size"]
+    return MemoryEstimate(name, "fp16" if b == 2 else "fp32", int(context), params, sum(params.values()) * b, kv,
+                          vision_act, dec_act, views,
+                          f"2 x {L} layers x {kvh} KV heads x {hd} x {context} tokens x {b} B x 2 arenas")
+
+
+def usable_bytes(module: str, reserve_gib: float = OS_RESERVE_GIB) -> int:
+    return int((ORIN_MODULES[module] - reserve_gib) * GiB)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16") -> str:
+    """Markdown: the estimate's breakdown, then fits / does not fit for every Orin module."""
+    e = estimate(config_or_name, context, precision)
+    b = BYTES[e.precision]
+    rows = [("vision tower (CLIP ViT, all layers)", e.params["vision_tower"]),
+            ("gate head (visual projection)", e.params["gate_head"]),
+            ("projector" + (" + image_newline" if e.views > 1 else ""), e.params["projector"]),
+            ("language model (embedding table, layers, lm_head)", e.params["language_model"])]
+    out = [f"### {e.name}: {e.precision} weights, {e.context} tokens of context", "",
+           "| part | parameters | GiB |", "|---|---:|---:|"]
+    out += [f"| {label} | {p / 1e6:,.1f} M | {_gib(p * b)} |" for label, p in rows]
+    out += [f"| **weights** | {sum(e.params.values()) / 1e6:,.1f} M | {_gib(e.weight_bytes)} |",
+            f"| KV cache ({e.kv_formula}) | | {_gib(e.kv_bytes)} |",
+            f"| vision activations (order of magnitude, {e.views} view{'s' if e.views > 1 else ''}) | | "
+            f"{_gib(e.vision_act_bytes)} |",
+            f"| decoder activations at a {e.context}-token prefill (order of magnitude) | | {_gib(e.decoder_act_bytes)} |",
+            f"| **total** | | **{_gib(e.total_bytes)}** |", "",
+            "| module | usable GiB | needed GiB | fits |", "|---|---:|---:|---|"]
+    for module in ORIN_MODULES:
+        u = usable_bytes(module)
+        out.append(f"| {module} | {_gib(u)} | {_gib(e.total_bytes)} | {'yes' if e.total_bytes <= u else 'no'} |")
+    out += ["", f"Assumption: {USABLE_ASSUMPTION}", "int8/int4 weights: not supported by this exporter.",
+            f"Building the engines on the device (safeclip-build) holds the parsed ONNX weights and the engine being "
+            f"built at once: about 2 x weights ({_gib(2 * e.weight_bytes)} GiB) plus the build workspace; add swap on the "
+            "device if that does not fit (engines must be built on the GPU model that runs them)."]
+    return "\n".join(out) + "\n"
+
+
+def family_table(context: int = 4096, precision: str = "fp16") -> str:
+    """Markdown: every model of :data:`MODELS` against every Orin module at one context and precision."""
+    mods = list(ORIN_MODULES)
+    out = [f"Needed GiB (weights + KV cache + activations) at {context} tokens, {precision}; "
+           "'fits' where it is within the module's usable memory.", "",
+           "| model | needed GiB | " + " | ".join(mods) + " |", "|---|---:|" + "---|" * len(mods)]
+    for name in MODELS:
+        e = estimate(name, context, precision)
+        cells = ["fits" if e.total_bytes <= usable_bytes(m) else "no" for m in mods]
+        out.append(f"| {name} | {_gib(e.total_bytes)} | " + " | ".join(cells) + " |")
+    out += ["", f"Assumption: {USABLE_ASSUMPTION}", "Model dims: " + "; ".join(f"{k}: {v}" for k, v in MODEL_SOURCES.items())]
+    return "\n".join(out) + "\n"
