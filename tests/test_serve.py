@@ -304,3 +304,242 @@ def test_mutated_requests_never_500(server, test_images):
         seen.add(status)
     assert {200, 400} <= seen
     assert health(server.url)["busy"] is False
+
+
+# -- one request at a time: the queue, disconnects, load ----------------------------------------------------
+LONG = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300}    # ~150 pieces, no EOS (checked)
+
+
+@pytest.fixture(scope="module")
+def long_ok(oracle):
+    a = oracle.generate(None, "Hi", max_new_tokens=300)
+    assert a.finish_reason == "length" and len(list(oracle.stream(None, "Hi", max_new_tokens=300))) > 100
+
+
+def start_raw(port: int, body: dict) -> socket.socket:
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=15)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return s
+
+
+def read_until(s: socket.socket, marker: bytes) -> bytes:
+    buf = b""
+    while marker not in buf:
+        got = s.recv(65536)
+        assert got, f"connection closed before {marker!r}: {buf[-300:]!r}"
+        buf += got
+    return buf
+
+
+def wait_until(cond, timeout: float = 10.0) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def slow_server(bundle, delay_s: float, **kw):
+    slow = SlowPipeline(Pipeline.load(bundle), delay_s)
+    return slow, ServerThread(create_app(slow, max_tokens=400, default_max_tokens=4, **kw))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_leaving_mid_generation_frees_the_slot(bundle, long_ok, stream):
+    slow, srv = slow_server(bundle, 0.05)                 # the whole answer would take ~7.5 s
+    with srv:
+        s = start_raw(srv.port, {**LONG, "stream": stream})
+        if stream:
+            read_until(s, b'"delta":{"content"')          # text is flowing
+        else:
+            wait_until(lambda: slow.started == 1)
+            time.sleep(0.2)
+        assert health(srv.url)["busy"] is True
+        s.close()
+        assert wait_until(lambda: not health(srv.url)["busy"], 5) < 2.0
+        wait_until(lambda: slow.closed == slow.started == 1)        # the generator was closed, not drained
+        assert not slow._pipe._lock.locked()
+        r = raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 3})
+        assert r[0] == 200 and r[2]["usage"]["completion_tokens"] == 3
+
+
+def test_queue_full_timeout_and_leaving_the_line(bundle, long_ok):
+    slow, srv = slow_server(bundle, 0.05, max_queue=1, queue_timeout_s=1.5)
+    with srv, ThreadPoolExecutor(4) as pool:
+        a = start_raw(srv.port, {**LONG, "stream": True})
+        read_until(a, b'"delta":{"content"')
+        b = start_raw(srv.port, {"messages": user("Hi"), "max_tokens": 2})     # waits in line
+        wait_until(lambda: health(srv.url)["queued"] == 1)
+        status, headers, err = raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi")})
+        assert status == 503 and int(headers["retry-after"]) >= 1 and err["error"]["code"] == "server_busy"
+        b.close()                                                              # leaves the line
+        wait_until(lambda: health(srv.url)["queued"] == 0, 5)
+        t0 = time.monotonic()
+        status, headers, err = raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi")})
+        assert status == 503 and "waited" in err["error"]["message"] and 1.4 < time.monotonic() - t0 < 5
+        c = pool.submit(raw, srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 2})
+        wait_until(lambda: health(srv.url)["queued"] == 1)
+        a.close()                                                              # the slot passes to c
+        status, _, body = c.result(timeout=10)
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+    assert slow.max_active == 1 and slow.started == 2
+
+
+def test_fifty_concurrent_clients(bundle, oracle, test_images, long_ok):
+    """Bounded load: 50 clients at once (text/image, plain/streamed); each is answered correctly or refused
+    with 503 + Retry-After, the model never runs two at once, and the server is healthy after."""
+    slow, srv = slow_server(bundle, 0.01, max_queue=8)
+    kinds = [(None, False), (None, True), ("red.png", False), ("blue.jpg", True)]
+    want = {k: oracle.generate(None if k[0] is None else str(test_images / k[0]), Q, max_new_tokens=6).text
+            for k in kinds}
+
+    def one(i: int):
+        img, stream = kinds[i % len(kinds)]
+        body = {"messages": user(Q, img and data_uri(test_images / img)), "max_tokens": 6, "stream": stream}
+        if not stream:
+            status, headers, data = raw(srv.url, "POST", "/v1/chat/completions", body, timeout=60)
+            return status, headers, data and (data["choices"][0]["message"]["content"] if status == 200 else data)
+        try:
+            text = "".join(pieces(client(srv.url).chat.completions.create(model=oracle.manifest.name, **body)))
+            return 200, {}, text
+        except openai.APIStatusError as e:
+            return e.status_code, {k.lower(): v for k, v in e.response.headers.items()}, e.response.json()
+
+    with srv:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(one, range(50), timeout=90))
+        elapsed = time.monotonic() - t0
+        ok = [i for i, r in enumerate(results) if r[0] == 200]
+        busy = [r for r in results if r[0] == 503]
+        assert len(ok) + len(busy) == 50, [r[0] for r in results]
+        assert len(ok) >= 9                                       # the first 1 + max_queue were always let in
+        for i in ok:
+            assert results[i][2] == want[kinds[i % len(kinds)]], i
+        for _, headers, err in busy:
+            assert int(headers["retry-after"]) >= 1 and err["error"]["code"] == "server_busy"
+        assert health(srv.url) == {"status": "ok", "model": oracle.manifest.name, "busy": False, "queued": 0,
+                                   "max_queue": 8}
+        assert slow.max_active == 1 and slow.started == slow.closed == len(ok)
+        assert raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 2})[0] == 200
+    assert elapsed < 60
+
+
+# -- images from elsewhere, orientation ---------------------------------------------------------------------
+def test_remote_images_refused_by_default_and_fetched_only_when_allowed(server, bundle, test_images):
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path != "/red.png":
+                self.send_error(404)
+                return
+            data = (test_images / "red.png").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    images = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{images.server_address[1]}"
+    try:
+        status, _, err = raw(server.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + "/red.png")})
+        assert status == 400 and err["error"]["code"] == "remote_image_refused" and hits == []
+        with ServerThread(create_app(Pipeline.load(bundle), allow_remote_images=True, default_max_tokens=2)) as s:
+            status, _, body = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + "/red.png")})
+            assert status == 200 and body["safeclip"]["flagged"] and body["safeclip"]["category"] == "gun"
+            status, _, err = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + "/gone.png")})
+            assert status == 400 and err["error"]["code"] == "invalid_image" and "404" in err["error"]["message"]
+        assert hits == ["/red.png", "/gone.png"]
+    finally:
+        images.shutdown()
+        images.server_close()
+
+
+def test_exif_rotated_photo_is_gated_as_the_pipeline_sees_it(server, oracle, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.zeros((120, 240, 3), np.uint8)
+    arr[:, :80] = (220, 30, 30)
+    arr[:, 80:] = (20, 40, 210)
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6                                            # "rotate 90° clockwise to display"
+    b = io.BytesIO()
+    im.save(b, "JPEG", exif=exif.tobytes())
+    status, _, body = raw(server.url, "POST", "/v1/chat/completions",
+                          {"messages": user(Q, data_uri(b.getvalue(), "image/jpeg")), "max_tokens": 1})
+    want = oracle.gate(b.getvalue())
+    assert status == 200
+    assert body["safeclip"]["probs"] == pytest.approx({k: round(v, 6) for k, v in want.probs.items()}, abs=2e-6)
+
+
+# -- the command line and the runtime rule ------------------------------------------------------------------
+def _serve_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "safeclip.runtime.serve.cli", *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+
+
+def test_cli_serves_on_a_free_port_and_stops_cleanly(bundle, oracle):
+    import signal
+
+    p = _serve_cli("--bundle", str(bundle), "--port", "0", "--default-max-tokens", "5", "--api-key", "k",
+                   "--policy", "refuse", "--log-level", "warning")
+    try:
+        line = p.stderr.readline()
+        assert line.startswith("safeclip-serve: serving ") and "API key required" in line, line
+        url = line.split(" on ")[1].split("/ ")[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert health(url)["model"] == oracle.manifest.name
+        r = client(url, "k").chat.completions.create(model=oracle.manifest.name, messages=user("Hi"))
+        assert r.choices[0].message.content == oracle.generate(None, "Hi", max_new_tokens=5).text
+        assert client(url, "k").models.list().data[0].model_extra["safeclip"]["policy"] == "refuse"
+        p.send_signal(signal.SIGINT)                            # graceful shutdown, then the usual 130
+        assert p.wait(timeout=20) == 130 and "Traceback" not in p.stderr.read()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=2).close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()
+
+
+@pytest.mark.parametrize("args, rc, message", [
+    (["--bundle", "/nonexistent/bundle"], 1, "safeclip-serve: error: "),
+    (["--bundle", "x", "--port", "70000"], 2, "--port must be in 0..65535"),
+    (["--bundle", "x", "--max-tokens", "0"], 2, "--max-tokens must be at least 1"),
+])
+def test_cli_errors_are_one_line(args, rc, message):
+    p = _serve_cli(*args)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == rc and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_port_in_use(bundle):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        p = _serve_cli("--bundle", str(bundle), "--port", str(taken.getsockname()[1]))
+        err = p.communicate(timeout=60)[1]
+    assert p.returncode == 1 and "cannot listen on 127.0.0.1:" in err and "Traceback" not in err
+
+
+def test_serving_imports_no_torch_transformers_onnx_or_exporter(bundle):
+    code = ("import sys; from safeclip.runtime.pipeline import Pipeline; from safeclip.runtime.serve import create_app; "
+            f"p = Pipeline.load({str(bundle)!r}); app = create_app(p); p.generate(None, 'Hi', max_new_tokens=2); "
+            "import safeclip.runtime.serve.cli; "
+            "bad = [m for m in ('torch', 'transformers', 'onnx', 'safeclip.export') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
