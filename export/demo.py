@@ -1,7 +1,8 @@
 """The built-in demo model: a tiny random-weight LLaVA plus a matching CLIP, built offline and deterministically.
 
 The demo exists to run the whole pipeline anywhere (no model hub, no GPU). Its weights are random, so its
-text output is meaningless and its gate verdicts carry no information about image content.
+text output is meaningless and its gate verdicts carry no information about image content. The only
+shaping: output-head rows of non-printable byte tokens are zeroed so the nonsense is at least readable.
 
 What is built (llava-hf key layout, saved with ``save_pretrained`` and then loaded back through the same
 code path as a real checkpoint):
@@ -96,6 +97,17 @@ def build_demo(out_dir: str | Path, seed: int = DEMO_SEED, num_kv_heads: int = 2
                             vision_feature_layer=-2, image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
                             pad_token_id=lm_tok.pad_token_id)
     llava = LlavaForConditionalGeneration(llava_cfg).eval()
+    # Readable nonsense: the output-head rows of printable-ASCII tokens are scaled up and all others zeroed,
+    # so generated text is letters and punctuation rather than stray UTF-8 bytes (replacement characters).
+    # The weights stay random; the text stays meaningless. EOS keeps a small random row: answers rarely end
+    # before max_new_tokens.
+    with torch.no_grad():
+        for tid in range(vocab):
+            piece = lm_tok.decode([tid])
+            if len(piece) == 1 and 32 <= ord(piece) < 127:
+                llava.lm_head.weight[tid].mul_(30.0)
+            elif tid != lm_tok.eos_token_id:
+                llava.lm_head.weight[tid].zero_()
     llava.generation_config.bos_token_id = lm_tok.bos_token_id
     llava.generation_config.eos_token_id = lm_tok.eos_token_id
     llava.generation_config.pad_token_id = lm_tok.pad_token_id
