@@ -131,6 +131,7 @@
     $("banner").dataset.category = gate.category || "";
     $("banner").dataset.action = gate.action || "";
     $("banner").hidden = false;
+    $("banner").scrollIntoView({ block: "nearest" });
   }
 
   function appendText(text) {
@@ -173,6 +174,7 @@
     const content = [{ type: "text", text: question }];
     if (picture) content.push({ type: "image_url", image_url: { url: picture } });
     controller = new AbortController();
+    $("answer-card").scrollIntoView({ block: "nearest" });
     try {
       const resp = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(), signal: controller.signal,

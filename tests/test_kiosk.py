@@ -1,0 +1,142 @@
+"""The kiosk page end to end in a real headless browser: Debian's chromium driven by Selenium through
+chromedriver, against a safeclip-serve server the test starts on a free loopback port.
+
+A person's steps: choose a picture, type a question, press Ask; the answer streams in; a flagged picture
+shows the banner (category and the refusal). Oracle: the same bundle's Pipeline called directly (greedy, so
+the page must show exactly its text, in as many pieces as it streams). Screenshots are kept as artefacts in
+``$SAFECLIP_ARTIFACTS_DIR`` (default ``test-artifacts/`` at the repository root).
+
+Needs ``selenium`` and a chromium + chromedriver pair (``apt-get install chromium chromium-driver``); skips
+with the reason when one is missing. ``SAFECLIP_CHROMIUM`` / ``SAFECLIP_CHROMEDRIVER`` name other binaries.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the [serve] extra (fastapi, uvicorn)")
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+
+from safeclip.runtime.pipeline import Pipeline  # noqa: E402
+from safeclip.runtime.serve import create_app  # noqa: E402
+from serve_fixtures import ServerThread, controlled_bundle  # noqa: E402
+
+N = 12
+ARTIFACTS = Path(os.environ.get("SAFECLIP_ARTIFACTS_DIR") or Path(__file__).resolve().parents[1] / "test-artifacts")
+
+
+def _binary(env: str, *names: str) -> str | None:
+    if os.environ.get(env):
+        return os.environ[env]
+    for n in names:
+        found = shutil.which(n) or (n if os.path.isabs(n) and os.access(n, os.X_OK) else None)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = _binary("SAFECLIP_CHROMIUM", "chromium", "chromium-browser", "google-chrome")
+    driver_bin = _binary("SAFECLIP_CHROMEDRIVER", "chromedriver", "/usr/lib/chromium/chromedriver")
+    if not chromium or not driver_bin:
+        pytest.skip("no headless browser: install chromium and chromium-driver (Debian) to run the kiosk test")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+              "--window-size=1080,1920", "--force-device-scale-factor=1", "--lang=en-US"):
+        opts.add_argument(a)
+    d = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    d.set_page_load_timeout(30)
+    yield d
+    d.quit()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, demo_sources, test_images, cache_dir):
+    return controlled_bundle(tmp_path_factory, demo_sources, test_images)
+
+
+@pytest.fixture(scope="module")
+def kiosk(bundle):
+    with ServerThread(create_app(Pipeline.load(bundle), policy="refuse", default_max_tokens=N)) as s:
+        yield s
+
+
+def _wait_done(d, timeout: float = 30) -> str:
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(d, timeout).until(lambda d: d.execute_script("return document.body.dataset.state")
+                                    in ("done", "error"))
+    return d.execute_script("return document.body.dataset.state")
+
+
+def _ask(d, question: str, picture: Path | None) -> dict:
+    from selenium.webdriver.common.by import By
+    d.find_element(By.ID, "reset-button").click()
+    if picture is not None:
+        d.find_element(By.ID, "file-input").send_keys(str(picture))
+        from selenium.webdriver.support.ui import WebDriverWait
+        WebDriverWait(d, 10).until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+    box = d.find_element(By.ID, "question")
+    box.clear()
+    box.send_keys(question)
+    d.find_element(By.ID, "ask-button").click()
+    state = _wait_done(d)
+    return d.execute_script("""
+        const a = document.getElementById('answer'), b = document.getElementById('banner');
+        return {state: document.body.dataset.state, text: a.textContent, chunks: Number(a.dataset.chunks),
+                finish: a.dataset.finish || null, banner: !b.hidden, category: b.dataset.category || null,
+                bannerText: b.textContent.replace(/\\s+/g, ' '), error: document.getElementById('error').hidden ? null :
+                document.getElementById('error').textContent};""") | {"state": state}
+
+
+def test_kiosk_page_end_to_end(browser, kiosk, bundle, test_images):
+    oracle = Pipeline.load(bundle)
+    d = browser
+    d.get(kiosk.url + "/")
+    assert d.title == "Ask about a picture"
+
+    # a clean picture: the answer streams in, no banner
+    got = _ask(d, "What is in the picture?", test_images / "blue.jpg")
+    want = list(oracle.stream(str(test_images / "blue.jpg"), "What is in the picture?", max_new_tokens=N))
+    assert got["state"] == "done" and not got["banner"] and got["error"] is None
+    assert got["text"] == "".join(want) and got["chunks"] == len(want) and got["finish"] == "length"
+
+    # a question without a picture: many pieces, shown in order
+    got = _ask(d, "Hi", None)
+    want = list(oracle.stream(None, "Hi", max_new_tokens=N))
+    assert len(want) > 1 and got["chunks"] == len(want) and got["text"] == "".join(want)
+
+    # a flagged picture: a calm banner with the category, and the refusal as the answer
+    got = _ask(d, "What is in the picture?", test_images / "red.png")
+    assert got["banner"] and got["category"] == "gun"
+    assert "may show something sensitive" in got["bannerText"] and "something sensitive (gun)." in got["bannerText"]
+    assert "will not describe it" in got["bannerText"]
+    assert got["text"] == oracle.refusal_for("gun") and got["finish"] == "content_filter"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "kiosk-flagged.png"
+    assert d.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 10_000
+
+    # nothing was fetched from anywhere but this server (the page must work offline)
+    origins = d.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
+    assert origins and set(origins) == {kiosk.url}
+
+
+def test_kiosk_page_says_clearly_what_went_wrong(browser, kiosk, tmp_path):
+    d = browser
+    d.get(kiosk.url + "/")
+    fake = tmp_path / "not-a-picture.png"
+    fake.write_bytes(b"this is text, not a picture")
+    from selenium.webdriver.common.by import By
+    d.find_element(By.ID, "file-input").send_keys(str(fake))
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(d, 10).until(lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert "cannot be opened" in d.find_element(By.ID, "error").text
+    d.find_element(By.ID, "ask-button").click()                      # empty question: asked to type one
+    assert _wait_done(d) == "error" and "type a question" in d.find_element(By.ID, "error").text
