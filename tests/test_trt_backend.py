@@ -19,7 +19,7 @@ import pytest
 from _fake_trt import FakeCudart, fake_tensorrt, write_plan
 from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import BackendError, make_session
-from safeclip.runtime.backends.pick import Probe, choose_backend, pick_backend
+from safeclip.runtime.backends.pick import Probe, choose_backend, open_decoder, open_vision, pick_backend
 from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession, decoder_shapes, plan_capacity
 from safeclip.runtime.backends.trt_plan import PlanMismatchError, kv_buffer_bytes, select_profile
 from safeclip.runtime.generate import ContextError, KVSpec, OrtDecoder
@@ -313,7 +313,8 @@ def test_build_records_engines_and_reseals(fakes, jetson_bundle):
     assert not list(jetson_bundle.glob(".*.building"))
     assert pick_backend(m, probe=FakeProbe()) == "tensorrt"
     # the runtime loads what was built
-    vs, dec = TrtVisionSession.from_manifest(m), TrtDecoder.from_manifest(m, capacity=32)
+    vs, dec = open_vision(m, "tensorrt"), open_decoder(m, "tensorrt", context=32)
+    assert isinstance(vs, TrtVisionSession) and isinstance(dec, TrtDecoder)
     pv = np.zeros((1, 3, 336, 336), np.float32)
     assert np.allclose(vs.run({"pixel_values": pv})["class_probs"],
                        make_session(m.path("vision_gate.onnx")).run({"pixel_values": pv})["class_probs"], atol=1e-6)
@@ -323,6 +324,27 @@ def test_build_records_engines_and_reseals(fakes, jetson_bundle):
     assert report.built == {} and sorted(report.kept) == ["decoder", "vision_gate"] and len(calls) == 2
     report = build_engines(jetson_bundle, build_engine=fake_builder(calls), force=True, parity=False)
     assert sorted(report.built) == ["decoder", "vision_gate"] and report.built["decoder"]["parity"] == {}
+
+
+def test_build_skips_decoder_parity_when_the_reference_would_not_fit(fakes, jetson_bundle, monkeypatch):
+    import safeclip.export.build as build
+    monkeypatch.setattr(build, "_available_bytes", lambda: 1 << 20)   # 1 MiB free: ORT CPU must not be loaded
+    msgs = []
+    report = build.build_engines(jetson_bundle, build_engine=fake_builder([]), progress=msgs.append)
+    assert report.built["decoder"]["parity"]["skipped"].startswith("ONNX Runtime reference needs about")
+    assert max(report.built["vision_gate"]["parity"].values()) < 1e-5      # the small graph is still checked
+    assert any("decoder: parity check skipped" in s for s in msgs)
+
+
+def test_open_helpers_with_onnxruntime_cpu(demo_bundle):
+    m = load_manifest(demo_bundle)
+    vs = open_vision(m, "onnxruntime-cpu")
+    assert vs.provider == "CPUExecutionProvider" and "class_probs" in vs.output_names
+    assert open_decoder(m, "onnxruntime-cpu").capacity == 2048            # the model's context
+    assert open_decoder(m, "onnxruntime-cpu", context=100).capacity == 100
+    assert open_decoder(m, "onnxruntime-cpu", context=10 ** 6).capacity == 2048
+    with pytest.raises(BackendError, match="unknown backend 'vulkan'"):
+        open_vision(m, "vulkan")
 
 
 def test_build_rebuilds_a_stale_plan_and_fails_closed_on_parity(fakes, jetson_bundle):
@@ -365,7 +387,29 @@ def test_build_module_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# -- real TensorRT -----------------------------------------------------------------------------------------
+# -- real TensorRT / CUDA -----------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+def test_real_cuda_copies_round_trip():
+    pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed (pip install cuda-python)")
+    try:
+        rt = CudaRuntime()
+        rt.device_facts()
+    except BackendError as e:
+        pytest.skip(f"no usable CUDA device: {e}")
+    x = rt.host_array(1000, np.float16)
+    x[:] = np.arange(1000)
+    y = rt.host_array(1000, np.float16)
+    s = rt.stream()
+    a, b = rt.malloc(x.nbytes), rt.malloc(x.nbytes)
+    rt.h2d(a, x, x.nbytes, s)
+    rt.d2d(b, a + 256, x.nbytes - 256, s)                                 # an aligned offset, as the decoder does
+    rt.d2h(y, b, x.nbytes - 256, s)
+    rt.sync(s)
+    assert np.array_equal(y[: 1000 - 128], x[128:])
+    rt.destroy_stream(s)
+    rt.release()
+
 
 @pytest.mark.trt
 @pytest.mark.cuda

@@ -8,7 +8,8 @@
 * ``onnxruntime-tensorrt`` (ORT's TensorRT execution provider) only when asked for by name: it builds its
   own engines at session creation, and where TensorRT is present the native backend is preferred.
 
-``auto`` walks that order and records in :attr:`BackendChoice.notes` why a faster backend was passed over
+:func:`open_vision` and :func:`open_decoder` open a bundle's graphs with the chosen backend (what
+``Pipeline.load`` needs). ``auto`` walks that order and records in :attr:`BackendChoice.notes` why a faster backend was passed over
 (e.g. a plan built on another GPU, with the rebuild command); an explicit request that cannot be honoured
 raises :class:`BackendError` with the reason. Nothing here imports TensorRT unless the tensorrt backend is
 considered.
@@ -27,7 +28,8 @@ _ALIASES = {"auto": "auto", "tensorrt": "tensorrt", "trt": "tensorrt", "onnxrunt
             "onnxruntime-gpu": "onnxruntime-cuda", "cuda": "onnxruntime-cuda", "onnxruntime-cpu": "onnxruntime-cpu",
             "onnxruntime": "onnxruntime-cpu", "cpu": "onnxruntime-cpu", "onnxruntime-tensorrt": "onnxruntime-tensorrt"}
 
-__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "pick_backend"]
+__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "pick_backend", "open_vision",
+           "open_decoder"]
 
 
 class Probe:
@@ -113,3 +115,34 @@ def choose_backend(manifest, requested: str = "auto", probe: Probe | None = None
 def pick_backend(manifest, requested: str = "auto", probe: Probe | None = None) -> str:
     """Name of the backend :func:`choose_backend` picks."""
     return choose_backend(manifest, requested, probe).name
+
+
+def open_vision(manifest, backend: str, threads: int | None = None):
+    """The vision+gate session of a verified ``Manifest`` for ``backend`` (a name :func:`pick_backend` returns):
+    a ``TrtVisionSession`` or an ``OrtSession``, both ``run(feeds) -> {name: array}``."""
+    if backend == "tensorrt":
+        from .trt import TrtVisionSession
+        return TrtVisionSession.from_manifest(manifest)
+    from .ort import make_session
+    if backend not in ORT_DEVICE:
+        raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)}, onnxruntime-tensorrt)")
+    return make_session(manifest.path(manifest.graphs["vision_gate"]["file"]), device=ORT_DEVICE[backend],
+                        threads=threads)
+
+
+def open_decoder(manifest, backend: str, *, context: int | None = None, session_options=None):
+    """The decoder of a verified ``Manifest`` for ``backend``; ``context`` caps the KV cache (default: the
+    model's context length; for tensorrt also what the engine's profiles cover)."""
+    model_ctx = int(manifest.model["context_length"])
+    cap = None if context is None else min(int(context), model_ctx)
+    if backend == "tensorrt":
+        from .trt import TrtDecoder
+        return TrtDecoder.from_manifest(manifest, capacity=cap)
+    from ..generate import OrtDecoder
+    if backend not in ORT_DEVICE:
+        raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)}, onnxruntime-tensorrt)")
+    device = "cpu" if backend == "onnxruntime-cpu" else "cuda"          # KV arenas live where the provider runs
+    providers = {"onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(backend)
+    return OrtDecoder.from_manifest(manifest.root, manifest.graphs["decoder"], capacity=cap or model_ctx,
+                                    context_length=model_ctx, session_options=session_options, device=device,
+                                    providers=providers)
