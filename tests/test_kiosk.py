@@ -30,7 +30,7 @@ ARTIFACTS = Path(os.environ.get("SAFECLIP_ARTIFACTS_DIR") or Path(__file__).reso
 
 def _binary(env: str, *names: str) -> str | None:
     if os.environ.get(env):
-        return os.environ[env]
+        return os.environ[env] if os.access(os.environ[env], os.X_OK) else None
     for n in names:
         found = shutil.which(n) or (n if os.path.isabs(n) and os.access(n, os.X_OK) else None)
         if found:

@@ -526,6 +526,13 @@ def test_cli_errors_are_one_line(args, rc, message):
     assert p.returncode == rc and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_without_the_serve_extra_says_how_to_install_it():
+    code = ("import sys; sys.modules['uvicorn'] = None; from safeclip.runtime.serve.cli import main; "
+            "sys.exit(main(['--bundle', 'x']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "pip install 'safeclip-edge[serve]'" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_cli_port_in_use(bundle):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -329,8 +329,9 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     async def chat(request: Request):
         srv.check_auth(request)
         body = await srv.read_body(request)
-        req = parse_chat_request(parse_json_body(body), allow_remote_images=srv.allow_remote,
-                                 max_prompt_chars=max_prompt_chars, max_tokens_limit=max_tokens)
+        req = await anyio.to_thread.run_sync(lambda: parse_chat_request(      # MBs of JSON + base64: off the loop
+            parse_json_body(body), allow_remote_images=srv.allow_remote, max_prompt_chars=max_prompt_chars,
+            max_tokens_limit=max_tokens))
         if req.model is not None and req.model != srv.model_id:
             raise RequestError(404, f"model '{req.model}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")

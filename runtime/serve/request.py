@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from dataclasses import dataclass
 
 SUPPORTED_FIELDS = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
@@ -39,8 +38,7 @@ DEFAULTS = dict(max_body_bytes=16 * 1024 * 1024, max_pixels=16_000_000, max_queu
                 default_max_tokens=256, max_prompt_chars=16_000, queue_timeout_s=120.0, body_timeout_s=30.0)
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
-_DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
-_SPACE = re.compile(rb"\s+")
+MAX_DATA_HEADER = 256             # "data:image/png;base64," and parameters: the comma must come this early
 
 
 class RequestError(ValueError):
@@ -106,17 +104,16 @@ def _number(v, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
 
 
 def decode_data_uri(url: str, param: str = "messages.content.image_url") -> bytes:
-    """The bytes of a base64 ``data:image/...;base64,...`` URI (400 on anything else)."""
-    m = _DATA_URI.match(url)
-    if not m:
+    """The bytes of a base64 ``data:image/...;base64,...`` URI (400 on anything else). Linear time."""
+    comma = url.find(",", 0, MAX_DATA_HEADER)
+    if not url[:5].lower() == "data:" or comma < 0:
         raise _bad("malformed data: URI (expected data:image/<type>;base64,<data>)", param, "invalid_image")
-    mime = m.group("mime").strip().lower()
-    params = [p.strip().lower() for p in m.group("params").split(";") if p.strip()]
+    mime, *params = [p.strip().lower() for p in url[5:comma].split(";")]
     if mime and not mime.startswith("image/"):
-        raise _bad(f"data: URI of type '{mime}' is not an image", param, "invalid_image")
+        raise _bad(f"data: URI of type '{mime[:40]}' is not an image", param, "invalid_image")
     if "base64" not in params:
         raise _bad("data: URI must be base64-encoded (';base64,')", param, "invalid_image")
-    payload = _SPACE.sub(b"", url[m.end():].encode("ascii", "replace"))
+    payload = url[comma + 1:].encode("ascii", "replace").translate(None, b" \t\r\n\f\v")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
