@@ -36,7 +36,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .cuda import ALIGN, CudaRuntime, round_up
+from .cuda import CudaRuntime, round_up
 from .ort import BackendError
 from .pick import BACKENDS, ORT_DEVICE, BackendChoice, Probe, choose_backend, pick_backend
 from .trt_plan import check_plan_compatible, select_profile
@@ -44,7 +44,7 @@ from .trt_plan import check_plan_compatible, select_profile
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
             "elsewhere NVIDIA's TensorRT wheels or tarball")
 
-__all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "BackendChoice", "pick_backend",
+__all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "BackendChoice", "Probe", "pick_backend",
            "choose_backend", "this_device", "plan_capacity", "decoder_shapes", "BACKENDS", "ORT_DEVICE"]
 
 
