@@ -8,12 +8,14 @@ them (``conftest.controlled_text_embeds``).
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import socket
 import threading
 import time
 from pathlib import Path
 
+Q = "What is in the picture?"
 _BUNDLES: dict[str, Path] = {}
 
 
@@ -114,3 +116,67 @@ class SlowPipeline:
                 return inner.result
 
         return _Stream()
+
+
+# -- clients -----------------------------------------------------------------------------------------------
+def client(url: str, key: str = "unused"):
+    return __import__("openai").OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def user(text: str, image: str | None = None) -> list[dict]:
+    content = [{"type": "text", "text": text}]
+    if image:
+        content.append({"type": "image_url", "image_url": {"url": image}})
+    return [{"role": "user", "content": content}]
+
+
+def pieces(chunks) -> list[str]:
+    """The text pieces of a streamed completion, in order."""
+    return [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+
+
+def raw(url: str, method: str, path: str, body=b"", headers: dict | None = None, timeout: float = 30):
+    """(status, headers, parsed JSON or None) over plain http.client."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    h = {"Content-Type": "application/json"} if headers is None else headers
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    conn.request(method, path, body=body, headers=h, encode_chunked=not isinstance(body, (bytes, str)))
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, parsed
+
+
+def health(url: str) -> dict:
+    return raw(url, "GET", "/health", headers={})[2]
+
+
+def start_raw(port: int, body: dict) -> socket.socket:
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=15)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return s
+
+
+def read_until(s: socket.socket, marker: bytes) -> bytes:
+    buf = b""
+    while marker not in buf:
+        got = s.recv(65536)
+        assert got, f"connection closed before {marker!r}: {buf[-300:]!r}"
+        buf += got
+    return buf
+
+
+def wait_until(cond, timeout: float = 10.0) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - t0

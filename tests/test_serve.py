@@ -1,21 +1,20 @@
 """safeclip-serve: the official ``openai`` client against a real uvicorn server on a free loopback port (plain
-and streamed, with and without an image, flagged and clean), raw HTTP for every limit (never a 500), the
-bounded queue, disconnects, a bounded 50-client load test, the CLI, and runtime isolation.
+and streamed, with and without an image, flagged and clean), raw HTTP for every limit (never a 500), remote
+images, the CLI, and runtime isolation. The queue, disconnects and the load test: test_serve_queue.py.
 
 Oracle: a second Pipeline on the same bundle, called directly; greedy decoding makes the server's answers
 equal to it token for token. The bundle's gate is controlled: red images flag 'gun', blue ones are clean.
 """
 from __future__ import annotations
 
-import http.client
 import json
+import os
 import random
 import socket
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,10 +26,10 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
-from serve_fixtures import ServerThread, SlowPipeline, controlled_bundle, data_uri  # noqa: E402
+from serve_fixtures import (Q, ServerThread, client, controlled_bundle, data_uri, health, pieces,  # noqa: E402
+                            raw, user)
 
 N = 12                     # default max_tokens of the servers here: small keeps the suite fast
-Q = "What is in the picture?"
 
 
 @pytest.fixture(scope="session")
@@ -56,44 +55,6 @@ def refuse_server(bundle):
     with ServerThread(create_app(Pipeline.load(bundle), policy="refuse", default_max_tokens=N,
                                  api_key="s3cret")) as s:
         yield s
-
-
-def client(url: str, key: str = "unused"):
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
-
-
-def user(text: str, image: str | None = None) -> list[dict]:
-    content = [{"type": "text", "text": text}]
-    if image:
-        content.append({"type": "image_url", "image_url": {"url": image}})
-    return [{"role": "user", "content": content}]
-
-
-def pieces(chunks) -> list[str]:
-    """The text pieces of a streamed completion, in order."""
-    return [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
-
-
-def raw(url: str, method: str, path: str, body=b"", headers: dict | None = None, timeout: float = 30):
-    """(status, headers, parsed JSON or None) over plain http.client."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    h = {"Content-Type": "application/json"} if headers is None else headers
-    if isinstance(body, (dict, list)):
-        body = json.dumps(body).encode()
-    conn.request(method, path, body=body, headers=h, encode_chunked=not isinstance(body, (bytes, str)))
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    try:
-        parsed = json.loads(data)
-    except ValueError:
-        parsed = None
-    return r.status, {k.lower(): v for k, v in r.getheaders()}, parsed
-
-
-def health(url: str) -> dict:
-    return raw(url, "GET", "/health", headers={})[2]
 
 
 # -- the openai client ----------------------------------------------------------------------------------
@@ -269,11 +230,12 @@ def server_model(server) -> str:
     return raw(server.url, "GET", "/v1/models", headers={})[2]["data"][0]["id"]
 
 
-ROUNDS = int(__import__("os").environ.get("SAFECLIP_FUZZ_ROUNDS", "150"))
+ROUNDS = int(os.environ.get("SAFECLIP_FUZZ_ROUNDS", "150"))
 
 
 def test_mutated_requests_never_500(server, test_images):
-    """Random mutations of a valid request (seeded; 150 rounds, SAFECLIP_FUZZ_ROUNDS for more): every answer is a 200 or a clear 4xx."""
+    """Random mutations of a valid request (seeded; 150 rounds, SAFECLIP_FUZZ_ROUNDS for more): every answer
+    is a 200 or a clear 4xx."""
     rng = random.Random(0)
     base = {"model": server_model(server), "max_tokens": 3,
             "messages": user(Q, data_uri(test_images / "red.png"))}
@@ -304,127 +266,6 @@ def test_mutated_requests_never_500(server, test_images):
         seen.add(status)
     assert {200, 400} <= seen
     assert health(server.url)["busy"] is False
-
-
-# -- one request at a time: the queue, disconnects, load ----------------------------------------------------
-LONG = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300}    # ~150 pieces, no EOS (checked)
-
-
-@pytest.fixture(scope="module")
-def long_ok(oracle):
-    a = oracle.generate(None, "Hi", max_new_tokens=300)
-    assert a.finish_reason == "length" and len(list(oracle.stream(None, "Hi", max_new_tokens=300))) > 100
-
-
-def start_raw(port: int, body: dict) -> socket.socket:
-    data = json.dumps(body).encode()
-    s = socket.create_connection(("127.0.0.1", port), timeout=15)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(data) + data)
-    return s
-
-
-def read_until(s: socket.socket, marker: bytes) -> bytes:
-    buf = b""
-    while marker not in buf:
-        got = s.recv(65536)
-        assert got, f"connection closed before {marker!r}: {buf[-300:]!r}"
-        buf += got
-    return buf
-
-
-def wait_until(cond, timeout: float = 10.0) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, "condition not reached in time"
-        time.sleep(0.02)
-    return time.monotonic() - t0
-
-
-def slow_server(bundle, delay_s: float, **kw):
-    slow = SlowPipeline(Pipeline.load(bundle), delay_s)
-    return slow, ServerThread(create_app(slow, max_tokens=400, default_max_tokens=4, **kw))
-
-
-@pytest.mark.parametrize("stream", [True, False])
-def test_client_leaving_mid_generation_frees_the_slot(bundle, long_ok, stream):
-    slow, srv = slow_server(bundle, 0.05)                 # the whole answer would take ~7.5 s
-    with srv:
-        s = start_raw(srv.port, {**LONG, "stream": stream})
-        if stream:
-            read_until(s, b'"delta":{"content"')          # text is flowing
-        else:
-            wait_until(lambda: slow.started == 1)
-            time.sleep(0.2)
-        assert health(srv.url)["busy"] is True
-        s.close()
-        assert wait_until(lambda: not health(srv.url)["busy"], 5) < 2.0
-        wait_until(lambda: slow.closed == slow.started == 1)        # the generator was closed, not drained
-        assert not slow._pipe._lock.locked()
-        r = raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 3})
-        assert r[0] == 200 and r[2]["usage"]["completion_tokens"] == 3
-
-
-def test_queue_full_timeout_and_leaving_the_line(bundle, long_ok):
-    slow, srv = slow_server(bundle, 0.05, max_queue=1, queue_timeout_s=1.5)
-    with srv, ThreadPoolExecutor(4) as pool:
-        a = start_raw(srv.port, {**LONG, "stream": True})
-        read_until(a, b'"delta":{"content"')
-        b = start_raw(srv.port, {"messages": user("Hi"), "max_tokens": 2})     # waits in line
-        wait_until(lambda: health(srv.url)["queued"] == 1)
-        status, headers, err = raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi")})
-        assert status == 503 and int(headers["retry-after"]) >= 1 and err["error"]["code"] == "server_busy"
-        b.close()                                                              # leaves the line
-        wait_until(lambda: health(srv.url)["queued"] == 0, 5)
-        t0 = time.monotonic()
-        status, headers, err = raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi")})
-        assert status == 503 and "waited" in err["error"]["message"] and 1.4 < time.monotonic() - t0 < 5
-        c = pool.submit(raw, srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 2})
-        wait_until(lambda: health(srv.url)["queued"] == 1)
-        a.close()                                                              # the slot passes to c
-        status, _, body = c.result(timeout=10)
-        assert status == 200 and body["usage"]["completion_tokens"] == 2
-    assert slow.max_active == 1 and slow.started == 2
-
-
-def test_fifty_concurrent_clients(bundle, oracle, test_images, long_ok):
-    """Bounded load: 50 clients at once (text/image, plain/streamed); each is answered correctly or refused
-    with 503 + Retry-After, the model never runs two at once, and the server is healthy after."""
-    slow, srv = slow_server(bundle, 0.01, max_queue=8)
-    kinds = [(None, False), (None, True), ("red.png", False), ("blue.jpg", True)]
-    want = {k: oracle.generate(None if k[0] is None else str(test_images / k[0]), Q, max_new_tokens=6).text
-            for k in kinds}
-
-    def one(i: int):
-        img, stream = kinds[i % len(kinds)]
-        body = {"messages": user(Q, img and data_uri(test_images / img)), "max_tokens": 6, "stream": stream}
-        if not stream:
-            status, headers, data = raw(srv.url, "POST", "/v1/chat/completions", body, timeout=60)
-            return status, headers, data and (data["choices"][0]["message"]["content"] if status == 200 else data)
-        try:
-            text = "".join(pieces(client(srv.url).chat.completions.create(model=oracle.manifest.name, **body)))
-            return 200, {}, text
-        except openai.APIStatusError as e:
-            return e.status_code, {k.lower(): v for k, v in e.response.headers.items()}, e.response.json()
-
-    with srv:
-        t0 = time.monotonic()
-        with ThreadPoolExecutor(50) as pool:
-            results = list(pool.map(one, range(50), timeout=90))
-        elapsed = time.monotonic() - t0
-        ok = [i for i, r in enumerate(results) if r[0] == 200]
-        busy = [r for r in results if r[0] == 503]
-        assert len(ok) + len(busy) == 50, [r[0] for r in results]
-        assert len(ok) >= 9                                       # the first 1 + max_queue were always let in
-        for i in ok:
-            assert results[i][2] == want[kinds[i % len(kinds)]], i
-        for _, headers, err in busy:
-            assert int(headers["retry-after"]) >= 1 and err["error"]["code"] == "server_busy"
-        assert health(srv.url) == {"status": "ok", "model": oracle.manifest.name, "busy": False, "queued": 0,
-                                   "max_queue": 8}
-        assert slow.max_active == 1 and slow.started == slow.closed == len(ok)
-        assert raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 2})[0] == 200
-    assert elapsed < 60
 
 
 # -- images from elsewhere, orientation ---------------------------------------------------------------------
@@ -543,7 +384,8 @@ def test_cli_port_in_use(bundle):
 
 
 def test_serving_imports_no_torch_transformers_onnx_or_exporter(bundle):
-    code = ("import sys; from safeclip.runtime.pipeline import Pipeline; from safeclip.runtime.serve import create_app; "
+    code = ("import sys; from safeclip.runtime.pipeline import Pipeline; "
+            "from safeclip.runtime.serve import create_app; "
             f"p = Pipeline.load({str(bundle)!r}); app = create_app(p); p.generate(None, 'Hi', max_new_tokens=2); "
             "import safeclip.runtime.serve.cli; "
             "bad = [m for m in ('torch', 'transformers', 'onnx', 'safeclip.export') if m in sys.modules]; "
