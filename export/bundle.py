@@ -255,6 +255,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             "prompt": prompt,
             **extra,
             "build": {"target": opts.target, "precision": tgt.precision,
+                      "context": min(tgt.context, int(extra.get("model", {}).get("context_length", tgt.context))),
                       "parity": {r.component: r.max_abs_err for r in parity},
                       "plan": build_plan(tgt, graphs, extra.get("model", {}), preprocess), "engines": {}},
         }

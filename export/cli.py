@@ -57,12 +57,56 @@ def build_parser() -> argparse.ArgumentParser:
                           "with safeclip-build), datacenter (fp16, engines built now when TensorRT is present)")
     out.add_argument("--out", type=Path, default=None, help="bundle folder (default: engines/<name>)")
     out.add_argument("--no-decoder", action="store_true", help="export the vision+gate graph only")
+    plan = p.add_argument_group("planning")
+    plan.add_argument("--dry-run", action="store_true", help="export nothing: print the memory needed (weights, KV "
+                      "cache, activations) against every Jetson Orin module, for --model (a known name, a folder, "
+                      "or config.json) or, without --model, for the whole LLaVA family")
+    plan.add_argument("--context", type=int, default=None, help="with --dry-run: context length (default: the "
+                      "target's, at most the model's)")
     return p
+
+
+def dry_run(args) -> int:
+    from .memory import MODELS, dry_run_table, family_table
+    from .targets import target
+
+    tgt = target(args.target)
+    precision = "fp32" if tgt.precision == "float32" else "fp16"
+    context = args.context or tgt.context
+    if context < 1:
+        raise ValueError("--context must be at least 1")
+    if args.model == "demo" and "--model" not in (sys.argv[1:] if args.argv is None else args.argv):
+        print(family_table(context, precision))
+    else:
+        model = args.model
+        if model in ("demo", "demo-next"):
+            import tempfile
+            from .architectures import ARCHITECTURES
+            from .checkpoint import DEMOS
+            model = str(ARCHITECTURES[DEMOS[model]].tiny_test_model(Path(tempfile.mkdtemp()))[0])
+        elif model not in MODELS:
+            from .checkpoint import _resolve
+            model = str(_resolve(model, "model")[0])
+        if args.context is None:                     # the target's context, at most the model's
+            from .memory import _TEXT_DEFAULTS, _config
+            _, cfg = _config(model)
+            t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+            context = min(context, int(t["max_position_embeddings"]))
+        print(dry_run_table(model, context, precision))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     _quiet_libraries()
+    if args.dry_run:
+        try:
+            return dry_run(args)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"safeclip-export: error: {msg}", file=sys.stderr)
+            return 1
     t0 = time.perf_counter()
 
     def progress(step: str) -> None:
@@ -86,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for r in report.parity:
         print(f"parity  {r}", file=sys.stderr)
+    if args.target == "datacenter":          # build TensorRT engines at once where TensorRT and a GPU are here
+        try:
+            from .build import maybe_build_engines
+            outcome = maybe_build_engines(report.bundle, progress)
+            print(f"engines {outcome.message}", file=sys.stderr)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"safeclip-export: error: engine build failed (the ONNX bundle is complete): {msg}", file=sys.stderr)
+            return 1
     print(f"bundle  {report.bundle}  ({report.seconds:.1f}s, peak RSS {report.peak_rss_mb:.0f} MiB)", file=sys.stderr)
     print(report.bundle)
     return 0

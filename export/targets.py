@@ -31,9 +31,11 @@ class Target:
     description: str
 
     def vision_profiles(self, size: int, views: int = 1) -> list[dict]:
+        """One profile over the views of ``vision_batch`` images; ``views`` is the most views one image
+        makes (LLaVA-NeXT: base + tiles), while a single view stays the minimum."""
         b0, b1, b2 = self.vision_batch
-        shape = lambda b: [b * views, 3, size, size]
-        return [{"pixel_values": {"min": shape(b0), "opt": shape(b1), "max": shape(b2)}}]
+        shape = lambda n: [n, 3, size, size]
+        return [{"pixel_values": {"min": shape(b0), "opt": shape(b1 * views), "max": shape(b2 * views)}}]
 
     def decoder_profiles(self, hidden: int, num_layers: int, kv_heads: int, head_dim: int,
                          context: int) -> list[dict]:

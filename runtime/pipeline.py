@@ -25,7 +25,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backends import make_session
 from .gate import DEFAULT_INSTRUCTION, DEFAULT_REFUSAL, POLICIES, Verdict, verdict_from_probs
 from .image import MAX_PIXELS, load_image, preprocess
 from .manifest import FEATURES_OUTPUT, GATE_OUTPUT, BundleError, Manifest, load_manifest
@@ -170,6 +169,7 @@ class Pipeline:
         self.backend = backend
         self._lm = lm
         self._lock = threading.Lock()
+        self.backend_notes: list[str] = []
         g = manifest.gate
         self.classes: list[str] = list(g["classes"])
         self.safe_classes: list[str] = list(g["safe_classes"])
@@ -188,18 +188,23 @@ class Pipeline:
     def load(cls, bundle_dir: str | Path, backend: str = "auto", full_verify: bool = False,
              threads: int | None = None, context: int | None = None) -> "Pipeline":
         """Verify and open a bundle. ``context`` caps the KV cache (default: the model's context length)."""
+        from .backends.pick import choose_backend, open_vision
+
         m = load_manifest(bundle_dir, full_verify=full_verify)
-        device = "cpu" if backend in ("auto", "onnxruntime", "cpu") else backend
-        vg = m.graphs["vision_gate"]
-        vision = make_session(m.path(vg["file"]), device=device, threads=threads)
+        choice = choose_backend(m, backend)          # choice.notes: why faster backends were passed over
+        vision = open_vision(m, choice.name, threads)
         shape = vision.output_shapes.get(GATE_OUTPUT)
         if FEATURES_OUTPUT not in vision.output_names or shape is None:
             raise BundleError(f"{m.root}: vision graph does not emit '{GATE_OUTPUT}': refusing to serve ungated")
         if shape[-1] != len(m.gate["classes"]):
             raise BundleError(f"{m.root}: vision graph's gate width {shape[-1]} differs from the manifest's "
                               f"{len(m.gate['classes'])} classes")
-        lm = _load_language_model(m, context, threads) if "decoder" in m.graphs else None
-        return cls(m, vision, f"onnxruntime-{vision.provider.replace('ExecutionProvider', '').lower()}", lm)
+        if context is None:            # the export target's default KV capacity (same for every backend)
+            context = m.data.get("build", {}).get("context")
+        lm = _load_language_model(m, choice.name, context, threads) if "decoder" in m.graphs else None
+        pipe = cls(m, vision, choice.name, lm)
+        pipe.backend_notes = list(choice.notes)
+        return pipe
 
     @property
     def has_language_model(self) -> bool:
@@ -276,10 +281,10 @@ class Pipeline:
         return s.result
 
 
-def _load_language_model(m: Manifest, context: int | None, threads: int | None) -> _LanguageModel:
+def _load_language_model(m: Manifest, backend: str, context: int | None, threads: int | None) -> _LanguageModel:
     from tokenizers import Tokenizer
 
-    from .generate import OrtDecoder
+    from .backends.pick import open_decoder
 
     model, tok, prompt = m.model, m.tokenizer, m.prompt
     for key in ("image_token_id", "image_seq_length", "eos_token_ids", "context_length"):
@@ -293,14 +298,12 @@ def _load_language_model(m: Manifest, context: int | None, threads: int | None) 
         raise BundleError(f"{m.root}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e})") from None
     emb = m.data.get("embeddings") or {}
     table = np.load(m.path(emb["file"]), mmap_mode="r", allow_pickle=False)     # [V, D]
-    ctx = int(model["context_length"]) if context is None else min(int(context), int(model["context_length"]))
     so = None
     if threads:
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-    decoder = OrtDecoder.from_manifest(m.root, m.graphs["decoder"], capacity=ctx,
-                                       context_length=int(model["context_length"]), session_options=so)
+    decoder = open_decoder(m, backend, context=context, session_options=so)
     specials = {k: tok.get(k) for k in ("bos_token", "eos_token", "pad_token") if tok.get(k)}
     return _LanguageModel(decoder, table, tokenizer, prompt["chat_template"], specials,
                           int(model["image_token_id"]), int(model["image_seq_length"]),

@@ -91,15 +91,11 @@ def test_vision_profile_covers_llava_1_5_views(tgt):
 
 
 @pytest.mark.parametrize("tgt", BUILT, ids=lambda t: t.name)
-def test_vision_profile_covers_every_llava_next_view_count(tgt, request):
+def test_vision_profile_covers_every_llava_next_view_count(tgt):
     pins = MODELS["llava-v1.6-mistral-7b"]["image_grid_pinpoints"]
     counts = sorted({1 + (h // 336) * (w // 336) for h, w in pins})            # base view + the grid's tiles
     assert counts == [3, 4, 5] and max_views(pins, 336) == 5
     prof = vision_plan(tgt, pins)
     assert covered([prof], {"pixel_values": (5, 3, 336, 336)}) is not None
-    request.applymarker(pytest.mark.xfail(strict=True, reason=(
-        "gap reported, not fixed here: Target.vision_profiles multiplies min/opt/max by max_views, so the "
-        "profile's minimum is 5 views and images whose best pinpoint has 2 or 3 tiles (3 or 4 views) fall "
-        "outside it; the minimum should be 1 (or the fewest views a pinpoint gives)")))
     for views in counts:
         assert covered([prof], {"pixel_values": (views, 3, 336, 336)}) is not None, f"{views} views"
