@@ -131,7 +131,7 @@
     $("banner").dataset.category = gate.category || "";
     $("banner").dataset.action = gate.action || "";
     $("banner").hidden = false;
-    $("banner").scrollIntoView({ block: "nearest" });
+    $("banner").scrollIntoView({ block: "start" });
   }
 
   function appendText(text) {
