@@ -21,7 +21,8 @@ TOP_KEYS = {"date", "command", "machine", "loadavg_start", "loadavg_end", "model
             "runtime", "transformers", "decode_speedup", "ttft_speedup", "greedy_tokens_agree", "copy_GBps",
             "read_GBps", "weight_bytes_per_token", "decoder_data_bytes", "embed_table_bytes",
             "roofline_copy_tokens_per_s", "roofline_copy_fraction", "roofline_read_tokens_per_s",
-            "roofline_read_fraction", "kv_arena_bytes", "kv_update_costs", "rss", "peak_rss_over_weights", "targets"}
+            "roofline_read_fraction", "kv_arena_bytes", "kv_update_costs", "rss", "peak_rss_over_weights",
+            "peak_rss_full_kv_over_weights", "targets"}
 SIDE_KEYS = {"decode_tokens_per_s", "ttft_s", "samples_decode_tokens_per_s", "samples_ttft_s"}
 RSS_KEYS = {"variant", "vmhwm_bytes", "after_load_vmrss_bytes", "kv_arena_bytes", "decode_tokens_per_s",
             "torch_imported", "load_s"}
@@ -54,3 +55,4 @@ def test_quick_run_writes_consistent_json(tmp_path):
     default = next(v for v in r["rss"] if v["variant"] == "default")
     weights = r["decoder_data_bytes"] + r["embed_table_bytes"]
     assert r["peak_rss_over_weights"] == pytest.approx(default["vmhwm_bytes"] / weights)
+    assert r["peak_rss_full_kv_over_weights"] == pytest.approx((default["vmhwm_bytes"] + r["kv_arena_bytes"]) / weights)
