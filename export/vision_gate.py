@@ -68,8 +68,8 @@ class VisionGate(nn.Module):
         self.register_buffer("class_matrix", onehot)                               # [S, C]
         self.logit_scale = float(logit_scale)
 
-    def forward(self, pixel_values: torch.Tensor):
-        # pixel_values: [B, 3, H, W]
+    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image_features [B, N, D_lm], gate CLS [B, Dv]) from pixel_values [B, 3, H, W]."""
         h = self.pre_layrnorm(self.embeddings(pixel_values))                      # [B, 1+P, Dv]
         states = {0: h}
         for i, layer in enumerate(self.layers, start=1):
@@ -79,17 +79,21 @@ class VisionGate(nn.Module):
         if self.drop_cls:
             feats = [f[:, 1:] for f in feats]
         selected = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
-        image_features = self.projector(selected)                                 # [B, N, D_lm]
+        return self.projector(selected), states[self.gate_idx][:, 0]
 
-        cls = states[self.gate_idx][:, 0]                                          # [B, Dv]
+    def head(self, cls: torch.Tensor) -> torch.Tensor:
+        """class_probs [B, C] from the gate CLS [B, Dv]."""
         if self.post_layernorm is not None:
             cls = self.post_layernorm(cls)
         emb = self.visual_projection(cls)                                          # [B, E]
         emb = emb / emb.norm(dim=-1, keepdim=True)
         logits = self.logit_scale * (emb @ self.text_embeds_t)                     # [B, S]
         probs = torch.softmax(logits, dim=-1)
-        class_probs = probs @ self.class_matrix                                    # [B, C]
-        return image_features, class_probs
+        return probs @ self.class_matrix                                           # [B, C]
+
+    def forward(self, pixel_values: torch.Tensor):
+        image_features, cls = self.encode(pixel_values)
+        return image_features, self.head(cls)
 
 
 class _Fp32LayerNorm(nn.Module):
@@ -129,21 +133,5 @@ class HalfVisionGate(nn.Module):
         self.gate = g
 
     def forward(self, pixel_values: torch.Tensor):
-        g = self.gate
-        h = g.pre_layrnorm(g.embeddings(pixel_values.half()))                     # [B, 1+P, Dv] fp16
-        states = {0: h}
-        for i, layer in enumerate(g.layers, start=1):
-            h = layer(h, None)
-            states[i] = h
-        feats = [states[i] for i in g.feature_idx]
-        if g.drop_cls:
-            feats = [f[:, 1:] for f in feats]
-        selected = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
-        image_features = g.projector(selected)                                    # [B, N, D_lm] fp16
-        cls = states[g.gate_idx][:, 0].float()                                     # gate head in fp32
-        if g.post_layernorm is not None:
-            cls = g.post_layernorm(cls)
-        emb = g.visual_projection(cls)
-        emb = emb / emb.norm(dim=-1, keepdim=True)
-        probs = torch.softmax(g.logit_scale * (emb @ g.text_embeds_t), dim=-1)
-        return image_features, probs @ g.class_matrix
+        image_features, cls = self.gate.encode(pixel_values.half())               # fp16 tower and projector
+        return image_features, self.gate.head(cls.float())                        # gate head in fp32
