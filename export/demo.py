@@ -54,63 +54,65 @@ def byte_level_tokenizer(specials: list[str], bos: str | None = None):
     return tok
 
 
-def build_demo(out_dir: str | Path, seed: int = DEMO_SEED, num_kv_heads: int = 2) -> tuple[Path, Path]:
-    """Write the demo LLaVA and CLIP checkpoints under ``out_dir``; returns (llava_dir, clip_dir)."""
-    import torch
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig,
-                              LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+def demo_tokenizers(chat_template: str, model_max_length: int):
+    """(language-model tokenizer with ``<image>``, CLIP tokenizer), both byte-level, made in code."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
 
-    out = Path(out_dir)
-    llava_dir, clip_dir = out / "llava", out / "clip"
-
-    # --- language-model tokenizer ------------------------------------------------------------------
-    lm_specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     lm_tok = PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_tokenizer(lm_specials, bos="<s>"),
+        tokenizer_object=byte_level_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>"),
         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, model_max_length=2048)
-    lm_tok.chat_template = LLAVA_CHAT_TEMPLATE
-    vocab = len(lm_tok)
-    image_token_id = lm_tok.convert_tokens_to_ids("<image>")
-
-    # --- CLIP tokenizer ----------------------------------------------------------------------------
-    clip_specials = ["<|startoftext|>", "<|endoftext|>"]
+        extra_special_tokens={"image_token": "<image>"}, model_max_length=model_max_length)
+    lm_tok.chat_template = chat_template
     clip_tok = PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_tokenizer(clip_specials, bos="<|startoftext|>"),
+        tokenizer_object=byte_level_tokenizer(["<|startoftext|>", "<|endoftext|>"], bos="<|startoftext|>"),
         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
         unk_token="<|endoftext|>", model_max_length=77)
     # CLIP's text pooling takes the first <|endoftext|>: append it as the reference tokenizer does.
-    from tokenizers import processors
     clip_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    return lm_tok, clip_tok
 
-    torch.manual_seed(seed)
+
+def demo_configs(lm_tok, image_size: int, context: int, num_kv_heads: int):
+    """(CLIP vision config, Llama text config) of the tiny demo shapes."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
     vision_cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH,
+                                  num_attention_heads=4, image_size=image_size, patch_size=PATCH,
                                   projection_dim=32, hidden_act="quick_gelu")
-    text_cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=2048,
+    text_cfg = LlamaConfig(vocab_size=len(lm_tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=context,
                            rms_norm_eps=1e-5, bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id,
                            pad_token_id=lm_tok.pad_token_id, tie_word_embeddings=False)
-    llava_cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
-                            projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                            vision_feature_layer=-2, image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
-                            pad_token_id=lm_tok.pad_token_id)
-    llava = LlavaForConditionalGeneration(llava_cfg).eval()
-    # Readable nonsense: the output-head rows of printable-ASCII tokens are scaled up and all others zeroed,
-    # so generated text is letters and punctuation rather than stray UTF-8 bytes (replacement characters).
-    # The weights stay random; the text stays meaningless. EOS keeps a small random row: answers rarely end
-    # before max_new_tokens.
+    return vision_cfg, text_cfg
+
+
+def finish_demo_model(model, lm_tok) -> None:
+    """Generation ids, and a readable-nonsense output head.
+
+    The output-head rows of printable-ASCII tokens are scaled up and all others zeroed, so generated text is
+    letters and punctuation rather than stray UTF-8 bytes (replacement characters). The weights stay random;
+    the text stays meaningless. EOS keeps a small random row: answers rarely end before max_new_tokens.
+    """
+    import torch
+
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(lm_tok, key))
     with torch.no_grad():
-        for tid in range(vocab):
+        for tid in range(len(lm_tok)):
             piece = lm_tok.decode([tid])
             if len(piece) == 1 and 32 <= ord(piece) < 127:
-                llava.lm_head.weight[tid].mul_(30.0)
+                model.lm_head.weight[tid].mul_(30.0)
             elif tid != lm_tok.eos_token_id:
-                llava.lm_head.weight[tid].zero_()
-    llava.generation_config.bos_token_id = lm_tok.bos_token_id
-    llava.generation_config.eos_token_id = lm_tok.eos_token_id
-    llava.generation_config.pad_token_id = lm_tok.pad_token_id
+                model.lm_head.weight[tid].zero_()
+
+
+def demo_clip(vision_cfg, clip_tok, tower):
+    """A CLIPModel whose vision tower *is* ``tower`` (LLaVA's towers are CLIP towers), with a small text
+    tower and a trained CLIP's temperature (logit scale 100)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
     clip_cfg = CLIPConfig(
         text_config=CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=48, intermediate_size=96,
@@ -119,10 +121,31 @@ def build_demo(out_dir: str | Path, seed: int = DEMO_SEED, num_kv_heads: int = 2
                                    eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id).to_dict(),
         vision_config=vision_cfg.to_dict(), projection_dim=32)
     clip = CLIPModel(clip_cfg).eval()
-    # The CLIP vision tower is the LLaVA tower (LLaVA-1.5 uses CLIP ViT-L/14-336 unchanged).
-    clip.vision_model.load_state_dict(llava.model.vision_tower.state_dict())
+    clip.vision_model.load_state_dict(tower.state_dict())
     with torch.no_grad():
-        clip.logit_scale.fill_(torch.log(torch.tensor(100.0)))      # a trained CLIP's value
+        clip.logit_scale.fill_(torch.log(torch.tensor(100.0)))
+    return clip
+
+
+def build_demo(out_dir: str | Path, seed: int = DEMO_SEED, num_kv_heads: int = 2) -> tuple[Path, Path]:
+    """Write the demo LLaVA and CLIP checkpoints under ``out_dir``; returns (llava_dir, clip_dir)."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    out = Path(out_dir)
+    llava_dir, clip_dir = out / "llava", out / "clip"
+    lm_tok, clip_tok = demo_tokenizers(LLAVA_CHAT_TEMPLATE, 2048)
+    image_token_id = lm_tok.convert_tokens_to_ids("<image>")
+
+    torch.manual_seed(seed)
+    vision_cfg, text_cfg = demo_configs(lm_tok, IMAGE_SIZE, 2048, num_kv_heads)
+    llava_cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
+                            projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                            vision_feature_layer=-2, image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+                            pad_token_id=lm_tok.pad_token_id)
+    llava = LlavaForConditionalGeneration(llava_cfg).eval()
+    finish_demo_model(llava, lm_tok)
+    clip = demo_clip(vision_cfg, clip_tok, llava.model.vision_tower)
 
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},

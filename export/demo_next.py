@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .demo import CLIP_MEAN, CLIP_STD, DEMO_SEED, byte_level_tokenizer
+from .demo import CLIP_MEAN, CLIP_STD, DEMO_SEED, demo_clip, demo_configs, demo_tokenizers, finish_demo_model
 
 IMAGE_SIZE, PATCH = 84, 14
 GRID_PINPOINTS = [[84, 168], [168, 84], [168, 168], [252, 84], [84, 252]]
@@ -39,58 +39,24 @@ LLAVA_NEXT_CHAT_TEMPLATE = (
 def build_demo_next(out_dir: str | Path, seed: int = DEMO_SEED + 1, num_kv_heads: int = 2) -> tuple[Path, Path]:
     """Write the tiny LLaVA-NeXT and its CLIP under ``out_dir``; returns (llava_next_dir, clip_dir)."""
     import torch
-    from tokenizers import processors
-    from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, LlamaConfig,
-                              LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     out = Path(out_dir)
     next_dir, clip_dir = out / "llava_next", out / "clip"
-
-    lm_specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    lm_tok = PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_tokenizer(lm_specials, bos="<s>"),
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
-    lm_tok.chat_template = LLAVA_NEXT_CHAT_TEMPLATE
+    lm_tok, clip_tok = demo_tokenizers(LLAVA_NEXT_CHAT_TEMPLATE, 4096)
     image_token_id = lm_tok.convert_tokens_to_ids("<image>")
 
-    clip_specials = ["<|startoftext|>", "<|endoftext|>"]
-    clip_tok = PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_tokenizer(clip_specials, bos="<|startoftext|>"),
-        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>", model_max_length=77)
-    clip_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-
     torch.manual_seed(seed)
-    vision_cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH,
-                                  projection_dim=32, hidden_act="quick_gelu")
-    text_cfg = LlamaConfig(vocab_size=len(lm_tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=4096,
-                           rms_norm_eps=1e-5, bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id,
-                           pad_token_id=lm_tok.pad_token_id, tie_word_embeddings=False)
+    vision_cfg, text_cfg = demo_configs(lm_tok, IMAGE_SIZE, 4096, num_kv_heads)
     cfg = LlavaNextConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
                           projector_hidden_act="gelu", vision_feature_select_strategy="default",
                           vision_feature_layer=-2, image_grid_pinpoints=GRID_PINPOINTS,
                           image_seq_length=(IMAGE_SIZE // PATCH) ** 2, pad_token_id=lm_tok.pad_token_id)
     model = LlavaNextForConditionalGeneration(cfg).eval()
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(model.generation_config, key, getattr(lm_tok, key))
-
-    clip_cfg = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=48, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                   projection_dim=32, bos_token_id=clip_tok.bos_token_id,
-                                   eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id).to_dict(),
-        vision_config=vision_cfg.to_dict(), projection_dim=32)
-    clip = CLIPModel(clip_cfg).eval()
-    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())   # the tower is the CLIP tower
-    with torch.no_grad():
-        clip.logit_scale.fill_(torch.log(torch.tensor(100.0)))
+    finish_demo_model(model, lm_tok)
+    clip = demo_clip(vision_cfg, clip_tok, model.model.vision_tower)
 
     sq = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     common = dict(do_resize=True, resample=3, do_center_crop=True, crop_size=sq, do_rescale=True,
