@@ -33,8 +33,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 INSTALL_HINT = ("TensorRT is not installed: on Jetson use the JetPack system package; elsewhere see NVIDIA's "
                 "install guide — it cannot be pip-installed from PyPI on machines without access to NVIDIA's index")
-CUDA_HINT = ("cuda-python is not installed: `pip install cuda-python` (NVIDIA's CUDA bindings; on Jetson pick the "
-             "release matching the JetPack CUDA version)")
 PRECISIONS = ("strongly_typed", "fp16")
 DEVICE_FIELDS = ("tensorrt_version", "gpu_name", "compute_capability")
 
@@ -322,16 +320,12 @@ def engine_from_onnx(onnx_path: str | Path, plan_path: str | Path, profiles: Map
 # -- device identity -----------------------------------------------------------------------------------
 
 def _cuda_runtime():
+    """cuda-python's runtime module (the runtime's own import, with its install hint)."""
+    from safeclip.runtime.backends.cuda import CudaError, import_cudart
     try:
-        from cuda.bindings import runtime          # cuda-python >= 12.6
-        return runtime
-    except ImportError:
-        pass
-    try:
-        from cuda import cudart                    # older cuda-python
-        return cudart
-    except ImportError as e:
-        raise TensorRTUnavailableError(CUDA_HINT) from e
+        return import_cudart()
+    except CudaError as e:
+        raise TensorRTUnavailableError(str(e)) from e
 
 
 def _cuda_call(rt, fn: str, *args):
