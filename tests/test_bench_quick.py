@@ -38,8 +38,11 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     for key in ("seconds", "peak_rss_mb", "weight_bytes", "peak_multiple", "phases"):
         assert key in res["export"], key
     # every timed variant ran the requested rounds and took positive time
+    rounds, paired = res["settings"]["rounds"], res["settings"]["paired_rounds"]
+    assert (rounds, paired) == (2, 4)
     for name, t in res["timings"].items():
-        assert len(t["runs"]) == 2 and min(t["runs"]) > 0, name
+        assert len(t["runs"]) == (paired if name.endswith("_p") or name.startswith("ttft") else rounds), name
+        assert min(t["runs"]) > 0, name
     # the compared graphs compute the same thing; the clean image passes the gate without extra tokens
     c = res["checks"]
     assert c["ort_vs_torch_features"] < 1e-4 and c["ort_vs_torch_probs"] < 1e-5
