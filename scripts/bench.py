@@ -1,6 +1,6 @@
 """Vision encoder + SafeCLIP gate benchmark at real LLaVA-1.5 shapes (random weights): one command.
 
-    python scripts/bench.py             # CLIP ViT-L/14-336 tower + LLaVA-1.5-7B projector + gate (~10 min)
+    python scripts/bench.py             # CLIP ViT-L/14-336 + LLaVA-1.5-7B projector + gate: ~5 min idle, ~10 loaded
     python scripts/bench.py --quick     # tiny shapes, under a minute: checks the benchmark itself
     python scripts/bench.py --out DIR/bench.json --reps 7
 
@@ -14,8 +14,8 @@ weight values, so the weights are random. Measured in one run:
   only it needs deleted from the exported ONNX: every other node is identical);
 * vision encoder: ONNX Runtime (the runtime's own ``make_session``) vs PyTorch eager (the exported module,
   eager attention as the exporter loads it, and with SDPA attention), the fraction of the GEMM peak, and
-  ONNX Runtime variants: onnxscript's ``ort_fusions`` (Attention, SkipLayerNorm), onnxruntime.transformers'
-  ``optimize_model(model_type="clip")``, and intra-op thread spinning off;
+  ONNX Runtime variants: ``intra_op_num_threads=2``, intra-op thread spinning off, onnxscript's
+  ``ort_fusions`` (Attention, SkipLayerNorm) and onnxruntime.transformers' ``optimize_model(model_type="clip")``;
 * end to end on a clean image: ``Pipeline.generate(max_new_tokens=1)`` (preprocess + vision + prefill = time
   to first token) gated vs the same Pipeline on the ungated graph. The decoder has the real width but only
   ``lm_layers`` layers (memory: 2 cores, 24 GiB); the real 32-layer prefill is longer, so the gate's share
@@ -24,8 +24,10 @@ weight values, so the weights are random. Measured in one run:
   per phase, as a multiple of the graph's weight bytes.
 
 Timing: every variant runs once per round, rounds alternate the variants (the order rotates), the first
-``--warmup`` rounds are discarded, and medians are reported. Other processes share the 2 cores, so
-``os.getloadavg()`` is recorded at start and end. Never part of CI's test command.
+``--warmup`` rounds are discarded, and medians are reported; a difference between two variants is taken per
+round (same load) and reported as the median and interquartile range of those. The with/without-gate pairs
+get twice the rounds. Other processes share the 2 cores, so ``os.getloadavg()`` is recorded at start and end.
+Never part of CI's test command (``tests/test_bench_quick.py`` runs ``--quick`` and is marked slow).
 """
 from __future__ import annotations
 
@@ -193,7 +195,7 @@ def per_call(fn, calls: int):
 
 def summary(values: list[float]) -> dict:
     q = np.percentile(values, [25, 50, 75])
-    return {"median": float(q[1]), "iqr": float(q[2] - q[0]), "runs": [round(v, 6) for v in values]}
+    return {"median": float(q[1]), "iqr": float(q[2] - q[0]), "runs": [float(f"{v:.6g}") for v in values]}
 
 
 def gemm_probes(n: int) -> dict:
@@ -256,11 +258,16 @@ def bench(args) -> dict:
     try:
         # full: one after the other (the export's wall time and memory alone); quick: side by side (< 1 min)
         cost = start_child("export-cost", args, work / "export-cost")
-        if not args.quick:
-            res["export"] = finish_child("export-cost", cost)
-        built = finish_child("bundle", start_child("bundle", args, work))
-        if args.quick:
-            res["export"] = finish_child("export-cost", cost)
+        try:
+            if not args.quick:
+                res["export"] = finish_child("export-cost", cost)
+            built = finish_child("bundle", start_child("bundle", args, work))
+            if args.quick:
+                res["export"] = finish_child("export-cost", cost)
+        finally:
+            if cost.poll() is None:                                       # the bundle child failed first
+                cost.kill()
+                cost.wait()
         stage("children")
         res["fusions"] = {k: built[k] for k in ("ort_fusions_stats", "optimizer_clip_stats")}
         res["bundle_export_s"] = built["bundle_export_s"]
