@@ -238,6 +238,7 @@ def bench(args) -> dict:
     from safeclip.export.checkpoint import load_sources
     from safeclip.export.onnx import onnx_from_module
     from safeclip.runtime.backends.ort import make_session
+    from safeclip.runtime.gate import verdict_from_probs
     from safeclip.runtime.pipeline import Pipeline
 
     shape = SHAPES["quick" if args.quick else "full"]
@@ -282,6 +283,7 @@ def bench(args) -> dict:
         tower = src.arch.vision_parts(src.llava).tower
         pv = pipe.pixel_values(str(IMAGE))                                # [1, 3, S, S]: the clean image
         feed, x = {"pixel_values": pv}, torch.from_numpy(pv)
+        rule = (pipe.classes, pipe.safe_classes, pipe.threshold)         # the verdict the Pipeline computes
 
         # the gate head alone, with the graph's own weights, on a CLS vector [1, Dv]
         head = gate_head_module(module).eval()
@@ -316,7 +318,9 @@ def bench(args) -> dict:
         runs = timed_rounds({**gemm_probes(n), "torch_eager": torch_run("eager"), "torch_sdpa": torch_run("sdpa"),
                              "ort_gated": clock(lambda: gated.sess.run(None, feed)),
                              "head_onnxruntime": per_call(lambda: head_sess.run(None, {"cls": cls_np}), 200),
-                             "head_numpy": per_call(lambda: head_numpy(cls_np, **hw), 200)}, args.reps, args.warmup)
+                             "head_numpy": per_call(lambda: head_numpy(cls_np, **hw), 200),
+                             "verdict": per_call(lambda: verdict_from_probs(g_probs[0], *rule), 200)},
+                            args.reps, args.warmup)
         stage("stage1")
         tower.set_attn_implementation("eager")
         del module, head, src, tower, t_feats, torch_run
@@ -422,7 +426,9 @@ def derive(res: dict, shape: dict, layers: int) -> dict:
                 "overhead": paired(r["ttft_gated"], r["ttft_ungated"]),
                 "overhead_of_medians": t["ttft_gated"] / t["ttft_ungated"] - 1,
                 "overhead_of_minimums": min(r["ttft_gated"]) / min(r["ttft_ungated"]) - 1,
-                "head_over_ttft": t["head_onnxruntime"] / t["ttft_gated"], "lm_layers": shape["lm_layers"]},
+                "head_over_ttft": t["head_onnxruntime"] / t["ttft_gated"], "verdict_ms": t["verdict"] * 1e3,
+                "gate_work_over_ttft": (t["head_onnxruntime"] + t["verdict"]) / t["ttft_gated"],
+                "lm_layers": shape["lm_layers"]},
     }
 
 
@@ -453,7 +459,7 @@ def main(argv=None) -> int:
         fn = {"export-cost": child_export_cost, "bundle": child_bundle}[args.child]
         print(CHILD_TAG + json.dumps(fn(shape, args.work)), flush=True)
         return 0
-    args.reps = args.reps or (2 if args.quick else 5)
+    args.reps = (2 if args.quick else 5) if args.reps is None else args.reps
     if args.reps < 1 or args.warmup < 0:
         ap.error("--reps must be >= 1 and --warmup >= 0")
     try:

@@ -33,7 +33,7 @@ def test_bench_quick_writes_table_and_json(tmp_path):
         assert key in d["gate"], key
     for key in ("ort_over_eager", "ort_over_sdpa", "fraction_of_peak", "tuning", "flops"):
         assert key in d["vision"], key
-    for key in ("ttft_gated_s", "ttft_ungated_s", "overhead"):
+    for key in ("ttft_gated_s", "ttft_ungated_s", "overhead", "verdict_ms", "gate_work_over_ttft"):
         assert key in d["e2e"], key
     for key in ("seconds", "peak_rss_mb", "weight_bytes", "peak_multiple", "phases"):
         assert key in res["export"], key
