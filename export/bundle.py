@@ -6,7 +6,6 @@ once the new one is complete; a folder that is not a bundle is never overwritten
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -92,12 +91,17 @@ def _parity_inputs(size: int, batch: int = 2) -> np.ndarray:
 
 
 def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
-                       precision: str = "float32") -> tuple[dict, ParityResult]:
+                       precision: str = "float32", release: bool = False) -> tuple[dict, ParityResult]:
     """Export the vision+gate graph and check it against the fp32 PyTorch module (a build gate).
 
     fp32: max abs error <= 1e-4 on image features and <= 1e-5 on probabilities. fp16 (GPU targets; LayerNorms
     and the gate head stay fp32): features within 2e-2 x max(1, max|ref|), probabilities within 1e-3. In both
     cases the verdicts at several thresholds must equal those of the fp32 reference.
+
+    ``release=True`` frees the torch weights this graph was made from (CLIP's text tower once the descriptor
+    embeddings exist; LLaVA's tower and projector once the graph is written and the reference outputs are
+    computed) before ONNX Runtime loads the graph for the parity check, so the two copies never coexist.
+    ``src`` is then only good for the language-model export.
     """
     import torch
 
@@ -107,6 +111,9 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     if precision not in ("float32", "float16"):
         raise ValueError(f"unknown precision '{precision}' (supported: float32, float16)")
     module = vision_gate_from_sources(src, dset, variant, text_embeds)
+    if release:
+        src.clip.text_model = None                                       # embeddings are baked into `module`
+    layers_computed = len(module.layers)
     vcfg = src.llava.config.vision_config
     size = vcfg.image_size
     sample = torch.from_numpy(_parity_inputs(size))                      # pixel_values [2, 3, S, S]
@@ -119,6 +126,12 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     onnx_from_module(exported, (sample,), path, ["pixel_values"], [FEATURES_OUTPUT, GATE_OUTPUT],
                      dynamic_shapes={"pixel_values": {0: batch}})
     del exported
+    if release:
+        import gc
+        src.llava.model.vision_tower = None
+        src.llava.model.multi_modal_projector = None
+        del module
+        gc.collect()
     got = run_onnx(path, {"pixel_values": sample.numpy()}, [FEATURES_OUTPUT, GATE_OUTPUT])
     if precision == "float32":
         tol = {FEATURES_OUTPUT: FEATURE_ATOL, GATE_OUTPUT: PROB_ATOL}
@@ -140,7 +153,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
         "inputs": _io({"pixel_values": (["batch", 3, size, size], "float32")}),
         "outputs": _io({FEATURES_OUTPUT: (["batch", n_tokens, d_lm], precision),
                         GATE_OUTPUT: (["batch", len(dset.classes)], "float32")}),
-        "encoder_layers_computed": len(module.layers),
+        "encoder_layers_computed": layers_computed,
         "encoder_layers_total": vcfg.num_hidden_layers,
     }
     return graph, result
@@ -189,8 +202,9 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         progress("loading checkpoints")
         src = load_sources(opts.model, opts.clip, tmp / "_work", vision_tower=opts.vision_tower)
         progress("exporting vision + gate graph")
+        newline = src.arch.vision_parts(src.llava).image_newline          # before the tower is released
         vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override,
-                                                 precision=tgt.precision)
+                                             precision=tgt.precision, release=True)
         parity = [vparity]
         graphs = {"vision_gate": vgraph}
         extra: dict = {}
@@ -213,7 +227,6 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         tok_entry, prompt = _tokenizer_and_prompt(src, tmp)
         from .architectures import read_preprocessor_config
         preprocess = src.arch.preprocess_spec(read_preprocessor_config(src.llava_path), src.llava.config)
-        newline = src.arch.vision_parts(src.llava).image_newline
         if newline is not None:                         # anyres: packed between rows of tiles by the runtime
             np.save(tmp / "image_newline.npy", newline.astype(np.float32))
             vgraph["image_newline"] = "image_newline.npy"

@@ -47,7 +47,6 @@ def _resolve(name: str, what: str) -> tuple[Path, str | None]:
         raise CheckpointError(f"{what} '{name}': no such folder, and not a Hugging Face id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError
     except ImportError as e:  # pragma: no cover - transformers depends on huggingface_hub
         raise CheckpointError(f"huggingface_hub is missing: {e}") from None
     try:
@@ -100,15 +99,18 @@ def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
         clip_name = clip or DEFAULT_CLIP
         clip_dir, clip_rev = _resolve(clip_name, "CLIP model")
     arch = _arch_of(llava_dir, model)
-    try:
-        llava = arch.model_cls().from_pretrained(llava_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    except Exception as e:
-        raise CheckpointError(f"model '{model}': cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    # CLIP first: the gate needs its text tower, visual_projection and logit scale, never its own vision
+    # tower (the gate runs on LLaVA's tower), which is dropped before LLaVA is loaded to keep the peak low.
     try:
         clip_model = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32, attn_implementation="eager").eval()
     except Exception as e:
         raise CheckpointError(f"CLIP model '{clip_name}': cannot load "
                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    clip_model.vision_model = None
+    try:
+        llava = arch.model_cls().from_pretrained(llava_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    except Exception as e:
+        raise CheckpointError(f"model '{model}': cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     vt_id = vt_rev = None
     if vision_tower:
         vt_dir, vt_rev = _resolve(vision_tower, "vision tower")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from safeclip.runtime.gate import verdict_from_probs
-from safeclip.runtime.manifest import BundleError, MANIFEST, integrity_of, load_manifest, write_manifest
+from safeclip.runtime.manifest import BundleError, MANIFEST, load_manifest, write_manifest
 from safeclip.runtime.pipeline import Pipeline
 
 from conftest import copy_bundle

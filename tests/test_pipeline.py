@@ -5,7 +5,6 @@ flagged as 'gun' and another is clean; the language model is the demo's, exporte
 """
 import json
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
