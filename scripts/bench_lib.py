@@ -291,6 +291,9 @@ def markdown_table(res: dict, targets: dict, pct) -> str:
         ("Vision+gate graph vs the same graph without the head (paired per round: median, IQR)",
          f"{pct(go['median'])} (IQR {pct(go['q25'])} .. {pct(go['q75'])})", f"<= {pct(targets['graph_overhead'], 1)}",
          met_paired(go, targets["graph_overhead"])),
+        ("  A/A control: the gated graph vs a second session of the same graph",
+         f"{pct(g['graph_a_a_control']['median'])} (IQR {pct(g['graph_a_a_control']['q25'])} .. "
+         f"{pct(g['graph_a_a_control']['q75'])})", "", ""),
         ("Vision encoder: ONNX Runtime vs PyTorch eager (eager attention: the exported module)",
          f"{v['ort_s']:.3f} s vs {v['torch_eager_s']:.3f} s = {v['ort_over_eager']:.2f}x",
          f">= {targets['ort_over_eager']}x", met(v["ort_over_eager"] >= targets["ort_over_eager"])),
@@ -318,6 +321,9 @@ def markdown_table(res: dict, targets: dict, pct) -> str:
          f"{e['ttft_gated_s']:.3f} s vs {e['ttft_ungated_s']:.3f} s: {pct(eo['median'])} "
          f"(IQR {pct(eo['q25'])} .. {pct(eo['q75'])})", f"<= {pct(targets['ttft_overhead'], 1)}",
          met_paired(eo, targets["ttft_overhead"])),
+        ("  A/A control: the gated Pipeline vs the same with a second session of the gated graph",
+         f"{pct(e['a_a_control']['median'])} (IQR {pct(e['a_a_control']['q25'])} .. "
+         f"{pct(e['a_a_control']['q75'])})", "", ""),
         ("End to end: the gate's own work per image (head in ONNX Runtime + verdict in Python) / TTFT",
          f"({g['head_onnxruntime_ms']:.3f} + {e['verdict_ms']:.3f}) ms / {e['ttft_gated_s']:.3f} s = "
          f"{pct(e['gate_work_over_ttft'], 4)}", f"<= {pct(targets['ttft_overhead'], 1)}",

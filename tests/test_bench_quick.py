@@ -29,11 +29,11 @@ def test_bench_quick_writes_table_and_json(tmp_path):
         assert key in res["machine"], key
     d = res["derived"]
     assert set(d) == {"gate", "vision", "e2e"}
-    for key in ("head_onnxruntime_ms", "head_over_vision", "graph_overhead"):
+    for key in ("head_onnxruntime_ms", "head_over_vision", "graph_overhead", "graph_a_a_control"):
         assert key in d["gate"], key
     for key in ("ort_over_eager", "ort_over_sdpa", "fraction_of_peak", "tuning", "flops"):
         assert key in d["vision"], key
-    for key in ("ttft_gated_s", "ttft_ungated_s", "overhead", "verdict_ms", "gate_work_over_ttft"):
+    for key in ("ttft_gated_s", "ttft_ungated_s", "overhead", "verdict_ms", "gate_work_over_ttft", "a_a_control"):
         assert key in d["e2e"], key
     for key in ("seconds", "peak_rss_mb", "weight_bytes", "peak_multiple", "phases"):
         assert key in res["export"], key
@@ -41,7 +41,8 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     rounds, paired = res["settings"]["rounds"], res["settings"]["paired_rounds"]
     assert (rounds, paired) == (2, 4)
     for name, t in res["timings"].items():
-        assert len(t["runs"]) == (paired if name.endswith("_p") or name.startswith("ttft") else rounds), name
+        in_pairs = name.startswith(("ttft", "ort_gated_p", "ort_ungated_p"))
+        assert len(t["runs"]) == (paired if in_pairs else rounds), name
         assert min(t["runs"]) > 0, name
     # the compared graphs compute the same thing; the clean image passes the gate without extra tokens
     c = res["checks"]
