@@ -83,12 +83,8 @@ def machine_facts() -> dict:
 
 
 def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    from safeclip.runtime.generate import _best_of      # the runtime's own timer (kv_update_costs uses it)
+    return _best_of(fn, repeats)
 
 
 class Bandwidth:
