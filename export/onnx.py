@@ -5,6 +5,7 @@ beside the graph; bundles hash both files.
 """
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from pathlib import Path
@@ -38,9 +39,32 @@ def onnx_from_module(module, args: tuple, path: str | Path, input_names: list[st
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"torch.onnx export of {path.name} failed: {first}") from e
     program.save(str(path), external_data=True)
+    del program
+    _release_rewriter_state()
     files = [path]
     if data.exists():
         files.append(data)
     for f in files:
         os.chmod(f, 0o644)
     return files
+
+
+def _release_rewriter_state() -> None:
+    """Let the exported module's weights be freed once the caller drops the module.
+
+    onnxscript's rewrite rules are module-level objects whose pattern matchers keep their last match
+    (``SimplePatternMatcher._current_node``, ``_match`` and ``_graph``; onnxscript 0.7.2). Through it the IR
+    graph stays reachable, and its initializers wrap the module's own parameters, so after an export the
+    torch weights could never be freed and the parity check held two copies of every weight. Resetting the
+    matchers' match state (what ``_init_match`` does before every match, and ``match`` sets ``_graph`` anew)
+    drops that reference.
+    """
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:          # another onnxscript layout: nothing known to release
+        return
+    for obj in gc.get_objects():
+        if issubclass(type(obj), SimplePatternMatcher):      # isinstance() would poke deprecated proxies
+            obj._init_match(0)
+            obj._graph = None
+    gc.collect()
