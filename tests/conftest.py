@@ -101,3 +101,20 @@ def demo_bundle(tmp_path_factory, cache_dir) -> Path:
     from safeclip.export.bundle import ExportOptions, export_bundle
     out = tmp_path_factory.mktemp("bundles") / "demo"
     return export_bundle(ExportOptions(model="demo", out=out)).bundle
+
+
+@pytest.fixture(scope="session")
+def controlled_bundle(tmp_path_factory, demo_sources, test_images, cache_dir) -> Path:
+    """The full demo bundle with a controlled gate: red.png is flagged 'gun', blue.jpg is clean."""
+    import json
+
+    from safeclip.descriptors import load_descriptor_set
+    from safeclip.export.bundle import ExportOptions, export_bundle
+    from safeclip.runtime.image import load_image, preprocess, preprocess_spec_from_config
+
+    spec = preprocess_spec_from_config(json.loads((demo_sources.llava_path / "preprocessor_config.json").read_text()))
+    te = controlled_text_embeds(demo_sources, load_descriptor_set("default"),
+                                preprocess(load_image(test_images / "red.png"), spec),
+                                preprocess(load_image(test_images / "blue.jpg"), spec), "gun")
+    out = tmp_path_factory.mktemp("controlled") / "bundle"
+    return export_bundle(ExportOptions(model="demo", out=out, text_embeds_override=te)).bundle

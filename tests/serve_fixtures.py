@@ -16,26 +16,6 @@ import time
 from pathlib import Path
 
 Q = "What is in the picture?"
-_BUNDLES: dict[str, Path] = {}
-
-
-def controlled_bundle(tmp_path_factory, demo_sources, test_images) -> Path:
-    if "bundle" not in _BUNDLES:
-        from safeclip.descriptors import load_descriptor_set
-        from safeclip.export.bundle import ExportOptions, export_bundle
-        from safeclip.runtime.image import load_image, preprocess, preprocess_spec_from_config
-
-        from conftest import controlled_text_embeds
-
-        spec = preprocess_spec_from_config(json.loads((demo_sources.llava_path / "preprocessor_config.json")
-                                                      .read_text()))
-        toxic_pv = preprocess(load_image(test_images / "red.png"), spec)
-        clean_pv = preprocess(load_image(test_images / "blue.jpg"), spec)
-        te = controlled_text_embeds(demo_sources, load_descriptor_set("default"), toxic_pv, clean_pv, "gun")
-        out = tmp_path_factory.mktemp("serve") / "bundle"
-        _BUNDLES["bundle"] = export_bundle(ExportOptions(model="demo", out=out, with_decoder=True,
-                                                         text_embeds_override=te)).bundle
-    return _BUNDLES["bundle"]
 
 
 def data_uri(path: Path | bytes, mime: str = "image/png") -> str:

@@ -22,7 +22,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pi
 
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
-from serve_fixtures import ServerThread, controlled_bundle  # noqa: E402
+from serve_fixtures import ServerThread  # noqa: E402
 
 N = 12
 ARTIFACTS = Path(os.environ.get("SAFECLIP_ARTIFACTS_DIR") or Path(__file__).resolve().parents[1] / "test-artifacts")
@@ -58,8 +58,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, demo_sources, test_images, cache_dir):
-    return controlled_bundle(tmp_path_factory, demo_sources, test_images)
+def bundle(controlled_bundle):
+    return controlled_bundle
 
 
 @pytest.fixture(scope="module")

@@ -13,24 +13,13 @@ from safeclip.runtime import run as run_cli
 from safeclip.runtime.generate import ContextError
 from safeclip.runtime.pipeline import Pipeline
 
-from conftest import controlled_text_embeds
 
 N = 32
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, demo_sources, test_images, cache_dir):
-    from safeclip.descriptors import load_descriptor_set
-    from safeclip.export.bundle import ExportOptions, export_bundle
-    from safeclip.runtime.image import load_image, preprocess, preprocess_spec_from_config
-
-    spec = preprocess_spec_from_config(json.loads((demo_sources.llava_path / "preprocessor_config.json").read_text()))
-    toxic, clean = test_images / "red.png", test_images / "blue.jpg"
-    te = controlled_text_embeds(demo_sources, load_descriptor_set("default"),
-                                preprocess(load_image(toxic), spec), preprocess(load_image(clean), spec), "gun")
-    out = tmp_path_factory.mktemp("gen") / "bundle"
-    bundle = export_bundle(ExportOptions(out=out, text_embeds_override=te)).bundle
-    return Pipeline.load(bundle), bundle, toxic, clean
+def setup(controlled_bundle, test_images):
+    return Pipeline.load(controlled_bundle), controlled_bundle, test_images / "red.png", test_images / "blue.jpg"
 
 
 def hf_generate(sources, pipe, image, prompt, instruction=None, max_new_tokens=N):

@@ -26,15 +26,15 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
-from serve_fixtures import (Q, ServerThread, client, controlled_bundle, data_uri, health, pieces,  # noqa: E402
+from serve_fixtures import (Q, ServerThread, client, data_uri, health, pieces,  # noqa: E402
                             raw, user)
 
 N = 12                     # default max_tokens of the servers here: small keeps the suite fast
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory, demo_sources, test_images, cache_dir):
-    return controlled_bundle(tmp_path_factory, demo_sources, test_images)
+def bundle(controlled_bundle):
+    return controlled_bundle
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
-from serve_fixtures import (Q, ServerThread, SlowPipeline, client, controlled_bundle, data_uri, health,  # noqa: E402
+from serve_fixtures import (Q, ServerThread, SlowPipeline, client, data_uri, health,  # noqa: E402
                             pieces, raw, read_until, start_raw, user, wait_until)
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory, demo_sources, test_images, cache_dir):
-    return controlled_bundle(tmp_path_factory, demo_sources, test_images)
+def bundle(controlled_bundle):
+    return controlled_bundle
 
 
 @pytest.fixture(scope="module")
