@@ -31,8 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-INSTALL_HINT = ("TensorRT is not installed: on Jetson use the JetPack system package; elsewhere see NVIDIA's "
-                "install guide — it cannot be pip-installed from PyPI on machines without access to NVIDIA's index")
+INSTALL_HINT = "it cannot be pip-installed from PyPI on machines without access to NVIDIA's index"
 PRECISIONS = ("strongly_typed", "fp16")
 DEVICE_FIELDS = ("tensorrt_version", "gpu_name", "compute_capability")
 
@@ -50,11 +49,14 @@ class ProfileError(ValueError):
 
 
 def import_tensorrt():
+    """The tensorrt module (the runtime's own import), or :class:`TensorRTUnavailableError` with the hint."""
+    from safeclip.runtime.backends.trt import TensorRTUnavailable
+    from safeclip.runtime.backends.trt import import_tensorrt as runtime_import
+
     try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TensorRTUnavailableError(INSTALL_HINT) from e
-    return trt
+        return runtime_import()
+    except TensorRTUnavailable as e:
+        raise TensorRTUnavailableError(f"{e} ({INSTALL_HINT})") from e
 
 
 def tensorrt_major(trt) -> int:
