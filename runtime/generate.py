@@ -296,6 +296,7 @@ class TextStream:
         self.decoder, self.table, self.prompt, self.tok = decoder, embed_table, prompt_embeds, tokenizer
         self.eos = frozenset(int(e) for e in eos_token_ids)
         self.stops = [s for s in stop_strings if s]
+        self._longest_stop = max((len(s) for s in self.stops), default=0)
         rng = np.random.default_rng(seed)
         self.pick = lambda logits: sample(logits, rng, temperature, top_k, top_p)
         self.on_token, self.prompt_len = on_token, prompt_len
@@ -335,7 +336,9 @@ class TextStream:
             else:
                 piece = detok.push(token) + (detok.flush() if last else "")
             text += piece
-            cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+            # a stop string not seen before must end inside the new piece: search only that tail
+            start = max(0, len(text) - len(piece) - self._longest_stop + 1)
+            cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
             if reason is None and last:
