@@ -60,8 +60,9 @@ class ArchSpec:
             raise ImportError(f"exporting needs transformers ({e}); install with: pip install 'safeclip-edge[export]'") from None
         return getattr(transformers, self.model_class)
 
-    def vision_parts(self, model) -> VisionParts:
-        """Tower, projector, feature layer, strategy and (anyres) ``image_newline`` of a loaded model."""
+    def vision_parts(self, model, weights=None) -> VisionParts:
+        """Tower, projector, feature layer, strategy and (anyres) ``image_newline`` of a model; on a meta-device
+        skeleton ``weights`` (see ``safeclip.export.weights``) reads ``image_newline``."""
         cfg = model.config
         strategy = getattr(cfg, self.select_strategy_key)
         if strategy not in self.select_strategies:
@@ -69,7 +70,10 @@ class ArchSpec:
                              f"(supported: {', '.join(self.select_strategies)})")
         newline = None
         if self.image_newline is not None:
-            newline = _attr(model, self.image_newline).detach().float().cpu().numpy().reshape(-1)
+            value = _attr(model, self.image_newline)
+            if value.device.type == "meta":
+                value = weights.read(self.image_newline)
+            newline = value.detach().float().cpu().numpy().reshape(-1)
         return VisionParts(_attr(model, self.vision_tower), _attr(model, self.projector),
                            getattr(cfg, self.feature_layer_key), strategy, newline)
 

@@ -72,15 +72,21 @@ def _io(names: dict[str, tuple[list, str]]) -> dict:
     return {k: {"shape": shape, "dtype": dtype} for k, (shape, dtype) in names.items()}
 
 
-def vision_gate_from_sources(src, dset, variant: str, text_embeds=None):
-    """Build the torch :class:`VisionGate` for a loaded LLaVA + CLIP and a descriptor set."""
+def vision_gate_from_sources(src, dset, variant: str, text_embeds=None, model=None, weights=None):
+    """Build the torch :class:`VisionGate` for a loaded LLaVA + CLIP and a descriptor set.
+
+    ``model`` (default ``src.llava``) provides the tower and projector; the gate head's projection is a copy
+    of CLIP's ``visual_projection``, so exporting the gate never changes ``src.clip``.
+    """
+    import copy
+
     from .descriptors import logit_scale_of, text_embeddings
     from .vision_gate import VisionGate
 
-    parts = src.arch.vision_parts(src.llava)
+    parts = src.arch.vision_parts(model if model is not None else src.llava, weights)
     te = text_embeds if text_embeds is not None else text_embeddings(src.clip, src.clip_path, dset)
     return VisionGate(parts.tower, parts.projector, parts.feature_layer, parts.select_strategy, variant,
-                      src.clip.visual_projection, te, dset.class_index, len(dset.classes),
+                      copy.deepcopy(src.clip.visual_projection), te, dset.class_index, len(dset.classes),
                       logit_scale_of(src.clip)).eval()
 
 
@@ -90,48 +96,77 @@ def _parity_inputs(size: int, batch: int = 2) -> np.ndarray:
     return rng.uniform(-1.8, 2.1, size=(batch, 3, size, size)).astype(np.float32)
 
 
+def skeleton_and_weights(src):
+    """(meta-device LLaVA, where its weights are read from) for streamed or loaded sources.
+
+    Exporting a graph moves the skeleton's parts to the meta device for good, so a model held in memory gets
+    a fresh skeleton for each export (a streamed checkpoint's skeleton is exported once)."""
+    from .weights import ModuleWeights, is_meta, meta_model
+
+    if is_meta(src.llava):
+        return src.llava, src.weights
+    return meta_model(type(src.llava), src.llava.config), ModuleWeights(src.llava)
+
+
 def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
-                       precision: str = "float32", release: bool = False) -> tuple[dict, ParityResult]:
+                       precision: str = "float32", release: bool = False,
+                       progress: Callable[[str], None] = lambda s: None) -> tuple[dict, ParityResult]:
     """Export the vision+gate graph and check it against the fp32 PyTorch module (a build gate).
 
     fp32: max abs error <= 1e-4 on image features and <= 1e-5 on probabilities. fp16 (GPU targets; LayerNorms
     and the gate head stay fp32): features within 2e-2 x max(1, max|ref|), probabilities within 1e-3. In both
     cases the verdicts at several thresholds must equal those of the fp32 reference.
 
-    ``release=True`` frees the torch weights this graph was made from (CLIP's text tower once the descriptor
-    embeddings exist; LLaVA's tower and projector once the graph is written and the reference outputs are
-    computed) before ONNX Runtime loads the graph for the parity check, so the two copies never coexist.
-    ``src`` is then only good for the language-model export.
+    The graph is traced on the meta device and its weights streamed from ``src`` (a checkpoint or a model in
+    memory) into ``vision_gate.onnx.data``; the fp32 reference runs one encoder layer at a time. ``release=True``
+    frees CLIP's text tower once the descriptor embeddings exist (``src`` is then only good for the
+    language-model export).
     """
     import torch
 
+    from .onnx import onnx_from_meta_module
     from .parity import ParityError, compare, run_onnx
     from .vision_gate import HalfVisionGate
+    from .weights import Materialized, fqn_of_params
 
     if precision not in ("float32", "float16"):
         raise ValueError(f"unknown precision '{precision}' (supported: float32, float16)")
-    module = vision_gate_from_sources(src, dset, variant, text_embeds)
+    skeleton, weights = skeleton_and_weights(src)
+    module = vision_gate_from_sources(src, dset, variant, text_embeds, model=skeleton, weights=weights)
     if release:
         src.clip.text_model = None                                       # embeddings are baked into `module`
     layers_computed = len(module.layers)
-    vcfg = src.llava.config.vision_config
+    vcfg = skeleton.config.vision_config
     size = vcfg.image_size
     sample = torch.from_numpy(_parity_inputs(size))                      # pixel_values [2, 3, S, S]
-    with torch.no_grad():
+    fqn_of = fqn_of_params(skeleton)
+    blocks = [module.embeddings, module.pre_layrnorm, *module.layers, module.projector,
+              *([module.post_layernorm] if module.post_layernorm is not None else [])]
+    progress("vision: parity reference (fp32, layer by layer)")
+    with Materialized(blocks, fqn_of, weights), torch.no_grad():
         feats, probs = module(sample)                                    # the fp32 reference
     ref = {FEATURES_OUTPUT: feats.numpy(), GATE_OUTPUT: probs.numpy()}
-    exported = module if precision == "float32" else HalfVisionGate(module).eval()
+    exported = module if precision == "float32" else HalfVisionGate(module, inplace=True).eval()
+    real = {n: t.detach().clone() for n, t in [*exported.named_parameters(), *exported.named_buffers()]
+            if t.device.type != "meta"}                                  # gate head, descriptors, position ids
+    from_ckpt = {n: fqn_of[id(p)] for n, p in exported.named_parameters(remove_duplicate=False)
+                 if p.device.type == "meta"}
+    exported.to("meta")
     path = tmp / "vision_gate.onnx"
     batch = torch.export.Dim("batch", min=1, max=64)
-    onnx_from_module(exported, (sample,), path, ["pixel_values"], [FEATURES_OUTPUT, GATE_OUTPUT],
-                     dynamic_shapes={"pixel_values": {0: batch}})
-    del exported
-    if release:
-        import gc
-        src.llava.model.vision_tower = None
-        src.llava.model.multi_modal_projector = None
-        del module
-        gc.collect()
+
+    def tensor(name):
+        return real[name] if name in real else weights.read(from_ckpt[name]) if name in from_ckpt else None
+
+    def tick(done, total, nbytes):
+        if done == total or done % max(1, total // 10) == 0:
+            progress(f"vision: weights {done}/{total} tensors, {nbytes / 2**30:.2f} GiB written")
+
+    progress("vision: tracing (meta device)")
+    onnx_from_meta_module(exported, (sample.to("meta"),), path, ["pixel_values"], [FEATURES_OUTPUT, GATE_OUTPUT],
+                          tensor, dynamic_shapes={"pixel_values": {0: batch}}, progress=tick)
+    del exported, module, real
+    progress("vision: parity (ONNX Runtime vs the fp32 reference)")
     got = run_onnx(path, {"pixel_values": sample.numpy()}, [FEATURES_OUTPUT, GATE_OUTPUT])
     if precision == "float32":
         tol = {FEATURES_OUTPUT: FEATURE_ATOL, GATE_OUTPUT: PROB_ATOL}
@@ -202,7 +237,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         progress("loading checkpoints")
         src = load_sources(opts.model, opts.clip, tmp / "_work", vision_tower=opts.vision_tower)
         progress("exporting vision + gate graph")
-        newline = src.arch.vision_parts(src.llava).image_newline          # before the tower is released
+        newline = src.arch.vision_parts(src.llava, src.weights).image_newline
         vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override,
                                              precision=tgt.precision, release=True)
         parity = [vparity]

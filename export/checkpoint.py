@@ -32,6 +32,7 @@ class Sources:
     vision_tower_id: str | None = None
     vision_tower_revision: str | None = None
     arch: object = None      # safeclip.export.architectures.ArchSpec
+    weights: object = None   # where a meta-device ``llava``'s tensors are read (safeclip.export.weights)
 
 
 def _resolve(name: str, what: str) -> tuple[Path, str | None]:

@@ -39,7 +39,6 @@ Why these choices:
 """
 from __future__ import annotations
 
-import copy
 import functools
 from pathlib import Path
 
@@ -233,20 +232,6 @@ def _check_fp32_islands(onnx_path: Path) -> None:
         raise ParityError(f"fp16 decoder computes {', '.join(bad)} in fp16; they must stay fp32")
 
 
-def _converted(ref_wrapper, tdtype):
-    """A copy of the wrapper in ``tdtype`` whose rotary frequencies stay fp32.
-
-    ``Module.to`` would also round the RoPE ``inv_freq`` buffers to fp16: a relative error of ~5e-4 in a
-    frequency is an angle error of ~2 rad at position 4096.
-    """
-    conv = copy.deepcopy(ref_wrapper).to(tdtype).eval()
-    ref_bufs = dict(ref_wrapper.named_buffers())
-    for name, buf in conv.named_buffers():
-        if name.endswith("inv_freq"):
-            buf.data = ref_bufs[name].detach().clone()
-    return conv
-
-
 def _parity_cases(ref_wrapper, embed, kv: tuple[int, int, int]) -> list[tuple[str, tuple, tuple]]:
     """Prefill (P = 0, S = 7, B = 1), then one decode step on that prefill's cache: (name, inputs, reference).
 
@@ -279,8 +264,15 @@ def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
     return results
 
 
-def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer=None) -> dict:
+def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer=None, weights=None,
+                   progress=lambda msg: None) -> dict:
     """Write ``decoder.onnx`` (+ ``.data``) and ``embed_tokens.npy`` into ``out_dir``; check parity.
+
+    ``llava_model`` is either a model held in memory or a meta-device skeleton whose tensors ``weights`` (a
+    :class:`~safeclip.export.weights.CheckpointWeights`) reads from the checkpoint. Either way the graph is traced
+    on the meta device and the weights are streamed into the graph's data file one tensor at a time, converted
+    to ``dtype``; the fp32 parity reference runs one decoder layer at a time (:class:`Materialized`), so the
+    memory needed is one layer in fp32 plus ONNX Runtime's memory-mapped view of the written graph.
 
     Returns the manifest fragment ``{"graphs": {"decoder": ...}, "embeddings": ..., "model": ...}`` plus two
     keys that are not manifest sections: ``files`` (the paths written) and ``parity`` (the
@@ -290,44 +282,77 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     model's own folder.
     """
     torch = _torch()
+    from .onnx import onnx_from_meta_module
+    from .weights import Materialized, ModuleWeights, fqn_of_params, is_meta, meta_model
+
     if dtype not in DTYPES:
         raise ValueError(f"unknown decoder dtype '{dtype}' (supported: {', '.join(DTYPES)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lm, head = llava_model.model.language_model, llava_model.lm_head
-    layer_types = getattr(lm.config, "layer_types", None) or []
-    if getattr(lm.config, "sliding_window", None) or "sliding_attention" in layer_types:
+    lm_cfg = llava_model.model.language_model.config
+    layer_types = getattr(lm_cfg, "layer_types", None) or []
+    if getattr(lm_cfg, "sliding_window", None) or "sliding_attention" in layer_types:
         raise ValueError("sliding-window attention is not supported by the decoder export (present != past + new)")
-    layers, kvh, hd = _kv_dims(lm.config)
+    layers, kvh, hd = _kv_dims(lm_cfg)
     facts = _model_facts(llava_model, tokenizer)
     tdtype = torch.float16 if dtype == "float16" else torch.float32
+    if weights is None:
+        if is_meta(llava_model):
+            raise ValueError("a meta-device model needs weights= (where its tensors are read from)")
+        weights = ModuleWeights(llava_model)
+    skeleton = llava_model if is_meta(llava_model) else meta_model(type(llava_model), llava_model.config)
+    fqn_of = fqn_of_params(skeleton)
+    lm, head = skeleton.model.language_model, skeleton.lm_head
+    wrapper = decoder_for_export(lm, head).eval()
+    embed_fqn = fqn_of[id(lm.get_input_embeddings().weight)]
 
-    # The reference is fp32; converted copies leave the caller's model as it was.
-    if next(lm.parameters()).dtype != torch.float32:
-        lm, head = copy.deepcopy(lm).float(), copy.deepcopy(head).float()
-    ref_wrapper = decoder_for_export(lm, head).eval()
-    wrapper = ref_wrapper if dtype == "float32" else _converted(ref_wrapper, tdtype)
-    embed = lm.get_input_embeddings().weight.detach().float()             # [V, D]
+    # The fp32 reference, one block at a time: [V, D] embeddings only to draw realistic sample inputs.
+    progress("decoder: parity reference (fp32, layer by layer)")
+    embed = weights.read(embed_fqn, torch.float32)
+    with Materialized([*lm.layers, lm.norm, head], fqn_of, weights):
+        cases = _parity_cases(wrapper, embed, (layers, kvh, hd))
+    del embed
 
-    cases = _parity_cases(ref_wrapper, embed, (layers, kvh, hd))
+    # Trace on the meta device in the target dtype; RoPE frequencies stay fp32 (Module.to would round them:
+    # a relative error of ~5e-4 in a frequency is an angle error of ~2 rad at position 4096).
+    buffers = {n: b.detach().clone() for n, b in wrapper.named_buffers()}
+    for p in wrapper.parameters():                   # parameters only: buffers keep their dtype
+        p.data = p.data.to(tdtype)
+    wrapper.to("meta")
     in_names, out_names = decoder_names(layers)
     Dim = torch.export.Dim
     batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
     dynamic = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.DYNAMIC},
                "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in range(2 * layers))}
     # sample sizes >= 2 everywhere: torch.export specialises 0 and 1
-    sample = _sample_args(torch, embed, 2, 5, 3, kvh, hd, layers, tdtype, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    sample = _sample_args(torch, torch.zeros(8, facts["hidden_size"]), 2, 5, 3, kvh, hd, layers, tdtype, gen)
+    sample = tuple(t.to("meta") for t in sample)
+    wrapper_fqn = {n: fqn_of[id(p)] for n, p in wrapper.named_parameters(remove_duplicate=False)}
+
+    def tensor(name):
+        if name in buffers:
+            return buffers[name]
+        return weights.read(wrapper_fqn[name]) if name in wrapper_fqn else None
+
+    def tick(done, total, nbytes):
+        if done == total or done % max(1, total // 20) == 0:
+            progress(f"decoder: weights {done}/{total} tensors, {nbytes / 2**30:.2f} GiB written")
+
     onnx_path = out / "decoder.onnx"
-    with _ExportAttention(lm.config, wrapper.language_model.config):
-        files = onnx_from_module(wrapper, sample, onnx_path, in_names, out_names, dynamic_shapes=dynamic)
-        if dtype == "float16":
-            _check_fp32_islands(onnx_path)
+    progress("decoder: tracing (meta device)")
+    with _ExportAttention(lm.config):
+        files = onnx_from_meta_module(wrapper, sample, onnx_path, in_names, out_names, tensor,
+                                      dynamic_shapes=dynamic, progress=tick)
+    if dtype == "float16":
+        _check_fp32_islands(onnx_path)
+    progress("decoder: parity (ONNX Runtime vs the fp32 reference, prefill and decode)")
     parity = _parity(onnx_path, cases, layers, dtype)
 
     data_name = files[1].name if len(files) > 1 else None
     emb_path = out / "embed_tokens.npy"
-    table = embed.numpy().astype(dtype)                                  # [V, D]
-    np.save(emb_path, table)
+    table = weights.read(embed_fqn, tdtype).numpy()                      # [V, D]
+    _save_npy_atomic(emb_path, table)
     files.append(emb_path)
 
     def spec(shape, dt):
@@ -351,3 +376,10 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     return {"graphs": {"decoder": graph},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
             "model": facts, "files": files, "parity": parity}
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)

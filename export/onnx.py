@@ -68,3 +68,152 @@ def _release_rewriter_state() -> None:
             obj._init_match(0)
             obj._graph = None
     gc.collect()
+
+
+ALIGN = 1 << 16            # external tensors of >= ALIGN_MIN bytes start on 64 KiB boundaries (ORT can mmap them)
+ALIGN_MIN = 1 << 20
+
+
+def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
+                          weights, dynamic_shapes: Any = None,
+                          progress=lambda done, total, nbytes: None) -> list[Path]:
+    """Export ``module(*args)`` traced on the meta device, then stream its weights into ``path.data``.
+
+    ``module`` and ``args`` live on the meta device (no weight storage). ``weights(name)`` returns the real
+    tensor of the initializer ``name`` (the module's parameter or buffer FQN) as a torch tensor in any float
+    dtype; it is converted to the graph's dtype on the way, one tensor at a time, so the exporter never holds
+    more than one weight. torch.onnx's optimizer cannot fold what has no value, so the one folding that
+    matters here is done on the way: a weight used only through ``Transpose`` (``Linear`` -> ``MatMul``) is
+    written transposed and the ``Transpose`` node removed, as the optimizer does with real weights (ONNX
+    Runtime would otherwise fold it at load time into a heap copy of every weight). ``progress(done, total,
+    bytes_written)`` is called after each tensor. Returns the files written.
+    """
+    import logging
+
+    import onnx_ir as ir
+    import torch
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    for p in (path, data):
+        p.unlink(missing_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
+                    output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=False,
+                    verbose=False, report=False)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"torch.onnx export of {path.name} failed: {first}") from e
+    model = program.model
+    pending: dict[str, object] = {}                       # initializer name -> its ir.Value, weights to stream
+    for name, value in model.graph.initializers.items():
+        raw = getattr(value.const_value, "raw", None)
+        if isinstance(raw, torch.Tensor) and raw.device.type == "meta":
+            value.const_value = None
+            pending[name] = value
+    quiet = logging.getLogger("onnx_ir")
+    level, quiet.level = quiet.level, logging.ERROR       # "Skipped deduplication of initializer ... no value"
+    try:
+        program.optimize()
+    finally:
+        quiet.setLevel(level)
+    model = program.model
+    jobs = _fold_transposes(model, {n for n in pending if n in model.graph.initializers})
+    done, total, written = 0, len(jobs), 0
+    with open(data, "wb") as f:
+        for init_name, (value, source, perm) in jobs.items():
+            t = weights(source)
+            if t is None:
+                raise ExportError(f"{path.name}: no weight for initializer '{source}'")
+            t = t.to(_TORCH_DTYPE[value.dtype])
+            if perm is not None:
+                t = t.permute(*perm)
+            t = t.contiguous()
+            if list(t.shape) != [int(d) for d in value.shape]:
+                raise ExportError(f"{path.name}: weight '{source}' has shape {list(t.shape)}, "
+                                  f"the graph expects {list(value.shape)}")
+            nbytes = t.numel() * t.element_size()
+            if nbytes >= ALIGN_MIN and f.tell() % ALIGN:
+                f.write(b"\0" * (ALIGN - f.tell() % ALIGN))
+            offset = f.tell()
+            f.write(_bytes_of(t))
+            value.const_value = ir.ExternalTensor(data.name, offset, nbytes, value.dtype, shape=value.shape,
+                                                  name=init_name, base_dir=str(path.parent))
+            if init_name not in model.graph.initializers:
+                model.graph.register_initializer(value)
+            del t
+            done, written = done + 1, written + nbytes
+            progress(done, total, written)
+    proto = ir.serde.serialize_model(model)
+    import onnx
+    onnx.save_model(proto, str(path))
+    del program, model, proto
+    _release_rewriter_state()
+    files = [path] + ([data] if data.stat().st_size else [])
+    if not data.stat().st_size:
+        data.unlink()
+    for p in files:
+        os.chmod(p, 0o644)
+    return files
+
+
+def _bytes_of(t) -> memoryview:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def _fold_transposes(model, weights: set[str]) -> dict[str, tuple]:
+    """Remove ``Transpose`` nodes applied to streamed weights.
+
+    Returns {initializer name: (its ir.Value, weight name, permutation or None)}; the folded values are
+    registered as initializers once they have their data.
+    """
+    import onnx_ir as ir
+
+    jobs: dict[str, tuple] = {}
+    graph = model.graph
+    for name in sorted(weights):
+        value = graph.initializers[name]
+        uses = list(value.uses())
+        transposes = [u for u, _ in uses if u.op_type == "Transpose" and u.domain in ("", "ai.onnx")
+                      and len(u.inputs) == 1]
+        if uses and len(transposes) == len(uses):
+            for i, node in enumerate(transposes):
+                attr = node.attributes.get("perm")
+                perm = tuple(attr.as_ints()) if attr is not None else tuple(reversed(range(len(value.shape))))
+                out = node.outputs[0]
+                new_name = name if i == 0 else f"{name}.t{i}"
+                shape = ir.Shape([value.shape[p] for p in perm])
+                folded = ir.Value(name=new_name, shape=shape, type=ir.TensorType(value.dtype))
+                out.replace_all_uses_with(folded)
+                graph.remove(node, safe=True)
+                if i == 0:
+                    graph.initializers.pop(name)
+                jobs[new_name] = (folded, name, perm)
+        else:
+            jobs[name] = (value, name, None)
+    return jobs
+
+
+def _torch_dtypes():
+    import onnx_ir as ir
+    import torch
+    return {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16,
+            ir.DataType.DOUBLE: torch.float64, ir.DataType.INT64: torch.int64, ir.DataType.INT32: torch.int32,
+            ir.DataType.BOOL: torch.bool, ir.DataType.INT8: torch.int8, ir.DataType.UINT8: torch.uint8}
+
+
+class _LazyDtypes(dict):
+    def __missing__(self, key):
+        self.update(_torch_dtypes())
+        return dict.__getitem__(self, key)
+
+
+_TORCH_DTYPE = _LazyDtypes()

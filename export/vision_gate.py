@@ -114,11 +114,11 @@ class HalfVisionGate(nn.Module):
     (what an fp16 decoder consumes); ``class_probs`` are fp32 so the threshold compares exact values.
     """
 
-    def __init__(self, gate: VisionGate):
+    def __init__(self, gate: VisionGate, inplace: bool = False):
         super().__init__()
         import copy
 
-        g = copy.deepcopy(gate)
+        g = gate if inplace else copy.deepcopy(gate)
         for parent in list(g.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.LayerNorm):
