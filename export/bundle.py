@@ -124,7 +124,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     """
     import torch
 
-    from .onnx import onnx_from_meta_module
+    from .onnx import onnx_from_meta_module, weight_progress
     from .parity import ParityError, compare, run_onnx
     from .vision_gate import HalfVisionGate
     from .weights import Materialized, fqn_of_params
@@ -158,9 +158,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     def tensor(name):
         return real[name] if name in real else weights.read(from_ckpt[name]) if name in from_ckpt else None
 
-    def tick(done, total, nbytes):
-        if done == total or done % max(1, total // 10) == 0:
-            progress(f"vision: weights {done}/{total} tensors, {nbytes / 2**30:.2f} GiB written")
+    tick = weight_progress(progress, "vision")
 
     progress("vision: tracing (meta device)")
     onnx_from_meta_module(exported, (sample.to("meta"),), path, ["pixel_values"], [FEATURES_OUTPUT, GATE_OUTPUT],
@@ -214,7 +212,7 @@ def _tokenizer_and_prompt(src, tmp: Path) -> tuple[dict, dict]:
 
 def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda s: None) -> ExportReport:
     """Export ``opts.model`` into a sealed bundle folder; returns where it went and the parity figures."""
-    from .checkpoint import load_sources
+    from .checkpoint import open_sources
 
     t0 = time.perf_counter()
     if opts.gate not in ("reference", "clip"):
@@ -235,18 +233,18 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         progress("loading checkpoints")
-        src = load_sources(opts.model, opts.clip, tmp / "_work", vision_tower=opts.vision_tower)
+        src = open_sources(opts.model, opts.clip, tmp / "_work", vision_tower=opts.vision_tower)
         progress("exporting vision + gate graph")
         newline = src.arch.vision_parts(src.llava, src.weights).image_newline
         vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override,
-                                             precision=tgt.precision, release=True)
+                                             precision=tgt.precision, release=True, progress=progress)
         parity = [vparity]
         graphs = {"vision_gate": vgraph}
         extra: dict = {}
         if opts.with_decoder:
             from .decoder import export_decoder
             progress("exporting language model (decoder with KV cache)")
-            frag = export_decoder(src.llava, tmp, dtype=tgt.precision)
+            frag = export_decoder(src.llava, tmp, dtype=tgt.precision, weights=src.weights, progress=progress)
             graphs.update(frag["graphs"])
             extra = {k: v for k, v in frag.items() if k not in ("graphs", "files", "parity")}
             parity.extend(frag.get("parity", []))

@@ -81,24 +81,13 @@ def _arch_of(folder: Path, model: str):
 
 
 def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str | None = None) -> Sources:
-    """Load LLaVA and CLIP. ``model == 'demo'`` builds the demo checkpoints into ``workdir`` first.
+    """Load LLaVA and CLIP into memory (fp32): for tests' oracles and tiny models; the exporter streams
+    instead (:func:`open_sources`). ``model == 'demo'`` builds the demo checkpoints into ``workdir`` first.
     ``vision_tower`` swaps LLaVA's tower for another CLIP vision checkpoint of the same shape."""
     import torch
     from transformers import CLIPModel
 
-    from .architectures import ARCHITECTURES
-
-    if model in DEMOS:                       # built offline, then loaded like any checkpoint folder
-        llava_dir, clip_dir = ARCHITECTURES[DEMOS[model]].tiny_test_model(workdir / model)
-        model_rev = clip_rev = None
-        clip_name = clip or model
-        if clip not in (None, model):
-            clip_dir, clip_rev = _resolve(clip, "CLIP model")
-    else:
-        llava_dir, model_rev = _resolve(model, "model")
-        _arch_of(llava_dir, model)
-        clip_name = clip or DEFAULT_CLIP
-        clip_dir, clip_rev = _resolve(clip_name, "CLIP model")
+    llava_dir, model_rev, clip_dir, clip_rev, clip_name = _resolve_all(model, clip, workdir)
     arch = _arch_of(llava_dir, model)
     # CLIP first: the gate needs its text tower, visual_projection and logit scale, never its own vision
     # tower (the gate runs on LLaVA's tower), which is dropped before LLaVA is loaded to keep the peak low.
@@ -126,6 +115,86 @@ def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
                    vision_tower_id=vt_id, vision_tower_revision=vt_rev, arch=arch)
 
 
+def _config(folder: Path, what: str, name: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise CheckpointError(f"{what} '{name}': cannot read config.json "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def _resolve_all(model: str, clip: str | None, workdir: Path):
+    if model in DEMOS:                       # built offline, then loaded like any checkpoint folder
+        from .architectures import ARCHITECTURES
+        llava_dir, clip_dir = ARCHITECTURES[DEMOS[model]].tiny_test_model(workdir / model)
+        model_rev = clip_rev = None
+        clip_name = clip or model
+        if clip not in (None, model):
+            clip_dir, clip_rev = _resolve(clip, "CLIP model")
+    else:
+        llava_dir, model_rev = _resolve(model, "model")
+        _arch_of(llava_dir, model)
+        clip_name = clip or DEFAULT_CLIP
+        clip_dir, clip_rev = _resolve(clip_name, "CLIP model")
+    return llava_dir, model_rev, clip_dir, clip_rev, clip_name
+
+
+def open_sources(model: str, clip: str | None, workdir: Path, vision_tower: str | None = None) -> Sources:
+    """The streaming exporter's sources: LLaVA as a meta-device skeleton whose tensors are read from its
+    safetensors on demand (``Sources.weights``), and the few CLIP parts the gate needs (text tower,
+    ``text_projection``, ``visual_projection``, ``logit_scale``) loaded for real; CLIP's vision tower never is.
+
+    Checked before any export work: every parameter has a checkpoint tensor of the right shape (one line naming
+    the file and tensor otherwise; see :class:`~safeclip.export.weights.WeightError`)."""
+    from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModel, GenerationConfig
+
+    from .weights import CheckpointWeights, SafetensorsCheckpoint, checkpoint_key_map, fqn_of_params, materialize, meta_model
+
+    llava_dir, model_rev, clip_dir, clip_rev, clip_name = _resolve_all(model, clip, workdir)
+    arch = _arch_of(llava_dir, model)
+    config = _config(llava_dir, "model", model)
+    llava = meta_model(arch.model_cls(), config)
+    try:
+        llava.generation_config = GenerationConfig.from_pretrained(llava_dir)
+    except OSError:                          # no generation_config.json: the one derived from config.json
+        pass
+    ckpt = SafetensorsCheckpoint(llava_dir)
+    weights = CheckpointWeights(ckpt, checkpoint_key_map(llava, ckpt, f"model '{model}'"))
+    vt_id = vt_rev = None
+    if vision_tower:
+        vt_dir, vt_rev = _resolve(vision_tower, "vision tower")
+        vcfg = _config(vt_dir, "vision tower", vision_tower)
+        vcfg = getattr(vcfg, "vision_config", vcfg)
+        if not isinstance(vcfg, CLIPVisionConfig):
+            raise CheckpointError(f"vision tower '{vision_tower}': not a CLIP vision checkpoint ({type(vcfg).__name__})")
+        _check_tower_shape(llava.config.vision_config, vcfg, vision_tower)
+        tower = meta_model(CLIPVisionModel, vcfg)
+        tower_ckpt = SafetensorsCheckpoint(vt_dir)
+        weights.add("model.vision_tower.", tower_ckpt, checkpoint_key_map(tower, tower_ckpt, f"vision tower '{vision_tower}'"))
+        vt_id = vision_tower
+    clip_model = meta_model(CLIPModel, _config(clip_dir, "CLIP model", clip_name))
+    clip_model.vision_model = None           # the gate runs on LLaVA's tower
+    clip_ckpt = SafetensorsCheckpoint(clip_dir)
+    materialize(clip_model, fqn_of_params(clip_model),
+                CheckpointWeights(clip_ckpt, checkpoint_key_map(clip_model, clip_ckpt, f"CLIP model '{clip_name}'")))
+    width = llava.config.vision_config.hidden_size
+    if clip_model.visual_projection.in_features != width:
+        raise CheckpointError(f"CLIP model '{clip_name}': visual_projection takes {clip_model.visual_projection.in_features} "
+                              f"features but the LLaVA tower is {width} wide")
+    return Sources(llava=llava, clip=clip_model, llava_path=llava_dir, clip_path=clip_dir, model_id=model,
+                   clip_id=clip_name, model_revision=model_rev, clip_revision=clip_rev,
+                   vision_tower_id=vt_id, vision_tower_revision=vt_rev, arch=arch, weights=weights)
+
+
+def _check_tower_shape(old, new, name: str) -> None:
+    diff = [f"{k} {getattr(new, k, None)} != {getattr(old, k, None)}" for k in _SHAPE_KEYS
+            if getattr(new, k, None) != getattr(old, k, None)]
+    if diff:
+        raise CheckpointError(f"vision tower '{name}' does not fit this LLaVA: " + ", ".join(diff))
+
+
 _SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
                "patch_size", "num_channels")
 
@@ -146,9 +215,5 @@ def swap_vision_tower(llava, tower_dir: Path, name: str) -> None:
     if info.get("missing_keys"):
         raise CheckpointError(f"vision tower '{name}': checkpoint lacks {len(info['missing_keys'])} tower weights "
                               f"(e.g. {sorted(info['missing_keys'])[0]})")
-    old, new = llava.config.vision_config, tower.config
-    diff = [f"{k} {getattr(new, k, None)} != {getattr(old, k, None)}" for k in _SHAPE_KEYS
-            if getattr(new, k, None) != getattr(old, k, None)]
-    if diff:
-        raise CheckpointError(f"vision tower '{name}' does not fit this LLaVA: " + ", ".join(diff))
+    _check_tower_shape(llava.config.vision_config, tower.config, name)
     llava.model.vision_tower = tower.eval()

@@ -282,7 +282,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     model's own folder.
     """
     torch = _torch()
-    from .onnx import onnx_from_meta_module
+    from .onnx import onnx_from_meta_module, weight_progress
     from .weights import Materialized, ModuleWeights, fqn_of_params, is_meta, meta_model
 
     if dtype not in DTYPES:
@@ -335,9 +335,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
             return buffers[name]
         return weights.read(wrapper_fqn[name]) if name in wrapper_fqn else None
 
-    def tick(done, total, nbytes):
-        if done == total or done % max(1, total // 20) == 0:
-            progress(f"decoder: weights {done}/{total} tensors, {nbytes / 2**30:.2f} GiB written")
+    tick = weight_progress(progress, "decoder")
 
     onnx_path = out / "decoder.onnx"
     progress("decoder: tracing (meta device)")

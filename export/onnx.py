@@ -217,3 +217,18 @@ class _LazyDtypes(dict):
 
 
 _TORCH_DTYPE = _LazyDtypes()
+
+
+def weight_progress(progress, what: str, every_s: float = 2.0):
+    """A ``progress(done, total, bytes)`` callback for :func:`onnx_from_meta_module` that reports through
+    ``progress(message)`` at most every ``every_s`` seconds, and once at the end."""
+    import time
+
+    last = [time.monotonic()]
+
+    def tick(done: int, total: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= every_s:
+            last[0] = now
+            progress(f"{what}: weights {done}/{total} tensors, {nbytes / 2**30:.2f} GiB written")
+    return tick
