@@ -164,3 +164,18 @@ def test_refuses_to_overwrite(tmp_path):
         realshape.write_llava_checkpoint(tmp_path / "x", "tiny")
     with pytest.raises(ValueError, match="unknown shape"):
         realshape.write_llava_checkpoint(tmp_path / "y", "huge")
+
+
+def test_synthetic_llama_tokenizer_used_without_the_vocab_file(monkeypatch):
+    import realshape_tokenizers as rt
+
+    monkeypatch.setattr(rt, "tokenizer_source", lambda: "synthetic")
+    rt.llava_tokenizer.cache_clear()
+    try:
+        tok = rt.llava_tokenizer(5)
+    finally:
+        rt.llava_tokenizer.cache_clear()
+    assert len(tok) == 32002 and tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [32000, 32001]
+    for text in ("A cat on a mat", "Ünïcode 🙂 and\ttabs"):
+        ids = tok(text).input_ids
+        assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=True) == text
