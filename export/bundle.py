@@ -6,6 +6,7 @@ once the new one is complete; a folder that is not a bundle is never overwritten
 """
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import resource
@@ -56,6 +57,16 @@ class ExportReport:
 
 class BundleExistsError(FileExistsError):
     pass
+
+
+class DiskFullError(OSError):
+    """The disk filled up during an export (the temporary folder is removed; nothing else is touched)."""
+
+
+def _bytes_needed(src) -> int | None:
+    """About what a bundle of ``src`` takes on disk: its weights at the checkpoint's width."""
+    w = getattr(src, "weights", None)
+    return w.nbytes() if w is not None and hasattr(w, "nbytes") else None
 
 
 def default_name(opts: ExportOptions) -> str:
@@ -193,21 +204,22 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
 
 
 def _tokenizer_and_prompt(src, tmp: Path) -> tuple[dict, dict]:
+    """The tokenizer file and the chat template, proven to render on the device as transformers renders it
+    (:func:`~safeclip.export.templates.check_template`; a template that does not is refused, naming its file)."""
     from transformers import AutoTokenizer
 
+    from .templates import chat_template_from_checkpoint, check_template
+
     tok = AutoTokenizer.from_pretrained(src.llava_path)
-    tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-    template = tok.chat_template
-    if not template:
-        try:
-            from transformers import AutoProcessor
-            template = AutoProcessor.from_pretrained(src.llava_path).chat_template
-        except Exception:
-            template = None
     image_token = getattr(tok, "image_token", None) or "<image>"
+    template, source = chat_template_from_checkpoint(src.llava_path)
+    check_template(template, source, tok, image_token=image_token)
+    tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    # every special token the template may print, as transformers hands them to it (special_tokens_map)
+    specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, (str, list))}
     return ({"file": "tokenizer.json", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-             "pad_token": tok.pad_token},
-            {"chat_template": template, "image_token": image_token})
+             "pad_token": tok.pad_token, "special_tokens": specials},
+            {"chat_template": template, "image_token": image_token, "template_source": source})
 
 
 def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda s: None) -> ExportReport:
@@ -234,6 +246,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     try:
         progress("loading checkpoints")
         src = open_sources(opts.model, opts.clip, tmp / "_work", vision_tower=opts.vision_tower)
+        progress("checking the chat template (runtime vs transformers) and writing the tokenizer")
+        tok_entry, prompt = _tokenizer_and_prompt(src, tmp)                  # before any long work
         progress("exporting vision + gate graph")
         newline = src.arch.vision_parts(src.llava, src.weights).image_newline
         vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override,
@@ -256,8 +270,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             for g in graphs.values():
                 for version in ("10.3", "11.4"):
                     assert_tensorrt_compatible(tmp / g["file"], version)
-        progress("writing tokenizer, preprocessing and manifest")
-        tok_entry, prompt = _tokenizer_and_prompt(src, tmp)
+        progress("writing preprocessing and manifest")
         from .architectures import read_preprocessor_config
         preprocess = src.arch.preprocess_spec(read_preprocessor_config(src.llava_path), src.llava.config)
         if newline is not None:                         # anyres: packed between rows of tiles by the runtime
@@ -307,8 +320,13 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         }
         write_manifest(tmp, manifest)
         _swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            need = _bytes_needed(src) if "src" in locals() else None
+            hint = f" (the bundle needs about {need / 1e9:.1f} GB)" if need else ""
+            raise DiskFullError(f"no space left on the disk of {out.parent.resolve()} while writing the bundle"
+                                f"{hint}; nothing was written, an existing {out.name} is untouched") from None
         raise
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return ExportReport(out, parity, time.perf_counter() - t0, peak)

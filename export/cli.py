@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dry_run(args) -> int:
-    from .memory import MODELS, dry_run_table, family_table
+    from .memory import MODEL_IDS, MODELS, dry_run_table, family_table
     from .targets import target
 
     tgt = target(args.target)
@@ -84,7 +84,7 @@ def dry_run(args) -> int:
             from .architectures import ARCHITECTURES
             from .checkpoint import DEMOS
             model = str(ARCHITECTURES[DEMOS[model]].tiny_test_model(Path(tempfile.mkdtemp()))[0])
-        elif model not in MODELS:
+        elif model not in MODELS and model not in MODEL_IDS:
             from .checkpoint import _resolve
             model = str(_resolve(model, "model")[0])
         if args.context is None:                     # the target's context, at most the model's

@@ -84,12 +84,14 @@ MODEL_SOURCES = {
     "llava-v1.6-vicuna-13b": "llava-hf/llava-v1.6-vicuna-13b-hf (text: lmsys/vicuna-13b-v1.5)",
     "llava-v1.6-34b": "llava-hf/llava-v1.6-34b-hf (text: NousResearch/Nous-Hermes-2-Yi-34B)",
 }
+# Hugging Face ids -> the table's names, so `--dry-run --model llava-hf/llava-1.5-7b-hf` works offline.
+MODEL_IDS = {src.split(" ")[0]: name for name, src in MODEL_SOURCES.items()}
 # transformers defaults for keys a sparse config.json leaves out (LlamaConfig, LlavaConfig)
 _TEXT_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
                   "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 __all__ = ["UnsupportedPrecision", "MemoryEstimate", "estimate", "param_counts", "dry_run_table", "family_table",
-           "MODELS", "MODEL_SOURCES", "ORIN_MODULES", "USABLE_ASSUMPTION", "usable_bytes"]
+           "MODELS", "MODEL_IDS", "MODEL_SOURCES", "ORIN_MODULES", "USABLE_ASSUMPTION", "usable_bytes"]
 
 
 class UnsupportedPrecision(ValueError):
@@ -125,6 +127,8 @@ def _bytes_per(precision: str) -> int:
 
 
 def _config(config_or_name: Any) -> tuple[str, dict]:
+    if isinstance(config_or_name, str) and config_or_name in MODEL_IDS:
+        config_or_name = MODEL_IDS[config_or_name]
     if isinstance(config_or_name, str) and config_or_name in MODELS:
         return config_or_name, MODELS[config_or_name]
     if isinstance(config_or_name, (str, Path)):

@@ -304,7 +304,9 @@ def _load_language_model(m: Manifest, backend: str, context: int | None, threads
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
     decoder = open_decoder(m, backend, context=context, session_options=so)
-    specials = {k: tok.get(k) for k in ("bos_token", "eos_token", "pad_token") if tok.get(k)}
+    # the special tokens transformers hands the template (bundles before 0.1 recorded bos/eos/pad only)
+    specials = tok.get("special_tokens") or {k: tok.get(k) for k in ("bos_token", "eos_token", "pad_token")
+                                             if tok.get(k)}
     return _LanguageModel(decoder, table, tokenizer, prompt["chat_template"], specials,
                           int(model["image_token_id"]), int(model["image_seq_length"]),
                           [int(i) for i in model["eos_token_ids"]])
