@@ -90,7 +90,7 @@ MODEL_IDS = {src.split(" ")[0]: name for name, src in MODEL_SOURCES.items()}
 _TEXT_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
                   "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
-__all__ = ["UnsupportedPrecision", "MemoryEstimate", "estimate", "param_counts", "dry_run_table", "family_table",
+__all__ = ["UnsupportedPrecision", "MemoryEstimate", "estimate", "export_needs", "param_counts", "dry_run_table", "family_table",
            "MODELS", "MODEL_IDS", "MODEL_SOURCES", "ORIN_MODULES", "USABLE_ASSUMPTION", "usable_bytes"]
 
 
@@ -196,6 +196,27 @@ def estimate(config_or_name: Any, context: int, precision: str = "fp16") -> Memo
                           f"2 x {L} layers x {kvh} KV heads x {hd} x {context} tokens x {b} B x 2 arenas")
 
 
+# The streaming exporter's own memory (scripts/bench_export.py): Python, torch, transformers and CLIP's text
+# tower, measured at about 0.65 GiB anonymous memory beside the weights at TinyLLaVA-1.5B and llava-1.5-7b shapes.
+EXPORT_BASE_GIB = 0.7
+
+
+def export_needs(e: MemoryEstimate, text: Mapping) -> tuple[int, int]:
+    """(disk bytes, peak memory bytes) of exporting one model with the streaming exporter.
+
+    Disk: the bundle, i.e. the weights at the graph precision (the temporary folder is renamed, not copied).
+    Memory: the parity check of the largest graph (the decoder) runs ONNX Runtime on its memory-mapped weights,
+    which are resident while it runs, plus two of the largest matrices in fp32 (an fp16 weight's Cast on the
+    CPU, or one layer of the fp32 reference), plus the exporter itself. Weights are never held twice.
+    """
+    b = BYTES[e.precision]
+    vocab, hidden = int(text["vocab_size"]), int(text["hidden_size"])
+    decoder = e.params["language_model"] * b - vocab * hidden * b           # the embedding table is not in it
+    vision = (e.params["vision_tower"] + e.params["projector"]) * b
+    largest = max(vocab * hidden, hidden * int(text["intermediate_size"])) * 4
+    return e.weight_bytes, int(EXPORT_BASE_GIB * GiB) + max(decoder, vision) + 2 * largest
+
+
 def usable_bytes(module: str, reserve_gib: float = OS_RESERVE_GIB) -> int:
     return int((ORIN_MODULES[module] - reserve_gib) * GiB)
 
@@ -225,6 +246,10 @@ def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16") ->
     for module in ORIN_MODULES:
         u = usable_bytes(module)
         out.append(f"| {module} | {_gib(u)} | {_gib(e.total_bytes)} | {'yes' if e.total_bytes <= u else 'no'} |")
+    disk, peak = export_needs(e, {**_TEXT_DEFAULTS, **(_config(config_or_name)[1].get("text_config") or {})})
+    out += ["", f"Exporting it (safeclip-export on the host, {e.precision} graphs): about {_gib(disk)} GiB of disk for "
+            f"the bundle and a peak of about {_gib(peak)} GiB of memory (weights are streamed from the checkpoint "
+            "tensor by tensor; the parity check memory-maps the largest graph's weights)."]
     out += ["", f"Assumption: {USABLE_ASSUMPTION}", "int8/int4 weights: not supported by this exporter.",
             f"Building the engines on the device (safeclip-build) holds the parsed ONNX weights and the engine being "
             f"built at once: about 2 x weights ({_gib(2 * e.weight_bytes)} GiB) plus the build workspace; add swap on the "
