@@ -203,8 +203,9 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
         if key is None:
             tied = _tied_source(model, fqn)
             key = found.get(tied) if tied else None
-        if key is None:
-            raise WeightError(f"{what} '{ckpt.folder}': checkpoint has no tensor for '{fqn}'")
+        if key is None:                  # `what` names the model as given; add the folder where it differs
+            where = what if str(ckpt.folder) in what else f"{what} ({ckpt.folder})"
+            raise WeightError(f"{where}: checkpoint has no tensor for '{fqn}'")
         ref = ckpt.refs[key]
         if tuple(p.shape) != ref.shape:
             raise WeightError(f"{ref.file.name}: tensor '{key}' has shape {list(ref.shape)}, "
