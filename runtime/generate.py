@@ -250,14 +250,52 @@ class GenerationResult:
     prompt_tokens: int
 
 
+def _byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """Ids of the byte-fallback tokens ``<0x00>``..``<0xFF>`` when the decoder has a ``ByteFallback`` step
+    (SentencePiece-style vocabularies: Llama-2, Mistral); empty otherwise (byte-level BPE, test doubles)."""
+    decoder = getattr(tokenizer, "decoder", None)
+    try:
+        state = decoder.__getstate__() if decoder is not None else b""
+    except Exception:                       # not a tokenizers decoder
+        return frozenset()
+    if b'"ByteFallback"' not in state:
+        return frozenset()
+    ids = (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)
+
+
+def _special_ids(tokenizer) -> frozenset[int]:
+    """Ids that ``decode(..., skip_special_tokens=True)`` drops (added tokens marked special)."""
+    try:
+        return frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+    except AttributeError:
+        return frozenset()
+
+
 class _Detokenizer:
-    """Incremental decoding that never splits a multi-byte character (the prefix-offset method)."""
+    """Incremental decoding whose pieces add up to ``tokenizer.decode(all ids, skip_special_tokens=True)``.
+
+    The prefix-offset method: decode the ids since the last emission plus one token of left context, emit
+    what is new, and hold back text ending in U+FFFD (half a UTF-8 character of byte-level BPE tokens).
+    SentencePiece byte fallback needs more: the ``ByteFallback`` decoder turns a whole *run* of consecutive
+    byte tokens into U+FFFD per byte when the run is not valid UTF-8, ASCII bytes included (``<0x56>``
+    alone is "V", ``<0x56><0x92>`` is two U+FFFD). So text is held while the last token that reaches the
+    decoder (skipped specials do not: they are removed first) is a byte token, until the run ends.
+    """
 
     def __init__(self, tokenizer):
         self.tok, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+        self.byte_ids = _byte_fallback_ids(tokenizer)
+        self.skipped = _special_ids(tokenizer) if self.byte_ids else frozenset()
+        self.in_run = False                   # the last decoder-visible token is a byte-fallback token
 
     def push(self, token: int) -> str:
-        self.ids.append(int(token))
+        token = int(token)
+        self.ids.append(token)
+        if self.byte_ids and token not in self.skipped:
+            self.in_run = token in self.byte_ids
+        if self.in_run:
+            return ""
         before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -269,6 +307,7 @@ class _Detokenizer:
         before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
         self.prefix = self.read = len(self.ids)
+        self.in_run = False
         return after[len(before):]
 
 
