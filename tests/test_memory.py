@@ -119,3 +119,23 @@ def test_precision_context_and_input_errors(tmp_path, demo_cfg):
     (tmp_path / "m" / "config.json").write_text(json.dumps(demo_cfg))
     assert estimate(tmp_path / "m", 2048, "fp32").weight_bytes == estimate(demo_cfg, 2048, "fp32").weight_bytes
     assert dry_run_table(tmp_path / "m", 2048, "fp16").startswith("### m: fp16 weights, 2048 tokens")
+
+
+def test_dry_run_takes_a_hub_id_offline_and_prints_the_export_needs(capsys):
+    """`--dry-run --model llava-hf/llava-1.5-7b-hf` needs no download: the table knows the model; it also
+    says what the export itself needs (the streaming exporter's disk and peak memory)."""
+    from safeclip.export.cli import main
+    from safeclip.export.memory import EXPORT_BASE_GIB, export_needs
+
+    assert main(["--dry-run", "--model", "llava-hf/llava-1.5-7b-hf", "--target", "jetson"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("### llava-1.5-7b: fp16 weights, 4096 tokens")
+    e = estimate("llava-1.5-7b", 4096, "fp16")
+    t = MODELS["llava-1.5-7b"]["text_config"]
+    disk, peak = export_needs(e, t)
+    # by hand: the decoder's weights (language model less the 32064 x 4096 embedding table) in fp16, two
+    # fp32 copies of the largest matrix (the LM head), and the exporter's own memory
+    decoder = (e.params["language_model"] - 32064 * 4096) * 2
+    assert peak == int(EXPORT_BASE_GIB * GiB) + decoder + 2 * 32064 * 4096 * 4
+    assert disk == e.weight_bytes
+    assert f"about {disk / GiB:.2f} GiB of disk" in out and f"peak of about {peak / GiB:.2f} GiB" in out
