@@ -221,7 +221,7 @@ def llava_dir(work: Path, case: Case) -> Path:
 
 
 def clip_dir(work: Path, case: Case) -> Path:
-    return work / "ckpt" / f"clip-{case.shape}-fp16"
+    return work / "ckpt" / f"clip-{realshape.shape_of(case.shape).clip}-fp16"
 
 
 def _writer_cmd(case: Case, out: Path, kind: str) -> list[str]:
@@ -328,7 +328,7 @@ def run_case(case: Case, args, env: dict, exporter: dict) -> dict:
     case_dir = args.work / "out" / case.name.replace("/", "-")
     shutil.rmtree(case_dir, ignore_errors=True)
     out = case_dir / "bundle"
-    limit = (int(args.rss_limit_gb * 2**30) if args.rss_limit_gb is not None else _mem_available() - (2 << 30))
+    limit = int(args.rss_limit_gb * GB) if args.rss_limit_gb is not None else _mem_available() - (2 << 30)
     cmd = exporter["command"] + ["--model", res["checkpoint"]["path"], "--clip", res["clip"]["path"],
                                  "--target", case.target, "--out", str(out)]
     print(f"bench_export: {case.name}: {' '.join(cmd[-8:])}", file=sys.stderr, flush=True)
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rev", default=None, help="measure the exporter of this git revision "
                     "(default: the installed package)")
     ap.add_argument("--write-only", action="store_true", help="write the checkpoints (timed), export nothing")
-    ap.add_argument("--rss-limit-gb", type=float, default=None, help="kill an export over this RSS in GiB "
+    ap.add_argument("--rss-limit-gb", type=float, default=None, help="kill an export over this RSS in GB "
                     "(default: MemAvailable at its start - 2 GiB; 0: no limit)")
     ap.add_argument("--sample-s", type=float, default=0.2, help="/proc sampling interval")
     args = ap.parse_args(argv)

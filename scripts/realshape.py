@@ -78,6 +78,7 @@ class Shape:
                                                          num_hidden_layers=12, num_attention_heads=12))
     projection_dim: int = 768                  # CLIP's visual/text projection
     shard_bytes: int = DEFAULT_SHARD_BYTES     # default shard limit (tiny: small, so it has several shards)
+    clip: str = "vit-l-14-336"                 # names the CLIP checkpoint: shapes sharing a tower share it
 
 
 _VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -94,7 +95,7 @@ SHAPES = {
                   vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                               image_size=IMAGE, patch_size=PATCH, projection_dim=32),
                   clip_text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4),
-                  projection_dim=32, shard_bytes=2_000_000),
+                  projection_dim=32, shard_bytes=2_000_000, clip="tiny"),
 }
 
 
@@ -353,8 +354,10 @@ def llava_spec(shape: str, dtype: str, layout: str, max_shard_bytes: int | None,
 
 
 def clip_spec(shape: str, dtype: str, seed: int) -> dict:
-    return {"kind": "clip", "writer_version": WRITER_VERSION, "shape": shape, "shape_fields": asdict(shape_of(shape)),
-            "dtype": dtype, "seed": seed}
+    """What identifies a written CLIP checkpoint: its own fields only (tinyllava-1.5b and llava-1.5-7b share one)."""
+    s = shape_of(shape)
+    return {"kind": "clip", "writer_version": WRITER_VERSION, "clip": s.clip, "vision": s.vision,
+            "text": s.clip_text, "projection_dim": s.projection_dim, "dtype": dtype, "seed": seed}
 
 
 def read_stamp(folder: Path) -> dict | None:

@@ -29,6 +29,7 @@ CHILD = textwrap.dedent("""
     print("[   0.0s] loading checkpoints ...", file=sys.stderr, flush=True)
     time.sleep(0.6)
     print("[   0.6s] exporting vision + gate graph ...", file=sys.stderr, flush=True)
+    time.sleep(0.4)                      # the reader thread stamps the line before the allocation, even under load
     block = b"x" * ({mb} << 20)          # touched pages: resident
     time.sleep({hold})
     del block
