@@ -237,6 +237,10 @@ def ensure_checkpoint(work: Path, case: Case, kind: str, sample_s: float) -> dic
             else realshape.clip_spec(case.shape, "float16", 0))
     info = {"path": str(folder), "cached": realshape.stamp_matches(folder, spec)}
     if not info["cached"]:
+        old = realshape.read_stamp(folder)
+        if old is not None:                   # written by another writer version or spec: say why it goes
+            diff = sorted(k for k, v in spec.items() if old.get(k) != v)
+            print(f"bench_export: rewriting {folder} (its stamp differs in {', '.join(diff)})", file=sys.stderr)
         shutil.rmtree(folder, ignore_errors=True)
         log = work / "logs" / f"write-{folder.name}.log"
         run = measure_child(_writer_cmd(case, folder, kind), dict(os.environ), log, sample_s)
