@@ -32,7 +32,7 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from safeclip.export import cli  # noqa: E402
-from safeclip.export.bundle import ExportOptions, export_bundle  # noqa: E402
+from safeclip.export.bundle import DiskFullError, ExportOptions, export_bundle  # noqa: E402
 from safeclip.export.checkpoint import CheckpointError  # noqa: E402
 from safeclip.export.weights import WeightError  # noqa: E402
 
@@ -327,11 +327,11 @@ def test_disk_full_during_export(stage, sharded_demo, existing, vision_bundle, c
     assert_untouched(out, before)
 
 
-def test_disk_full_library_error_is_an_oserror_with_the_folder(sharded_demo, existing, vision_bundle, monkeypatch):
+def test_disk_full_library_raises_disk_full_error(sharded_demo, existing, vision_bundle, monkeypatch):
     folder, clip_dir = sharded_demo
     out, before = existing
     disk = _fill_weights(monkeypatch, vision_bundle)
-    with pytest.raises(OSError) as ei:
+    with pytest.raises(DiskFullError) as ei:                          # an OSError, one line, naming the folder
         export_bundle(ExportOptions(model=str(folder), clip=str(clip_dir), out=out, with_decoder=False))
     assert disk.hit
     msg = str(ei.value)
