@@ -14,26 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .demo import CLIP_MEAN, CLIP_STD, DEMO_SEED, demo_clip, demo_configs, demo_tokenizers, finish_demo_model
+from .demo import (CLIP_MEAN, CLIP_STD, DEMO_SEED, LLAVA_CHAT_TEMPLATE, demo_clip, demo_configs, demo_tokenizers,
+                   finish_demo_model)
 
 IMAGE_SIZE, PATCH = 84, 14
 GRID_PINPOINTS = [[84, 168], [168, 84], [168, 168], [252, 84], [84, 252]]
 
-# llava-hf/llava-v1.6-vicuna-*: a system turn prints its text, other roles "ROLE: "; a turn's images first,
-# then its texts each followed by a space; the generation prompt is "ASSISTANT:".
-LLAVA_NEXT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
-    "{% endfor %}{% endif %}"
-    "{% else %}{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
-    "{% endfor %}{% endif %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+# llava-hf/llava-v1.6-vicuna-*-hf publish the llava-1.5 template (tests/data/chat_templates/README.md).
+LLAVA_NEXT_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE
 
 
 def build_demo_next(out_dir: str | Path, seed: int = DEMO_SEED + 1, num_kv_heads: int = 2) -> tuple[Path, Path]:

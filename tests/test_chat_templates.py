@@ -368,3 +368,12 @@ def test_no_template_is_one_clear_refusal(tmp_path, tok):
     (folder / "chat_template.json").write_text("{not json")
     with pytest.raises(TemplateError, match="chat_template.json: unreadable JSON"):
         chat_template_from_checkpoint(folder)
+
+
+def test_demo_model_ships_the_published_llava_1_5_template():
+    """The built-in demo renders llava-hf's published template (generation tag included), not a look-alike."""
+    from safeclip.export.demo import LLAVA_CHAT_TEMPLATE
+
+    published = json.loads((Path(__file__).parent / "data" / "chat_templates" /
+                            "llava-1.5-7b-hf.chat_template.json").read_text())["chat_template"]
+    assert LLAVA_CHAT_TEMPLATE == published
