@@ -13,7 +13,8 @@ with ``pread`` when it is needed: while the exporter writes it into a bundle, or
 the one block it belongs to (:class:`Materialized`). Reads go through the page cache, not ``mmap``, so a shard
 never counts against the process' resident memory.
 
-Errors name the file and the tensor on one line (:class:`WeightError`): a truncated or corrupt shard, a shard
+Errors name the file (its full path: LLaVA, CLIP and a swapped tower may all call theirs ``model.safetensors``)
+and the tensor on one line (:class:`WeightError`): a truncated or corrupt shard, a shard
 named in the index that is missing, a tensor missing from the checkpoint, a tensor of unexpected shape.
 """
 from __future__ import annotations
@@ -60,17 +61,17 @@ def _read_header(path: Path) -> dict[str, TensorRef]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise WeightError(f"{path.name}: truncated safetensors file ({size} bytes, no header)")
+                raise WeightError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, 100 << 20):
-                raise WeightError(f"{path.name}: corrupt safetensors header (claims {n} bytes, file has {size})")
+                raise WeightError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
             meta = json.loads(f.read(n))
     except (ValueError, UnicodeDecodeError):
-        raise WeightError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+        raise WeightError(f"{path}: corrupt safetensors header (not JSON)") from None
     except OSError as e:
-        raise WeightError(f"{path.name}: cannot read ({e.strerror or e})") from None
+        raise WeightError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(meta, dict):
-        raise WeightError(f"{path.name}: corrupt safetensors header")
+        raise WeightError(f"{path}: corrupt safetensors header")
     base = 8 + n
     refs = {}
     for key, info in meta.items():
@@ -79,16 +80,16 @@ def _read_header(path: Path) -> dict[str, TensorRef]:
         try:
             code, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise WeightError(f"{path.name}: corrupt header entry for tensor '{key}'") from None
+            raise WeightError(f"{path}: corrupt header entry for tensor '{key}'") from None
         if code not in _ITEMSIZE:
-            raise WeightError(f"{path.name}: tensor '{key}' has unsupported dtype {code}")
+            raise WeightError(f"{path}: tensor '{key}' has unsupported dtype {code}")
         count = 1
         for d in shape:
             count *= d
         if end - start != count * _ITEMSIZE[code] or start < 0:
-            raise WeightError(f"{path.name}: tensor '{key}' has {end - start} bytes for shape {list(shape)} {code}")
+            raise WeightError(f"{path}: tensor '{key}' has {end - start} bytes for shape {list(shape)} {code}")
         if base + end > size:
-            raise WeightError(f"{path.name}: truncated: tensor '{key}' ends at byte {base + end}, file has {size}")
+            raise WeightError(f"{path}: truncated: tensor '{key}' ends at byte {base + end}, file has {size}")
         refs[key] = TensorRef(path, key, code, shape, base + start, end - start)
     return refs
 
@@ -104,10 +105,10 @@ class SafetensorsCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 files = sorted(set(weight_map.values()))
             except (ValueError, KeyError, TypeError, AttributeError):
-                raise WeightError(f"{index.name}: corrupt index (no weight_map)") from None
+                raise WeightError(f"{index}: corrupt index (no weight_map)") from None
             missing = [f for f in files if not (self.folder / f).is_file()]
             if missing:
-                raise WeightError(f"{index.name}: shard {missing[0]} named in the index is missing")
+                raise WeightError(f"{index}: shard {missing[0]} named in the index is missing")
         elif (self.folder / SINGLE).is_file():
             weight_map, files = None, [SINGLE]
         else:
@@ -122,7 +123,7 @@ class SafetensorsCheckpoint:
             for key, file in weight_map.items():
                 ref = self.refs.get(key)
                 if ref is None or ref.file.name != file:
-                    raise WeightError(f"{file}: tensor '{key}' named in the index is not in that shard")
+                    raise WeightError(f"{self.folder / file}: tensor '{key}' named in the index is not in that shard")
 
     def __contains__(self, key: str) -> bool:
         return key in self.refs
@@ -144,7 +145,7 @@ class SafetensorsCheckpoint:
         with open(ref.file, "rb") as f:
             got = f.readinto(memoryview(buf)) if f.seek(ref.offset) == ref.offset else 0
         if got != ref.length:
-            raise WeightError(f"{ref.file.name}: truncated while reading tensor '{key}'")
+            raise WeightError(f"{ref.file}: truncated while reading tensor '{key}'")
         if ref.dtype == "BF16":     # numpy has no bfloat16: reinterpret the bytes in torch
             t = torch.frombuffer(buf, dtype=torch.int16).view(torch.bfloat16) if ref.length else torch.empty(0, dtype=torch.bfloat16)
         else:
@@ -193,7 +194,7 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
     for key in ckpt.keys():
         new, conv = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
         if conv is not None:
-            raise WeightError(f"{ckpt.folder.name}: tensor '{key}' needs transformers' weight conversion "
+            raise WeightError(f"{ckpt.folder}: tensor '{key}' needs transformers' weight conversion "
                               f"'{conv}', which the streaming exporter does not support")
         found.setdefault(new, key)
     by_id: dict[int, str] = {}
@@ -208,7 +209,7 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
             raise WeightError(f"{where}: checkpoint has no tensor for '{fqn}'")
         ref = ckpt.refs[key]
         if tuple(p.shape) != ref.shape:
-            raise WeightError(f"{ref.file.name}: tensor '{key}' has shape {list(ref.shape)}, "
+            raise WeightError(f"{ref.file}: tensor '{key}' has shape {list(ref.shape)}, "
                               f"the model expects {list(p.shape)}")
         out[fqn] = key
         by_id.setdefault(id(p), fqn)
