@@ -1,7 +1,7 @@
 """Bad checkpoints and a full disk: one clear line, nothing left behind, an existing bundle untouched.
 
 Every case is run through the library (``export_bundle`` raises a typed one-line error: ``WeightError`` /
-``CheckpointError`` naming the file and the tensor where there is one) and through the CLI
+``CheckpointError`` naming the file by its full path, and the tensor where there is one) and through the CLI
 (``safeclip.export.cli.main``: exit code 1, one ``safeclip-export: error: ...`` line on stderr, no traceback).
 In both, ``--out`` names an existing bundle, which must keep byte-identical files, and no ``.<name>.tmp-*``
 (or ``.<name>.old-*``) folder may remain beside it.
@@ -123,7 +123,7 @@ def truncate_shard(folder: Path):
 
     def check(msg):
         key = re.search(r"tensor '([^']+)'", msg).group(1)          # a tensor of that shard, cut by the half
-        return (msg.startswith(f"{shard.name}: truncated") and key in header
+        return (msg.startswith(f"{shard}: truncated") and key in header
                 and base + header[key]["data_offsets"][1] > size // 2)
     return WeightError, check
 
@@ -133,7 +133,7 @@ def corrupt_header_json(folder: Path):
     data = bytearray(shard.read_bytes())
     data[8:40] = b"#" * 32                                           # the header's first bytes: not JSON
     shard.write_bytes(bytes(data))
-    return WeightError, lambda msg: msg == f"{shard.name}: corrupt safetensors header (not JSON)"
+    return WeightError, lambda msg: msg == f"{shard}: corrupt safetensors header (not JSON)"
 
 
 def corrupt_header_length(folder: Path):
@@ -141,13 +141,13 @@ def corrupt_header_length(folder: Path):
     data = bytearray(shard.read_bytes())
     data[:8] = struct.pack("<Q", 1 << 40)                            # claims a 1 TB header
     shard.write_bytes(bytes(data))
-    return WeightError, lambda msg: msg.startswith(f"{shard.name}: corrupt safetensors header (claims {1 << 40} bytes")
+    return WeightError, lambda msg: msg.startswith(f"{shard}: corrupt safetensors header (claims {1 << 40} bytes")
 
 
 def missing_shard(folder: Path):
     shard = _shard_of(folder, SHAPE_KEY)
     shard.unlink()
-    return WeightError, lambda msg: msg == f"{INDEX}: shard {shard.name} named in the index is missing"
+    return WeightError, lambda msg: msg == f"{folder / INDEX}: shard {shard.name} named in the index is missing"
 
 
 def index_names_tensor_not_in_its_shard(folder: Path):
@@ -156,7 +156,7 @@ def index_names_tensor_not_in_its_shard(folder: Path):
     other = next(f for f in sorted(set(wm.values())) if f != wm[SHAPE_KEY])
     wm[SHAPE_KEY] = other
     (folder / INDEX).write_text(json.dumps(index))
-    return WeightError, lambda msg: msg == f"{other}: tensor '{SHAPE_KEY}' named in the index is not in that shard"
+    return WeightError, lambda msg: msg == f"{folder / other}: tensor '{SHAPE_KEY}' named in the index is not in that shard"
 
 
 def index_names_tensor_in_no_shard(folder: Path):
@@ -164,7 +164,7 @@ def index_names_tensor_in_no_shard(folder: Path):
     shard = index["weight_map"][SHAPE_KEY]
     index["weight_map"]["language_model.model.layers.7.mlp.up_proj.weight"] = shard
     (folder / INDEX).write_text(json.dumps(index))
-    return WeightError, lambda msg: msg == (f"{shard}: tensor 'language_model.model.layers.7.mlp.up_proj.weight' "
+    return WeightError, lambda msg: msg == (f"{folder / shard}: tensor 'language_model.model.layers.7.mlp.up_proj.weight' "
                                             "named in the index is not in that shard")
 
 
@@ -176,7 +176,7 @@ def wrong_shape(folder: Path):
         shape.extend(t[SHAPE_KEY].shape)
         t[SHAPE_KEY] = torch.zeros(shape[0], shape[1] // 2)
     _rewrite_shard(shard, change)
-    return WeightError, lambda msg: msg == (f"{shard.name}: tensor '{SHAPE_KEY}' has shape [{shape[0]}, {shape[1] // 2}], "
+    return WeightError, lambda msg: msg == (f"{shard}: tensor '{SHAPE_KEY}' has shape [{shape[0]}, {shape[1] // 2}], "
                                             f"the model expects {shape}")
 
 
@@ -226,6 +226,28 @@ def test_damaged_checkpoint_one_line_nothing_left_behind(damage, sharded_demo, e
 
     line = cli_error(capsys, ["--model", str(folder), "--clip", str(clip_dir), "--out", str(out), "--no-decoder"])
     assert line == msg
+    assert_untouched(out, before)
+
+
+@pytest.mark.parametrize("which", ["clip", "vision_tower"])
+def test_damaged_clip_or_tower_is_named_by_its_path(which, sharded_demo, existing, tmp_path, capsys):
+    """LLaVA, CLIP and a swapped tower may all hold a ``model.safetensors``: the line says which one."""
+    from transformers import CLIPVisionModel, LlavaConfig
+
+    src, clip_dir = sharded_demo
+    if which == "clip":
+        folder = shutil.copytree(clip_dir, tmp_path / "clip")
+    else:
+        folder = tmp_path / "tower"
+        CLIPVisionModel(LlavaConfig.from_pretrained(src).vision_config).save_pretrained(folder)
+    shard = folder / "model.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    out, before = existing
+    argv = ["--model", str(src), "--clip", str(folder if which == "clip" else clip_dir), "--out", str(out),
+            "--no-decoder"] + (["--vision-tower", str(folder)] if which == "vision_tower" else [])
+    line = cli_error(capsys, argv)
+    assert line.startswith(f"{shard}: truncated: tensor '"), line
     assert_untouched(out, before)
 
 
