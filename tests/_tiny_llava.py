@@ -24,6 +24,7 @@ import numpy as np
 from _vocab import VOCABS, byte_tokens, hf_tokenizer, pad_to
 
 IMAGE_SIZE, PATCH = 56, 14
+IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2          # 16 positions per image
 REPO_DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -115,7 +116,7 @@ def build(case: Case, out: Path, seed: int = 0) -> dict:
                     tie_word_embeddings=False, **extra)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, projector_hidden_act="gelu",
                       vision_feature_select_strategy="default", vision_feature_layer=-2,
-                      image_seq_length=(IMAGE_SIZE // PATCH) ** 2, pad_token_id=pad_id)
+                      image_seq_length=IMAGE_TOKENS, pad_token_id=pad_id)
     model = LlavaForConditionalGeneration(cfg).eval()
     for key, value in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id), ("pad_token_id", pad_id)):
         setattr(model.generation_config, key, value)

@@ -44,6 +44,12 @@ PROMPT_ONLY = {
     "qwen2": T.Case("qwen2", LLAVA_15_TEMPLATE, "llama", "bpe", "<|im_start|>"),
     "llama2-legacy": T.Case("llama2-legacy", LLAVA_15_TEMPLATE, "llama", "spm", "<s>"),
 }
+# templates that print the BOS themselves (as Llama-3-style ones do): the tokenizer must not add a second one
+BOS_PRINTED = {
+    "llama2+bos": T.Case("llama2", "{{ bos_token }}" + LLAVA_15_TEMPLATE, "llama", "spm", "<s>"),
+    "llama3+bos": T.Case("llama3", "{{ bos_token }}" + LLAVA_15_TEMPLATE, "llama", "bpe", "<|begin_of_text|>"),
+}
+CASES = {**E2E, **PROMPT_ONLY, **BOS_PRINTED}
 PROMPTS = [
     "What is in the picture?",
     "   three leading spaces, and a trailing one ",
@@ -66,8 +72,7 @@ def checkpoints(tmp_path_factory):
 
     def get(name: str):
         if name not in built:
-            case = E2E.get(name) or PROMPT_ONLY[name]
-            built[name] = (root / name, T.build(case, root / name))
+            built[name] = (root / name, T.build(CASES[name], root / name))
         return built[name]
     return get
 
@@ -135,7 +140,7 @@ def test_bundle_prompt_ids_equal_llava_processor(bundles, test_images, name, wit
         ids = runtime_ids(lm.tokenizer, lm.template, lm.special_tokens, lm.image_token_id,
                           pipe.image_tokens(None), prompt, with_image)
         assert ids == ref["input_ids"][0].tolist(), prompt
-        assert ids.count(lm.image_token_id) == (T.IMAGE_SIZE // T.PATCH) ** 2 * int(with_image)
+        assert ids.count(lm.image_token_id) == T.IMAGE_TOKENS * int(with_image)
 
 
 @pytest.mark.parametrize("prompt", [PROMPTS[2], PROMPTS[4]], ids=["unicode", "special-strings"])
@@ -178,14 +183,8 @@ def test_text_only_prompt_equals_transformers(bundles):
 # --- prompt ids on more vocabularies (no export) ------------------------------------------------------------
 @pytest.mark.parametrize("name", list(PROMPT_ONLY))
 def test_prompt_ids_equal_llava_processor(checkpoints, tmp_path, test_images, name):
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-
     folder, facts = checkpoints(name)
-    tok = AutoTokenizer.from_pretrained(folder)            # what the exporter does (export/bundle.py)
-    tok.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
-    runtime_tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    specials = {k: getattr(tok, k) for k in ("bos_token", "eos_token", "pad_token") if getattr(tok, k)}
+    tok, runtime_tok, specials = _exporter_tokenizer(folder, tmp_path)
     seq = json.loads((folder / "config.json").read_text())["image_seq_length"]
     for with_image in (True, False):
         image = _image(test_images) if with_image else None
@@ -196,6 +195,35 @@ def test_prompt_ids_equal_llava_processor(checkpoints, tmp_path, test_images, na
     if name == "mistral-v3":                               # control tokens in the template are single ids
         ids = runtime_tok.encode(render(tok.chat_template, "hi", False)).ids
         assert runtime_tok.token_to_id("[INST]") in ids and runtime_tok.token_to_id("[/INST]") == ids[-1]
+
+
+def _exporter_tokenizer(folder, tmp_path):
+    """The tokenizer the exporter writes (``AutoTokenizer`` of the checkpoint, backend saved), reloaded as
+    the runtime loads it, and the special tokens the manifest records."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    specials = {k: getattr(tok, k) for k in ("bos_token", "eos_token", "pad_token") if getattr(tok, k)}
+    return tok, Tokenizer.from_file(str(tmp_path / "tokenizer.json")), specials
+
+
+@pytest.mark.parametrize("name", list(BOS_PRINTED))
+def test_template_printing_bos_gets_one_bos(checkpoints, tmp_path, test_images, name):
+    """Oracle: the processor's own ``apply_chat_template(tokenize=True)``, which drops the tokenizer's BOS
+    when the rendered text starts with it (as ``prompt.tokenize`` does)."""
+    folder, facts = checkpoints(name)
+    tok, runtime_tok, specials = _exporter_tokenizer(folder, tmp_path)
+    proc = _processor(str(folder))
+    for with_image in (True, False):
+        content = [{"type": "image", "image": _image(test_images)}] if with_image else []
+        msgs = [{"role": "user", "content": content + [{"type": "text", "text": PROMPTS[1]}]}]
+        ref = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        ref = list(ref[0] if isinstance(ref[0], list) else ref)
+        ids = runtime_ids(runtime_tok, tok.chat_template, specials, facts["image_token_id"], T.IMAGE_TOKENS,
+                          PROMPTS[1], with_image)
+        assert ids == ref and ids.count(tok.bos_token_id) == 1
 
 
 # --- unit level: the detokenizer on real vocabularies ---------------------------------------------------------
