@@ -15,8 +15,9 @@ Per case: the LLaVA checkpoint (and the ViT-L CLIP for ``--clip``) is written by
 process (its own wall time and peak RSS recorded) or reused from ``--work`` when its stamp matches; then
 ``safeclip-export --model DIR --clip CLIPDIR --target T --out OUT`` runs in a child process and is measured:
 
-* wall time, and peak RSS = the child's ``ru_maxrss`` from ``os.wait4`` (the kernel's figure: it sees every
-  page, however short-lived; it counts file-backed pages too, e.g. a memory-mapped checkpoint);
+* wall time, and peak RSS = the child's ``ru_maxrss`` from ``os.wait4`` in a per-run wrapper process (the
+  kernel's figure: it sees every page, however short-lived; it counts file-backed pages too, e.g. a
+  memory-mapped checkpoint; the wrapper keeps this process's own RSS out of it, see ``WRAPPER``);
 * a timeline sampled from ``/proc/<pid>/status`` every ``--sample-s`` (VmRSS, VmHWM, RssAnon, RssFile; the
   RSS of any descendants; bytes under the output folder), and the child's stdout/stderr lines with their
   times. The exporter's progress lines (``[  12.3s] step ...``) split the run into stages; the peak stage is
@@ -129,13 +130,33 @@ def _tree_bytes(path: Path | None) -> int:
     return total
 
 
+# The measured command runs under a fresh, nearly empty interpreter (``python -S``, stdlib only) that spawns it
+# and reads its rusage with os.wait4. Linux carries the RSS high-water mark across exec (``exec_mmap`` ->
+# ``setmax_mm_hiwater_rss``), so a command forked from this process, which holds torch and transformers, would
+# report at least this process's RSS as its ``ru_maxrss``; spawned from the wrapper it inherits the wrapper's
+# VmHWM, ~10 MB (recorded as ``inherited_floor_bytes``).
+WRAPPER = """
+import json, os, sys
+floor = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")).split()[1])   # what exec passes on
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"pid": pid, "status": status, "ru_maxrss_kib": ru.ru_maxrss, "floor_kib": floor}, f)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def measure_child(cmd: list[str], env: dict, log: Path, sample_s: float = 0.2, rss_limit: int | None = None,
                   watch: Path | None = None) -> dict:
-    """Run ``cmd``; wall time, ``ru_maxrss`` (os.wait4), a /proc timeline and timestamped output lines."""
+    """Run ``cmd``; wall time, its ``ru_maxrss`` (os.wait4 in the wrapper), a /proc timeline of it and its
+    descendants, and its output lines with their times. Past ``rss_limit`` bytes it is killed."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    result = log.with_suffix(".rusage.json")
+    result.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1,
-                         start_new_session=True)
+    p = subprocess.Popen([sys.executable, "-S", "-c", WRAPPER, str(result), *cmd], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, bufsize=1, start_new_session=True)
     lines: list[tuple[float, str, str]] = []
     samples: list[dict] = []
     state = {"done": False, "killed": None}
@@ -150,19 +171,20 @@ def measure_child(cmd: list[str], env: dict, log: Path, sample_s: float = 0.2, r
         last_du = -1.0
         while not state["done"]:
             now = time.perf_counter() - t0
-            s = _status(p.pid)
+            kids = _descendants(p.pid)                        # [the command, its descendants...]
+            s = _status(kids[0]) if kids else {}
             if s:
-                kids = _descendants(p.pid)
-                s["tree_rss"] = s.get("VmRSS", 0) + sum(_status(k).get("VmRSS", 0) for k in kids)
+                s["tree_rss"] = s.get("VmRSS", 0) + sum(_status(k).get("VmRSS", 0) for k in kids[1:])
                 if watch is not None and now - last_du >= 1.0:
                     s["out_bytes"], last_du = _tree_bytes(watch), now
                 samples.append({"t": round(now, 3), **s})
                 if rss_limit and s["tree_rss"] > rss_limit and state["killed"] is None:
                     state["killed"] = f"RSS {s['tree_rss'] / GB:.2f} GB over the limit {rss_limit / GB:.2f} GB"
-                    try:
-                        os.killpg(p.pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+                    for k in kids:                            # not the wrapper: it reports the rusage
+                        try:
+                            os.kill(k, signal.SIGKILL)
+                        except OSError:
+                            pass
             time.sleep(sample_s)
 
     threads = [threading.Thread(target=reader, args=(p.stdout, "out"), daemon=True),
@@ -171,22 +193,27 @@ def measure_child(cmd: list[str], env: dict, log: Path, sample_s: float = 0.2, r
     for t in threads:
         t.start()
     try:
-        _, status, usage = os.wait4(p.pid, 0)
+        p.wait()
     except BaseException:                                        # Ctrl-C: the child has its own session
         os.killpg(p.pid, signal.SIGKILL)
-        os.wait4(p.pid, 0)
-        p.returncode = -9
+        p.wait()
         raise
     wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)            # reaped here: Popen must not wait again
     state["done"] = True
     for t in threads:
         t.join(timeout=10)
+    try:
+        ru = json.loads(result.read_text())
+        code, maxrss = os.waitstatus_to_exitcode(ru["status"]), ru["ru_maxrss_kib"] * 1024
+        floor = ru["floor_kib"] * 1024
+    except (OSError, ValueError, KeyError):                      # the wrapper itself died
+        code, maxrss, floor = p.returncode, max((x.get("VmHWM", 0) for x in samples), default=0), None
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.writelines(f"{t:9.3f} {tag} {text}\n" for t, tag, text in lines)
-    return {"cmd": cmd, "exit_code": p.returncode, "wall_s": wall, "ru_maxrss_bytes": usage.ru_maxrss * 1024,
-            "killed": state["killed"], "samples": samples, "lines": lines, "log": str(log)}
+    return {"cmd": cmd, "exit_code": code, "wall_s": wall, "ru_maxrss_bytes": maxrss,
+            "inherited_floor_bytes": floor, "killed": state["killed"], "samples": samples, "lines": lines,
+            "log": str(log)}
 
 
 def stages_of(run: dict) -> tuple[list[dict], dict]:
@@ -246,7 +273,8 @@ def ensure_checkpoint(work: Path, case: Case, kind: str, sample_s: float) -> dic
         run = measure_child(_writer_cmd(case, folder, kind), dict(os.environ), log, sample_s)
         if run["exit_code"] != 0:
             raise RuntimeError(f"writing {folder} failed (exit {run['exit_code']}): {_last_error(run)}")
-        info["write"] = {"wall_s": round(run["wall_s"], 2), "peak_rss_bytes": run["ru_maxrss_bytes"]}
+        info["write"] = {"wall_s": round(run["wall_s"], 2), "peak_rss_bytes": run["ru_maxrss_bytes"],
+                         "sampled_vmhwm_bytes": max((x.get("VmHWM", 0) for x in run["samples"]), default=0)}
     info["bytes"] = realshape.read_stamp(folder)["bytes"]
     return info
 
@@ -345,7 +373,8 @@ def run_case(case: Case, args, env: dict, exporter: dict) -> dict:
     res.update(
         status="ok" if ok else ("killed" if run["killed"] else "failed"), exit_code=run["exit_code"],
         error=None if ok else (run["killed"] or _last_error(run)), wall_s=round(run["wall_s"], 2),
-        peak_rss_bytes=run["ru_maxrss_bytes"], bundle_bytes=bundle,
+        peak_rss_bytes=run["ru_maxrss_bytes"], peak_rss_inherited_floor_bytes=run["inherited_floor_bytes"],
+        bundle_bytes=bundle,
         peak_over_bundle=run["ru_maxrss_bytes"] / bundle if bundle else None,
         target_met=run["ru_maxrss_bytes"] <= TARGET_RATIO * bundle if bundle else None,
         peak_stage=peak, stages=stages, rss_limit_bytes=limit if limit > 0 else None,

@@ -381,9 +381,9 @@ def params(shape: str, kind: str = "llava") -> int:
 
 
 def main(argv=None) -> int:
-    """Write one checkpoint and report the writer's own wall time and peak RSS (``ru_maxrss``)."""
+    """Write one checkpoint and report the writer's own wall time and peak RSS (VmHWM: unlike ``ru_maxrss`` it
+    does not inherit the parent's high-water mark across exec)."""
     import argparse
-    import resource
 
     ap = argparse.ArgumentParser(description="write a random real-shape LLaVA or CLIP checkpoint")
     ap.add_argument("--shape", choices=list(SHAPES), default="tinyllava-1.5b")
@@ -405,7 +405,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"realshape: error: {e}", file=sys.stderr)
         return 1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from bench_lib import rss_mb
+    peak = int(rss_mb("VmHWM") * 2**20)
     print(json.dumps({"out": str(args.out), "bytes": stamp["bytes"], "shards": stamp["shards"],
                       "wall_s": round(time.perf_counter() - t0, 2), "peak_rss_bytes": peak}))
     return 0

@@ -55,9 +55,12 @@ def test_parse_case():
 
 
 def test_measure_child_peak_rss_and_stage(tmp_path):
+    ballast = b"y" * (500 * MB)          # this process is big: the child's ru_maxrss must not inherit it
     run = _child(tmp_path, mb=300)
+    del ballast
     assert run["exit_code"] == 0 and run["killed"] is None
-    assert run["ru_maxrss_bytes"] >= 300 * MB
+    assert 300 * MB <= run["ru_maxrss_bytes"] < 400 * MB
+    assert run["inherited_floor_bytes"] < 30 * MB            # not this (torch-holding) process's RSS
     assert [t for _, tag, t in run["lines"] if tag == "out"] == ["done"]
     stages, peak = bench_export.stages_of(run)
     assert [s["name"] for s in stages][1:] == ["loading checkpoints", "exporting vision + gate graph",
