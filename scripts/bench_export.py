@@ -1,7 +1,7 @@
 """Exporter memory and time at real checkpoint sizes: ``safeclip-export`` on random real-shape checkpoints.
 
     python scripts/bench_export.py                     # the default cases (below); checkpoints cached in --work
-    python scripts/bench_export.py --quick             # the tiny shape only (about a minute): checks the benchmark
+    python scripts/bench_export.py --quick             # the tiny shape only (1-2 minutes): checks the benchmark
     python scripts/bench_export.py --cases tinyllava-1.5b/jetson --rev HEAD~3    # the exporter as of a revision
     python scripts/bench_export.py --write-only --cases llava-1.5-7b/jetson     # only write (time) the checkpoint
 
@@ -30,7 +30,7 @@ and the target's precision, +10%) exceeds the free space of ``--work`` is refuse
 export is killed (status ``killed``) when its RSS passes ``--rss-limit-gb`` (default: MemAvailable at the
 case's start minus 2 GiB, so the benchmark, not the kernel's OOM killer, picks the victim on a shared
 machine). Prints a Markdown table; writes JSON to ``--json`` (default ``WORK/bench_export.json``).
-``tests/test_bench_export_quick.py`` runs ``--quick`` and is marked slow.
+``tests/test_bench_export.py`` runs ``--quick`` (marked slow) and tests the measuring code.
 """
 from __future__ import annotations
 
