@@ -324,7 +324,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             need = _bytes_needed(src) if "src" in locals() else None
-            hint = f" (the bundle needs about {need / 1e9:.1f} GB)" if need else ""
+            hint = (f" (the bundle needs about {need / 1e9:.1f} GB)" if need and need >= 1e9 else
+                    f" (the bundle needs about {need / 1e6:.1f} MB)" if need else "")
             raise DiskFullError(f"no space left on the disk of {out.parent.resolve()} while writing the bundle"
                                 f"{hint}; nothing was written, an existing {out.name} is untouched") from None
         raise

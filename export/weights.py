@@ -34,6 +34,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -64,7 +65,7 @@ def _read_header(path: Path) -> dict[str, TensorRef]:
                 raise WeightError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, 100 << 20):
-                raise WeightError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
+                raise WeightError(f"{path}: truncated or corrupt safetensors header (claims {n} bytes, file has {size})")
             meta = json.loads(f.read(n))
     except (ValueError, UnicodeDecodeError):
         raise WeightError(f"{path}: corrupt safetensors header (not JSON)") from None
@@ -208,6 +209,8 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
             where = what if str(ckpt.folder) in what else f"{what} ({ckpt.folder})"
             raise WeightError(f"{where}: checkpoint has no tensor for '{fqn}'")
         ref = ckpt.refs[key]
+        if p.dtype.is_floating_point and ref.dtype not in _FLOAT_CODES:
+            raise WeightError(f"{ref.file}: tensor '{key}' is stored as {ref.dtype}, the model expects a float tensor")
         if tuple(p.shape) != ref.shape:
             raise WeightError(f"{ref.file}: tensor '{key}' has shape {list(ref.shape)}, "
                               f"the model expects {list(p.shape)}")

@@ -141,7 +141,7 @@ def corrupt_header_length(folder: Path):
     data = bytearray(shard.read_bytes())
     data[:8] = struct.pack("<Q", 1 << 40)                            # claims a 1 TB header
     shard.write_bytes(bytes(data))
-    return WeightError, lambda msg: msg.startswith(f"{shard}: corrupt safetensors header (claims {1 << 40} bytes")
+    return WeightError, lambda msg: msg.startswith(f"{shard}: truncated or corrupt safetensors header (claims {1 << 40} bytes")
 
 
 def missing_shard(folder: Path):
@@ -180,6 +180,16 @@ def wrong_shape(folder: Path):
                                             f"the model expects {shape}")
 
 
+def integer_weight(folder: Path):
+    shard = _shard_of(folder, SHAPE_KEY)
+
+    def change(t):
+        t[SHAPE_KEY] = t[SHAPE_KEY].to(torch.int32)
+    _rewrite_shard(shard, change)
+    return WeightError, lambda msg: msg == (f"{shard}: tensor '{SHAPE_KEY}' is stored as I32, "
+                                            "the model expects a float tensor")
+
+
 def missing_tensor(folder: Path):
     _rewrite_shard(_shard_of(folder, MISSING_KEY), lambda t: t.pop(MISSING_KEY))
     index = json.loads((folder / INDEX).read_text())
@@ -201,8 +211,8 @@ def pickled_only(folder: Path):
 
 
 DAMAGE = [truncate_shard, corrupt_header_json, corrupt_header_length, missing_shard,
-          index_names_tensor_not_in_its_shard, index_names_tensor_in_no_shard, wrong_shape, missing_tensor,
-          pickled_only]
+          index_names_tensor_not_in_its_shard, index_names_tensor_in_no_shard, wrong_shape, integer_weight,
+          missing_tensor, pickled_only]
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__ for d in DAMAGE])
