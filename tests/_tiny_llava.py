@@ -91,7 +91,8 @@ def build(case: Case, out: Path, seed: int = 0) -> dict:
     tok = hf_tokenizer(case.vocab, llava_tokens=True)
     image_id, pad_id = tok.convert_tokens_to_ids(["<image>", "<pad>"])
     assert (image_id, pad_id) == (tok.vocab_size, tok.vocab_size + 1) == (len(tok) - 2, len(tok) - 1)
-    image_proc = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    image_proc = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                     do_resize=True, do_center_crop=True, resample=3, do_rescale=True,
                                     rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN,
                                     image_std=CLIP_STD, do_convert_rgb=True)

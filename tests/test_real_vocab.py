@@ -6,14 +6,16 @@ byte-level BPE (extracted from llama-cpp-python's sdist by ``scripts/fetch_test_
 that command, when absent).
 
 * End to end (``E2E``: Llama-2 + llava-1.5 template, Mistral v1 + Mistral text model + llava-v1.6-mistral
-  template, Llama-3 + llava-1.5 template; the templates as llava-hf publishes them, tests/data/chat_templates): a tiny random LLaVA on the real vocabulary (``_tiny_llava.py``)
-  goes through ``export_bundle``; ``Pipeline`` prompt ids must equal ``LlavaProcessor``'s, greedy token ids
-  and text must equal transformers' ``generate`` + ``decode(skip_special_tokens=True)``, and the streamed
-  pieces must add up to that text. A planted token chain makes byte-fallback characters split across tokens,
-  a special token inside a character, an invalid byte run and leading-space tokens occur every time.
+  template, Llama-3 + llava-1.5 template; templates as llava-hf publishes them, tests/data/chat_templates):
+  a tiny random LLaVA on the real vocabulary (``_tiny_llava.py``) goes through ``export_bundle``;
+  ``Pipeline`` prompt ids must equal ``LlavaProcessor``'s, greedy token ids and text must equal transformers'
+  ``generate`` + ``decode(skip_special_tokens=True)``, and the streamed pieces must add up to that text.
+  A planted token chain makes byte-fallback characters split across tokens, a special token inside a
+  character, an invalid byte run and leading-space tokens occur every time.
 * Prompt ids only (``PROMPT_ONLY``, no export): Mistral v3 (control tokens such as ``[INST]`` are special),
   Qwen2, and Meta's legacy Llama-2 pipeline, tokenized by the runtime from the ``tokenizer.json`` the exporter
-  would write (``AutoTokenizer`` of the checkpoint, backend saved).
+  would write (``AutoTokenizer`` of the checkpoint, backend saved); and templates that print the BOS
+  themselves (``BOS_PRINTED``) get exactly one.
 * Unit level: the runtime's detokenizer against ``decode`` on random id sequences for every vocabulary, and
   llama.cpp's ``.inp``/``.out`` vectors (or SentencePiece itself for the ``.model`` files) for the encoders.
 """
