@@ -377,3 +377,29 @@ def test_demo_model_ships_the_published_llava_1_5_template():
     published = json.loads((Path(__file__).parent / "data" / "chat_templates" /
                             "llava-1.5-7b-hf.chat_template.json").read_text())["chat_template"]
     assert LLAVA_CHAT_TEMPLATE == published
+
+
+def test_export_refuses_a_template_the_runtime_renders_differently(tmp_path, monkeypatch, capsys):
+    """The exporter's own check, end to end: a runtime rendering that differs from transformers' on a probe stops
+    the export before any graph is written, with one line naming the checkpoint's template file; no bundle,
+    no temporary folder."""
+    from safeclip.export import cli, templates
+    from safeclip.export.demo import build_demo
+
+    llava, clip = build_demo(tmp_path / "src")
+    real = templates.render_messages
+
+    def drifted(template, messages, **kw):          # what a renderer lacking one transformers feature does
+        return real(template, messages, **kw).replace("ASSISTANT:", "ASSISTANT: ")
+
+    monkeypatch.setattr(templates, "render_messages", drifted)
+    traced = []
+    import safeclip.export.bundle as bundle
+    monkeypatch.setattr(bundle, "export_vision_gate", lambda *a, **k: traced.append(1))
+    out = tmp_path / "out" / "b"
+    assert cli.main(["--model", str(llava), "--clip", str(clip), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 + sum(1 for line in err if line.startswith("[")), err     # progress lines + one error
+    assert err[-1].startswith("safeclip-export: error: ") and "chat_template.jinja" in err[-1], err[-1]
+    assert traced == []                               # refused before the long work
+    assert not out.exists() and list((tmp_path / "out").iterdir()) == []
