@@ -213,7 +213,7 @@ def _tokenizer_and_prompt(src, tmp: Path) -> tuple[dict, dict]:
     tok = AutoTokenizer.from_pretrained(src.llava_path)
     image_token = getattr(tok, "image_token", None) or "<image>"
     template, source = chat_template_from_checkpoint(src.llava_path)
-    check_template(template, source, tok, image_token=image_token)
+    check_template(template, str(Path(src.llava_path) / source), tok, image_token=image_token)
     tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
     # every special token the template may print, as transformers hands them to it (special_tokens_map)
     specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, (str, list))}
