@@ -269,7 +269,7 @@ def ensure_checkpoint(work: Path, case: Case, kind: str, sample_s: float) -> dic
             diff = sorted(k for k, v in spec.items() if old.get(k) != v)
             print(f"bench_export: rewriting {folder} (its stamp differs in {', '.join(diff)})", file=sys.stderr)
         shutil.rmtree(folder, ignore_errors=True)
-        log = work / "logs" / f"write-{folder.name}.log"
+        log = work / "logs" / f"write-{folder.name}-{_stamp()}.log"
         run = measure_child(_writer_cmd(case, folder, kind), dict(os.environ), log, sample_s)
         if run["exit_code"] != 0:
             raise RuntimeError(f"writing {folder} failed (exit {run['exit_code']}): {_last_error(run)}")
@@ -330,6 +330,11 @@ def exporter_env(work: Path, rev: str | None) -> tuple[dict, dict]:
     return env, info
 
 
+def _stamp() -> str:
+    """Log names carry the start time: a later run of the same case keeps the earlier log."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def _last_error(run: dict) -> str | None:
     text = [t for _, _, t in run["lines"] if t.strip()]
     errs = [t for t in text if "error" in t.lower()]
@@ -364,7 +369,7 @@ def run_case(case: Case, args, env: dict, exporter: dict) -> dict:
     cmd = exporter["command"] + ["--model", res["checkpoint"]["path"], "--clip", res["clip"]["path"],
                                  "--target", case.target, "--out", str(out)]
     print(f"bench_export: {case.name}: {' '.join(cmd[-8:])}", file=sys.stderr, flush=True)
-    run = measure_child(cmd, env, args.work / "logs" / f"export-{case_dir.name}.log", args.sample_s,
+    run = measure_child(cmd, env, args.work / "logs" / f"export-{case_dir.name}-{_stamp()}.log", args.sample_s,
                         limit if limit > 0 else None, watch=case_dir)
     stages, peak = stages_of(run)
     ok = run["exit_code"] == 0 and (out / "manifest.json").is_file()
