@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity  {r}", file=sys.stderr)
     if args.target == "datacenter":          # build TensorRT engines at once where TensorRT and a GPU are here
         try:
-            from .build import maybe_build_engines
+            from safeclip.runtime.build import maybe_build_engines
             outcome = maybe_build_engines(report.bundle, progress)
             print(f"engines {outcome.message}", file=sys.stderr)
         except Exception as e:

@@ -27,7 +27,7 @@ FEATURES_OUTPUT = "image_features"
 CACHE_MIN_BYTES = 16 << 20          # files at least this big may be verified through the cache
 
 __all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "sha256_file", "integrity_of",
-           "SCHEMA_VERSION", "MANIFEST", "GATE_OUTPUT", "FEATURES_OUTPUT", "atomic_write_text"]
+           "SCHEMA_VERSION", "MANIFEST", "GATE_OUTPUT", "FEATURES_OUTPUT", "atomic_write_text", "atomic_write_bytes"]
 
 
 class BundleError(Exception):
@@ -50,19 +50,29 @@ def integrity_of(manifest: dict) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "integrity"})).hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a half-written one."""
+def atomic_write_bytes(path: str | Path, data) -> None:
+    """Write ``data`` (bytes-like: bytes, a numpy buffer, TensorRT's ``IHostMemory``, not copied) so that readers
+    see the old or the new file, never a half-written one: a temporary file in the same folder, fsync, rename.
+    The folder is created if needed; the file is readable by all (0644), as a bundle served by another user
+    must be. The one atomic writer of the project: manifests, plans, timing caches, reports."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_manifest(bundle_dir: Path, manifest: dict) -> dict:

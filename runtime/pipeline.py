@@ -298,12 +298,7 @@ def _load_language_model(m: Manifest, backend: str, context: int | None, threads
         raise BundleError(f"{m.root}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e})") from None
     emb = m.data.get("embeddings") or {}
     table = np.load(m.path(emb["file"]), mmap_mode="r", allow_pickle=False)     # [V, D]
-    so = None
-    if threads:
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-    decoder = open_decoder(m, backend, context=context, session_options=so)
+    decoder = open_decoder(m, backend, context=context, threads=threads)     # threads: else SAFECLIP_THREADS
     # the special tokens transformers hands the template (bundles before 0.1 recorded bos/eos/pad only)
     specials = tok.get("special_tokens") or {k: tok.get(k) for k in ("bos_token", "eos_token", "pad_token")
                                              if tok.get(k)}

@@ -83,8 +83,8 @@ def machine_facts() -> dict:
 
 
 def _best(fn, repeats: int) -> float:
-    from safeclip.runtime.generate import _best_of      # the runtime's own timer (kv_update_costs uses it)
-    return _best_of(fn, repeats)
+    from kv_costs import best_of                         # the timer kv_update_costs uses (scripts/kv_costs.py)
+    return best_of(fn, repeats)
 
 
 class Bandwidth:
@@ -204,7 +204,7 @@ class Runtime:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        from safeclip.runtime.generate import OrtDecoder
+        from safeclip.runtime.backends.ort import OrtDecoder
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -321,7 +321,7 @@ def measure(args) -> dict:
     torch = _torch()
     import transformers
 
-    from safeclip.runtime.generate import kv_update_costs
+    from kv_costs import kv_update_costs          # scripts/kv_costs.py, beside this script
 
     load_start, started = os.getloadavg(), datetime.datetime.now(datetime.timezone.utc)
     work = args.work_dir / f"{args.shape}-{args.dtype}"

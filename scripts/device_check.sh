@@ -89,7 +89,8 @@ import numpy as np
 bundles, results, work = (Path(a) for a in sys.argv[1:4])
 from safeclip.runtime.backends.ort import make_session, available_providers
 from safeclip.runtime.gate import verdict_from_probs
-from safeclip.runtime.generate import OrtDecoder, embed_prompt
+from safeclip.runtime.backends.ort import OrtDecoder
+from safeclip.runtime.generate import embed_prompt
 from safeclip.runtime.manifest import load_manifest
 
 NEW_TOKENS, REPEATS = 16, 5
@@ -234,7 +235,7 @@ except ImportError:
     skipped.append("TensorRT: not installed — skipped")
 if have_trt and (bundles / "jetson" / "manifest.json").is_file():
     try:
-        from safeclip.export.build import build_engines
+        from safeclip.runtime.build import build_engines
         from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession
         tb = work / "jetson-trt"
         shutil.copytree(bundles / "jetson", tb)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from _lm_models import exported  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from safeclip.runtime import generate as G  # noqa: E402
+from safeclip.runtime.backends.base import ContextError  # noqa: E402
+from safeclip.runtime.backends.ort import OrtDecoder  # noqa: E402
 from safeclip.runtime.prompt import PromptError, render, tokenize  # noqa: E402
 
 N_NEW = 36
@@ -36,7 +39,7 @@ class Runtime:
 
     def __init__(self, lm, capacity=None):
         self.lm, self.facts = lm, lm.frag["model"]
-        self.decoder = G.OrtDecoder.from_manifest(lm.bundle, lm.frag["graphs"]["decoder"], capacity=capacity,
+        self.decoder = OrtDecoder.from_manifest(lm.bundle, lm.frag["graphs"]["decoder"], capacity=capacity,
                                                   context_length=self.facts["context_length"])
         self.table = np.load(lm.bundle / lm.frag["embeddings"]["file"], mmap_mode="r")
         self.tok = Tokenizer.from_file(str(lm.llava_dir / "tokenizer.json"))
@@ -212,17 +215,17 @@ def test_detokenizer_keeps_multibyte_characters_whole(gqa):
 
 def test_context_overflow_and_clamp(gqa):
     ids = gqa.ids("Hello there, how are you today?", None)
-    small = G.OrtDecoder.from_manifest(gqa.lm.bundle, gqa.lm.frag["graphs"]["decoder"], capacity=len(ids) + 4)
+    small = OrtDecoder.from_manifest(gqa.lm.bundle, gqa.lm.frag["graphs"]["decoder"], capacity=len(ids) + 4)
     emb = G.embed_prompt(gqa.table, ids)
-    with pytest.raises(G.ContextError, match="exceeds the context capacity"):
+    with pytest.raises(ContextError, match="exceeds the context capacity"):
         G.stream(small, gqa.table, np.concatenate([emb, emb]), tokenizer=gqa.tok, max_new_tokens=1)
     assert small.length == 0                             # refused before any work
     res = G.generate(small, gqa.table, emb, tokenizer=gqa.tok, max_new_tokens=N_NEW)
     full = G.generate(gqa.decoder, gqa.table, emb, tokenizer=gqa.tok, max_new_tokens=N_NEW)
     assert res.finish_reason == "context" and res.token_ids == full.token_ids[:5]
     assert G.generate(small, gqa.table, emb, tokenizer=gqa.tok, max_new_tokens=3).finish_reason == "length"
-    with pytest.raises(G.ContextError):
-        G.OrtDecoder.from_manifest(gqa.lm.bundle, gqa.lm.frag["graphs"]["decoder"], capacity=10 ** 6,
+    with pytest.raises(ContextError):
+        OrtDecoder.from_manifest(gqa.lm.bundle, gqa.lm.frag["graphs"]["decoder"], capacity=10 ** 6,
                                    context_length=gqa.facts["context_length"])
 
 
@@ -235,7 +238,10 @@ def test_embed_prompt_checks(gqa):
 
 
 def test_kv_update_costs(gqa):
-    c = G.kv_update_costs(gqa.decoder, lengths=(0, 64, 512), repeats=2)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from kv_costs import kv_update_costs      # a benchmark helper: scripts/kv_costs.py
+
+    c = kv_update_costs(gqa.decoder, lengths=(0, 64, 512), repeats=2)
     assert c["lengths"] == [0, 64, 512] and c["kv_bytes"][0] == 0
     assert c["kv_bytes"][2] == 8 * c["kv_bytes"][1] == 512 * 2 * 2 * 2 * 16 * 4
     assert all(t > 0 for t in c["step_s"] + c["bind_s"]) and c["weights_bytes"] > 0 and c["copy_GBps"] > 0
@@ -257,7 +263,7 @@ def test_greedy_on_cuda_arenas(gqa):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu with the CUDA execution provider")
-    cuda = G.OrtDecoder.from_manifest(gqa.lm.bundle, gqa.lm.frag["graphs"]["decoder"], device="cuda",
+    cuda = OrtDecoder.from_manifest(gqa.lm.bundle, gqa.lm.frag["graphs"]["decoder"], device="cuda",
                                       context_length=gqa.facts["context_length"])
     text, image, instruction = PROMPTS[1]
     emb = gqa.embeds(gqa.ids(text, image, instruction), _pixels(image))
@@ -266,7 +272,7 @@ def test_greedy_on_cuda_arenas(gqa):
 
 
 def test_runtime_imports_no_torch():
-    code = ("import sys, safeclip.runtime.generate, safeclip.runtime.prompt; "
+    code = ("import sys, safeclip.runtime.generate, safeclip.runtime.prompt, safeclip.runtime.backends.ort; "
             "bad = [m for m in ('torch', 'transformers', 'onnx', 'safeclip.export') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

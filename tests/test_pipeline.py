@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from safeclip.runtime import run as run_cli
-from safeclip.runtime.generate import ContextError
+from safeclip.runtime.backends.base import ContextError
 from safeclip.runtime.pipeline import Pipeline
 
 

@@ -22,7 +22,8 @@ from safeclip.runtime.backends.ort import BackendError, make_session
 from safeclip.runtime.backends.pick import Probe, choose_backend, open_decoder, open_vision, pick_backend
 from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession, decoder_shapes, plan_capacity
 from safeclip.runtime.backends.trt_plan import PlanMismatchError, kv_buffer_bytes, select_profile
-from safeclip.runtime.generate import ContextError, KVSpec, OrtDecoder
+from safeclip.runtime.backends.base import ContextError, KVSpec
+from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.manifest import load_manifest
 
 ORIN = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
@@ -268,7 +269,7 @@ def test_cuda_errors_are_one_line_backend_errors():
 # -- safeclip-build ---------------------------------------------------------------------------------------
 
 def fake_builder(calls):
-    """Stands in for export.trt.engine_from_onnx: writes a fake plan, returns the same record fields."""
+    """Stands in for runtime.backends.trt_build.engine_from_onnx: writes a fake plan, returns the same record fields."""
     import hashlib
 
     def build(onnx_path, plan_path, profiles, precision, workspace_bytes, timing_cache, progress, device):
@@ -295,7 +296,7 @@ def jetson_bundle(tmp_path, demo_bundle):
 
 
 def test_build_records_engines_and_reseals(fakes, jetson_bundle):
-    from safeclip.export.build import build_engines
+    from safeclip.runtime.build import build_engines
     calls, msgs = [], []
     report = build_engines(jetson_bundle, build_engine=fake_builder(calls), progress=msgs.append)
     assert sorted(report.built) == ["decoder", "vision_gate"] and report.kept == []
@@ -327,7 +328,7 @@ def test_build_records_engines_and_reseals(fakes, jetson_bundle):
 
 
 def test_build_skips_decoder_parity_when_the_reference_would_not_fit(fakes, jetson_bundle, monkeypatch):
-    import safeclip.export.build as build
+    import safeclip.runtime.build as build
     monkeypatch.setattr(build, "_available_bytes", lambda: 1 << 20)   # 1 MiB free: ORT CPU must not be loaded
     msgs = []
     report = build.build_engines(jetson_bundle, build_engine=fake_builder([]), progress=msgs.append)
@@ -348,7 +349,7 @@ def test_open_helpers_with_onnxruntime_cpu(demo_bundle):
 
 
 def test_build_rebuilds_a_stale_plan_and_fails_closed_on_parity(fakes, jetson_bundle):
-    from safeclip.export.build import BuildError, build_engines
+    from safeclip.runtime.build import BuildError, build_engines
     calls = []
     build_engines(jetson_bundle, build_engine=fake_builder(calls), parity=False)
     (jetson_bundle / "decoder.plan").write_text("{}")                  # a half-moved or foreign plan
@@ -366,7 +367,7 @@ def test_build_rebuilds_a_stale_plan_and_fails_closed_on_parity(fakes, jetson_bu
 
 
 def test_build_cli_without_tensorrt_is_one_line(monkeypatch, capsys, jetson_bundle, demo_bundle):
-    from safeclip.export.build import main, maybe_build_engines
+    from safeclip.runtime.build import main, maybe_build_engines
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     assert main(["--bundle", str(jetson_bundle)]) == 2
     err = capsys.readouterr().err.strip()
@@ -381,7 +382,7 @@ def test_build_cli_without_tensorrt_is_one_line(monkeypatch, capsys, jetson_bund
 
 def test_build_module_imports_no_torch():
     import subprocess
-    code = ("import sys, safeclip.export.build, safeclip.runtime.backends.trt; "
+    code = ("import sys, safeclip.runtime.build, safeclip.runtime.backends.trt; "
             "bad = [m for m in ('torch', 'transformers', 'onnx', 'tensorrt') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -417,7 +418,7 @@ def test_real_engines_match_onnxruntime(tmp_path, demo_bundle):
     """On a GPU machine with TensorRT: build the demo engines for real and compare with ONNX Runtime."""
     pytest.importorskip("tensorrt", reason=TRT_SKIP)
     pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed (pip install cuda-python)")
-    from safeclip.export.build import build_engines
+    from safeclip.runtime.build import build_engines
     from safeclip.runtime.manifest import write_manifest
     b = shutil.copytree(demo_bundle, tmp_path / "b")
     m = load_manifest(b)

@@ -1,4 +1,4 @@
-"""Engine builder (safeclip.export.trt).
+"""Engine builder (safeclip.runtime.backends.trt_build).
 
 Without TensorRT: profile validation, the install hint, plan cache keys, atomic writes, and the build
 orchestration against a stand-in ``tensorrt`` module that mimics the TensorRT 10 and 11 Python API names
@@ -18,7 +18,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from safeclip.export import trt as build  # noqa: E402
+from safeclip.runtime.backends import trt_build as build  # noqa: E402
 
 TRT_SKIP = "tensorrt not installed (cannot be installed here: no NVIDIA index)"
 PROFILES = [{"x": {"min": [1, 4], "opt": [1, 4], "max": [1, 4]}},          # decode-like: batch 1
@@ -193,11 +193,11 @@ def with_trt(monkeypatch):
 
 def test_missing_tensorrt_raises_with_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)        # import tensorrt -> ImportError
-    with pytest.raises(build.TensorRTUnavailableError, match="TensorRT is not installed: on Jetson use the JetPack"):
+    with pytest.raises(build.TensorRTUnavailable, match="TensorRT is not installed: on Jetson use the JetPack"):
         build.import_tensorrt()
-    with pytest.raises(build.TensorRTUnavailableError, match="NVIDIA's index"):
+    with pytest.raises(build.TensorRTUnavailable, match="NVIDIA's index"):
         build.engine_from_onnx(small_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", PROFILES, device=DEVICE)
-    with pytest.raises(build.TensorRTUnavailableError, match="TensorRT is not installed"):
+    with pytest.raises(build.TensorRTUnavailable, match="TensorRT is not installed"):
         build.device_key()
     assert not (tmp_path / "m.plan").exists()
 
@@ -357,10 +357,10 @@ def test_device_key_through_cuda_python(with_trt, monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
     assert build.device_key() == {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
-    with pytest.raises(build.TensorRTUnavailableError, match="CUDA device 1 not present"):
+    with pytest.raises(build.TensorRTUnavailable, match="CUDA device 1 not present"):
         build.device_key(1)
     state["count"] = (Err.cudaErrorInsufficientDriver, None)    # cuda-bindings 12.9 on a machine without a driver
-    with pytest.raises(build.TensorRTUnavailableError, match="cudaGetDeviceCount failed: CUDA driver version"):
+    with pytest.raises(build.TensorRTUnavailable, match="cudaGetDeviceCount failed: CUDA driver version"):
         build.device_key()
 
 

@@ -12,11 +12,11 @@ import pytest
 
 from safeclip.export.memory import MODELS
 from safeclip.export.targets import TARGETS
-from safeclip.export.trt import validate_profiles
+from safeclip.runtime.backends.trt_build import validate_profiles
 from safeclip.runtime.anyres import max_views
 from safeclip.runtime.backends.trt import decoder_shapes, plan_capacity
 from safeclip.runtime.backends.trt_plan import ProfileSelectionError, select_profile
-from safeclip.runtime.generate import KVSpec
+from safeclip.runtime.backends.base import KVSpec
 
 BUILT = [t for t in TARGETS.values() if t.build_engines != "never"]
 

@@ -1,9 +1,16 @@
-"""Inference backends behind one small interface: ``session.run(feeds) -> {name: array}``.
+"""Inference backends, one module each, behind two small interfaces.
 
-``onnxruntime`` (CPU, or CUDA / TensorRT execution providers with onnxruntime-gpu) is always available.
+* ``base.py``: what the generation loop and every backend share (``BackendError``, ``ContextError``,
+  ``KVSpec``, the ``Decoder`` interface); standard library only.
+* ``ort.py``: ONNX Runtime (CPU always; CUDA / TensorRT execution providers with onnxruntime-gpu):
+  ``OrtSession`` (``run(feeds) -> {name: array}``) and ``OrtDecoder``.
+* ``trt.py``: native TensorRT plans (``TrtVisionSession``, ``TrtDecoder``); ``cuda.py`` its CUDA calls;
+  ``trt_plan.py`` plan bookkeeping; ``trt_build.py`` the engine build steps ``safeclip-build`` runs.
+* ``pick.py``: which backend runs a bundle here, and opening its graphs with it.
 """
 from __future__ import annotations
 
-from .ort import BackendError, OrtSession, available_providers, make_session
+from .base import BackendError, ContextError, KVSpec
+from .ort import OrtSession, available_providers, make_session
 
-__all__ = ["BackendError", "OrtSession", "available_providers", "make_session"]
+__all__ = ["BackendError", "ContextError", "KVSpec", "OrtSession", "available_providers", "make_session"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .ort import BackendError
+from .base import BackendError
 
 CUDA_HINT = ("cuda-python is not installed: `pip install cuda-python` (NVIDIA's CUDA bindings; on Jetson pick "
              "the release matching the JetPack's CUDA, e.g. cuda-python 12.6 for JetPack 6)")
@@ -54,9 +54,6 @@ class CudaRuntime:
 
     def __init__(self, rt=None):
         self.rt = rt if rt is not None else import_cudart()
-        kinds = self.rt.cudaMemcpyKind
-        self.H2D, self.D2H, self.D2D = (kinds.cudaMemcpyHostToDevice, kinds.cudaMemcpyDeviceToHost,
-                                        kinds.cudaMemcpyDeviceToDevice)
         self._device: list[int] = []
         self._host: list[int] = []
 
@@ -109,14 +106,17 @@ class CudaRuntime:
     def destroy_stream(self, stream) -> None:
         self.call("cudaStreamDestroy", stream)
 
+    def _kind(self, name: str):
+        return getattr(self.rt.cudaMemcpyKind, name)          # looked up per copy: device facts need no copy enum
+
     def h2d(self, dst: int, src: np.ndarray | int, nbytes: int, stream) -> None:
-        self.call("cudaMemcpyAsync", int(dst), _addr(src), int(nbytes), self.H2D, stream)
+        self.call("cudaMemcpyAsync", int(dst), _addr(src), int(nbytes), self._kind("cudaMemcpyHostToDevice"), stream)
 
     def d2h(self, dst: np.ndarray | int, src: int, nbytes: int, stream) -> None:
-        self.call("cudaMemcpyAsync", _addr(dst), int(src), int(nbytes), self.D2H, stream)
+        self.call("cudaMemcpyAsync", _addr(dst), int(src), int(nbytes), self._kind("cudaMemcpyDeviceToHost"), stream)
 
     def d2d(self, dst: int, src: int, nbytes: int, stream) -> None:
-        self.call("cudaMemcpyAsync", int(dst), int(src), int(nbytes), self.D2D, stream)
+        self.call("cudaMemcpyAsync", int(dst), int(src), int(nbytes), self._kind("cudaMemcpyDeviceToDevice"), stream)
 
     def sync(self, stream) -> None:
         self.call("cudaStreamSynchronize", stream)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .ort import BackendError
+from .base import BackendError
 from .trt_plan import PlanMismatchError, check_plan_compatible
 
 BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
@@ -130,19 +130,21 @@ def open_vision(manifest, backend: str, threads: int | None = None):
                         threads=threads)
 
 
-def open_decoder(manifest, backend: str, *, context: int | None = None, session_options=None):
+def open_decoder(manifest, backend: str, *, context: int | None = None, threads: int | None = None,
+                 session_options=None):
     """The decoder of a verified ``Manifest`` for ``backend``; ``context`` caps the KV cache (default: the
-    model's context length; for tensorrt also what the engine's profiles cover)."""
+    model's context length; for tensorrt also what the engine's profiles cover). ``threads`` (default
+    ``SAFECLIP_THREADS``) sizes ONNX Runtime's thread pool, as for the vision session."""
     model_ctx = int(manifest.model["context_length"])
     cap = None if context is None else min(int(context), model_ctx)
     if backend == "tensorrt":
         from .trt import TrtDecoder
         return TrtDecoder.from_manifest(manifest, capacity=cap)
-    from ..generate import OrtDecoder
+    from .ort import OrtDecoder
     if backend not in ORT_DEVICE:
         raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)}, onnxruntime-tensorrt)")
     device = "cpu" if backend == "onnxruntime-cpu" else "cuda"          # KV arenas live where the provider runs
     providers = {"onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(backend)
     return OrtDecoder.from_manifest(manifest.root, manifest.graphs["decoder"], capacity=cap or model_ctx,
-                                    context_length=model_ctx, session_options=session_options, device=device,
-                                    providers=providers)
+                                    context_length=model_ctx, session_options=session_options, threads=threads,
+                                    device=device, providers=providers)

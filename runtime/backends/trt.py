@@ -20,8 +20,8 @@ cuda-python for memory and streams (see ``cuda.py``). Both are imported lazily, 
 * Plans are refused unless built by this TensorRT version on this GPU (:func:`check_plan_compatible`,
   the message names the rebuild command), and a decoder's ``capacity`` must lie within what its
   profiles cover (:func:`plan_capacity`).
-* :func:`pick_backend` (in ``pick.py``, re-exported here) chooses ``tensorrt``, then ``onnxruntime-cuda``,
-  then ``onnxruntime-cpu``.
+* Choosing a backend is ``pick.py``'s job; it imports this module lazily, and this module does not import
+  it back (nor the generation loop: the errors and ``KVSpec`` come from ``base.py``).
 
 Plans are memory-mapped for deserialization, so a multi-GB decoder plan is not copied into a Python bytes
 object first (on Jetson, host and GPU share the same DRAM).
@@ -36,16 +36,16 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .base import BackendError, ContextError, KVSpec
 from .cuda import CudaRuntime, round_up
-from .ort import BackendError
-from .pick import BACKENDS, ORT_DEVICE, BackendChoice, Probe, choose_backend, pick_backend
 from .trt_plan import check_plan_compatible, select_profile
 
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
-            "elsewhere NVIDIA's TensorRT wheels or tarball")
+            "elsewhere NVIDIA's TensorRT wheels or tarball (the bindings are on PyPI, the libraries they load come "
+            "from NVIDIA's index: pip install tensorrt --extra-index-url https://pypi.nvidia.com)")
 
-__all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "BackendChoice", "Probe", "pick_backend",
-           "choose_backend", "this_device", "plan_capacity", "decoder_shapes", "BACKENDS", "ORT_DEVICE"]
+__all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "import_tensorrt", "this_device",
+           "plan_capacity", "decoder_shapes"]
 
 
 class TensorRTUnavailable(BackendError):
@@ -53,6 +53,7 @@ class TensorRTUnavailable(BackendError):
 
 
 def import_tensorrt():
+    """The tensorrt module, or :class:`TensorRTUnavailable` with the install hint (backend and builder alike)."""
     try:
         import tensorrt as trt
     except ImportError as e:
@@ -305,15 +306,11 @@ class TrtDecoder:
     def __init__(self, plan_path: str | Path, kv, *, capacity: int | None = None, context_length: int | None = None,
                  record: Mapping | None = None, device: Mapping | None = None, bundle: str = "DIR",
                  weights_bytes: int | None = None, trt=None, cuda: CudaRuntime | None = None):
-        from ..generate import ContextError
-
         trt = trt or import_tensorrt()
         self.cuda = cuda = cuda or CudaRuntime()
         _check_record(record, device, bundle, trt, cuda)
         self.eng = eng = _Engine(trt, plan_path)
-        L = kv.num_layers
-        names = [(kv.past_key.format(i=i), kv.present_key.format(i=i)) for i in range(L)] + \
-                [(kv.past_value.format(i=i), kv.present_value.format(i=i)) for i in range(L)]
+        names = kv.names()
         expected = ["inputs_embeds", "attention_mask", "position_ids", *(p for p, _ in names)]
         eng.require(expected, ["logits", *(o for _, o in names)])
         extra = sorted(set(eng.inputs) - set(expected))
@@ -370,8 +367,6 @@ class TrtDecoder:
     @classmethod
     def from_manifest(cls, manifest, *, capacity: int | None = None, **kw) -> "TrtDecoder":
         """From a verified ``Manifest``; ``capacity`` defaults to min(model context, what the plan covers)."""
-        from ..generate import KVSpec
-
         rec = _engine_record(manifest, "decoder")
         graph = manifest.graphs["decoder"]
         ctx = int(manifest.model.get("context_length") or 0) or None
@@ -381,16 +376,12 @@ class TrtDecoder:
 
     def reset(self, length: int = 0) -> None:
         """Forget the cache. ``length > 0`` pretends that many (stale) positions are cached: benchmarks only."""
-        from ..generate import ContextError
-
         if not 0 <= length <= self.capacity:
             raise ContextError(f"length {length} outside the cache capacity {self.capacity}")
         self._cur, self.length = 0, int(length)
 
     def _run(self, S: int) -> np.ndarray:
         """One call on ``S`` tokens already staged in ``self._stage``; returns the logits [V] (a view)."""
-        from ..generate import ContextError
-
         P = self.length
         if P + S > self.capacity:
             raise ContextError(f"{P} cached + {S} new tokens exceed the cache capacity {self.capacity}")
@@ -418,8 +409,6 @@ class TrtDecoder:
 
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """Run the prompt [S, D] (or [1, S, D]) on an empty cache; returns the last logits [V] (a view)."""
-        from ..generate import ContextError
-
         x = np.asarray(inputs_embeds)
         x = x.reshape(-1, x.shape[-1]) if x.ndim else x
         if x.ndim != 2 or x.shape[-1] != self.hidden_size or x.shape[0] < 1:

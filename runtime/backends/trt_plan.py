@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from .ort import BackendError
+from .base import BackendError
 
 REBUILD = "safeclip-build --bundle {bundle}"
 DEVICE_FIELDS = ("tensorrt_version", "compute_capability", "gpu_name")

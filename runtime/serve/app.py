@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..gate import POLICIES
-from ..generate import ContextError
+from ..backends.base import ContextError
 from ..image import ImageError, load_image
 from ..prompt import PromptError
 from .slot import Busy, Disconnected, Slot

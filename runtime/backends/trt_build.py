@@ -1,4 +1,8 @@
-"""ONNX -> TensorRT plan, built on the device: plain build steps in the Polygraphy style.
+"""ONNX -> TensorRT plan, built on the device: plain build steps in the Polygraphy style (``safeclip-build``).
+
+Torch-free runtime code (numpy is not even needed): it runs where the engines will run, with TensorRT and
+cuda-python, and shares the backend's TensorRT import (``trt.py``), CUDA calls (``cuda.py``), device-fact
+names (``trt_plan.py``) and the bundle's atomic writer (``manifest.py``).
 
 Supported: the TensorRT 10 Python API (JetPack 6.1/6.2 ships 10.3, JetPack 7.2 ships 10.16) and TensorRT 11
 (11.4 on Jetson from JetPack 7.2.2). Names used here were checked against the ``tensorrt`` 10.3.0 and
@@ -19,25 +23,26 @@ and saved after the build. Engines only run with the TensorRT version and GPU th
 build records :func:`device_key`, and :func:`plan_cache_key` names a cached plan by everything that shapes it.
 
 ``tensorrt`` and ``cuda-python`` are imported lazily; without them the functions raise
-:class:`TensorRTUnavailableError` with an install hint.
+``TensorRTUnavailable`` (``trt.py``) with an install hint.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-INSTALL_HINT = "it cannot be pip-installed from PyPI on machines without access to NVIDIA's index"
+from ..manifest import atomic_write_bytes
+from .cuda import CudaError, CudaRuntime
+from .trt import TensorRTUnavailable, import_tensorrt, this_device
+from .trt_plan import DEVICE_FIELDS
+
 PRECISIONS = ("strongly_typed", "fp16")
-DEVICE_FIELDS = ("tensorrt_version", "gpu_name", "compute_capability")
 
-
-class TensorRTUnavailableError(RuntimeError):
-    """TensorRT or the CUDA bindings cannot be imported, or no usable GPU is present."""
+__all__ = ["EngineBuildError", "ProfileError", "TensorRTUnavailable", "PRECISIONS", "validate_profiles",
+           "profiles_for", "check_profiles_cover_network", "network_from_onnx_path", "engine_bytes_from_network",
+           "save_engine", "engine_from_onnx", "device_key", "plan_cache_key", "import_tensorrt", "tensorrt_major"]
 
 
 class EngineBuildError(RuntimeError):
@@ -46,17 +51,6 @@ class EngineBuildError(RuntimeError):
 
 class ProfileError(ValueError):
     """An optimization-profile description is malformed or does not fit the network."""
-
-
-def import_tensorrt():
-    """The tensorrt module (the runtime's own import), or :class:`TensorRTUnavailableError` with the hint."""
-    from safeclip.runtime.backends.trt import TensorRTUnavailable
-    from safeclip.runtime.backends.trt import import_tensorrt as runtime_import
-
-    try:
-        return runtime_import()
-    except TensorRTUnavailable as e:
-        raise TensorRTUnavailableError(f"{e} ({INSTALL_HINT})") from e
 
 
 def tensorrt_major(trt) -> int:
@@ -221,22 +215,6 @@ def _set_precision(trt, network, config, precision: str) -> None:
     config.set_flag(trt.BuilderFlag.FP16)
 
 
-def _atomic_write(path: Path, data) -> None:
-    """Write a bytes-like object through a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def engine_bytes_from_network(builder, network, *, profiles: Mapping | Sequence[Mapping] = (),
                               precision: str = "strongly_typed", workspace_bytes: int | None = None,
                               timing_cache: str | Path | None = None, logger=None,
@@ -274,7 +252,7 @@ def engine_bytes_from_network(builder, network, *, profiles: Mapping | Sequence[
         errors = "; ".join(getattr(logger, "errors", [])[-5:]) or "see the TensorRT log above"
         raise EngineBuildError(f"TensorRT failed to build the engine: {errors}")
     if cache_path is not None:
-        _atomic_write(cache_path, config.get_timing_cache().serialize())
+        atomic_write_bytes(cache_path, config.get_timing_cache().serialize())
     return plan
 
 
@@ -283,7 +261,7 @@ def save_engine(data, path: str | Path) -> Path:
     path = Path(path)
     if memoryview(data).nbytes == 0:
         raise EngineBuildError(f"refusing to write an empty engine to {path}")
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -305,7 +283,7 @@ def engine_from_onnx(onnx_path: str | Path, plan_path: str | Path, profiles: Map
         builder = trt.Builder(logger)
     except Exception as e:  # pybind raises TypeError when the factory returns null (no GPU / driver)
         errors = "; ".join(logger.errors[-3:]) or str(e)
-        raise TensorRTUnavailableError(f"TensorRT could not create a builder (is a CUDA GPU usable?): {errors}") from e
+        raise TensorRTUnavailable(f"TensorRT could not create a builder (is a CUDA GPU usable?): {errors}") from e
     network, parser = network_from_onnx_path(builder, onnx_path, precision == "strongly_typed", logger, trt)
     data = engine_bytes_from_network(builder, network, profiles=plist, precision=precision,
                                      workspace_bytes=workspace_bytes, timing_cache=timing_cache, logger=logger,
@@ -321,36 +299,14 @@ def engine_from_onnx(onnx_path: str | Path, plan_path: str | Path, profiles: Map
 
 # -- device identity -----------------------------------------------------------------------------------
 
-def _cuda_runtime():
-    """cuda-python's runtime module (the runtime's own import, with its install hint)."""
-    from safeclip.runtime.backends.cuda import CudaError, import_cudart
-    try:
-        return import_cudart()
-    except CudaError as e:
-        raise TensorRTUnavailableError(str(e)) from e
-
-
-def _cuda_call(rt, fn: str, *args):
-    result = getattr(rt, fn)(*args)
-    err, rest = result[0], result[1:]
-    if int(err) != 0:
-        _, msg = rt.cudaGetErrorString(err)
-        msg = msg.decode() if isinstance(msg, bytes) else str(msg)
-        raise TensorRTUnavailableError(f"CUDA {fn} failed: {msg}")
-    return rest[0] if len(rest) == 1 else rest
-
-
 def device_key(device_index: int = 0) -> dict[str, str]:
-    """``{tensorrt_version, gpu_name, compute_capability}`` of this machine (needs TensorRT and cuda-python)."""
+    """``{tensorrt_version, gpu_name, compute_capability}`` of this machine, as the backend reads it
+    (``trt.this_device``); a CUDA failure (no driver, no such device) is :class:`TensorRTUnavailable`."""
     trt = import_tensorrt()
-    rt = _cuda_runtime()
-    count = _cuda_call(rt, "cudaGetDeviceCount")
-    if not 0 <= device_index < int(count):
-        raise TensorRTUnavailableError(f"CUDA device {device_index} not present ({count} found)")
-    prop = _cuda_call(rt, "cudaGetDeviceProperties", device_index)
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return {"tensorrt_version": str(trt.__version__), "gpu_name": name.split("\x00")[0].strip(),
-            "compute_capability": f"{int(prop.major)}.{int(prop.minor)}"}
+    try:
+        return this_device(trt, CudaRuntime(), device_index)
+    except CudaError as e:
+        raise TensorRTUnavailable(str(e)) from e
 
 
 def _device_fields(device: Mapping[str, Any]) -> dict[str, str]:

@@ -2,12 +2,13 @@
 
     safeclip-build --bundle engines/llava [--timing-cache FILE] [--force] [--no-parity]
 
-Torch-free on purpose: this module lives in ``export/`` but runs on the device (a Jetson, a serving GPU),
-where only the runtime (numpy, onnxruntime), TensorRT and cuda-python are installed. It imports
-``export.trt`` (standard library only at module level) and the runtime, never torch, transformers or onnx.
+Runtime code: it runs on the device (a Jetson, a serving GPU), where only the runtime (numpy,
+onnxruntime), TensorRT and cuda-python are installed; it never imports torch, transformers, onnx or the
+exporter. The build steps are ``backends/trt_build.py``; the parity check runs the very backends that
+will serve the engines (``backends/trt.py``) against ONNX Runtime (``backends/ort.py``).
 
 For each graph in ``manifest["build"]["plan"]`` (``vision_gate``, ``decoder``) it builds an engine with
-:func:`safeclip.export.trt.engine_from_onnx`, using the plan's optimization profiles and workspace. The
+``backends.trt_build.engine_from_onnx``, using the plan's optimization profiles and workspace. The
 graphs carry their own precision (fp16 with fp32 LayerNorm/softmax/gate islands, or fp32), so engines are
 built *strongly typed* on TensorRT 10 and 11 alike: TensorRT keeps the exported types instead of demoting
 the fp32 islands as ``BuilderFlag.FP16`` would (and TensorRT 11 has no such flag). Each engine is then
@@ -33,9 +34,10 @@ from typing import Callable
 
 import numpy as np
 
-from safeclip.runtime.manifest import BundleError, load_manifest, sha256_file, verify_files, write_manifest
-
-from . import trt as trt_build
+from .backends import trt_build
+from .backends.base import BackendError, KVSpec
+from .backends.ort import OrtDecoder, make_session
+from .manifest import BundleError, load_manifest, sha256_file, verify_files, write_manifest
 
 GRAPH_PRECISION = {"float16": "strongly_typed", "float32": "strongly_typed"}
 PARITY_TOL = {"float32": 1e-2, "float16": 5e-2}     # x max(1, max|reference|); fp32 engines may use TF32
@@ -100,8 +102,7 @@ def engine_parity(name: str, plan_path: Path, manifest: dict, root: Path, device
     rows, then 3 greedy decode steps, logits compared at every step (KV cache included). The decoder check
     is skipped (``{"skipped": reason}``) when ONNX Runtime's CPU reference would not fit next to the engine.
     """
-    from safeclip.runtime.backends.ort import make_session
-    from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession
+    from .backends.trt import TrtDecoder, TrtVisionSession
 
     graph = manifest["graphs"][name]
     precision = graph_precision(graph, manifest.get("build", {}).get("precision", "float32"))
@@ -117,8 +118,6 @@ def engine_parity(name: str, plan_path: Path, manifest: dict, root: Path, device
         finally:
             eng.close()
     if name == "decoder":
-        from safeclip.runtime.generate import KVSpec, OrtDecoder
-
         weights = sum((root / f).stat().st_size for f in (graph["file"], graph.get("data")) if f)
         need, have = 3 * weights + plan_path.stat().st_size, _available_bytes()
         if have is not None and need > have:      # ORT CPU may hold fp32 copies of fp16 weights next to the engine
@@ -148,8 +147,8 @@ def build_engines(bundle: str | Path, *, timing_cache: str | Path | None = None,
                   check_parity: Callable | None = None) -> BuildReport:
     """Build every planned engine of ``bundle`` on this device and re-seal its manifest (module docstring).
 
-    ``build_engine`` (default :func:`safeclip.export.trt.engine_from_onnx`), ``device`` (default
-    :func:`safeclip.export.trt.device_key`) and ``check_parity`` (default :func:`engine_parity`) are
+    ``build_engine`` (default ``trt_build.engine_from_onnx``), ``device`` (default
+    ``trt_build.device_key``) and ``check_parity`` (default :func:`engine_parity`) are
     parameters so the bookkeeping can be tested without a GPU.
     """
     t0 = time.perf_counter()
@@ -238,7 +237,7 @@ def maybe_build_engines(bundle: str | Path, progress: Callable[[str], None] = la
     what to run on the serving machine. Build failures (a bad graph, a parity failure) still raise."""
     try:
         device = trt_build.device_key()
-    except trt_build.TensorRTUnavailableError as e:
+    except trt_build.TensorRTUnavailable as e:
         return BuildOutcome(False, f"engines not built here ({str(e).split(':')[0]}); on the serving machine run: "
                                    f"safeclip-build --bundle {bundle}")
     report = build_engines(bundle, progress=progress, device=device, **kw)
@@ -258,8 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safeclip.runtime.backends.ort import BackendError
-
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
 
@@ -272,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("safeclip-build: interrupted; the manifest was not changed", file=sys.stderr)
         return 130
-    except trt_build.TensorRTUnavailableError as e:
+    except trt_build.TensorRTUnavailable as e:
         print(f"safeclip-build: {_one_line(e)}", file=sys.stderr)
         return 2
     except (BundleError, BuildError, BackendError, trt_build.EngineBuildError, trt_build.ProfileError,

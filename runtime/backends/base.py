@@ -1,0 +1,55 @@
+"""What the generation loop and every backend share: the errors, the KV-cache layout, the decoder interface.
+
+Both sides import this module and nothing of each other: ``generate.py`` (the loop) talks to any object
+with the :class:`Decoder` shape, and the backends (``ort.py``, ``trt.py``) build such objects without
+reaching back into the loop. Standard library only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["BackendError", "ContextError", "KVSpec", "Decoder"]
+
+
+class BackendError(RuntimeError):
+    """A backend is unavailable or cannot load a graph."""
+
+
+class ContextError(ValueError):
+    """The prompt does not fit the decoder's context capacity."""
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """KV-cache layout of a decoder graph, as the manifest's ``graphs.decoder.kv`` states it."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"
+    present_value: str = "present.{i}.value"
+
+    @classmethod
+    def from_manifest(cls, kv: dict) -> "KVSpec":
+        return cls(**{k: kv[k] for k in cls.__dataclass_fields__ if k in kv})
+
+    def names(self) -> list[tuple[str, str]]:
+        """(past, present) tensor names: every layer's key, then every layer's value."""
+        L = range(self.num_layers)
+        return [(self.past_key.format(i=i), self.present_key.format(i=i)) for i in L] + \
+               [(self.past_value.format(i=i), self.present_value.format(i=i)) for i in L]
+
+
+class Decoder(Protocol):
+    """A decoder session with its KV cache: what :mod:`safeclip.runtime.generate` drives."""
+    capacity: int             # most tokens the cache holds (prompt + generated)
+    length: int               # tokens cached now
+    hidden_size: int
+    dtype: Any                # numpy dtype of the embeddings it takes
+
+    def prefill(self, inputs_embeds) -> Any: ...            # [S, D] -> logits [V]
+    def decode_one_token(self, token_embeds) -> Any: ...    # [D] -> logits [V]
+    def reset(self, length: int = 0) -> None: ...

@@ -1,0 +1,93 @@
+"""Module layout of the runtime, read from the source (every import, lazy ones inside functions included).
+
+Oracles: the import graph of ``safeclip.runtime`` has no cycle; the backends never import the generation
+loop (``generate.py``) nor each other's chooser (``pick.py``); the loop keeps only the loop; nothing in the
+runtime, ``safeclip-build`` included, imports torch, transformers, onnx or the exporter; ``safeclip-build``
+is a runtime console script.
+"""
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME = ROOT / "runtime"
+FORBIDDEN = ("torch", "transformers", "onnx", "onnxscript", "safeclip.export")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(RUNTIME).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(["safeclip.runtime", *parts])
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (``from .x import y`` gives ``pkg.x`` and ``pkg.x.y``)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in RUNTIME.rglob("*.py")}
+    return {m: {i for i in _imports(p) if i in files and i != m} for m, p in files.items()}
+
+
+def test_runtime_import_graph_has_no_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open" and not m.startswith(n + "."):     # a package's own __init__ is no cycle
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_backends_do_not_reach_back():
+    graph = _graph()
+    for m, deps in graph.items():
+        if m.startswith("safeclip.runtime.backends"):
+            assert "safeclip.runtime.generate" not in deps, f"{m} imports the generation loop"
+            if m != "safeclip.runtime.backends.pick":
+                assert "safeclip.runtime.backends.pick" not in deps, f"{m} imports the backend chooser"
+
+
+def test_generate_keeps_only_the_loop():
+    text = (RUNTIME / "generate.py").read_text()
+    for gone in ("class OrtDecoder", "class KVSpec", "class ContextError", "def kv_update_costs", "onnxruntime"):
+        assert gone not in text, f"generate.py still holds {gone!r}"
+
+
+def test_runtime_never_imports_the_exporter_or_torch():
+    bad = {str(p.relative_to(ROOT)): sorted(i for i in _imports(p) if i.split(".")[0] in FORBIDDEN
+                                             or i.startswith("safeclip.export"))
+           for p in RUNTIME.rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_safeclip_build_is_a_runtime_script():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["safeclip-build"] == "safeclip.runtime.build:main"
+    assert not (ROOT / "export" / "build.py").exists() and not (ROOT / "export" / "trt.py").exists()
