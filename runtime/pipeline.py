@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .backends.base import ContextError
 from .gate import DEFAULT_INSTRUCTION, DEFAULT_REFUSAL, POLICIES, Verdict, verdict_from_probs
 from .image import MAX_PIXELS, load_image, preprocess
 from .manifest import FEATURES_OUTPUT, GATE_OUTPUT, BundleError, Manifest, load_manifest
@@ -58,81 +59,25 @@ def _ms(seconds: float) -> float:
 
 
 class AnswerStream:
-    """One request: the gate has run when this object exists (``.verdict``); iterate for the text pieces.
+    """One request, already gated (``.verdict``) and planned (``.action``); iterate for the text pieces.
 
-    Errors about the request (unreadable image, prompt too long for the context) are raised when the stream
-    is created, before any language-model work.
+    :meth:`Pipeline.stream` does the work before this object exists (image read, gate, policy, prompt), so
+    its errors (unreadable image, prompt too long for the context) come before any language-model work;
+    the constructor only keeps what it is given. Iterating holds the pipeline's lock for one decoder step at
+    a time, never across a ``yield``: an abandoned stream blocks nobody, and if another request used the
+    decoder meanwhile, this one rebuilds its cache before its next step (:class:`_DecoderLease`).
     """
 
-    def __init__(self, pipe: "Pipeline", image, prompt: str, *, policy: str | None, instruction: str | None,
-                 max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                 seed: int | None, stop: Sequence[str], max_pixels: int):
-        from .generate import ContextError, TextStream, embed_prompt
-        from .prompt import render, tokenize
-
-        t0 = time.perf_counter()
-        self.pipe, self.policy = pipe, policy or pipe.policy
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy '{self.policy}' (supported: {', '.join(POLICIES)})")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("the prompt is empty")
-        lm = pipe._lm
-        has_image = image is not None
-        self.timings: dict = {}
-        self.verdict: Verdict | None = None
-        self.refusal: str | None = None
-        self._text_stream = None
-
-        pv = size = None
-        if has_image:
-            t1 = time.perf_counter()
-            pv, size = pipe._views(image, max_pixels)
-            self.timings["preprocess_ms"] = _ms(time.perf_counter() - t1)
-
-        def ids_for(instr: str | None) -> np.ndarray:
-            text = render(lm.template, prompt, has_image, instr, **lm.special_tokens)
-            return tokenize(lm.tokenizer, text, lm.image_token_id, pipe.image_tokens(size),
-                            bos_token=lm.special_tokens.get("bos_token"), num_images=int(has_image))
-
-        if lm is not None:
-            ids = ids_for(None)
-            if ids.size > lm.decoder.capacity:          # before the vision pass and the language model
-                raise ContextError(f"prompt of {ids.size} tokens exceeds the context capacity of "
-                                   f"{lm.decoder.capacity} tokens")
-        feats = None
-        if has_image:
-            feats, self.verdict = pipe._vision_pass(pv, size)
-            self.timings["vision_gate_ms"] = self.verdict.latency_ms
-        flagged = self.verdict is not None and self.verdict.flagged
-        if flagged and self.policy == "refuse":
-            self.action = "refused"
-            self.refusal = pipe.refusal_for(self.verdict.category)
-            self.timings["total_ms"] = _ms(time.perf_counter() - t0)
-            return
-        if lm is None:
-            raise GenerationUnavailable(f"{pipe.manifest.root}: bundle has no language model "
-                                        "(exported with --no-decoder); only gating is available")
-        instr = None
-        if flagged and self.policy == "instruct":
-            instr = pipe.instruction_for(self.verdict.category, instruction)
-            ids = ids_for(instr)
-        self.action = ("instructed" if instr else "annotated" if flagged else "generated")
-        embeds = embed_prompt(lm.table, ids, lm.image_token_id, None if feats is None else feats[0],
-                              dtype=lm.decoder.dtype)                          # [S, D]
-        self._text_stream = TextStream(lm.decoder, lm.table, embeds, tokenizer=lm.tokenizer,
-                                       max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids,
-                                       stop_strings=list(stop), temperature=temperature, top_k=top_k,
-                                       top_p=top_p, seed=seed)
-        self._t0 = t0
-        self._result: Answer | None = None
+    def __init__(self, pipe: "Pipeline", *, verdict: Verdict | None, policy: str, action: str, timings: dict,
+                 t0: float, refusal: str | None = None, text_stream=None):
+        self.pipe, self.verdict, self.policy, self.action = pipe, verdict, policy, action
+        self.timings, self.refusal, self._text_stream, self._t0 = timings, refusal, text_stream, t0
 
     def __iter__(self) -> Iterator[str]:
         if self.refusal is not None:
             yield self.refusal
             return
-        with self.pipe._lock:                     # one decoder, one sequence at a time
-            for piece in self._text_stream:
-                yield piece
+        yield from self._text_stream              # each decoder step takes the pipeline lock (_DecoderLease)
         r = self._text_stream.result
         self.timings.update(prefill_ms=_ms(r.timings.prefill_s), decode_ms=_ms(r.timings.decode_s),
                             decode_tokens_per_s=round(r.timings.tokens_per_s, 2),
@@ -148,6 +93,47 @@ class AnswerStream:
         r = self._text_stream.result
         return Answer(r.text, self.verdict, self.policy, self.action, r.finish_reason, self.pipe.backend,
                       dict(self.timings), tuple(r.token_ids), r.prompt_tokens)
+
+
+class _DecoderLease:
+    """One request's use of the pipeline's single decoder, one locked step at a time (the ``Decoder`` shape).
+
+    Each call takes the lock, runs, copies the logits out, and releases it. The decoder remembers whose
+    sequence its cache holds; when another request ran in between, the cache is rebuilt by one prefill of
+    this request's prompt plus every token it has fed (same positions, same result up to rounding), so
+    interleaved or abandoned streams stay correct and never block each other.
+    """
+
+    def __init__(self, pipe: "Pipeline"):
+        self.pipe, self.dec = pipe, pipe._lm.decoder
+        self.capacity, self.hidden_size, self.dtype = self.dec.capacity, self.dec.hidden_size, self.dec.dtype
+        self._prompt: np.ndarray | None = None
+        self._fed: list[np.ndarray] = []
+        self._token = object()                      # what the pipeline remembers (not the lease: no cycle, no leak)
+
+    @property
+    def length(self) -> int:
+        return 0 if self._prompt is None else len(self._prompt) + len(self._fed)
+
+    def reset(self, length: int = 0) -> None:
+        self._prompt, self._fed = None, []
+
+    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        x = np.asarray(inputs_embeds)
+        self._prompt, self._fed = x.reshape(-1, x.shape[-1]), []                   # [S, D]
+        with self.pipe._lock:
+            self.pipe._cache_owner = self._token
+            return np.array(self.dec.prefill(self._prompt))
+
+    def decode_one_token(self, token_embeds: np.ndarray) -> np.ndarray:
+        e = np.asarray(token_embeds, dtype=self.dtype).reshape(-1)
+        self._fed.append(e)
+        with self.pipe._lock:
+            if self.pipe._cache_owner is self._token:
+                return np.array(self.dec.decode_one_token(e))
+            self.pipe._cache_owner = self._token                                 # another request ran: rebuild
+            x = np.concatenate([np.asarray(self._prompt, self.dtype), np.stack(self._fed)])   # [S + n, D]
+            return np.array(self.dec.prefill(x))
 
 
 @dataclass
@@ -168,7 +154,8 @@ class Pipeline:
         self.vision = vision
         self.backend = backend
         self._lm = lm
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()                # one decoder: one step at a time (_DecoderLease)
+        self._cache_owner: object | None = None      # the token of the _DecoderLease whose sequence is cached
         self.backend_notes: list[str] = []
         g = manifest.gate
         self.classes: list[str] = list(g["classes"])
@@ -268,10 +255,60 @@ class Pipeline:
                max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
                max_pixels: int = MAX_PIXELS) -> AnswerStream:
-        """Gate ``image`` (None for a text-only prompt) and prepare the answer; iterate for text pieces."""
-        return AnswerStream(self, image, prompt, policy=policy, instruction=instruction,
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, stop=stop, max_pixels=max_pixels)
+        """Gate ``image`` (None for a text-only prompt) and prepare the answer; iterate for text pieces.
+
+        Raises here, before any language-model work: an unknown policy, an empty prompt, an unreadable
+        image, a prompt longer than the context (``ContextError``), a bundle without a language model.
+        """
+        from .generate import TextStream, embed_prompt
+        from .prompt import render, tokenize
+
+        t0 = time.perf_counter()
+        policy = policy or self.policy
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        lm, has_image, timings = self._lm, image is not None, {}
+        pv = size = verdict = feats = None
+        if has_image:
+            t1 = time.perf_counter()
+            pv, size = self._views(image, max_pixels)
+            timings["preprocess_ms"] = _ms(time.perf_counter() - t1)
+
+        def ids_for(instr: str | None) -> np.ndarray:
+            text = render(lm.template, prompt, has_image, instr, **lm.special_tokens)
+            return tokenize(lm.tokenizer, text, lm.image_token_id, self.image_tokens(size),
+                            bos_token=lm.special_tokens.get("bos_token"), num_images=int(has_image))
+
+        if lm is not None:
+            ids = ids_for(None)
+            if ids.size > lm.decoder.capacity:          # before the vision pass and the language model
+                raise ContextError(f"prompt of {ids.size} tokens exceeds the context capacity of "
+                                   f"{lm.decoder.capacity} tokens")
+        if has_image:
+            feats, verdict = self._vision_pass(pv, size)
+            timings["vision_gate_ms"] = verdict.latency_ms
+        flagged = verdict is not None and verdict.flagged
+        if flagged and policy == "refuse":
+            timings["total_ms"] = _ms(time.perf_counter() - t0)
+            return AnswerStream(self, verdict=verdict, policy=policy, action="refused", timings=timings, t0=t0,
+                                refusal=self.refusal_for(verdict.category))
+        if lm is None:
+            raise GenerationUnavailable(f"{self.manifest.root}: bundle has no language model "
+                                        "(exported with --no-decoder); only gating is available")
+        instr = None
+        if flagged and policy == "instruct":
+            instr = self.instruction_for(verdict.category, instruction)
+            ids = ids_for(instr)
+        embeds = embed_prompt(lm.table, ids, lm.image_token_id, None if feats is None else feats[0],
+                              dtype=lm.decoder.dtype)                          # [S, D]
+        text = TextStream(_DecoderLease(self), lm.table, embeds, tokenizer=lm.tokenizer,
+                          max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids, stop_strings=list(stop),
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        action = "instructed" if instr else "annotated" if flagged else "generated"
+        return AnswerStream(self, verdict=verdict, policy=policy, action=action, timings=timings, t0=t0,
+                            text_stream=text)
 
     def generate(self, image, prompt: str, **kw) -> Answer:
         """Like :meth:`stream`, run to the end; returns the :class:`Answer`."""

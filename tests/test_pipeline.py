@@ -105,6 +105,39 @@ def test_stream_matches_generate_and_sampling_is_reproducible(setup):
     assert len(others) > 1
 
 
+def test_abandoned_or_interleaved_streams_block_nobody_and_stay_exact(setup):
+    """The lock is held per decoder step, never across a yield; a stream whose cache another request
+    overwrote rebuilds it and still gives the uninterrupted greedy tokens."""
+    import threading
+
+    pipe, _, toxic, clean = setup
+    ref_a = pipe.generate(clean, "Describe the colours.", max_new_tokens=N).token_ids
+    ref_b = pipe.generate(toxic, "What is in the picture?", policy="annotate", max_new_tokens=N).token_ids
+    a = pipe.stream(clean, "Describe the colours.", max_new_tokens=N)
+    it_a = iter(a)
+    next(it_a), next(it_a)                                       # then left alone, not closed
+    done = []
+    t = threading.Thread(target=lambda: done.append(pipe.generate(clean, "Hi", max_new_tokens=4)), daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert done, "a half-read stream blocked the next request"
+    b = pipe.stream(toxic, "What is in the picture?", policy="annotate", max_new_tokens=N)
+    pending = [it_a, iter(b)]
+    while pending:                                               # one piece each in turn, to the end
+        pending = [it for it in pending if next(it, None) is not None]
+    assert a.result.token_ids == ref_a and b.result.token_ids == ref_b
+
+
+def test_safeclip_threads_reaches_both_sessions(setup, monkeypatch):
+    _, bundle, _, _ = setup
+    monkeypatch.setenv("SAFECLIP_THREADS", "1")
+    pipe = Pipeline.load(bundle)
+    assert pipe.vision.sess.get_session_options().intra_op_num_threads == 1
+    assert pipe._lm.decoder.session.get_session_options().intra_op_num_threads == 1
+    pipe = Pipeline.load(bundle, threads=2)                       # an explicit count wins
+    assert pipe._lm.decoder.session.get_session_options().intra_op_num_threads == 2
+
+
 def test_prompt_too_long_fails_before_any_work(setup, monkeypatch):
     pipe, bundle, toxic, _ = setup
     small = Pipeline.load(bundle, context=600)                    # 576 image positions + a little text
