@@ -13,7 +13,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +21,8 @@ import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
 from safeclip.runtime.gate import DEFAULT_INSTRUCTION, POLICIES, verdict_from_probs
-from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, sha256_file,
-                                       write_manifest)
+from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, VisionNames,
+                                       sha256_file, write_manifest)
 
 from .onnx import onnx_from_module
 from .parity import ParityResult
@@ -194,6 +194,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
         "file": "vision_gate.onnx",
         "data": "vision_gate.onnx.data" if (tmp / "vision_gate.onnx.data").exists() else None,
         "precision": precision,
+        "names": asdict(VisionNames()),             # the tensors the runtime binds, by role
         "inputs": _io({"pixel_values": (["batch", 3, size, size], "float32")}),
         "outputs": _io({FEATURES_OUTPUT: (["batch", n_tokens, d_lm], precision),
                         GATE_OUTPUT: (["batch", len(dset.classes)], "float32")}),

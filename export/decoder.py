@@ -40,9 +40,12 @@ Why these choices:
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+from safeclip.runtime.backends.base import DecoderNames, KVSpec
 
 from .onnx import onnx_from_module
 from .parity import ParityError, compare, run_onnx
@@ -52,8 +55,8 @@ __all__ = ["decoder_for_export", "export_decoder", "decoder_names", "ATOL"]
 DTYPES = ("float32", "float16")
 ATOL = {"float32": 1e-4, "float16": 2e-2}      # times max(1, max|reference|), per output
 FP32_OPS = ("Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal")    # must compute in fp32 in an fp16 graph
-PAST_KEY, PAST_VALUE = "past_key_values.{i}.key", "past_key_values.{i}.value"
-PRESENT_KEY, PRESENT_VALUE = "present.{i}.key", "present.{i}.value"
+PAST_KEY, PAST_VALUE = KVSpec.past_key, KVSpec.past_value              # the runtime's KV names (base.py)
+PRESENT_KEY, PRESENT_VALUE = KVSpec.present_key, KVSpec.present_value
 
 
 def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -366,7 +369,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
             inputs[tmpl.format(i=i)] = spec(kv_shape_in, dtype)
         for tmpl in (PRESENT_KEY, PRESENT_VALUE):
             outputs[tmpl.format(i=i)] = spec(kv_shape_out, dtype)
-    graph = {"file": onnx_path.name, "data": data_name,
+    graph = {"file": onnx_path.name, "data": data_name, "names": asdict(DecoderNames()),
              "inputs": inputs, "outputs": outputs,
              "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype,
                     "past_key": PAST_KEY, "past_value": PAST_VALUE,

@@ -35,9 +35,9 @@ from typing import Callable
 import numpy as np
 
 from .backends import trt_build
-from .backends.base import BackendError, KVSpec
+from .backends.base import BackendError
 from .backends.ort import OrtDecoder, make_session
-from .manifest import BundleError, load_manifest, sha256_file, verify_files, write_manifest
+from .manifest import BundleError, Manifest, load_manifest, sha256_file, verify_files, write_manifest
 
 GRAPH_PRECISION = {"float16": "strongly_typed", "float32": "strongly_typed"}
 PARITY_TOL = {"float32": 1e-2, "float16": 5e-2}     # x max(1, max|reference|); fp32 engines may use TF32
@@ -104,29 +104,31 @@ def engine_parity(name: str, plan_path: Path, manifest: dict, root: Path, device
     """
     from .backends.trt import TrtDecoder, TrtVisionSession
 
+    m = Manifest(Path(root), manifest)                  # the typed views of the manifest being built
     graph = manifest["graphs"][name]
-    precision = graph_precision(graph, manifest.get("build", {}).get("precision", "float32"))
+    precision = graph_precision(graph, m.build.get("precision", "float32"))
     rng = np.random.default_rng(0)
     if name == "vision_gate":
-        ref = make_session(root / graph["file"], "cpu")
+        vision = m.vision
+        ref = make_session(m.path(vision.file), "cpu")
         eng = TrtVisionSession(plan_path)
         try:
-            shape = list(manifest["build"]["plan"][name]["profiles"][0]["pixel_values"]["opt"])
+            pixels = vision.names.pixel_values
+            shape = list(m.build_plan[name]["profiles"][0][pixels]["opt"])
             pv = rng.uniform(-1.8, 2.1, size=shape).astype(np.float32)           # pixel_values [B, 3, H, W]
-            want, got = ref.run({"pixel_values": pv}), eng.run({"pixel_values": pv})
+            want, got = ref.run({pixels: pv}), eng.run({pixels: pv})
             return {k: _compare(f"{name} {k}", want[k], got[k], precision) for k in want}
         finally:
             eng.close()
     if name == "decoder":
-        weights = sum((root / f).stat().st_size for f in (graph["file"], graph.get("data")) if f)
-        need, have = 3 * weights + plan_path.stat().st_size, _available_bytes()
+        dec = m.decoder
+        need, have = 3 * m.file_bytes(dec.files) + plan_path.stat().st_size, _available_bytes()
         if have is not None and need > have:      # ORT CPU may hold fp32 copies of fp16 weights next to the engine
             return {"skipped": f"ONNX Runtime reference needs about {need / 2**30:.1f} GiB, "
                                f"{have / 2**30:.1f} GiB available"}
-        table = np.load(root / manifest["embeddings"]["file"], mmap_mode="r")    # [V, D]
-        kv = KVSpec.from_manifest(graph["kv"])
-        ref = OrtDecoder(root / graph["file"], kv, capacity=16)
-        eng = TrtDecoder(plan_path, kv, capacity=16)
+        table = np.load(m.path(m.embeddings_file), mmap_mode="r")    # [V, D]
+        ref = OrtDecoder(m.path(dec.file), dec.kv, capacity=16, names=dec.names)
+        eng = TrtDecoder(plan_path, dec.kv, capacity=16, names=dec.names)
         try:
             prompt = np.asarray(table[rng.integers(0, table.shape[0], 6)])        # [6, D]
             a, b = ref.prefill(prompt).copy(), eng.prefill(prompt).copy()

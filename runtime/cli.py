@@ -189,13 +189,13 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         alt = None
         if args.compare:
             other = Pipeline.load(args.compare)
-            alt = (other.manifest.gate["variant"], *_calibrated(other, read_labels(
+            alt = (other.manifest.gate_config.variant, *_calibrated(other, read_labels(
                 args.labels, other.classes, other.safe_classes), args.max_fpr))
     except (BundleError, LabelsError, CalibrationError, RuntimeError, ValueError, OSError) as e:
         print(f"safeclip-calibrate: error: {_one_line(e)}", file=sys.stderr)
         return 2
     old = pipe.threshold
-    variant = pipe.manifest.gate["variant"]
+    variant = pipe.manifest.gate_config.variant
     print(f"gate {variant}: {choice['n_toxic']} toxic / {choice['n_safe']} safe labelled images")
     print(f"  current threshold {old:g}: DSR {pct(before['dsr'])}, FPR {pct(before['fpr'])}")
     print(f"  chosen  threshold {choice['threshold']:.6g}: DSR {pct(choice['dsr'])}, FPR {pct(choice['fpr'])} "

@@ -8,7 +8,13 @@ a one-line :class:`BundleError`:
   edited threshold, class list or policy is caught;
 * every listed file exists with the recorded size and sha256 (large files may be checked through a cache
   keyed on path, size, mtime and inode; ``full_verify=True`` or ``SAFECLIP_VERIFY=full`` hashes all);
-* the gate section is complete and consistent with the vision graph's declared outputs.
+* the gate section is complete and consistent with the vision graph's declared outputs, and every typed
+  view of ``contract.py`` builds: gate policy and view mode are known ones, the graphs' tensor names and
+  the KV layout name declared tensors, the model facts generation needs are there.
+
+The runtime reads a manifest only through :class:`Manifest`'s typed properties (``vision``, ``decoder``,
+``gate_config``, ``model_facts``, ``files``, ``engines``, ...); ``data`` stays for the tools that rewrite
+the JSON (``safeclip-build``, ``safeclip-calibrate``).
 """
 from __future__ import annotations
 
@@ -17,16 +23,20 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .backends.base import DecoderNames, VisionNames
+from .contract import ContractError, DecoderGraph, GateConfig, ModelFacts, VisionGraph
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-GATE_OUTPUT = "class_probs"
-FEATURES_OUTPUT = "image_features"
+GATE_OUTPUT = VisionNames.class_probs            # the default names (bundles name their own: graphs.*.names)
+FEATURES_OUTPUT = VisionNames.image_features
 CACHE_MIN_BYTES = 16 << 20          # files at least this big may be verified through the cache
 
-__all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "sha256_file", "integrity_of",
+__all__ = ["BundleError", "Manifest", "DecoderNames", "VisionNames", "load_manifest", "write_manifest", "sha256_file", "integrity_of",
            "SCHEMA_VERSION", "MANIFEST", "GATE_OUTPUT", "FEATURES_OUTPUT", "atomic_write_text", "atomic_write_bytes"]
 
 
@@ -126,6 +136,66 @@ class Manifest:
     def tokenizer(self) -> dict:
         return self.data.get("tokenizer", {})
 
+    # -- typed views (contract.py); load_manifest builds each once, so a bad value refuses to load ----------
+    @cached_property
+    def vision(self) -> VisionGraph:
+        return _typed(VisionGraph.from_json, self.graphs.get("vision_gate"))
+
+    @cached_property
+    def decoder(self) -> DecoderGraph | None:
+        g = self.graphs.get("decoder")
+        return None if g is None else _typed(DecoderGraph.from_json, g)
+
+    @cached_property
+    def gate_config(self) -> GateConfig:
+        return _typed(GateConfig.from_json, self.gate)
+
+    @cached_property
+    def model_facts(self) -> ModelFacts:
+        return _typed(ModelFacts.from_json, self.model)
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.data["files"]
+
+    @property
+    def build(self) -> dict:
+        return self.data.get("build") or {}
+
+    @property
+    def build_plan(self) -> dict[str, dict]:
+        """TensorRT build plan per graph (targets jetson and datacenter); empty for cpu bundles."""
+        return self.build.get("plan") or {}
+
+    @property
+    def engines(self) -> dict[str, dict]:
+        """Records of the TensorRT engines built for this bundle (``safeclip-build``), per graph."""
+        return self.build.get("engines") or {}
+
+    @property
+    def default_context(self) -> int | None:
+        """The export target's KV capacity (same for every backend); None: the model's context length."""
+        return self.build.get("context")
+
+    @property
+    def embeddings_file(self) -> str | None:
+        return (self.data.get("embeddings") or {}).get("file")
+
+    @property
+    def created(self) -> Any:
+        return self.data.get("created")
+
+    def file_bytes(self, names) -> int:
+        """Bytes on disk of the named bundle files (a graph and its external data, say)."""
+        return sum(self.path(f).stat().st_size for f in names if f)
+
+
+def _typed(parse, section):
+    try:
+        return parse(section if section is not None else {})
+    except ContractError as e:
+        raise BundleError(f"manifest: {e}") from None
+
 
 def _require(d: Any, keys: list[str], where: str) -> None:
     if not isinstance(d, dict):
@@ -140,21 +210,11 @@ def _check_gate(m: dict) -> None:
     if gate is None:
         raise BundleError("manifest has no gate section: a bundle without its gate must not serve")
     _require(gate, ["variant", "classes", "safe_classes", "threshold", "policy", "descriptors"], "gate")
-    classes, safe = gate["classes"], gate["safe_classes"]
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-        raise BundleError("manifest: gate.classes must list at least two class names")
-    if not isinstance(safe, list) or not safe or any(s not in classes for s in safe):
-        raise BundleError("manifest: gate.safe_classes must name classes of gate.classes")
-    t = gate["threshold"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-        raise BundleError(f"manifest: gate.threshold must be a number in [0, 1], got {t!r}")
+    cfg = _typed(GateConfig.from_json, gate)
     vg = m.get("graphs", {}).get("vision_gate")
     if not vg:
         raise BundleError("manifest lists no vision_gate graph")
-    out = vg.get("outputs", {})
-    if GATE_OUTPUT not in out or FEATURES_OUTPUT not in out:
-        raise BundleError(f"vision_gate graph lacks the outputs '{FEATURES_OUTPUT}' and '{GATE_OUTPUT}'")
-    if out[GATE_OUTPUT].get("shape", [None, None])[-1] != len(classes):
+    if _typed(VisionGraph.from_json, vg).gate_width != len(cfg.classes):
         raise BundleError("vision_gate graph's class_probs width differs from gate.classes")
 
 
@@ -254,6 +314,9 @@ def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: boo
         for f in [g["file"], *([g["data"]] if g.get("data") else [])]:
             if f not in m["files"]:
                 raise BundleError(f"manifest: graph '{gname}' file '{f}' is not hashed in files")
+    manifest = Manifest(root=root, data=m)
+    for view in ("vision", "gate_config", *(("decoder", "model_facts") if "decoder" in m["graphs"] else ())):
+        getattr(manifest, view)                              # typed views: a bad value refuses here
     if verify:
         verify_files(root, m["files"], full_verify=full_verify)
-    return Manifest(root=root, data=m)
+    return manifest

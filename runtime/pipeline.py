@@ -28,7 +28,7 @@ import numpy as np
 from .backends.base import ContextError
 from .gate import DEFAULT_INSTRUCTION, DEFAULT_REFUSAL, POLICIES, Verdict, verdict_from_probs
 from .image import MAX_PIXELS, load_image, preprocess
-from .manifest import FEATURES_OUTPUT, GATE_OUTPUT, BundleError, Manifest, load_manifest
+from .manifest import BundleError, Manifest, load_manifest
 
 
 class GenerationUnavailable(RuntimeError):
@@ -157,17 +157,17 @@ class Pipeline:
         self._lock = threading.Lock()                # one decoder: one step at a time (_DecoderLease)
         self._cache_owner: object | None = None      # the token of the _DecoderLease whose sequence is cached
         self.backend_notes: list[str] = []
-        g = manifest.gate
-        self.classes: list[str] = list(g["classes"])
-        self.safe_classes: list[str] = list(g["safe_classes"])
-        self.threshold = float(g["threshold"])
-        self.policy: str = g.get("policy", "instruct")
-        self.views: str = g.get("views", "any")
+        g, self.names = manifest.gate_config, manifest.vision.names      # validated when the bundle loaded
+        self.classes: list[str] = list(g.classes)
+        self.safe_classes: list[str] = list(g.safe_classes)
+        self.threshold = g.threshold
+        self.policy: str = g.policy
+        self.views: str = g.views
         self.anyres: dict | None = manifest.preprocess.get("anyres")
         self.image_newline: np.ndarray | None = None
         if self.anyres is not None:
-            name = manifest.graphs["vision_gate"].get("image_newline")
-            if not name or name not in manifest.data["files"]:
+            name = manifest.vision.image_newline
+            if not name or name not in manifest.files:
                 raise BundleError(f"{manifest.root}: anyres bundle lacks its hashed image_newline file")
             self.image_newline = np.load(manifest.path(name), allow_pickle=False)      # [D_lm]
 
@@ -180,15 +180,16 @@ class Pipeline:
         m = load_manifest(bundle_dir, full_verify=full_verify)
         choice = choose_backend(m, backend)          # choice.notes: why faster backends were passed over
         vision = open_vision(m, choice.name, threads)
-        shape = vision.output_shapes.get(GATE_OUTPUT)
-        if FEATURES_OUTPUT not in vision.output_names or shape is None:
-            raise BundleError(f"{m.root}: vision graph does not emit '{GATE_OUTPUT}': refusing to serve ungated")
-        if shape[-1] != len(m.gate["classes"]):
+        names, n_classes = m.vision.names, len(m.gate_config.classes)
+        shape = vision.output_shapes.get(names.class_probs)
+        if names.image_features not in vision.output_names or shape is None:
+            raise BundleError(f"{m.root}: vision graph does not emit '{names.class_probs}': refusing to serve ungated")
+        if shape[-1] != n_classes:
             raise BundleError(f"{m.root}: vision graph's gate width {shape[-1]} differs from the manifest's "
-                              f"{len(m.gate['classes'])} classes")
+                              f"{n_classes} classes")
         if context is None:            # the export target's default KV capacity (same for every backend)
-            context = m.data.get("build", {}).get("context")
-        lm = _load_language_model(m, choice.name, context, threads) if "decoder" in m.graphs else None
+            context = m.default_context
+        lm = _load_language_model(m, choice.name, context, threads) if m.decoder is not None else None
         pipe = cls(m, vision, choice.name, lm)
         pipe.backend_notes = list(choice.notes)
         return pipe
@@ -211,10 +212,10 @@ class Pipeline:
 
     def _vision_pass(self, pv: np.ndarray, size: tuple[int, int] | None = None) -> tuple[np.ndarray, Verdict]:
         t0 = time.perf_counter()
-        out = self.vision.run({"pixel_values": pv})                 # pixel_values [V, 3, H, W]
+        out = self.vision.run({self.names.pixel_values: pv})        # pixel_values [V, 3, H, W]
         ms = round((time.perf_counter() - t0) * 1e3, 3)
-        probs = out.get(GATE_OUTPUT)
-        feats = out[FEATURES_OUTPUT]                                 # [V, N, D_lm]
+        probs = out.get(self.names.class_probs)                      # [V, C]
+        feats = out[self.names.image_features]                       # [V, N, D_lm]
         if self.anyres is None:
             v = verdict_from_probs(None if probs is None else probs[0], self.classes, self.safe_classes,
                                    self.threshold, latency_ms=ms)
@@ -243,12 +244,11 @@ class Pipeline:
 
     # -- policies ---------------------------------------------------------------------------------------
     def instruction_for(self, category: str, override: str | None = None) -> str:
-        text = override or self.manifest.gate.get("instruction") or DEFAULT_INSTRUCTION
+        text = override or self.manifest.gate_config.instruction or DEFAULT_INSTRUCTION
         return text.replace("{category}", category.replace("_", " "))
 
     def refusal_for(self, category: str) -> str:
-        refusals = self.manifest.gate.get("refusals") or {}
-        return refusals.get(category) or DEFAULT_REFUSAL.replace("{category}", category.replace("_", " "))
+        return self.manifest.gate_config.refusals.get(category) or DEFAULT_REFUSAL.replace("{category}", category.replace("_", " "))
 
     # -- generation -------------------------------------------------------------------------------------
     def stream(self, image, prompt: str, *, policy: str | None = None, instruction: str | None = None,
@@ -323,22 +323,17 @@ def _load_language_model(m: Manifest, backend: str, context: int | None, threads
 
     from .backends.pick import open_decoder
 
-    model, tok, prompt = m.model, m.tokenizer, m.prompt
-    for key in ("image_token_id", "image_seq_length", "eos_token_ids", "context_length"):
-        if key not in model:
-            raise BundleError(f"manifest: 'model' lacks {key}")
+    model, tok, prompt = m.model_facts, m.tokenizer, m.prompt
     if not prompt.get("chat_template"):
         raise BundleError("manifest: the bundle has no chat template")
     try:
         tokenizer = Tokenizer.from_file(str(m.path(tok["file"])))
     except Exception as e:
         raise BundleError(f"{m.root}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e})") from None
-    emb = m.data.get("embeddings") or {}
-    table = np.load(m.path(emb["file"]), mmap_mode="r", allow_pickle=False)     # [V, D]
+    table = np.load(m.path(m.embeddings_file), mmap_mode="r", allow_pickle=False)     # [V, D]
     decoder = open_decoder(m, backend, context=context, threads=threads)     # threads: else SAFECLIP_THREADS
     # the special tokens transformers hands the template (bundles before 0.1 recorded bos/eos/pad only)
     specials = tok.get("special_tokens") or {k: tok.get(k) for k in ("bos_token", "eos_token", "pad_token")
                                              if tok.get(k)}
-    return _LanguageModel(decoder, table, tokenizer, prompt["chat_template"], specials,
-                          int(model["image_token_id"]), int(model["image_seq_length"]),
-                          [int(i) for i in model["eos_token_ids"]])
+    return _LanguageModel(decoder, table, tokenizer, prompt["chat_template"], specials, model.image_token_id,
+                          model.image_seq_length, list(model.eos_token_ids))

@@ -1,15 +1,21 @@
-"""What the generation loop and every backend share: the errors, the KV-cache layout, the decoder interface.
+"""What the generation loop and every backend share: the errors, the graphs' tensor names, the KV-cache layout,
+the decoder interface.
 
 Both sides import this module and nothing of each other: ``generate.py`` (the loop) talks to any object
 with the :class:`Decoder` shape, and the backends (``ort.py``, ``trt.py``) build such objects without
 reaching back into the loop. Standard library only.
+
+Tensor names: a bundle's manifest names every tensor the runtime binds (``graphs.<graph>.names`` and
+``graphs.decoder.kv``); :class:`VisionNames`, :class:`DecoderNames` and :class:`KVSpec` carry them from the
+manifest to the backends. Their defaults are the names this project's exporter writes (and the names
+bundles written before ``names`` existed use); they are spelled here and nowhere else.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["BackendError", "ContextError", "KVSpec", "Decoder"]
+__all__ = ["BackendError", "ContextError", "KVSpec", "VisionNames", "DecoderNames", "Decoder"]
 
 
 class BackendError(RuntimeError):
@@ -18,6 +24,39 @@ class BackendError(RuntimeError):
 
 class ContextError(ValueError):
     """The prompt does not fit the decoder's context capacity."""
+
+
+@dataclass(frozen=True)
+class VisionNames:
+    """Tensor names of the vision+gate graph."""
+    pixel_values: str = "pixel_values"          # input  [B, 3, H, W] float32
+    image_features: str = "image_features"      # output [B, N, D_lm]
+    class_probs: str = "class_probs"            # output [B, C] float32, the gate
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.pixel_values,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.image_features, self.class_probs)
+
+
+@dataclass(frozen=True)
+class DecoderNames:
+    """Tensor names of the decoder graph besides the KV cache (those are :class:`KVSpec`'s)."""
+    inputs_embeds: str = "inputs_embeds"        # input  [B, S, D]
+    attention_mask: str = "attention_mask"      # input  [B, P+S] int64
+    position_ids: str = "position_ids"          # input  [B, S] int64
+    logits: str = "logits"                      # output [B, 1, V]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.inputs_embeds, self.attention_mask, self.position_ids)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.logits,)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import BackendError, ContextError, KVSpec
+from .base import BackendError, ContextError, DecoderNames, KVSpec
 
 __all__ = ["BackendError", "OrtSession", "OrtDecoder", "available_providers", "make_session", "make_options"]
 
@@ -100,12 +100,13 @@ class OrtDecoder:
 
     ``capacity`` is the most tokens the cache holds (prompt + generated); at most the model's context
     length. ``device="cuda"`` puts the arenas in GPU memory (needs onnxruntime-gpu and the CUDA provider).
-    ``session_options`` (default: :func:`make_options` of ``threads``) configure the session.
+    ``session_options`` (default: :func:`make_options` of ``threads``) configure the session. ``names`` are
+    the graph's tensor names besides the KV cache (the manifest's ``graphs.decoder.names``).
     """
 
     def __init__(self, onnx_path: str | Path, kv: KVSpec, *, capacity: int, providers: Sequence | None = None,
                  session_options=None, threads: int | None = None, device: str = "cpu",
-                 weights_bytes: int | None = None):
+                 weights_bytes: int | None = None, names: DecoderNames = DecoderNames()):
         import onnxruntime as ort
 
         if capacity < 1:
@@ -115,12 +116,15 @@ class OrtDecoder:
         providers = list(providers or (["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]))
         so = session_options if session_options is not None else make_options(threads)
         self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
-        self.kv, self.capacity, self.device = kv, int(capacity), device
+        self.kv, self.names, self.capacity, self.device = kv, names, int(capacity), device
         self.dtype = np.dtype(kv.dtype)
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        self.hidden_size = int(inputs["inputs_embeds"].shape[-1])
-        self.vocab_size = int(outputs["logits"].shape[-1])
+        absent = [n for n in names.inputs if n not in inputs] + [n for n in names.outputs if n not in outputs]
+        if absent:
+            raise ValueError(f"decoder graph lacks the tensors {', '.join(absent)} the manifest names")
+        self.hidden_size = int(inputs[names.inputs_embeds].shape[-1])
+        self.vocab_size = int(outputs[names.logits].shape[-1])
         L, H, D = kv.num_layers, kv.num_kv_heads, kv.head_dim
         self._names = kv.names()
         missing = [p for p, _ in self._names if p not in inputs] + [o for _, o in self._names if o not in outputs]
@@ -139,22 +143,26 @@ class OrtDecoder:
         self._logits = np.zeros((1, 1, self.vocab_size), self.dtype)       # logits [1, 1, V]
         self._token = np.zeros((1, 1, self.hidden_size), self.dtype)       # one token's embedding [1, 1, D]
         self._io = self.session.io_binding()
-        self._io.bind_output("logits", "cpu", 0, self.dtype, list(self._logits.shape), self._logits.ctypes.data)
+        self._io.bind_output(names.logits, "cpu", 0, self.dtype, list(self._logits.shape), self._logits.ctypes.data)
         self.weights_bytes = weights_bytes
         self._cur, self.length = 0, 0
 
     @classmethod
-    def from_manifest(cls, root: str | Path, graph: dict, *, capacity: int | None = None,
+    def from_manifest(cls, root: str | Path, graph, *, capacity: int | None = None,
                       context_length: int | None = None, **kw) -> "OrtDecoder":
-        """From a bundle folder and its ``graphs.decoder`` entry; capacity defaults to the context length."""
+        """From a bundle folder and its ``graphs.decoder`` entry (a ``DecoderGraph``, or its JSON);
+        capacity defaults to the context length."""
+        from ..contract import DecoderGraph
+
+        g = graph if isinstance(graph, DecoderGraph) else DecoderGraph.from_json(graph)
         root = Path(root)
         cap = capacity or context_length
         if cap is None:
             raise ValueError("give capacity or the model's context_length")
         if context_length is not None and cap > context_length:
             raise ContextError(f"capacity {cap} exceeds the model's context length {context_length}")
-        size = sum(os.path.getsize(root / f) for f in (graph["file"], graph.get("data")) if f)
-        return cls(root / graph["file"], KVSpec.from_manifest(graph["kv"]), capacity=cap, weights_bytes=size, **kw)
+        size = sum(os.path.getsize(root / f) for f in g.files)
+        return cls(root / g.file, g.kv, capacity=cap, weights_bytes=size, names=g.names, **kw)
 
     def reset(self, length: int = 0) -> None:
         """Forget the cache. ``length > 0`` pretends that many (stale) positions are cached: benchmarks only."""
@@ -177,9 +185,10 @@ class OrtDecoder:
         if P + S > self.capacity:
             raise ContextError(f"{P} cached + {S} new tokens exceed the cache capacity {self.capacity}")
         io, dt, dev = self._io, self.dtype, self.device
-        io.bind_input("inputs_embeds", "cpu", 0, dt, [1, S, self.hidden_size], x.ctypes.data)
-        io.bind_input("attention_mask", "cpu", 0, np.int64, [1, P + S], self._mask.ctypes.data)
-        io.bind_input("position_ids", "cpu", 0, np.int64, [1, S], self._pos.ctypes.data + 8 * P)
+        n = self.names
+        io.bind_input(n.inputs_embeds, "cpu", 0, dt, [1, S, self.hidden_size], x.ctypes.data)
+        io.bind_input(n.attention_mask, "cpu", 0, np.int64, [1, P + S], self._mask.ctypes.data)
+        io.bind_input(n.position_ids, "cpu", 0, np.int64, [1, S], self._pos.ctypes.data + 8 * P)
         past_shape = [1, self.kv.num_kv_heads, P, self.kv.head_dim]
         present_shape = [1, self.kv.num_kv_heads, P + S, self.kv.head_dim]
         src, dst = self._ptr[self._cur], self._ptr[1 - self._cur]

@@ -17,8 +17,9 @@ considered.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from pathlib import Path
 
+from ..manifest import Manifest
 from .base import BackendError
 from .trt_plan import PlanMismatchError, check_plan_compatible
 
@@ -53,16 +54,15 @@ class BackendChoice:
     notes: tuple[str, ...] = field(default_factory=tuple)   # why faster backends were passed over
 
 
-def _tensorrt_refusal(data: Mapping, root: str, probe: Probe) -> str | None:
+def _tensorrt_refusal(m: Manifest, root: str, probe: Probe) -> str | None:
     """Why the tensorrt backend cannot run this bundle here, or None if it can."""
-    plan = (data.get("build") or {}).get("plan") or {}
+    plan, engines = m.build_plan, m.engines
     if not plan:
-        return f"bundle target '{data.get('target')}' has no TensorRT build plan (export with --target jetson or datacenter)"
-    engines = (data.get("build") or {}).get("engines") or {}
-    missing = [g for g in plan if g in data.get("graphs", {}) and g not in engines]
+        return f"bundle target '{m.target}' has no TensorRT build plan (export with --target jetson or datacenter)"
+    missing = [g for g in plan if g in m.graphs and g not in engines]
     if missing:
         return f"no TensorRT engines for {', '.join(missing)}; build them on this device: safeclip-build --bundle {root}"
-    unhashed = [r.get("file") for g, r in engines.items() if g in plan and r.get("file") not in data.get("files", {})]
+    unhashed = [r.get("file") for g, r in engines.items() if g in plan and r.get("file") not in m.files]
     if unhashed:
         return f"engine files {unhashed} are not hashed in the manifest; rebuild: safeclip-build --bundle {root}"
     try:
@@ -86,12 +86,12 @@ def choose_backend(manifest, requested: str = "auto", probe: Probe | None = None
     if want is None:
         raise BackendError(f"unknown backend '{requested}' (supported: auto, {', '.join(BACKENDS)}, "
                            "onnxruntime-tensorrt)")
-    data = getattr(manifest, "data", manifest)
     root = str(getattr(manifest, "root", "DIR"))
+    m = manifest if isinstance(manifest, Manifest) else Manifest(Path(root), dict(manifest))
     probe = probe or Probe()
     notes: list[str] = []
     if want in ("auto", "tensorrt"):
-        why = _tensorrt_refusal(data, root, probe)
+        why = _tensorrt_refusal(m, root, probe)
         if why is None:
             return BackendChoice("tensorrt")
         if want == "tensorrt":
@@ -126,7 +126,7 @@ def open_vision(manifest, backend: str, threads: int | None = None):
     from .ort import make_session
     if backend not in ORT_DEVICE:
         raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)}, onnxruntime-tensorrt)")
-    return make_session(manifest.path(manifest.graphs["vision_gate"]["file"]), device=ORT_DEVICE[backend],
+    return make_session(manifest.path(manifest.vision.file), device=ORT_DEVICE[backend],
                         threads=threads)
 
 
@@ -135,7 +135,7 @@ def open_decoder(manifest, backend: str, *, context: int | None = None, threads:
     """The decoder of a verified ``Manifest`` for ``backend``; ``context`` caps the KV cache (default: the
     model's context length; for tensorrt also what the engine's profiles cover). ``threads`` (default
     ``SAFECLIP_THREADS``) sizes ONNX Runtime's thread pool, as for the vision session."""
-    model_ctx = int(manifest.model["context_length"])
+    model_ctx = manifest.model_facts.context_length
     cap = None if context is None else min(int(context), model_ctx)
     if backend == "tensorrt":
         from .trt import TrtDecoder
@@ -145,6 +145,6 @@ def open_decoder(manifest, backend: str, *, context: int | None = None, threads:
         raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)}, onnxruntime-tensorrt)")
     device = "cpu" if backend == "onnxruntime-cpu" else "cuda"          # KV arenas live where the provider runs
     providers = {"onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(backend)
-    return OrtDecoder.from_manifest(manifest.root, manifest.graphs["decoder"], capacity=cap or model_ctx,
+    return OrtDecoder.from_manifest(manifest.root, manifest.decoder, capacity=cap or model_ctx,
                                     context_length=model_ctx, session_options=session_options, threads=threads,
                                     device=device, providers=providers)

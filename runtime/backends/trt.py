@@ -36,7 +36,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import BackendError, ContextError, KVSpec
+from .base import BackendError, ContextError, DecoderNames
 from .cuda import CudaRuntime, round_up
 from .trt_plan import check_plan_compatible, select_profile
 
@@ -191,7 +191,7 @@ class TrtVisionSession:
     def from_manifest(cls, manifest, **kw) -> "TrtVisionSession":
         """From a verified ``Manifest``: the ``vision_gate`` plan and its build record."""
         rec = _engine_record(manifest, "vision_gate")
-        outs = {n: o.get("shape") for n, o in manifest.graphs["vision_gate"].get("outputs", {}).items()}
+        outs = {n: list(o.shape) for n, o in manifest.vision.outputs.items()}
         return cls(manifest.path(rec["file"]), record=rec, bundle=str(manifest.root), output_symbols=outs, **kw)
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -242,10 +242,11 @@ def _close(obj) -> None:
 
 # -- decoder -------------------------------------------------------------------------------------------
 
-def decoder_shapes(kv, hidden: int, past: int, seq: int, batch: int = 1) -> dict[str, tuple[int, ...]]:
+def decoder_shapes(kv, hidden: int, past: int, seq: int, batch: int = 1,
+                   names: DecoderNames = DecoderNames()) -> dict[str, tuple[int, ...]]:
     """Input shapes of one decoder call: embeddings, mask, positions and every past key/value."""
-    shapes = {"inputs_embeds": (batch, seq, hidden), "attention_mask": (batch, past + seq),
-              "position_ids": (batch, seq)}
+    shapes = {names.inputs_embeds: (batch, seq, hidden), names.attention_mask: (batch, past + seq),
+              names.position_ids: (batch, seq)}
     for i in range(kv.num_layers):
         for tmpl in (kv.past_key, kv.past_value):
             shapes[tmpl.format(i=i)] = (batch, kv.num_kv_heads, past, kv.head_dim)
@@ -277,13 +278,15 @@ def _covered_to(intervals: Sequence[tuple[int, int] | None], start: int) -> int:
     return x - 1
 
 
-def plan_capacity(profiles: Sequence[Mapping], kv, hidden: int, batch: int = 1) -> int:
+def plan_capacity(profiles: Sequence[Mapping], kv, hidden: int, batch: int = 1,
+                  names: DecoderNames = DecoderNames()) -> int:
     """The largest capacity C for which every prefill (past 0, 1..C tokens) and every decode step (one token,
     past 0..C-1) lies in some profile; 0 when even one token is not covered."""
-    prefill = [_interval(p, lambda x: {n: s for n, s in decoder_shapes(kv, hidden, 0, x, batch).items() if n in p})
-               for p in profiles]
-    decode = [_interval(p, lambda x: {n: s for n, s in decoder_shapes(kv, hidden, x, 1, batch).items() if n in p})
-              for p in profiles]
+    def fits(p, past, seq):
+        return {n: s for n, s in decoder_shapes(kv, hidden, past, seq, batch, names).items() if n in p}
+
+    prefill = [_interval(p, lambda x: fits(p, 0, x)) for p in profiles]
+    decode = [_interval(p, lambda x: fits(p, x, 1)) for p in profiles]
     return max(0, min(_covered_to(prefill, 1), _covered_to(decode, 0) + 1))
 
 
@@ -305,21 +308,23 @@ class TrtDecoder:
 
     def __init__(self, plan_path: str | Path, kv, *, capacity: int | None = None, context_length: int | None = None,
                  record: Mapping | None = None, device: Mapping | None = None, bundle: str = "DIR",
-                 weights_bytes: int | None = None, trt=None, cuda: CudaRuntime | None = None):
+                 weights_bytes: int | None = None, names: DecoderNames = DecoderNames(), trt=None,
+                 cuda: CudaRuntime | None = None):
         trt = trt or import_tensorrt()
         self.cuda = cuda = cuda or CudaRuntime()
         _check_record(record, device, bundle, trt, cuda)
         self.eng = eng = _Engine(trt, plan_path)
-        names = kv.names()
-        expected = ["inputs_embeds", "attention_mask", "position_ids", *(p for p, _ in names)]
-        eng.require(expected, ["logits", *(o for _, o in names)])
+        self.names = io = names                                   # embeddings, mask, positions, logits
+        names = kv.names()                                        # (past, present) of every layer's k, v
+        expected = [*io.inputs, *(p for p, _ in names)]
+        eng.require(expected, [*io.outputs, *(o for _, o in names)])
         extra = sorted(set(eng.inputs) - set(expected))
         if extra:
             raise BackendError(f"{eng.path.name} takes inputs this runtime does not feed: {', '.join(extra[:4])}")
         self.kv, self.weights_bytes = kv, weights_bytes
-        self.dtype = eng.io["inputs_embeds"][1]
-        self.hidden_size = int(eng.io["inputs_embeds"][2][-1])
-        self.vocab_size = int(eng.io["logits"][2][-1])
+        self.dtype = eng.io[io.inputs_embeds][1]
+        self.hidden_size = int(eng.io[io.inputs_embeds][2][-1])
+        self.vocab_size = int(eng.io[io.logits][2][-1])
         kv_dtype = eng.io[names[0][0]][1]
         if not eng.profiles:
             raise BackendError(f"{eng.path.name} has no optimization profiles: it cannot take a growing cache")
@@ -327,9 +332,9 @@ class TrtDecoder:
         for k, prof in enumerate(eng.profiles):                   # every KV tensor must share one range
             if any(prof[p] != prof[first] for p, _ in names):
                 raise BackendError(f"{eng.path.name}: profile {k} gives the KV tensors different ranges")
-        self._select = [{n: prof[n] for n in ("inputs_embeds", "attention_mask", "position_ids", first)}
+        self._select = [{n: prof[n] for n in (*io.inputs, first)}
                         for prof in eng.profiles]
-        limit = plan_capacity(eng.profiles, kv, self.hidden_size)
+        limit = plan_capacity(eng.profiles, kv, self.hidden_size, names=io)
         if limit < 1:
             raise BackendError(f"{eng.path.name}: its profiles do not cover a one-token prompt")
         if capacity is not None and context_length is not None and capacity > context_length:
@@ -347,11 +352,11 @@ class TrtDecoder:
         self._arena = [[base + (s * len(names) + j) * self._kv.slab for j in range(len(names))] for s in range(2)]
         isz = self.dtype.itemsize
         self._d_embeds = cuda.malloc(C * self.hidden_size * isz)      # inputs_embeds [1, S, D], S <= C
-        mask_t, pos_t = eng.io["attention_mask"][1], eng.io["position_ids"][1]
+        mask_t, pos_t = eng.io[io.attention_mask][1], eng.io[io.position_ids][1]
         self._d_mask = cuda.malloc(C * mask_t.itemsize)               # attention_mask [1, P+S]: all ones
         self._d_pos_all = cuda.malloc(C * pos_t.itemsize)             # arange(C)
         self._d_pos = cuda.malloc(C * pos_t.itemsize)                 # position_ids [1, S] = arange[P:P+S]
-        logits_t = eng.io["logits"][1]
+        logits_t = eng.io[io.logits][1]
         self._d_logits = cuda.malloc(self.vocab_size * logits_t.itemsize)
         self._stage = cuda.host_array(C * self.hidden_size, self.dtype)      # pinned: prompt embeddings
         self._logits = cuda.host_array(self.vocab_size, logits_t)             # pinned: logits [V]
@@ -368,11 +373,11 @@ class TrtDecoder:
     def from_manifest(cls, manifest, *, capacity: int | None = None, **kw) -> "TrtDecoder":
         """From a verified ``Manifest``; ``capacity`` defaults to min(model context, what the plan covers)."""
         rec = _engine_record(manifest, "decoder")
-        graph = manifest.graphs["decoder"]
-        ctx = int(manifest.model.get("context_length") or 0) or None
-        size = sum(manifest.path(f).stat().st_size for f in (graph["file"], graph.get("data")) if f)
-        return cls(manifest.path(rec["file"]), KVSpec.from_manifest(graph["kv"]), capacity=capacity,
-                   context_length=ctx, record=rec, bundle=str(manifest.root), weights_bytes=size, **kw)
+        graph = manifest.decoder
+        ctx = manifest.model_facts.context_length or None
+        return cls(manifest.path(rec["file"]), graph.kv, capacity=capacity, context_length=ctx, record=rec,
+                   bundle=str(manifest.root), weights_bytes=manifest.file_bytes(graph.files), names=graph.names,
+                   **kw)
 
     def reset(self, length: int = 0) -> None:
         """Forget the cache. ``length > 0`` pretends that many (stale) positions are cached: benchmarks only."""
@@ -386,17 +391,18 @@ class TrtDecoder:
         if P + S > self.capacity:
             raise ContextError(f"{P} cached + {S} new tokens exceed the cache capacity {self.capacity}")
         c, cuda, D = self.c, self.cuda, self.hidden_size
-        shapes = decoder_shapes(self.kv, D, P, S)
+        shapes = decoder_shapes(self.kv, D, P, S, names=self.names)
         c.use_profile(select_profile(self._select, {n: shapes[n] for n in self._select[0]}))
         for n, s in shapes.items():
             c.shape(n, s)
-        isz, pos_isz = self.dtype.itemsize, self.eng.io["position_ids"][1].itemsize
+        io = self.names
+        isz, pos_isz = self.dtype.itemsize, self.eng.io[io.position_ids][1].itemsize
         cuda.h2d(self._d_embeds, self._stage, S * D * isz, c.stream)                  # [1, S, D]
         cuda.d2d(self._d_pos, self._d_pos_all + P * pos_isz, S * pos_isz, c.stream)   # [1, S] = P..P+S-1
-        c.bind("inputs_embeds", self._d_embeds)
-        c.bind("attention_mask", self._d_mask)
-        c.bind("position_ids", self._d_pos)
-        c.bind("logits", self._d_logits)                                               # [1, 1, V]
+        c.bind(io.inputs_embeds, self._d_embeds)
+        c.bind(io.attention_mask, self._d_mask)
+        c.bind(io.position_ids, self._d_pos)
+        c.bind(io.logits, self._d_logits)                                              # [1, 1, V]
         src, dst = self._arena[self._cur], self._arena[1 - self._cur]
         for j, (past, present) in enumerate(self._kv.names):
             c.bind(past, src[j])                                    # [1, KVH, P, Hd]
@@ -435,11 +441,11 @@ class TrtDecoder:
 
 
 def _engine_record(manifest, name: str) -> dict:
-    rec = ((manifest.data.get("build") or {}).get("engines") or {}).get(name)
+    rec = manifest.engines.get(name)
     if not rec:
         raise BackendError(f"{manifest.root}: no TensorRT engine for '{name}'; build the engines on this device: "
                            f"safeclip-build --bundle {manifest.root}")
-    if rec.get("file") not in manifest.data.get("files", {}):
+    if rec.get("file") not in manifest.files:
         raise BackendError(f"{manifest.root}: engine file '{rec.get('file')}' is not hashed in the manifest; "
                            f"rebuild with safeclip-build --bundle {manifest.root}")
     return rec

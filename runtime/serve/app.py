@@ -228,12 +228,13 @@ class _Server:
         return d
 
     def models_json(self) -> dict:
-        g, m = self.pipe.manifest.gate, self.pipe.manifest
-        return {"id": self.model_id, "object": "model", "created": _created(m.data.get("created")),
+        m = self.pipe.manifest
+        g, ctx = m.gate_config, (m.model_facts.context_length if m.decoder is not None else 0)
+        return {"id": self.model_id, "object": "model", "created": _created(m.created),
                 "owned_by": "safeclip-edge",
-                "safeclip": {"classes": list(g["classes"]), "safe_classes": list(g["safe_classes"]),
-                             "threshold": float(g["threshold"]), "policy": self.policy or self.pipe.policy,
-                             "context_length": int(m.model.get("context_length", 0)),
+                "safeclip": {"classes": list(g.classes), "safe_classes": list(g.safe_classes),
+                             "threshold": g.threshold, "policy": self.policy or self.pipe.policy,
+                             "context_length": ctx,
                              "max_tokens": self.limits["max_tokens"], "backend": self.pipe.backend}}
 
 

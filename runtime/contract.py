@@ -1,0 +1,169 @@
+"""Typed, validated views of a bundle manifest's sections: what the runtime reads, and nothing else.
+
+``Manifest`` (``manifest.py``) hands these out (``m.vision``, ``m.decoder``, ``m.gate_config``, ...); loading
+a bundle builds every one of them, so a manifest whose gate policy, view mode, tensor names or KV layout is
+unusable refuses to serve with a one-line ``BundleError`` instead of failing on the first request.
+
+Supported: schema version 1. Graph tensor names come from ``graphs.<graph>.names`` (roles to names) and
+``graphs.decoder.kv``; a bundle written before ``names`` existed gets the defaults of
+:class:`~safeclip.runtime.backends.base.VisionNames` / ``DecoderNames``. Every named tensor must be among
+the graph's declared inputs or outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .backends.base import DecoderNames, KVSpec, VisionNames
+from .gate import POLICIES
+from .views import VIEW_MODES
+
+__all__ = ["ContractError", "TensorSpec", "VisionGraph", "DecoderGraph", "GateConfig", "ModelFacts"]
+
+
+class ContractError(ValueError):
+    """A manifest section does not hold what the runtime needs (``manifest.py`` turns it into a BundleError)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple                 # ints, or names of dynamic dimensions ("batch", "seq", "past+seq")
+    dtype: str
+
+
+def _tensors(graph: Mapping, key: str, where: str) -> dict[str, TensorSpec]:
+    io = graph.get(key)
+    if not isinstance(io, Mapping):
+        raise ContractError(f"{where}.{key} must be an object of tensors")
+    out = {}
+    for name, spec in io.items():
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("shape"), list):
+            raise ContractError(f"{where}.{key}.{name} needs a shape list")
+        out[str(name)] = TensorSpec(tuple(spec["shape"]), str(spec.get("dtype", "")))
+    return out
+
+
+def _names(cls, graph: Mapping, where: str, inputs: Mapping, outputs: Mapping):
+    given = graph.get("names") or {}
+    if not isinstance(given, Mapping):
+        raise ContractError(f"{where}.names must be an object of role: tensor name")
+    roles = [f.name for f in fields(cls)]
+    unknown = sorted(set(given) - set(roles))
+    if unknown:
+        raise ContractError(f"{where}.names has unknown roles {unknown} (known: {', '.join(roles)})")
+    names = cls(**{k: str(v) for k, v in given.items()})
+    for n in names.inputs:
+        if n not in inputs:
+            raise ContractError(f"{where}: input '{n}' named in the manifest is not among the graph's inputs")
+    for n in names.outputs:
+        if n not in outputs:
+            raise ContractError(f"{where}: output '{n}' named in the manifest is not among the graph's outputs")
+    return names
+
+
+@dataclass(frozen=True)
+class VisionGraph:
+    file: str
+    data: str | None
+    names: VisionNames
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    image_newline: str | None = None         # anyres: the learned newline row, a hashed .npy
+
+    @classmethod
+    def from_json(cls, graph: Mapping, where: str = "graphs.vision_gate") -> "VisionGraph":
+        if not isinstance(graph, Mapping) or not graph.get("file"):
+            raise ContractError(f"{where} must name its file")
+        ins, outs = _tensors(graph, "inputs", where), _tensors(graph, "outputs", where)
+        return cls(graph["file"], graph.get("data"), _names(VisionNames, graph, where, ins, outs), ins, outs,
+                   graph.get("image_newline"))
+
+    @property
+    def gate_width(self) -> Any:
+        """The last dimension of the gate output: one probability per class."""
+        return self.outputs[self.names.class_probs].shape[-1]
+
+
+@dataclass(frozen=True)
+class DecoderGraph:
+    file: str
+    data: str | None
+    names: DecoderNames
+    kv: KVSpec
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+    @classmethod
+    def from_json(cls, graph: Mapping, where: str = "graphs.decoder") -> "DecoderGraph":
+        if not isinstance(graph, Mapping) or not graph.get("file"):
+            raise ContractError(f"{where} must name its file")
+        ins, outs = _tensors(graph, "inputs", where), _tensors(graph, "outputs", where)
+        kv = graph.get("kv")
+        need = ("num_layers", "num_kv_heads", "head_dim", "dtype")
+        if not isinstance(kv, Mapping) or any(k not in kv for k in need):
+            raise ContractError(f"{where}.kv must give {', '.join(need)}")
+        for k in need[:3]:
+            if isinstance(kv[k], bool) or not isinstance(kv[k], int) or kv[k] < 1:
+                raise ContractError(f"{where}.kv.{k} must be a positive int, got {kv[k]!r}")
+        spec = KVSpec.from_manifest(kv)
+        missing = [p for p, _ in spec.names() if p not in ins] + [o for _, o in spec.names() if o not in outs]
+        if missing:
+            raise ContractError(f"{where}: KV tensors {', '.join(missing[:4])} are not among the graph's I/O")
+        return cls(graph["file"], graph.get("data"), _names(DecoderNames, graph, where, ins, outs), spec, ins, outs)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(f for f in (self.file, self.data) if f)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    variant: str
+    classes: tuple[str, ...]
+    safe_classes: tuple[str, ...]
+    threshold: float
+    policy: str                              # one of gate.POLICIES: the bundle's default for flagged images
+    views: str                               # one of views.VIEW_MODES (anyres: how views are combined)
+    instruction: str | None = None
+    refusals: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, gate: Mapping) -> "GateConfig":
+        classes, safe = gate.get("classes"), gate.get("safe_classes")
+        if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+            raise ContractError("gate.classes must list at least two class names")
+        if not isinstance(safe, list) or not safe or any(s not in classes for s in safe):
+            raise ContractError("gate.safe_classes must name classes of gate.classes")
+        t = gate.get("threshold")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+            raise ContractError(f"gate.threshold must be a number in [0, 1], got {t!r}")
+        policy, views = gate.get("policy", "instruct"), gate.get("views", "any")
+        if policy not in POLICIES:
+            raise ContractError(f"gate.policy '{policy}' is not one of {', '.join(POLICIES)}")
+        if views not in VIEW_MODES:
+            raise ContractError(f"gate.views '{views}' is not one of {', '.join(VIEW_MODES)}")
+        refusals = gate.get("refusals") or {}
+        if not isinstance(refusals, Mapping) or not all(isinstance(v, str) for v in refusals.values()):
+            raise ContractError("gate.refusals must map categories to texts")
+        instruction = gate.get("instruction")
+        if instruction is not None and not isinstance(instruction, str):
+            raise ContractError("gate.instruction must be a text")
+        return cls(str(gate.get("variant")), tuple(classes), tuple(safe), float(t), policy, views,
+                   instruction or None, dict(refusals))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What generation needs from ``model`` (checked when the bundle has a decoder)."""
+    context_length: int
+    image_token_id: int
+    image_seq_length: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, model: Mapping) -> "ModelFacts":
+        for key in ("image_token_id", "image_seq_length", "eos_token_ids", "context_length"):
+            if key not in model:
+                raise ContractError(f"'model' lacks {key}")
+        return cls(int(model["context_length"]), int(model["image_token_id"]), int(model["image_seq_length"]),
+                   tuple(int(i) for i in model["eos_token_ids"]))

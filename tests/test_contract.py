@@ -1,0 +1,108 @@
+"""The manifest is the whole contract: the tensor names the runtime binds come from it, bad values refuse to load.
+
+Oracles: a bundle whose graphs' tensors are renamed (in the ONNX files and in the manifest alike) gates and
+generates exactly as the original; a manifest naming a tensor its graph lacks, an unknown gate policy or
+view mode is refused by ``load_manifest`` with a one-line ``BundleError``; a bundle written before
+``names`` existed loads with the default names.
+"""
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("torch")
+
+from conftest import copy_bundle  # noqa: E402
+
+from safeclip.runtime.manifest import MANIFEST, BundleError, load_manifest, sha256_file, write_manifest  # noqa: E402
+from safeclip.runtime.pipeline import Pipeline  # noqa: E402
+
+
+def _reseal(bundle, mutate):
+    d = json.loads((bundle / MANIFEST).read_text())
+    mutate(d)
+    write_manifest(bundle, d)
+
+
+def _rename(bundle, graph: str, renames: dict[str, str]) -> None:
+    """Rename tensors of ``graphs[graph]`` in its ONNX file (weights stay external) and in the manifest."""
+    d = json.loads((bundle / MANIFEST).read_text())
+    entry = d["graphs"][graph]
+    path = bundle / entry["file"]
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        vi.name = renames.get(vi.name, vi.name)
+    for node in g.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    onnx.save(model, str(path))
+    d["files"][entry["file"]] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    for io in ("inputs", "outputs"):
+        entry[io] = {renames.get(k, k): v for k, v in entry[io].items()}
+    entry["names"] = {role: renames.get(n, n) for role, n in entry["names"].items()}
+    write_manifest(bundle, d)
+
+
+def test_vision_names_come_from_the_manifest(vision_bundle, test_images, tmp_path):
+    b = copy_bundle(vision_bundle, tmp_path / "b")
+    _rename(b, "vision_gate", {"pixel_values": "pixels", "image_features": "feats", "class_probs": "gate_probs"})
+    m = load_manifest(b)
+    assert m.vision.names.pixel_values == "pixels" and m.vision.gate_width == 8
+    ref, renamed = Pipeline.load(vision_bundle), Pipeline.load(b)
+    for f in sorted(test_images.iterdir())[:2]:
+        (fa, va), (fb, vb) = ref.encode(f), renamed.encode(f)
+        np.testing.assert_array_equal(fa, fb)
+        assert (va.flagged, va.category, va.probs) == (vb.flagged, vb.category, vb.probs)
+
+
+def test_decoder_names_come_from_the_manifest(controlled_bundle, test_images, tmp_path):
+    b = copy_bundle(controlled_bundle, tmp_path / "b")
+    _rename(b, "decoder", {"inputs_embeds": "embeds", "attention_mask": "mask", "position_ids": "positions",
+                           "logits": "next_logits"})
+    assert load_manifest(b).decoder.names.logits == "next_logits"
+    clean = test_images / "blue.jpg"
+    want = Pipeline.load(controlled_bundle).generate(clean, "What is in the picture?", max_new_tokens=8)
+    got = Pipeline.load(b).generate(clean, "What is in the picture?", max_new_tokens=8)
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 8
+
+
+def test_bundles_before_names_use_the_default_names(vision_bundle, test_images, tmp_path):
+    b = copy_bundle(vision_bundle, tmp_path / "b")
+    _reseal(b, lambda d: d["graphs"]["vision_gate"].pop("names"))
+    m = load_manifest(b)
+    assert (m.vision.names.pixel_values, m.vision.names.class_probs) == ("pixel_values", "class_probs")
+    img = sorted(test_images.iterdir())[0]
+    assert Pipeline.load(b).gate(img).probs == Pipeline.load(vision_bundle).gate(img).probs
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["gate"].update(policy="shout"), "gate.policy 'shout' is not one of instruct, refuse, annotate"),
+    (lambda d: d["gate"].update(views="median"), "gate.views 'median' is not one of any, base, mean"),
+    (lambda d: d["gate"].update(refusals={"gun": 3}), "gate.refusals must map categories to texts"),
+    (lambda d: d["graphs"]["vision_gate"]["names"].update(pixel_values="pixels"),
+     "input 'pixels' named in the manifest is not among the graph's inputs"),
+    (lambda d: d["graphs"]["vision_gate"]["names"].update(colour="red"), "unknown roles \\['colour'\\]"),
+    (lambda d: d["graphs"]["vision_gate"]["names"].update(class_probs="image_features"),
+     "class_probs width differs"),
+])
+def test_bad_contract_values_refuse_to_load(vision_bundle, tmp_path, mutate, message):
+    b = copy_bundle(vision_bundle, tmp_path / "b")
+    _reseal(b, mutate)
+    with pytest.raises(BundleError, match=message) as e:
+        load_manifest(b)
+    assert "\n" not in str(e.value)
+    with pytest.raises(BundleError, match=message):
+        Pipeline.load(b)
+
+
+def test_bad_decoder_contract_refuses_to_load(controlled_bundle, tmp_path):
+    b = copy_bundle(controlled_bundle, tmp_path / "b")
+    _reseal(b, lambda d: d["graphs"]["decoder"]["kv"].update(past_key="cache.{i}.k"))
+    with pytest.raises(BundleError, match="KV tensors cache.0.k, cache.1.k"):
+        load_manifest(b)
+    _reseal(b, lambda d: (d["graphs"]["decoder"]["kv"].update(past_key="past_key_values.{i}.key"),
+                          d["model"].pop("eos_token_ids")))
+    with pytest.raises(BundleError, match="'model' lacks eos_token_ids"):
+        load_manifest(b)
