@@ -21,13 +21,15 @@ import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
 from safeclip.runtime.gate import DEFAULT_INSTRUCTION, POLICIES, verdict_from_probs
+from safeclip.runtime.tolerances import export_tolerance
 from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, VisionNames,
                                        sha256_file, write_manifest)
 
 from .onnx import onnx_from_module
 from .parity import ParityResult
 
-FEATURE_ATOL, PROB_ATOL = 1e-4, 1e-5
+FEATURE_ATOL = export_tolerance("vision_gate", "float32", "image_features").atol     # runtime/tolerances.py
+PROB_ATOL = export_tolerance("vision_gate", "float32", "class_probs").atol
 
 
 @dataclass
@@ -124,9 +126,10 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
                        progress: Callable[[str], None] = lambda s: None) -> tuple[dict, ParityResult]:
     """Export the vision+gate graph and check it against the fp32 PyTorch module (a build gate).
 
-    fp32: max abs error <= 1e-4 on image features and <= 1e-5 on probabilities. fp16 (GPU targets; LayerNorms
-    and the gate head stay fp32): features within 2e-2 x max(1, max|ref|), probabilities within 1e-3. In both
-    cases the verdicts at several thresholds must equal those of the fp32 reference.
+    Tolerances (``runtime/tolerances.py``), fp32: max abs error <= 1e-4 on image features and <= 1e-5 on
+    probabilities. fp16 (GPU targets; LayerNorms and the gate head stay fp32): features within
+    2e-2 x max(1, max|ref|), probabilities within 1e-3. In both cases the verdicts at several thresholds must
+    equal those of the fp32 reference.
 
     The graph is traced on the meta device and its weights streamed from ``src`` (a checkpoint or a model in
     memory) into ``vision_gate.onnx.data``; the fp32 reference runs one encoder layer at a time. ``release=True``
@@ -177,10 +180,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     del exported, module, real
     progress("vision: parity (ONNX Runtime vs the fp32 reference)")
     got = run_onnx(path, {"pixel_values": sample.numpy()}, [FEATURES_OUTPUT, GATE_OUTPUT])
-    if precision == "float32":
-        tol = {FEATURES_OUTPUT: FEATURE_ATOL, GATE_OUTPUT: PROB_ATOL}
-    else:
-        tol = {FEATURES_OUTPUT: 2e-2 * max(1.0, float(np.abs(ref[FEATURES_OUTPUT]).max())), GATE_OUTPUT: 1e-3}
+    tol = {n: export_tolerance("vision_gate", precision, n).of(ref[n]) for n in (FEATURES_OUTPUT, GATE_OUTPUT)}
     result = compare(f"vision_gate[{precision}]", ref, got, tol)
     # Verdicts from the graph must equal the reference rule applied to the fp32 module's output.
     for t in sorted({dset.default_threshold, 0.0, 0.3, 0.6}):

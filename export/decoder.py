@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from safeclip.runtime.backends.base import DecoderNames, KVSpec
+from safeclip.runtime.tolerances import export_tolerance
 
 from .onnx import onnx_from_module
 from .parity import ParityError, compare, run_onnx
@@ -53,7 +54,7 @@ from .parity import ParityError, compare, run_onnx
 __all__ = ["decoder_for_export", "export_decoder", "decoder_names", "ATOL"]
 
 DTYPES = ("float32", "float16")
-ATOL = {"float32": 1e-4, "float16": 2e-2}      # times max(1, max|reference|), per output
+ATOL = {p: export_tolerance("decoder", p).atol for p in DTYPES}   # times max(1, max|ref|): runtime/tolerances.py
 FP32_OPS = ("Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal")    # must compute in fp32 in an fp16 graph
 PAST_KEY, PAST_VALUE = KVSpec.past_key, KVSpec.past_value              # the runtime's KV names (base.py)
 PRESENT_KEY, PRESENT_VALUE = KVSpec.present_key, KVSpec.present_value
@@ -262,7 +263,7 @@ def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
         feeds = {n: (a.to(tdtype) if a.dtype.is_floating_point else a).numpy() for n, a in zip(in_names, args)}
         refs = {n: _np(r) for n, r in zip(out_names, reference)}
         got = run_onnx(onnx_path, feeds, out_names)
-        atol = {n: ATOL[dtype] * max(1.0, float(np.abs(r).max())) for n, r in refs.items()}
+        atol = {n: export_tolerance("decoder", dtype, n).of(r) for n, r in refs.items()}
         results.append(compare(f"decoder[{dtype}] {name}", refs, got, atol))
     return results
 

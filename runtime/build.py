@@ -38,9 +38,9 @@ from .backends import trt_build
 from .backends.base import BackendError
 from .backends.ort import OrtDecoder, make_session
 from .manifest import BundleError, Manifest, load_manifest, sha256_file, verify_files, write_manifest
+from .tolerances import engine_tolerance
 
 GRAPH_PRECISION = {"float16": "strongly_typed", "float32": "strongly_typed"}
-PARITY_TOL = {"float32": 1e-2, "float16": 5e-2}     # x max(1, max|reference|); fp32 engines may use TF32
 
 __all__ = ["BuildError", "BuildReport", "BuildOutcome", "build_engines", "maybe_build_engines", "engine_parity",
            "main"]
@@ -81,15 +81,11 @@ def _available_bytes() -> int | None:
     return None
 
 
-def _tolerance(graph_precision: str, ref: np.ndarray) -> float:
-    return PARITY_TOL.get(graph_precision, 5e-2) * max(1.0, float(np.abs(ref).max()))
-
-
 def _compare(where: str, ref: np.ndarray, got: np.ndarray, precision: str) -> float:
     ref, got = np.asarray(ref, np.float32), np.asarray(got, np.float32)
     if ref.shape != got.shape:
         raise BuildError(f"{where}: engine output shape {list(got.shape)} differs from ONNX Runtime's {list(ref.shape)}")
-    err, tol = float(np.abs(ref - got).max()) if ref.size else 0.0, _tolerance(precision, ref)
+    err, tol = float(np.abs(ref - got).max()) if ref.size else 0.0, engine_tolerance(precision).of(ref)
     if not np.isfinite(got).all() or err > tol:
         raise BuildError(f"{where}: engine differs from ONNX Runtime by {err:.3g} (tolerance {tol:.3g})")
     return err

@@ -91,3 +91,34 @@ def test_safeclip_build_is_a_runtime_script():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["safeclip-build"] == "safeclip.runtime.build:main"
     assert not (ROOT / "export" / "build.py").exists() and not (ROOT / "export" / "trt.py").exists()
+
+
+def _numeric_literal(node) -> bool:
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return any(_numeric_literal(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return any(_numeric_literal(v) for v in node.values)
+    return False
+
+
+def test_tolerances_live_in_one_table():
+    from safeclip.runtime.tolerances import Tolerance, engine_tolerance, export_tolerance
+
+    assert Tolerance(2e-2, scaled=True).of([0.5, -300.0]) == 6.0 and Tolerance(2e-2, scaled=True).of([0.1]) == 2e-2
+    assert export_tolerance("decoder", "float16", "logits").atol == 2e-2
+    assert export_tolerance("vision_gate", "float32", "class_probs").of([5.0]) == 1e-5
+    assert engine_tolerance("float32").atol == 1e-2 and engine_tolerance("bfloat16") == engine_tolerance("float16")
+    table = ROOT / "runtime" / "tolerances.py"
+    spelled = []
+    for p in [*(ROOT / "export").rglob("*.py"), *RUNTIME.rglob("*.py")]:
+        if p == table:
+            continue
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, ast.Assign) and _numeric_literal(node.value):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)] + \
+                        [e.id for t in node.targets if isinstance(t, ast.Tuple) for e in t.elts
+                         if isinstance(e, ast.Name)]
+                spelled += [f"{p.relative_to(ROOT)}: {n}" for n in names if "TOL" in n.upper()]
+    assert not spelled, f"tolerances spelled outside runtime/tolerances.py: {spelled}"
