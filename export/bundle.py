@@ -21,6 +21,8 @@ import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
 from safeclip.runtime.gate import DEFAULT_INSTRUCTION, POLICIES, verdict_from_probs
+from safeclip.runtime.contract import DecoderGraph
+from safeclip.runtime.graph_spec import vision_spec
 from safeclip.runtime.tolerances import export_tolerance
 from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, VisionNames,
                                        sha256_file, write_manifest)
@@ -79,10 +81,6 @@ def default_name(opts: ExportOptions) -> str:
 def _files_entry(root: Path) -> dict:
     return {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
-
-
-def _io(names: dict[str, tuple[list, str]]) -> dict:
-    return {k: {"shape": shape, "dtype": dtype} for k, (shape, dtype) in names.items()}
 
 
 def vision_gate_from_sources(src, dset, variant: str, text_embeds=None, model=None, weights=None):
@@ -167,7 +165,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
                  if p.device.type == "meta"}
     exported.to("meta")
     path = tmp / "vision_gate.onnx"
-    batch = torch.export.Dim("batch", min=1, max=64)
+    axes = vision_spec(size).dynamic_axes(lambda s: torch.export.Dim(s, min=1, max=64), None)
 
     def tensor(name):
         return real[name] if name in real else weights.read(from_ckpt[name]) if name in from_ckpt else None
@@ -175,11 +173,12 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     tick = weight_progress(progress, "vision")
 
     progress("vision: tracing (meta device)")
-    onnx_from_meta_module(exported, (sample.to("meta"),), path, ["pixel_values"], [FEATURES_OUTPUT, GATE_OUTPUT],
-                          tensor, dynamic_shapes={"pixel_values": {0: batch}}, progress=tick)
+    onnx_from_meta_module(exported, (sample.to("meta"),), path, [VisionNames.pixel_values],
+                          [FEATURES_OUTPUT, GATE_OUTPUT], tensor,
+                          dynamic_shapes={"pixel_values": axes[VisionNames.pixel_values]}, progress=tick)
     del exported, module, real
     progress("vision: parity (ONNX Runtime vs the fp32 reference)")
-    got = run_onnx(path, {"pixel_values": sample.numpy()}, [FEATURES_OUTPUT, GATE_OUTPUT])
+    got = run_onnx(path, {VisionNames.pixel_values: sample.numpy()}, [FEATURES_OUTPUT, GATE_OUTPUT])
     tol = {n: export_tolerance("vision_gate", precision, n).of(ref[n]) for n in (FEATURES_OUTPUT, GATE_OUTPUT)}
     result = compare(f"vision_gate[{precision}]", ref, got, tol)
     # Verdicts from the graph must equal the reference rule applied to the fp32 module's output.
@@ -195,9 +194,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
         "data": "vision_gate.onnx.data" if (tmp / "vision_gate.onnx.data").exists() else None,
         "precision": precision,
         "names": asdict(VisionNames()),             # the tensors the runtime binds, by role
-        "inputs": _io({"pixel_values": (["batch", 3, size, size], "float32")}),
-        "outputs": _io({FEATURES_OUTPUT: (["batch", n_tokens, d_lm], precision),
-                        GATE_OUTPUT: (["batch", len(dset.classes)], "float32")}),
+        **vision_spec(size, n_tokens, d_lm, len(dset.classes), precision).io_json(),   # inputs, outputs
         "encoder_layers_computed": layers_computed,
         "encoder_layers_total": vcfg.num_hidden_layers,
     }
@@ -339,19 +336,20 @@ def build_plan(tgt, graphs: dict, model: dict, preprocess: dict | None = None) -
     if tgt.build_engines == "never":
         return {}
     vg = graphs["vision_gate"]
-    size = vg["inputs"]["pixel_values"]["shape"][-1]
+    vnames = VisionNames(**(vg.get("names") or {}))
+    size = vg["inputs"][vnames.pixel_values]["shape"][-1]
     views = 1
     if preprocess and preprocess.get("anyres"):
         from safeclip.runtime.anyres import max_views
         views = max_views(preprocess["anyres"]["grid_pinpoints"], preprocess["anyres"]["tile_size"])
-    plan = {"vision_gate": {"profiles": tgt.vision_profiles(size, views), "precision": tgt.precision,
+    plan = {"vision_gate": {"profiles": tgt.vision_profiles(size, views, vnames), "precision": tgt.precision,
                             "workspace_bytes": tgt.workspace_bytes}}
-    dec = graphs.get("decoder")
-    if dec:
-        kv = dec["kv"]
-        hidden = dec["inputs"]["inputs_embeds"]["shape"][-1]
-        plan["decoder"] = {"profiles": tgt.decoder_profiles(hidden, kv["num_layers"], kv["num_kv_heads"],
-                                                            kv["head_dim"], model.get("context_length", tgt.context)),
+    if graphs.get("decoder"):
+        dec = DecoderGraph.from_json(graphs["decoder"])
+        kv, hidden = dec.kv, dec.inputs[dec.names.inputs_embeds].shape[-1]
+        plan["decoder"] = {"profiles": tgt.decoder_profiles(hidden, kv.num_layers, kv.num_kv_heads, kv.head_dim,
+                                                            model.get("context_length", tgt.context),
+                                                            kv=kv, names=dec.names),
                            "precision": tgt.precision, "workspace_bytes": tgt.workspace_bytes,
                            "profile_names": ["prefill", "decode"]}
     return plan

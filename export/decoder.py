@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from safeclip.runtime.backends.base import DecoderNames, KVSpec
+from safeclip.runtime.graph_spec import GraphSpec, decoder_spec
 from safeclip.runtime.tolerances import export_tolerance
 
 from .onnx import onnx_from_module
@@ -60,14 +61,17 @@ PAST_KEY, PAST_VALUE = KVSpec.past_key, KVSpec.past_value              # the run
 PRESENT_KEY, PRESENT_VALUE = KVSpec.present_key, KVSpec.present_value
 
 
+def _spec(layers: int, kv_heads: int = 1, head_dim: int = 1, hidden: int = 1, vocab: int = 1,
+          dtype: str = "float32") -> GraphSpec:
+    """The decoder's graph spec (``runtime/graph_spec.py``): names, dtypes, dimensions in positional order."""
+    return decoder_spec(hidden, vocab, KVSpec(layers, kv_heads, head_dim, dtype,
+                                              PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE), DecoderNames())
+
+
 def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
     """Graph input and output names, in positional order."""
-    ins = ["inputs_embeds", "attention_mask", "position_ids"]
-    outs = ["logits"]
-    for i in range(num_layers):
-        ins += [PAST_KEY.format(i=i), PAST_VALUE.format(i=i)]
-        outs += [PRESENT_KEY.format(i=i), PRESENT_VALUE.format(i=i)]
-    return ins, outs
+    spec = _spec(num_layers)
+    return spec.input_names, spec.output_names
 
 
 def _torch():
@@ -325,9 +329,9 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     wrapper.to("meta")
     in_names, out_names = decoder_names(layers)
     Dim = torch.export.Dim
-    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
-    dynamic = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.DYNAMIC},
-               "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in range(2 * layers))}
+    axes = _spec(layers).dynamic_axes(Dim, Dim.DYNAMIC)            # {name: {axis: Dim}}; past+seq: DYNAMIC
+    dynamic = {arg: axes[n] for arg, n in zip(("inputs_embeds", "attention_mask", "position_ids"), in_names)}
+    dynamic["past"] = tuple(axes[n] for n in in_names[3:])         # forward(inputs_embeds, mask, positions, *past)
     # sample sizes >= 2 everywhere: torch.export specialises 0 and 1
     gen = torch.Generator().manual_seed(1)
     sample = _sample_args(torch, torch.zeros(8, facts["hidden_size"]), 2, 5, 3, kvh, hd, layers, tdtype, gen)
@@ -357,21 +361,8 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     _save_npy_atomic(emb_path, table)
     files.append(emb_path)
 
-    def spec(shape, dt):
-        return {"shape": shape, "dtype": dt}
-
-    kv_shape_in, kv_shape_out = ["batch", kvh, "past", hd], ["batch", kvh, "past+seq", hd]
-    inputs = {"inputs_embeds": spec(["batch", "seq", facts["hidden_size"]], dtype),
-              "attention_mask": spec(["batch", "past+seq"], "int64"),
-              "position_ids": spec(["batch", "seq"], "int64")}
-    outputs = {"logits": spec(["batch", 1, facts["vocab_size"]], dtype)}
-    for i in range(layers):
-        for tmpl in (PAST_KEY, PAST_VALUE):
-            inputs[tmpl.format(i=i)] = spec(kv_shape_in, dtype)
-        for tmpl in (PRESENT_KEY, PRESENT_VALUE):
-            outputs[tmpl.format(i=i)] = spec(kv_shape_out, dtype)
-    graph = {"file": onnx_path.name, "data": data_name, "names": asdict(DecoderNames()),
-             "inputs": inputs, "outputs": outputs,
+    io = _spec(layers, kvh, hd, facts["hidden_size"], facts["vocab_size"], dtype).io_json()   # inputs, outputs
+    graph = {"file": onnx_path.name, "data": data_name, "names": asdict(DecoderNames()), **io,
              "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype,
                     "past_key": PAST_KEY, "past_value": PAST_VALUE,
                     "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}}

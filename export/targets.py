@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from safeclip.runtime.backends.base import DecoderNames, KVSpec, VisionNames
+from safeclip.runtime.graph_spec import decoder_spec, vision_spec
+
 GiB = 1 << 30
 
 
@@ -30,31 +33,24 @@ class Target:
     workspace_bytes: int
     description: str
 
-    def vision_profiles(self, size: int, views: int = 1) -> list[dict]:
+    def vision_profiles(self, size: int, views: int = 1, names: VisionNames = VisionNames()) -> list[dict]:
         """One profile over the views of ``vision_batch`` images; ``views`` is the most views one image
         makes (LLaVA-NeXT: base + tiles), while a single view stays the minimum."""
         b0, b1, b2 = self.vision_batch
-        shape = lambda n: [n, 3, size, size]
-        return [{"pixel_values": {"min": shape(b0), "opt": shape(b1 * views), "max": shape(b2 * views)}}]
+        spec = vision_spec(size, names=names)                       # pixel_values [batch, 3, size, size]
+        return [spec.profile({"batch": b0}, {"batch": b1 * views}, {"batch": b2 * views})]
 
-    def decoder_profiles(self, hidden: int, num_layers: int, kv_heads: int, head_dim: int,
-                         context: int) -> list[dict]:
-        """[prefill, decode] profiles. Prefill: past 0, seq 1..context. Decode: seq 1, past 0..context-1."""
+    def decoder_profiles(self, hidden: int, num_layers: int, kv_heads: int, head_dim: int, context: int,
+                         kv: KVSpec | None = None, names: DecoderNames = DecoderNames()) -> list[dict]:
+        """[prefill, decode] profiles. Prefill: past 0, seq 1..context. Decode: seq 1, past 0..context-1.
+        ``kv`` (default: the standard KV names) and ``names`` name the tensors as the graph does."""
         ctx = min(self.context, context)
         b0, b1, b2 = self.decoder_batch
         opt_prefill = min(self.prefill_opt, ctx)
+        spec = decoder_spec(hidden, None, kv or KVSpec(num_layers, kv_heads, head_dim, self.precision), names)
 
-        def profile(seq, past):
-            (s0, s1, s2), (p0, p1, p2) = seq, past
-            prof = {"inputs_embeds": {"min": [b0, s0, hidden], "opt": [b1, s1, hidden], "max": [b2, s2, hidden]},
-                    "attention_mask": {"min": [b0, p0 + s0], "opt": [b1, p1 + s1], "max": [b2, p2 + s2]},
-                    "position_ids": {"min": [b0, s0], "opt": [b1, s1], "max": [b2, s2]}}
-            for i in range(num_layers):
-                for kind in ("key", "value"):
-                    prof[f"past_key_values.{i}.{kind}"] = {"min": [b0, kv_heads, p0, head_dim],
-                                                            "opt": [b1, kv_heads, p1, head_dim],
-                                                            "max": [b2, kv_heads, p2, head_dim]}
-            return prof
+        def profile(seq, past):                                     # (min, opt, max) of seq and of past
+            return spec.profile(*({"batch": b, "seq": s, "past": p} for b, s, p in zip((b0, b1, b2), seq, past)))
 
         return [profile((1, opt_prefill, ctx), (0, 0, 0)),
                 profile((1, 1, 1), (0, ctx // 2, ctx - 1))]

@@ -106,3 +106,33 @@ def test_bad_decoder_contract_refuses_to_load(controlled_bundle, tmp_path):
                           d["model"].pop("eos_token_ids")))
     with pytest.raises(BundleError, match="'model' lacks eos_token_ids"):
         load_manifest(b)
+
+
+def test_graph_specs_are_what_the_bundle_declares_and_the_graphs_take(controlled_bundle):
+    """The manifest's I/O sections, the ONNX graphs' positional I/O and the TensorRT profiles all come from
+    one spec per graph (runtime/graph_spec.py)."""
+    import onnxruntime as ort
+
+    from safeclip.export.targets import TARGETS
+    from safeclip.runtime.graph_spec import decoder_spec, vision_spec
+
+    m = load_manifest(controlled_bundle)
+    dec, vis = m.decoder, m.vision
+    hidden = dec.inputs[dec.names.inputs_embeds].shape[-1]
+    dspec = decoder_spec(hidden, dec.outputs[dec.names.logits].shape[-1], dec.kv, dec.names)
+    assert {k: m.graphs["decoder"][k] for k in ("inputs", "outputs")} == dspec.io_json()
+    feats = vis.outputs[vis.names.image_features].shape
+    vspec = vision_spec(vis.inputs[vis.names.pixel_values].shape[-1], feats[1], feats[2], vis.gate_width,
+                        vis.outputs[vis.names.image_features].dtype, vis.names)
+    assert {k: m.graphs["vision_gate"][k] for k in ("inputs", "outputs")} == vspec.io_json()
+    for spec, f in ((dspec, dec.file), (vspec, vis.file)):
+        s = ort.InferenceSession(str(m.path(f)), providers=["CPUExecutionProvider"])
+        assert [i.name for i in s.get_inputs()] == spec.input_names
+        assert [o.name for o in s.get_outputs()] == spec.output_names
+    axes = dspec.dynamic_axes(lambda s: s, "free")
+    assert axes[dec.names.attention_mask] == {0: "batch", 1: "free"} and axes[dec.kv.past_key.format(i=0)] == \
+        {0: "batch", 2: "past"}
+    pre, step = TARGETS["jetson"].decoder_profiles(hidden, dec.kv.num_layers, dec.kv.num_kv_heads,
+                                                   dec.kv.head_dim, 2048)
+    assert set(pre) == set(dspec.input_names)
+    assert step[dec.names.attention_mask] == {"min": [1, 1], "opt": [1, 1025], "max": [1, 2048]}

@@ -39,6 +39,7 @@ import numpy as np
 from .base import BackendError, ContextError, DecoderNames
 from .cuda import CudaRuntime, round_up
 from .trt_plan import check_plan_compatible, select_profile
+from ..graph_spec import decoder_spec
 
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
             "elsewhere NVIDIA's TensorRT wheels or tarball (the bindings are on PyPI, the libraries they load come "
@@ -244,13 +245,9 @@ def _close(obj) -> None:
 
 def decoder_shapes(kv, hidden: int, past: int, seq: int, batch: int = 1,
                    names: DecoderNames = DecoderNames()) -> dict[str, tuple[int, ...]]:
-    """Input shapes of one decoder call: embeddings, mask, positions and every past key/value."""
-    shapes = {names.inputs_embeds: (batch, seq, hidden), names.attention_mask: (batch, past + seq),
-              names.position_ids: (batch, seq)}
-    for i in range(kv.num_layers):
-        for tmpl in (kv.past_key, kv.past_value):
-            shapes[tmpl.format(i=i)] = (batch, kv.num_kv_heads, past, kv.head_dim)
-    return shapes
+    """Input shapes of one decoder call: embeddings, mask, positions and every past key/value (the graph
+    spec's dimensions at these sizes, ``runtime/graph_spec.py``)."""
+    return decoder_spec(hidden, None, kv, names).shapes(batch=batch, seq=seq, past=past)
 
 
 def _interval(profile: Mapping, family: Callable[[int], Mapping[str, Sequence[int]]]) -> tuple[int, int] | None:
