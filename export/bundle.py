@@ -24,7 +24,6 @@ from safeclip.runtime.gate import DEFAULT_INSTRUCTION, POLICIES, verdict_from_pr
 from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, sha256_file,
                                        write_manifest)
 
-from .onnx import onnx_from_module
 from .parity import ParityResult
 
 FEATURE_ATOL, PROB_ATOL = 1e-4, 1e-5
@@ -112,11 +111,11 @@ def skeleton_and_weights(src):
 
     Exporting a graph moves the skeleton's parts to the meta device for good, so a model held in memory gets
     a fresh skeleton for each export (a streamed checkpoint's skeleton is exported once)."""
-    from .weights import ModuleWeights, is_meta, meta_model
+    from .weights import ModuleWeights, is_meta, meta_twin
 
     if is_meta(src.llava):
         return src.llava, src.weights
-    return meta_model(type(src.llava), src.llava.config), ModuleWeights(src.llava)
+    return meta_twin(src.llava), ModuleWeights(src.llava)
 
 
 def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,

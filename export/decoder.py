@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx import onnx_from_module
 from .parity import ParityError, compare, run_onnx
 
 __all__ = ["decoder_for_export", "export_decoder", "decoder_names", "ATOL"]
@@ -283,7 +282,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     """
     torch = _torch()
     from .onnx import onnx_from_meta_module, weight_progress
-    from .weights import Materialized, ModuleWeights, fqn_of_params, is_meta, meta_model
+    from .weights import Materialized, ModuleWeights, fqn_of_params, is_meta, meta_twin
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown decoder dtype '{dtype}' (supported: {', '.join(DTYPES)})")
@@ -300,7 +299,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
         if is_meta(llava_model):
             raise ValueError("a meta-device model needs weights= (where its tensors are read from)")
         weights = ModuleWeights(llava_model)
-    skeleton = llava_model if is_meta(llava_model) else meta_model(type(llava_model), llava_model.config)
+    skeleton = llava_model if is_meta(llava_model) else meta_twin(llava_model)
     fqn_of = fqn_of_params(skeleton)
     lm, head = skeleton.model.language_model, skeleton.lm_head
     wrapper = decoder_for_export(lm, head).eval()

@@ -28,7 +28,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 
 __all__ = ["WeightError", "SafetensorsCheckpoint", "CheckpointWeights", "ModuleWeights", "meta_model",
-           "checkpoint_key_map", "Materialized", "materialize", "fqn_of_params", "is_meta"]
+           "checkpoint_key_map", "Materialized", "materialize", "fqn_of_params", "is_meta", "meta_twin"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -261,6 +261,18 @@ class ModuleWeights:
     def read(self, fqn: str, dtype=None):
         t = self.tensors[fqn].detach()
         return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+
+def meta_twin(model):
+    """A copy of an in-memory ``model`` whose parameters are on the meta device (no weight is copied; buffers
+    are, they are small): what the exporter traces when the weights come from memory (:class:`ModuleWeights`)."""
+    import copy
+
+    import torch
+
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
 
 
 def is_meta(model) -> bool:

@@ -68,6 +68,7 @@ def child_export_cost(shape: dict, work: Path) -> dict:
     import torch
 
     import safeclip.export.bundle as bundle
+    import safeclip.export.onnx as onnx_export
     import safeclip.export.parity as parity
     from safeclip.descriptors import load_descriptor_set
 
@@ -95,7 +96,7 @@ def child_export_cost(shape: dict, work: Path) -> dict:
             return out
         setattr(mod, name, inner)
 
-    wrap(bundle, "onnx_from_module", "export", "after_export")
+    wrap(onnx_export, "onnx_from_meta_module", "export", "after_export")
     wrap(parity, "run_onnx", "parity_onnxruntime", "verdict_checks")
     base = rss_mb("VmRSS")
     reset_peak_rss()
