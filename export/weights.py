@@ -201,10 +201,7 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
     by_id: dict[int, str] = {}
     out: dict[str, str] = {}
     for fqn, p in model.named_parameters(remove_duplicate=False):
-        key = found.get(fqn) or (by_id.get(id(p)) and out[by_id[id(p)]])
-        if key is None:
-            tied = _tied_source(model, fqn)
-            key = found.get(tied) if tied else None
+        key = found.get(fqn) or (by_id.get(id(p)) and out[by_id[id(p)]])     # a tied parameter: its twin's
         if key is None:                  # `what` names the model as given; add the folder where it differs
             where = what if str(ckpt.folder) in what else f"{what} ({ckpt.folder})"
             raise WeightError(f"{where}: checkpoint has no tensor for '{fqn}'")
@@ -217,13 +214,6 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
         out[fqn] = key
         by_id.setdefault(id(p), fqn)
     return out
-
-
-def _tied_source(model, fqn: str) -> str | None:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    if isinstance(tied, dict) and model.config.get_text_config().tie_word_embeddings:
-        return tied.get(fqn)
-    return None
 
 
 class CheckpointWeights:
