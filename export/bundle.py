@@ -134,7 +134,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     """
     import torch
 
-    from .onnx import onnx_from_meta_module, weight_progress
+    from .onnx import block_progress, onnx_from_meta_module, weight_progress
     from .parity import ParityError, compare, run_onnx
     from .vision_gate import HalfVisionGate
     from .weights import Materialized, fqn_of_params
@@ -153,7 +153,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     blocks = [module.embeddings, module.pre_layrnorm, *module.layers, module.projector,
               *([module.post_layernorm] if module.post_layernorm is not None else [])]
     progress("vision: parity reference (fp32, layer by layer)")
-    with Materialized(blocks, fqn_of, weights), torch.no_grad():
+    with Materialized(blocks, fqn_of, weights, block_progress(progress, "vision")), torch.no_grad():
         feats, probs = module(sample)                                    # the fp32 reference
     ref = {FEATURES_OUTPUT: feats.numpy(), GATE_OUTPUT: probs.numpy()}
     exported = module if precision == "float32" else HalfVisionGate(module, inplace=True).eval()

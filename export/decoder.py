@@ -281,7 +281,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     model's own folder.
     """
     torch = _torch()
-    from .onnx import onnx_from_meta_module, weight_progress
+    from .onnx import block_progress, onnx_from_meta_module, weight_progress
     from .weights import Materialized, ModuleWeights, fqn_of_params, is_meta, meta_twin
 
     if dtype not in DTYPES:
@@ -308,7 +308,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     # The fp32 reference, one block at a time: [V, D] embeddings only to draw realistic sample inputs.
     progress("decoder: parity reference (fp32, layer by layer)")
     embed = weights.read(embed_fqn, torch.float32)
-    with Materialized([*lm.layers, lm.norm, head], fqn_of, weights):
+    with Materialized([*lm.layers, lm.norm, head], fqn_of, weights, block_progress(progress, "decoder")):
         cases = _parity_cases(wrapper, embed, (layers, kvh, hd))
     del embed
 

@@ -213,16 +213,31 @@ class _LazyDtypes(dict):
 _TORCH_DTYPE = _LazyDtypes()
 
 
-def weight_progress(progress, what: str, every_s: float = 2.0):
-    """A ``progress(done, total, bytes)`` callback for :func:`onnx_from_meta_module` that reports through
-    ``progress(message)`` at most every ``every_s`` seconds, and once at the end."""
+def _throttled(progress, every_s: float):
+    """``say(message, final=False)`` passing ``message`` to ``progress`` at most every ``every_s`` seconds."""
     import time
 
     last = [time.monotonic()]
 
-    def tick(done: int, total: int, nbytes: int) -> None:
+    def say(message: str, final: bool = False) -> None:
         now = time.monotonic()
-        if done == total or now - last[0] >= every_s:
+        if final or now - last[0] >= every_s:
             last[0] = now
-            progress(f"{what}: weights {done}/{total} tensors, {nbytes / 2**30:.2f} GiB written")
-    return tick
+            progress(message)
+    return say
+
+
+def weight_progress(progress, what: str, every_s: float = 2.0):
+    """A ``progress(done, total, bytes)`` callback for :func:`onnx_from_meta_module` that reports through
+    ``progress(message)`` at most every ``every_s`` seconds, and once at the end."""
+    say = _throttled(progress, every_s)
+    return lambda done, total, nbytes: say(f"{what}: weights {done}/{total} tensors, {nbytes / 2**30:.2f} GiB "
+                                           "written", final=done == total)
+
+
+def block_progress(progress, what: str, every_s: float = 2.0):
+    """A ``progress(done, total)`` callback for :class:`~safeclip.export.weights.Materialized`: the fp32
+    reference's progress (a reference of several forward passes counts on past ``total``)."""
+    say = _throttled(progress, every_s)
+    return lambda done, total: say(f"{what}: reference pass {(done - 1) // total + 1}, "
+                                   f"block {(done - 1) % total + 1}/{total}")

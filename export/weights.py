@@ -293,11 +293,13 @@ class Materialized:
 
     ``blocks`` are submodules (each decoder layer, the final norm, the LM head, ...): before a block's forward
     its meta parameters are read (``weights.read(fqn_of[id(p)])``), after it they go back to meta. So a
-    reference forward of a 7B model holds one layer's weights at a time.
+    reference forward of a 7B model holds one layer's weights at a time. ``progress(blocks run, blocks)`` is
+    called after each block (a reference of several forward passes counts on past ``blocks``).
     """
 
-    def __init__(self, blocks, fqn_of: dict[int, str], weights):
+    def __init__(self, blocks, fqn_of: dict[int, str], weights, progress=lambda done, total: None):
         self.blocks, self.fqn_of, self.weights = list(blocks), fqn_of, weights
+        self.progress, self.runs = progress, 0
         self.handles: list = []
         self._saved: dict[int, list] = {}
 
@@ -315,6 +317,8 @@ class Materialized:
     def _free(self, module, args, output):
         for mod, name, p in self._saved.pop(id(module), []):
             mod._parameters[name] = p
+        self.runs += 1
+        self.progress(self.runs, len(self.blocks))
 
     def __enter__(self):
         for b in self.blocks:
