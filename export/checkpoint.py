@@ -170,9 +170,10 @@ def open_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
         if not isinstance(vcfg, CLIPVisionConfig):
             raise CheckpointError(f"vision tower '{vision_tower}': not a CLIP vision checkpoint ({type(vcfg).__name__})")
         _check_tower_shape(llava.config.vision_config, vcfg, vision_tower)
-        tower = meta_model(CLIPVisionModel, vcfg)
+        tower = meta_model(CLIPVisionModel, vcfg)             # its own config (eps, activation), LLaVA's shape
         tower_ckpt = SafetensorsCheckpoint(vt_dir)
         weights.add("model.vision_tower.", tower_ckpt, checkpoint_key_map(tower, tower_ckpt, f"vision tower '{vision_tower}'"))
+        llava.model.vision_tower = tower
         vt_id = vision_tower
     clip_model = meta_model(CLIPModel, _config(clip_dir, "CLIP model", clip_name))
     clip_model.vision_model = None           # the gate runs on LLaVA's tower
