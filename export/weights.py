@@ -204,7 +204,9 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
         key = found.get(fqn) or (by_id.get(id(p)) and out[by_id[id(p)]])     # a tied parameter: its twin's
         if key is None:                  # `what` names the model as given; add the folder where it differs
             where = what if str(ckpt.folder) in what else f"{what} ({ckpt.folder})"
-            raise WeightError(f"{where}: checkpoint has no tensor for '{fqn}'")
+            guess = _name_in_checkpoint(fqn, found)
+            also = f" (in this checkpoint's naming: '{guess}')" if guess and guess != fqn else ""
+            raise WeightError(f"{where}: checkpoint has no tensor for '{fqn}'{also}")
         ref = ckpt.refs[key]
         if p.dtype.is_floating_point and ref.dtype not in _FLOAT_CODES:
             raise WeightError(f"{ref.file}: tensor '{key}' is stored as {ref.dtype}, the model expects a float tensor")
@@ -214,6 +216,31 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
         out[fqn] = key
         by_id.setdefault(id(p), fqn)
     return out
+
+
+def _name_in_checkpoint(fqn: str, found: dict[str, str]) -> str | None:
+    """The checkpoint-side name of a missing parameter, by the renaming its nearest found sibling got
+    (e.g. ``model.language_model.X`` -> ``language_model.model.X`` in a legacy llava-hf checkpoint)."""
+    def shared(a: str, b: str) -> int:
+        n = 0
+        for x, y in zip(a.split("."), b.split(".")):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    if not found:
+        return None
+    model_name, key = max(found.items(), key=lambda kv: shared(kv[0], fqn))
+    a, b = model_name.split("."), key.split(".")
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    model_prefix, ckpt_prefix = ".".join(a[:len(a) - n]), ".".join(b[:len(b) - n])
+    if not fqn.startswith(model_prefix):
+        return None
+    rest = fqn[len(model_prefix):].lstrip(".")
+    return ".".join(x for x in (ckpt_prefix, rest) if x)
 
 
 class CheckpointWeights:
