@@ -38,7 +38,7 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="safeclip-export", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="safeclip-export", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source")
     src.add_argument("--model", default="demo", help="LLaVA or LLaVA-NeXT checkpoint: Hugging Face id, local folder, "
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--views", choices=VIEW_MODES, default="any",
                       help="LLaVA-NeXT: how the verdicts of the base view and the tiles combine (default: any)")
     gate.add_argument("--policy", choices=POLICIES, default="instruct",
-                      help="what a flagged image does to generation (overridable per request)")
+                      help="what a flagged image does to generation: the bundle's default (safeclip-run --policy, "
+                           "safeclip-serve --policy and the Python API override it; the server's clients cannot)")
     out = p.add_argument_group("output")
     out.add_argument("--target", choices=list(TARGETS), default="cpu",
                      help="deployment preset: cpu (fp32, ONNX Runtime), jetson (fp16, engines built on the device "

@@ -10,7 +10,7 @@
 Loading verifies the manifest and every file (see ``manifest.py``) and then checks that the vision graph
 really emits the gate output with one probability per manifest class; anything else refuses to serve.
 
-Policies for a flagged image (default from the manifest, overridable per request):
+Policies for a flagged image (default from the manifest; a call's ``policy=`` overrides it; the server fixes one):
 ``instruct`` inserts the safety instruction right after the image, before the user's text (a clean image
 gets no extra tokens); ``refuse`` answers with the category's templated refusal and never runs the
 language model; ``annotate`` generates as usual and reports the verdict. Text-only prompts are not gated.

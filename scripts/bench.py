@@ -451,7 +451,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""))
     ap.add_argument("--quick", action="store_true", help="tiny shapes (< 1 min): checks the benchmark works")
     ap.add_argument("--out", type=Path, default=Path("bench-results/bench.json"), help="JSON output path")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; quick 2)")

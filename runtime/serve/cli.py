@@ -35,7 +35,8 @@ def serve_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-connections", type=int, default=64, help="open connections before uvicorn answers "
                    "503 (default 64)")
     g = p.add_argument_group("gate")
-    g.add_argument("--policy", choices=POLICIES, help="what a flagged image does (default: the bundle's)")
+    g.add_argument("--policy", choices=POLICIES, help="what a flagged image does for every request "
+                   "(default: the bundle's; clients cannot change it)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-body-mb", type=float, default=DEFAULTS["max_body_bytes"] / 2 ** 20,
                      help="largest request body in MiB (default %(default)g)")
