@@ -124,6 +124,7 @@ from safeclip.runtime.backends.ort import make_session, available_providers
 from safeclip.runtime.gate import verdict_from_probs
 from safeclip.runtime.generate import OrtDecoder, embed_prompt
 from safeclip.runtime.manifest import load_manifest
+from safeclip.runtime.messages import one_line
 
 NEW_TOKENS, REPEATS = 16, 5
 rows, skipped = [], []
@@ -245,7 +246,7 @@ try:
     record(f"torch cuda ({torch.cuda.get_device_name(0)})", "demo model fp32", vision(), median_ms(vision),
            greedy(t_prefill, t_step, table32, embeds32))
 except Exception as e:
-    skipped.append(f"torch CUDA reference: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    skipped.append(f"torch CUDA reference: {one_line(e)}")
 
 # -- onnxruntime-gpu -------------------------------------------------------------------------------------
 if "CUDAExecutionProvider" in available_providers():
@@ -253,7 +254,7 @@ if "CUDAExecutionProvider" in available_providers():
         try:
             record("onnxruntime-cuda", f"{b} {'fp32' if b == 'cpu' else 'fp16'}", *ort_run(b, "cuda"))
         except Exception as e:
-            skipped.append(f"onnxruntime-cuda on {b}: {str(e).splitlines()[0]}")
+            skipped.append(f"onnxruntime-cuda on {b}: {one_line(e)}")
 else:
     skipped.append(f"onnxruntime-gpu: no CUDAExecutionProvider (providers: {available_providers()})")
 
@@ -282,7 +283,7 @@ if have_trt and (bundles / "jetson" / "manifest.json").is_file():
                greedy(dec.prefill, dec.decode_one_token, table, embeds32.astype(dec.dtype)))
     except Exception as e:
         traceback.print_exc(limit=3)
-        skipped.append(f"tensorrt: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        skipped.append(f"tensorrt: {one_line(e)}")
 
 # -- report ------------------------------------------------------------------------------------------
 cols = [("backend", "backend"), ("bundle", "bundle"), ("vision_ms", "vision ms"), ("d_features", "max|Δfeat|"),
