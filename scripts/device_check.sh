@@ -110,7 +110,8 @@ if [[ -z "${SAFECLIP_BUNDLES:-}" ]]; then
         fi
     done
 fi
-[[ -f "$BUNDLES/cpu/manifest.json" ]] || { say "no cpu bundle: nothing to compare against"; exit 1; }
+[[ -f "$BUNDLES/cpu/manifest.json" ]] || { say "no cpu bundle: nothing to compare against (the export needs the" \
+    "[export] extra: pip install -e '.[export]'; or set SAFECLIP_BUNDLES to a folder with cpu/ and jetson/ bundles)"; exit 1; }
 
 say "running the backends"
 timeout 270 "$PY" - "$BUNDLES" "$RESULTS" "$WORK" <<'EOF'
