@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             outcome = maybe_build_engines(report.bundle, progress)
             print(f"engines {outcome.message}", file=sys.stderr)
         except Exception as e:
-            print(f"safeclip-export: error: engine build failed (the ONNX bundle is complete): {one_line(e)}", file=sys.stderr)
+            print(f"safeclip-export: error: engine build failed (the ONNX bundle is complete): {one_line(e)}",
+                  file=sys.stderr)
             return 1
     print(f"bundle  {report.bundle}  ({report.seconds:.1f}s, peak RSS {report.peak_rss_mb:.0f} MiB)", file=sys.stderr)
     print(report.bundle)

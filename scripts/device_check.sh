@@ -47,8 +47,9 @@ else
         PY="$ROOT/.venv/bin/python"
     else
         tail -3 "$WORK/venv.log"
-        say "could not make an environment (log: $RESULTS/venv.log): run README's first command (it makes .venv), or activate an" \
-            "environment that has numpy, onnxruntime, tokenizers, pillow and jinja2 (or set PYTHON=...), and rerun"
+        say "could not make an environment (log: $RESULTS/venv.log): run README's first command (it makes" \
+            ".venv), or activate an environment that has numpy, onnxruntime, tokenizers, pillow and jinja2" \
+            "(or set PYTHON=...), and rerun"
         exit 1
     fi
 fi
@@ -85,10 +86,11 @@ for mod in ("cuda.bindings.runtime", "cuda.cudart"):
     print(f"{mod:22s} {ver(mod)}")
 EOF
 
-if "$PY" -c "import os, sys, safeclip.runtime as r; sys.exit(os.path.realpath(r.__path__[0]) != os.path.realpath(sys.argv[1]))" \
-        "$ROOT/runtime" 2>/dev/null; then
+same_checkout='import os, sys, safeclip.runtime as r; sys.exit(os.path.realpath(r.__path__[0]) != sys.argv[1])'
+if "$PY" -c "$same_checkout" "$(realpath "$ROOT/runtime")" 2>/dev/null; then
     say "safeclip is installed from this checkout"
-elif say "installing the repository (no dependencies, no network)"; "$PY" -m pip install --no-deps --no-build-isolation -q -e . >"$WORK/pip.log" 2>&1; then
+elif say "installing the repository (no dependencies, no network)" &&
+        "$PY" -m pip install --no-deps --no-build-isolation -q -e . >"$WORK/pip.log" 2>&1; then
     say "pip install -e . done"
 else
     # The packages are mapped from top-level folders (safeclip.export = export/ ...): a symlink shim on
@@ -111,7 +113,8 @@ if [[ -z "${SAFECLIP_BUNDLES:-}" ]]; then
     done
 fi
 [[ -f "$BUNDLES/cpu/manifest.json" ]] || { say "no cpu bundle: nothing to compare against (the export needs the" \
-    "[export] extra: pip install -e '.[export]'; or set SAFECLIP_BUNDLES to a folder with cpu/ and jetson/ bundles)"; exit 1; }
+    "[export] extra: pip install -e '.[export]'; or set SAFECLIP_BUNDLES to a folder with cpu/ and jetson/" \
+    "bundles)"; exit 1; }
 
 say "running the backends"
 timeout 270 "$PY" - "$BUNDLES" "$RESULTS" "$WORK" <<'EOF'
