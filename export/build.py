@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from safeclip.runtime.manifest import BundleError, load_manifest, sha256_file, verify_files, write_manifest
+from safeclip.runtime.messages import one_line
 
 from . import trt as trt_build
 
@@ -273,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         print("safeclip-build: interrupted; the manifest was not changed", file=sys.stderr)
         return 130
     except trt_build.TensorRTUnavailableError as e:
-        print(f"safeclip-build: {_one_line(e)}", file=sys.stderr)
+        print(f"safeclip-build: {one_line(e)}", file=sys.stderr)
         return 2
     except (BundleError, BuildError, BackendError, trt_build.EngineBuildError, trt_build.ProfileError,
             OSError, ValueError) as e:
-        print(f"safeclip-build: error: {_one_line(e)}", file=sys.stderr)
+        print(f"safeclip-build: error: {one_line(e)}", file=sys.stderr)
         return 1
     for name, rec in report.built.items():
         par = rec.get("parity", {})
@@ -288,11 +289,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kept    {name:12s} (up to date; --force rebuilds)", file=sys.stderr)
     print(report.bundle)
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from typing import Callable
 import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
-from safeclip.runtime.gate import DEFAULT_INSTRUCTION, POLICIES, verdict_from_probs
+from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, POLICIES, verdict_from_probs
 from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, sha256_file,
                                        write_manifest)
+from safeclip.runtime.views import VIEW_MODES
 
 from .parity import ParityResult
 
@@ -226,10 +227,10 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     from .checkpoint import open_sources
 
     t0 = time.perf_counter()
-    if opts.gate not in ("reference", "clip"):
-        raise ValueError(f"unknown gate variant '{opts.gate}' (supported: reference, clip)")
-    if opts.views not in ("any", "base", "mean"):
-        raise ValueError(f"unknown view aggregation '{opts.views}' (supported: any, base, mean)")
+    if opts.gate not in GATE_VARIANTS:
+        raise ValueError(f"unknown gate variant '{opts.gate}' (supported: {', '.join(GATE_VARIANTS)})")
+    if opts.views not in VIEW_MODES:
+        raise ValueError(f"unknown view aggregation '{opts.views}' (supported: {', '.join(VIEW_MODES)})")
     if opts.policy not in POLICIES:
         raise ValueError(f"unknown policy '{opts.policy}' (supported: {', '.join(POLICIES)})")
     if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:

@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from safeclip.runtime.messages import one_line
+
 OPSET = 18
 
 
@@ -18,12 +20,32 @@ class ExportError(RuntimeError):
     """torch.onnx could not export a component."""
 
 
+def _torch_export(module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+                  dynamic_shapes: Any, optimize: bool):
+    """``torch.onnx.export`` (dynamo, :data:`OPSET`) of ``module(*args)`` after removing ``path`` and its data
+    file; returns the ONNX program, or raises :class:`ExportError` with torch's first line."""
+    import torch
+
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.no_grad():
+                return torch.onnx.export(
+                    module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
+                    output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=optimize,
+                    verbose=False, report=False)
+        except Exception as e:  # torch raises many types here; keep the first line for the user
+            raise ExportError(f"torch.onnx export of {path.name} failed: {one_line(e)}") from e
+
+
 def onnx_from_module(module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
                      dynamic_shapes: Any = None, optimize: bool = True) -> list[Path]:
     """Export ``module(*args)`` to ``path`` (+ ``path.data``); returns the files written."""
     path = Path(path)
     data = path.with_name(path.name + ".data")
-    program = _program(module, args, path, input_names, output_names, dynamic_shapes, optimize)
+    program = _torch_export(module, args, path, input_names, output_names, dynamic_shapes, optimize)
     program.save(str(path), external_data=True)
     del program
     _release_rewriter_state()
@@ -56,26 +78,6 @@ def _release_rewriter_state() -> None:
     gc.collect()
 
 
-def _program(module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-             dynamic_shapes: Any, optimize: bool):
-    """``torch.onnx.export`` (dynamo, opset 18) of ``module(*args)``; removes stale ``path`` / ``path.data``."""
-    import torch
-
-    for p in (path, path.with_name(path.name + ".data")):
-        p.unlink(missing_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with torch.no_grad():
-                return torch.onnx.export(
-                    module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
-                    output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=optimize,
-                    verbose=False, report=False)
-        except Exception as e:  # torch raises many types here; keep the first line for the user
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"torch.onnx export of {path.name} failed: {first}") from e
-
-
 ALIGN = 1 << 16            # external tensors of >= ALIGN_MIN bytes start on 64 KiB boundaries (ORT can mmap them)
 ALIGN_MIN = 1 << 20
 
@@ -101,7 +103,7 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
 
     path = Path(path)
     data = path.with_name(path.name + ".data")
-    program = _program(module, args, path, input_names, output_names, dynamic_shapes, optimize=False)
+    program = _torch_export(module, args, path, input_names, output_names, dynamic_shapes, optimize=False)
     model = program.model
     pending: dict[str, object] = {}                       # initializer name -> its ir.Value, weights to stream
     for name, value in model.graph.initializers.items():

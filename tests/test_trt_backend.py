@@ -19,9 +19,9 @@ import pytest
 from _fake_trt import FakeCudart, fake_tensorrt, write_plan
 from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import BackendError, make_session
-from safeclip.runtime.backends.pick import Probe, choose_backend, open_decoder, open_vision, pick_backend
+from safeclip.runtime.backends.pick import Probe, choose_backend, open_decoder, open_vision
 from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession, decoder_shapes, plan_capacity
-from safeclip.runtime.backends.trt_plan import PlanMismatchError, kv_buffer_bytes, select_profile
+from safeclip.runtime.backends.trt_plan import PlanMismatchError, select_profile
 from safeclip.runtime.generate import ContextError, KVSpec, OrtDecoder
 from safeclip.runtime.manifest import load_manifest
 
@@ -71,7 +71,7 @@ def manifest_dict(engines=True, target="jetson", **rec_over):
 
 
 def test_auto_prefers_tensorrt_then_cuda_then_cpu():
-    assert pick_backend(manifest_dict(), probe=FakeProbe()) == "tensorrt"
+    assert choose_backend(manifest_dict(), probe=FakeProbe()).name == "tensorrt"
     c = choose_backend(manifest_dict(engines=False), probe=FakeProbe())
     assert c.name == "onnxruntime-cuda" and "safeclip-build --bundle DIR" in c.notes[0]
     c = choose_backend(manifest_dict(engines=False), probe=FakeProbe(providers=["CPUExecutionProvider"]))
@@ -95,15 +95,15 @@ def test_auto_skips_incompatible_or_missing_tensorrt_with_the_reason():
 def test_explicit_requests_that_cannot_be_honoured_raise():
     with pytest.raises(BackendError, match="tensorrt backend unavailable: no TensorRT engines for vision_gate, "
                                            "decoder; build them on this device: safeclip-build --bundle DIR"):
-        pick_backend(manifest_dict(engines=False), "tensorrt", probe=FakeProbe())
+        choose_backend(manifest_dict(engines=False), "tensorrt", probe=FakeProbe())
     with pytest.raises(BackendError, match="10.16.0.72 \\(plan\\) vs 10.3.0.30.*safeclip-build"):
-        pick_backend(manifest_dict(tensorrt_version="10.16.0.72"), "tensorrt", probe=FakeProbe())
+        choose_backend(manifest_dict(tensorrt_version="10.16.0.72"), "tensorrt", probe=FakeProbe())
     with pytest.raises(BackendError, match="onnxruntime-cuda backend unavailable.*install onnxruntime-gpu"):
-        pick_backend(manifest_dict(), "cuda", probe=FakeProbe(providers=["CPUExecutionProvider"]))
+        choose_backend(manifest_dict(), "cuda", probe=FakeProbe(providers=["CPUExecutionProvider"]))
     with pytest.raises(BackendError, match="unknown backend 'vulkan' \\(supported: auto, tensorrt"):
-        pick_backend(manifest_dict(), "vulkan", probe=FakeProbe())
-    assert pick_backend(manifest_dict(), "onnxruntime", probe=FakeProbe()) == "onnxruntime-cpu"
-    assert pick_backend(manifest_dict(), "onnxruntime-gpu", probe=FakeProbe()) == "onnxruntime-cuda"
+        choose_backend(manifest_dict(), "vulkan", probe=FakeProbe())
+    assert choose_backend(manifest_dict(), "onnxruntime", probe=FakeProbe()).name == "onnxruntime-cpu"
+    assert choose_backend(manifest_dict(), "onnxruntime-gpu", probe=FakeProbe()).name == "onnxruntime-cuda"
 
 
 def test_real_probe_on_this_machine_falls_back_to_onnxruntime(demo_bundle, monkeypatch):
@@ -113,7 +113,7 @@ def test_real_probe_on_this_machine_falls_back_to_onnxruntime(demo_bundle, monke
     assert c.name in ("onnxruntime-cpu", "onnxruntime-cuda")
     assert "no TensorRT build plan" in c.notes[0]                   # the demo bundle is a cpu-target export
     with pytest.raises(BackendError, match="tensorrt backend unavailable"):
-        pick_backend(m, "tensorrt")
+        choose_backend(m, "tensorrt")
 
 
 # -- decoder: shapes, profiles, capacity -------------------------------------------------------------------
@@ -190,7 +190,8 @@ def test_decoder_generates_as_ort_decoder_without_allocating_per_step(fakes, pla
     ref = OrtDecoder(m.path("decoder.onnx"), kv, capacity=64)
     dec = TrtDecoder(plans["decoder"], kv, capacity=64)
     assert (dec.hidden_size, dec.vocab_size, dec.dtype) == (ref.hidden_size, ref.vocab_size, ref.dtype)
-    assert dec.kv_bytes == 2 * kv_buffer_bytes(kv.num_layers, kv.num_kv_heads, kv.head_dim, 64, 1, kv.dtype)
+    # two ping-pong sets of key and value buffers [1, kv_heads, capacity, head_dim] per layer
+    assert dec.kv_bytes == 2 * 2 * kv.num_layers * kv.num_kv_heads * 64 * kv.head_dim * np.dtype(kv.dtype).itemsize
     mallocs, live = rt.mallocs, len(rt.blocks)
     rng = np.random.default_rng(0)
     for prompt_len in (5, 1, 17):
@@ -311,7 +312,7 @@ def test_build_records_engines_and_reseals(fakes, jetson_bundle):
         assert set(rec["parity"]) and max(rec["parity"].values()) < 1e-5     # the fakes run the graph itself
     assert eng["decoder"]["profile_names"] == ["prefill", "decode"] and len(eng["decoder"]["profiles"]) == 2
     assert not list(jetson_bundle.glob(".*.building"))
-    assert pick_backend(m, probe=FakeProbe()) == "tensorrt"
+    assert choose_backend(m, probe=FakeProbe()).name == "tensorrt"
     # the runtime loads what was built
     vs, dec = open_vision(m, "tensorrt"), open_decoder(m, "tensorrt", context=32)
     assert isinstance(vs, TrtVisionSession) and isinstance(dec, TrtDecoder)
@@ -426,4 +427,4 @@ def test_real_engines_match_onnxruntime(tmp_path, demo_bundle):
     write_manifest(b, data)
     report = build_engines(b)                                          # parity gate included
     assert sorted(report.built) == ["decoder", "vision_gate"]
-    assert pick_backend(load_manifest(b)) == "tensorrt"
+    assert choose_backend(load_manifest(b)).name == "tensorrt"

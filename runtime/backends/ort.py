@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..messages import one_line
+
 
 class BackendError(RuntimeError):
     """A backend is unavailable or cannot load a graph."""
@@ -58,6 +60,5 @@ def make_session(path: str | Path, device: str = "cpu", threads: int | None = No
     try:
         sess = ort.InferenceSession(str(path), so, providers=[p for p in wanted if p in have])
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BackendError(f"cannot load {Path(path).name}: {msg}") from None
+        raise BackendError(f"cannot load {Path(path).name}: {one_line(e)}") from None
     return OrtSession(sess, wanted[0])

@@ -28,8 +28,7 @@ _ALIASES = {"auto": "auto", "tensorrt": "tensorrt", "trt": "tensorrt", "onnxrunt
             "onnxruntime-gpu": "onnxruntime-cuda", "cuda": "onnxruntime-cuda", "onnxruntime-cpu": "onnxruntime-cpu",
             "onnxruntime": "onnxruntime-cpu", "cpu": "onnxruntime-cpu", "onnxruntime-tensorrt": "onnxruntime-tensorrt"}
 
-__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "pick_backend", "open_vision",
-           "open_decoder"]
+__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "open_vision", "open_decoder"]
 
 
 class Probe:
@@ -112,13 +111,8 @@ def choose_backend(manifest, requested: str = "auto", probe: Probe | None = None
     return BackendChoice("onnxruntime-cpu", tuple(notes))
 
 
-def pick_backend(manifest, requested: str = "auto", probe: Probe | None = None) -> str:
-    """Name of the backend :func:`choose_backend` picks."""
-    return choose_backend(manifest, requested, probe).name
-
-
 def open_vision(manifest, backend: str, threads: int | None = None):
-    """The vision+gate session of a verified ``Manifest`` for ``backend`` (a name :func:`pick_backend` returns):
+    """The vision+gate session of a verified ``Manifest`` for ``backend`` (the name of a :func:`choose_backend` choice):
     a ``TrtVisionSession`` or an ``OrtSession``, both ``run(feeds) -> {name: array}``."""
     if backend == "tensorrt":
         from .trt import TrtVisionSession

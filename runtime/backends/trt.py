@@ -20,7 +20,7 @@ cuda-python for memory and streams (see ``cuda.py``). Both are imported lazily, 
 * Plans are refused unless built by this TensorRT version on this GPU (:func:`check_plan_compatible`,
   the message names the rebuild command), and a decoder's ``capacity`` must lie within what its
   profiles cover (:func:`plan_capacity`).
-* :func:`pick_backend` (in ``pick.py``, re-exported here) chooses ``tensorrt``, then ``onnxruntime-cuda``,
+* :func:`choose_backend` (in ``pick.py``, re-exported here) chooses ``tensorrt``, then ``onnxruntime-cuda``,
   then ``onnxruntime-cpu``.
 
 Plans are memory-mapped for deserialization, so a multi-GB decoder plan is not copied into a Python bytes
@@ -38,14 +38,14 @@ import numpy as np
 
 from .cuda import CudaRuntime, round_up
 from .ort import BackendError
-from .pick import BACKENDS, ORT_DEVICE, BackendChoice, Probe, choose_backend, pick_backend
+from .pick import BACKENDS, ORT_DEVICE, BackendChoice, Probe, choose_backend
 from .trt_plan import check_plan_compatible, select_profile
 
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
             "elsewhere NVIDIA's TensorRT wheels or tarball")
 
-__all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "BackendChoice", "Probe", "pick_backend",
-           "choose_backend", "this_device", "plan_capacity", "decoder_shapes", "BACKENDS", "ORT_DEVICE"]
+__all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "BackendChoice", "Probe", "choose_backend",
+           "this_device", "plan_capacity", "decoder_shapes", "BACKENDS", "ORT_DEVICE"]
 
 
 class TensorRTUnavailable(BackendError):
