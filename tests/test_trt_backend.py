@@ -102,6 +102,10 @@ def test_explicit_requests_that_cannot_be_honoured_raise():
         pick_backend(manifest_dict(), "cuda", probe=FakeProbe(providers=["CPUExecutionProvider"]))
     with pytest.raises(BackendError, match="unknown backend 'vulkan' \\(supported: auto, tensorrt"):
         pick_backend(manifest_dict(), "vulkan", probe=FakeProbe())
+    with pytest.raises(BackendError, match="onnxruntime-tensorrt is not supported .*rebuild its engines whenever the "
+                                           "KV length grows\\): use tensorrt, with engines from safeclip-build"):
+        pick_backend(manifest_dict(), "onnxruntime-tensorrt",
+                     probe=FakeProbe(providers=["TensorrtExecutionProvider", "CPUExecutionProvider"]))
     assert pick_backend(manifest_dict(), "onnxruntime", probe=FakeProbe()) == "onnxruntime-cpu"
     assert pick_backend(manifest_dict(), "onnxruntime-gpu", probe=FakeProbe()) == "onnxruntime-cuda"
 
