@@ -47,14 +47,8 @@ class _PybindEnum(enum.IntEnum):
         return f"{type(self).__name__}.{self.name}"
 
 
-class cudaError_t(enum.IntEnum):
-    cudaSuccess = 0
-    cudaErrorInvalidValue = 1
-    cudaErrorMemoryAllocation = 2
-    cudaErrorInvalidResourceHandle = 400
-
-
-Err = cudaError_t
+Err = cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1,
+                                                  "cudaErrorMemoryAllocation": 2, "cudaErrorInvalidResourceHandle": 400})
 
 
 class cudaStream_t:
@@ -136,19 +130,17 @@ class FakeCudart:
             s.pending.pop(0)()
 
     def cudaStreamDestroy(self, stream):
-        s = stream
-        if not isinstance(s, cudaStream_t) or s.destroyed:
+        if not isinstance(stream, cudaStream_t) or stream.destroyed:
             return (Err.cudaErrorInvalidResourceHandle,)
-        self._drain(s)                                  # queued work still completes
-        s.destroyed = True
+        self._drain(stream)                             # queued work still completes
+        stream.destroyed = True
         return (Err.cudaSuccess,)
 
     def cudaStreamSynchronize(self, stream):
-        s = stream
-        if not isinstance(s, cudaStream_t) or s.destroyed:
+        if not isinstance(stream, cudaStream_t) or stream.destroyed:
             return (Err.cudaErrorInvalidResourceHandle,)
-        self._drain(s)
-        s.synced += 1
+        self._drain(stream)
+        stream.synced += 1
         return (Err.cudaSuccess,)
 
     def cudaDeviceSynchronize(self):
@@ -157,10 +149,9 @@ class FakeCudart:
         return (Err.cudaSuccess,)
 
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):
-        n = count
         if not isinstance(stream, cudaStream_t) or stream.destroyed:
             return (Err.cudaErrorInvalidResourceHandle,)
-        K, n = self.cudaMemcpyKind, int(n)
+        K, n = self.cudaMemcpyKind, int(count)
         sides = {K.cudaMemcpyHostToDevice: ("device", "host"), K.cudaMemcpyDeviceToHost: ("host", "device"),
                  K.cudaMemcpyDeviceToDevice: ("device", "device"), K.cudaMemcpyHostToHost: ("host", "host")}
         if kind not in sides:
@@ -185,6 +176,20 @@ class FakeCudart:
     def cudaGetErrorString(self, error):
         msgs = {1: b"invalid argument", 2: b"out of memory", 400: b"invalid resource handle"}
         return (Err.cudaSuccess, msgs.get(int(error), b"unknown error"))
+
+
+def install_fakes(monkeypatch, version: str = "10.3.0.30", **cudart_kw):
+    """Put the stand-ins in ``sys.modules`` as ``tensorrt`` and ``cuda.bindings.runtime`` (a JetPack 6 Orin by
+    default); returns ``(trt, cudart)``."""
+    import sys
+
+    rt = FakeCudart(**cudart_kw)
+    trt = fake_tensorrt(rt, version)
+    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+    bindings.runtime, cuda.bindings = rt, bindings
+    for name, mod in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return trt, rt
 
 
 def write_plan(onnx_path, plan_path, profiles, perturb=None) -> Path:
@@ -220,25 +225,21 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
 
     trt.nptype = nptype
 
-    class ILogger:
+    class ILogger:                                            # subclassed by the builder's logger
         class Severity(_PybindEnum):
             INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-        def __init__(self):
-            pass
 
     class Logger(ILogger):
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
 
         def __init__(self, min_severity=ILogger.Severity.WARNING):
-            ILogger.__init__(self)
+            pass
 
         def log(self, severity, msg):
             pass
 
-    class IProgressMonitor:
-        def __init__(self):
-            pass
+    class IProgressMonitor:                                   # subclassed by the builder's progress report
+        pass
 
     trt.ILogger, trt.Logger, trt.IProgressMonitor = ILogger, Logger, IProgressMonitor
 
@@ -427,14 +428,7 @@ def _builder_api(trt, version: str, major: int, build_fails: bool) -> None:
         def __init__(self, node, op, desc):
             self._n, self._o, self._d = node, op, desc
 
-        def desc(self):
-            return self._d
-
-        def node_name(self):
-            return self._n
-
-        def node_operator(self):
-            return self._o
+        desc, node_name, node_operator = (lambda self: self._d), (lambda self: self._n), (lambda self: self._o)
 
     class OnnxParser:
         def __init__(self, network, logger):

@@ -2,21 +2,22 @@
 
 The backend (safeclip.runtime.backends.trt) runs against stand-ins for ``tensorrt`` and cuda-python's runtime
 (tests/_fake_trt.py) that enforce what the real ones require (shapes inside the active profile, 256-byte
-aligned addresses, copies inside one allocation) and execute the plan's ONNX graph with ONNX Runtime. The
-oracle is ONNX Runtime itself: OrtSession for the vision graph and OrtDecoder's greedy generation for the
-decoder. Real TensorRT/CUDA runs are marked ``trt``/``cuda`` and skip here.
+aligned addresses, copies inside one allocation, stream order, no output overlapping another binding) and
+execute the plan's ONNX graph with ONNX Runtime. The oracle is ONNX Runtime itself: OrtSession for the
+vision graph and OrtDecoder's greedy generation for the decoder. The build's parity gate is run on fake
+engines that differ from ONNX Runtime by a known amount. Real TensorRT/CUDA runs are marked ``trt``/``cuda``
+and skip here.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import sys
-import types
 
 import numpy as np
 import pytest
 
-from _fake_trt import FakeCudart, fake_tensorrt, write_plan
+from _fake_trt import FakeCudart, install_fakes, write_plan
 from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import BackendError, make_session
 from safeclip.runtime.backends.pick import Probe, choose_backend, open_decoder, open_vision, pick_backend
@@ -32,13 +33,7 @@ TRT_SKIP = "tensorrt not installed (cannot be installed here: no NVIDIA index)"
 @pytest.fixture
 def fakes(monkeypatch):
     """Fake tensorrt + cuda-python installed in sys.modules (as a JetPack 6 Orin would have them)."""
-    rt = FakeCudart()
-    trt = fake_tensorrt(rt, ORIN["tensorrt_version"])
-    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
-    bindings.runtime, cuda.bindings = rt, bindings
-    for name, mod in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    return trt, rt
+    return install_fakes(monkeypatch, "10.3.0.30")
 
 
 def jetson_profiles(manifest):

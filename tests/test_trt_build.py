@@ -1,9 +1,9 @@
 """Engine builder (safeclip.export.trt).
 
 Without TensorRT: profile validation, the install hint, plan cache keys, atomic writes, and the build
-orchestration against a stand-in ``tensorrt`` module that mimics the TensorRT 10 and 11 Python API names
-the builder uses (checked against the tensorrt 10.3.0 and 11.4.0.106 bindings). With TensorRT and a GPU
-(``-m trt``): a real two-profile build of a small graph.
+orchestration against the stand-in ``tensorrt`` module (tests/_fake_trt.py, shared with the runtime backend's
+tests), whose names tests/test_trt_api_names.py checks against the tensorrt 10.3.0 and 11.4.0.106 bindings.
+With TensorRT and a GPU (``-m trt``): a real two-profile build of a small graph.
 """
 from __future__ import annotations
 

@@ -9,13 +9,11 @@ refusal TensorRT can answer with becomes a one-line ``BackendError`` naming the 
 """
 from __future__ import annotations
 
-import sys
-import types
 
 import numpy as np
 import pytest
 
-from _fake_trt import GARBAGE, FakeCudart, fake_tensorrt, write_plan
+from _fake_trt import GARBAGE, FakeCudart, install_fakes, write_plan
 from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import BackendError
 from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession
@@ -25,13 +23,8 @@ from safeclip.runtime.manifest import load_manifest
 
 @pytest.fixture
 def fakes(monkeypatch):
-    rt = FakeCudart()
-    trt = fake_tensorrt(rt, "10.3.0.30")
-    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
-    bindings.runtime, cuda.bindings = rt, bindings
-    for name, mod in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    return trt, rt
+    """Fake tensorrt + cuda-python installed in sys.modules (as a JetPack 6 Orin would have them)."""
+    return install_fakes(monkeypatch, "10.3.0.30")
 
 
 # -- the stand-in: what a GPU does -----------------------------------------------------------------------
