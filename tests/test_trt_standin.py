@@ -152,7 +152,8 @@ def test_unloadable_plans_and_types_numpy_lacks_are_refused(fakes, tmp_path):
     with pytest.raises(BackendError, match="TensorRT type DataType.BF16 has no numpy equivalent"):
         TrtVisionSession(small_plan(tmp_path, elem=TensorProto.BFLOAT16))
     s = TrtVisionSession(small_plan(tmp_path))                      # the same graph in float32 runs
-    assert (s.run({"x": np.arange(8, dtype=np.float32).reshape(2, 4)})["y"] == np.arange(1, 9).reshape(2, 4)).all()
+    y = s.run({"x": np.arange(8, dtype=np.float32).reshape(2, 4)})["y"]
+    assert (y == np.arange(1, 9).reshape(2, 4)).all(), f"x + 1 came back as {y.ravel()[:4]}..."
     s.close()
 
 
