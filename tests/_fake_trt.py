@@ -48,7 +48,8 @@ class _PybindEnum(enum.IntEnum):
 
 
 Err = cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1,
-                                                  "cudaErrorMemoryAllocation": 2, "cudaErrorInvalidResourceHandle": 400})
+                                                  "cudaErrorMemoryAllocation": 2,
+                                                  "cudaErrorInvalidResourceHandle": 400})
 
 
 class cudaStream_t:
@@ -252,7 +253,8 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
             self._onnx, self._ort = spec["onnx"], None              # ONNX Runtime session, made on first use
             self._profiles, self._perturb = spec["profiles"], spec.get("perturb") or {}
             self._tensors = {}                                  # name -> (mode, dtype, dims as ints or symbols)
-            for mode, vis in ((trt.TensorIOMode.INPUT, model.graph.input), (trt.TensorIOMode.OUTPUT, model.graph.output)):
+            io = ((trt.TensorIOMode.INPUT, model.graph.input), (trt.TensorIOMode.OUTPUT, model.graph.output))
+            for mode, vis in io:
                 for vi in vis:
                     tt = vi.type.tensor_type
                     dims = [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]
@@ -299,7 +301,7 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
 
         def set_input_shape(self, name, shape):
             n = name
-            if fails("set_input_shape") or n not in self._e._tensors or self._e._tensors[n][0] != trt.TensorIOMode.INPUT:
+            if fails("set_input_shape") or self._e.get_tensor_mode(n) != trt.TensorIOMode.INPUT:
                 return False                                     # an output or unknown name
             dims = self._e._tensors[n][2]
             shape = tuple(int(d) for d in shape)

@@ -368,7 +368,8 @@ def test_build_rebuilds_a_stale_plan_and_fails_closed_on_parity(fakes, jetson_bu
     before = (jetson_bundle / "manifest.json").read_bytes()
 
     bad = [({"logits": 1.5}, r"decoder prefill logits: engine differs from ONNX Runtime by 1\.5 \(tolerance 0\.\d+\)"),
-           ({"class_probs": 0.05}, r"vision_gate class_probs: engine differs from ONNX Runtime by 0\.05 \(tolerance 0\.01\)"),
+           ({"class_probs": 0.05}, r"vision_gate class_probs: engine differs from ONNX Runtime by 0\.05 "
+                                   r"\(tolerance 0\.01\)"),
            ({"logits": float("nan")}, r"decoder prefill logits: engine differs from ONNX Runtime by nan")]
     for perturb, msg in bad:                                            # the real comparator fails the build
         with pytest.raises(BuildError, match=msg):

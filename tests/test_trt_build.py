@@ -118,7 +118,8 @@ def test_trt10_strongly_typed_build(with_trt, tmp_path):
     assert {k: rec[k] for k in DEVICE} == DEVICE
     assert cache.read_bytes() == b"cache:10.3.0.30+"
     build.engine_from_onnx(onnx_path, plan_path, PROFILES, timing_cache=cache, device=DEVICE)
-    assert sys.modules["tensorrt"].Builder.fake_last.fake_config.fake_loaded == b"cache:10.3.0.30+"   # reused, then extended
+    b = sys.modules["tensorrt"].Builder.fake_last
+    assert b.fake_config.fake_loaded == b"cache:10.3.0.30+"   # reused, then extended
     assert cache.read_bytes() == b"cache:10.3.0.30++"
 
 
@@ -136,7 +137,7 @@ def test_trt11_is_strongly_typed_only(with_trt, tmp_path):
     onnx_path = small_onnx(tmp_path / "m.onnx")
     build.engine_from_onnx(onnx_path, tmp_path / "m.plan", PROFILES, device=DEVICE)
     b = sys.modules["tensorrt"].Builder.fake_last
-    assert b.fake_network.fake_flags == 0 and b.fake_config.fake_flags == set()   # always strongly typed; the flag is ignored there
+    assert b.fake_network.fake_flags == 0 and b.fake_config.fake_flags == set()   # always strongly typed (flag ignored)
     with pytest.raises(build.EngineBuildError, match="no BuilderFlag.FP16 \\(removed in TensorRT 11\\)"):
         build.engine_from_onnx(onnx_path, tmp_path / "m2.plan", PROFILES, precision="fp16", device=DEVICE)
     assert not (tmp_path / "m2.plan").exists()
