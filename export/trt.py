@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-INSTALL_HINT = "it cannot be pip-installed from PyPI on machines without access to NVIDIA's index"
+INSTALL_HINT = "pip cannot install it from PyPI alone: the libraries come from NVIDIA's index or JetPack"
 PRECISIONS = ("strongly_typed", "fp16")
 DEVICE_FIELDS = ("tensorrt_version", "gpu_name", "compute_capability")
 

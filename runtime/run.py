@@ -37,7 +37,7 @@ def run_parser() -> argparse.ArgumentParser:
     o.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     o.add_argument("--json", action="store_true", help="print one JSON object: text, verdict, policy, timings")
     o.add_argument("--backend", default="auto", help="auto (default: tensorrt, then onnxruntime-cuda, then "
-                   "onnxruntime-cpu), tensorrt, onnxruntime-cuda, onnxruntime-cpu or onnxruntime-tensorrt")
+                   "onnxruntime-cpu), tensorrt, onnxruntime-cuda or onnxruntime-cpu")
     o.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
     return p
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: CPU always; CUDA / TensorRT execution providers when onnxruntime-gpu has them."""
+"""ONNX Runtime sessions: CPU always; the CUDA execution provider when onnxruntime-gpu has it."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,6 @@ class BackendError(RuntimeError):
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt-ep": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 
 

@@ -42,7 +42,8 @@ from .pick import BACKENDS, ORT_DEVICE, BackendChoice, Probe, choose_backend
 from .trt_plan import check_plan_compatible, select_profile
 
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
-            "elsewhere NVIDIA's TensorRT wheels or tarball")
+            "elsewhere pip install tensorrt-cu12 (or -cu13), whose libraries download from NVIDIA's index "
+            "pypi.nvidia.com (only the bindings are on PyPI), or NVIDIA's tarball")
 
 __all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "BackendChoice", "Probe", "choose_backend",
            "this_device", "plan_capacity", "decoder_shapes", "BACKENDS", "ORT_DEVICE"]
