@@ -54,10 +54,6 @@ class DescriptorSet:
         """Class index of every sentence in :attr:`flat_sentences` order."""
         return [i for i, group in enumerate(self.sentences) for _ in group]
 
-    @property
-    def safe_mask(self) -> list[bool]:
-        return [c in self.safe_classes for c in self.classes]
-
     def to_json(self) -> dict:
         """The project format (also what the manifest records for audit)."""
         out = {

@@ -20,14 +20,14 @@ from typing import Callable
 import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
-from safeclip.runtime.gate import DEFAULT_INSTRUCTION, POLICIES, verdict_from_probs
 from safeclip.runtime.contract import DecoderGraph
+from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, POLICIES, verdict_from_probs
 from safeclip.runtime.graph_spec import vision_spec
-from safeclip.runtime.tolerances import export_tolerance
 from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, VisionNames,
                                        sha256_file, write_manifest)
+from safeclip.runtime.tolerances import export_tolerance
+from safeclip.runtime.views import VIEW_MODES
 
-from .onnx import onnx_from_module
 from .parity import ParityResult
 
 FEATURE_ATOL = export_tolerance("vision_gate", "float32", "image_features").atol     # runtime/tolerances.py
@@ -112,11 +112,11 @@ def skeleton_and_weights(src):
 
     Exporting a graph moves the skeleton's parts to the meta device for good, so a model held in memory gets
     a fresh skeleton for each export (a streamed checkpoint's skeleton is exported once)."""
-    from .weights import ModuleWeights, is_meta, meta_model
+    from .weights import ModuleWeights, is_meta, meta_twin
 
     if is_meta(src.llava):
         return src.llava, src.weights
-    return meta_model(type(src.llava), src.llava.config), ModuleWeights(src.llava)
+    return meta_twin(src.llava), ModuleWeights(src.llava)
 
 
 def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
@@ -136,7 +136,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     """
     import torch
 
-    from .onnx import onnx_from_meta_module, weight_progress
+    from .onnx import block_progress, onnx_from_meta_module, weight_progress
     from .parity import ParityError, compare, run_onnx
     from .vision_gate import HalfVisionGate
     from .weights import Materialized, fqn_of_params
@@ -155,7 +155,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     blocks = [module.embeddings, module.pre_layrnorm, *module.layers, module.projector,
               *([module.post_layernorm] if module.post_layernorm is not None else [])]
     progress("vision: parity reference (fp32, layer by layer)")
-    with Materialized(blocks, fqn_of, weights), torch.no_grad():
+    with Materialized(blocks, fqn_of, weights, block_progress(progress, "vision")), torch.no_grad():
         feats, probs = module(sample)                                    # the fp32 reference
     ref = {FEATURES_OUTPUT: feats.numpy(), GATE_OUTPUT: probs.numpy()}
     exported = module if precision == "float32" else HalfVisionGate(module, inplace=True).eval()
@@ -225,10 +225,10 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     from .checkpoint import open_sources
 
     t0 = time.perf_counter()
-    if opts.gate not in ("reference", "clip"):
-        raise ValueError(f"unknown gate variant '{opts.gate}' (supported: reference, clip)")
-    if opts.views not in ("any", "base", "mean"):
-        raise ValueError(f"unknown view aggregation '{opts.views}' (supported: any, base, mean)")
+    if opts.gate not in GATE_VARIANTS:
+        raise ValueError(f"unknown gate variant '{opts.gate}' (supported: {', '.join(GATE_VARIANTS)})")
+    if opts.views not in VIEW_MODES:
+        raise ValueError(f"unknown view aggregation '{opts.views}' (supported: {', '.join(VIEW_MODES)})")
     if opts.policy not in POLICIES:
         raise ValueError(f"unknown policy '{opts.policy}' (supported: {', '.join(POLICIES)})")
     if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:

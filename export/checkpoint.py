@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from safeclip.runtime.messages import one_line
+
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
@@ -95,12 +97,12 @@ def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
         clip_model = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32, attn_implementation="eager").eval()
     except Exception as e:
         raise CheckpointError(f"CLIP model '{clip_name}': cannot load "
-                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                              f"({type(e).__name__}: {one_line(e)})") from None
     clip_model.vision_model = None
     try:
         llava = arch.model_cls().from_pretrained(llava_dir, dtype=torch.float32, attn_implementation="eager").eval()
     except Exception as e:
-        raise CheckpointError(f"model '{model}': cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"model '{model}': cannot load ({type(e).__name__}: {one_line(e)})") from None
     vt_id = vt_rev = None
     if vision_tower:
         vt_dir, vt_rev = _resolve(vision_tower, "vision tower")
@@ -122,7 +124,7 @@ def _config(folder: Path, what: str, name: str):
         return AutoConfig.from_pretrained(folder)
     except Exception as e:
         raise CheckpointError(f"{what} '{name}': cannot read config.json "
-                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                              f"({type(e).__name__}: {one_line(e)})") from None
 
 
 def _resolve_all(model: str, clip: str | None, workdir: Path):
@@ -170,9 +172,10 @@ def open_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
         if not isinstance(vcfg, CLIPVisionConfig):
             raise CheckpointError(f"vision tower '{vision_tower}': not a CLIP vision checkpoint ({type(vcfg).__name__})")
         _check_tower_shape(llava.config.vision_config, vcfg, vision_tower)
-        tower = meta_model(CLIPVisionModel, vcfg)
+        tower = meta_model(CLIPVisionModel, vcfg)             # its own config (eps, activation), LLaVA's shape
         tower_ckpt = SafetensorsCheckpoint(vt_dir)
         weights.add("model.vision_tower.", tower_ckpt, checkpoint_key_map(tower, tower_ckpt, f"vision tower '{vision_tower}'"))
+        llava.model.vision_tower = tower
         vt_id = vision_tower
     clip_model = meta_model(CLIPModel, _config(clip_dir, "CLIP model", clip_name))
     clip_model.vision_model = None           # the gate runs on LLaVA's tower
@@ -211,7 +214,7 @@ def swap_vision_tower(llava, tower_dir: Path, name: str) -> None:
                                                       output_loading_info=True)
     except Exception as e:
         raise CheckpointError(f"vision tower '{name}': cannot load as CLIPVisionModel "
-                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                              f"({type(e).__name__}: {one_line(e)})") from None
     if info.get("missing_keys"):
         raise CheckpointError(f"vision tower '{name}': checkpoint lacks {len(info['missing_keys'])} tower weights "
                               f"(e.g. {sorted(info['missing_keys'])[0]})")

@@ -11,6 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from safeclip.runtime.gate import GATE_VARIANTS, POLICIES
+from safeclip.runtime.messages import one_line
+from safeclip.runtime.views import VIEW_MODES
+
+from .targets import TARGETS
+
 
 def _quiet_libraries() -> None:
     """Keep library chatter (progress bars, fallback warnings, exporter logs) off the user's terminal."""
@@ -32,7 +38,7 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="safeclip-export", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="safeclip-export", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source")
     src.add_argument("--model", default="demo", help="LLaVA or LLaVA-NeXT checkpoint: Hugging Face id, local folder, "
@@ -43,16 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "checkpoint of the same shape (e.g. a Safe-CLIP tower)")
     gate = p.add_argument_group("gate")
     gate.add_argument("--descriptors", default="default", help="built-in set name (default, extended) or a JSON file")
-    gate.add_argument("--gate", choices=["reference", "clip"], default="reference",
+    gate.add_argument("--gate", choices=GATE_VARIANTS, default="reference",
                       help="reference: penultimate-layer CLS as the paper; clip: canonical CLIP image embedding")
     gate.add_argument("--threshold", type=float, default=None, help="flag threshold on the top class's probability "
                                                                     "(default: the descriptor set's)")
-    gate.add_argument("--views", choices=["any", "base", "mean"], default="any",
+    gate.add_argument("--views", choices=VIEW_MODES, default="any",
                       help="LLaVA-NeXT: how the verdicts of the base view and the tiles combine (default: any)")
-    gate.add_argument("--policy", choices=["instruct", "refuse", "annotate"], default="instruct",
-                      help="what a flagged image does to generation (overridable per request)")
+    gate.add_argument("--policy", choices=POLICIES, default="instruct",
+                      help="what a flagged image does to generation: the bundle's default (safeclip-run --policy, "
+                           "safeclip-serve --policy and the Python API override it; the server's clients cannot)")
     out = p.add_argument_group("output")
-    out.add_argument("--target", choices=["cpu", "jetson", "datacenter"], default="cpu",
+    out.add_argument("--target", choices=list(TARGETS), default="cpu",
                      help="deployment preset: cpu (fp32, ONNX Runtime), jetson (fp16, engines built on the device "
                           "with safeclip-build), datacenter (fp16, engines built now when TensorRT is present)")
     out.add_argument("--out", type=Path, default=None, help="bundle folder (default: engines/<name>)")
@@ -104,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return dry_run(args)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"safeclip-export: error: {msg}", file=sys.stderr)
+            print(f"safeclip-export: error: {one_line(e)}", file=sys.stderr)
             return 1
     t0 = time.perf_counter()
 
@@ -125,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"safeclip-export: {e} (install the exporter: pip install 'safeclip-edge[export]')", file=sys.stderr)
         return 2
     except Exception as e:  # the library raises typed, one-line errors; show them without a traceback
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"safeclip-export: error: {msg}", file=sys.stderr)
+        print(f"safeclip-export: error: {one_line(e)}", file=sys.stderr)
         return 1
     for r in report.parity:
         print(f"parity  {r}", file=sys.stderr)
@@ -136,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             outcome = maybe_build_engines(report.bundle, progress)
             print(f"engines {outcome.message}", file=sys.stderr)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"safeclip-export: error: engine build failed (the ONNX bundle is complete): {msg}", file=sys.stderr)
+            print(f"safeclip-export: error: engine build failed (the ONNX bundle is complete): {one_line(e)}",
+                  file=sys.stderr)
             return 1
     print(f"bundle  {report.bundle}  ({report.seconds:.1f}s, peak RSS {report.peak_rss_mb:.0f} MiB)", file=sys.stderr)
     print(report.bundle)

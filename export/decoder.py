@@ -49,7 +49,6 @@ from safeclip.runtime.backends.base import DecoderNames, KVSpec
 from safeclip.runtime.graph_spec import GraphSpec, decoder_spec
 from safeclip.runtime.tolerances import export_tolerance
 
-from .onnx import onnx_from_module
 from .parity import ParityError, compare, run_onnx
 
 __all__ = ["decoder_for_export", "export_decoder", "decoder_names", "ATOL"]
@@ -290,8 +289,8 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     model's own folder.
     """
     torch = _torch()
-    from .onnx import onnx_from_meta_module, weight_progress
-    from .weights import Materialized, ModuleWeights, fqn_of_params, is_meta, meta_model
+    from .onnx import block_progress, onnx_from_meta_module, weight_progress
+    from .weights import Materialized, ModuleWeights, fqn_of_params, is_meta, meta_twin
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown decoder dtype '{dtype}' (supported: {', '.join(DTYPES)})")
@@ -308,7 +307,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
         if is_meta(llava_model):
             raise ValueError("a meta-device model needs weights= (where its tensors are read from)")
         weights = ModuleWeights(llava_model)
-    skeleton = llava_model if is_meta(llava_model) else meta_model(type(llava_model), llava_model.config)
+    skeleton = llava_model if is_meta(llava_model) else meta_twin(llava_model)
     fqn_of = fqn_of_params(skeleton)
     lm, head = skeleton.model.language_model, skeleton.lm_head
     wrapper = decoder_for_export(lm, head).eval()
@@ -317,7 +316,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     # The fp32 reference, one block at a time: [V, D] embeddings only to draw realistic sample inputs.
     progress("decoder: parity reference (fp32, layer by layer)")
     embed = weights.read(embed_fqn, torch.float32)
-    with Materialized([*lm.layers, lm.norm, head], fqn_of, weights):
+    with Materialized([*lm.layers, lm.norm, head], fqn_of, weights, block_progress(progress, "decoder")):
         cases = _parity_cases(wrapper, embed, (layers, kvh, hd))
     del embed
 

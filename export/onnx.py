@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from safeclip.runtime.messages import one_line
+
 OPSET = 18
 
 
@@ -18,26 +20,32 @@ class ExportError(RuntimeError):
     """torch.onnx could not export a component."""
 
 
-def onnx_from_module(module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
-                     dynamic_shapes: Any = None, optimize: bool = True) -> list[Path]:
-    """Export ``module(*args)`` to ``path`` (+ ``path.data``); returns the files written."""
+def _torch_export(module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+                  dynamic_shapes: Any, optimize: bool):
+    """``torch.onnx.export`` (dynamo, :data:`OPSET`) of ``module(*args)`` after removing ``path`` and its data
+    file; returns the ONNX program, or raises :class:`ExportError` with torch's first line."""
     import torch
 
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    for p in (path, data):
+    for p in (path, path.with_name(path.name + ".data")):
         p.unlink(missing_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             with torch.no_grad():
-                program = torch.onnx.export(
+                return torch.onnx.export(
                     module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
                     output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=optimize,
                     verbose=False, report=False)
         except Exception as e:  # torch raises many types here; keep the first line for the user
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"torch.onnx export of {path.name} failed: {first}") from e
+            raise ExportError(f"torch.onnx export of {path.name} failed: {one_line(e)}") from e
+
+
+def onnx_from_module(module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
+                     dynamic_shapes: Any = None, optimize: bool = True) -> list[Path]:
+    """Export ``module(*args)`` to ``path`` (+ ``path.data``); returns the files written."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    program = _torch_export(module, args, path, input_names, output_names, dynamic_shapes, optimize)
     program.save(str(path), external_data=True)
     del program
     _release_rewriter_state()
@@ -95,19 +103,7 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
 
     path = Path(path)
     data = path.with_name(path.name + ".data")
-    for p in (path, data):
-        p.unlink(missing_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with torch.no_grad():
-                program = torch.onnx.export(
-                    module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
-                    output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=False,
-                    verbose=False, report=False)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"torch.onnx export of {path.name} failed: {first}") from e
+    program = _torch_export(module, args, path, input_names, output_names, dynamic_shapes, optimize=False)
     model = program.model
     pending: dict[str, object] = {}                       # initializer name -> its ir.Value, weights to stream
     for name, value in model.graph.initializers.items():
@@ -219,16 +215,31 @@ class _LazyDtypes(dict):
 _TORCH_DTYPE = _LazyDtypes()
 
 
-def weight_progress(progress, what: str, every_s: float = 2.0):
-    """A ``progress(done, total, bytes)`` callback for :func:`onnx_from_meta_module` that reports through
-    ``progress(message)`` at most every ``every_s`` seconds, and once at the end."""
+def _throttled(progress, every_s: float):
+    """``say(message, final=False)`` passing ``message`` to ``progress`` at most every ``every_s`` seconds."""
     import time
 
     last = [time.monotonic()]
 
-    def tick(done: int, total: int, nbytes: int) -> None:
+    def say(message: str, final: bool = False) -> None:
         now = time.monotonic()
-        if done == total or now - last[0] >= every_s:
+        if final or now - last[0] >= every_s:
             last[0] = now
-            progress(f"{what}: weights {done}/{total} tensors, {nbytes / 2**30:.2f} GiB written")
-    return tick
+            progress(message)
+    return say
+
+
+def weight_progress(progress, what: str, every_s: float = 2.0):
+    """A ``progress(done, total, bytes)`` callback for :func:`onnx_from_meta_module` that reports through
+    ``progress(message)`` at most every ``every_s`` seconds, and once at the end."""
+    say = _throttled(progress, every_s)
+    return lambda done, total, nbytes: say(f"{what}: weights {done}/{total} tensors, {nbytes / 2**30:.2f} GiB "
+                                           "written", final=done == total)
+
+
+def block_progress(progress, what: str, every_s: float = 2.0):
+    """A ``progress(done, total)`` callback for :class:`~safeclip.export.weights.Materialized`: the fp32
+    reference's progress (a reference of several forward passes counts on past ``total``)."""
+    say = _throttled(progress, every_s)
+    return lambda done, total: say(f"{what}: reference pass {(done - 1) // total + 1}, "
+                                   f"block {(done - 1) % total + 1}/{total}")

@@ -1,8 +1,8 @@
 """Parity as a build gate: compare an exported graph's outputs with the PyTorch reference.
 
-``validate(component, reference, onnx_path, inputs, atol)`` runs the ONNX graph in ONNX Runtime (CPU),
-compares every named output with the reference arrays, checks all of them, then raises one
-:class:`ParityError` naming each failing output, its max abs error and the tolerance.
+:func:`run_onnx` runs an exported graph in ONNX Runtime (CPU) on its weights as written; :func:`compare`
+checks every named output against the reference arrays, then raises one :class:`ParityError` naming each
+failing output, its max abs error and the tolerance.
 """
 from __future__ import annotations
 
@@ -78,10 +78,3 @@ def run_onnx(onnx_path: str | Path, inputs: Mapping[str, np.ndarray], output_nam
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     names = output_names or [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(inputs))))
-
-
-def validate(component: str, reference: Mapping[str, np.ndarray], onnx_path: str | Path,
-             inputs: Mapping[str, np.ndarray], atol: float | Mapping[str, float]) -> ParityResult:
-    """Run ``onnx_path`` on ``inputs`` with ONNX Runtime and compare with ``reference``."""
-    actual = run_onnx(onnx_path, inputs, list(reference))
-    return compare(component, reference, actual, atol)

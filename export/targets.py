@@ -5,8 +5,14 @@
   a workspace sized for memory shared between CPU and GPU. Engines are built *on the device* by
   ``safeclip-build`` (TensorRT plans are not portable across GPUs or TensorRT versions); the exporter
   writes the ONNX graphs and the build plan into the manifest.
-* ``datacenter``: half precision, larger batch profiles, engines built at once when TensorRT and a GPU are
-  present on the exporting machine, else (like jetson) by ``safeclip-build`` on the serving machine.
+* ``datacenter``: half precision, a longer context and a larger workspace, engines built at once when
+  TensorRT and a GPU are present on the exporting machine, else (like jetson) by ``safeclip-build`` on the
+  serving machine.
+
+Batch profiles are what the runtime runs, on every target: the vision graph gets the views of one image
+(1, or base + tiles for LLaVA-NeXT) and the decoder one sequence. A larger profile would only cost memory:
+the TensorRT vision session sizes its buffers for the largest shape a profile allows (a 32-image profile
+was about 1 GB of buffers for LLaVA-NeXT).
 
 The decoder gets two optimisation profiles (prefill and decode): one profile for both picks poor kernels
 for both. Every shape the runtime asks for lies inside one of them (checked by tests).
@@ -61,8 +67,8 @@ TARGETS: dict[str, Target] = {
                   "fp32 graphs for ONNX Runtime on the CPU"),
     "jetson": Target("jetson", "float16", "on-device", (1, 1, 4), (1, 1, 1), 640, 4096, 2 * GiB,
                      "Jetson Orin/Thor: fp16 graphs, batch 1, engines built on the device with safeclip-build"),
-    "datacenter": Target("datacenter", "float16", "now-if-possible", (1, 4, 32), (1, 4, 16), 1024, 8192, 8 * GiB,
-                         "datacenter GPUs: fp16 graphs, batch profiles up to 16, engines built at once with TensorRT"),
+    "datacenter": Target("datacenter", "float16", "now-if-possible", (1, 1, 1), (1, 1, 1), 1024, 8192, 8 * GiB,
+                         "datacenter GPUs: fp16 graphs, context up to 8192, engines built at once with TensorRT"),
 }
 
 

@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safeclip.runtime.messages import one_line
 from safeclip.runtime.prompt import PromptError, render_messages
 
 __all__ = ["TemplateError", "chat_template_from_checkpoint", "check_template", "PROBES"]
@@ -45,7 +46,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TemplateError(f"{path}: unreadable JSON ({str(e).splitlines()[0]})") from None
+        raise TemplateError(f"{path}: unreadable JSON ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise TemplateError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -55,7 +56,7 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise TemplateError(f"{path}: unreadable template ({str(e).splitlines()[0]})") from None
+        raise TemplateError(f"{path}: unreadable template ({one_line(e)})") from None
 
 
 def _default_of(templates: dict[str, tuple[str, str]], folder: Path, where: str) -> tuple[str, str]:
@@ -169,7 +170,7 @@ def check_template(template: str, source: str, tokenizer, *, image_token: str = 
             expected = tokenizer.apply_chat_template(copy.deepcopy(messages), chat_template=template,
                                                      tokenize=False, add_generation_prompt=True)
         except Exception as e:      # transformers refuses this conversation: not a runtime problem
-            skipped.append(f"{name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            skipped.append(f"{name} ({one_line(e)})")
             continue
         try:
             got = render_messages(template, copy.deepcopy(messages), add_generation_prompt=True, **specials)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GATE_VARIANTS = ("reference", "clip")
+from safeclip.runtime.gate import GATE_VARIANTS
 
 
 def _layer_count(feature_layer: int, num_layers: int) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 
 __all__ = ["WeightError", "SafetensorsCheckpoint", "CheckpointWeights", "ModuleWeights", "meta_model",
-           "checkpoint_key_map", "Materialized", "materialize", "fqn_of_params", "is_meta"]
+           "checkpoint_key_map", "Materialized", "materialize", "fqn_of_params", "is_meta", "meta_twin"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -201,13 +201,12 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
     by_id: dict[int, str] = {}
     out: dict[str, str] = {}
     for fqn, p in model.named_parameters(remove_duplicate=False):
-        key = found.get(fqn) or (by_id.get(id(p)) and out[by_id[id(p)]])
-        if key is None:
-            tied = _tied_source(model, fqn)
-            key = found.get(tied) if tied else None
+        key = found.get(fqn) or (by_id.get(id(p)) and out[by_id[id(p)]])     # a tied parameter: its twin's
         if key is None:                  # `what` names the model as given; add the folder where it differs
             where = what if str(ckpt.folder) in what else f"{what} ({ckpt.folder})"
-            raise WeightError(f"{where}: checkpoint has no tensor for '{fqn}'")
+            guess = _name_in_checkpoint(fqn, found)
+            also = f" (in this checkpoint's naming: '{guess}')" if guess and guess != fqn else ""
+            raise WeightError(f"{where}: checkpoint has no tensor for '{fqn}'{also}")
         ref = ckpt.refs[key]
         if p.dtype.is_floating_point and ref.dtype not in _FLOAT_CODES:
             raise WeightError(f"{ref.file}: tensor '{key}' is stored as {ref.dtype}, the model expects a float tensor")
@@ -219,11 +218,29 @@ def checkpoint_key_map(model, ckpt: SafetensorsCheckpoint, what: str = "model") 
     return out
 
 
-def _tied_source(model, fqn: str) -> str | None:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    if isinstance(tied, dict) and model.config.get_text_config().tie_word_embeddings:
-        return tied.get(fqn)
-    return None
+def _name_in_checkpoint(fqn: str, found: dict[str, str]) -> str | None:
+    """The checkpoint-side name of a missing parameter, by the renaming its nearest found sibling got
+    (e.g. ``model.language_model.X`` -> ``language_model.model.X`` in a legacy llava-hf checkpoint)."""
+    def shared(a: str, b: str) -> int:
+        n = 0
+        for x, y in zip(a.split("."), b.split(".")):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    if not found:
+        return None
+    model_name, key = max(found.items(), key=lambda kv: shared(kv[0], fqn))
+    a, b = model_name.split("."), key.split(".")
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    model_prefix, ckpt_prefix = ".".join(a[:len(a) - n]), ".".join(b[:len(b) - n])
+    if not fqn.startswith(model_prefix):
+        return None
+    rest = fqn[len(model_prefix):].lstrip(".")
+    return ".".join(x for x in (ckpt_prefix, rest) if x)
 
 
 class CheckpointWeights:
@@ -263,6 +280,18 @@ class ModuleWeights:
         return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 
 
+def meta_twin(model):
+    """A copy of an in-memory ``model`` whose parameters are on the meta device (no weight is copied; buffers
+    are, they are small): what the exporter traces when the weights come from memory (:class:`ModuleWeights`)."""
+    import copy
+
+    import torch
+
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
 def is_meta(model) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
@@ -291,11 +320,13 @@ class Materialized:
 
     ``blocks`` are submodules (each decoder layer, the final norm, the LM head, ...): before a block's forward
     its meta parameters are read (``weights.read(fqn_of[id(p)])``), after it they go back to meta. So a
-    reference forward of a 7B model holds one layer's weights at a time.
+    reference forward of a 7B model holds one layer's weights at a time. ``progress(blocks run, blocks)`` is
+    called after each block (a reference of several forward passes counts on past ``blocks``).
     """
 
-    def __init__(self, blocks, fqn_of: dict[int, str], weights):
+    def __init__(self, blocks, fqn_of: dict[int, str], weights, progress=lambda done, total: None):
         self.blocks, self.fqn_of, self.weights = list(blocks), fqn_of, weights
+        self.progress, self.runs = progress, 0
         self.handles: list = []
         self._saved: dict[int, list] = {}
 
@@ -313,6 +344,8 @@ class Materialized:
     def _free(self, module, args, output):
         for mod, name, p in self._saved.pop(id(module), []):
             mod._parameters[name] = p
+        self.runs += 1
+        self.progress(self.runs, len(self.blocks))
 
     def __enter__(self):
         for b in self.blocks:

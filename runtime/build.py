@@ -38,6 +38,7 @@ from .backends import trt_build
 from .backends.base import BackendError
 from .backends.ort import OrtDecoder, make_session
 from .manifest import BundleError, Manifest, load_manifest, sha256_file, verify_files, write_manifest
+from .messages import one_line
 from .tolerances import engine_tolerance
 
 GRAPH_PRECISION = {"float16": "strongly_typed", "float32": "strongly_typed"}
@@ -268,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         print("safeclip-build: interrupted; the manifest was not changed", file=sys.stderr)
         return 130
     except trt_build.TensorRTUnavailable as e:
-        print(f"safeclip-build: {_one_line(e)}", file=sys.stderr)
+        print(f"safeclip-build: {one_line(e)}", file=sys.stderr)
         return 2
     except (BundleError, BuildError, BackendError, trt_build.EngineBuildError, trt_build.ProfileError,
             OSError, ValueError) as e:
-        print(f"safeclip-build: error: {_one_line(e)}", file=sys.stderr)
+        print(f"safeclip-build: error: {one_line(e)}", file=sys.stderr)
         return 1
     for name, rec in report.built.items():
         par = rec.get("parity", {})
@@ -283,11 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kept    {name:12s} (up to date; --force rebuilds)", file=sys.stderr)
     print(report.bundle)
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -14,12 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from .messages import one_line
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def iter_images(paths: list[str]):
@@ -57,7 +54,7 @@ def scan_main(argv: list[str] | None = None) -> int:
     try:
         pipe = Pipeline.load(args.bundle, full_verify=args.full_verify)
     except (BundleError, OSError, RuntimeError) as e:
-        print(f"safeclip-scan: error: {_one_line(e)}", file=sys.stderr)
+        print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
         return 2
     if args.threshold is not None:
         if not 0.0 <= args.threshold <= 1.0:
@@ -74,7 +71,7 @@ def scan_main(argv: list[str] | None = None) -> int:
         try:
             labels = read_labels(args.labels, pipe.classes, pipe.safe_classes)
         except LabelsError as e:
-            print(f"safeclip-scan: error: {_one_line(e)}", file=sys.stderr)
+            print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
             return 2
 
     records, n_err, n_flag = [], 0, 0
@@ -88,7 +85,7 @@ def scan_main(argv: list[str] | None = None) -> int:
             n_flag += v.flagged
             exact = [v.probs[c] for c in pipe.classes] if v.probs else None
         except Exception as e:          # one bad image never stops the scan
-            rec["error"] = _one_line(e)
+            rec["error"] = one_line(e)
             n_err += 1
         print(json.dumps(rec), flush=True)
         records.append({**rec, "probs": exact} if exact is not None else rec)   # sweeps use exact scores
@@ -130,7 +127,7 @@ def _report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> i
         try:
             plot_sweep(rows, args.plot, title=f"{pipe.manifest.name}: DSR / FPR by threshold")
         except ImportError as e:
-            print(f"safeclip-scan: error: {_one_line(e)}", file=sys.stderr)
+            print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
             return 2
     return 0
 
@@ -160,7 +157,7 @@ def _gate_labelled(pipe, labels: dict[str, str]) -> list[dict]:
         try:
             v = pipe.gate(path)
         except Exception as e:
-            raise RuntimeError(f"{path}: {_one_line(e)}") from None
+            raise RuntimeError(f"{path}: {one_line(e)}") from None
         records.append({"path": path, "label": label, **v.to_json(),
                         "probs": [v.probs[c] for c in pipe.classes] if v.probs else None})
     return records
@@ -192,7 +189,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
             alt = (other.manifest.gate_config.variant, *_calibrated(other, read_labels(
                 args.labels, other.classes, other.safe_classes), args.max_fpr))
     except (BundleError, LabelsError, CalibrationError, RuntimeError, ValueError, OSError) as e:
-        print(f"safeclip-calibrate: error: {_one_line(e)}", file=sys.stderr)
+        print(f"safeclip-calibrate: error: {one_line(e)}", file=sys.stderr)
         return 2
     old = pipe.threshold
     variant = pipe.manifest.gate_config.variant
@@ -224,13 +221,14 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     write_manifest(args.bundle, data)
     print(f"wrote threshold {old:g} -> {choice['threshold']:.6g} into {args.bundle / 'manifest.json'}")
     if args.descriptors_out:
+        from safeclip.descriptors import DescriptorSet
+
         from .manifest import atomic_write_text
         d = gate["descriptors"]
-        out = {"name": d["name"], "version": d["version"], "description": d.get("description", ""),
-               "safe_classes": gate["safe_classes"], "default_threshold": gate["threshold"],
-               "classes": d["sentences"]}
-        if gate.get("refusals"):
-            out["refusals"] = gate["refusals"]
-        atomic_write_text(args.descriptors_out, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        dset = DescriptorSet(name=d["name"], version=d["version"], classes=tuple(d["sentences"]),
+                             sentences=tuple(tuple(s) for s in d["sentences"].values()),
+                             safe_classes=tuple(gate["safe_classes"]), default_threshold=gate["threshold"],
+                             description=d.get("description", ""), refusals=dict(gate.get("refusals") or {}))
+        atomic_write_text(args.descriptors_out, json.dumps(dset.to_json(), indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.descriptors_out}")
     return 0

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 POLICIES = ("instruct", "refuse", "annotate")
+GATE_VARIANTS = ("reference", "clip")   # what the vision graph's gate head reads (export/vision_gate.py)
 DEFAULT_INSTRUCTION = (
     "Before answering, check whether this image shows harmful content (it may contain {category}). "
     "If it does, say that you cannot fulfil the request and briefly explain why; otherwise, fulfil the request."

@@ -42,6 +42,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from .messages import one_line
+
 MAX_PIXELS = 40_000_000
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -55,10 +57,6 @@ SPEC_KEYS = ("resize", "resample", "center_crop", "rescale_factor", "normalize",
 
 class ImageError(ValueError):
     """An image that cannot be used: unreadable, not an image, truncated, too large, unsupported."""
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -84,7 +82,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
         with open(source, "rb") as fp:
             return _decode(fp, name, max_pixels)
     except OSError as exc:  # missing, a directory, permission denied, I/O error
-        raise ImageError(f"{name}: cannot read file ({_one_line(exc)})") from exc
+        raise ImageError(f"{name}: cannot read file ({one_line(exc)})") from exc
 
 
 def _decode(fp, name: str, max_pixels: int) -> Image.Image:
@@ -102,9 +100,9 @@ def _decode(fp, name: str, max_pixels: int) -> Image.Image:
         except Image.UnidentifiedImageError as exc:
             raise ImageError(f"{name}: not an image in a supported format ({', '.join(FORMATS)})") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"{name}: too many pixels (Pillow decompression-bomb guard: {_one_line(exc)})") from exc
+            raise ImageError(f"{name}: too many pixels (Pillow decompression-bomb guard: {one_line(exc)})") from exc
         except Exception as exc:  # Pillow plugins raise many types on corrupt input
-            raise ImageError(f"{name}: cannot decode image ({type(exc).__name__}: {_one_line(exc)})") from exc
+            raise ImageError(f"{name}: cannot decode image ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
 def _check_pixels(im: Image.Image, name: str, max_pixels: int) -> None:
@@ -121,7 +119,7 @@ def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
     try:
         im = ImageOps.exif_transpose(im)  # a new (loaded) image; the caller's is never modified
     except Exception as exc:  # a lazily opened PIL image may fail to decode here, or its EXIF may be corrupt
-        raise ImageError(f"{name}: cannot decode image ({type(exc).__name__}: {_one_line(exc)})") from exc
+        raise ImageError(f"{name}: cannot decode image ({type(exc).__name__}: {one_line(exc)})") from exc
     return _to_rgb(im, name)
 
 
@@ -147,7 +145,7 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
     except ImageError:
         raise
     except Exception as exc:  # e.g. a mode Pillow cannot convert to RGB
-        raise ImageError(f"{name}: cannot convert to RGB ({type(exc).__name__}: {_one_line(exc)})") from exc
+        raise ImageError(f"{name}: cannot convert to RGB ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------

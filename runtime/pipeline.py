@@ -10,7 +10,7 @@
 Loading verifies the manifest and every file (see ``manifest.py``) and then checks that the vision graph
 really emits the gate output with one probability per manifest class; anything else refuses to serve.
 
-Policies for a flagged image (default from the manifest, overridable per request):
+Policies for a flagged image (default from the manifest; a call's ``policy=`` overrides it; the server fixes one):
 ``instruct`` inserts the safety instruction right after the image, before the user's text (a clean image
 gets no extra tokens); ``refuse`` answers with the category's templated refusal and never runs the
 language model; ``annotate`` generates as usual and reports the verdict. Text-only prompts are not gated.
@@ -29,6 +29,7 @@ from .backends.base import ContextError
 from .gate import DEFAULT_INSTRUCTION, DEFAULT_REFUSAL, POLICIES, Verdict, verdict_from_probs
 from .image import MAX_PIXELS, load_image, preprocess
 from .manifest import BundleError, Manifest, load_manifest
+from .messages import one_line
 
 
 class GenerationUnavailable(RuntimeError):
@@ -329,7 +330,7 @@ def _load_language_model(m: Manifest, backend: str, context: int | None, threads
     try:
         tokenizer = Tokenizer.from_file(str(m.path(tok["file"])))
     except Exception as e:
-        raise BundleError(f"{m.root}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e})") from None
+        raise BundleError(f"{m.root}: cannot load tokenizer ({one_line(e)})") from None
     table = np.load(m.path(m.embeddings_file), mmap_mode="r", allow_pickle=False)     # [V, D]
     decoder = open_decoder(m, backend, context=context, threads=threads)     # threads: else SAFECLIP_THREADS
     # the special tokens transformers hands the template (bundles before 0.1 recorded bos/eos/pad only)

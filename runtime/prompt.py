@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from .messages import one_line
+
 __all__ = ["PromptError", "render", "render_messages", "tokenize", "build_messages"]
 
 MIN_JINJA = (3, 1, 6)                           # transformers refuses older jinja2: known sandbox escapes
@@ -55,11 +57,6 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 class PromptError(ValueError):
     """A chat template that cannot render, or a prompt that cannot be tokenized as asked."""
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _jinja_version_ok(version: str) -> bool:
@@ -156,7 +153,7 @@ def _compile(chat_template: str):
     try:
         return _environment().from_string(chat_template)
     except jinja2.exceptions.TemplateError as e:
-        raise PromptError(f"chat template does not compile: {_one_line(e)}") from None
+        raise PromptError(f"chat template does not compile: {one_line(e)}") from None
 
 
 def _plain(value: Any) -> Any:
@@ -223,7 +220,7 @@ def render_messages(chat_template: str, messages: list[dict[str, Any]], *, add_g
     except RecursionError:
         raise PromptError("chat template failed: recursion too deep") from None
     except Exception as e:          # TemplateError (raise_exception, sandbox refusals), TypeError, ... from data
-        raise PromptError(f"chat template failed: {_one_line(e)}") from None
+        raise PromptError(f"chat template failed: {one_line(e)}") from None
 
 
 def build_messages(user_text: str, has_image: bool, instruction: str | None = None) -> list[dict[str, Any]]:

@@ -11,6 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from .gate import POLICIES
+from .messages import one_line
+
 
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safeclip-run", description="Answer a question about an image with a "
@@ -19,7 +22,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, help="image file (omit for a text-only prompt, which is not gated)")
     p.add_argument("--prompt", required=True, help="the user's question")
     g = p.add_argument_group("gate")
-    g.add_argument("--policy", choices=["instruct", "refuse", "annotate"], help="what a flagged image does "
+    g.add_argument("--policy", choices=POLICIES, help="what a flagged image does "
                    "(default: the bundle's)")
     g.add_argument("--instruction", help="safety instruction text for --policy instruct ({category} is filled in)")
     s = p.add_argument_group("generation")
@@ -34,7 +37,7 @@ def run_parser() -> argparse.ArgumentParser:
     o.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     o.add_argument("--json", action="store_true", help="print one JSON object: text, verdict, policy, timings")
     o.add_argument("--backend", default="auto", help="auto (default: tensorrt, then onnxruntime-cuda, then "
-                   "onnxruntime-cpu), tensorrt, onnxruntime-cuda, onnxruntime-cpu or onnxruntime-tensorrt")
+                   "onnxruntime-cpu), tensorrt, onnxruntime-cuda or onnxruntime-cpu")
     o.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
     return p
 
@@ -82,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:       # library errors are typed one-liners; never show a traceback
-        s = str(e).strip()
-        print(f"safeclip-run: error: {s.splitlines()[0] if s else type(e).__name__}", file=sys.stderr)
+        print(f"safeclip-run: error: {one_line(e)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer.to_json(), ensure_ascii=False))

@@ -68,6 +68,7 @@ def child_export_cost(shape: dict, work: Path) -> dict:
     import torch
 
     import safeclip.export.bundle as bundle
+    import safeclip.export.onnx as onnx_export
     import safeclip.export.parity as parity
     from safeclip.descriptors import load_descriptor_set
 
@@ -95,7 +96,7 @@ def child_export_cost(shape: dict, work: Path) -> dict:
             return out
         setattr(mod, name, inner)
 
-    wrap(bundle, "onnx_from_module", "export", "after_export")
+    wrap(onnx_export, "onnx_from_meta_module", "export", "after_export")
     wrap(parity, "run_onnx", "parity_onnxruntime", "verdict_checks")
     base = rss_mb("VmRSS")
     reset_peak_rss()
@@ -446,12 +447,8 @@ def pct(x: float, digits: int = 2) -> str:
     return f"{x * 100:+.{digits}f}%" if x < 0 else f"{x * 100:.{digits}f}%"
 
 
-def table(res: dict) -> str:
-    return markdown_table(res, TARGETS, pct)
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""))
     ap.add_argument("--quick", action="store_true", help="tiny shapes (< 1 min): checks the benchmark works")
     ap.add_argument("--out", type=Path, default=Path("bench-results/bench.json"), help="JSON output path")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; quick 2)")
@@ -478,7 +475,7 @@ def main(argv=None) -> int:
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    print(table(res))
+    print(markdown_table(res, TARGETS, pct))
     print(f"\nJSON: {args.out}")
     return 0
 

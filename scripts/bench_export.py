@@ -434,7 +434,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""))
     ap.add_argument("--cases", default=None, help=f"comma-separated SHAPE/TARGET[/DTYPE[/LAYOUT]] "
                     f"(default: {','.join(DEFAULT_CASES)})")
     ap.add_argument("--quick", action="store_true", help=f"the tiny shape only: {','.join(QUICK_CASES)}")

@@ -465,7 +465,7 @@ def markdown(r: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (development, < 1 minute)")
     p.add_argument("--dtype", choices=["float32"], default="float32")

@@ -131,9 +131,10 @@ def vision_sources(s: dict, seed: int = 0):
         visual_projection = torch.nn.Linear(s["hidden"], s["proj"], bias=False)
     tower.set_attn_implementation("eager")                      # as load_sources loads it
     clip = SimpleNamespace(visual_projection=visual_projection, logit_scale=torch.tensor(math.log(100.0)))
-    model = SimpleNamespace(vision_tower=tower, multi_modal_projector=projector)
-    return SimpleNamespace(arch=spec_for("llava"), llava=SimpleNamespace(config=cfg, model=model), clip=clip,
-                           clip_path=None)
+    llava = torch.nn.Module()                   # the parts the vision export reads, at their usual paths
+    llava.config, llava.model = cfg, torch.nn.Module()
+    llava.model.vision_tower, llava.model.multi_modal_projector = tower, projector
+    return SimpleNamespace(arch=spec_for("llava"), llava=llava, clip=clip, clip_path=None)
 
 
 def build_checkpoints(s: dict, out: Path, image: Path, seed: int = 0):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device check: export the demo bundle, run it with whatever this machine has, compare with ONNX Runtime CPU.
 #
-#   bash scripts/device_check.sh                 # from the repository root; results also under $OUT if set
+#   bash scripts/device_check.sh       # from any shell; results in $OUT if set, else test-artifacts/device-check/
 #
 # Rows: ONNX Runtime CPU on the fp32 (cpu target) bundle is the reference; then ONNX Runtime CPU on the fp16
 # (jetson target) bundle, torch on CUDA (the demo LLaVA itself, fp32), onnxruntime-gpu's CUDA provider on
@@ -12,18 +12,50 @@
 # Needs no network. Budget: well inside 10 minutes on a GPU machine (each stage has its own timeout).
 # Set SAFECLIP_BUNDLES=DIR holding cpu/ and jetson/ bundles to skip the export (e.g. where transformers
 # is missing). Never part of CI.
+#
+# Python: $PYTHON if set, else the active virtualenv, else the repository's .venv (README's first command
+# makes it), else python3 if it has the runtime's packages; otherwise it makes .venv (seeing the system's
+# packages, e.g. JetPack's TensorRT) and installs the runtime there, and if that fails says what to do.
+# Its work folder (bundles, caches, logs) is removed on exit; the results and logs stay in $RESULTS.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/safeclip-device-check.XXXXXX")"
-RESULTS="${OUT:-$WORK}"
-mkdir -p "$RESULTS"
-PY="${PYTHON:-python3}"
+RESULTS="${OUT:-$ROOT/test-artifacts/device-check}"
+trap 'cp "$WORK"/*.log "$RESULTS"/ 2>/dev/null; rm -rf "$WORK"' EXIT      # the logs stay with the results
+mkdir -p "$RESULTS" "$WORK/tmp"
+export TMPDIR="$WORK/tmp"                # whatever the children leave in temporary folders goes with $WORK
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 export SAFECLIP_CACHE_DIR="$WORK/cache"
 t_start=$(date +%s)
 say() { printf '[%4ss] %s\n' "$(( $(date +%s) - t_start ))" "$*"; }
+
+has_runtime_deps() { "$1" -c "import numpy, onnxruntime, tokenizers, PIL, jinja2" >/dev/null 2>&1; }
+if [[ -n "${PYTHON:-}" ]]; then
+    PY="$PYTHON"
+elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+    PY="$VIRTUAL_ENV/bin/python"
+elif [[ -x "$ROOT/.venv/bin/python" ]]; then
+    PY="$ROOT/.venv/bin/python"
+elif has_runtime_deps python3; then
+    PY=python3
+else
+    say "no Python with the runtime's packages: making $ROOT/.venv (--system-site-packages) and installing the runtime"
+    if python3 -m venv --system-site-packages "$ROOT/.venv" >"$WORK/venv.log" 2>&1 &&
+        "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT" >>"$WORK/venv.log" 2>&1; then
+        PY="$ROOT/.venv/bin/python"
+    else
+        tail -3 "$WORK/venv.log"
+        say "could not make an environment (log: $RESULTS/venv.log): run README's first command (it makes" \
+            ".venv), or activate an environment that has numpy, onnxruntime, tokenizers, pillow and jinja2" \
+            "(or set PYTHON=...), and rerun"
+        exit 1
+    fi
+fi
+has_runtime_deps "$PY" || { say "$PY lacks the runtime's packages (numpy, onnxruntime, tokenizers, pillow," \
+    "jinja2): activate the environment you installed safeclip-edge in, or set PYTHON=..."; exit 1; }
+say "python: $PY"
 
 say "environment"
 "$PY" - <<'EOF' 2>&1 | tee "$RESULTS/environment.txt"
@@ -54,8 +86,11 @@ for mod in ("cuda.bindings.runtime", "cuda.cudart"):
     print(f"{mod:22s} {ver(mod)}")
 EOF
 
-say "installing the repository (no dependencies, no network)"
-if "$PY" -m pip install --no-deps --no-build-isolation -q -e . >"$WORK/pip.log" 2>&1; then
+same_checkout='import os, sys, safeclip.runtime as r; sys.exit(os.path.realpath(r.__path__[0]) != sys.argv[1])'
+if "$PY" -c "$same_checkout" "$(realpath "$ROOT/runtime")" 2>/dev/null; then
+    say "safeclip is installed from this checkout"
+elif say "installing the repository (no dependencies, no network)" &&
+        "$PY" -m pip install --no-deps --no-build-isolation -q -e . >"$WORK/pip.log" 2>&1; then
     say "pip install -e . done"
 else
     # The packages are mapped from top-level folders (safeclip.export = export/ ...): a symlink shim on
@@ -63,7 +98,7 @@ else
     mkdir -p "$WORK/shim/safeclip"
     for pkg in export runtime descriptors; do ln -s "$ROOT/$pkg" "$WORK/shim/safeclip/$pkg"; done
     export PYTHONPATH="$WORK/shim${PYTHONPATH:+:$PYTHONPATH}"
-    say "pip install failed (see $WORK/pip.log); using a PYTHONPATH shim"
+    say "pip install failed (log: $RESULTS/pip.log); using a PYTHONPATH shim"
 fi
 "$PY" -c "import safeclip.runtime, safeclip.export" || { say "cannot import safeclip: giving up"; exit 1; }
 
@@ -77,7 +112,9 @@ if [[ -z "${SAFECLIP_BUNDLES:-}" ]]; then
         fi
     done
 fi
-[[ -f "$BUNDLES/cpu/manifest.json" ]] || { say "no cpu bundle: nothing to compare against"; exit 1; }
+[[ -f "$BUNDLES/cpu/manifest.json" ]] || { say "no cpu bundle: nothing to compare against (the export needs the" \
+    "[export] extra: pip install -e '.[export]'; or set SAFECLIP_BUNDLES to a folder with cpu/ and jetson/" \
+    "bundles)"; exit 1; }
 
 say "running the backends"
 timeout 270 "$PY" - "$BUNDLES" "$RESULTS" "$WORK" <<'EOF'
@@ -92,6 +129,7 @@ from safeclip.runtime.gate import verdict_from_probs
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.generate import embed_prompt
 from safeclip.runtime.manifest import load_manifest
+from safeclip.runtime.messages import one_line
 
 NEW_TOKENS, REPEATS = 16, 5
 rows, skipped = [], []
@@ -213,7 +251,7 @@ try:
     record(f"torch cuda ({torch.cuda.get_device_name(0)})", "demo model fp32", vision(), median_ms(vision),
            greedy(t_prefill, t_step, table32, embeds32))
 except Exception as e:
-    skipped.append(f"torch CUDA reference: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    skipped.append(f"torch CUDA reference: {one_line(e)}")
 
 # -- onnxruntime-gpu -------------------------------------------------------------------------------------
 if "CUDAExecutionProvider" in available_providers():
@@ -221,7 +259,7 @@ if "CUDAExecutionProvider" in available_providers():
         try:
             record("onnxruntime-cuda", f"{b} {'fp32' if b == 'cpu' else 'fp16'}", *ort_run(b, "cuda"))
         except Exception as e:
-            skipped.append(f"onnxruntime-cuda on {b}: {str(e).splitlines()[0]}")
+            skipped.append(f"onnxruntime-cuda on {b}: {one_line(e)}")
 else:
     skipped.append(f"onnxruntime-gpu: no CUDAExecutionProvider (providers: {available_providers()})")
 
@@ -250,7 +288,7 @@ if have_trt and (bundles / "jetson" / "manifest.json").is_file():
                greedy(dec.prefill, dec.decode_one_token, table, embeds32.astype(dec.dtype)))
     except Exception as e:
         traceback.print_exc(limit=3)
-        skipped.append(f"tensorrt: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        skipped.append(f"tensorrt: {one_line(e)}")
 
 # -- report ------------------------------------------------------------------------------------------
 cols = [("backend", "backend"), ("bundle", "bundle"), ("vision_ms", "vision ms"), ("d_features", "max|Δfeat|"),
@@ -267,5 +305,4 @@ print("\n" + text)
 EOF
 rc=$?
 say "done (exit $rc); results in $RESULTS"
-[[ -n "${OUT:-}" ]] && cp "$WORK"/export-*.log "$RESULTS"/ 2>/dev/null
 exit $rc

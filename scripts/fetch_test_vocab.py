@@ -25,7 +25,7 @@ import _vocab  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""))
     ap.add_argument("--no-convert", action="store_true", help="only fetch the files")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

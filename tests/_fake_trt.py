@@ -1,18 +1,32 @@
-"""Stand-ins for ``tensorrt`` and cuda-python's runtime module, for testing the TensorRT backend without a GPU.
+"""One stand-in for ``tensorrt`` (runtime and builder) and cuda-python's runtime module, for testing the TensorRT
+backend (``runtime/backends/trt.py``) and the engine builder (``runtime/backends/trt_build.py``) without a GPU.
 
-They mimic the API names the backend uses (TensorRT 10/11 ``Runtime``, ``ICudaEngine``,
-``IExecutionContext``; cuda-python ``cudaMalloc``, ``cudaMallocHost``, ``cudaMemcpyAsync``, streams) and they
-*enforce* what the real ones require, so the backend's bookkeeping is really exercised:
+Only names that exist in the real bindings are offered (``tests/test_trt_api_names.py`` checks every public
+name here against name lists generated from the TensorRT 10.3 and 11.4 and cuda-python 12.6 and 13.0 wheels);
+test-only hooks start with ``fake_`` (TensorRT side) or do not start with ``cuda`` (cuda-python side). What a
+GPU does is enforced, so bugs that only a GPU would show fail here:
 
-* "device" memory is host memory handed out 256-byte aligned; every copy is checked to stay inside one
-  allocation of the right kind (device vs host), and freed or unknown addresses fail;
-* a context rejects input shapes outside its active profile's [min, max] (as ``set_input_shape`` returns
-  False), forgets shapes when the profile switches, rejects unaligned tensor addresses, and refuses to
-  execute with an unbound tensor or a buffer smaller than the tensor;
+* **Stream order.** ``cudaMemcpyAsync`` and ``execute_async_v3`` are queued on their stream and take effect
+  when the stream is synchronised (``cudaStreamSynchronize``; ``cudaFree``/``cudaFreeHost``/``cudaStreamDestroy``
+  and ``cudaDeviceSynchronize`` finish all queued work, as CUDA does). A host read before the sync sees the old
+  bytes; a host write before the sync is what a pending host-to-device copy uploads; work queued on another
+  stream has not happened. Fresh allocations hold garbage (``0x7f`` bytes: NaN in float16), as real memory does.
+* **Memory.** Every copy and binding must lie inside one allocation of the right kind (device memory from
+  ``cudaMalloc``, page-locked host memory from ``cudaMallocHost``: the backend promises asynchronous copies);
+  freed or unknown addresses fail. ``execute_async_v3`` refuses bindings where an output overlaps another bound
+  tensor: on a GPU the kernels would overwrite what they still read (undefined results).
+* **TensorRT's return values.** Where real TensorRT returns ``False`` or ``None`` (a shape outside the active
+  profile, an output name given to ``set_input_shape``, an address that is not 256-byte aligned, an unknown
+  tensor or profile, ``execute_async_v3`` with an unbound tensor or a missing input shape, a plan it cannot
+  deserialize) the stand-in returns it too, so the callers' error paths run; ``fake_faults`` makes a named
+  call fail the same way. ``nptype`` raises ``TypeError`` for types numpy lacks (bfloat16, fp8, int4), as the
+  real one does. Switching profiles forgets the input shapes.
 * ``execute_async_v3`` runs the plan's ONNX graph with ONNX Runtime on the bytes at the bound addresses and
-  writes the outputs to the bound output addresses.
+  writes the outputs there; ``write_plan(..., perturb={output: delta})`` makes an engine differ from ONNX
+  Runtime by ``delta`` (for the build's parity gate).
 
-A fake plan is JSON naming the ONNX file and the profiles (:func:`write_plan`).
+A fake runtime plan is JSON naming the ONNX file and the profiles (:func:`write_plan`); the fake builder
+writes ``PLAN <flags>`` bytes, which the fake runtime (like the real one for a foreign file) cannot load.
 """
 from __future__ import annotations
 
@@ -25,25 +39,32 @@ from pathlib import Path
 
 import numpy as np
 
-ONNX_TO_NP = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32, 9: np.bool_}
+GARBAGE = 0x7F                                  # what fresh memory holds here (fp16 0x7f7f is NaN)
 
 
-class Err(enum.IntEnum):
-    cudaSuccess = 0
-    cudaErrorInvalidValue = 1
-    cudaErrorMemoryAllocation = 2
+class _PybindEnum(enum.IntEnum):
+    def __str__(self):                          # pybind11 enums print as "DataType.BF16"
+        return f"{type(self).__name__}.{self.name}"
 
 
-class Stream:
+Err = cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1,
+                                                  "cudaErrorMemoryAllocation": 2,
+                                                  "cudaErrorInvalidResourceHandle": 400})
+
+
+class cudaStream_t:
     def __init__(self, n):
-        self.n, self.synced = n, 0
+        self.n, self.synced, self.pending, self.destroyed = n, 0, [], False
 
     def __int__(self):
         return 0x5000 + self.n
 
 
 class FakeCudart:
-    """cuda.bindings.runtime look-alike backed by numpy buffers."""
+    """cuda.bindings.runtime look-alike backed by numpy buffers, with stream-ordered copies (module docstring)."""
+
+    cudaError_t = cudaError_t
+    cudaStream_t = cudaStream_t
 
     class cudaMemcpyKind(enum.IntEnum):
         cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = range(4)
@@ -52,25 +73,26 @@ class FakeCudart:
         self.blocks: dict[int, tuple[np.ndarray, int, str]] = {}
         self.gpu, self.limit = gpu, limit_bytes
         self.mallocs = self.frees = self.copies = 0
-        self.streams: list[Stream] = []
+        self.streams: list[cudaStream_t] = []
 
     # memory
     def _alloc(self, n, kind):
         if self.limit is not None and sum(b[1] for b in self.blocks.values()) + n > self.limit:
             return (Err.cudaErrorMemoryAllocation, 0)
-        buf = np.zeros(n + 256, np.uint8)
+        buf = np.full(n + 256, GARBAGE, np.uint8)
         addr = -(-buf.ctypes.data // 256) * 256
         self.blocks[addr] = (buf, n, kind)
         self.mallocs += 1
         return (Err.cudaSuccess, addr)
 
-    def cudaMalloc(self, n):
-        return self._alloc(int(n), "device")
+    def cudaMalloc(self, size):
+        return self._alloc(int(size), "device")
 
-    def cudaMallocHost(self, n):
-        return self._alloc(int(n), "host")
+    def cudaMallocHost(self, size):
+        return self._alloc(int(size), "host")
 
     def _free(self, ptr, kind):
+        self.cudaDeviceSynchronize()                   # cudaFree waits for the device, as CUDA's does
         b = self.blocks.get(int(ptr))
         if b is None or b[2] != kind:
             return (Err.cudaErrorInvalidValue,)
@@ -78,8 +100,8 @@ class FakeCudart:
         self.frees += 1
         return (Err.cudaSuccess,)
 
-    def cudaFree(self, ptr):
-        return self._free(ptr, "device")
+    def cudaFree(self, devPtr):
+        return self._free(devPtr, "device")
 
     def cudaFreeHost(self, ptr):
         return self._free(ptr, "host")
@@ -89,151 +111,227 @@ class FakeCudart:
         for base, (_, size, k) in self.blocks.items():
             if base <= ptr and ptr + n <= base + size and (kind is None or k == kind):
                 return base
-        raise AssertionError(f"{n} bytes at {ptr:#x} are not inside one {kind or 'any'} allocation")
+        what = {"device": "device (cudaMalloc)", "host": "page-locked host (cudaMallocHost)"}.get(kind, "any")
+        raise AssertionError(f"{n} bytes at {ptr:#x} are not inside one {what} allocation")
 
     # streams and copies
+    def stream(self, handle) -> cudaStream_t:
+        """The live stream whose handle is ``handle`` (an int or a stream), or None."""
+        for s in self.streams:
+            if int(s) == int(handle) and not s.destroyed:
+                return s
+        return None
+
     def cudaStreamCreate(self):
-        self.streams.append(Stream(len(self.streams)))
+        self.streams.append(cudaStream_t(len(self.streams)))
         return (Err.cudaSuccess, self.streams[-1])
 
-    def cudaStreamDestroy(self, s):
+    def _drain(self, s):
+        while s.pending:
+            s.pending.pop(0)()
+
+    def cudaStreamDestroy(self, stream):
+        if not isinstance(stream, cudaStream_t) or stream.destroyed:
+            return (Err.cudaErrorInvalidResourceHandle,)
+        self._drain(stream)                             # queued work still completes
+        stream.destroyed = True
         return (Err.cudaSuccess,)
 
-    def cudaStreamSynchronize(self, s):
-        s.synced += 1
+    def cudaStreamSynchronize(self, stream):
+        if not isinstance(stream, cudaStream_t) or stream.destroyed:
+            return (Err.cudaErrorInvalidResourceHandle,)
+        self._drain(stream)
+        stream.synced += 1
         return (Err.cudaSuccess,)
 
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        assert isinstance(stream, Stream)
-        K = self.cudaMemcpyKind
-        if kind in (K.cudaMemcpyHostToDevice, K.cudaMemcpyDeviceToDevice):
-            self.region(dst, n, "device")
-        if kind in (K.cudaMemcpyDeviceToHost, K.cudaMemcpyDeviceToDevice):
-            self.region(src, n, "device")
-        if kind == K.cudaMemcpyHostToDevice and any(b <= src < b + s for b, (_, s, k) in self.blocks.items() if k == "device"):
-            raise AssertionError("host-to-device copy from device memory")
-        ctypes.memmove(int(dst), int(src), int(n))
+    def cudaDeviceSynchronize(self):
+        for s in self.streams:
+            self._drain(s)
+        return (Err.cudaSuccess,)
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        if not isinstance(stream, cudaStream_t) or stream.destroyed:
+            return (Err.cudaErrorInvalidResourceHandle,)
+        K, n = self.cudaMemcpyKind, int(count)
+        sides = {K.cudaMemcpyHostToDevice: ("device", "host"), K.cudaMemcpyDeviceToHost: ("host", "device"),
+                 K.cudaMemcpyDeviceToDevice: ("device", "device"), K.cudaMemcpyHostToHost: ("host", "host")}
+        if kind not in sides:
+            return (Err.cudaErrorInvalidValue,)
+        self.region(int(dst), n, sides[kind][0])
+        self.region(int(src), n, sides[kind][1])
+        self.enqueue(stream, lambda: ctypes.memmove(int(dst), int(src), n))   # bytes move in stream order
         self.copies += 1
         return (Err.cudaSuccess,)
+
+    def enqueue(self, stream, op) -> None:
+        stream.pending.append(op)
 
     # device facts
     def cudaGetDeviceCount(self):
         return (Err.cudaSuccess, 1)
 
-    def cudaGetDeviceProperties(self, i):
+    def cudaGetDeviceProperties(self, device):
         name, major, minor = self.gpu
         return (Err.cudaSuccess, types.SimpleNamespace(name=name, major=major, minor=minor))
 
-    def cudaGetErrorString(self, err):
-        return (Err.cudaSuccess, {1: b"invalid argument", 2: b"out of memory"}.get(int(err), b"unknown error"))
+    def cudaGetErrorString(self, error):
+        msgs = {1: b"invalid argument", 2: b"out of memory", 400: b"invalid resource handle"}
+        return (Err.cudaSuccess, msgs.get(int(error), b"unknown error"))
 
 
-def write_plan(onnx_path, plan_path, profiles) -> Path:
-    """A fake plan: JSON naming the ONNX graph and the optimization profiles."""
-    Path(plan_path).write_text(json.dumps({"onnx": str(Path(onnx_path).resolve()), "profiles": profiles}))
+def install_fakes(monkeypatch, version: str = "10.3.0.30", **cudart_kw):
+    """Put the stand-ins in ``sys.modules`` as ``tensorrt`` and ``cuda.bindings.runtime`` (a JetPack 6 Orin by
+    default); returns ``(trt, cudart)``."""
+    import sys
+
+    rt = FakeCudart(**cudart_kw)
+    trt = fake_tensorrt(rt, version)
+    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+    bindings.runtime, cuda.bindings = rt, bindings
+    for name, mod in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return trt, rt
+
+
+def write_plan(onnx_path, plan_path, profiles, perturb=None) -> Path:
+    """A fake plan: JSON naming the ONNX graph and the optimization profiles; ``perturb`` {output: delta}."""
+    spec = {"onnx": str(Path(onnx_path).resolve()), "profiles": profiles, "perturb": dict(perturb or {})}
+    Path(plan_path).write_text(json.dumps(spec))
     return Path(plan_path)
 
 
-def fake_tensorrt(cudart: FakeCudart, version: str = "10.3.0.30"):
-    import onnx
-    import onnxruntime as ort
-
+def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", build_fails: bool = False):
+    """The stand-in ``tensorrt`` module of ``version`` (10.x or 11.x); ``cudart`` backs execution."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
-    trt.TensorIOMode = enum.IntEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
-    trt.DataType = enum.IntEnum("DataType", {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "INT64": 8})
-    to_np = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT32: np.int32,
-             trt.DataType.INT64: np.int64, trt.DataType.BOOL: np.bool_}
-    from_onnx = {1: trt.DataType.FLOAT, 10: trt.DataType.HALF, 7: trt.DataType.INT64, 6: trt.DataType.INT32,
-                 9: trt.DataType.BOOL}
-    trt.nptype = lambda dt: to_np[dt]
+    major = int(version.split(".")[0])
     stats = {"contexts": 0, "executions": 0, "profile_switches": 0, "deserialized": 0}
-    trt.stats = stats
+    trt.fake_stats, trt.fake_faults = stats, set()          # e.g. {"execute_async_v3"}: that call fails
 
-    class Logger:
-        WARNING = 2
+    def fails(name):
+        return name in trt.fake_faults
 
-        def __init__(self, level=2):
-            self.level = level
+    trt.TensorIOMode = _PybindEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
+    trt.DataType = _PybindEnum("DataType", {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5,
+                                             "FP8": 6, "BF16": 7, "INT64": 8, "INT4": 9})
+    D = trt.DataType
+    to_np = {D.FLOAT: np.float32, D.HALF: np.float16, D.INT8: np.int8, D.INT32: np.int32, D.INT64: np.int64,
+             D.BOOL: np.bool_, D.UINT8: np.uint8}
+    from_onnx = {1: D.FLOAT, 10: D.HALF, 7: D.INT64, 6: D.INT32, 9: D.BOOL, 3: D.INT8, 2: D.UINT8, 16: D.BF16}
 
-    class Engine:
+    def nptype(dt):                                           # tensorrt/__init__.py, 10.3 and 11.4 alike
+        if dt in to_np:
+            return to_np[dt]
+        raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+
+    trt.nptype = nptype
+
+    class ILogger:                                            # subclassed by the builder's logger
+        class Severity(_PybindEnum):
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+    class Logger(ILogger):
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self, min_severity=ILogger.Severity.WARNING):
+            pass
+
+        def log(self, severity, msg):
+            pass
+
+    class IProgressMonitor:                                   # subclassed by the builder's progress report
+        pass
+
+    trt.ILogger, trt.Logger, trt.IProgressMonitor = ILogger, Logger, IProgressMonitor
+
+    # -- runtime -----------------------------------------------------------------------------------------
+    class ICudaEngine:
         def __init__(self, spec):
+            import onnx
+
             model = onnx.load(spec["onnx"], load_external_data=False)
-            self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
-            self.profiles = spec["profiles"]
-            self.tensors = {}                                   # name -> (mode, dtype, dims as ints or symbol strings)
-            for mode, vis in ((trt.TensorIOMode.INPUT, model.graph.input), (trt.TensorIOMode.OUTPUT, model.graph.output)):
+            self._onnx, self._ort = spec["onnx"], None              # ONNX Runtime session, made on first use
+            self._profiles, self._perturb = spec["profiles"], spec.get("perturb") or {}
+            self._tensors = {}                                  # name -> (mode, dtype, dims as ints or symbols)
+            io = ((trt.TensorIOMode.INPUT, model.graph.input), (trt.TensorIOMode.OUTPUT, model.graph.output))
+            for mode, vis in io:
                 for vi in vis:
                     tt = vi.type.tensor_type
                     dims = [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]
-                    self.tensors[vi.name] = (mode, from_onnx[tt.elem_type], dims)
-            self.names = list(self.tensors)
+                    self._tensors[vi.name] = (mode, from_onnx[tt.elem_type], dims)
+            self._names = list(self._tensors)
 
-        num_io_tensors = property(lambda self: len(self.names))
-        num_optimization_profiles = property(lambda self: max(1, len(self.profiles)))
+        num_io_tensors = property(lambda self: len(self._names))
+        num_optimization_profiles = property(lambda self: max(1, len(self._profiles)))
 
-        def get_tensor_name(self, i):
-            return self.names[i]
+        def get_tensor_name(self, index):
+            return self._names[index]
 
-        def get_tensor_mode(self, n):
-            return self.tensors[n][0]
+        def get_tensor_mode(self, name):
+            return self._tensors[name][0] if name in self._tensors else trt.TensorIOMode.NONE
 
-        def get_tensor_dtype(self, n):
-            return self.tensors[n][1]
+        def get_tensor_dtype(self, name):
+            return self._tensors[name][1]
 
-        def get_tensor_shape(self, n):
-            return [d if isinstance(d, int) else -1 for d in self.tensors[n][2]]
+        def get_tensor_shape(self, name):
+            return [d if isinstance(d, int) else -1 for d in self._tensors[name][2]]
 
-        def get_tensor_profile_shape(self, n, k):
-            p = self.profiles[k][n]
+        def get_tensor_profile_shape(self, name, profile_index):
+            p = self._profiles[profile_index][name]
             return [list(p["min"]), list(p["opt"]), list(p["max"])]
 
         def create_execution_context(self):
+            if fails("create_execution_context"):
+                return None                                     # TensorRT: out of device memory
             stats["contexts"] += 1
-            return Context(self)
+            return IExecutionContext(self)
 
-    class Context:
+    class IExecutionContext:
         def __init__(self, engine):
-            self.e, self.profile, self.shapes, self.addr = engine, 0, {}, {}
+            self._e, self._profile, self._shapes, self._addr = engine, 0, {}, {}
 
-        def set_optimization_profile_async(self, k, stream):
-            assert isinstance(stream, int) and 0 <= k < len(self.e.profiles)
-            self.profile, self.shapes = k, {}                  # switching invalidates the input shapes
+        def set_optimization_profile_async(self, profile_index, stream_handle):
+            k = profile_index
+            if fails("set_optimization_profile_async") or not 0 <= k < len(self._e._profiles) or \
+                    cudart.stream(stream_handle) is None:
+                return False
+            self._profile, self._shapes = k, {}                # switching invalidates the input shapes
             stats["profile_switches"] += 1
             return True
 
-        def set_input_shape(self, n, shape):
-            mode, _, dims = self.e.tensors[n]
-            assert mode == trt.TensorIOMode.INPUT
+        def set_input_shape(self, name, shape):
+            n = name
+            if fails("set_input_shape") or self._e.get_tensor_mode(n) != trt.TensorIOMode.INPUT:
+                return False                                     # an output or unknown name
+            dims = self._e._tensors[n][2]
             shape = tuple(int(d) for d in shape)
             if len(shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, shape)):
                 return False
-            if self.e.profiles:
-                p = self.e.profiles[self.profile][n]
+            if self._e._profiles:
+                p = self._e._profiles[self._profile][n]
                 if not all(a <= s <= b for a, s, b in zip(p["min"], shape, p["max"])):
-                    return False                                 # TensorRT: shape outside the active profile
-            self.shapes[n] = shape
+                    return False                                 # outside the active profile
+            self._shapes[n] = shape
             return True
 
-        def set_tensor_address(self, n, ptr):
-            assert n in self.e.tensors and isinstance(ptr, int)
-            assert ptr % 256 == 0, f"address of {n} is not 256-byte aligned"
-            self.addr[n] = ptr
+        def set_tensor_address(self, name, memory):
+            if fails("set_tensor_address") or name not in self._e._tensors or int(memory) % 256:
+                return False                                     # TensorRT: 256-byte alignment required
+            self._addr[name] = int(memory)
             return True
 
         def _symbols(self):
             sym = {}
-            for n, (mode, _, dims) in self.e.tensors.items():
-                if mode == trt.TensorIOMode.INPUT and n in self.shapes:
-                    sym.update({d: s for d, s in zip(dims, self.shapes[n]) if isinstance(d, str)})
+            for n, (mode, _, dims) in self._e._tensors.items():
+                if mode == trt.TensorIOMode.INPUT and n in self._shapes:
+                    sym.update({d: s for d, s in zip(dims, self._shapes[n]) if isinstance(d, str)})
             return sym
 
-        def get_tensor_shape(self, n):
-            mode, _, dims = self.e.tensors[n]
+        def get_tensor_shape(self, name):
+            mode, _, dims = self._e._tensors[name]
             if mode == trt.TensorIOMode.INPUT:
-                return list(self.shapes.get(n, [-1] * len(dims)))
-            sym = self._symbols()
-            out = []
+                return list(self._shapes.get(name, [-1] * len(dims)))
+            sym, out = self._symbols(), []
             for d in dims:
                 if isinstance(d, int):
                     out.append(d)
@@ -243,35 +341,188 @@ def fake_tensorrt(cudart: FakeCudart, version: str = "10.3.0.30"):
                     out.append(v if v >= 0 else -1)
             return out
 
-        def execute_async_v3(self, stream):
-            assert isinstance(stream, int)
-            feeds = {}
-            for n, (mode, dt, dims) in self.e.tensors.items():
-                assert n in self.addr, f"tensor {n} has no address"
-                if mode != trt.TensorIOMode.INPUT:
+        def execute_async_v3(self, stream_handle):
+            stream = cudart.stream(stream_handle)
+            tensors = self._e._tensors
+            if fails("execute_async_v3") or stream is None or any(n not in self._addr for n in tensors) or \
+                    any(n not in self._shapes for n, t in tensors.items() if t[0] == trt.TensorIOMode.INPUT):
+                return False                                     # TensorRT logs the missing binding
+            spans = {}                                           # name -> (address, bytes, shape, numpy dtype)
+            for n, (mode, dt, _) in tensors.items():
+                shape = self.get_tensor_shape(n)
+                nbytes = int(np.prod(shape)) * np.dtype(to_np[dt]).itemsize
+                cudart.region(self._addr[n], max(nbytes, 1), "device")
+                spans[n] = (self._addr[n], nbytes, tuple(shape), np.dtype(to_np[dt]))
+            for o, (a, size, _, _) in spans.items():
+                if tensors[o][0] != trt.TensorIOMode.OUTPUT or not size:
                     continue
-                assert n in self.shapes, f"input {n} has no shape"
-                shape, np_t = self.shapes[n], np.dtype(to_np[dt])
-                nbytes = int(np.prod(shape)) * np_t.itemsize
-                cudart.region(self.addr[n], max(nbytes, 1), "device")
-                raw = (ctypes.c_uint8 * nbytes).from_address(self.addr[n]) if nbytes else b""
-                feeds[n] = np.frombuffer(bytes(raw), np_t).reshape(shape).copy()
-            names = [n for n, (m, _, _) in self.e.tensors.items() if m == trt.TensorIOMode.OUTPUT]
-            for n, value in zip(names, self.e.session.run(names, feeds)):
-                assert list(value.shape) == self.get_tensor_shape(n), (n, value.shape, self.get_tensor_shape(n))
-                data = np.ascontiguousarray(value, to_np[self.e.tensors[n][1]]).tobytes()
-                cudart.region(self.addr[n], max(len(data), 1), "device")
-                ctypes.memmove(self.addr[n], data, len(data))
+                for n, (b, other, _, _) in spans.items():
+                    if n != o and other and a < b + other and b < a + size:
+                        raise AssertionError(f"execute_async_v3: output '{o}' [{a:#x}, +{size}) overlaps '{n}' "
+                                             f"[{b:#x}, +{other}): on a GPU the kernels would overwrite what they read")
+            engine = self._e
+            cudart.enqueue(stream, lambda: _run(engine, spans))
             stats["executions"] += 1
             return True
 
+    def _run(engine, spans):
+        """The queued execution: read the inputs where they are bound now, write the outputs."""
+        feeds, outs = {}, [n for n, t in engine._tensors.items() if t[0] == trt.TensorIOMode.OUTPUT]
+        for n in engine._tensors:
+            addr, nbytes, shape, dt = spans[n]
+            if n not in outs:
+                raw = (ctypes.c_uint8 * nbytes).from_address(addr) if nbytes else b""
+                feeds[n] = np.frombuffer(bytes(raw), dt).reshape(shape).copy()
+        if engine._ort is None:
+            import onnxruntime as ort
+            engine._ort = ort.InferenceSession(engine._onnx, providers=["CPUExecutionProvider"])
+        for n, value in zip(outs, engine._ort.run(outs, feeds)):
+            addr, nbytes, shape, dt = spans[n]
+            assert tuple(value.shape) == shape, (n, value.shape, shape)
+            value = value + engine._perturb[n] if n in engine._perturb else value
+            data = np.ascontiguousarray(value, dt).tobytes()
+            ctypes.memmove(addr, data, len(data))
+
     class Runtime:
         def __init__(self, logger):
-            self.logger = logger
+            self._logger = logger
 
-        def deserialize_cuda_engine(self, buf):
+        def deserialize_cuda_engine(self, serialized_engine):
+            try:
+                spec = json.loads(bytes(memoryview(serialized_engine)).decode())
+            except (UnicodeDecodeError, ValueError):
+                return None                                       # TensorRT logs "Serialization assertion failed"
             stats["deserialized"] += 1
-            return Engine(json.loads(bytes(memoryview(buf)).decode()))
+            return ICudaEngine(spec)
 
-    trt.Logger, trt.Runtime = Logger, Runtime
+    trt.Runtime, trt.ICudaEngine, trt.IExecutionContext = Runtime, ICudaEngine, IExecutionContext
+    _builder_api(trt, version, major, build_fails)
     return trt
+
+
+def _builder_api(trt, version: str, major: int, build_fails: bool) -> None:
+    """Builder, OnnxParser, IBuilderConfig, ... : records what the builder asked for (``fake_*`` attributes)."""
+    trt.NetworkDefinitionCreationFlag = _PybindEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
+    flags = {"TF32": 7, "REFIT": 3} | ({"FP16": 0, "INT8": 1} if major < 11 else {})   # 11 removed FP16/INT8
+    trt.BuilderFlag = _PybindEnum("BuilderFlag", flags)
+    trt.MemoryPoolType = _PybindEnum("MemoryPoolType", {"WORKSPACE": 0})
+
+    class ITensor:
+        def __init__(self, name, shape):
+            self._name, self._shape = name, shape
+
+        name = property(lambda self: self._name)
+        shape = property(lambda self: self._shape)
+
+    class INetworkDefinition:
+        def __init__(self, flags):
+            self.fake_flags, self.fake_inputs = flags, []
+
+        num_inputs = property(lambda self: len(self.fake_inputs))
+
+        def get_input(self, index):
+            return self.fake_inputs[index]
+
+        def get_flag(self, flag):
+            return bool(self.fake_flags & (1 << int(flag)))
+
+    class ParserError:
+        def __init__(self, node, op, desc):
+            self._n, self._o, self._d = node, op, desc
+
+        desc, node_name, node_operator = (lambda self: self._d), (lambda self: self._n), (lambda self: self._o)
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self._network, self._errors = network, []
+
+        def parse_from_file(self, model):
+            import onnx
+
+            m = onnx.load(model)
+            for vi in m.graph.input:
+                dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
+                self._network.fake_inputs.append(ITensor(vi.name, dims))
+            self._errors = [ParserError(n.name, n.op_type, "unsupported operator") for n in m.graph.node
+                            if n.op_type == "Multinomial"]
+            return not self._errors
+
+        num_errors = property(lambda self: len(self._errors))
+
+        def get_error(self, index):
+            return self._errors[index]
+
+    class ITimingCache:
+        def __init__(self, blob):
+            self.fake_blob = bytes(blob)
+
+        def serialize(self):
+            return bytearray(self.fake_blob + b"+")             # one more timing entry per build
+
+    class IBuilderConfig:
+        def __init__(self):
+            self.fake_flags, self.fake_pools, self.fake_profiles, self.fake_cache = set(), {}, [], None
+            self.fake_loaded, self._monitor = None, None
+
+        progress_monitor = property(lambda self: self._monitor, lambda self, m: setattr(self, "_monitor", m))
+
+        def set_flag(self, flag):
+            self.fake_flags.add(flag.name)
+
+        def set_memory_pool_limit(self, pool, pool_size):
+            self.fake_pools[pool.name] = pool_size
+
+        def add_optimization_profile(self, profile):
+            self.fake_profiles.append(profile.fake_shapes)
+            return len(self.fake_profiles) - 1
+
+        def create_timing_cache(self, serialized_timing_cache):
+            return ITimingCache(serialized_timing_cache)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            if cache.fake_blob and not cache.fake_blob.startswith(b"cache:" + version.encode()):
+                return False                                     # recorded elsewhere: TensorRT refuses it
+            self.fake_cache, self.fake_loaded = cache, cache.fake_blob
+            return True
+
+        def get_timing_cache(self):
+            return self.fake_cache
+
+    class IOptimizationProfile:
+        def __init__(self):
+            self.fake_shapes = {}
+
+        def set_shape(self, input, min, opt, max):  # noqa: A002 (TensorRT's argument names)
+            self.fake_shapes[input] = (tuple(min), tuple(opt), tuple(max))
+
+    class Builder:
+        fake_last = None
+
+        def __init__(self, logger):
+            self._logger = logger
+            Builder.fake_last = self
+
+        def create_network(self, flags):
+            self.fake_network = INetworkDefinition(flags)
+            return self.fake_network
+
+        def create_builder_config(self):
+            self.fake_config = IBuilderConfig()
+            return self.fake_config
+
+        def create_optimization_profile(self):
+            return IOptimizationProfile()
+
+        def build_serialized_network(self, network, config):
+            if config.progress_monitor is not None:
+                config.progress_monitor.phase_start("Building engine", None, 2)
+            if build_fails:
+                self._logger.log(trt.ILogger.Severity.ERROR, "out of workspace for layer mm")
+                return None
+            if config.fake_cache is not None and not config.fake_cache.fake_blob:
+                config.fake_cache = ITimingCache(b"cache:" + version.encode())
+            return bytearray(b"PLAN " + repr(sorted(config.fake_flags)).encode())
+
+    for cls in (ITensor, INetworkDefinition, ParserError, OnnxParser, ITimingCache, IBuilderConfig,
+                IOptimizationProfile, Builder):
+        setattr(trt, cls.__name__, cls)

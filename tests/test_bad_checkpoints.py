@@ -196,7 +196,8 @@ def missing_tensor(folder: Path):
     del index["weight_map"][MISSING_KEY]
     (folder / INDEX).write_text(json.dumps(index))
     fqn = "model.language_model.layers.1.self_attn.o_proj.weight"  # the parameter, in transformers 5's names
-    return WeightError, lambda msg: msg == f"model '{folder}': checkpoint has no tensor for '{fqn}'"
+    return WeightError, lambda msg: msg == (f"model '{folder}': checkpoint has no tensor for '{fqn}' (in this "
+                                            f"checkpoint's naming: '{MISSING_KEY}')")
 
 
 def pickled_only(folder: Path):

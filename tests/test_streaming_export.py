@@ -128,3 +128,22 @@ def test_bf16_checkpoint_streams_to_fp16_and_fp32(tmp_path):
     assert torch.equal(ck.read("w", torch.float16), t.to(torch.float16))
     assert ck.read("e").shape == (0, 4)
     assert json.loads(json.dumps(sorted(ck.keys()))) == ["e", "w"]
+
+
+def test_tied_lm_head_streams_from_the_embedding_tensor(tmp_path):
+    """A checkpoint saved with tied embeddings has no lm_head tensor: the head comes from the embedding's."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from safeclip.export.weights import SafetensorsCheckpoint, checkpoint_key_map, meta_model
+
+    v = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=28, patch_size=14, projection_dim=16)
+    t = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+    cfg = LlavaConfig(vision_config=v, text_config=t, image_token_index=99, tie_word_embeddings=True)
+    LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    ckpt = SafetensorsCheckpoint(tmp_path)
+    assert not [k for k in ckpt.keys() if "lm_head" in k]
+    keys = checkpoint_key_map(meta_model(LlavaForConditionalGeneration, cfg), ckpt)
+    assert keys["lm_head.weight"] == keys["model.language_model.embed_tokens.weight"] == \
+        "language_model.model.embed_tokens.weight"

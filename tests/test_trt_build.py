@@ -1,9 +1,9 @@
 """Engine builder (safeclip.runtime.backends.trt_build).
 
 Without TensorRT: profile validation, the install hint, plan cache keys, atomic writes, and the build
-orchestration against a stand-in ``tensorrt`` module that mimics the TensorRT 10 and 11 Python API names
-the builder uses (checked against the tensorrt 10.3.0 and 11.4.0.106 bindings). With TensorRT and a GPU
-(``-m trt``): a real two-profile build of a small graph.
+orchestration against the stand-in ``tensorrt`` module (tests/_fake_trt.py, shared with the runtime backend's
+tests), whose names tests/test_trt_api_names.py checks against the tensorrt 10.3.0 and 11.4.0.106 bindings.
+With TensorRT and a GPU (``-m trt``): a real two-profile build of a small graph.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from _fake_trt import fake_tensorrt  # noqa: E402
 from safeclip.runtime.backends import trt_build as build  # noqa: E402
 
 TRT_SKIP = "tensorrt not installed (cannot be installed here: no NVIDIA index)"
@@ -36,154 +37,10 @@ def small_onnx(path: Path, op: str = "Relu", batch="B") -> Path:
     return path
 
 
-# -- a stand-in for the tensorrt module ----------------------------------------------------------------
-
-def fake_tensorrt(version: str, build_fails: bool = False):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    major = int(version.split(".")[0])
-
-    class ILogger:
-        class Severity(enum.IntEnum):
-            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-        def __init__(self):
-            pass
-
-    class IProgressMonitor:
-        def __init__(self):
-            pass
-
-    trt.ILogger, trt.IProgressMonitor = ILogger, IProgressMonitor
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
-    flags = {"TF32": 7, "REFIT": 3} | ({"FP16": 0, "INT8": 1} if major < 11 else {})   # 11 removed FP16/INT8
-    trt.BuilderFlag = enum.IntEnum("BuilderFlag", flags)
-    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
-
-    class Tensor:
-        def __init__(self, name, shape):
-            self.name, self.shape = name, shape
-
-    class Network:
-        def __init__(self, flags):
-            self.flags, self.inputs = flags, []
-
-        num_inputs = property(lambda self: len(self.inputs))
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-        def get_flag(self, flag):
-            return bool(self.flags & (1 << int(flag)))
-
-    class ParserError:
-        def __init__(self, node, op, desc):
-            self._n, self._o, self._d = node, op, desc
-
-        def desc(self):
-            return self._d
-
-        def node_name(self):
-            return self._n
-
-        def node_operator(self):
-            return self._o
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network, self.errors = network, []
-
-        def parse_from_file(self, path):
-            m = onnx.load(path)
-            for vi in m.graph.input:
-                dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
-                self.network.inputs.append(Tensor(vi.name, dims))
-            self.errors = [ParserError(n.name, n.op_type, "unsupported operator") for n in m.graph.node
-                           if n.op_type == "Multinomial"]
-            return not self.errors
-
-        num_errors = property(lambda self: len(self.errors))
-
-        def get_error(self, i):
-            return self.errors[i]
-
-    class Cache:
-        def __init__(self, blob):
-            self.blob = bytes(blob)
-
-        def serialize(self):
-            return bytearray(self.blob + b"+")            # one more timing entry per build
-
-    class Config:
-        def __init__(self):
-            self.flags, self.pools, self.profiles, self.cache, self.progress_monitor = set(), {}, [], None, None
-            self.loaded = None
-
-        def set_flag(self, flag):
-            self.flags.add(flag.name)
-
-        def set_memory_pool_limit(self, pool, size):
-            self.pools[pool.name] = size
-
-        def add_optimization_profile(self, p):
-            self.profiles.append(p.shapes)
-            return len(self.profiles) - 1
-
-        def create_timing_cache(self, blob):
-            return Cache(blob)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            if cache.blob and not cache.blob.startswith(b"cache:" + version.encode()):
-                return False                              # recorded elsewhere: TensorRT refuses it
-            self.cache, self.loaded = cache, cache.blob
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, mn, opt, mx):
-            self.shapes[name] = (tuple(mn), tuple(opt), tuple(mx))
-
-    class Builder:
-        last = None
-
-        def __init__(self, logger):
-            self.logger = logger
-            Builder.last = self
-
-        def create_network(self, flags):
-            self.network = Network(flags)
-            return self.network
-
-        def create_builder_config(self):
-            self.config = Config()
-            return self.config
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            if config.progress_monitor is not None:
-                config.progress_monitor.phase_start("Building engine", None, 2)
-            if build_fails:
-                self.logger.log(ILogger.Severity.ERROR, "out of workspace for layer mm")
-                return None
-            if config.cache is not None and not config.cache.blob:
-                config.cache = Cache(b"cache:" + version.encode())
-            return bytearray(b"PLAN " + repr(sorted(config.flags)).encode())
-
-    trt.Builder, trt.OnnxParser = Builder, OnnxParser
-    return trt
-
-
 @pytest.fixture
 def with_trt(monkeypatch):
     def install(version="10.3.0.30", **kw):
-        trt = fake_tensorrt(version, **kw)
+        trt = fake_tensorrt(None, version, **kw)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         return trt
     return install
@@ -251,17 +108,18 @@ def test_trt10_strongly_typed_build(with_trt, tmp_path):
     msgs = []
     rec = build.engine_from_onnx(onnx_path, plan_path, PROFILES, workspace_bytes=1 << 28, timing_cache=cache,
                                  progress=msgs.append, device=DEVICE)
-    b = sys.modules["tensorrt"].Builder.last
-    assert b.network.flags == 1 << 1                         # STRONGLY_TYPED requested at network creation
-    assert b.config.flags == set() and b.config.pools == {"WORKSPACE": 1 << 28}
-    assert b.config.profiles == [{"x": ((1, 4), (1, 4), (1, 4))}, {"x": ((1, 4), (4, 4), (8, 4))}]
+    b = sys.modules["tensorrt"].Builder.fake_last
+    assert b.fake_network.fake_flags == 1 << 1                         # STRONGLY_TYPED requested at network creation
+    assert b.fake_config.fake_flags == set() and b.fake_config.fake_pools == {"WORKSPACE": 1 << 28}
+    assert b.fake_config.fake_profiles == [{"x": ((1, 4), (1, 4), (1, 4))}, {"x": ((1, 4), (4, 4), (8, 4))}]
     assert plan_path.read_bytes() == b"PLAN []" and msgs == ["Building engine (2 steps)"]
     assert rec["file"] == "m.plan" and rec["bytes"] == 7 and rec["precision"] == "strongly_typed"
     assert rec["profiles"][1] == {"x": {"min": [1, 4], "opt": [4, 4], "max": [8, 4]}}
     assert {k: rec[k] for k in DEVICE} == DEVICE
     assert cache.read_bytes() == b"cache:10.3.0.30+"
     build.engine_from_onnx(onnx_path, plan_path, PROFILES, timing_cache=cache, device=DEVICE)
-    assert sys.modules["tensorrt"].Builder.last.config.loaded == b"cache:10.3.0.30+"   # reused, then extended
+    b = sys.modules["tensorrt"].Builder.fake_last
+    assert b.fake_config.fake_loaded == b"cache:10.3.0.30+"   # reused, then extended
     assert cache.read_bytes() == b"cache:10.3.0.30++"
 
 
@@ -269,8 +127,8 @@ def test_trt10_fp16_flag_build(with_trt, tmp_path):
     with_trt("10.16.0.72")
     build.engine_from_onnx(small_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", PROFILES, precision="fp16",
                            device=DEVICE)
-    b = sys.modules["tensorrt"].Builder.last
-    assert b.network.flags == 0 and b.config.flags == {"FP16"}
+    b = sys.modules["tensorrt"].Builder.fake_last
+    assert b.fake_network.fake_flags == 0 and b.fake_config.fake_flags == {"FP16"}
     assert (tmp_path / "m.plan").read_bytes() == b"PLAN ['FP16']"
 
 
@@ -278,8 +136,8 @@ def test_trt11_is_strongly_typed_only(with_trt, tmp_path):
     with_trt("11.4.0.106")
     onnx_path = small_onnx(tmp_path / "m.onnx")
     build.engine_from_onnx(onnx_path, tmp_path / "m.plan", PROFILES, device=DEVICE)
-    b = sys.modules["tensorrt"].Builder.last
-    assert b.network.flags == 0 and b.config.flags == set()   # always strongly typed; the flag is ignored there
+    b = sys.modules["tensorrt"].Builder.fake_last
+    assert b.fake_network.fake_flags == 0 and b.fake_config.fake_flags == set()   # always strongly typed (flag ignored)
     with pytest.raises(build.EngineBuildError, match="no BuilderFlag.FP16 \\(removed in TensorRT 11\\)"):
         build.engine_from_onnx(onnx_path, tmp_path / "m2.plan", PROFILES, precision="fp16", device=DEVICE)
     assert not (tmp_path / "m2.plan").exists()
@@ -319,7 +177,7 @@ def test_profiles_must_fit_the_network(with_trt, tmp_path):
             build.engine_from_onnx(path, tmp_path / "m.plan", prof, device=DEVICE)
     static = small_onnx(tmp_path / "static.onnx", batch=2)
     rec = build.engine_from_onnx(static, tmp_path / "static.plan", [], device=DEVICE)
-    assert rec["profiles"] == [] and sys.modules["tensorrt"].Builder.last.config.profiles == []
+    assert rec["profiles"] == [] and sys.modules["tensorrt"].Builder.fake_last.fake_config.fake_profiles == []
 
 
 def test_failed_build_reports_tensorrt_errors(with_trt, tmp_path):

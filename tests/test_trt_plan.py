@@ -9,7 +9,7 @@ import pytest
 
 from safeclip.runtime.backends.ort import BackendError
 from safeclip.runtime.backends.trt_plan import (
-    PlanMismatchError, ProfileSelectionError, check_plan_compatible, kv_buffer_bytes, select_profile)
+    PlanMismatchError, ProfileSelectionError, check_plan_compatible, select_profile)
 
 ORIN = {"tensorrt_version": "10.3.0.30", "compute_capability": "8.7", "gpu_name": "Orin"}
 
@@ -76,26 +76,6 @@ def test_select_profile_errors():
         select_profile([PREFILL], {"input_ids": (1, 5), "past_len": (1,), "pixel_values": (1, 3, 336, 336)})
     with pytest.raises(ProfileSelectionError, match="no optimization profiles"):
         select_profile([], {"input_ids": (1, 5)})
-
-
-def test_kv_buffer_bytes_matches_numpy_allocation():
-    # the oracle: allocate the buffers the backend would bind, and count their bytes
-    layers, heads, dim, cap, batch = 3, 2, 8, 16, 2
-    for dtype, np_dtype in (("float16", np.float16), ("float32", np.float32), (np.float16, np.float16)):
-        bufs = [np.zeros((batch, heads, cap, dim), np_dtype) for _ in range(2 * layers)]
-        assert kv_buffer_bytes(layers, heads, dim, cap, batch, dtype) == sum(b.nbytes for b in bufs)
-    assert kv_buffer_bytes(1, 1, 1, 1, 1, "bf16") == 4
-    # LLaVA-1.5-7B (32 layers, 32 KV heads, head_dim 128) at 4096 tokens in fp16: 2 GiB
-    assert kv_buffer_bytes(32, 32, 128, 4096, 1, "fp16") == 2 * 1024 ** 3
-
-
-def test_kv_buffer_bytes_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="capacity must be a positive int"):
-        kv_buffer_bytes(2, 2, 8, 0, 1)
-    with pytest.raises(ValueError, match="batch"):
-        kv_buffer_bytes(2, 2, 8, 16, True)
-    with pytest.raises(ValueError, match="unknown dtype"):
-        kv_buffer_bytes(2, 2, 8, 16, 1, "float13")
 
 
 def test_module_imports_no_tensorrt_torch_or_exporter():

@@ -99,3 +99,15 @@ def test_vision_profile_covers_every_llava_next_view_count(tgt):
     assert covered([prof], {"pixel_values": (5, 3, 336, 336)}) is not None
     for views in counts:
         assert covered([prof], {"pixel_values": (views, 3, 336, 336)}) is not None, f"{views} views"
+
+
+def test_datacenter_batch_profiles_are_what_the_runtime_runs():
+    """The TensorRT vision session sizes its buffers for the largest shape a profile allows, so no datacenter
+    profile goes beyond one image's views (the vision graph) or one sequence (the decoder)."""
+    tgt = TARGETS["datacenter"]
+    pins = MODELS["llava-v1.6-mistral-7b"]["image_grid_pinpoints"]
+    assert vision_plan(tgt)["pixel_values"]["max"][0] == 1
+    assert vision_plan(tgt, pins)["pixel_values"]["max"][0] == max_views(pins, 336) == 5
+    H, kv, ctx = dims("llava-v1.6-mistral-7b")
+    for prof in tgt.decoder_profiles(H, kv.num_layers, kv.num_kv_heads, kv.head_dim, ctx):
+        assert {spec["max"][0] for spec in prof.values()} == {1}, f"{tgt.name}: a decoder profile batches"

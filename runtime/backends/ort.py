@@ -1,6 +1,6 @@
 """ONNX Runtime: sessions for the vision+gate graph, and :class:`OrtDecoder` for the language model.
 
-Supported: CPU always; CUDA / TensorRT execution providers when onnxruntime-gpu has them. Threads: an
+Supported: CPU always; the CUDA execution provider when onnxruntime-gpu has it. Threads: an
 explicit ``threads`` argument, else ``SAFECLIP_THREADS``, else ONNX Runtime's default; the vision session
 and the decoder session both honour it (:func:`make_options`).
 
@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..messages import one_line
 from .base import BackendError, ContextError, DecoderNames, KVSpec
 
 __all__ = ["BackendError", "OrtSession", "OrtDecoder", "available_providers", "make_session", "make_options"]
@@ -36,7 +37,6 @@ __all__ = ["BackendError", "OrtSession", "OrtDecoder", "available_providers", "m
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt-ep": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 
 
@@ -89,8 +89,7 @@ def make_session(path: str | Path, device: str = "cpu", threads: int | None = No
     try:
         sess = ort.InferenceSession(str(path), so, providers=[p for p in wanted if p in have])
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BackendError(f"cannot load {Path(path).name}: {msg}") from None
+        raise BackendError(f"cannot load {Path(path).name}: {one_line(e)}") from None
     return OrtSession(sess, wanted[0])
 
 

@@ -5,8 +5,9 @@
   built by this TensorRT version on this GPU (``check_plan_compatible``).
 * ``onnxruntime-cuda``: onnxruntime lists ``CUDAExecutionProvider`` (onnxruntime-gpu).
 * ``onnxruntime-cpu``: always, when onnxruntime imports.
-* ``onnxruntime-tensorrt`` (ORT's TensorRT execution provider) only when asked for by name: it builds its
-  own engines at session creation, and where TensorRT is present the native backend is preferred.
+* ``onnxruntime-tensorrt`` (ORT's TensorRT execution provider) is not offered: it would build its engines
+  without the bundle's optimization profiles or an engine cache, so it rebuilds them whenever the KV
+  length grows. Asking for it raises :class:`BackendError` naming ``tensorrt`` and ``onnxruntime-cuda``.
 
 :func:`open_vision` and :func:`open_decoder` open a bundle's graphs with the chosen backend (what
 ``Pipeline.load`` needs). ``auto`` walks that order and records in :attr:`BackendChoice.notes` why a faster backend was passed over
@@ -24,13 +25,15 @@ from .base import BackendError
 from .trt_plan import PlanMismatchError, check_plan_compatible
 
 BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
-ORT_DEVICE = {"onnxruntime-cuda": "cuda", "onnxruntime-cpu": "cpu", "onnxruntime-tensorrt": "tensorrt-ep"}
+ORT_DEVICE = {"onnxruntime-cuda": "cuda", "onnxruntime-cpu": "cpu"}
 _ALIASES = {"auto": "auto", "tensorrt": "tensorrt", "trt": "tensorrt", "onnxruntime-cuda": "onnxruntime-cuda",
             "onnxruntime-gpu": "onnxruntime-cuda", "cuda": "onnxruntime-cuda", "onnxruntime-cpu": "onnxruntime-cpu",
-            "onnxruntime": "onnxruntime-cpu", "cpu": "onnxruntime-cpu", "onnxruntime-tensorrt": "onnxruntime-tensorrt"}
+            "onnxruntime": "onnxruntime-cpu", "cpu": "onnxruntime-cpu"}
+_DROPPED = {"onnxruntime-tensorrt": "onnxruntime-tensorrt is not supported (ONNX Runtime's TensorRT provider would "
+            "rebuild its engines whenever the KV length grows): use tensorrt, with engines from safeclip-build, "
+            "or onnxruntime-cuda"}
 
-__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "pick_backend", "open_vision",
-           "open_decoder"]
+__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "open_vision", "open_decoder"]
 
 
 class Probe:
@@ -50,7 +53,7 @@ class Probe:
 
 @dataclass(frozen=True)
 class BackendChoice:
-    name: str                                     # tensorrt | onnxruntime-cuda | onnxruntime-cpu | onnxruntime-tensorrt
+    name: str                                     # tensorrt | onnxruntime-cuda | onnxruntime-cpu
     notes: tuple[str, ...] = field(default_factory=tuple)   # why faster backends were passed over
 
 
@@ -82,10 +85,11 @@ def choose_backend(manifest, requested: str = "auto", probe: Probe | None = None
     """The backend to run ``manifest`` (a ``Manifest`` or its dict) with; raises :class:`BackendError` when an
     explicit request cannot be honoured. ``auto``: tensorrt (plans built here), then onnxruntime-cuda
     (CUDAExecutionProvider present), then onnxruntime-cpu."""
+    if str(requested).lower() in _DROPPED:
+        raise BackendError(_DROPPED[str(requested).lower()])
     want = _ALIASES.get(str(requested).lower())
     if want is None:
-        raise BackendError(f"unknown backend '{requested}' (supported: auto, {', '.join(BACKENDS)}, "
-                           "onnxruntime-tensorrt)")
+        raise BackendError(f"unknown backend '{requested}' (supported: auto, {', '.join(BACKENDS)})")
     root = str(getattr(manifest, "root", "DIR"))
     m = manifest if isinstance(manifest, Manifest) else Manifest(Path(root), dict(manifest))
     probe = probe or Probe()
@@ -100,11 +104,10 @@ def choose_backend(manifest, requested: str = "auto", probe: Probe | None = None
     providers = probe.ort_providers()
     if not providers:
         raise BackendError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)")
-    for name, ep in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
-        if want == name and ep not in providers:
-            raise BackendError(f"{name} backend unavailable: onnxruntime has no {ep} (have: {', '.join(providers)}); "
-                               "install onnxruntime-gpu (on Jetson, the build for your JetPack)")
-    if want in ("onnxruntime-cuda", "onnxruntime-tensorrt", "onnxruntime-cpu"):
+    if want == "onnxruntime-cuda" and "CUDAExecutionProvider" not in providers:
+        raise BackendError(f"onnxruntime-cuda backend unavailable: onnxruntime has no CUDAExecutionProvider (have: "
+                           f"{', '.join(providers)}); install onnxruntime-gpu (on Jetson, the build for your JetPack)")
+    if want in ("onnxruntime-cuda", "onnxruntime-cpu"):
         return BackendChoice(want)
     if "CUDAExecutionProvider" in providers:
         return BackendChoice("onnxruntime-cuda", tuple(notes))
@@ -112,20 +115,15 @@ def choose_backend(manifest, requested: str = "auto", probe: Probe | None = None
     return BackendChoice("onnxruntime-cpu", tuple(notes))
 
 
-def pick_backend(manifest, requested: str = "auto", probe: Probe | None = None) -> str:
-    """Name of the backend :func:`choose_backend` picks."""
-    return choose_backend(manifest, requested, probe).name
-
-
 def open_vision(manifest, backend: str, threads: int | None = None):
-    """The vision+gate session of a verified ``Manifest`` for ``backend`` (a name :func:`pick_backend` returns):
+    """The vision+gate session of a verified ``Manifest`` for ``backend`` (the name of a :func:`choose_backend` choice):
     a ``TrtVisionSession`` or an ``OrtSession``, both ``run(feeds) -> {name: array}``."""
     if backend == "tensorrt":
         from .trt import TrtVisionSession
         return TrtVisionSession.from_manifest(manifest)
     from .ort import make_session
     if backend not in ORT_DEVICE:
-        raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)}, onnxruntime-tensorrt)")
+        raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)})")
     return make_session(manifest.path(manifest.vision.file), device=ORT_DEVICE[backend],
                         threads=threads)
 
@@ -142,9 +140,8 @@ def open_decoder(manifest, backend: str, *, context: int | None = None, threads:
         return TrtDecoder.from_manifest(manifest, capacity=cap)
     from .ort import OrtDecoder
     if backend not in ORT_DEVICE:
-        raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)}, onnxruntime-tensorrt)")
+        raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)})")
     device = "cpu" if backend == "onnxruntime-cpu" else "cuda"          # KV arenas live where the provider runs
-    providers = {"onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(backend)
     return OrtDecoder.from_manifest(manifest.root, manifest.decoder, capacity=cap or model_ctx,
                                     context_length=model_ctx, session_options=session_options, threads=threads,
-                                    device=device, providers=providers)
+                                    device=device)

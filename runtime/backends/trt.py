@@ -42,8 +42,8 @@ from .trt_plan import check_plan_compatible, select_profile
 from ..graph_spec import decoder_spec
 
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
-            "elsewhere NVIDIA's TensorRT wheels or tarball (the bindings are on PyPI, the libraries they load come "
-            "from NVIDIA's index: pip install tensorrt --extra-index-url https://pypi.nvidia.com)")
+            "elsewhere pip install tensorrt-cu12 (or -cu13), whose libraries download from NVIDIA's index "
+            "(only the bindings are on PyPI), or NVIDIA's tarball")
 
 __all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "import_tensorrt", "this_device",
            "plan_capacity", "decoder_shapes"]

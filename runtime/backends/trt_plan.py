@@ -10,7 +10,6 @@
 * :func:`select_profile` picks the optimization profile for the shapes of one call: among the profiles
   whose [min, max] cover every shape, the one whose ``opt`` is nearest (a one-token decode step picks
   the decode profile, a long prompt the prefill one).
-* :func:`kv_buffer_bytes` sizes the key/value buffers preallocated to capacity.
 """
 from __future__ import annotations
 
@@ -20,11 +19,8 @@ from .base import BackendError
 
 REBUILD = "safeclip-build --bundle {bundle}"
 DEVICE_FIELDS = ("tensorrt_version", "compute_capability", "gpu_name")
-_ITEMSIZE = {"float32": 4, "fp32": 4, "float": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
-             "float8": 1, "fp8": 1, "int8": 1, "uint8": 1}
 
-__all__ = ["PlanMismatchError", "ProfileSelectionError", "check_plan_compatible", "select_profile",
-           "kv_buffer_bytes", "REBUILD"]
+__all__ = ["PlanMismatchError", "ProfileSelectionError", "check_plan_compatible", "select_profile", "REBUILD"]
 
 
 class PlanMismatchError(BackendError):
@@ -94,25 +90,3 @@ def select_profile(profiles: Sequence[Mapping[str, Mapping[str, Sequence[int]]]]
         asked = ", ".join(f"{n} {list(s)}" for n, s in want.items())
         raise ProfileSelectionError(f"no optimization profile covers {asked} (profiles {ranges})")
     return best
-
-
-def kv_buffer_bytes(num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, batch: int,
-                    dtype: Any = "float16") -> int:
-    """Bytes of all key and value buffers: 2 x layers x [batch, kv_heads, capacity, head_dim] x itemsize."""
-    for label, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                     ("capacity", capacity), ("batch", batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{label} must be a positive int, got {v!r}")
-    return 2 * num_layers * batch * num_kv_heads * capacity * head_dim * _itemsize(dtype)
-
-
-def _itemsize(dtype: Any) -> int:
-    key = str(getattr(dtype, "name", dtype)).lower().removeprefix("torch.").removeprefix("numpy.")
-    if key in _ITEMSIZE:
-        return _ITEMSIZE[key]
-    import numpy as np
-
-    try:
-        return int(np.dtype(dtype).itemsize)
-    except TypeError as e:
-        raise ValueError(f"unknown dtype {dtype!r}") from e

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..gate import POLICIES
+from ..messages import one_line
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,8 @@ def serve_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-connections", type=int, default=64, help="open connections before uvicorn answers "
                    "503 (default 64)")
     g = p.add_argument_group("gate")
-    g.add_argument("--policy", choices=POLICIES, help="what a flagged image does (default: the bundle's)")
+    g.add_argument("--policy", choices=POLICIES, help="what a flagged image does for every request "
+                   "(default: the bundle's; clients cannot change it)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-body-mb", type=float, default=DEFAULTS["max_body_bytes"] / 2 ** 20,
                      help="largest request body in MiB (default %(default)g)")
@@ -117,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
                          max_prompt_chars=args.max_prompt_chars, queue_timeout_s=args.queue_timeout)
     except Exception as e:                 # library errors are typed one-liners; never show a traceback
-        s = str(e).strip()
-        print(f"safeclip-serve: error: {s.splitlines()[0] if s else type(e).__name__}", file=sys.stderr)
+        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
         return 1
     try:
         sock = _listen(args.host, args.port)
