@@ -158,6 +158,8 @@ class Pipeline:
         self._lock = threading.Lock()                # one decoder: one step at a time (_DecoderLease)
         self._cache_owner: object | None = None      # the token of the _DecoderLease whose sequence is cached
         self.backend_notes: list[str] = []
+        self.image_cache_bytes = 256 << 20            # conversations' image features + verdicts (chat.ImageCache)
+        self._image_cache = None
         g, self.names = manifest.gate_config, manifest.vision.names      # validated when the bundle loaded
         self.classes: list[str] = list(g.classes)
         self.safe_classes: list[str] = list(g.safe_classes)
@@ -198,6 +200,20 @@ class Pipeline:
     @property
     def has_language_model(self) -> bool:
         return self._lm is not None
+
+    # -- conversations (chat.py) ------------------------------------------------------------------------
+    def chat(self, system: str | None = None):
+        """A new conversation (``chat.Chat``): ``ask(text, image=None, ...)`` per turn, ``history``, ``reset()``."""
+        from .chat import Chat
+        return Chat(self, system)
+
+    @property
+    def image_cache(self):
+        """Image features and verdicts by content hash, shared by this pipeline's conversations (LRU, bounded)."""
+        if self._image_cache is None:
+            from .chat import ImageCache
+            self._image_cache = ImageCache(self.image_cache_bytes)
+        return self._image_cache
 
     # -- vision + gate ----------------------------------------------------------------------------------
     def pixel_values(self, image, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -92,3 +92,5 @@ class Decoder(Protocol):
     def prefill(self, inputs_embeds) -> Any: ...            # [S, D] -> logits [V]
     def decode_one_token(self, token_embeds) -> Any: ...    # [D] -> logits [V]
     def reset(self, length: int = 0) -> None: ...
+    def extend(self, inputs_embeds) -> Any: ...             # [S, D] after the cached ones -> logits [V]
+    def truncate(self, length: int) -> None: ...            # keep the first ``length`` cached positions

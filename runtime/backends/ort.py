@@ -215,3 +215,35 @@ class OrtDecoder:
         """Append one token's embedding [D] to the cache; returns the next logits [V] (a view)."""
         self._token.reshape(-1)[:] = np.asarray(token_embeds).reshape(-1)
         return self._run(self._token)
+
+    def extend(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Append S tokens [S, D] to what is cached (one call, past P = ``length``); returns the last logits [V]."""
+        x = np.asarray(inputs_embeds)
+        x = np.ascontiguousarray(x.reshape(1, -1, x.shape[-1]), dtype=self.dtype)   # [1, S, D]
+        if x.shape[-1] != self.hidden_size or x.shape[1] < 1:
+            raise ValueError(f"embeddings must be [S, {self.hidden_size}], got {np.shape(inputs_embeds)}")
+        return self._run(x)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` cached positions. A cached [1, KVH, L, Hd] tensor packs each head's L rows
+        together, so keeping L' < L rows moves every head after the first: each layer's key and value are
+        repacked into the other arena set (which becomes current). CUDA arenas go through host memory."""
+        L, n = self.length, int(length)
+        if not 0 <= n <= L:
+            raise ContextError(f"cannot truncate {L} cached positions to {n}")
+        if n == L:
+            return
+        if n == 0:
+            self.reset()
+            return
+        H, D = self.kv.num_kv_heads, self.kv.head_dim
+        for j in range(2 * self.kv.num_layers):
+            if self.device == "cpu":
+                src, dst = self._arena[self._cur, j], self._arena[1 - self._cur, j]
+                dst[: H * n * D].reshape(H, n, D)[:] = src[: H * L * D].reshape(H, L, D)[:, :n]
+            else:
+                host = self._arena[self._cur][j].numpy()
+                out = np.zeros_like(host)
+                out[: H * n * D].reshape(H, n, D)[:] = host[: H * L * D].reshape(H, L, D)[:, :n]
+                self._arena[1 - self._cur][j].update_inplace(out)
+        self._cur, self.length = 1 - self._cur, n

@@ -38,7 +38,7 @@ import numpy as np
 
 from .base import BackendError, ContextError, DecoderNames
 from .cuda import CudaRuntime, round_up
-from .trt_plan import check_plan_compatible, select_profile
+from .trt_plan import ProfileSelectionError, check_plan_compatible, select_profile
 from ..graph_spec import decoder_spec
 
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
@@ -429,6 +429,54 @@ class TrtDecoder:
             raise ValueError(f"a token embedding has {self.hidden_size} values, got {e.size}")
         self._stage[: e.size] = e
         return self._run(1)
+
+    def takes(self, past: int, seq: int) -> bool:
+        """Whether one call with ``past`` cached and ``seq`` new tokens lies in a profile of the plan."""
+        shapes = decoder_shapes(self.kv, self.hidden_size, past, seq, names=self.names)
+        try:
+            select_profile(self._select, {n: shapes[n] for n in self._select[0]})
+        except ProfileSelectionError:
+            return False
+        return True
+
+    def extend(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Append S tokens [S, D] to what is cached; returns the last logits [V] (a view). One call when a
+        profile takes (past, S); else one token at a time through the decode profile (the targets' two
+        profiles, prefill at past 0 and decode at seq 1, do not take a multi-token extension)."""
+        x = np.asarray(inputs_embeds)
+        x = x.reshape(-1, x.shape[-1]) if x.ndim else x
+        if x.ndim != 2 or x.shape[-1] != self.hidden_size or x.shape[0] < 1:
+            raise ValueError(f"embeddings must be [S, {self.hidden_size}], got {np.shape(inputs_embeds)}")
+        if self.length + x.shape[0] > self.capacity:
+            raise ContextError(f"{self.length} cached + {x.shape[0]} new tokens exceed the cache capacity "
+                               f"{self.capacity}")
+        if self.takes(self.length, x.shape[0]):
+            self._stage[: x.size] = x.reshape(-1)
+            return self._run(x.shape[0])
+        for row in x:
+            logits = self.decode_one_token(row)
+        return logits
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` cached positions: each head's rows of a [1, KVH, L, Hd] tensor are packed
+        for L, so every layer's key and value is repacked (one device copy per head) into the other arena set,
+        which becomes current."""
+        L, n = self.length, int(length)
+        if not 0 <= n <= L:
+            raise ContextError(f"cannot truncate {L} cached positions to {n}")
+        if n == L:
+            return
+        if n == 0:
+            self.reset()
+            return
+        H = self.kv.num_kv_heads
+        row = self.kv.head_dim * self.eng.io[self._kv.names[0][0]][1].itemsize          # bytes of one position
+        src, dst = self._arena[self._cur], self._arena[1 - self._cur]
+        for j in range(len(self._kv.names)):
+            for h in range(H):
+                self.cuda.d2d(dst[j] + h * n * row, src[j] + h * L * row, n * row, self.c.stream)
+        self.cuda.sync(self.c.stream)
+        self._cur, self.length = 1 - self._cur, n
 
     def close(self) -> None:
         _close(self)

@@ -1,0 +1,368 @@
+"""A conversation on one :class:`~safeclip.runtime.pipeline.Pipeline`: system prompt, user and assistant turns,
+several images across turns, every image gated, the KV cache reused from turn to turn.
+
+    chat = pipe.chat(system="You are a kind museum guide.")
+    for piece in (s := chat.ask("What is this?", image="photo.jpg")):
+        print(piece, end="")
+    s.result.verdicts                       # every image of the conversation, in order
+    chat.ask("How old is it?").result.text  # the same image, no second vision pass, only the new tokens prefilled
+    chat.history                            # the messages as rendered; chat.reset() starts over
+
+Rendering: the whole history goes through the bundle's own chat template (``prompt.render_messages``, as
+transformers' ``apply_chat_template`` renders it), every content a list of parts, each image placeholder
+expanded to the positions its image takes (fixed for LLaVA-1.5, by image size for anyres).
+
+KV reuse: the cache holds the last sequence this conversation ran. A new turn compares the new token sequence
+(image positions compared by image content) with it: the cache is cut back to the longest common prefix
+(``Decoder.truncate``: the template may re-render an earlier turn differently from the tokens generated) and
+only the tokens after it are prefilled (``Decoder.extend``). If another request used the decoder in between,
+the whole sequence is prefilled again. The pipeline's lock is taken per decoder step, never across a yield.
+
+Images: features and verdicts are cached by content hash (sha256 of the file bytes, or of a PIL image's
+pixels, and ``max_pixels``) in the pipeline's bounded LRU :class:`ImageCache`, so an image sent again
+(a stateless client re-sending its history) costs no second vision pass. A flagged image applies the turn's
+policy: ``instruct`` puts the safety instruction right after that image (it stays in the history);
+``refuse`` answers that turn with the templated refusal without running the language model, and every later
+turn of the conversation is refused too (the language model never sees a refused image: start over);
+``annotate`` only reports. The verdicts of all images are on every result.
+
+Context: when history plus the new turn do not fit the decoder's capacity, :class:`ContextError` is raised
+before any vision or language-model work; history is never truncated silently (``reset()`` starts over).
+
+A turn joins the history when its stream has been iterated to the end (a refused turn at once); asking again
+before that drops the unfinished turn.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .backends.base import ContextError
+from .gate import POLICIES, Verdict
+from .image import MAX_PIXELS
+from .pipeline import Answer, AnswerStream, GenerationUnavailable, _ms
+
+__all__ = ["Chat", "ChatAnswer", "ChatStream", "ImageCache", "image_key"]
+
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+def image_key(image, max_pixels: int = MAX_PIXELS) -> str:
+    """Content hash of an image source: its bytes (a path's file bytes), or a PIL image's mode, size, pixels."""
+    from .image import ImageError
+
+    h = hashlib.sha256()
+    if isinstance(image, (str, Path)):
+        try:
+            h.update(Path(image).read_bytes())
+        except OSError as e:
+            raise ImageError(f"{Path(image).name}: cannot read file ({e.strerror or e})") from None
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        h.update(bytes(image))
+    elif hasattr(image, "tobytes") and hasattr(image, "mode") and hasattr(image, "size"):
+        h.update(f"PIL:{image.mode}:{image.size}".encode())
+        h.update(image.tobytes())
+    else:
+        raise ImageError(f"<{type(image).__name__}>: unsupported image source type (path, bytes or PIL image)")
+    h.update(f":{max_pixels}".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Image:
+    key: str
+    features: np.ndarray          # [N, D_lm]
+    verdict: Verdict
+
+    @property
+    def positions(self) -> int:
+        return int(self.features.shape[0])
+
+
+class ImageCache:
+    """Image features and verdicts by content hash; least recently used entries go beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
+        self._items: OrderedDict[str, _Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> _Image | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, item: _Image) -> None:
+        with self._lock:
+            if item.key in self._items:
+                return
+            self._items[item.key] = item
+            self.bytes += item.features.nbytes
+            while self.bytes > self.max_bytes and self._items:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.features.nbytes
+
+    def stats(self) -> dict:
+        return {"entries": len(self._items), "bytes": self.bytes, "max_bytes": self.max_bytes,
+                "hits": self.hits, "misses": self.misses}
+
+
+@dataclass
+class _Turn:
+    text: str
+    images: list[_Image]
+    policy: str
+    instruction: str | None       # the caller's override of the safety instruction
+    answer: str = ""
+
+
+@dataclass(frozen=True)
+class ChatAnswer(Answer):
+    verdicts: tuple[Verdict, ...] = ()     # every image of the conversation so far, in order
+    cached_tokens: int = 0                 # prompt tokens the cache already held (not prefilled again)
+
+
+class _ChatLease:
+    """One turn's use of the pipeline's decoder (the ``Decoder`` shape ``TextStream`` drives), one locked step
+    at a time. The prefill reuses what the cache holds of this conversation; a step after another request used
+    the decoder rebuilds the cache from this turn's prompt and the tokens fed since (as ``_DecoderLease``)."""
+
+    def __init__(self, chat: "Chat", keys: np.ndarray):
+        self.chat, self.pipe, self.dec = chat, chat.pipe, chat.pipe._lm.decoder
+        self.capacity, self.hidden_size, self.dtype = self.dec.capacity, self.dec.hidden_size, self.dec.dtype
+        self.keys = keys                                 # [S] what each prompt position holds (module docstring)
+        self._prompt: np.ndarray | None = None
+        self._fed: list[np.ndarray] = []
+        self._fed_ids: list[int] = []
+        self._next_id: int | None = None                 # set by on_token before the token is fed
+        self._token = object()
+        self.cached = self.prefilled = 0
+
+    @property
+    def length(self) -> int:
+        return 0 if self._prompt is None else len(self._prompt) + len(self._fed)
+
+    def reset(self, length: int = 0) -> None:
+        self._prompt, self._fed = None, []
+
+    def on_token(self, token: int, _piece: str) -> None:
+        self._next_id = int(token)
+
+    def _own(self, keys: list[int]) -> None:
+        self.pipe._cache_owner = self.chat._cache_token = self._token
+        self.chat._cached_keys = keys
+
+    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        x = np.asarray(inputs_embeds)
+        self._prompt, self._fed, self._fed_ids = x.reshape(-1, x.shape[-1]), [], []        # [S, D]
+        S = len(self._prompt)
+        with self.pipe._lock:
+            keep = 0
+            if self.pipe._cache_owner is not None and self.pipe._cache_owner is self.chat._cache_token:
+                held = np.asarray(self.chat._cached_keys[: min(self.dec.length, S - 1)], np.int64)
+                diff = np.flatnonzero(held != self.keys[: held.size])
+                keep = int(diff[0]) if diff.size else held.size
+            if keep == 0:
+                logits = self.dec.prefill(self._prompt)
+            else:
+                self.dec.truncate(keep)                   # cut back to the first differing position
+                logits = self.dec.extend(self._prompt[keep:])
+            self.cached, self.prefilled = keep, S - keep
+            self._own([int(k) for k in self.keys])
+            return np.array(logits)
+
+    def decode_one_token(self, token_embeds: np.ndarray) -> np.ndarray:
+        e = np.asarray(token_embeds, dtype=self.dtype).reshape(-1)
+        self._fed.append(e)
+        self._fed_ids.append(-1 if self._next_id is None else self._next_id)
+        with self.pipe._lock:
+            if self.pipe._cache_owner is self._token:
+                self.chat._cached_keys.append(self._fed_ids[-1])
+                return np.array(self.dec.decode_one_token(e))
+            x = np.concatenate([np.asarray(self._prompt, self.dtype), np.stack(self._fed)])   # [S + n, D]
+            logits = np.array(self.dec.prefill(x))       # another request ran: rebuild
+            self._own([int(k) for k in self.keys] + list(self._fed_ids))
+            return logits
+
+
+class ChatStream(AnswerStream):
+    """One turn of a :class:`Chat`: iterate for the text pieces; ``.verdict`` (this turn's image, or the image
+    that refused it), ``.verdicts`` (every image of the conversation), ``.result`` a :class:`ChatAnswer`."""
+
+    def __init__(self, chat: "Chat", turn: _Turn, turn_id: int, verdicts: tuple[Verdict, ...],
+                 lease: _ChatLease | None, **kw):
+        super().__init__(chat.pipe, **kw)
+        self.chat, self.turn, self.turn_id, self.verdicts, self.lease = chat, turn, turn_id, verdicts, lease
+
+    def __iter__(self):
+        yield from super().__iter__()
+        if self.lease is not None:
+            self.timings.update(cached_tokens=self.lease.cached, prefill_tokens=self.lease.prefilled)
+            self.chat._finish(self.turn_id, self.turn, self._text_stream.result.text)
+
+    @property
+    def result(self) -> ChatAnswer:
+        base = super().result
+        return ChatAnswer(**{f.name: getattr(base, f.name) for f in fields(Answer)}, verdicts=self.verdicts,
+                          cached_tokens=0 if self.lease is None else self.lease.cached)
+
+
+class Chat:
+    """A conversation (module docstring). Made by :meth:`Pipeline.chat`."""
+
+    def __init__(self, pipe, system: str | None = None):
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"the system prompt must be a string, got {type(system).__name__}")
+        self.pipe, self.system = pipe, system
+        self._turns: list[_Turn] = []
+        self._pending = 0                                # id of the turn whose stream may still finish
+        self._cache_token: object | None = None          # the lease whose sequence this chat last cached
+        self._cached_keys: list[int] = []
+        self._codes: dict[str, int] = {}                 # image key -> its (negative) position key
+
+    # -- history ---------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self._turns, self._pending = [], self._pending + 1
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The finished turns as the template renders them (system, user parts, assistant answers)."""
+        return self._messages(self._turns)
+
+    @property
+    def verdicts(self) -> tuple[Verdict, ...]:
+        return tuple(im.verdict for t in self._turns for im in t.images)
+
+    def _user_message(self, turn: _Turn) -> dict[str, Any]:
+        parts: list[dict[str, Any]] = []
+        for im in turn.images:
+            parts.append({"type": "image"})
+            if im.verdict is not None and im.verdict.flagged and turn.policy == "instruct":
+                parts.append({"type": "text", "text": self.pipe.instruction_for(im.verdict.category,
+                                                                                  turn.instruction)})
+        parts.append({"type": "text", "text": turn.text})
+        return {"role": "user", "content": parts}
+
+    def _messages(self, turns: Sequence[_Turn], current: _Turn | None = None) -> list[dict[str, Any]]:
+        out = [] if self.system is None else [{"role": "system", "content": [{"type": "text", "text": self.system}]}]
+        for t in turns:
+            out += [self._user_message(t), {"role": "assistant", "content": [{"type": "text", "text": t.answer}]}]
+        if current is not None:
+            out.append(self._user_message(current))
+        return out
+
+    def _finish(self, turn_id: int, turn: _Turn, answer: str) -> None:
+        if turn_id == self._pending:
+            turn.answer = answer
+            self._turns.append(turn)
+            self._pending += 1
+
+    # -- tokens ----------------------------------------------------------------------------------------
+    def _tokens(self, turn: _Turn) -> tuple[np.ndarray, np.ndarray, list[_Image]]:
+        """(ids [S] with every image expanded, position keys [S], the images in order) of history + ``turn``."""
+        from .prompt import render_messages, tokenize
+
+        lm = self.pipe._lm
+        text = render_messages(lm.template, self._messages(self._turns, turn), add_generation_prompt=True,
+                               **lm.special_tokens)
+        images = [im for t in (*self._turns, turn) for im in t.images]
+        raw = tokenize(lm.tokenizer, text, lm.image_token_id, 1, bos_token=lm.special_tokens.get("bos_token"),
+                       num_images=len(images))
+        slots = np.flatnonzero(raw == lm.image_token_id)
+        repeats = np.ones(raw.size, np.int64)
+        repeats[slots] = [im.positions for im in images]
+        raw_keys = raw.copy()                          # an image's positions: one negative code per content
+        raw_keys[slots] = [-self._codes.setdefault(im.key, len(self._codes) + 1) for im in images]
+        ids, keys = np.repeat(raw, repeats), np.repeat(raw_keys, repeats)    # [S], [S]
+        return ids, keys, images
+
+    def _check_context(self, n: int) -> None:
+        cap = self.pipe._lm.decoder.capacity
+        if n > cap:
+            raise ContextError(f"conversation of {n} tokens ({len(self._turns)} earlier turns and this one) exceeds "
+                               f"the context capacity of {cap} tokens; start a new conversation (reset())")
+
+    # -- a turn ----------------------------------------------------------------------------------------
+    def ask(self, text: str, image=None, *, policy: str | None = None, instruction: str | None = None,
+            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+            top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+            max_pixels: int = MAX_PIXELS) -> ChatStream:
+        """Ask the next question, with ``image`` (None, one image, or a list of them) before the text.
+
+        Raises here, before any language-model work: an unknown policy, an empty text, an unreadable image,
+        a conversation longer than the context (:class:`ContextError`), a bundle without a language model.
+        """
+        pipe, t0 = self.pipe, time.perf_counter()
+        policy = policy or pipe.policy
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("the question is empty")
+        if pipe._lm is None:
+            raise GenerationUnavailable(f"{pipe.manifest.root}: bundle has no language model "
+                                        "(exported with --no-decoder); only gating is available")
+        sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        timings: dict = {}
+        cache, images, pending = pipe.image_cache, [], []
+        t1 = time.perf_counter()
+        for src in sources:                              # cached, or read and preprocessed (no vision pass yet)
+            key = image_key(src, max_pixels)
+            hit = cache.get(key)
+            if hit is None:
+                pv, size = pipe._views(src, max_pixels)
+                n = pipe.image_tokens(size)
+                hit = _Image(key, np.zeros((n, 0), np.float32), None)        # placeholder: positions only
+                pending.append((len(images), pv, size))
+            images.append(hit)
+        timings.update(preprocess_ms=_ms(time.perf_counter() - t1), image_cache_hits=len(sources) - len(pending))
+        turn = _Turn(text, images, policy, instruction)
+        self._check_context(self._tokens(turn)[0].size)              # before the vision pass
+        vision_s = 0.0
+        for i, pv, size in pending:
+            feats, verdict = pipe._vision_pass(pv, size)                  # [1, N, D_lm]
+            vision_s += verdict.latency_ms / 1e3
+            images[i] = _Image(images[i].key, np.ascontiguousarray(feats[0]), verdict)
+            cache.put(images[i])
+        timings["vision_gate_ms"] = _ms(vision_s) if pending else 0.0
+        self._pending += 1
+        turn_id = self._pending
+        verdicts = self.verdicts + tuple(im.verdict for im in images)
+        flagged = [im.verdict for im in images if im.verdict.flagged]
+        refusing = [im.verdict for t in self._turns if t.policy == "refuse" for im in t.images if im.verdict.flagged]
+        if policy == "refuse":
+            refusing += flagged
+        own = flagged[0] if flagged else images[0].verdict if images else None
+        if refusing:
+            v = flagged[0] if policy == "refuse" and flagged else refusing[0]
+            refusal = pipe.refusal_for(v.category)
+            timings["total_ms"] = _ms(time.perf_counter() - t0)
+            self._finish(turn_id, turn, refusal)
+            return ChatStream(self, turn, turn_id, verdicts, None, verdict=v, policy=policy, action="refused",
+                              timings=timings, t0=t0, refusal=refusal)
+        ids, keys, all_images = self._tokens(turn)
+        self._check_context(ids.size)                                # the instructions take room too
+        from .generate import TextStream, embed_prompt
+
+        lm = pipe._lm
+        feats = np.concatenate([im.features for im in all_images]) if all_images else None
+        embeds = embed_prompt(lm.table, ids, lm.image_token_id, feats, dtype=lm.decoder.dtype)      # [S, D]
+        lease = _ChatLease(self, keys)
+        stream = TextStream(lease, lm.table, embeds, tokenizer=lm.tokenizer, max_new_tokens=max_new_tokens,
+                            eos_token_ids=lm.eos_ids, stop_strings=list(stop), temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, on_token=lease.on_token)
+        action = ("instructed" if policy == "instruct" else "annotated") if flagged else "generated"
+        return ChatStream(self, turn, turn_id, verdicts, lease, verdict=own, policy=policy, action=action,
+                          timings=timings, t0=t0, text_stream=stream)
