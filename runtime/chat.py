@@ -47,7 +47,7 @@ import numpy as np
 from .backends.base import ContextError
 from .gate import POLICIES, Verdict
 from .image import MAX_PIXELS
-from .pipeline import Answer, AnswerStream, GenerationUnavailable, _ms
+from .answer import Answer, AnswerStream, GenerationUnavailable, _ms
 
 __all__ = ["Chat", "ChatAnswer", "ChatStream", "ImageCache", "image_key"]
 

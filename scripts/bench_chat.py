@@ -76,9 +76,10 @@ def main() -> int:
            "ttft_ms_median": med, "ttft_ms": rows, "follow_up_over_first": ratio,
            "follow_up_no_reuse_over_first": med["follow_up_no_reuse"] / med["first"], "turns": detail[-1]}
     print(f"bundle {bundle} ({pipe.backend}), medians of {a.repeat}")
-    print(f"| turn | prompt tokens | prefilled | TTFT ms |\n|---|---:|---:|---:|")
+    print("| turn | prompt tokens | prefilled | TTFT ms |\n|---|---:|---:|---:|")
     d = detail[-1]
-    print(f"| first (image + question) | {d['first_prompt_tokens']} | {d['first_prompt_tokens']} | {med['first']:.1f} |")
+    n1 = d["first_prompt_tokens"]
+    print(f"| first (image + question) | {n1} | {n1} | {med['first']:.1f} |")
     print(f"| text follow-up (KV reuse) | {d['follow_up_prompt_tokens']} | "
           f"{d['follow_up_prompt_tokens'] - d['follow_up_cached_tokens']} | {med['follow_up']:.1f} |")
     print(f"| text follow-up, no reuse | {d['follow_up_prompt_tokens']} | {d['follow_up_prompt_tokens']} | "

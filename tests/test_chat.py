@@ -234,3 +234,31 @@ def test_truncate_and_extend_on_both_decoders(demo_bundle, monkeypatch, tmp_path
     assert dec.takes(0, 7) and dec.takes(12, 1) and not dec.takes(12, 7)   # jetson: prefill and decode profiles
     _check_truncate_extend(dec, ref, table)
     dec.close()
+
+
+# -- a real-layout template: llava-v1.6-mistral on a tiny Mistral-shaped model with the real Mistral vocabulary --
+from test_real_vocab import _hf_model, _processor, bundles, checkpoints, clip_dir  # noqa: E402,F401
+
+
+def test_mistral_template_multi_turn_equals_transformers(bundles, test_images, monkeypatch):
+    from PIL import Image
+
+    pipe, folder, _ = bundles("mistral-v1")
+    proc, model = _processor(str(folder)), _hf_model(str(folder))
+    spy = Spy(pipe, monkeypatch)
+    chat = pipe.chat(system="Answer in one short sentence.")
+    red, noise = (Image.open(test_images / n).convert("RGB") for n in ("red.png", "noise.png"))
+    images = []
+    for i, (text, image) in enumerate([("What is in the picture?", red), ("Why?", None), ("And here?", noise)]):
+        s = ask(chat, text, image, policy="annotate", max_new_tokens=10)
+        images += [image] if image is not None else []
+        prompt = proc.apply_chat_template(chat.history[:-1], add_generation_prompt=True, tokenize=False)
+        ref_in = proc(text=prompt, images=images or None, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ref_in, max_new_tokens=10, do_sample=False)
+        ref = out[0, ref_in["input_ids"].shape[1]:].tolist()
+        assert list(s.result.token_ids) == ref and s.result.prompt_tokens == ref_in["input_ids"].shape[1], i
+        calls = spy.take()
+        if i:                               # reused: one extension of the new tokens only
+            assert s.result.cached_tokens > 0 and [c for c in calls if c[0] != "truncate"] == \
+                [("extend", s.result.prompt_tokens - s.result.cached_tokens)]
