@@ -133,6 +133,10 @@ class ChatAnswer(Answer):
     verdicts: tuple[Verdict, ...] = ()     # every image of the conversation so far, in order
     cached_tokens: int = 0                 # prompt tokens the cache already held (not prefilled again)
 
+    def to_json(self) -> dict:
+        return {**super().to_json(), "verdicts": [v.to_json() for v in self.verdicts],
+                "cached_tokens": self.cached_tokens}
+
 
 class _ChatLease:
     """One turn's use of the pipeline's decoder (the ``Decoder`` shape ``TextStream`` drives), one locked step

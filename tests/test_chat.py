@@ -92,6 +92,8 @@ def test_multi_turn_with_system_and_images_equals_transformers_and_prefills_only
             assert [c for c in calls if c[0] != "truncate"] == [("extend", prompt_len - cached)]
         prev_prompt = prompt_len
     assert [v.flagged for v in s.result.verdicts] == [False, False] and spy.vision == 2
+    j = s.result.to_json()
+    assert [v["flagged"] for v in j["verdicts"]] == [False, False] and j["cached_tokens"] == s.result.cached_tokens
     assert chat.history[0] == {"role": "system", "content": [{"type": "text", "text": "You are a careful assistant."}]}
     assert [m["role"] for m in chat.history] == ["system"] + ["user", "assistant"] * 3
     chat.reset()
