@@ -270,20 +270,44 @@ def test_mutated_requests_never_500(server, test_images):
 
 # -- images from elsewhere, orientation ---------------------------------------------------------------------
 def test_remote_images_refused_by_default_and_fetched_only_when_allowed(server, bundle, test_images):
+    """Against a local image server on 127.0.0.1 only: refused by default, refused as a loopback address with
+    --allow-remote-images alone, fetched with --allow-private-image-hosts too; a trickling server is cut at
+    the total fetch deadline and an endless body at the size limit, while it is being read."""
     hits = []
+    red = (test_images / "red.png").read_bytes()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
+            if self.path == "/trickle.png":            # one byte every 0.2 s: each read is quick, the whole is not
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(red)))
+                self.end_headers()
+                try:
+                    for b in red[:40]:
+                        self.wfile.write(bytes([b]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    pass
+                return
+            if self.path == "/endless.png":            # no Content-Length, more than the limit
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(64):
+                        self.wfile.write(b"\0" * 65536)
+                except OSError:
+                    pass
+                return
             if self.path != "/red.png":
                 self.send_error(404)
                 return
-            data = (test_images / "red.png").read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(len(red)))
             self.end_headers()
-            self.wfile.write(data)
+            self.wfile.write(red)
 
         def log_message(self, *a):
             pass
@@ -291,15 +315,30 @@ def test_remote_images_refused_by_default_and_fetched_only_when_allowed(server, 
     images = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=images.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{images.server_address[1]}"
+
+    def ask(s, path):
+        return raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + path)})
     try:
-        status, _, err = raw(server.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + "/red.png")})
+        status, _, err = ask(server, "/red.png")
         assert status == 400 and err["error"]["code"] == "remote_image_refused" and hits == []
         with ServerThread(create_app(Pipeline.load(bundle), allow_remote_images=True, default_max_tokens=2)) as s:
-            status, _, body = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + "/red.png")})
+            status, _, err = ask(s, "/red.png")
+            assert status == 400 and err["error"]["code"] == "remote_image_refused", err
+            assert "loopback or private" in err["error"]["message"] and hits == []
+        with ServerThread(create_app(Pipeline.load(bundle), allow_remote_images=True, allow_private_image_hosts=True,
+                                     default_max_tokens=2, fetch_timeout_s=1.0, max_body_bytes=256 * 1024)) as s:
+            status, _, body = ask(s, "/red.png")
             assert status == 200 and body["safeclip"]["flagged"] and body["safeclip"]["category"] == "gun"
-            status, _, err = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + "/gone.png")})
+            status, _, err = ask(s, "/gone.png")
             assert status == 400 and err["error"]["code"] == "invalid_image" and "404" in err["error"]["message"]
-        assert hits == ["/red.png", "/gone.png"]
+            t0 = time.monotonic()
+            status, _, err = ask(s, "/trickle.png")
+            took = time.monotonic() - t0
+            assert status == 400 and "did not answer within 1 s" in err["error"]["message"] and took < 2.5, (err, took)
+            status, _, err = ask(s, "/endless.png")
+            assert status == 413 and err["error"]["code"] == "request_too_large", err
+            assert health(s.url)["busy"] is False
+        assert hits == ["/red.png", "/gone.png", "/trickle.png", "/endless.png"]
     finally:
         images.shutdown()
         images.server_close()
