@@ -149,6 +149,14 @@ LIMITS = {   # name: (body, headers, status, error code)
     "nested too deeply": (b"[" * 60_000 + b"]" * 60_000, JSON, 400, "invalid_json"),
     "unknown field": (_chat(frobnicate=1), JSON, 400, "unsupported_field"),
     "unsupported feature": (_chat(tools=[]), JSON, 400, "unsupported_field"),
+    "tool_choice": (_chat(tool_choice="auto"), JSON, 400, "unsupported_field"),
+    "response_format json": (_chat(response_format={"type": "json_object"}), JSON, 400, "unsupported_value"),
+    "logit_bias set": (_chat(logit_bias={"42": 5}), JSON, 400, "unsupported_value"),
+    "top_logprobs 2": (_chat(top_logprobs=2), JSON, 400, "unsupported_value"),
+    "lone surrogate in the text": (b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', JSON, 400,
+                                   "invalid_unicode"),
+    "lone surrogate in a key": (b'{"\\udc00": 1, "messages": []}', JSON, 400, "invalid_unicode"),
+    "null messages": ({"messages": None}, JSON, 400, "invalid_request"),
     "n > 1": (_chat(n=2), JSON, 400, "unsupported_value"),
     "text/plain": (_chat(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
     "no content type": (_chat(), {}, 415, "unsupported_media_type"),
@@ -191,6 +199,107 @@ def test_limits_answer_a_clear_4xx(server, case):
     got, _, err = raw(server.url, "POST", "/v1/chat/completions", body, headers)
     assert (got, err and err["error"]["code"]) == (status, code), err
     assert err["error"]["message"] and "\n" not in err["error"]["message"]
+    assert err["error"]["type"] != "server_error"
+
+
+def test_error_messages_are_never_cut_mid_json(server):
+    big = {"type": "json_schema", "json_schema": {"name": "x" * 200}}
+    status, _, err = raw(server.url, "POST", "/v1/chat/completions", _chat(response_format=big))
+    assert status == 400 and "a dict of 2" in err["error"]["message"] and '"xxx' not in err["error"]["message"]
+    status, _, err = raw(server.url, "POST", "/v1/chat/completions", _chat(n=2))
+    assert status == 400 and "'n' = 2 is not supported" in err["error"]["message"]
+
+
+def test_nulls_mean_absent_and_neutral_fields_are_ignored(server, oracle, test_images):
+    """What typed clients send (every unset field as null) and fields that change nothing here: the same
+    answer as the plain request."""
+    img = data_uri(test_images / "blue.jpg", "image/jpeg")
+    plain = raw(server.url, "POST", "/v1/chat/completions", {"messages": user(Q, img), "max_tokens": 5})
+    assert plain[0] == 200
+    noisy = {"model": None, "messages": [{"role": "user", "name": None, "tool_calls": None, "function_call": None,
+                                          "content": [{"type": "text", "text": Q, "cache_control": {"type": "x"}},
+                                                      {"type": "image_url", "cache_control": None,
+                                                       "image_url": {"url": img, "detail": None}}]}],
+             "max_tokens": 5, "max_completion_tokens": None, "temperature": None, "top_p": None, "seed": None,
+             "stop": None, "tools": None, "tool_choice": None, "functions": None, "response_format": None,
+             "stream": None, "stream_options": None, "store": False, "service_tier": "auto",
+             "parallel_tool_calls": True, "logit_bias": {}, "top_logprobs": 0, "metadata": {"k": "v"}, "n": None,
+             "presence_penalty": None, "frequency_penalty": None, "logprobs": None, "user": None}
+    status, _, body = raw(server.url, "POST", "/v1/chat/completions", noisy)
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == plain[2]["choices"][0]["message"]["content"]
+    assert body["safeclip"]["category"] == "neutral"
+    with server_stream(server, {**noisy, "stream": True, "stream_options": {"include_usage": True,
+                                                                            "include_obfuscation": False}}) as text:
+        assert "".join(text) == body["choices"][0]["message"]["content"]
+
+
+class server_stream:
+    """``with server_stream(server, body) as pieces``: a streamed request's text pieces over raw HTTP."""
+
+    def __init__(self, server, body):
+        self.server, self.body = server, body
+
+    def __enter__(self):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps(self.body), JSON)
+        r = conn.getresponse()
+        assert r.status == 200, r.read()
+        events = [json.loads(line[6:]) for line in r.read().decode().split("\n\n")
+                  if line.startswith("data: {")]
+        conn.close()
+        assert events[-1]["usage"]["completion_tokens"] > 0
+        return [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_an_image_without_text_is_asked_the_default_question(server, oracle, test_images):
+    from safeclip.runtime.serve.request import IMAGE_ONLY_QUESTION
+    img = test_images / "blue.jpg"
+    msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(img)}}]}]
+    r = client(server.url).chat.completions.create(model=server_model(server), messages=msg, max_tokens=6)
+    want = oracle.stream(str(img), IMAGE_ONLY_QUESTION, max_new_tokens=6)
+    assert r.choices[0].message.content == "".join(want)
+    assert r.model_extra["safeclip"]["gated"] is True
+
+
+def test_legacy_completions_cors_options_and_head(server, bundle):
+    for method in ("POST", "GET"):
+        status, _, err = raw(server.url, method, "/v1/completions", {"prompt": "hi"} if method == "POST" else b"",
+                             headers=JSON if method == "POST" else {})
+        assert status == 404 and "/v1/chat/completions" in err["error"]["message"], err
+        assert err["error"]["type"] == "not_found_error"
+    status, headers, _ = raw(server.url, "OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://page.example", "Access-Control-Request-Method": "POST"})
+    assert status == 204 and headers["allow"] == "POST, OPTIONS" and "access-control-allow-origin" not in headers
+    assert raw(server.url, "OPTIONS", "/health", headers={})[1]["allow"] == "GET, HEAD, OPTIONS"
+    assert raw(server.url, "OPTIONS", "/nope", headers={})[0] == 404
+    for path in ("/", "/health", "/v1/models"):
+        status, headers, body = raw(server.url, "HEAD", path, headers={})
+        assert status == 200 and body is None, path
+    status, headers, _ = raw(server.url, "HEAD", "/v1/chat/completions", headers={})
+    assert status == 405 and "POST" in headers["allow"]
+    assert "access-control-allow-origin" not in raw(server.url, "GET", "/health", headers={"Origin": "http://a.b"})[1]
+    page = "http://kiosk.local:3000"
+    with ServerThread(create_app(Pipeline.load(bundle), cors_origins=[page], default_max_tokens=2)) as s:
+        status, headers, _ = raw(s.url, "OPTIONS", "/v1/chat/completions", headers={
+            "Origin": page, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert status == 204 and headers["access-control-allow-origin"] == page
+        assert "POST" in headers["access-control-allow-methods"]
+        assert "authorization" in headers["access-control-allow-headers"]
+        status, headers, body = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q)},
+                                    headers={**JSON, "Origin": page})
+        assert status == 200 and headers["access-control-allow-origin"] == page and headers["vary"] == "Origin"
+        status, headers, _ = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q)},
+                                 headers={**JSON, "Origin": "http://evil.example"})
+        assert status == 200 and "access-control-allow-origin" not in headers
+        status, headers, _ = raw(s.url, "OPTIONS", "/v1/models", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
+        assert status == 204 and "access-control-allow-origin" not in headers
 
 
 def test_routes_methods_and_page(server):

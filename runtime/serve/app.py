@@ -122,15 +122,20 @@ class _CORSAndOptions:
             await send({"type": "http.response.start", "status": 204, "headers": h + extra})
             await send({"type": "http.response.body", "body": b""})
             return
-        if not cors:
+        head = scope["method"] == "HEAD" and "GET" in (_allowed_methods(scope["path"]) or "")
+        if head:                                    # FastAPI routes answer GET only: HEAD is GET without the body
+            scope = {**scope, "method": "GET"}
+        if not cors and not head:
             return await self.app(scope, receive, send)
 
-        async def send_cors(message):
+        async def send_wrapped(message):
             if message["type"] == "http.response.start":
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
-        await self.app(scope, receive, send_cors)
+        await self.app(scope, receive, send_wrapped)
 
 
 class _Job:
@@ -359,7 +364,8 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return _error(e.status_code, str(e.detail), code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e):
