@@ -348,7 +348,8 @@ def test_mutated_requests_never_500(server, test_images):
     rng = random.Random(0)
     base = {"model": server_model(server), "max_tokens": 3,
             "messages": user(Q, data_uri(test_images / "red.png"))}
-    values = [None, 0, -1, 1.5, 10 ** 30, "", "x", True, [], {}, [None], {"a": 1}, "data:", "\u0000"]
+    values = [None, 0, -1, 1.5, 10 ** 30, "", "x", True, [], {}, [None], {"a": 1}, "data:", "\u0000", "\ud83d",
+              {"type": "text"}, {"url": None}]
 
     def pick():
         return json.loads(json.dumps(rng.choice(values)))      # a fresh copy: no shared lists or dicts

@@ -187,6 +187,8 @@ class _Server:
         self.pipe, self.api_key, self.policy, self.allow_remote = pipe, api_key, policy, allow_remote_images
         self.limits = limits
         self.model_id = pipe.manifest.name
+        # the id /v1/models lists; also the bundle's folder name, which differs when a bundle was renamed
+        self.model_ids = {self.model_id, Path(str(pipe.manifest.root)).name}
         self.slot = Slot(limits["max_queue"], limits["queue_timeout_s"])
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeclip-model")
         self.decode_sem: asyncio.Semaphore | None = None
@@ -389,7 +391,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         srv.check_auth(request)
-        if model_id != srv.model_id:
+        if model_id not in srv.model_ids:
             raise RequestError(404, f"model '{model_id}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")
         return srv.models_json()
@@ -415,7 +417,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
         req = await anyio.to_thread.run_sync(lambda: parse_chat_request(      # MBs of JSON + base64: off the loop
             parse_json_body(body), allow_remote_images=srv.allow_remote, max_prompt_chars=max_prompt_chars,
             max_tokens_limit=max_tokens))
-        if req.model is not None and req.model != srv.model_id:
+        if req.model is not None and req.model not in srv.model_ids:
             raise RequestError(404, f"model '{req.model}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")
         image = None if req.image is None else await srv.decode_image(req.image)
