@@ -541,3 +541,19 @@ def test_serving_imports_no_torch_transformers_onnx_or_exporter(bundle):
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_langchain_chat_openai_with_an_image(server, oracle, test_images):
+    """LangChain's ChatOpenAI (a typed client) against the server: a question about an image, plain and
+    streamed, equal to the pipeline's answer."""
+    lc = pytest.importorskip("langchain_openai", reason="needs langchain-openai (dev extra)")
+    from langchain_core.messages import HumanMessage
+
+    img = test_images / "blue.jpg"
+    llm = lc.ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model=server_model(server), max_tokens=6,
+                        temperature=0, max_retries=0, timeout=30)
+    msg = HumanMessage(content=[{"type": "text", "text": Q},
+                                {"type": "image_url", "image_url": {"url": data_uri(img, "image/jpeg")}}])
+    want = oracle.generate(str(img), Q, max_new_tokens=6).text
+    assert llm.invoke([msg]).content == want
+    assert "".join(chunk.content for chunk in llm.stream([msg])) == want
