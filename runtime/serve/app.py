@@ -54,88 +54,22 @@ from ..gate import POLICIES
 from ..backends.base import ContextError
 from ..image import ImageError, load_image
 from ..prompt import PromptError
+from .cors import CORSAndOptions
 from .fetch import fetch_image
 from .slot import Busy, Disconnected, Slot
-from .request import DEFAULTS, ChatRequest, RequestError, parse_chat_request, parse_json_body
+from .request import DEFAULTS, ChatRequest, RequestError, error_body, parse_chat_request, parse_json_body
 
 log = logging.getLogger("safeclip.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
         "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 _END = object()
-_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                429: "rate_limit_error", 503: "service_unavailable"}
-_ROUTE_METHODS = {"/v1/chat/completions": "POST, OPTIONS"}       # every other known route: GET, HEAD, OPTIONS
 _STOPPING = "the server is shutting down; try again shortly"
-
-
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
-    """OpenAI's error shape; a 4xx is never typed ``server_error``."""
-    kind = _ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
 def _error(status: int, message: str, code: str | None = None, param: str | None = None,
            headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
-
-
-def _allowed_methods(path: str) -> str | None:
-    if path in _ROUTE_METHODS:
-        return _ROUTE_METHODS[path]
-    if path in ("/", "/health", "/v1/models") or path.startswith(("/v1/models/", "/static/")):
-        return "GET, HEAD, OPTIONS"
-    return None
-
-
-class _CORSAndOptions:
-    """ASGI middleware: ``OPTIONS`` (plain: 204 + ``Allow``; CORS preflight from an allowed origin: 204 + the
-    ``Access-Control-*`` headers) and ``Access-Control-Allow-Origin`` on the answers to allowed origins."""
-
-    def __init__(self, app, origins: tuple[str, ...]):
-        self.app, self.origins = app, origins
-
-    def _allowed(self, origin: str | None) -> bool:
-        return origin is not None and ("*" in self.origins or origin in self.origins)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        origin = headers.get("origin")
-        cors = self._allowed(origin)
-        extra = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
-                 (b"access-control-expose-headers", b"Retry-After")] if cors else []
-        if scope["method"] == "OPTIONS":
-            allow = _allowed_methods(scope["path"])
-            if allow is None:
-                body = json.dumps(error_body(404, "Not Found", "not_found")).encode()
-                h = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-                await send({"type": "http.response.start", "status": 404, "headers": h + extra})
-                await send({"type": "http.response.body", "body": body})
-                return
-            h = [(b"allow", allow.encode())]
-            if cors and "access-control-request-method" in headers:
-                h += [(b"access-control-allow-methods", allow.encode()),
-                      (b"access-control-allow-headers", b"authorization, content-type"),
-                      (b"access-control-max-age", b"600")]
-            await send({"type": "http.response.start", "status": 204, "headers": h + extra})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        head = scope["method"] == "HEAD" and "GET" in (_allowed_methods(scope["path"]) or "")
-        if head:                                    # FastAPI routes answer GET only: HEAD is GET without the body
-            scope = {**scope, "method": "GET"}
-        if not cors and not head:
-            return await self.app(scope, receive, send)
-
-        async def send_wrapped(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": list(message.get("headers", [])) + extra}
-            elif head and message["type"] == "http.response.body":
-                message = {**message, "body": b""}
-            await send(message)
-
-        await self.app(scope, receive, send_wrapped)
 
 
 class _Job:
@@ -357,7 +291,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     app = FastAPI(title="safeclip-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.safeclip = srv
-    app.add_middleware(_CORSAndOptions, origins=tuple(cors_origins))
+    app.add_middleware(CORSAndOptions, origins=tuple(cors_origins))
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):

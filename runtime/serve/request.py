@@ -50,6 +50,14 @@ DEFAULTS = dict(max_body_bytes=16 * 1024 * 1024, max_pixels=16_000_000, max_queu
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_DATA_HEADER = 256             # "data:image/png;base64," and parameters: the comma must come this early
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error shape; a 4xx is never typed ``server_error``."""
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
 class RequestError(ValueError):

@@ -21,7 +21,7 @@ import math
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .app import error_body
+from .request import error_body
 
 RETRY_AFTER_S = 1
 
