@@ -74,8 +74,9 @@ def guarded_protocol(header_timeout_s: float, max_open: int) -> type:
                 self._disarm()                      # a request's headers are complete
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
+            done = self.cycle
+            super().on_response_complete()          # may start a pipelined request at once
+            if not self.transport.is_closing() and self.cycle is done:
                 self._arm()
 
         def connection_lost(self, exc) -> None:
