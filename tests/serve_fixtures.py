@@ -33,13 +33,19 @@ def free_socket() -> socket.socket:
 class ServerThread:
     """``with ServerThread(app) as s: s.url`` — uvicorn on 127.0.0.1:<free port>, stopped on exit."""
 
-    def __init__(self, app, **config):
+    def __init__(self, app, production: dict | None = None, **config):
+        """``production``: run the CLI's server (``server.make_server(app, **production)``) instead of plain
+        uvicorn."""
         import uvicorn
 
         self.sock = free_socket()
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, **config))
+        if production is not None:
+            from safeclip.runtime.serve.server import make_server
+            self.server = make_server(app, log_level="warning", **production, **config)
+        else:
+            self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":

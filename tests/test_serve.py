@@ -149,6 +149,14 @@ LIMITS = {   # name: (body, headers, status, error code)
     "nested too deeply": (b"[" * 60_000 + b"]" * 60_000, JSON, 400, "invalid_json"),
     "unknown field": (_chat(frobnicate=1), JSON, 400, "unsupported_field"),
     "unsupported feature": (_chat(tools=[]), JSON, 400, "unsupported_field"),
+    "tool_choice": (_chat(tool_choice="auto"), JSON, 400, "unsupported_field"),
+    "response_format json": (_chat(response_format={"type": "json_object"}), JSON, 400, "unsupported_value"),
+    "logit_bias set": (_chat(logit_bias={"42": 5}), JSON, 400, "unsupported_value"),
+    "top_logprobs 2": (_chat(top_logprobs=2), JSON, 400, "unsupported_value"),
+    "lone surrogate in the text": (b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', JSON, 400,
+                                   "invalid_unicode"),
+    "lone surrogate in a key": (b'{"\\udc00": 1, "messages": []}', JSON, 400, "invalid_unicode"),
+    "null messages": ({"messages": None}, JSON, 400, "invalid_request"),
     "n > 1": (_chat(n=2), JSON, 400, "unsupported_value"),
     "text/plain": (_chat(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
     "no content type": (_chat(), {}, 415, "unsupported_media_type"),
@@ -191,6 +199,7 @@ def test_limits_answer_a_clear_4xx(server, case):
     got, _, err = raw(server.url, "POST", "/v1/chat/completions", body, headers)
     assert (got, err and err["error"]["code"]) == (status, code), err
     assert err["error"]["message"] and "\n" not in err["error"]["message"]
+    assert err["error"]["type"] != "server_error"
 
 
 def test_routes_methods_and_page(server):
@@ -239,7 +248,8 @@ def test_mutated_requests_never_500(server, test_images):
     rng = random.Random(0)
     base = {"model": server_model(server), "max_tokens": 3,
             "messages": user(Q, data_uri(test_images / "red.png"))}
-    values = [None, 0, -1, 1.5, 10 ** 30, "", "x", True, [], {}, [None], {"a": 1}, "data:", "\u0000"]
+    values = [None, 0, -1, 1.5, 10 ** 30, "", "x", True, [], {}, [None], {"a": 1}, "data:", "\u0000", "\ud83d",
+              {"type": "text"}, {"url": None}]
 
     def pick():
         return json.loads(json.dumps(rng.choice(values)))      # a fresh copy: no shared lists or dicts
@@ -270,20 +280,44 @@ def test_mutated_requests_never_500(server, test_images):
 
 # -- images from elsewhere, orientation ---------------------------------------------------------------------
 def test_remote_images_refused_by_default_and_fetched_only_when_allowed(server, bundle, test_images):
+    """Against a local image server on 127.0.0.1 only: refused by default, refused as a loopback address with
+    --allow-remote-images alone, fetched with --allow-private-image-hosts too; a trickling server is cut at
+    the total fetch deadline and an endless body at the size limit, while it is being read."""
     hits = []
+    red = (test_images / "red.png").read_bytes()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
+            if self.path == "/trickle.png":            # one byte every 0.2 s: each read is quick, the whole is not
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(red)))
+                self.end_headers()
+                try:
+                    for b in red[:40]:
+                        self.wfile.write(bytes([b]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    pass
+                return
+            if self.path == "/endless.png":            # no Content-Length, more than the limit
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(64):
+                        self.wfile.write(b"\0" * 65536)
+                except OSError:
+                    pass
+                return
             if self.path != "/red.png":
                 self.send_error(404)
                 return
-            data = (test_images / "red.png").read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(len(red)))
             self.end_headers()
-            self.wfile.write(data)
+            self.wfile.write(red)
 
         def log_message(self, *a):
             pass
@@ -291,15 +325,30 @@ def test_remote_images_refused_by_default_and_fetched_only_when_allowed(server, 
     images = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=images.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{images.server_address[1]}"
+
+    def ask(s, path):
+        return raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + path)})
     try:
-        status, _, err = raw(server.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + "/red.png")})
+        status, _, err = ask(server, "/red.png")
         assert status == 400 and err["error"]["code"] == "remote_image_refused" and hits == []
         with ServerThread(create_app(Pipeline.load(bundle), allow_remote_images=True, default_max_tokens=2)) as s:
-            status, _, body = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + "/red.png")})
+            status, _, err = ask(s, "/red.png")
+            assert status == 400 and err["error"]["code"] == "remote_image_refused", err
+            assert "loopback or private" in err["error"]["message"] and hits == []
+        with ServerThread(create_app(Pipeline.load(bundle), allow_remote_images=True, allow_private_image_hosts=True,
+                                     default_max_tokens=2, fetch_timeout_s=1.0, max_body_bytes=256 * 1024)) as s:
+            status, _, body = ask(s, "/red.png")
             assert status == 200 and body["safeclip"]["flagged"] and body["safeclip"]["category"] == "gun"
-            status, _, err = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q, url + "/gone.png")})
+            status, _, err = ask(s, "/gone.png")
             assert status == 400 and err["error"]["code"] == "invalid_image" and "404" in err["error"]["message"]
-        assert hits == ["/red.png", "/gone.png"]
+            t0 = time.monotonic()
+            status, _, err = ask(s, "/trickle.png")
+            took = time.monotonic() - t0
+            assert status == 400 and "did not answer within 1 s" in err["error"]["message"] and took < 2.5, (err, took)
+            status, _, err = ask(s, "/endless.png")
+            assert status == 413 and err["error"]["code"] == "request_too_large", err
+            assert health(s.url)["busy"] is False
+        assert hits == ["/red.png", "/gone.png", "/trickle.png", "/endless.png"]
     finally:
         images.shutdown()
         images.server_close()
@@ -360,6 +409,8 @@ def test_cli_serves_on_a_free_port_and_stops_cleanly(bundle, oracle):
     (["--bundle", "/nonexistent/bundle"], 1, "safeclip-serve: error: "),
     (["--bundle", "x", "--port", "70000"], 2, "--port must be in 0..65535"),
     (["--bundle", "x", "--max-tokens", "0"], 2, "--max-tokens must be at least 1"),
+    (["--bundle", "x", "--header-timeout", "0"], 2, "--header-timeout must be positive"),
+    (["--bundle", "x", "--allow-private-image-hosts"], 2, "--allow-private-image-hosts needs --allow-remote-images"),
 ])
 def test_cli_errors_are_one_line(args, rc, message):
     p = _serve_cli(*args)
@@ -392,3 +443,4 @@ def test_serving_imports_no_torch_transformers_onnx_or_exporter(bundle):
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+

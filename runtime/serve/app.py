@@ -16,6 +16,15 @@ arrival order; a full queue or a wait longer than ``queue_timeout_s`` answers 50
 A client that disconnects while queued, or mid-generation (plain or streamed), gives its place back at once;
 the token being computed finishes on the model thread and the generator is closed there.
 
+Other routes: ``/v1/completions`` (the legacy text API, which LlamaIndex's ``OpenAILike`` calls unless
+``is_chat_model=True``) answers 404 saying to use chat completions; ``OPTIONS`` answers 204 with ``Allow`` (and
+is a CORS preflight when the request's ``Origin`` is in ``cors_origins``, empty by default: no CORS headers
+at all); ``HEAD`` works wherever ``GET`` does. Every 4xx has an error ``type`` other than ``server_error``.
+
+Shutdown (``begin_shutdown``, called by ``server.SafeclipServer`` on SIGTERM): queued requests and new ones
+get 503 with ``Retry-After``; the running request may finish until the deadline; a stream still running then
+ends with an error event and ``[DONE]`` (the ``openai`` client raises ``APIError``), a plain one gets a 503.
+
 Threads: all model work runs on one dedicated thread (``ThreadPoolExecutor(1)``), step by step (one token
 per call), so the event loop stays free and work of two requests can never interleave. Images are decoded
 (with the pixel limit) on the default thread pool, at most two at a time, before a request queues.
@@ -28,8 +37,6 @@ import hmac
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -47,24 +54,22 @@ from ..gate import POLICIES
 from ..backends.base import ContextError
 from ..image import ImageError, load_image
 from ..prompt import PromptError
+from .cors import CORSAndOptions
+from .fetch import fetch_image
 from .slot import Busy, Disconnected, Slot
-from .request import DEFAULTS, ChatRequest, RequestError, parse_chat_request, parse_json_body
+from .request import DEFAULTS, ChatRequest, RequestError, error_body, parse_chat_request, parse_json_body
 
 log = logging.getLogger("safeclip.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
         "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 _END = object()
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-                503: "service_unavailable"}
+_STOPPING = "the server is shutting down; try again shortly"
 
 
 def _error(status: int, message: str, code: str | None = None, param: str | None = None,
            headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "code": code,
-                      "param": param}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
 class _Job:
@@ -112,13 +117,30 @@ class _SSEResponse(StreamingResponse):
 
 class _Server:
     def __init__(self, pipe, *, api_key: str | None, policy: str | None, allow_remote_images: bool,
-                 limits: dict):
+                 allow_private_image_hosts: bool, limits: dict):
         self.pipe, self.api_key, self.policy, self.allow_remote = pipe, api_key, policy, allow_remote_images
         self.limits = limits
         self.model_id = pipe.manifest.name
+        # the id /v1/models lists; also the bundle's folder name, which differs when a bundle was renamed
+        self.model_ids = {self.model_id, Path(str(pipe.manifest.root)).name}
         self.slot = Slot(limits["max_queue"], limits["queue_timeout_s"])
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeclip-model")
         self.decode_sem: asyncio.Semaphore | None = None
+        self.allow_private = allow_private_image_hosts
+        self.stopping = False
+        self.stop_deadline = float("inf")           # time.monotonic() when a running request is cut
+
+    def begin_shutdown(self, deadline_s: float) -> None:
+        """Stop taking work: queued requests get 503 now, the running one may go on for ``deadline_s``."""
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + deadline_s
+        self.slot.fail_waiters(Busy(_STOPPING, self.stop_retry_after()))
+
+    def stop_retry_after(self) -> int:
+        return 5
+
+    def past_deadline(self) -> bool:
+        return self.stopping and time.monotonic() >= self.stop_deadline
 
     # -- helpers ----------------------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -161,25 +183,9 @@ class _Server:
                                "request_timeout") from None
 
     def fetch_remote(self, url: str) -> bytes:
-        """Only with allow_remote_images: GET an http(s) image, bounded in size and time."""
-        limit = self.limits["max_body_bytes"]
-
-        class _Redirect(urllib.request.HTTPRedirectHandler):
-            def redirect_request(self, req, fp, code, msg, headers, newurl):
-                if not newurl.lower().startswith(("http://", "https://")):
-                    raise urllib.error.URLError(f"redirect to a non-http URL refused ({newurl[:40]})")
-                return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-        try:
-            opener = urllib.request.build_opener(_Redirect)
-            with opener.open(urllib.request.Request(url, headers={"User-Agent": "safeclip-serve"}), timeout=10) as r:
-                data = r.read(limit + 1)
-        except Exception as e:                       # urllib raises many types (URLError, socket, http.client)
-            raise RequestError(400, f"cannot fetch the image URL ({' '.join(str(e).split())[:120]})",
-                               "invalid_image", "messages.content.image_url") from None
-        if len(data) > limit:
-            raise RequestError(413, f"the remote image exceeds {limit} bytes", "request_too_large")
-        return data
+        """Only with allow_remote_images: GET an http(s) image, bounded in total time, size and addresses."""
+        return fetch_image(url, max_bytes=self.limits["max_body_bytes"], timeout_s=self.limits["fetch_timeout_s"],
+                           allow_private=self.allow_private)
 
     async def decode_image(self, source: bytes | str):
         if self.decode_sem is None:
@@ -254,7 +260,8 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                max_tokens: int = DEFAULTS["max_tokens"], default_max_tokens: int = DEFAULTS["default_max_tokens"],
                max_prompt_chars: int = DEFAULTS["max_prompt_chars"],
                queue_timeout_s: float = DEFAULTS["queue_timeout_s"],
-               body_timeout_s: float = DEFAULTS["body_timeout_s"]) -> FastAPI:
+               body_timeout_s: float = DEFAULTS["body_timeout_s"], fetch_timeout_s: float = DEFAULTS["fetch_timeout_s"],
+               allow_private_image_hosts: bool = False, cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
     """The FastAPI app serving ``pipeline`` (which must have a language model)."""
     if not pipeline.has_language_model:
         raise ValueError(f"{pipeline.manifest.root}: bundle has no language model (exported with --no-decoder); "
@@ -271,8 +278,10 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
         raise ValueError("api_key is empty")
     limits = dict(max_body_bytes=max_body_bytes, max_pixels=max_pixels, max_queue=max_queue, max_tokens=max_tokens,
                   default_max_tokens=default_max_tokens, max_prompt_chars=max_prompt_chars,
-                  queue_timeout_s=float(queue_timeout_s), body_timeout_s=float(body_timeout_s))
-    srv = _Server(pipeline, api_key=api_key, policy=policy, allow_remote_images=allow_remote_images, limits=limits)
+                  queue_timeout_s=float(queue_timeout_s), body_timeout_s=float(body_timeout_s),
+                  fetch_timeout_s=float(fetch_timeout_s))
+    srv = _Server(pipeline, api_key=api_key, policy=policy, allow_remote_images=allow_remote_images,
+                  allow_private_image_hosts=allow_private_image_hosts, limits=limits)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -282,6 +291,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     app = FastAPI(title="safeclip-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.safeclip = srv
+    app.add_middleware(CORSAndOptions, origins=tuple(cors_origins))
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):
@@ -290,7 +300,8 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return _error(e.status_code, str(e.detail), code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e):
@@ -314,7 +325,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         srv.check_auth(request)
-        if model_id != srv.model_id:
+        if model_id not in srv.model_ids:
             raise RequestError(404, f"model '{model_id}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")
         return srv.models_json()
@@ -326,21 +337,29 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    @app.api_route("/v1/completions", methods=["GET", "POST", "HEAD"], include_in_schema=False)
+    async def legacy_completions():
+        raise RequestError(404, "this server has no /v1/completions (the legacy text API): use POST "
+                           "/v1/chat/completions (LlamaIndex OpenAILike: is_chat_model=True)", "not_found")
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        if srv.stopping:
+            return _error(503, _STOPPING, "server_shutting_down", headers={"Retry-After": str(srv.stop_retry_after())})
         srv.check_auth(request)
         body = await srv.read_body(request)
         req = await anyio.to_thread.run_sync(lambda: parse_chat_request(      # MBs of JSON + base64: off the loop
             parse_json_body(body), allow_remote_images=srv.allow_remote, max_prompt_chars=max_prompt_chars,
             max_tokens_limit=max_tokens))
-        if req.model is not None and req.model != srv.model_id:
+        if req.model is not None and req.model not in srv.model_ids:
             raise RequestError(404, f"model '{req.model}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")
         image = None if req.image is None else await srv.decode_image(req.image)
         try:
             await srv.slot.acquire(request.receive)
         except Busy as e:
-            return _error(503, str(e), "server_busy", headers={"Retry-After": str(e.retry_after)})
+            return _error(503, str(e), "server_shutting_down" if srv.stopping else "server_busy",
+                          headers={"Retry-After": str(e.retry_after)})
         except Disconnected:
             return _error(400, "client disconnected", "client_disconnected")
         t0 = time.perf_counter()
@@ -365,6 +384,9 @@ async def _complete(srv: _Server, job: _Job, request: Request, cid: str, created
     while (await job.next_piece()) is not _END:
         if await request.is_disconnected():
             return _error(400, "client disconnected", "client_disconnected")
+        if srv.past_deadline():
+            return _error(503, "the server shut down before the answer was complete; try again shortly",
+                          "server_shutting_down", headers={"Retry-After": str(srv.stop_retry_after())})
     s = job.stream
     a = s.result
     message = {"role": "assistant", "content": a.text}
@@ -399,6 +421,11 @@ async def _sse(srv: _Server, job: _Job, req: ChatRequest, cid: str, created: int
         refused = s.action == "refused"
         while (piece := await job.next_piece()) is not _END:
             yield chunk({"content": piece, **({"refusal": piece} if refused else {})})
+            if srv.past_deadline():
+                yield _event(error_body(503, "the server shut down before the answer was complete; try again "
+                                        "shortly", "server_shutting_down"))
+                yield b"data: [DONE]\n\n"
+                return
         a = s.result
         yield chunk({}, _FINISH.get(a.finish_reason, "stop"), safeclip=srv.gate_json(s, a))
         if req.include_usage:
@@ -406,7 +433,7 @@ async def _sse(srv: _Server, job: _Job, req: ChatRequest, cid: str, created: int
         yield b"data: [DONE]\n\n"
     except Exception as e:                           # after the 200 went out, an error can only be an event
         log.exception("generation failed mid-stream")
-        yield _event({"error": {"message": f"generation failed ({type(e).__name__})", "type": "server_error",
-                                "code": "internal_error", "param": None}})
+        yield _event(error_body(500, f"generation failed ({type(e).__name__})", "internal_error"))
+        yield b"data: [DONE]\n\n"
     finally:
         job.close()

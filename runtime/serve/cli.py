@@ -32,8 +32,20 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SAFECLIP_API_KEY)")
     n.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (off by default: the server never touches the network)")
-    n.add_argument("--max-connections", type=int, default=64, help="open connections before uvicorn answers "
-                   "503 (default 64)")
+    n.add_argument("--allow-private-image-hosts", action="store_true",
+                   help="with --allow-remote-images: also fetch from loopback and private addresses (refused by "
+                   "default: they reach this machine's and the LAN's services)")
+    n.add_argument("--fetch-timeout", type=float, default=DEFAULTS["fetch_timeout_s"],
+                   help="total seconds one remote image fetch may take (default %(default)g)")
+    n.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://kiosk.local:3000, or *) call the API; repeat for "
+                   "more (default: none, no CORS headers)")
+    n.add_argument("--max-connections", type=int, default=64, help="requests in flight before the server "
+                   "answers 503 (default 64)")
+    n.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send its request headers (default %(default)g)")
+    n.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM, seconds the running request may go on (default %(default)g)")
     g = p.add_argument_group("gate")
     g.add_argument("--policy", choices=POLICIES, help="what a flagged image does for every request "
                    "(default: the bundle's; clients cannot change it)")
@@ -69,8 +81,11 @@ def _check_args(a) -> str | None:
             return f"--{name.replace('_', '-')} must be at least 1"
     if a.max_queue < 0:
         return "--max-queue must be >= 0"
-    if a.max_body_mb <= 0 or a.queue_timeout <= 0:
-        return "--max-body-mb and --queue-timeout must be positive"
+    for name in ("max_body_mb", "queue_timeout", "fetch_timeout", "header_timeout", "shutdown_timeout"):
+        if not getattr(a, name) > 0:
+            return f"--{name.replace('_', '-')} must be positive"
+    if a.allow_private_image_hosts and not a.allow_remote_images:
+        return "--allow-private-image-hosts needs --allow-remote-images"
     if a.context is not None and a.context < 1:
         return "--context must be at least 1"
     if a.api_key is not None and not a.api_key.strip():
@@ -102,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         print(f"safeclip-serve: error: {e.name or 'fastapi'} is not installed; install the serving extra: "
               "pip install 'safeclip-edge[serve]'", file=sys.stderr)
         return 1
     from ..pipeline import Pipeline
     from .app import create_app
+    from .server import make_server
 
     try:
         pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify, threads=args.threads,
@@ -117,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                          max_pixels=args.max_pixels, max_queue=args.max_queue,
                          allow_remote_images=args.allow_remote_images, policy=args.policy,
                          max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
-                         max_prompt_chars=args.max_prompt_chars, queue_timeout_s=args.queue_timeout)
+                         max_prompt_chars=args.max_prompt_chars, queue_timeout_s=args.queue_timeout,
+                         fetch_timeout_s=args.fetch_timeout, allow_private_image_hosts=args.allow_private_image_hosts,
+                         cors_origins=args.cors_origin)
     except Exception as e:                 # library errors are typed one-liners; never show a traceback
         print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
         return 1
@@ -134,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     if not _is_loopback(args.host) and not args.api_key:
         print("safeclip-serve: warning: listening beyond this machine without --api-key: anyone on the network "
               "can use the model", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, limit_concurrency=args.max_connections,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=5, server_header=False)
+    server = make_server(app, max_requests=args.max_connections, header_timeout_s=args.header_timeout,
+                         shutdown_deadline_s=args.shutdown_timeout, log_level=args.log_level)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         return 130
     finally:

@@ -2,16 +2,22 @@
 
 Supported: ONE user message (the runtime renders a single user turn, see ``prompt.py``) whose ``content`` is
 a string or a list of parts: ``{"type": "text", "text": ...}`` (joined with newlines) and at most one
-``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}``. Images come inline as base64 ``data:``
-URIs; ``http(s)`` URLs only when the server allows remote images (refused by default: an offline kiosk must
-not fetch the network, and a server that fetches what a client names is an SSRF hole); other schemes never.
+``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}`` (``cache_control`` on a part is ignored).
+An image with no text is asked :data:`IMAGE_ONLY_QUESTION` (the pipeline refuses an empty prompt).
+Images come inline as base64 ``data:`` URIs; ``http(s)`` URLs only when the server allows remote images
+(refused by default: an offline kiosk must not fetch the network, and a server that fetches what a client
+names is an SSRF hole; see ``fetch.py``); other schemes never.
 
 Sampling fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (default 0 = greedy, unlike
 OpenAI's 1: a kiosk wants the same answer twice), ``top_p``, ``seed``, ``stop``, ``stream``,
 ``stream_options.include_usage``. OpenAI fields that change nothing here are accepted only at their neutral
-value (``n`` = 1, penalties 0, ``logprobs`` false, text-only ``response_format``/``modalities``); ``user``,
-``metadata`` and ``safety_identifier`` are accepted and ignored. Any other field is refused by name, so a
-client never believes a setting took effect when it did not.
+value (``n`` = 1, penalties 0, ``logprobs`` false, ``top_logprobs`` 0, ``logit_bias`` {}, text-only
+``response_format``/``modalities``); ``user``, ``metadata``, ``safety_identifier``, ``store``, ``service_tier``
+and ``parallel_tool_calls`` are accepted and ignored, as are unknown ``stream_options`` keys. ``null`` for an
+optional field means absent, in the body, in a message and in a content part (typed clients such as LangChain
+and LlamaIndex send ``tools: null``, ``tool_calls: null``). Any other field is refused by name, so a client
+never believes a setting took effect when it did not. Text that is not valid Unicode (a lone surrogate, as a
+browser sends when it cuts a string mid-emoji) is a 400.
 
 Every problem raises :class:`RequestError` (HTTP status, one-line message, OpenAI error code and param).
 """
@@ -24,21 +30,34 @@ from dataclasses import dataclass
 
 SUPPORTED_FIELDS = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                     "temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty",
-                    "logprobs", "response_format", "modalities", "user", "metadata", "safety_identifier")
+                    "logprobs", "top_logprobs", "logit_bias", "response_format", "modalities", "user", "metadata",
+                    "safety_identifier", "store", "service_tier", "parallel_tool_calls")
+IMAGE_ONLY_QUESTION = "Describe this image."     # the question an image sent without text is asked
 _NEUTRAL = {                     # accepted only at the value that changes nothing (null is always neutral)
     "n": lambda v: v == 1 and not isinstance(v, bool),
     "presence_penalty": lambda v: v == 0 and not isinstance(v, bool),
     "frequency_penalty": lambda v: v == 0 and not isinstance(v, bool),
     "logprobs": lambda v: v is False,
+    "top_logprobs": lambda v: v == 0 and not isinstance(v, bool),
+    "logit_bias": lambda v: v == {},
     "response_format": lambda v: v == {"type": "text"},
     "modalities": lambda v: v == ["text"],
 }
 # Server limits (create_app / safeclip-serve flags); here so the CLI can show them without importing FastAPI.
 DEFAULTS = dict(max_body_bytes=16 * 1024 * 1024, max_pixels=16_000_000, max_queue=8, max_tokens=1024,
-                default_max_tokens=256, max_prompt_chars=16_000, queue_timeout_s=120.0, body_timeout_s=30.0)
+                default_max_tokens=256, max_prompt_chars=16_000, queue_timeout_s=120.0, body_timeout_s=30.0,
+                fetch_timeout_s=10.0)
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_DATA_HEADER = 256             # "data:image/png;base64," and parameters: the comma must come this early
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error shape; a 4xx is never typed ``server_error``."""
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
 class RequestError(ValueError):
@@ -63,6 +82,17 @@ class ChatRequest:
     stop: tuple[str, ...]
 
 
+def _show(v, limit: int = 60) -> str:
+    """``v`` as JSON for an error message: whole, or described when long (never cut mid-JSON)."""
+    text = json.dumps(v, ensure_ascii=True)
+    return text if len(text) <= limit else f"a {type(v).__name__} of {len(text)} JSON characters"
+
+
+def _present(obj: dict) -> dict:
+    """``obj`` without its null-valued keys: null for an optional field means absent."""
+    return {k: v for k, v in obj.items() if v is not None}
+
+
 def _bad(message: str, param: str | None = None, code: str = "invalid_request", status: int = 400):
     return RequestError(status, message, code, param)
 
@@ -83,6 +113,11 @@ def parse_json_body(body: bytes) -> dict:
         raise _bad(f"malformed JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise _bad(f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    try:                                              # "\ud800" parses, but no text that holds it can be encoded
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad("invalid Unicode: the body holds a lone surrogate (a string cut mid-character?)",
+                   code="invalid_unicode") from None
     return data
 
 
@@ -126,6 +161,7 @@ def decode_data_uri(url: str, param: str = "messages.content.image_url") -> byte
 def _image_source(part: dict, allow_remote: bool, where: str):
     spec = part.get("image_url")
     if isinstance(spec, dict):
+        spec = _present(spec)
         extra = set(spec) - {"url", "detail"}
         if extra:
             raise _bad(f"unknown field '{sorted(extra)[0]}' in {where}.image_url", f"{where}.image_url")
@@ -160,14 +196,16 @@ def _user_content(content, allow_remote: bool) -> tuple[str, bytes | str | None]
         where = f"messages.content[{i}]"
         if not isinstance(part, dict):
             raise _bad(f"{where} must be an object", where)
+        part = _present(part)
         kind = part.get("type")
-        allowed = {"text": {"type", "text"}, "image_url": {"type", "image_url"}}.get(kind if isinstance(kind, str)
+        allowed = {"text": {"type", "text", "cache_control"},
+                   "image_url": {"type", "image_url", "cache_control"}}.get(kind if isinstance(kind, str)
                                                                                       else None)
         if allowed is None:
             raise _bad(f"{where}: unsupported content part type {kind!r} (supported: text, image_url)", where)
         extra = set(part) - allowed
         if extra:
-            raise _bad(f"unknown field '{sorted(extra)[0]}' in {where}", where)
+            raise _bad(f"unknown field {_show(sorted(extra)[0])} in {where}", where)
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise _bad(f"{where}.text must be a string", where)
@@ -186,10 +224,10 @@ def _messages(messages, allow_remote: bool) -> tuple[str, bytes | str | None]:
         roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in messages]
         raise _bad(f"this server answers exactly one user message (the runtime renders a single user turn "
                    f"about at most one image); got roles {roles}", "messages", "unsupported_conversation")
-    msg = messages[0]
+    msg = _present(messages[0])
     extra = set(msg) - {"role", "content", "name"}
     if extra:
-        raise _bad(f"unknown field '{sorted(extra)[0]}' in messages[0]", "messages")
+        raise _bad(f"unknown field {_show(sorted(extra)[0])} in messages[0]", "messages")
     if "content" not in msg:
         raise _bad("messages[0] has no 'content'", "messages")
     return _user_content(msg["content"], allow_remote)
@@ -198,13 +236,14 @@ def _messages(messages, allow_remote: bool) -> tuple[str, bytes | str | None]:
 def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_chars: int,
                        max_tokens_limit: int) -> ChatRequest:
     """A validated :class:`ChatRequest` from a parsed JSON body, or :class:`RequestError`."""
+    data = _present(data)
     unknown = [k for k in data if k not in SUPPORTED_FIELDS]
     if unknown:
-        raise _bad(f"unsupported field '{unknown[0]}' (this server accepts: {', '.join(SUPPORTED_FIELDS)})",
+        raise _bad(f"unsupported field {_show(unknown[0])} (this server accepts: {', '.join(SUPPORTED_FIELDS)})",
                    unknown[0], "unsupported_field")
     for name, neutral in _NEUTRAL.items():
         if data.get(name) is not None and not neutral(data[name]):
-            raise _bad(f"'{name}' = {json.dumps(data[name])[:40]} is not supported by this server", name,
+            raise _bad(f"'{name}' = {_show(data[name])} is not supported by this server", name,
                        "unsupported_value")
     model = data.get("model")
     if model is not None and not isinstance(model, str):
@@ -212,6 +251,8 @@ def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_char
     if "messages" not in data:
         raise _bad("'messages' is required", "messages")
     prompt, image = _messages(data["messages"], allow_remote_images)
+    if not prompt.strip() and image is not None:
+        prompt = IMAGE_ONLY_QUESTION
     if not prompt.strip():
         raise _bad("the prompt is empty: add a text part with the question", "messages")
     if len(prompt) > max_prompt_chars:
@@ -227,8 +268,10 @@ def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_char
     if opts is not None:
         if not stream:
             raise _bad("'stream_options' is only allowed with stream: true", "stream_options")
-        if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
-            raise _bad("'stream_options' supports only include_usage", "stream_options")
+        if not isinstance(opts, dict):
+            raise _bad("'stream_options' must be an object", "stream_options")
+        if opts.get("include_usage") not in (None, True, False):
+            raise _bad("'stream_options.include_usage' must be true or false", "stream_options")
         include_usage = opts.get("include_usage") is True
     mt, mct = data.get("max_tokens"), data.get("max_completion_tokens")
     if mt is not None and mct is not None and mt != mct:
@@ -258,4 +301,9 @@ def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_char
             raise _bad(f"'{name}' must be a string", name)
     if data.get("metadata") is not None and not isinstance(data["metadata"], dict):
         raise _bad("'metadata' must be an object", "metadata")
+    for name in ("store", "parallel_tool_calls"):
+        if data.get(name) is not None and not isinstance(data[name], bool):
+            raise _bad(f"'{name}' must be true or false", name)
+    if data.get("service_tier") is not None and not isinstance(data["service_tier"], str):
+        raise _bad("'service_tier' must be a string", "service_tier")
     return ChatRequest(model, prompt, image, stream, include_usage, max_tokens, temperature, top_p, seed, stops)

@@ -2,7 +2,8 @@
 
 A waiter is handed the slot directly by ``release`` (no race for it), gives up after ``queue_timeout_s``
 (:class:`Busy`, answered 503 with ``Retry-After``), and leaves the line at once when its client disconnects
-(:class:`Disconnected`), watched through the ASGI ``receive`` channel. Single event loop, no locks needed.
+(:class:`Disconnected`), watched through the ASGI ``receive`` channel; ``fail_waiters`` turns the whole line
+away at shutdown. Single event loop, no locks needed.
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ class Slot:
         if gone and not watch.cancelled():
             watch.exception()                           # retrieve it (None, or the receive error)
         watch.cancel()
+        if fut.done() and not fut.cancelled() and fut.exception() is not None:
+            raise fut.exception()                       # turned away (server shutting down)
         if fut.done() and not gone:
             return                                      # handed the slot
         self._abandon(fut)
@@ -65,12 +68,19 @@ class Slot:
                    self.retry_after())
 
     def _abandon(self, fut: asyncio.Future) -> None:
-        if fut.done() and not fut.cancelled():
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
             self.release()                              # handed the slot but leaving: pass it on
         else:
             fut.cancel()
             if fut in self.waiters:
                 self.waiters.remove(fut)
+
+    def fail_waiters(self, exc: Exception) -> None:
+        """Turn every waiter away with ``exc`` (shutdown); the running request keeps the slot."""
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
 
     def release(self, held_s: float | None = None) -> None:
         if held_s is not None:

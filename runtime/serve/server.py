@@ -1,0 +1,138 @@
+"""The uvicorn server around :func:`~.app.create_app`: connection limits, slow clients, graceful shutdown.
+
+- **Slow headers (slowloris)**: a connection whose request headers are not complete ``header_timeout_s``
+  after it opened (or after its previous answer) gets a 408 and is closed. Open connections do not count
+  against the request limit, so even a crowd of them cannot keep ``/health``, the page or the API from
+  answering; only past ``max_open`` open connections (4 x ``max_requests``, at least +256) is a new one
+  answered 503 at once.
+- **Request limit**: at most ``max_requests`` requests in flight (the ``--max-connections`` flag); more get
+  503 in OpenAI's error shape with ``Retry-After`` (uvicorn's own limit counts idle connections and answers
+  in plain text, so it is off).
+- **Graceful shutdown** (SIGTERM, SIGINT): uvicorn stops accepting; the app's ``begin_shutdown`` answers the
+  queued requests 503 with ``Retry-After`` and lets the running one go on for ``shutdown_deadline_s``, then
+  cuts it with an OpenAI error (a stream: an error event and ``[DONE]``). uvicorn's own cancellation, which
+  would log tracebacks, comes only 5 s after that deadline.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .request import error_body
+
+RETRY_AFTER_S = 1
+
+
+def _raw_error(status: int, reason: bytes, message: str, code: str, retry_after: int | None = None) -> bytes:
+    body = json.dumps(error_body(status, message, code)).encode()
+    head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n" % (
+        status, reason, len(body))
+    if retry_after is not None:
+        head += b"retry-after: %d\r\n" % retry_after
+    return head + b"\r\n" + body
+
+
+def guarded_protocol(header_timeout_s: float, max_open: int) -> type:
+    """uvicorn's h11 protocol with a header deadline and a cap on open connections."""
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer = None
+        _armed_cycle = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_open:
+                transport.write(_raw_error(503, b"Service Unavailable", f"more than {max_open} open connections; "
+                                           "try again shortly", "too_many_connections", RETRY_AFTER_S))
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._armed_cycle = self.cycle
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.cycle is self._armed_cycle and not self.transport.is_closing():
+                self.transport.write(_raw_error(408, b"Request Timeout", f"the request headers did not arrive "
+                                                f"within {header_timeout_s:g} s", "request_timeout"))
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._header_timer is not None and self.cycle is not self._armed_cycle:
+                self._disarm()                      # a request's headers are complete
+
+        def on_response_complete(self) -> None:
+            done = self.cycle
+            super().on_response_complete()          # may start a pipelined request at once
+            if not self.transport.is_closing() and self.cycle is done:
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+class RequestLimit:
+    """ASGI middleware: at most ``max_requests`` HTTP requests in flight, then 503 + ``Retry-After``."""
+
+    def __init__(self, app, max_requests: int):
+        self.app, self.max_requests, self.active = app, max_requests, 0
+        self.state = getattr(app, "state", None)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.active >= self.max_requests:
+            body = json.dumps(error_body(503, f"{self.active} requests are in flight, the most this server "
+                                         "takes; try again shortly", "too_many_connections")).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    (b"retry-after", str(RETRY_AFTER_S).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+class SafeclipServer(uvicorn.Server):
+    """uvicorn's server, telling the app to stop taking work before it waits for the connections."""
+
+    def __init__(self, config: uvicorn.Config, app, shutdown_deadline_s: float):
+        super().__init__(config)
+        self.safeclip, self.shutdown_deadline_s = app.state.safeclip, shutdown_deadline_s
+
+    async def shutdown(self, sockets=None) -> None:
+        self.safeclip.begin_shutdown(self.shutdown_deadline_s)
+        await super().shutdown(sockets)
+
+
+def make_server(app, *, max_requests: int = 64, header_timeout_s: float = 10.0, shutdown_deadline_s: float = 10.0,
+                log_level: str = "info", **config) -> SafeclipServer:
+    """A :class:`SafeclipServer` for ``app`` (from ``create_app``); ``config``: more ``uvicorn.Config`` fields."""
+    for name, v in (("max_requests", max_requests), ("header_timeout_s", header_timeout_s),
+                    ("shutdown_deadline_s", shutdown_deadline_s)):
+        if not v > 0:
+            raise ValueError(f"{name} must be positive, got {v!r}")
+    protocol = guarded_protocol(header_timeout_s, max(4 * max_requests, max_requests + 256))
+    cfg = uvicorn.Config(RequestLimit(app, max_requests), http=protocol, log_level=log_level,
+                         timeout_keep_alive=5, timeout_graceful_shutdown=math.ceil(shutdown_deadline_s) + 5,
+                         server_header=False, **config)
+    return SafeclipServer(cfg, app, shutdown_deadline_s)
