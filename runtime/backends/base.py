@@ -82,6 +82,15 @@ class KVSpec:
                [(self.past_value.format(i=i), self.present_value.format(i=i)) for i in L]
 
 
+def truncation(cached: int, length: int) -> int | None:
+    """What ``truncate(length)`` of ``cached`` positions has to do: ``None`` when nothing moves, else the new
+    length (0: a reset). Raises :class:`ContextError` outside ``0..cached``."""
+    n = int(length)
+    if not 0 <= n <= cached:
+        raise ContextError(f"cannot truncate {cached} cached positions to {n}")
+    return None if n == cached else n
+
+
 class Decoder(Protocol):
     """A decoder session with its KV cache: what :mod:`safeclip.runtime.generate` drives."""
     capacity: int             # most tokens the cache holds (prompt + generated)

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from ..messages import one_line
-from .base import BackendError, ContextError, DecoderNames, KVSpec
+from .base import BackendError, ContextError, DecoderNames, KVSpec, truncation
 
 __all__ = ["BackendError", "OrtSession", "OrtDecoder", "available_providers", "make_session", "make_options"]
 
@@ -228,13 +228,10 @@ class OrtDecoder:
         """Keep the first ``length`` cached positions. A cached [1, KVH, L, Hd] tensor packs each head's L rows
         together, so keeping L' < L rows moves every head after the first: each layer's key and value are
         repacked into the other arena set (which becomes current). CUDA arenas go through host memory."""
-        L, n = self.length, int(length)
-        if not 0 <= n <= L:
-            raise ContextError(f"cannot truncate {L} cached positions to {n}")
-        if n == L:
-            return
-        if n == 0:
-            self.reset()
+        L, n = self.length, truncation(self.length, length)
+        if not n:                                   # None: nothing to cut; 0: an empty cache
+            if n == 0:
+                self.reset()
             return
         H, D = self.kv.num_kv_heads, self.kv.head_dim
         for j in range(2 * self.kv.num_layers):

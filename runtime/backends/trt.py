@@ -36,7 +36,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import BackendError, ContextError, DecoderNames
+from .base import BackendError, ContextError, DecoderNames, truncation
 from .cuda import CudaRuntime, round_up
 from .trt_plan import ProfileSelectionError, check_plan_compatible, select_profile
 from ..graph_spec import decoder_spec
@@ -461,13 +461,10 @@ class TrtDecoder:
         """Keep the first ``length`` cached positions: each head's rows of a [1, KVH, L, Hd] tensor are packed
         for L, so every layer's key and value is repacked (one device copy per head) into the other arena set,
         which becomes current."""
-        L, n = self.length, int(length)
-        if not 0 <= n <= L:
-            raise ContextError(f"cannot truncate {L} cached positions to {n}")
-        if n == L:
-            return
-        if n == 0:
-            self.reset()
+        L, n = self.length, truncation(self.length, length)
+        if not n:                                   # None: nothing to cut; 0: an empty cache
+            if n == 0:
+                self.reset()
             return
         H = self.kv.num_kv_heads
         row = self.kv.head_dim * self.eng.io[self._kv.names[0][0]][1].itemsize          # bytes of one position
