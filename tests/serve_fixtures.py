@@ -166,3 +166,20 @@ def wait_until(cond, timeout: float = 10.0) -> float:
         assert time.monotonic() - t0 < timeout, "condition not reached in time"
         time.sleep(0.02)
     return time.monotonic() - t0
+
+
+# -- shared fixtures (imported by the test_serve*.py modules) ---------------------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bundle(controlled_bundle):
+    """The controlled demo bundle (red flagged 'gun', blue clean) every server test serves."""
+    return controlled_bundle
+
+
+@pytest.fixture(scope="module")
+def oracle(bundle):
+    """A second pipeline on the same bundle: greedy answers equal the server's token for token."""
+    from safeclip.runtime.pipeline import Pipeline
+    return Pipeline.load(bundle)

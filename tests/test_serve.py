@@ -26,20 +26,11 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
+from serve_fixtures import bundle, oracle  # noqa: E402,F401 (fixtures)
 from serve_fixtures import (Q, ServerThread, client, data_uri, health, pieces,  # noqa: E402
                             raw, user)
 
 N = 12                     # default max_tokens of the servers here: small keeps the suite fast
-
-
-@pytest.fixture(scope="session")
-def bundle(controlled_bundle):
-    return controlled_bundle
-
-
-@pytest.fixture(scope="module")
-def oracle(bundle):
-    return Pipeline.load(bundle)
 
 
 @pytest.fixture(scope="module")

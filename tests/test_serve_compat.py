@@ -16,19 +16,10 @@ pytest.importorskip("openai", reason="needs the openai client (dev extra)")
 
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
+from serve_fixtures import bundle, oracle  # noqa: E402,F401 (fixtures)
 from serve_fixtures import Q, ServerThread, client, data_uri, raw, user  # noqa: E402
 
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="session")
-def bundle(controlled_bundle):
-    return controlled_bundle
-
-
-@pytest.fixture(scope="module")
-def oracle(bundle):
-    return Pipeline.load(bundle)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,9 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
+from serve_fixtures import bundle, oracle  # noqa: E402,F401 (fixtures)
 from serve_fixtures import (Q, ServerThread, SlowPipeline, client, data_uri, health,  # noqa: E402
                             pieces, raw, read_until, start_raw, user, wait_until)
-
-
-@pytest.fixture(scope="session")
-def bundle(controlled_bundle):
-    return controlled_bundle
-
-
-@pytest.fixture(scope="module")
-def oracle(bundle):
-    return Pipeline.load(bundle)
 
 
 LONG = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300}    # ~150 pieces, no EOS (checked)

@@ -25,15 +25,11 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
+from serve_fixtures import bundle  # noqa: E402,F401 (fixtures)
 from serve_fixtures import (Q, ServerThread, SlowPipeline, client, health, raw, start_raw, user,  # noqa: E402
                             wait_until)
 
 ATTACKERS = 70
-
-
-@pytest.fixture(scope="session")
-def bundle(controlled_bundle):
-    return controlled_bundle
 
 
 def _slowloris(port: int, n: int, stop: threading.Event) -> list[socket.socket]:
