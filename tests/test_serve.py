@@ -154,8 +154,26 @@ LIMITS = {   # name: (body, headers, status, error code)
     "form data": (b"a=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
     "no messages": ({"max_tokens": 4}, JSON, 400, "invalid_request"),
     "two user turns": ({"messages": user("a") + user("b")}, JSON, 400, "unsupported_conversation"),
-    "system message": ({"messages": [{"role": "system", "content": "x"}] + user("a")}, JSON, 400,
+    "system message after a turn": ({"messages": user("a") + [{"role": "system", "content": "x"}] + user("b")}, JSON,
+                                    400, "unsupported_conversation"),
+    "assistant first": ({"messages": [{"role": "assistant", "content": "x"}] + user("a")}, JSON, 400,
+                        "unsupported_conversation"),
+    "assistant last": ({"messages": user("a") + [{"role": "assistant", "content": "x"}]}, JSON, 400,
                        "unsupported_conversation"),
+    "tool message": ({"messages": user("a") + [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, JSON, 400,
+                     "unsupported_conversation"),
+    "assistant tool_calls": ({"messages": user("a") + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}] + user("b")}, JSON, 400,
+        "unsupported_conversation"),
+    "assistant with an image": ({"messages": user("a") + [{"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}}]}] + user("b")}, JSON, 400,
+        "unsupported_conversation"),
+    "image in the system prompt": ({"messages": [{"role": "system", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}}]}] + user("b")}, JSON, 400,
+        "unsupported_conversation"),
+    "unknown role": ({"messages": [{"role": "narrator", "content": "x"}] + user("a")}, JSON, 400, "invalid_request"),
+    "history over the context": ({"messages": user("z " * 700) + [{"role": "assistant", "content": "w " * 700}]
+                                  + user("more")}, JSON, 400, "context_length_exceeded"),
     "empty prompt": ({"messages": user("   ")}, JSON, 400, "invalid_request"),
     "unknown part type": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, JSON, 400,
                           "invalid_request"),
@@ -222,7 +240,7 @@ def test_truncated_and_slow_bodies_do_not_hang(server):
     s.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
     assert s.recv(4096).startswith(b"HTTP/1.1 400")
     s.close()
-    assert health(server.url) == {"status": "ok", "model": server_model(server), "busy": False, "queued": 0,
+    assert {k: v for k, v in health(server.url).items() if k != "prefix_cache"} == {"status": "ok", "model": server_model(server), "busy": False, "queued": 0,
                                   "max_queue": 8}
 
 

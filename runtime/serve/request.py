@@ -1,7 +1,8 @@
 """Parsing and validation of ``POST /v1/chat/completions`` bodies (OpenAI chat format), without a web framework.
 
-Supported: ONE user message (the runtime renders a single user turn, see ``prompt.py``) whose ``content`` is
-a string or a list of parts: ``{"type": "text", "text": ...}`` (joined with newlines) and at most one
+Supported: a conversation (``conversation.py``: system/developer prompt, alternating user and assistant turns,
+ending with a user message). A user message's ``content`` is a string or a list of parts:
+``{"type": "text", "text": ...}`` (joined with newlines) and at most one
 ``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}`` (``cache_control`` on a part is ignored).
 An image with no text is asked :data:`IMAGE_ONLY_QUESTION` (the pipeline refuses an empty prompt).
 Images come inline as base64 ``data:`` URIs; ``http(s)`` URLs only when the server allows remote images
@@ -27,6 +28,10 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .conversation import Conversation
 
 SUPPORTED_FIELDS = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                     "temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty",
@@ -46,7 +51,7 @@ _NEUTRAL = {                     # accepted only at the value that changes nothi
 # Server limits (create_app / safeclip-serve flags); here so the CLI can show them without importing FastAPI.
 DEFAULTS = dict(max_body_bytes=16 * 1024 * 1024, max_pixels=16_000_000, max_queue=8, max_tokens=1024,
                 default_max_tokens=256, max_prompt_chars=16_000, queue_timeout_s=120.0, body_timeout_s=30.0,
-                fetch_timeout_s=10.0)
+                fetch_timeout_s=10.0, prefix_cache_mb=256)
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_DATA_HEADER = 256             # "data:image/png;base64," and parameters: the comma must come this early
@@ -71,8 +76,7 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class ChatRequest:
     model: str | None
-    prompt: str
-    image: bytes | str | None        # decoded data-URI bytes, a remote URL (when allowed), or None (text only)
+    conversation: "Conversation"     # conversation.py: system, history, the new question and its images
     stream: bool
     include_usage: bool
     max_tokens: int | None           # None: the server's default
@@ -80,6 +84,16 @@ class ChatRequest:
     top_p: float | None
     seed: int | None
     stop: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        """The new question."""
+        return self.conversation.text
+
+    @property
+    def image(self) -> bytes | str | None:
+        """The new question's image: decoded data-URI bytes, a remote URL (when allowed), or None."""
+        return self.conversation.images[0] if self.conversation.images else None
 
 
 def _show(v, limit: int = 60) -> str:
@@ -212,25 +226,9 @@ def _user_content(content, allow_remote: bool) -> tuple[str, bytes | str | None]
             texts.append(part["text"])
         else:
             if image is not None:
-                raise _bad("only one image per request is supported", where, "too_many_images")
+                raise _bad("only one image per message is supported", where, "too_many_images")
             image = _image_source(part, allow_remote, where)
     return "\n".join(texts), image
-
-
-def _messages(messages, allow_remote: bool) -> tuple[str, bytes | str | None]:
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list", "messages")
-    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
-        roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in messages]
-        raise _bad(f"this server answers exactly one user message (the runtime renders a single user turn "
-                   f"about at most one image); got roles {roles}", "messages", "unsupported_conversation")
-    msg = _present(messages[0])
-    extra = set(msg) - {"role", "content", "name"}
-    if extra:
-        raise _bad(f"unknown field {_show(sorted(extra)[0])} in messages[0]", "messages")
-    if "content" not in msg:
-        raise _bad("messages[0] has no 'content'", "messages")
-    return _user_content(msg["content"], allow_remote)
 
 
 def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_chars: int,
@@ -250,13 +248,11 @@ def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_char
         raise _bad("'model' must be a string", "model")
     if "messages" not in data:
         raise _bad("'messages' is required", "messages")
-    prompt, image = _messages(data["messages"], allow_remote_images)
-    if not prompt.strip() and image is not None:
-        prompt = IMAGE_ONLY_QUESTION
-    if not prompt.strip():
-        raise _bad("the prompt is empty: add a text part with the question", "messages")
-    if len(prompt) > max_prompt_chars:
-        raise _bad(f"prompt of {len(prompt)} characters exceeds the limit of {max_prompt_chars}", "messages",
+    from .conversation import parse_messages
+
+    conv = parse_messages(data["messages"], allow_remote_images)
+    if conv.chars > max_prompt_chars:
+        raise _bad(f"messages of {conv.chars} characters exceed the limit of {max_prompt_chars}", "messages",
                    "context_length_exceeded")
     stream = data.get("stream")
     if stream is None:
@@ -306,4 +302,4 @@ def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_char
             raise _bad(f"'{name}' must be true or false", name)
     if data.get("service_tier") is not None and not isinstance(data["service_tier"], str):
         raise _bad("'service_tier' must be a string", "service_tier")
-    return ChatRequest(model, prompt, image, stream, include_usage, max_tokens, temperature, top_p, seed, stops)
+    return ChatRequest(model, conv, stream, include_usage, max_tokens, temperature, top_p, seed, stops)
