@@ -4,8 +4,9 @@ chromedriver, against a safeclip-serve server the test starts on a free loopback
 A person's steps: choose a picture, type a question, press Ask; the answer streams in; a flagged picture
 shows the banner (category and the refusal). A follow-up question continues the conversation about the same
 picture (the page sends the history; the answer equals the library's ``Chat`` on that history), the banner
-of a flagged picture stays for the whole conversation, and Start over or a new picture begins a new one. Oracle: the same bundle's Pipeline called directly (greedy, so
-the page must show exactly its text, in as many pieces as it streams). Screenshots are kept as artefacts in
+of a flagged picture stays for the whole conversation, and Start over or a new picture begins a new one.
+Oracle: the same bundle's Pipeline called directly (greedy, so the page must show exactly its text, in as many
+pieces as it streams). Screenshots are kept as artefacts in
 ``$SAFECLIP_ARTIFACTS_DIR`` (default ``test-artifacts/`` at the repository root).
 
 Needs ``selenium`` and a chromium + chromedriver pair (``apt-get install chromium chromium-driver``); skips

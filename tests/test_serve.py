@@ -240,8 +240,8 @@ def test_truncated_and_slow_bodies_do_not_hang(server):
     s.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
     assert s.recv(4096).startswith(b"HTTP/1.1 400")
     s.close()
-    assert {k: v for k, v in health(server.url).items() if k != "prefix_cache"} == {"status": "ok", "model": server_model(server), "busy": False, "queued": 0,
-                                  "max_queue": 8}
+    h = {k: v for k, v in health(server.url).items() if k != "prefix_cache"}
+    assert h == {"status": "ok", "model": server_model(server), "busy": False, "queued": 0, "max_queue": 8}
 
 
 def server_model(server) -> str:
