@@ -3,8 +3,14 @@
 Routes: ``POST /v1/chat/completions`` (plain JSON or ``stream: true`` as server-sent events in the OpenAI
 chunk format), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, and the kiosk page at ``/``
 (``static/``, no CDN, works offline). Every completion carries the gate's verdict in an extra ``safeclip``
-object (``gated, flagged, category, score, probs, policy, action, finish_reason``; in a stream: on the first
-chunk, before any text, and on the last). A flagged image is handled by the server's policy (the bundle's
+object (``gated, flagged, category, score, probs, policy, action, finish_reason``, and ``images``: every image
+of the conversation; in a stream: on the first chunk, before any text, and on the last).
+
+Conversations (``conversation.py``): system/developer prompt and a multi-turn history, rendered through
+``runtime/chat.py``'s ``Chat``. Stateless like OpenAI's; the prefix cache (``runtime/prefix_cache.py``,
+``prefix_cache_mb``, 0 = off) keeps KV snapshots of finished answers keyed by token ids, so a re-sent history
+is prefilled only after its longest common prefix with a snapshot; its stats are in ``/health`` and
+``/v1/models`` and the reuse in ``usage.prompt_tokens_details.cached_tokens``. A flagged image is handled by the server's policy (the bundle's
 unless ``policy=`` overrides it); clients cannot weaken it per request.
 
 Limits, each answered with a 4xx in OpenAI's error format (``{"error": {message, type, code, param}}``),
