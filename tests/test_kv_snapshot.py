@@ -88,3 +88,33 @@ def test_ort_round_trip_and_errors(parts):
 def test_trt_round_trip_and_errors(parts, demo_bundle, tmp_path, monkeypatch):
     m, kv, table = parts
     _check(lambda: _trt(m, demo_bundle, tmp_path, monkeypatch, kv, 64), m, kv, table)
+
+
+def test_prefix_cache_longest_prefix_lru_by_bytes_and_covered_entries():
+    from safeclip.runtime.prefix_cache import PrefixCache
+
+    def kv(n, fill):                                  # 2 arrays [1, 1, n, 2] float32: 16 bytes a position
+        return [np.full((1, 1, n, 2), fill, np.float32) for _ in range(2)]
+
+    per = lambda n: 8 * n + 16 * n                    # noqa: E731  keys (int64) + KV bytes
+    pc = PrefixCache(per(10) + per(6))
+    assert pc.match([1, 2, 3], 3) == (0, None) and pc.stats()["misses"] == 1
+    assert pc.put([1, 2, 3, 4], kv(4, 1.0)) and pc.put([1, 2, 3, 4, 5, 6], kv(6, 2.0))
+    assert pc.stats()["entries"] == 1 and pc.bytes == per(6)          # the first is a prefix of the second
+    assert pc.covers([1, 2, 3]) and not pc.covers([1, 2, 9])
+    n, arrays = pc.match([1, 2, 3, 4, 7, 8], 5)
+    assert n == 4 and arrays[0].shape == (1, 1, 4, 2) and np.all(arrays[0] == 2.0)   # cut at the first difference
+    assert pc.match([1, 2, 3, 4, 5, 6, 7], 3)[0] == 3                 # never past the limit
+    assert pc.put([9, 8, 7, 6, 5, 4, 3, 2, 1, 0], kv(10, 3.0))        # fits next to the 6-entry
+    assert pc.stats()["entries"] == 2
+    pc.match([1, 2], 2)                                               # the 6-entry is now most recently used
+    assert pc.put([5] * 10, kv(10, 4.0))                              # evicts the least recently used (9, 8, ...)
+    assert pc.match([9, 8, 7], 3) == (0, None) and pc.match([1, 2, 3], 3)[0] == 3
+    assert pc.bytes <= pc.max_bytes and not pc.put(list(range(20)), kv(20, 5.0))   # larger than the budget
+    s = pc.stats()
+    assert (s["entries"], s["hits"], s["misses"], s["reused_tokens"]) == (2, 4, 2, 4 + 3 + 2 + 3)
+    assert not PrefixCache(0).enabled and not PrefixCache(0).put([1], kv(1, 0.0))
+    with pytest.raises(ValueError, match="non-negative"):
+        PrefixCache(-1)
+    with pytest.raises(ValueError, match="KV arrays of"):
+        pc.put([1, 2], kv(3, 0.0))

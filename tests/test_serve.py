@@ -419,6 +419,7 @@ def test_cli_serves_on_a_free_port_and_stops_cleanly(bundle, oracle):
     (["--bundle", "x", "--port", "70000"], 2, "--port must be in 0..65535"),
     (["--bundle", "x", "--max-tokens", "0"], 2, "--max-tokens must be at least 1"),
     (["--bundle", "x", "--header-timeout", "0"], 2, "--header-timeout must be positive"),
+    (["--bundle", "x", "--prefix-cache-mb", "-1"], 2, "--prefix-cache-mb must be >= 0"),
     (["--bundle", "x", "--allow-private-image-hosts"], 2, "--allow-private-image-hosts needs --allow-remote-images"),
 ])
 def test_cli_errors_are_one_line(args, rc, message):

@@ -84,6 +84,8 @@ def _check_args(a) -> str | None:
             return f"--{name.replace('_', '-')} must be at least 1"
     if a.max_queue < 0:
         return "--max-queue must be >= 0"
+    if not a.prefix_cache_mb >= 0:
+        return "--prefix-cache-mb must be >= 0 (0 turns the prefix cache off)"
     for name in ("max_body_mb", "queue_timeout", "fetch_timeout", "header_timeout", "shutdown_timeout"):
         if not getattr(a, name) > 0:
             return f"--{name.replace('_', '-')} must be positive"
