@@ -197,6 +197,8 @@ LIMITS = {   # name: (body, headers, status, error code)
     "two images": ({"messages": [{"role": "user", "content": [
         {"type": "text", "text": Q}, {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}},
         {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}}]}]}, JSON, 400, "too_many_images"),
+    "nine images in a conversation": ({"messages": [m for _ in range(9) for m in user(Q, data_uri(_png(8, 8))) + [
+        {"role": "assistant", "content": "ok"}]][:-1]}, JSON, 400, "too_many_images"),
     "image placeholder typed by the user": ({"messages": user("look <image> here", data_uri(_png(8, 8)))}, JSON,
                                             400, "invalid_prompt"),
 }
