@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from ..messages import one_line
-from .base import BackendError, ContextError, DecoderNames, KVSpec, truncation
+from .base import BackendError, ContextError, DecoderNames, KVSpec, kv_snapshot_length, truncation
 
 __all__ = ["BackendError", "OrtSession", "OrtDecoder", "available_providers", "make_session", "make_options"]
 
@@ -244,3 +244,33 @@ class OrtDecoder:
                 out[: H * n * D].reshape(H, n, D)[:] = host[: H * L * D].reshape(H, L, D)[:, :n]
                 self._arena[1 - self._cur][j].update_inplace(out)
         self._cur, self.length = 1 - self._cur, n
+
+    # -- KV snapshots (the server's prefix cache) -------------------------------------------------------------
+    def kv_read(self, length: int) -> list[np.ndarray]:
+        """Host copies of the first ``length`` cached positions: one [1, KVH, length, Hd] array per
+        ``KVSpec.names()`` pair (every layer's key, then every layer's value), in the cache dtype."""
+        n = int(length)
+        if not 0 <= n <= self.length:
+            raise ContextError(f"cannot read {n} positions of a cache holding {self.length}")
+        H, D, L = self.kv.num_kv_heads, self.kv.head_dim, self.length
+        out = []
+        for j in range(2 * self.kv.num_layers):
+            flat = self._arena[self._cur, j] if self.device == "cpu" else self._arena[self._cur][j].numpy()
+            out.append(flat[: H * L * D].reshape(1, H, L, D)[:, :, :n].copy())
+        return out
+
+    def kv_write(self, arrays: Sequence[np.ndarray]) -> None:
+        """Replace the cache by ``arrays`` (as :meth:`kv_read` gives them); afterwards ``length`` is theirs.
+        ``ContextError`` beyond the capacity, ``ValueError`` on a count, shape or dtype mismatch."""
+        n = kv_snapshot_length(arrays, self.kv, self.dtype, self.capacity)
+        H, D = self.kv.num_kv_heads, self.kv.head_dim
+        dst = 1 - self._cur
+        for j, a in enumerate(arrays):
+            if self.device == "cpu":
+                self._arena[dst, j][: H * n * D].reshape(1, H, n, D)[:] = a
+            else:
+                host = np.zeros(self._slab, self.dtype)
+                host[: H * n * D] = np.ascontiguousarray(a).reshape(-1)
+                self._arena[dst][j].update_inplace(host)
+        self._cur, self.length = dst, n
+

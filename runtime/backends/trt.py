@@ -36,7 +36,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import BackendError, ContextError, DecoderNames, truncation
+from .base import BackendError, ContextError, DecoderNames, kv_snapshot_length, truncation
 from .cuda import CudaRuntime, round_up
 from .trt_plan import ProfileSelectionError, check_plan_compatible, select_profile
 from ..graph_spec import decoder_spec
@@ -474,6 +474,41 @@ class TrtDecoder:
                 self.cuda.d2d(dst[j] + h * n * row, src[j] + h * L * row, n * row, self.c.stream)
         self.cuda.sync(self.c.stream)
         self._cur, self.length = 1 - self._cur, n
+
+    # -- KV snapshots (the server's prefix cache) -------------------------------------------------------------
+    def _kv_stage(self) -> np.ndarray:
+        """A page-locked host buffer of one arena (allocated at the first snapshot, then reused)."""
+        if getattr(self, "_kv_host", None) is None:
+            dt = self.eng.io[self._kv.names[0][0]][1]
+            self._kv_host = self.cuda.host_array(self.kv.num_kv_heads * self.capacity * self.kv.head_dim, dt)
+        return self._kv_host
+
+    def kv_read(self, length: int) -> list[np.ndarray]:
+        """Host copies of the first ``length`` cached positions: one [1, KVH, length, Hd] array per
+        ``KVSpec.names()`` pair, in the cache dtype (each arena copied through one pinned staging buffer)."""
+        n, L = int(length), self.length
+        if not 0 <= n <= L:
+            raise ContextError(f"cannot read {n} positions of a cache holding {L}")
+        H, D, stage = self.kv.num_kv_heads, self.kv.head_dim, self._kv_stage()
+        out = []
+        for ptr in self._arena[self._cur]:
+            self.cuda.d2h(stage, ptr, H * L * D * stage.itemsize, self.c.stream)
+            self.cuda.sync(self.c.stream)
+            out.append(stage[: H * L * D].reshape(1, H, L, D)[:, :, :n].copy())
+        return out
+
+    def kv_write(self, arrays) -> None:
+        """Replace the cache by ``arrays`` (as :meth:`kv_read` gives them); afterwards ``length`` is theirs.
+        ``ContextError`` beyond the capacity, ``ValueError`` on a count, shape or dtype mismatch."""
+        stage = self._kv_stage()
+        n = kv_snapshot_length(arrays, self.kv, stage.dtype, self.capacity)
+        size = self.kv.num_kv_heads * n * self.kv.head_dim
+        dst = 1 - self._cur
+        for j, a in enumerate(arrays):
+            stage[:size] = a.reshape(-1)
+            self.cuda.h2d(self._arena[dst][j], stage, size * stage.itemsize, self.c.stream)
+            self.cuda.sync(self.c.stream)                 # the staging buffer is refilled for the next array
+        self._cur, self.length = dst, n
 
     def close(self) -> None:
         _close(self)
