@@ -15,7 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["BackendError", "ContextError", "KVSpec", "VisionNames", "DecoderNames", "Decoder"]
+__all__ = ["BackendError", "ContextError", "KVSpec", "VisionNames", "DecoderNames", "Decoder", "KV_FORM"]
+
+# The manifest's ``graphs.decoder.kv.form`` for a graph whose KV outputs are the call's new rows only,
+# [B, KVH, S, Hd] (decoder contract 2, ``contract.py``); bundles without it return past + new and are refused.
+KV_FORM = "new"
 
 
 class BackendError(RuntimeError):
@@ -68,7 +72,7 @@ class KVSpec:
     dtype: str
     past_key: str = "past_key_values.{i}.key"
     past_value: str = "past_key_values.{i}.value"
-    present_key: str = "present.{i}.key"
+    present_key: str = "present.{i}.key"        # outputs: the call's new rows [B, KVH, S, Hd] (KV_FORM)
     present_value: str = "present.{i}.value"
 
     @classmethod
@@ -103,3 +107,5 @@ class Decoder(Protocol):
     def reset(self, length: int = 0) -> None: ...
     def extend(self, inputs_embeds) -> Any: ...             # [S, D] after the cached ones -> logits [V]
     def truncate(self, length: int) -> None: ...            # keep the first ``length`` cached positions
+    def kv_read(self, length: int) -> list: ...            # host copies [1, KVH, length, Hd], KVSpec.names() order
+    def kv_write(self, arrays: list) -> None: ...           # replace the cache by such arrays
