@@ -163,6 +163,29 @@ class FakeCudart:
         self.copies += 1
         return (Err.cudaSuccess,)
 
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        if not isinstance(stream, cudaStream_t) or stream.destroyed:
+            return (Err.cudaErrorInvalidResourceHandle,)
+        K, w, h = self.cudaMemcpyKind, int(width), int(height)
+        sides = {K.cudaMemcpyHostToDevice: ("device", "host"), K.cudaMemcpyDeviceToHost: ("host", "device"),
+                 K.cudaMemcpyDeviceToDevice: ("device", "device"), K.cudaMemcpyHostToHost: ("host", "host")}
+        if kind not in sides or w > int(dpitch) or w > int(spitch):
+            return (Err.cudaErrorInvalidValue,)                  # CUDA: width may not exceed either pitch
+        rows = [(int(dst) + r * int(dpitch), int(src) + r * int(spitch)) for r in range(h)]
+        for d, s in rows:                                        # every row inside one allocation of its kind
+            self.region(d, w, sides[kind][0])
+            self.region(s, w, sides[kind][1])
+        self.enqueue(stream, lambda: [ctypes.memmove(d, s, w) for d, s in rows])
+        self.copies += 1
+        return (Err.cudaSuccess,)
+
+    def cudaMemsetAsync(self, devPtr, value, count, stream):
+        if not isinstance(stream, cudaStream_t) or stream.destroyed:
+            return (Err.cudaErrorInvalidResourceHandle,)
+        self.region(int(devPtr), int(count), "device")
+        self.enqueue(stream, lambda: ctypes.memset(int(devPtr), int(value), int(count)))
+        return (Err.cudaSuccess,)
+
     def enqueue(self, stream, op) -> None:
         stream.pending.append(op)
 

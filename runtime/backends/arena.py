@@ -142,7 +142,10 @@ class HostArena(_Arena):
 class DeviceArena(_Arena):
     """The arena in device memory (one ``cudaMalloc`` block; slabs 256-byte aligned), moved with cuda-python
     copies on ``stream``. ``temp`` is one head block's rows of scratch for a repack whose source and
-    destination overlap (a bucket capped at the capacity grows by less than double)."""
+    destination overlap (a bucket capped at the capacity grows by less than double).
+
+    The block is zeroed once: masked-out bucket rows get softmax weight 0, but 0 * Inf or a NaN from
+    never-written memory would still poison the attention output (stale rows of earlier keys are finite)."""
 
     def __init__(self, cuda, stream, *args, **kw):
         from .cuda import round_up
@@ -153,6 +156,8 @@ class DeviceArena(_Arena):
         self.base = cuda.malloc(self.tensors * self.slab_bytes)
         self.temp = cuda.malloc(self.capacity * self.row)
         self.nbytes = self.tensors * self.slab_bytes
+        cuda.memset(self.base, 0, self.nbytes, stream)
+        cuda.sync(stream)
 
     def ptr(self, j: int) -> int:
         return self.base + j * self.slab_bytes

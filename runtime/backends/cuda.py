@@ -126,6 +126,10 @@ class CudaRuntime:
         self.call("cudaMemcpy2DAsync", _addr(dst), int(dpitch), _addr(src), int(spitch), int(width), int(height),
                   self._kind(kind), stream)
 
+    def memset(self, dst: int, value: int, nbytes: int, stream) -> None:
+        """``cudaMemsetAsync``: fresh device memory holds whatever bits were there (NaN and Inf included)."""
+        self.call("cudaMemsetAsync", int(dst), int(value), int(nbytes), stream)
+
     def sync(self, stream) -> None:
         self.call("cudaStreamSynchronize", stream)
 
