@@ -3,20 +3,23 @@
 Supported: ``LlavaForConditionalGeneration`` whose language model is a Llama-style decoder (LLaVA-1.5;
 ``model.model.language_model`` + ``model.lm_head``), with multi-head or grouped-query attention, in fp32
 or fp16. Batch, sequence and past length are dynamic; a past length of 0 (prefill) works in the same graph.
-Not supported: sliding-window attention (its cache drops old rows, so ``present`` would not be past + new);
-such a model is refused with a ``ValueError``.
+Not supported: sliding-window attention (its cache drops old rows, which the runtime's append-only arena
+does not); such a model is refused with a ``ValueError``.
 
 Graph ``decoder.onnx`` (opset 18, weights in ``decoder.onnx.data``)::
 
     inputs_embeds            [B, S, D]        float   token embeddings, image features spliced in
-    attention_mask           [B, P+S]         int64   1 = attend (left padding allowed)
+    attention_mask           [B, P+S]         int64   1 = attend: left padding, and 0 on past rows the
+                                                      runtime binds beyond a sequence's valid length
     position_ids             [B, S]           int64
     past_key_values.{i}.key  [B, KVH, P, Hd]  float   one pair per layer, P may be 0
     past_key_values.{i}.value
     -> logits                [B, 1, V]        float   last position only: all generation needs, and it
                                                       saves the [S, V] head matmul on prefill
-    -> present.{i}.key       [B, KVH, P+S, Hd]        past followed by this call's keys
-    -> present.{i}.value
+    -> present.{i}.key       [B, KVH, S, Hd]  float   this call's keys and values ONLY (``kv.form`` "new"):
+    -> present.{i}.value                              the runtime writes them into its one KV arena
+                                                      (``runtime/backends/arena.py``), so no step rewrites
+                                                      the cache
 
 Why these choices:
 
@@ -25,15 +28,22 @@ Why these choices:
   needs image features spliced in anyway, so a graph call per token (or an embedding graph with a second
   [V, D] copy of the weights on the device) costs more than it saves; on Jetson the host and the GPU share
   memory, and on a discrete GPU one [1, 1, D] upload per step is negligible.
-* Attention is exported through our own copy of transformers' eager attention whose scores, mask and
-  softmax are explicitly fp32 (see :func:`_attention_fp32_softmax` for the onnxscript behaviour this
-  avoids); Llama's RMSNorm already reduces in fp32. So the fp16 graph keeps those reductions in fp32
-  (TensorRT fp16 overflows in them otherwise), and :func:`export_decoder` checks the graph for it.
+* Attention is exported through our own function (:func:`_attention_fp32_softmax`): transformers' cache
+  layer is replaced by one that keeps past and new apart (:func:`_split_layer_class`), and the attention
+  takes Q.K^T over each part, one softmax over the concatenated scores (small: [B, KVH, g*S, P+S]), and
+  weights.V per part. No Concat of cache-sized tensors, and grouped-query attention reshapes Q to
+  [B, KVH, g*S, Hd] instead of repeating K/V to H heads. The past feeds only MatMuls (the key's Transpose is
+  folded into ONNX Runtime's FusedMatMul / TensorRT's matrix multiply; ``tests/test_decoder.py`` checks
+  the graph). The scores, mask and softmax are explicitly fp32 (see the function for the onnxscript
+  behaviour this avoids); Llama's RMSNorm already reduces in fp32. So the fp16 graph keeps those
+  reductions in fp32 (TensorRT fp16 overflows in them otherwise), and :func:`export_decoder` checks it.
 * torch.export specialises sample sizes 0 and 1, so the sample batch, sequence and past are all >= 2; the
   parity gate then runs the graph with P = 0 (prefill) and S = 1 (decode). ``attention_mask``'s length
   is P+S, which ``dynamic_shapes`` cannot express as ``Dim + Dim``: it gets its own ``Dim.DYNAMIC``.
-* Parity is a build gate: ONNX Runtime vs the PyTorch wrapper on a prefill (P = 0) and on a decode step
-  whose past is that prefill's cache. Tolerance is relative to the output's magnitude (floor 1):
+* Parity is a build gate: ONNX Runtime vs transformers' own attention and cache (the reference keeps
+  transformers' concatenating cache and returns the new rows by slicing) on a prefill (P = 0), a decode
+  step whose past is that prefill's cache, and that step and a 3-token extension with the past padded the
+  way the runtime binds it (bucket rows beyond the valid length, masked out). Tolerance is relative to the output's magnitude (floor 1):
   ``1e-4 * max(1, max|ref|)`` for fp32; for fp16 ``2e-2 * max(1, max|ref|)``, measured against the fp32
   reference (what the user would have got), not against fp16 PyTorch.
 """
