@@ -219,9 +219,8 @@ class Runtime:
 
     @property
     def kv_arena_bytes(self) -> int:
-        """Both ping-pong arena sets: 2 x 2L x KVH*C*Hd elements."""
-        kv, d = self.decoder.kv, self.decoder
-        return 2 * 2 * kv.num_layers * kv.num_kv_heads * d.capacity * kv.head_dim * d.dtype.itemsize
+        """The one KV arena: 2L x KVH*C*Hd elements (``runtime/backends/arena.py``)."""
+        return self.decoder.kv_bytes
 
     def run(self, ids: np.ndarray, n: int) -> dict:
         from safeclip.runtime.generate import embed_prompt, generate
