@@ -158,10 +158,12 @@ def worker(args) -> dict:
     if not (out / "frag.json").is_file():
         model, tok = _model(args.model, args.layers)
         frag = export_decoder(model, out, tokenizer=tok)
-        (out / "frag.json").write_text(json.dumps(frag["graphs"]["decoder"]))
+        heads = model.config.get_text_config().num_attention_heads
+        (out / "frag.json").write_text(json.dumps({**frag["graphs"]["decoder"], "heads": heads}))
         del model, frag
         gc.collect()
     g = json.loads((out / "frag.json").read_text())
+    groups = g["heads"] // g["kv"]["num_kv_heads"]
     dec = OrtDecoder(out / g["file"], KVSpec.from_manifest(g["kv"]), capacity=args.capacity)
     kv, new = dec.kv, hasattr(dec, "arena")
     row = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * dec.dtype.itemsize
@@ -193,9 +195,17 @@ def worker(args) -> dict:
             dec.decode_one_token(probe)
             res["copied_bytes"].append(dec.arena.copied - before)
         else:
-            res["copied_bytes"].append((P + 1) * row)                # present = concat(past, new), written
+            res["copied_bytes"].append(old_written(P, row, groups))
     res["repack_bytes_per_token"] = amortised_repack_bytes(dec) if new else 0
+    res["groups"] = groups
     return res
+
+
+def old_written(P: int, row: int, groups: int) -> int:
+    """Bytes the old graph wrote per step in cache-sized tensors: present = concat(past, new) (P+1 rows), and
+    for grouped-query attention transformers' repeat_kv, an Expand of those rows to every query head
+    (``groups`` copies; checked in the old ONNX graph: Expand [B, KVH, g, P+S, Hd] -> Reshape [B, H, P+S, Hd])."""
+    return (P + 1) * row * (1 + (groups if groups > 1 else 0))
 
 
 def _old_tree(ref: str, into: Path) -> Path:
@@ -252,13 +262,13 @@ def _table(old: dict, new: dict) -> str:
     def ms(samples):
         return f"{np.median(samples) * 1e3:.2f} ({min(samples) * 1e3:.2f}) ms"
 
-    lines = ["| past P | old: copied/step | old: step | new: copied/step | new: step, bucket P+1 | "
+    lines = ["| past P | old: written/step (Concat + repeat_kv) | old: step | new: copied/step | new: step, bucket P+1 | "
              "new: step, bucket 2P |", "|---:|---:|---:|---:|---:|---:|"]
     for i, P in enumerate(new["lengths"]):
         lines.append(f"| {P} | {old['copied_bytes'][i] / mb:.3f} MB | {ms(old['step_s']['-'][i])} | "
                      f"{new['copied_bytes'][i] / 1e3:.1f} kB | {ms(new['step_s']['P+1'][i])} | "
                      f"{ms(new['step_s']['2P'][i])} |")
-    lines.append(f"\nKV memory: old {old['kv_memory_bytes'] / mb:.1f} MB (two arenas), new "
+    lines.append(f"\nGQA groups (query heads per KV head): {new['groups']}. KV memory: old {old['kv_memory_bytes'] / mb:.1f} MB (two arenas), new "
                  f"{new['kv_memory_bytes'] / mb:.1f} MB (one arena); new repacks: "
                  f"{new['repack_bytes_per_token'] / 1e3:.1f} kB per token amortised over a generation to the capacity.")
     return "\n".join(lines)
