@@ -347,11 +347,12 @@ def build_plan(tgt, graphs: dict, model: dict, preprocess: dict | None = None) -
     if graphs.get("decoder"):
         dec = DecoderGraph.from_json(graphs["decoder"])
         kv, hidden = dec.kv, dec.inputs[dec.names.inputs_embeds].shape[-1]
-        plan["decoder"] = {"profiles": tgt.decoder_profiles(hidden, kv.num_layers, kv.num_kv_heads, kv.head_dim,
-                                                            model.get("context_length", tgt.context),
-                                                            kv=kv, names=dec.names),
-                           "precision": tgt.precision, "workspace_bytes": tgt.workspace_bytes,
-                           "profile_names": ["prefill", "decode"]}
+        from .targets import DECODER_PROFILE_NAMES
+
+        profiles = tgt.decoder_profiles(hidden, kv.num_layers, kv.num_kv_heads, kv.head_dim,
+                                        model.get("context_length", tgt.context), kv=kv, names=dec.names)
+        plan["decoder"] = {"profiles": profiles, "precision": tgt.precision, "workspace_bytes": tgt.workspace_bytes,
+                           "profile_names": list(DECODER_PROFILE_NAMES[:len(profiles)])}
     return plan
 
 

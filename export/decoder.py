@@ -3,20 +3,23 @@
 Supported: ``LlavaForConditionalGeneration`` whose language model is a Llama-style decoder (LLaVA-1.5;
 ``model.model.language_model`` + ``model.lm_head``), with multi-head or grouped-query attention, in fp32
 or fp16. Batch, sequence and past length are dynamic; a past length of 0 (prefill) works in the same graph.
-Not supported: sliding-window attention (its cache drops old rows, so ``present`` would not be past + new);
-such a model is refused with a ``ValueError``.
+Not supported: sliding-window attention (its cache drops old rows, which the runtime's append-only arena
+does not); such a model is refused with a ``ValueError``.
 
 Graph ``decoder.onnx`` (opset 18, weights in ``decoder.onnx.data``)::
 
     inputs_embeds            [B, S, D]        float   token embeddings, image features spliced in
-    attention_mask           [B, P+S]         int64   1 = attend (left padding allowed)
+    attention_mask           [B, P+S]         int64   1 = attend: left padding, and 0 on past rows the
+                                                      runtime binds beyond a sequence's valid length
     position_ids             [B, S]           int64
     past_key_values.{i}.key  [B, KVH, P, Hd]  float   one pair per layer, P may be 0
     past_key_values.{i}.value
     -> logits                [B, 1, V]        float   last position only: all generation needs, and it
                                                       saves the [S, V] head matmul on prefill
-    -> present.{i}.key       [B, KVH, P+S, Hd]        past followed by this call's keys
-    -> present.{i}.value
+    -> present.{i}.key       [B, KVH, S, Hd]  float   this call's keys and values ONLY (``kv.form`` "new"):
+    -> present.{i}.value                              the runtime writes them into its one KV arena
+                                                      (``runtime/backends/arena.py``), so no step rewrites
+                                                      the cache
 
 Why these choices:
 
@@ -25,15 +28,23 @@ Why these choices:
   needs image features spliced in anyway, so a graph call per token (or an embedding graph with a second
   [V, D] copy of the weights on the device) costs more than it saves; on Jetson the host and the GPU share
   memory, and on a discrete GPU one [1, 1, D] upload per step is negligible.
-* Attention is exported through our own copy of transformers' eager attention whose scores, mask and
-  softmax are explicitly fp32 (see :func:`_attention_fp32_softmax` for the onnxscript behaviour this
-  avoids); Llama's RMSNorm already reduces in fp32. So the fp16 graph keeps those reductions in fp32
-  (TensorRT fp16 overflows in them otherwise), and :func:`export_decoder` checks the graph for it.
+* Attention is exported through our own function (:func:`_attention_fp32_softmax`): transformers' cache
+  layer is replaced by one that keeps past and new apart (:func:`_split_layer_class`), and the attention
+  takes Q.K^T over each part, one softmax over the concatenated scores (small: [B, KVH, g*S, P+S]), and
+  weights.V per part. No Concat of cache-sized tensors, and grouped-query attention reshapes Q to
+  [B, KVH, g*S, Hd] instead of repeating K/V to H heads. The past feeds only MatMuls (the key's Transpose is
+  folded into ONNX Runtime's FusedMatMul / TensorRT's matrix multiply; ``tests/test_decoder.py`` checks
+  the graph). The scores, mask and softmax are explicitly fp32 (see the function for the onnxscript
+  behaviour this avoids); Llama's RMSNorm already reduces in fp32. So the fp16 graph keeps those
+  reductions in fp32 (TensorRT fp16 overflows in them otherwise), and :func:`export_decoder` checks it.
 * torch.export specialises sample sizes 0 and 1, so the sample batch, sequence and past are all >= 2; the
   parity gate then runs the graph with P = 0 (prefill) and S = 1 (decode). ``attention_mask``'s length
   is P+S, which ``dynamic_shapes`` cannot express as ``Dim + Dim``: it gets its own ``Dim.DYNAMIC``.
-* Parity is a build gate: ONNX Runtime vs the PyTorch wrapper on a prefill (P = 0) and on a decode step
-  whose past is that prefill's cache. Tolerance is relative to the output's magnitude (floor 1):
+* Parity is a build gate: ONNX Runtime vs transformers' own attention and cache (the reference keeps
+  transformers' concatenating cache and returns the new rows by slicing) on a prefill (P = 0), a decode
+  step whose past is that prefill's cache, and that step and a 3-token extension with the past padded the
+  way the runtime binds it (bucket rows beyond the valid length, masked out; the extension's reference is
+  the prefill itself, so the reference costs two passes over the weights). Tolerance is relative to the output's magnitude (floor 1):
   ``1e-4 * max(1, max|ref|)`` for fp32; for fp16 ``2e-2 * max(1, max|ref|)``, measured against the fp32
   reference (what the user would have got), not against fp16 PyTorch.
 """
@@ -45,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safeclip.runtime.backends.base import DecoderNames, KVSpec
+from safeclip.runtime.backends.base import KV_FORM, DecoderNames, KVSpec
 from safeclip.runtime.graph_spec import GraphSpec, decoder_spec
 from safeclip.runtime.tolerances import export_tolerance
 
@@ -100,16 +111,20 @@ def _wrapper_class():
             from transformers import DynamicCache
 
             # past: 2 * num_layers tensors [B, KVH, P, Hd], (key, value) per layer
+            split = self.language_model.config._attn_implementation == ATTENTION
             cache = DynamicCache(config=self.language_model.config)
-            for i in range(self.num_layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
+            if split:                                    # export: past and new stay apart (no cache-sized Concat)
+                cache.layers = [_split_layer_class()(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+            else:                                        # reference: transformers' own cache and attention
+                for i in range(self.num_layers):
+                    cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       position_ids=position_ids, cache=cache, use_cache=True)
             logits = self.lm_head(out.last_hidden_state[:, -1:, :])          # [B, 1, V]
-            present = []
-            for layer in out.cache.layers:                                   # [B, KVH, P+S, Hd] each
-                present += [layer.keys, layer.values]
-            return (logits, *present)
+            p, new = past[0].shape[2], []
+            for layer in cache.layers:                                       # [B, KVH, S, Hd] each
+                new += [layer.new_keys, layer.new_values] if split else [layer.keys[:, :, p:], layer.values[:, :, p:]]
+            return (logits, *new)
 
     return DecoderForExport
 
@@ -117,26 +132,64 @@ def _wrapper_class():
 ATTENTION = "safeclip_fp32_softmax"
 
 
-def _attention_fp32_softmax(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """transformers' eager attention with the scores, mask and softmax explicitly in fp32.
+class _Split(tuple):
+    """(past, new) keys or values of one layer: [B, KVH, P, Hd] and [B, KVH, S, Hd], never concatenated."""
 
-    Eager attention calls ``softmax(x, dtype=torch.float32)``; onnxscript's torchlib translates that as
-    Softmax in the input dtype followed by a Cast (onnxscript 0.7.2, ``aten_softmax``), i.e. an fp16
-    softmax in an fp16 graph. Casting the scores first keeps the fp32 island in the ONNX graph.
+
+@functools.lru_cache(maxsize=1)
+def _split_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class SplitLayer(DynamicLayer):
+        """A cache layer holding the graph's ``past`` input; ``update`` keeps the call's new keys and values
+        apart and hands the attention a :class:`_Split` pair instead of ``cat(past, new)``."""
+
+        def __init__(self, keys, values):
+            super().__init__()
+            self.keys, self.values, self.is_initialized = keys, values, True
+            self.device, self.new_keys, self.new_values = keys.device, None, None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.new_keys, self.new_values = key_states, value_states
+            return _Split((self.keys, key_states)), _Split((self.values, value_states))
+
+        def get_seq_length(self) -> int:
+            return self.keys.shape[-2]                   # the bound past, padding rows included
+
+    return SplitLayer
+
+
+def _attention_fp32_softmax(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention over the past and the new keys apart, one fp32 softmax over their concatenated scores.
+
+    ``key``/``value`` are :class:`_Split` pairs (past [B, KVH, P, Hd], new [B, KVH, S, Hd]). The query
+    [B, H, S, Hd] is reshaped to [B, KVH, g*S, Hd] (g = H / KVH query heads per KV head, which are adjacent
+    in Llama's head order), so grouped-query attention reads each KV head once instead of materialising
+    ``repeat_kv``'s [B, H, P, Hd] copy. Only the scores [B, KVH, g*S, P+S] are concatenated: no tensor of
+    the cache's size is written. ``attention_mask`` is the additive [B, 1, S, P+S] mask: padding rows of the
+    past (the runtime's bucket rows beyond the valid length) get the dtype's minimum there.
+
+    The scores, mask and softmax are explicitly fp32: eager attention calls ``softmax(x, dtype=torch.float32)``,
+    which onnxscript's torchlib translates as Softmax in the input dtype followed by a Cast (onnxscript 0.7.2,
+    ``aten_softmax``), i.e. an fp16 softmax in an fp16 graph. Casting the scores first keeps the fp32 island.
     """
     import torch
 
-    n_rep = module.num_key_value_groups
-    b, kvh, s, hd = key.shape
-    if n_rep > 1:  # GQA: [B, KVH, P+S, Hd] -> [B, H, P+S, Hd]
-        key = key[:, :, None].expand(b, kvh, n_rep, s, hd).reshape(b, kvh * n_rep, s, hd)
-        value = value[:, :, None].expand(b, kvh, n_rep, s, hd).reshape(b, kvh * n_rep, s, hd)
-    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling     # [B, H, S, P+S] fp32
-    if attention_mask is not None:
-        scores = scores + attention_mask.float()
+    (past_k, new_k), (past_v, new_v) = key, value
+    b, h, s, hd = query.shape
+    kvh = new_k.shape[1]
+    g = h // kvh
+    q = query.reshape(b, kvh, g * s, hd)                                       # [B, KVH, g*S, Hd]
+    scores = torch.cat([torch.matmul(q, past_k.transpose(2, 3)),               # [B, KVH, g*S, P]
+                        torch.matmul(q, new_k.transpose(2, 3))], dim=-1)       # [B, KVH, g*S, S]
+    scores = scores.float() * scaling                                          # [B, KVH, g*S, P+S] fp32
+    if attention_mask is not None:                                             # [B, 1, S, P+S]
+        n = scores.shape[-1]
+        scores = (scores.reshape(b, kvh, g, s, n) + attention_mask[:, :, None].float()).reshape(b, kvh, g * s, n)
     weights = torch.softmax(scores, dim=-1).to(query.dtype)
-    out = torch.matmul(weights, value).transpose(1, 2).contiguous()        # [B, S, H, Hd]
-    return out, weights
+    p = past_k.shape[2]
+    out = torch.matmul(weights[..., :p], past_v) + torch.matmul(weights[..., p:], new_v)   # [B, KVH, g*S, Hd]
+    return out.reshape(b, h, s, hd).transpose(1, 2).contiguous(), None         # [B, S, H, Hd]
 
 
 class _ExportAttention:
@@ -239,21 +292,38 @@ def _check_fp32_islands(onnx_path: Path) -> None:
         raise ParityError(f"fp16 decoder computes {', '.join(bad)} in fp16; they must stay fp32")
 
 
-def _parity_cases(ref_wrapper, embed, kv: tuple[int, int, int]) -> list[tuple[str, tuple, tuple]]:
-    """Prefill (P = 0, S = 7, B = 1), then one decode step on that prefill's cache: (name, inputs, reference).
+def _padded(torch, past, rows: int, gen) -> list:
+    """``past`` followed by ``rows`` random rows: the runtime's bucket rows beyond the valid length."""
+    return [torch.cat([t, torch.randn(*t.shape[:2], rows, t.shape[3], generator=gen).to(t.dtype)], dim=2)
+            for t in past]
 
-    Run with the model's own attention implementation, so the check also covers the export attention.
+
+def _parity_cases(ref_wrapper, embed, kv: tuple[int, int, int]) -> list[tuple[str, tuple, tuple]]:
+    """(name, inputs, reference) for: a prefill (P = 0, S = 7, B = 1); one decode step on that prefill's
+    cache; the same step with the past bound as the runtime binds it, padded to a bucket of 12 rows whose
+    last 5 are masked out (reference: the unpadded step's); the prefill's last 3 tokens as an extension of its
+    first 4 rows, padded to a bucket of 8 (reference: the prefill's logits and rows 4..6, as causal attention
+    makes them). Two reference passes in all, so each weight is read twice for the reference.
+
+    The reference runs the model's own attention over transformers' concatenated cache; the graph's
+    attention keeps past and new apart, so the check also covers the export attention.
     """
     torch = _torch()
     layers, kvh, hd = kv
     gen = torch.Generator().manual_seed(0)
     prefill = _sample_args(torch, embed, 1, 7, 0, kvh, hd, layers, torch.float32, gen)
     ids = torch.randint(0, embed.shape[0], (1, 1), generator=gen)
+    ones = functools.partial(torch.ones, dtype=torch.int64)
     with torch.no_grad():
-        ref = ref_wrapper(*prefill)
-        step = (embed[ids], torch.ones(1, 8, dtype=torch.int64), torch.tensor([[7]]), *ref[1:])
+        ref = ref_wrapper(*prefill)                                      # new rows [1, KVH, 7, Hd]
+        step = (embed[ids], ones(1, 8), torch.tensor([[7]]), *ref[1:])
         ref_step = ref_wrapper(*step)
-    return [("prefill", prefill, ref), ("decode", step, ref_step)]
+    bucket = (step[0], torch.cat([ones(1, 7), 0 * ones(1, 5), ones(1, 1)], 1), step[2], *_padded(torch, ref[1:], 5, gen))
+    ext = (prefill[0][:, 4:], torch.cat([ones(1, 4), 0 * ones(1, 4), ones(1, 3)], 1), torch.tensor([[4, 5, 6]]),
+           *_padded(torch, [t[:, :, :4] for t in ref[1:]], 4, gen))
+    ref_ext = (ref[0], *(t[:, :, 4:] for t in ref[1:]))
+    return [("prefill", prefill, ref), ("decode", step, ref_step), ("decode, bucketed past", bucket, ref_step),
+            ("extend, bucketed past", ext, ref_ext)]
 
 
 def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
@@ -362,7 +432,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
 
     io = _spec(layers, kvh, hd, facts["hidden_size"], facts["vocab_size"], dtype).io_json()   # inputs, outputs
     graph = {"file": onnx_path.name, "data": data_name, "names": asdict(DecoderNames()), **io,
-             "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype,
+             "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype, "form": KV_FORM,
                     "past_key": PAST_KEY, "past_value": PAST_VALUE,
                     "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}}
     return {"graphs": {"decoder": graph},

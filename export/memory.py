@@ -9,7 +9,8 @@ Counted, for a LLaVA / LLaVA-NeXT config (``config.json`` as a dict, a transform
   its embedding table (the runtime keeps it in host memory: on a Jetson that is the same DRAM) and
   ``lm_head``, all at the graph precision (fp16: 2 bytes, fp32: 4);
 * the KV cache as the runtime allocates it: 2 (key, value) x layers x KV heads x head_dim x context x
-  bytes x 2 ping-pong arena sets (see ``runtime/generate.py`` and ``runtime/backends/trt.py``);
+  bytes, once (one arena written in place, ``runtime/backends/arena.py``; its one-call extension scratch,
+  at most 512 positions, is left out as the activations are);
 * activations, order of magnitude only: the vision tower on its largest batch of views (1 for LLaVA-1.5,
   5 for LLaVA-NeXT's default pinpoints), each layer holding tokens x (4 hidden + intermediate) values plus
   heads x tokens^2 attention scores; the decoder's prefill at the full context, tokens x (4 hidden +
@@ -185,7 +186,7 @@ def estimate(config_or_name: Any, context: int, precision: str = "fp16") -> Memo
     heads, L = t["num_attention_heads"], t["num_hidden_layers"]
     kvh = t.get("num_key_value_heads") or heads
     hd = t.get("head_dim") or t["hidden_size"] // heads
-    kv = 2 * L * kvh * hd * int(context) * b * 2
+    kv = 2 * L * kvh * hd * int(context) * b
     views = _max_views(cfg, v["image_size"])
     tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
     H, I = v["hidden_size"], v["intermediate_size"]
@@ -193,7 +194,7 @@ def estimate(config_or_name: Any, context: int, precision: str = "fp16") -> Memo
     dec_act = int(context) * b * (4 * t["hidden_size"] + 2 * t["intermediate_size"]) + 4 * t["vocab_size"]
     return MemoryEstimate(name, "fp16" if b == 2 else "fp32", int(context), params, sum(params.values()) * b, kv,
                           vision_act, dec_act, views,
-                          f"2 x {L} layers x {kvh} KV heads x {hd} x {context} tokens x {b} B x 2 arenas")
+                          f"2 x {L} layers x {kvh} KV heads x {hd} x {context} tokens x {b} B, one arena")
 
 
 # The streaming exporter's own memory (scripts/bench_export.py): Python, torch, transformers and CLIP's text

@@ -14,17 +14,23 @@ Batch profiles are what the runtime runs, on every target: the vision graph gets
 the TensorRT vision session sizes its buffers for the largest shape a profile allows (a 32-image profile
 was about 1 GB of buffers for LLaVA-NeXT).
 
-The decoder gets two optimisation profiles (prefill and decode): one profile for both picks poor kernels
-for both. Every shape the runtime asks for lies inside one of them (checked by tests).
+The decoder gets three optimisation profiles (prefill, decode, extend; :data:`DECODER_PROFILE_NAMES`): one
+profile for all picks poor kernels for each. The runtime binds as ``past`` the KV arena's bucket, which is
+at least the cached length and at most the capacity (``runtime/backends/arena.py``), so decode and extend
+cover a past of up to the whole context; an extension (a chat follow-up turn) takes up to
+``arena.EXTEND_MAX`` tokens per call. Every shape the runtime asks for lies inside one of them (checked by
+tests).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from safeclip.runtime.backends.arena import EXTEND_MAX
 from safeclip.runtime.backends.base import DecoderNames, KVSpec, VisionNames
 from safeclip.runtime.graph_spec import decoder_spec, vision_spec
 
 GiB = 1 << 30
+DECODER_PROFILE_NAMES = ("prefill", "decode", "extend")      # the order decoder_profiles returns them in
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,8 @@ class Target:
 
     def decoder_profiles(self, hidden: int, num_layers: int, kv_heads: int, head_dim: int, context: int,
                          kv: KVSpec | None = None, names: DecoderNames = DecoderNames()) -> list[dict]:
-        """[prefill, decode] profiles. Prefill: past 0, seq 1..context. Decode: seq 1, past 0..context-1.
+        """[prefill, decode, extend] profiles. Prefill: past 0, seq 1..context. Decode: seq 1, past 0..context.
+        Extend: seq 2..min(EXTEND_MAX, context), past 1..context (a context of 1 gets no extend profile).
         ``kv`` (default: the standard KV names) and ``names`` name the tensors as the graph does."""
         ctx = min(self.context, context)
         b0, b1, b2 = self.decoder_batch
@@ -58,8 +65,12 @@ class Target:
         def profile(seq, past):                                     # (min, opt, max) of seq and of past
             return spec.profile(*({"batch": b, "seq": s, "past": p} for b, s, p in zip((b0, b1, b2), seq, past)))
 
-        return [profile((1, opt_prefill, ctx), (0, 0, 0)),
-                profile((1, 1, 1), (0, ctx // 2, ctx - 1))]
+        out = [profile((1, opt_prefill, ctx), (0, 0, 0)),
+               profile((1, 1, 1), (0, ctx // 2, ctx))]
+        ext = min(EXTEND_MAX, ctx)
+        if ext >= 2:
+            out.append(profile((2, min(64, ext), ext), (1, ctx // 2, ctx)))
+        return out
 
 
 TARGETS: dict[str, Target] = {

@@ -4,7 +4,12 @@
 a bundle builds every one of them, so a manifest whose gate policy, view mode, tensor names or KV layout is
 unusable refuses to serve with a one-line ``BundleError`` instead of failing on the first request.
 
-Supported: schema version 1. Graph tensor names come from ``graphs.<graph>.names`` (roles to names) and
+Supported: schema version 1 with decoder contract 2: ``graphs.decoder.kv.form`` is ``"new"`` (``KV_FORM``), i.e.
+the decoder's KV outputs are the call's new rows [B, KVH, S, Hd], which the runtime writes into its one KV
+arena (``backends/arena.py``). A decoder without it (contract 1: ``present = concat(past, new)``, bundles
+exported before the one-arena runtime) is refused with one line saying to re-export: serving it would
+need the second, ping-pong arena this runtime removed, and a re-export is the only step (the bundle's other
+graphs are unchanged). Bundles without a decoder load as before. Graph tensor names come from ``graphs.<graph>.names`` (roles to names) and
 ``graphs.decoder.kv``; a bundle written before ``names`` existed gets the defaults of
 :class:`~safeclip.runtime.backends.base.VisionNames` / ``DecoderNames``. Every named tensor must be among
 the graph's declared inputs or outputs.
@@ -14,11 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .backends.base import DecoderNames, KVSpec, VisionNames
+from .backends.base import KV_FORM, DecoderNames, KVSpec, VisionNames
 from .gate import POLICIES
 from .views import VIEW_MODES
 
-__all__ = ["ContractError", "TensorSpec", "VisionGraph", "DecoderGraph", "GateConfig", "ModelFacts"]
+DECODER_CONTRACT = 2            # bumped from 1 when the decoder's KV outputs became the new rows only
+
+__all__ = ["DECODER_CONTRACT", "ContractError", "TensorSpec", "VisionGraph", "DecoderGraph", "GateConfig", "ModelFacts"]
 
 
 class ContractError(ValueError):
@@ -105,6 +112,10 @@ class DecoderGraph:
         for k in need[:3]:
             if isinstance(kv[k], bool) or not isinstance(kv[k], int) or kv[k] < 1:
                 raise ContractError(f"{where}.kv.{k} must be a positive int, got {kv[k]!r}")
+        if kv.get("form") != KV_FORM:
+            raise ContractError(f"{where}: this decoder returns past+new KV (decoder contract 1, exported before "
+                                f"the one-arena runtime); re-export the bundle with safeclip-export "
+                                f"(this runtime reads decoder contract {DECODER_CONTRACT}, kv.form '{KV_FORM}')")
         spec = KVSpec.from_manifest(kv)
         missing = [p for p, _ in spec.names() if p not in ins] + [o for _, o in spec.names() if o not in outs]
         if missing:

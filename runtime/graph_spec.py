@@ -1,7 +1,7 @@
 """One spec per graph: tensor names, dtypes and dimensions, from which everything shape-related is derived.
 
 Supported graphs: ``vision_gate`` (:func:`vision_spec`) and ``decoder`` (:func:`decoder_spec`). A dimension
-is an int or a symbol: ``batch``, ``seq``, ``past`` or the sum ``past+seq`` (attention_mask, present). From
+is an int or a symbol: ``batch``, ``seq``, ``past`` or the sum ``past+seq`` (attention_mask). From
 a :class:`GraphSpec` come
 
 * the manifest's I/O section (:meth:`GraphSpec.io_json`), which the runtime reads back;
@@ -101,11 +101,12 @@ def vision_spec(size: int, n_tokens: int | None = None, d_lm: int | None = None,
 @functools.lru_cache(maxsize=64)                   # the TensorRT decoder asks for its spec every step
 def decoder_spec(hidden: int, vocab: int | None, kv: KVSpec, names: DecoderNames = DecoderNames()) -> GraphSpec:
     """The decoder graph in positional order: embeddings, mask, positions, then each layer's past key and
-    value; logits (one position) then each layer's present key and value. ``vocab=None``: inputs only."""
+    value; logits (one position) then each layer's *new* key and value (the call's S rows only: the runtime
+    writes them into its one KV arena, ``backends/arena.py``). ``vocab=None``: inputs only."""
     dt, h, d = kv.dtype, kv.num_kv_heads, kv.head_dim
     past = [TensorDecl(n, ("batch", h, "past", d), dt)
             for i in range(kv.num_layers) for n in (kv.past_key.format(i=i), kv.past_value.format(i=i))]
-    present = [TensorDecl(n, ("batch", h, "past+seq", d), dt)
+    present = [TensorDecl(n, ("batch", h, "seq", d), dt)
                for i in range(kv.num_layers) for n in (kv.present_key.format(i=i), kv.present_value.format(i=i))]
     inputs = (TensorDecl(names.inputs_embeds, ("batch", "seq", hidden), dt),
               TensorDecl(names.attention_mask, ("batch", "past+seq"), "int64"),

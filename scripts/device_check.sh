@@ -192,6 +192,21 @@ def record(name, bundle, vision_out, vision_ms, gen):
     rows.append(row)
 
 
+arena_lines = []
+
+
+def arena_check(name, dec, x):
+    """The one KV arena on this backend: its cache after a prefill (kv_read) against the CPU reference's, and
+    truncate + extend (one call through the extend profile on TensorRT) against the prefill's logits."""
+    a = np.asarray(dec.prefill(x), np.float32).copy()
+    d_kv = max(float(np.abs(k.astype(np.float32) - r).max()) for k, r in zip(dec.kv_read(len(x)), REF_KV))
+    half = len(x) // 2
+    dec.truncate(half)
+    b = np.asarray(dec.extend(x[half:]), np.float32)
+    arena_lines.append(f"{name}: max|Δkv| vs onnxruntime-cpu {d_kv:.2e}; truncate({half}) + extend({len(x) - half}) "
+                       f"vs prefill max|Δlogits| {float(np.abs(a - b).max()):.2e}")
+
+
 def ort_run(bundle_name, device):
     m = load_manifest(bundles / bundle_name)
     vis = make_session(m.path("vision_gate.onnx"), device)
@@ -199,11 +214,15 @@ def ort_run(bundle_name, device):
                                    device=device)
     table = np.load(m.path(m.data["embeddings"]["file"]))
     x = embeds32.astype(dec.dtype)
-    return vis.run({"pixel_values": pv}), median_ms(lambda: vis.run({"pixel_values": pv})), \
+    out = vis.run({"pixel_values": pv}), median_ms(lambda: vis.run({"pixel_values": pv})), \
         greedy(dec.prefill, dec.decode_one_token, table, x)
+    arena_check(f"onnxruntime-{device} ({bundle_name} bundle)", dec, x)
+    return out
 
 
 dec_ref = OrtDecoder.from_manifest(cpu.root, cpu.graphs["decoder"], capacity=CAP, context_length=model["context_length"])
+dec_ref.prefill(embeds32)
+REF_KV = dec_ref.kv_read(len(embeds32))                  # the CPU arena after the prompt: [1, KVH, S, Hd] each
 REF = greedy(dec_ref.prefill, dec_ref.decode_one_token, table32, embeds32)
 record("onnxruntime-cpu (reference)", "cpu fp32", ref_out, median_ms(lambda: ref_vision.run({"pixel_values": pv})), REF)
 if (bundles / "jetson" / "manifest.json").is_file():
@@ -286,6 +305,7 @@ if have_trt and (bundles / "jetson" / "manifest.json").is_file():
         record(f"tensorrt {tensorrt.__version__}", "jetson fp16", vis.run({"pixel_values": pv}),
                median_ms(lambda: vis.run({"pixel_values": pv})),
                greedy(dec.prefill, dec.decode_one_token, table, embeds32.astype(dec.dtype)))
+        arena_check(f"tensorrt (extend_max {dec.extend_max})", dec, embeds32.astype(dec.dtype))
     except Exception as e:
         traceback.print_exc(limit=3)
         skipped.append(f"tensorrt: {one_line(e)}")
@@ -298,7 +318,8 @@ fmt = lambda v: "" if v is None else (f"{v:.2e}" if isinstance(v, float) and abs
                                       ("same" if v is True else "DIFFERENT" if v is False else str(v)))
 lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
 lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
-text = "\n".join(lines) + "\n\nskipped:\n" + "\n".join(f"- {s}" for s in skipped or ["nothing"]) + "\n"
+text = "\n".join(lines) + "\n\nKV arena:\n" + "\n".join(f"- {a}" for a in arena_lines or ["no GPU backend ran"]) + \
+    "\n\nskipped:\n" + "\n".join(f"- {s}" for s in skipped or ["nothing"]) + "\n"
 print("\n" + text)
 (results / "device_check.md").write_text(text)
 (results / "device_check.json").write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2))

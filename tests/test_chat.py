@@ -233,7 +233,8 @@ def test_truncate_and_extend_on_both_decoders(demo_bundle, monkeypatch, tmp_path
     install_fakes(monkeypatch, "10.3.0.30")
     profiles = build_plan(TARGETS["jetson"], m.graphs, m.model)["decoder"]["profiles"]
     dec = TrtDecoder(write_plan(demo_bundle / "decoder.onnx", tmp_path / "decoder.plan", profiles), kv, capacity=64)
-    assert dec.takes(0, 7) and dec.takes(12, 1) and not dec.takes(12, 7)   # jetson: prefill and decode profiles
+    assert dec.takes(0, 7) and dec.takes(12, 1) and dec.takes(12, 7)       # jetson: prefill, decode, extend profiles
+    assert dec.extend_max == 64                                             # an extension is one call
     _check_truncate_extend(dec, ref, table)
     dec.close()
 

@@ -108,6 +108,16 @@ def test_bad_decoder_contract_refuses_to_load(controlled_bundle, tmp_path):
         load_manifest(b)
 
 
+def test_decoder_of_the_old_kv_form_is_refused_with_one_line(controlled_bundle, tmp_path):
+    """A decoder exported before the one-arena runtime (present = past + new, no kv.form): re-export."""
+    b = copy_bundle(controlled_bundle, tmp_path / "b")
+    assert load_manifest(b).data["graphs"]["decoder"]["kv"]["form"] == "new"
+    _reseal(b, lambda d: d["graphs"]["decoder"]["kv"].pop("form"))
+    with pytest.raises(BundleError, match="returns past\\+new KV .*re-export the bundle with safeclip-export") as e:
+        Pipeline.load(b)
+    assert "\n" not in str(e.value)
+
+
 def test_graph_specs_are_what_the_bundle_declares_and_the_graphs_take(controlled_bundle):
     """The manifest's I/O sections, the ONNX graphs' positional I/O and the TensorRT profiles all come from
     one spec per graph (runtime/graph_spec.py)."""
@@ -132,7 +142,8 @@ def test_graph_specs_are_what_the_bundle_declares_and_the_graphs_take(controlled
     axes = dspec.dynamic_axes(lambda s: s, "free")
     assert axes[dec.names.attention_mask] == {0: "batch", 1: "free"} and axes[dec.kv.past_key.format(i=0)] == \
         {0: "batch", 2: "past"}
-    pre, step = TARGETS["jetson"].decoder_profiles(hidden, dec.kv.num_layers, dec.kv.num_kv_heads,
-                                                   dec.kv.head_dim, 2048)
-    assert set(pre) == set(dspec.input_names)
-    assert step[dec.names.attention_mask] == {"min": [1, 1], "opt": [1, 1025], "max": [1, 2048]}
+    pre, step, ext = TARGETS["jetson"].decoder_profiles(hidden, dec.kv.num_layers, dec.kv.num_kv_heads,
+                                                        dec.kv.head_dim, 2048)
+    assert set(pre) == set(dspec.input_names) == set(ext)
+    assert step[dec.names.attention_mask] == {"min": [1, 1], "opt": [1, 1025], "max": [1, 2049]}   # bucket + 1
+    assert ext[dec.names.attention_mask] == {"min": [1, 3], "opt": [1, 1088], "max": [1, 2048 + 512]}

@@ -1,4 +1,5 @@
-"""Decoder export: ONNX Runtime vs PyTorch on prefill (P = 0) and decode, batch, padding, GQA and MHA, fp16."""
+"""Decoder export: ONNX Runtime vs PyTorch on prefill (P = 0) and decode, batch, padding, GQA and MHA, fp16; the
+graph returns only the call's new keys and values, and no node writes a tensor of the cache's size."""
 from __future__ import annotations
 
 import numpy as np
@@ -65,7 +66,9 @@ def test_fragment_matches_graph_and_model(gqa):
     assert m["context_length"] == cfg.text_config.max_position_embeddings
     assert m["image_seq_length"] == cfg.image_seq_length
     names = [r.component for r in frag["parity"]]
-    assert names == ["decoder[float32] prefill", "decoder[float32] decode"]
+    assert names == ["decoder[float32] prefill", "decoder[float32] decode", "decoder[float32] decode, bucketed past",
+                     "decoder[float32] extend, bucketed past"]
+    assert g["kv"]["form"] == "new" and g["outputs"]["present.0.key"]["shape"] == ["batch", 2, "seq", 16]
     for r in frag["parity"]:
         assert max(r.max_abs_err.values()) < 1e-5, str(r)
 
@@ -77,13 +80,37 @@ def test_ort_matches_torch(gqa, b, p, s, pad):
     ref = _reference(gqa, args)
     got = _ort_session(gqa).run(None, {n: a.numpy() for n, a in zip(dec.decoder_names(2)[0], args)})
     assert got[0].shape == (b, 1, gqa.model.config.text_config.vocab_size)
-    assert got[1].shape == (b, 2, p + s, 16)
+    assert got[1].shape == (b, 2, s, 16)                               # the call's new rows only
     np.testing.assert_allclose(got[0], ref[0], atol=1e-5, rtol=0)
     # A padded query sees no key at all: its hidden state (hence later layers' keys there) is arbitrary and
     # differs between attention implementations; it is masked out for every real token.
-    keep = args[1].numpy().astype(bool)                                # [B, P+S]
+    keep = args[1].numpy().astype(bool)[:, p:]                         # [B, S]
     for r, o in zip(ref[1:], got[1:]):
         np.testing.assert_allclose(o.transpose(0, 2, 1, 3)[keep], r.transpose(0, 2, 1, 3)[keep], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_no_node_writes_a_cache_sized_tensor(tmp_path, dtype):
+    """The past keys and values feed only matrix products and shape reads: no Concat, Expand (GQA's
+    repeat_kv) or Cast copies the cache per step. The exported graph's one Transpose of each past key feeds
+    only its MatMul, and ONNX Runtime folds it into FusedMatMul (checked on the fp32 graph: for an fp16
+    graph the CPU provider, which lacks fp16 MatMul, inserts casts of its own; GPU providers do not)."""
+    import onnx
+
+    lm = exported(2, dtype)
+    graph = onnx.load(str(lm.bundle / "decoder.onnx"), load_external_data=False).graph
+    past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+    readers = [n for n in graph.node if past & set(n.input)]
+    assert len(past) == 4 and {n.op_type for n in readers} == {"MatMul", "Shape", "Transpose"}
+    for t in (n for n in readers if n.op_type == "Transpose"):
+        assert {n.op_type for n in graph.node if t.output[0] in n.input} == {"MatMul"}
+    if dtype == "float32":
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(str(lm.bundle / "decoder.onnx"), so, providers=["CPUExecutionProvider"])
+        opt = onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph
+        assert {n.op_type for n in opt.node if past & set(n.input)} == {"MatMul", "FusedMatMul", "Shape"}
 
 
 def test_callers_model_is_unchanged(gqa):
@@ -134,7 +161,7 @@ def test_parity_gate_raises(gqa):
     lm = gqa.model.model.language_model
     wrapper = dec.decoder_for_export(lm, gqa.model.lm_head).eval()
     cases = dec._parity_cases(wrapper, lm.embed_tokens.weight.detach(), (2, 2, 16))
-    assert len(dec._parity(gqa.bundle / "decoder.onnx", cases, 2, "float32")) == 2
+    assert len(dec._parity(gqa.bundle / "decoder.onnx", cases, 2, "float32")) == 4
     name, args, ref = cases[1]
     bad = [(name, args, (ref[0] + 1e-2, *ref[1:]))]
     with pytest.raises(ParityError, match="logits"):

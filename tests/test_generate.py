@@ -242,8 +242,10 @@ def test_kv_update_costs(gqa):
     from kv_costs import kv_update_costs      # a benchmark helper: scripts/kv_costs.py
 
     c = kv_update_costs(gqa.decoder, lengths=(0, 64, 512), repeats=2)
-    assert c["lengths"] == [0, 64, 512] and c["kv_bytes"][0] == 0
-    assert c["kv_bytes"][2] == 8 * c["kv_bytes"][1] == 512 * 2 * 2 * 2 * 16 * 4
+    row = 2 * 2 * 2 * 16 * 4                  # one position of every layer's key and value (L 2, KVH 2, Hd 16, fp32)
+    assert c["lengths"] == [0, 64, 512] and c["kv_bytes"] == [0, row, row]     # P = 0: a prefill, in place
+    assert c["concat_bytes"] == [row, 65 * row, 513 * row]                     # what the old graph rewrote
+    assert 0 < c["repack_bytes_per_token"] < 2 * row                           # amortised O(1) per token
     assert all(t > 0 for t in c["step_s"] + c["bind_s"]) and c["weights_bytes"] > 0 and c["copy_GBps"] > 0
 
 

@@ -49,9 +49,9 @@ def test_demo_bytes_and_kv(demo_cfg):
     total = sum(DEMO.values())                                          # 305,408 parameters
     e32, e16 = estimate(demo_cfg, 2048, "fp32"), estimate(demo_cfg, 2048, "fp16")
     assert e32.weight_bytes == 4 * total == 1_221_632 and e16.weight_bytes == 2 * total
-    # KV: 2 (k, v) x 2 layers x 2 KV heads x 16 head_dim x 2048 tokens x 2 B x 2 ping-pong arenas
-    assert e16.kv_bytes == 2 * 2 * 2 * 16 * 2048 * 2 * 2 == 1_048_576 and e32.kv_bytes == 2 * e16.kv_bytes
-    assert estimate(demo_cfg, 1, "fp16").kv_bytes == 1_048_576 // 2048
+    # KV: 2 (k, v) x 2 layers x 2 KV heads x 16 head_dim x 2048 tokens x 2 B, one arena
+    assert e16.kv_bytes == 2 * 2 * 2 * 16 * 2048 * 2 == 524_288 and e32.kv_bytes == 2 * e16.kv_bytes
+    assert estimate(demo_cfg, 1, "fp16").kv_bytes == 524_288 // 2048
     # vision activations, 1 view: 577 tokens x (4*64 + 128) + 4 heads x 577^2, x 2 B
     assert e16.views == 1 and e16.vision_act_bytes == 2 * (577 * (4 * 64 + 128) + 4 * 577 * 577)
     assert e16.total_bytes == e16.weight_bytes + e16.kv_bytes + e16.vision_act_bytes + e16.decoder_act_bytes
@@ -62,8 +62,8 @@ def test_llava_1_5_7b_by_hand():
     assert sum(LLAVA_7B.values()) - LLAVA_7B["gate_head"] == 7_063_427_072     # llava-hf/llava-1.5-7b-hf
     e = estimate("llava-1.5-7b", 4096, "fp16")
     assert e.weight_bytes == 2 * sum(LLAVA_7B.values())
-    assert e.kv_bytes == 2 * 32 * 32 * 128 * 4096 * 2 * 2 == 4 * GiB
-    assert estimate("llava-v1.6-mistral-7b", 4096).kv_bytes == GiB      # 8 KV heads: a quarter
+    assert e.kv_bytes == 2 * 32 * 32 * 128 * 4096 * 2 == 2 * GiB
+    assert estimate("llava-v1.6-mistral-7b", 4096).kv_bytes == GiB // 2   # 8 KV heads: a quarter
     assert estimate("llava-v1.6-mistral-7b", 4096).views == 5           # base + 2x2 tiles (672x672 pinpoint)
 
 
@@ -90,7 +90,7 @@ def test_table_models_match_transformers_on_the_meta_device(name):
 
 
 def test_fits_per_module():
-    e = estimate("llava-1.5-7b", 4096, "fp16")                          # 13.16 GiB weights + 4 GiB KV + ...
+    e = estimate("llava-1.5-7b", 4096, "fp16")                          # 13.16 GiB weights + 2 GiB KV + ...
     assert usable_bytes("AGX Orin 32GB") == 30 * GiB and usable_bytes("Orin Nano 4GB") == 2 * GiB
     table = dry_run_table("llava-1.5-7b", 4096, "fp16")
     rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in table.splitlines()
@@ -98,7 +98,7 @@ def test_fits_per_module():
     want = {m: "yes" if e.total_bytes <= usable_bytes(m) else "no" for m in ORIN_MODULES}
     assert rows == want and rows["AGX Orin 32GB"] == "yes" and rows["Orin NX 16GB"] == "no"
     assert f"| **total** | | **{e.total_bytes / GiB:.2f}** |" in table
-    assert "2 x 32 layers x 32 KV heads x 128 x 4096 tokens x 2 B x 2 arenas" in table
+    assert "2 x 32 layers x 32 KV heads x 128 x 4096 tokens x 2 B, one arena" in table
     fam = family_table(4096, "fp16")
     assert all(name in fam for name in MODELS) and fam.count("| llava-v1.6-34b |") == 1
     line = next(ln for ln in fam.splitlines() if ln.startswith("| llava-v1.6-34b |"))

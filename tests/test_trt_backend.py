@@ -22,6 +22,7 @@ from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import BackendError, make_session
 from safeclip.runtime.backends.pick import Probe, choose_backend, open_decoder, open_vision
 from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession, decoder_shapes, plan_capacity
+from safeclip.runtime.backends.trt_plan import plan_extend
 from safeclip.runtime.backends.trt_plan import PlanMismatchError, select_profile
 from safeclip.runtime.backends.base import ContextError, KVSpec
 from safeclip.runtime.backends.ort import OrtDecoder
@@ -127,22 +128,26 @@ def test_profile_choice_prefill_vs_decode():
     assert plan_capacity(profiles, KV, 64) == 2048
     for S in (2, 100, 640, 2048):                                   # a prompt: the prefill profile
         assert select_profile(profiles, decoder_shapes(KV, 64, 0, S)) == 0
-    for P in (1, 639, 1024, 2047):                                  # one token on a cache: the decode profile
+    for P in (1, 639, 1024, 2047, 2048):                            # one token on a bucket: the decode profile
         assert select_profile(profiles, decoder_shapes(KV, 64, P, 1)) == 1
+    for P, S in ((1, 2), (16, 64), (2048, 512)):                    # a follow-up turn: the extend profile
+        assert select_profile(profiles, decoder_shapes(KV, 64, P, S)) == 2
     assert plan_capacity(profiles[:1], KV, 64) == 1                 # prefill profile alone: no decode past 0
-    assert plan_capacity(profiles[1:], KV, 64) == 1                 # decode profile alone: one-token prompts only
+    assert plan_capacity(profiles[1:2], KV, 64) == 1                # decode profile alone: one-token prompts only
+    assert plan_extend(profiles, KV, 64, 2048, 512) == 512 and plan_extend(profiles[:2], KV, 64, 2048, 512) == 1
+    assert plan_extend(profiles, KV, 64, 2048, 100) == 100          # the runtime's own limit
 
 
 def test_plan_capacity_stops_at_the_first_gap():
     from safeclip.export.targets import TARGETS
-    pre, dec = TARGETS["jetson"].decoder_profiles(64, 2, 2, 16, 2048)
+    pre, dec, _ = TARGETS["jetson"].decoder_profiles(64, 2, 2, 16, 2048)
     short = json.loads(json.dumps(dec))
     for n, spec in short.items():                                   # decode profile: past only up to 99
         if n.startswith("past_key_values"):
             spec["max"][2], spec["opt"][2] = 99, 50
         elif n == "attention_mask":
             spec["max"][1], spec["opt"][1] = 100, 51
-    assert plan_capacity([pre, short], KV, 64) == 100
+    assert plan_capacity([pre, short], KV, 64) == 99                # a bucket may reach the capacity: past <= C
     with pytest.raises(Exception, match="no optimization profile covers"):
         select_profile([pre, short], decoder_shapes(KV, 64, 100, 1))
 
@@ -192,8 +197,8 @@ def test_decoder_generates_as_ort_decoder_without_allocating_per_step(fakes, pla
     ref = OrtDecoder(m.path("decoder.onnx"), kv, capacity=64)
     dec = TrtDecoder(plans["decoder"], kv, capacity=64)
     assert (dec.hidden_size, dec.vocab_size, dec.dtype) == (ref.hidden_size, ref.vocab_size, ref.dtype)
-    # two ping-pong sets of key and value buffers [1, kv_heads, capacity, head_dim] per layer
-    assert dec.kv_bytes == 2 * 2 * kv.num_layers * kv.num_kv_heads * 64 * kv.head_dim * np.dtype(kv.dtype).itemsize
+    # one arena: a key and a value buffer [1, kv_heads, capacity, head_dim] per layer
+    assert dec.kv_bytes == 2 * kv.num_layers * kv.num_kv_heads * 64 * kv.head_dim * np.dtype(kv.dtype).itemsize
     mallocs, live = rt.mallocs, len(rt.blocks)
     rng = np.random.default_rng(0)
     for prompt_len in (5, 1, 17):
@@ -322,7 +327,7 @@ def test_build_records_engines_and_reseals(fakes, jetson_bundle):
         assert sorted(par) == sorted(outs), par
         for k in outs:
             assert par[k] == pytest.approx(DRIFT[k], rel=1e-3), f"{g} {k}: parity {par[k]} vs drift {DRIFT[k]}"
-    assert eng["decoder"]["profile_names"] == ["prefill", "decode"] and len(eng["decoder"]["profiles"]) == 2
+    assert eng["decoder"]["profile_names"] == ["prefill", "decode", "extend"] and len(eng["decoder"]["profiles"]) == 3
     assert not list(jetson_bundle.glob(".*.building"))
     assert choose_backend(m, probe=FakeProbe()).name == "tensorrt"
     # the runtime loads what was built

@@ -1,8 +1,9 @@
 """The optimization profiles export/targets.py makes cover every shape the runtime asks for.
 
-The runtime (generate.TextStream over OrtDecoder or TrtDecoder) asks, at batch 1, for a prefill of S tokens
-on an empty cache (S = 1..capacity) and then one-token decode steps at every past length P = S..capacity-1;
-the vision graph gets one view per image (LLaVA-1.5) or base + tiles (LLaVA-NeXT). The oracle is a brute
+The runtime (generate.TextStream and chat.py over OrtDecoder or TrtDecoder) asks, at batch 1, for a prefill of
+S tokens on an empty cache (S = 1..capacity); one-token decode steps whose bound past is the KV arena's bucket
+(runtime/backends/arena.py: at least the cached length, at most the capacity, so any of 0..capacity); and
+extensions of S = 2..EXTEND_MAX tokens on a bucket of 1..capacity rows (chat follow-up turns); the vision graph gets one view per image (LLaVA-1.5) or base + tiles (LLaVA-NeXT). The oracle is a brute
 force over every length with ``select_profile`` on the full input shapes, independent of
 ``plan_capacity``'s interval arithmetic, which the tests then compare with it.
 """
@@ -15,7 +16,8 @@ from safeclip.export.targets import TARGETS
 from safeclip.runtime.backends.trt_build import validate_profiles
 from safeclip.runtime.anyres import max_views
 from safeclip.runtime.backends.trt import decoder_shapes, plan_capacity
-from safeclip.runtime.backends.trt_plan import ProfileSelectionError, select_profile
+from safeclip.runtime.backends.arena import EXTEND_MAX
+from safeclip.runtime.backends.trt_plan import ProfileSelectionError, plan_extend, select_profile
 from safeclip.runtime.backends.base import KVSpec
 
 BUILT = [t for t in TARGETS.values() if t.build_engines != "never"]
@@ -42,21 +44,29 @@ def covered(profiles, shapes) -> int | None:
 def test_every_runtime_shape_of_the_demo_lies_in_a_profile(tgt):
     H, kv, ctx = dims("demo")
     profiles = tgt.decoder_profiles(H, kv.num_layers, kv.num_kv_heads, kv.head_dim, ctx)
-    assert len(validate_profiles(profiles)) == 2                     # well-formed for the builder
+    assert len(validate_profiles(profiles)) == 3                     # well-formed for the builder
     C = min(tgt.context, ctx)                                          # the capacity the runtime will use
+    E = min(EXTEND_MAX, C)
     for S in range(1, C + 1):                                          # every prompt length
         k = covered(profiles, decoder_shapes(kv, H, 0, S))
         assert k is not None, f"prefill of {S} tokens not covered"
         assert S == 1 or k == 0                                        # prompts take the prefill profile
-    for P in range(0, C):                                              # every decode step
-        k = covered(profiles, decoder_shapes(kv, H, P, 1))
-        assert k is not None, f"decode at past {P} not covered"
-        assert P == 0 or k == 1                                        # steps take the decode profile
+    for Lb in range(0, C + 1):                                         # every bucket a decode step binds
+        k = covered(profiles, decoder_shapes(kv, H, Lb, 1))
+        assert k is not None, f"decode on a bucket of {Lb} not covered"
+        assert Lb == 0 or k == 1                                       # steps take the decode profile
+    for Lb in range(1, C + 1):                                         # extensions: every bucket ...
+        for S in (2, E):
+            assert covered(profiles, decoder_shapes(kv, H, Lb, S)) == 2, f"extend of {S} on {Lb} not covered"
+    for S in range(2, E + 1):                                          # ... and every length at the edges
+        for Lb in (1, 2, C // 2, C - 1, C):
+            assert covered(profiles, decoder_shapes(kv, H, Lb, S)) == 2, f"extend of {S} on {Lb} not covered"
     assert covered(profiles, decoder_shapes(kv, H, 0, C + 1)) is None  # and nothing beyond the capacity
-    assert covered(profiles, decoder_shapes(kv, H, C, 1)) is None
-    assert plan_capacity(profiles, kv, H) == C
+    assert covered(profiles, decoder_shapes(kv, H, C + 1, 1)) is None
+    assert covered(profiles, decoder_shapes(kv, H, 1, E + 1)) is None
+    assert plan_capacity(profiles, kv, H) == C and plan_extend(profiles, kv, H, C, EXTEND_MAX) == E
     b = tgt.decoder_batch[2]                                           # the largest batch the target plans
-    for S, P in ((1, 0), (C, 0), (1, C - 1)):
+    for S, P in ((1, 0), (C, 0), (1, C), (E, C)):
         assert covered(profiles, decoder_shapes(kv, H, P, S, batch=b)) is not None
 
 
@@ -69,8 +79,9 @@ def test_real_models_are_covered_up_to_the_target_context(tgt, name):
     assert plan_capacity(profiles, kv, H) == C
     for S in sorted({1, 2, 576, 577, tgt.prefill_opt, C - 1, C}):      # boundaries and the image-prompt lengths
         assert covered(profiles, decoder_shapes(kv, H, 0, S)) is not None
-    for P in sorted({0, 1, C // 2, C - 2, C - 1}):
+    for P in sorted({0, 1, C // 2, C - 2, C - 1, C}):
         assert covered(profiles, decoder_shapes(kv, H, P, 1)) is not None
+        assert P == 0 or covered(profiles, decoder_shapes(kv, H, P, min(EXTEND_MAX, C))) == 2
     if ctx > tgt.context:                                              # a documented limit, not a gap:
         assert C == tgt.context < ctx                                  # TrtDecoder caps its capacity here
 

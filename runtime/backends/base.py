@@ -15,7 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["BackendError", "ContextError", "KVSpec", "VisionNames", "DecoderNames", "Decoder", "kv_snapshot_length"]
+__all__ = ["BackendError", "ContextError", "KVSpec", "VisionNames", "DecoderNames", "Decoder", "KV_FORM"]
+
+# The manifest's ``graphs.decoder.kv.form`` for a graph whose KV outputs are the call's new rows only,
+# [B, KVH, S, Hd] (decoder contract 2, ``contract.py``); bundles without it return past + new and are refused.
+KV_FORM = "new"
 
 
 class BackendError(RuntimeError):
@@ -68,7 +72,7 @@ class KVSpec:
     dtype: str
     past_key: str = "past_key_values.{i}.key"
     past_value: str = "past_key_values.{i}.value"
-    present_key: str = "present.{i}.key"
+    present_key: str = "present.{i}.key"        # outputs: the call's new rows [B, KVH, S, Hd] (KV_FORM)
     present_value: str = "present.{i}.value"
 
     @classmethod
@@ -91,26 +95,6 @@ def truncation(cached: int, length: int) -> int | None:
     return None if n == cached else n
 
 
-def kv_snapshot_length(arrays, kv: KVSpec, dtype, capacity: int) -> int:
-    """The length of a KV snapshot ``kv_write(arrays)`` may take: ``2 * num_layers`` arrays (every layer's key,
-    then every layer's value), each [1, KVH, L, Hd] of ``dtype``. ``ValueError`` on a count, shape or dtype
-    mismatch; :class:`ContextError` when L exceeds ``capacity``."""
-    want = 2 * kv.num_layers
-    if not isinstance(arrays, (list, tuple)) or len(arrays) != want:
-        got = len(arrays) if isinstance(arrays, (list, tuple)) else type(arrays).__name__
-        raise ValueError(f"a KV snapshot has {want} arrays (every layer's key, then value), got {got}")
-    first = tuple(getattr(arrays[0], "shape", ()))
-    n = int(first[2]) if len(first) == 4 else -1
-    shape = (1, kv.num_kv_heads, n, kv.head_dim)
-    for j, a in enumerate(arrays):
-        if tuple(getattr(a, "shape", ())) != shape or getattr(a, "dtype", None) != dtype:
-            raise ValueError(f"KV array {j} must be [1, {kv.num_kv_heads}, L, {kv.head_dim}] {dtype}, got "
-                             f"{list(getattr(a, 'shape', ()))} {getattr(a, 'dtype', type(a).__name__)}")
-    if n > capacity:
-        raise ContextError(f"a KV snapshot of {n} positions exceeds the cache capacity {capacity}")
-    return n
-
-
 class Decoder(Protocol):
     """A decoder session with its KV cache: what :mod:`safeclip.runtime.generate` drives."""
     capacity: int             # most tokens the cache holds (prompt + generated)
@@ -123,5 +107,5 @@ class Decoder(Protocol):
     def reset(self, length: int = 0) -> None: ...
     def extend(self, inputs_embeds) -> Any: ...             # [S, D] after the cached ones -> logits [V]
     def truncate(self, length: int) -> None: ...            # keep the first ``length`` cached positions
-    def kv_read(self, length: int) -> list: ...             # host copies [1, KVH, length, Hd] per KVSpec.names()
-    def kv_write(self, arrays) -> None: ...                 # replace the cache by such copies (length = theirs)
+    def kv_read(self, length: int) -> list: ...            # host copies [1, KVH, length, Hd], KVSpec.names() order
+    def kv_write(self, arrays: list) -> None: ...           # replace the cache by such arrays

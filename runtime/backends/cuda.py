@@ -5,7 +5,8 @@ Supported: ``cuda-python`` >= 12.6 (``from cuda.bindings import runtime``) and o
 13.x for JetPack 7). Every binding returns ``(cudaError_t, *results)``; :meth:`CudaRuntime.call` turns a
 non-zero error into :class:`CudaError` with CUDA's own message.
 
-Memory: :meth:`CudaRuntime.malloc` (device, ``cudaMalloc``: 256-byte aligned, as TensorRT's
+Copies: ``h2d``/``d2h``/``d2d`` (``cudaMemcpyAsync``) and :meth:`CudaRuntime.copy2d` (``cudaMemcpy2DAsync``,
+strided rows: the KV arena's per-head writes, ``arena.py``). Memory: :meth:`CudaRuntime.malloc` (device, ``cudaMalloc``: 256-byte aligned, as TensorRT's
 ``set_tensor_address`` requires) and :meth:`CudaRuntime.host_array` (page-locked host memory from
 ``cudaMallocHost`` viewed as a numpy array, so asynchronous copies really are asynchronous). Buffers are
 freed by :meth:`CudaRuntime.release`. The import is lazy; without cuda-python the error carries the
@@ -117,6 +118,17 @@ class CudaRuntime:
 
     def d2d(self, dst: int, src: int, nbytes: int, stream) -> None:
         self.call("cudaMemcpyAsync", int(dst), int(src), int(nbytes), self._kind("cudaMemcpyDeviceToDevice"), stream)
+
+    def copy2d(self, dst: np.ndarray | int, dpitch: int, src: np.ndarray | int, spitch: int, width: int, height: int,
+               kind: str, stream) -> None:
+        """``height`` rows of ``width`` bytes, ``spitch`` apart at ``src`` and ``dpitch`` apart at ``dst``
+        (``cudaMemcpy2DAsync``; ``kind`` names the ``cudaMemcpyKind``): one call for every head of a KV tensor."""
+        self.call("cudaMemcpy2DAsync", _addr(dst), int(dpitch), _addr(src), int(spitch), int(width), int(height),
+                  self._kind(kind), stream)
+
+    def memset(self, dst: int, value: int, nbytes: int, stream) -> None:
+        """``cudaMemsetAsync``: fresh device memory holds whatever bits were there (NaN and Inf included)."""
+        self.call("cudaMemsetAsync", int(dst), int(value), int(nbytes), stream)
 
     def sync(self, stream) -> None:
         self.call("cudaStreamSynchronize", stream)

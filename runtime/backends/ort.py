@@ -1,24 +1,18 @@
 """ONNX Runtime: sessions for the vision+gate graph, and :class:`OrtDecoder` for the language model.
 
-Supported: CPU always; the CUDA execution provider when onnxruntime-gpu has it. Threads: an
-explicit ``threads`` argument, else ``SAFECLIP_THREADS``, else ONNX Runtime's default; the vision session
-and the decoder session both honour it (:func:`make_options`).
+Supported: CPU always; the CUDA execution provider when onnxruntime-gpu has it (the KV arena then lives in
+device memory moved with cuda-python, as for TensorRT). Threads: an explicit ``threads`` argument, else
+``SAFECLIP_THREADS``, else ONNX Runtime's default; the vision session and the decoder session both honour
+it (:func:`make_options`).
 
-KV cache design of :class:`OrtDecoder` (see ``export/decoder.py`` for the graph): the graph reads ``past``
-[1, KVH, P, Hd] and writes ``present`` [1, KVH, P+S, Hd] = past followed by the new keys. ORT binds outputs
-with their exact shape, and a [1, KVH, L, Hd] tensor is contiguous only when its rows are packed for that
-very L, so a present cannot be a strided view into a capacity-sized [1, KVH, C, Hd] buffer. Instead each
-layer's key and value owns two flat *arenas* of KVH*C*Hd elements (C = capacity); a length-L tensor is the
-first KVH*L*Hd elements of an arena, viewed as [1, KVH, L, Hd]. Step t binds past = arena set A (length P)
-and present = arena set B (length P+S); step t+1 swaps them (ping-pong). Nothing is allocated per step:
-ORT writes straight into the arenas and the logits into a preallocated [1, 1, V] buffer.
-
-Trade-offs: two arena sets hold twice the cache memory (LLaVA-1.5-7B fp16 at C = 4096: 2 x 2.1 GB), and
-the graph's Concat rewrites the whole cache every step (reads P, writes P+1 rows per layer): that copy is
-as large as the attention's own read of the cache, small against the weight read while P is short
-(``scripts/kv_costs.py`` measures both). An in-place cache (graph writes only the new row at an offset)
-would remove the copy and the second arena, but needs a different graph (ScatterND or a TensorRT KV
-plugin); this graph stays plain ONNX that ORT and TensorRT both parse.
+KV cache of :class:`OrtDecoder`: one arena (``arena.py``, whose docstring gives the design and its costs).
+The graph (``export/decoder.py``) reads ``past`` [1, KVH, Lb, Hd], a bucket-packed prefix of the arena with
+the rows beyond the valid length masked out, and returns only the call's new rows [1, KVH, S, Hd]; a
+prefill binds those outputs straight into the arena, later calls into a small scratch whose rows are then
+copied to their place (2L*KVH*S*Hd elements per call instead of the whole cache). IOBinding binds every
+input and output to preallocated memory: nothing is allocated per step, and ORT writes the logits into a
+preallocated [1, 1, V] buffer. Bundles whose decoder returns past + new (written before this design) are
+refused when the manifest is read (``contract.py``): re-export them.
 """
 from __future__ import annotations
 
@@ -29,7 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from ..messages import one_line
-from .base import BackendError, ContextError, DecoderNames, KVSpec, kv_snapshot_length, truncation
+from .arena import EXTEND_MAX, DeviceArena, HostArena, check_kv_arrays
+from .base import BackendError, ContextError, DecoderNames, KVSpec, truncation
 
 __all__ = ["BackendError", "OrtSession", "OrtDecoder", "available_providers", "make_session", "make_options"]
 
@@ -95,17 +90,19 @@ def make_session(path: str | Path, device: str = "cpu", threads: int | None = No
 
 # ---------------------------------------------------------------------------------------------------------
 class OrtDecoder:
-    """ONNX Runtime decoder session with a preallocated, I/O-bound ping-pong KV cache (module docstring).
+    """ONNX Runtime decoder session with one preallocated, I/O-bound KV arena (module docstring, ``arena.py``).
 
     ``capacity`` is the most tokens the cache holds (prompt + generated); at most the model's context
-    length. ``device="cuda"`` puts the arenas in GPU memory (needs onnxruntime-gpu and the CUDA provider).
-    ``session_options`` (default: :func:`make_options` of ``threads``) configure the session. ``names`` are
-    the graph's tensor names besides the KV cache (the manifest's ``graphs.decoder.names``).
+    length. ``device="cuda"`` puts the arena in GPU memory (needs onnxruntime-gpu with the CUDA provider and
+    cuda-python). ``session_options`` (default: :func:`make_options` of ``threads``) configure the session.
+    ``names`` are the graph's tensor names besides the KV cache (the manifest's ``graphs.decoder.names``).
+    ``extend_max`` is the most tokens one call appends to a non-empty cache (longer extensions are chunked).
     """
 
     def __init__(self, onnx_path: str | Path, kv: KVSpec, *, capacity: int, providers: Sequence | None = None,
                  session_options=None, threads: int | None = None, device: str = "cpu",
-                 weights_bytes: int | None = None, names: DecoderNames = DecoderNames()):
+                 weights_bytes: int | None = None, names: DecoderNames = DecoderNames(),
+                 extend_max: int = EXTEND_MAX, cuda=None):
         import onnxruntime as ort
 
         if capacity < 1:
@@ -129,22 +126,31 @@ class OrtDecoder:
         missing = [p for p, _ in self._names if p not in inputs] + [o for _, o in self._names if o not in outputs]
         if missing:
             raise ValueError(f"decoder graph lacks the KV tensors {', '.join(missing[:4])}")
-        self._slab = H * self.capacity * D                                  # elements per arena
+        self.extend_max = max(1, min(int(extend_max), self.capacity))
+        E, T = self.extend_max, 2 * L
         if device == "cpu":
-            self._arena = np.zeros((2, 2 * L, self._slab), self.dtype)       # [set, layer k/v, KVH*C*Hd]
-            self._ptr = [[self._arena[s, j].ctypes.data for j in range(2 * L)] for s in range(2)]
+            self.arena = HostArena(T, H, D, self.capacity, self.dtype)
+            self._scratch = np.zeros((T, H * E * D), self.dtype)            # new rows [2L][KVH, S, Hd], S <= E
+            self._scratch_ptr = [int(self._scratch[j].ctypes.data) for j in range(T)]
         else:
-            self._arena = [[ort.OrtValue.ortvalue_from_shape_and_type([self._slab], self.dtype.type, "cuda", 0)
-                            for _ in range(2 * L)] for _ in range(2)]
-            self._ptr = [[v.data_ptr() for v in row] for row in self._arena]
-        self._mask = np.ones((1, self.capacity), np.int64)                 # attention_mask [1, P+S] = prefix
+            from .cuda import CudaRuntime
+
+            self.cuda = cuda or CudaRuntime()
+            self._stream = self.cuda.stream()
+            self.arena = DeviceArena(self.cuda, self._stream, T, H, D, self.capacity, self.dtype)
+            from .cuda import round_up
+            slab = round_up(H * E * D * self.dtype.itemsize)
+            base = self.cuda.malloc(T * slab)
+            self._scratch_ptr = [base + j * slab for j in range(T)]
+            self._host = self.cuda.host_array(self.arena.slab, self.dtype)   # pinned: kv_read / kv_write
+        self._mask = np.ones((1, 2 * self.capacity + 1), np.int64)         # attention_mask [1, Lb+S]
         self._pos = np.arange(self.capacity, dtype=np.int64)[None]          # position_ids [1, S] = a slice
         self._logits = np.zeros((1, 1, self.vocab_size), self.dtype)       # logits [1, 1, V]
         self._token = np.zeros((1, 1, self.hidden_size), self.dtype)       # one token's embedding [1, 1, D]
         self._io = self.session.io_binding()
         self._io.bind_output(names.logits, "cpu", 0, self.dtype, list(self._logits.shape), self._logits.ctypes.data)
         self.weights_bytes = weights_bytes
-        self._cur, self.length = 0, 0
+        self.length = 0
 
     @classmethod
     def from_manifest(cls, root: str | Path, graph, *, capacity: int | None = None,
@@ -163,43 +169,84 @@ class OrtDecoder:
         size = sum(os.path.getsize(root / f) for f in g.files)
         return cls(root / g.file, g.kv, capacity=cap, weights_bytes=size, names=g.names, **kw)
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV cache memory: the one arena (its scratch is 1/C-th per extension row)."""
+        return self.arena.tensors * self.arena.slab * self.dtype.itemsize
+
     def reset(self, length: int = 0) -> None:
         """Forget the cache. ``length > 0`` pretends that many (stale) positions are cached: benchmarks only."""
         if not 0 <= length <= self.capacity:
             raise ContextError(f"length {length} outside the cache capacity {self.capacity}")
-        self._cur, self.length = 0, int(length)
+        self.arena.bucket, self.length = 0, int(length)
+        if length:                                  # a bucket that takes the next token without a repack
+            self.arena.ensure(0, min(self.capacity, length + 1))
 
     def cache(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of the cached key and value of ``layer``: [1, KVH, length, Hd] each (CPU arenas only)."""
+        """Views of the cached key and value of ``layer``: [1, KVH, length, Hd] each (CPU arena only)."""
         if self.device != "cpu":
-            raise ValueError("cache views need CPU arenas")
-        shape = (1, self.kv.num_kv_heads, self.length, self.kv.head_dim)
-        n = int(np.prod(shape))
-        a = self._arena[self._cur]
-        return a[layer, :n].reshape(shape), a[self.kv.num_layers + layer, :n].reshape(shape)
+            raise ValueError("cache views need the CPU arena (use kv_read)")
+        v, n = self.arena.view(), self.length
+        return v[layer, None, :, :n], v[self.kv.num_layers + layer, None, :, :n]
+
+    def kv_read(self, length: int) -> list[np.ndarray]:
+        """Host copies of the first ``length`` cached positions, [1, KVH, length, Hd] each, in ``KVSpec.names()``
+        order (every layer's key, then every layer's value)."""
+        if not 0 <= int(length) <= self.length:
+            raise ContextError(f"cannot read {length} positions of {self.length} cached")
+        return self.arena.read(int(length)) if self.device == "cpu" else self.arena.read(int(length), self._host)
+
+    def kv_write(self, arrays: Sequence[np.ndarray]) -> None:
+        """Replace the cache by ``arrays`` (as :meth:`kv_read` gives them); afterwards ``length`` is theirs."""
+        n = check_kv_arrays(arrays, 2 * self.kv.num_layers, self.kv.num_kv_heads, self.kv.head_dim, self.dtype,
+                            self.capacity)
+        if self.device == "cpu":
+            self.arena.load(arrays)
+        else:
+            self.arena.load(arrays, self._host)
+        self.length = n
 
     def _bind(self, x: np.ndarray) -> int:
-        """Bind one call's inputs and outputs; ``x`` [1, S, D] must stay alive until the run. Returns P+S."""
+        """Bind one call's inputs and outputs; ``x`` [1, S, D] must stay alive until the run. Returns S."""
         P, S = self.length, x.shape[1]
         if P + S > self.capacity:
             raise ContextError(f"{P} cached + {S} new tokens exceed the cache capacity {self.capacity}")
-        io, dt, dev = self._io, self.dtype, self.device
-        n = self.names
+        a, io, dt, dev, n = self.arena, self._io, self.dtype, self.device, self.names
+        if P == 0:                                   # prefill: the new rows are the whole arena, packed for S
+            a.bucket, Lb, out = 0, 0, [a.ptr(j) for j in range(a.tensors)]
+        else:
+            Lb, out = a.bucket, self._scratch_ptr
+        m = a.mask(self._mask[0], P, S)
         io.bind_input(n.inputs_embeds, "cpu", 0, dt, [1, S, self.hidden_size], x.ctypes.data)
-        io.bind_input(n.attention_mask, "cpu", 0, np.int64, [1, P + S], self._mask.ctypes.data)
+        io.bind_input(n.attention_mask, "cpu", 0, np.int64, [1, m], self._mask.ctypes.data)
         io.bind_input(n.position_ids, "cpu", 0, np.int64, [1, S], self._pos.ctypes.data + 8 * P)
-        past_shape = [1, self.kv.num_kv_heads, P, self.kv.head_dim]
-        present_shape = [1, self.kv.num_kv_heads, P + S, self.kv.head_dim]
-        src, dst = self._ptr[self._cur], self._ptr[1 - self._cur]
-        for j, (past, present) in enumerate(self._names):
-            io.bind_input(past, dev, 0, dt, past_shape, src[j])
-            io.bind_output(present, dev, 0, dt, present_shape, dst[j])
-        return P + S
+        H, D = self.kv.num_kv_heads, self.kv.head_dim
+        for j, (past, new) in enumerate(self._names):
+            io.bind_input(past, dev, 0, dt, [1, H, Lb, D], a.ptr(j))              # [1, KVH, Lb, Hd]
+            io.bind_output(new, dev, 0, dt, [1, H, S, D], out[j])                # [1, KVH, S, Hd]
+        return S
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        total = self._bind(x)
+        P = self.length
+        if P and x.shape[1] > self.extend_max:         # the scratch takes extend_max rows: chunk
+            for i in range(0, x.shape[1], self.extend_max):
+                logits = self._run(x[:, i:i + self.extend_max])
+            return logits
+        S = self._bind(x)
+        if self.device != "cpu":
+            self.cuda.sync(self._stream)                # the arena's copies land before ORT reads it
         self.session.run_with_iobinding(self._io)
-        self._cur, self.length = 1 - self._cur, total
+        a = self.arena
+        if P == 0:
+            a.bucket = S
+        else:
+            a.ensure(P, P + S)                          # repack to a larger bucket when full
+            if self.device == "cpu":
+                a.write(P, self._scratch[:, : a.blocks * S * self.kv.head_dim].reshape(a.tensors, a.blocks, S, -1))
+            else:
+                a.write_from(P, self._scratch_ptr, S)
+                self.cuda.sync(self._stream)
+        self.length = P + S
         return self._logits[0, 0]
 
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
@@ -217,60 +264,35 @@ class OrtDecoder:
         return self._run(self._token)
 
     def extend(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        """Append S tokens [S, D] to what is cached (one call, past P = ``length``); returns the last logits [V]."""
+        """Append S tokens [S, D] to what is cached (one call per ``extend_max`` tokens); returns the last
+        logits [V]."""
         x = np.asarray(inputs_embeds)
         x = np.ascontiguousarray(x.reshape(1, -1, x.shape[-1]), dtype=self.dtype)   # [1, S, D]
         if x.shape[-1] != self.hidden_size or x.shape[1] < 1:
             raise ValueError(f"embeddings must be [S, {self.hidden_size}], got {np.shape(inputs_embeds)}")
+        if self.length + x.shape[1] > self.capacity:
+            raise ContextError(f"{self.length} cached + {x.shape[1]} new tokens exceed the cache capacity "
+                               f"{self.capacity}")
         return self._run(x)
 
     def truncate(self, length: int) -> None:
-        """Keep the first ``length`` cached positions. A cached [1, KVH, L, Hd] tensor packs each head's L rows
-        together, so keeping L' < L rows moves every head after the first: each layer's key and value are
-        repacked into the other arena set (which becomes current). CUDA arenas go through host memory."""
-        L, n = self.length, truncation(self.length, length)
-        if not n:                                   # None: nothing to cut; 0: an empty cache
+        """Keep the first ``length`` cached positions: O(1), the rows beyond become masked bucket rows."""
+        n = truncation(self.length, length)
+        if n is not None:
+            self.length = n
             if n == 0:
-                self.reset()
-            return
-        H, D = self.kv.num_kv_heads, self.kv.head_dim
-        for j in range(2 * self.kv.num_layers):
-            if self.device == "cpu":
-                src, dst = self._arena[self._cur, j], self._arena[1 - self._cur, j]
-                dst[: H * n * D].reshape(H, n, D)[:] = src[: H * L * D].reshape(H, L, D)[:, :n]
-            else:
-                host = self._arena[self._cur][j].numpy()
-                out = np.zeros_like(host)
-                out[: H * n * D].reshape(H, n, D)[:] = host[: H * L * D].reshape(H, L, D)[:, :n]
-                self._arena[1 - self._cur][j].update_inplace(out)
-        self._cur, self.length = 1 - self._cur, n
+                self.arena.bucket = 0
 
-    # -- KV snapshots (the server's prefix cache) -------------------------------------------------------------
-    def kv_read(self, length: int) -> list[np.ndarray]:
-        """Host copies of the first ``length`` cached positions: one [1, KVH, length, Hd] array per
-        ``KVSpec.names()`` pair (every layer's key, then every layer's value), in the cache dtype."""
-        n = int(length)
-        if not 0 <= n <= self.length:
-            raise ContextError(f"cannot read {n} positions of a cache holding {self.length}")
-        H, D, L = self.kv.num_kv_heads, self.kv.head_dim, self.length
-        out = []
-        for j in range(2 * self.kv.num_layers):
-            flat = self._arena[self._cur, j] if self.device == "cpu" else self._arena[self._cur][j].numpy()
-            out.append(flat[: H * L * D].reshape(1, H, L, D)[:, :, :n].copy())
-        return out
+    def close(self) -> None:
+        """Free the device arena and scratch (CUDA; idempotent). The CPU arena is numpy's to free."""
+        cuda = self.__dict__.pop("cuda", None)
+        if cuda is not None:
+            try:
+                cuda.sync(self._stream)
+                cuda.destroy_stream(self._stream)
+                cuda.release()
+            except Exception:
+                pass                                # interpreter shutdown or a dead context
 
-    def kv_write(self, arrays: Sequence[np.ndarray]) -> None:
-        """Replace the cache by ``arrays`` (as :meth:`kv_read` gives them); afterwards ``length`` is theirs.
-        ``ContextError`` beyond the capacity, ``ValueError`` on a count, shape or dtype mismatch."""
-        n = kv_snapshot_length(arrays, self.kv, self.dtype, self.capacity)
-        H, D = self.kv.num_kv_heads, self.kv.head_dim
-        dst = 1 - self._cur
-        for j, a in enumerate(arrays):
-            if self.device == "cpu":
-                self._arena[dst, j][: H * n * D].reshape(1, H, n, D)[:] = a
-            else:
-                host = np.zeros(self._slab, self.dtype)
-                host[: H * n * D] = np.ascontiguousarray(a).reshape(-1)
-                self._arena[dst][j].update_inplace(host)
-        self._cur, self.length = dst, n
-
+    def __del__(self):
+        self.close()

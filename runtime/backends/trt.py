@@ -7,15 +7,18 @@ cuda-python for memory and streams (see ``cuda.py``). Both are imported lazily, 
   (``run(feeds) -> {name: array}``, ``input_names``, ``output_names``, ``output_shapes``, ``provider``).
   Device and pinned host buffers are sized once for the largest shapes the profiles allow.
 * :class:`TrtDecoder` runs the decoder plan behind the ``OrtDecoder`` interface (``prefill``,
-  ``decode_one_token``, ``reset``, ``capacity``, ``length``, ``hidden_size``, ``dtype``). The plan has two
-  optimization profiles (prefill: past 0, many tokens; decode: one token, past up to the context), chosen
-  per call with :func:`select_profile`. An execution context is bound to one profile at a time: this
-  backend keeps *one* context and switches it with ``set_optimization_profile_async`` (twice per request:
-  to prefill, then to decode), because a second context would hold a second activation arena, which a
-  Jetson's shared memory can ill afford. The KV cache is two ping-pong arena sets preallocated to capacity,
-  exactly as ``OrtDecoder`` lays it out: step t binds past = set A (length P) and present = set B (length
-  P+S) with ``set_tensor_address``; nothing is allocated per step. Every bound address is the start of
-  a ``cudaMalloc`` block or a 256-byte-aligned offset into one (TensorRT requires 256-byte alignment), so
+  ``decode_one_token``, ``extend``, ``truncate``, ``kv_read``/``kv_write``, ``reset``, ``capacity``, ``length``,
+  ``hidden_size``, ``dtype``). The plan has three optimization profiles (prefill: past 0, many tokens;
+  decode: one token on a past of 0..C rows; extend: 2..E tokens on a past of 1..C rows, the follow-up turns
+  of ``chat.py``), chosen per call with :func:`select_profile`. An execution context is bound to one profile
+  at a time: this backend keeps *one* context and switches it with ``set_optimization_profile_async``,
+  because a second context would hold a second activation arena, which a Jetson's shared memory can ill
+  afford. The KV cache is ONE arena in device memory, laid out and moved as ``arena.py`` describes
+  (bucket-packed, the bound ``past`` is the bucket with its unused rows masked out, a prefill's new rows
+  written there by the graph, later calls' new rows copied from a small scratch with one
+  ``cudaMemcpy2DAsync`` per layer key/value, all on the context's stream); addresses are bound with
+  ``set_tensor_address`` and nothing is allocated per step. Every bound address is the start of a
+  ``cudaMalloc`` block or a 256-byte-aligned offset into one (TensorRT requires 256-byte alignment), so
   ``position_ids`` are copied device-to-device from a preloaded ``arange`` instead of bound at an offset.
 * Plans are refused unless built by this TensorRT version on this GPU (:func:`check_plan_compatible`,
   the message names the rebuild command), and a decoder's ``capacity`` must lie within what its
@@ -30,16 +33,16 @@ from __future__ import annotations
 
 import mmap
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from .base import BackendError, ContextError, DecoderNames, kv_snapshot_length, truncation
+from .arena import EXTEND_MAX, DeviceArena, check_kv_arrays
+from .base import BackendError, ContextError, DecoderNames, truncation
 from .cuda import CudaRuntime, round_up
-from .trt_plan import ProfileSelectionError, check_plan_compatible, select_profile
-from ..graph_spec import decoder_spec
+from .trt_plan import (ProfileSelectionError, check_plan_compatible, decoder_shapes, plan_capacity, plan_extend,
+                       select_profile)
 
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
             "elsewhere pip install tensorrt-cu12 (or -cu13), whose libraries download from NVIDIA's index "
@@ -243,56 +246,6 @@ def _close(obj) -> None:
 
 # -- decoder -------------------------------------------------------------------------------------------
 
-def decoder_shapes(kv, hidden: int, past: int, seq: int, batch: int = 1,
-                   names: DecoderNames = DecoderNames()) -> dict[str, tuple[int, ...]]:
-    """Input shapes of one decoder call: embeddings, mask, positions and every past key/value (the graph
-    spec's dimensions at these sizes, ``runtime/graph_spec.py``)."""
-    return decoder_spec(hidden, None, kv, names).shapes(batch=batch, seq=seq, past=past)
-
-
-def _interval(profile: Mapping, family: Callable[[int], Mapping[str, Sequence[int]]]) -> tuple[int, int] | None:
-    """The x range for which ``family(x)`` (each dim constant or x plus a constant) lies in ``profile``."""
-    at0, at1 = family(0), family(1)
-    lo, hi = 0, 1 << 62
-    for name, spec in profile.items():
-        for d0, d1, mn, mx in zip(at0[name], at1[name], spec["min"], spec["max"]):
-            if d1 == d0:                                            # constant dim
-                if not mn <= d0 <= mx:
-                    return None
-            else:                                                   # d = d0 + x
-                lo, hi = max(lo, mn - d0), min(hi, mx - d0)
-    return (lo, hi) if lo <= hi else None
-
-
-def _covered_to(intervals: Sequence[tuple[int, int] | None], start: int) -> int:
-    """The largest x such that every integer in [start, x] lies in one of ``intervals`` (start-1 if none)."""
-    x, grew = start, True
-    while grew:
-        grew = False
-        for iv in intervals:
-            if iv is not None and iv[0] <= x <= iv[1]:
-                x, grew = iv[1] + 1, True
-    return x - 1
-
-
-def plan_capacity(profiles: Sequence[Mapping], kv, hidden: int, batch: int = 1,
-                  names: DecoderNames = DecoderNames()) -> int:
-    """The largest capacity C for which every prefill (past 0, 1..C tokens) and every decode step (one token,
-    past 0..C-1) lies in some profile; 0 when even one token is not covered."""
-    def fits(p, past, seq):
-        return {n: s for n, s in decoder_shapes(kv, hidden, past, seq, batch, names).items() if n in p}
-
-    prefill = [_interval(p, lambda x: fits(p, 0, x)) for p in profiles]
-    decode = [_interval(p, lambda x: fits(p, x, 1)) for p in profiles]
-    return max(0, min(_covered_to(prefill, 1), _covered_to(decode, 0) + 1))
-
-
-@dataclass
-class _KVLayout:
-    names: list[tuple[str, str]]          # (past, present) for every layer's key, then every layer's value
-    slab: int                             # bytes of one arena (KVH * C * Hd * itemsize, rounded to 256)
-
-
 class TrtDecoder:
     """The decoder plan behind the ``OrtDecoder`` interface, KV cache in device memory (module docstring).
 
@@ -312,13 +265,13 @@ class TrtDecoder:
         _check_record(record, device, bundle, trt, cuda)
         self.eng = eng = _Engine(trt, plan_path)
         self.names = io = names                                   # embeddings, mask, positions, logits
-        names = kv.names()                                        # (past, present) of every layer's k, v
+        names = kv.names()                                        # (past, new) of every layer's k, v
         expected = [*io.inputs, *(p for p, _ in names)]
         eng.require(expected, [*io.outputs, *(o for _, o in names)])
         extra = sorted(set(eng.inputs) - set(expected))
         if extra:
             raise BackendError(f"{eng.path.name} takes inputs this runtime does not feed: {', '.join(extra[:4])}")
-        self.kv, self.weights_bytes = kv, weights_bytes
+        self.kv, self.weights_bytes, self._kv_names = kv, weights_bytes, names
         self.dtype = eng.io[io.inputs_embeds][1]
         self.hidden_size = int(eng.io[io.inputs_embeds][2][-1])
         self.vocab_size = int(eng.io[io.logits][2][-1])
@@ -341,30 +294,32 @@ class TrtDecoder:
                                "export with a larger target context and rebuild")
         self.plan_capacity = limit
         self.capacity = C = int(capacity or min(limit, context_length or limit))
-        self._kv = _KVLayout(names, round_up(kv.num_kv_heads * C * kv.head_dim * kv_dtype.itemsize))
-        self.kv_bytes = 2 * len(names) * self._kv.slab                  # both ping-pong sets
+        self.extend_max = E = plan_extend(eng.profiles, kv, self.hidden_size, C, EXTEND_MAX, names=io)
         self.c = _Context(eng, cuda)
         # device buffers, all allocated here and never per step
-        base = cuda.malloc(self.kv_bytes)                             # [set][layer k/v] arenas of KVH*C*Hd
-        self._arena = [[base + (s * len(names) + j) * self._kv.slab for j in range(len(names))] for s in range(2)]
+        T, H, Hd = len(names), kv.num_kv_heads, kv.head_dim
+        self.arena = DeviceArena(cuda, self.c.stream, T, H, Hd, C, kv_dtype)    # [2L][KVH, Lb, Hd], one arena
+        slab = round_up(H * E * Hd * kv_dtype.itemsize)
+        base = cuda.malloc(T * slab)                                  # new rows [2L][KVH, S, Hd], S <= E
+        self._scratch = [base + j * slab for j in range(T)]
+        self.kv_bytes = self.arena.nbytes
         isz = self.dtype.itemsize
         self._d_embeds = cuda.malloc(C * self.hidden_size * isz)      # inputs_embeds [1, S, D], S <= C
         mask_t, pos_t = eng.io[io.attention_mask][1], eng.io[io.position_ids][1]
-        self._d_mask = cuda.malloc(C * mask_t.itemsize)               # attention_mask [1, P+S]: all ones
+        self._d_mask = cuda.malloc((2 * C + 1) * mask_t.itemsize)     # attention_mask [1, Lb+S]
+        self._mask = cuda.host_array(2 * C + 1, mask_t)               # pinned: its host side
         self._d_pos_all = cuda.malloc(C * pos_t.itemsize)             # arange(C)
         self._d_pos = cuda.malloc(C * pos_t.itemsize)                 # position_ids [1, S] = arange[P:P+S]
         logits_t = eng.io[io.logits][1]
         self._d_logits = cuda.malloc(self.vocab_size * logits_t.itemsize)
         self._stage = cuda.host_array(C * self.hidden_size, self.dtype)      # pinned: prompt embeddings
         self._logits = cuda.host_array(self.vocab_size, logits_t)             # pinned: logits [V]
-        init = cuda.host_array(C, mask_t)
-        init[:] = 1
-        cuda.h2d(self._d_mask, init, C * mask_t.itemsize, self.c.stream)
-        init2 = cuda.host_array(C, pos_t)
-        init2[:] = np.arange(C, dtype=pos_t)
-        cuda.h2d(self._d_pos_all, init2, C * pos_t.itemsize, self.c.stream)
+        self._host = cuda.host_array(self.arena.slab, kv_dtype)               # pinned: kv_read / kv_write
+        init = cuda.host_array(C, pos_t)
+        init[:] = np.arange(C, dtype=pos_t)
+        cuda.h2d(self._d_pos_all, init, C * pos_t.itemsize, self.c.stream)
         cuda.sync(self.c.stream)
-        self._cur, self.length = 0, 0
+        self.length = 0
 
     @classmethod
     def from_manifest(cls, manifest, *, capacity: int | None = None, **kw) -> "TrtDecoder":
@@ -380,42 +335,57 @@ class TrtDecoder:
         """Forget the cache. ``length > 0`` pretends that many (stale) positions are cached: benchmarks only."""
         if not 0 <= length <= self.capacity:
             raise ContextError(f"length {length} outside the cache capacity {self.capacity}")
-        self._cur, self.length = 0, int(length)
+        self.arena.bucket, self.length = 0, int(length)
+        if length:                                  # a bucket that takes the next token without a repack
+            self.arena.ensure(0, min(self.capacity, length + 1))
 
     def _run(self, S: int) -> np.ndarray:
         """One call on ``S`` tokens already staged in ``self._stage``; returns the logits [V] (a view)."""
-        P = self.length
+        P, a = self.length, self.arena
         if P + S > self.capacity:
             raise ContextError(f"{P} cached + {S} new tokens exceed the cache capacity {self.capacity}")
+        if P == 0:                                  # prefill: the graph writes the arena, packed for S
+            a.bucket = 0
         c, cuda, D = self.c, self.cuda, self.hidden_size
-        shapes = decoder_shapes(self.kv, D, P, S, names=self.names)
+        Lb = a.bucket
+        shapes = decoder_shapes(self.kv, D, Lb, S, names=self.names)           # past = the bucket
         c.use_profile(select_profile(self._select, {n: shapes[n] for n in self._select[0]}))
         for n, s in shapes.items():
             c.shape(n, s)
         io = self.names
         isz, pos_isz = self.dtype.itemsize, self.eng.io[io.position_ids][1].itemsize
+        m = a.mask(self._mask, P, S)                                                   # [1, Lb+S]
+        cuda.h2d(self._d_mask, self._mask, m * self._mask.itemsize, c.stream)
         cuda.h2d(self._d_embeds, self._stage, S * D * isz, c.stream)                  # [1, S, D]
         cuda.d2d(self._d_pos, self._d_pos_all + P * pos_isz, S * pos_isz, c.stream)   # [1, S] = P..P+S-1
         c.bind(io.inputs_embeds, self._d_embeds)
         c.bind(io.attention_mask, self._d_mask)
         c.bind(io.position_ids, self._d_pos)
         c.bind(io.logits, self._d_logits)                                              # [1, 1, V]
-        src, dst = self._arena[self._cur], self._arena[1 - self._cur]
-        for j, (past, present) in enumerate(self._kv.names):
-            c.bind(past, src[j])                                    # [1, KVH, P, Hd]
-            c.bind(present, dst[j])                                 # [1, KVH, P+S, Hd]
+        for j, (past, new) in enumerate(self._kv_names):
+            c.bind(past, a.ptr(j))                                  # [1, KVH, Lb, Hd]
+            c.bind(new, a.ptr(j) if P == 0 else self._scratch[j])   # [1, KVH, S, Hd]
         c.execute()
+        if P == 0:
+            a.bucket = S
+        else:                                                        # same stream: after the execution
+            a.ensure(P, P + S)
+            a.write_from(P, self._scratch, S)
         cuda.d2h(self._logits, self._d_logits, self._logits.nbytes, c.stream)
         cuda.sync(c.stream)
-        self._cur, self.length = 1 - self._cur, P + S
+        self.length = P + S
         return self._logits
 
-    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        """Run the prompt [S, D] (or [1, S, D]) on an empty cache; returns the last logits [V] (a view)."""
+    def _stage_rows(self, inputs_embeds, what: str) -> np.ndarray:
         x = np.asarray(inputs_embeds)
         x = x.reshape(-1, x.shape[-1]) if x.ndim else x
         if x.ndim != 2 or x.shape[-1] != self.hidden_size or x.shape[0] < 1:
-            raise ValueError(f"prompt embeddings must be [S, {self.hidden_size}], got {np.shape(inputs_embeds)}")
+            raise ValueError(f"{what} must be [S, {self.hidden_size}], got {np.shape(inputs_embeds)}")
+        return x
+
+    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Run the prompt [S, D] (or [1, S, D]) on an empty cache; returns the last logits [V] (a view)."""
+        x = self._stage_rows(inputs_embeds, "prompt embeddings")
         if x.shape[0] > self.capacity:
             raise ContextError(f"prompt of {x.shape[0]} tokens exceeds the cache capacity {self.capacity}")
         self.reset()
@@ -431,7 +401,7 @@ class TrtDecoder:
         return self._run(1)
 
     def takes(self, past: int, seq: int) -> bool:
-        """Whether one call with ``past`` cached and ``seq`` new tokens lies in a profile of the plan."""
+        """Whether one call with a bound past (bucket) of ``past`` rows and ``seq`` new tokens lies in a profile."""
         shapes = decoder_shapes(self.kv, self.hidden_size, past, seq, names=self.names)
         try:
             select_profile(self._select, {n: shapes[n] for n in self._select[0]})
@@ -440,75 +410,38 @@ class TrtDecoder:
         return True
 
     def extend(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        """Append S tokens [S, D] to what is cached; returns the last logits [V] (a view). One call when a
-        profile takes (past, S); else one token at a time through the decode profile (the targets' two
-        profiles, prefill at past 0 and decode at seq 1, do not take a multi-token extension)."""
-        x = np.asarray(inputs_embeds)
-        x = x.reshape(-1, x.shape[-1]) if x.ndim else x
-        if x.ndim != 2 or x.shape[-1] != self.hidden_size or x.shape[0] < 1:
-            raise ValueError(f"embeddings must be [S, {self.hidden_size}], got {np.shape(inputs_embeds)}")
+        """Append S tokens [S, D] to what is cached; returns the last logits [V] (a view). One call through the
+        extend profile per ``extend_max`` tokens (:func:`plan_extend`; a prefill when nothing is cached)."""
+        x = self._stage_rows(inputs_embeds, "embeddings")
         if self.length + x.shape[0] > self.capacity:
             raise ContextError(f"{self.length} cached + {x.shape[0]} new tokens exceed the cache capacity "
                                f"{self.capacity}")
-        if self.takes(self.length, x.shape[0]):
-            self._stage[: x.size] = x.reshape(-1)
-            return self._run(x.shape[0])
-        for row in x:
-            logits = self.decode_one_token(row)
+        step = x.shape[0] if self.length == 0 else self.extend_max
+        for i in range(0, x.shape[0], step):
+            chunk = x[i:i + step]
+            self._stage[: chunk.size] = chunk.reshape(-1)
+            logits = self._run(chunk.shape[0])
         return logits
 
     def truncate(self, length: int) -> None:
-        """Keep the first ``length`` cached positions: each head's rows of a [1, KVH, L, Hd] tensor are packed
-        for L, so every layer's key and value is repacked (one device copy per head) into the other arena set,
-        which becomes current."""
-        L, n = self.length, truncation(self.length, length)
-        if not n:                                   # None: nothing to cut; 0: an empty cache
-            if n == 0:
-                self.reset()
-            return
-        H = self.kv.num_kv_heads
-        row = self.kv.head_dim * self.eng.io[self._kv.names[0][0]][1].itemsize          # bytes of one position
-        src, dst = self._arena[self._cur], self._arena[1 - self._cur]
-        for j in range(len(self._kv.names)):
-            for h in range(H):
-                self.cuda.d2d(dst[j] + h * n * row, src[j] + h * L * row, n * row, self.c.stream)
-        self.cuda.sync(self.c.stream)
-        self._cur, self.length = 1 - self._cur, n
-
-    # -- KV snapshots (the server's prefix cache) -------------------------------------------------------------
-    def _kv_stage(self) -> np.ndarray:
-        """A page-locked host buffer of one arena (allocated at the first snapshot, then reused)."""
-        if getattr(self, "_kv_host", None) is None:
-            dt = self.eng.io[self._kv.names[0][0]][1]
-            self._kv_host = self.cuda.host_array(self.kv.num_kv_heads * self.capacity * self.kv.head_dim, dt)
-        return self._kv_host
+        """Keep the first ``length`` cached positions: O(1), the rows beyond become masked bucket rows."""
+        n = truncation(self.length, length)
+        if n is not None:
+            self.length = n
 
     def kv_read(self, length: int) -> list[np.ndarray]:
-        """Host copies of the first ``length`` cached positions: one [1, KVH, length, Hd] array per
-        ``KVSpec.names()`` pair, in the cache dtype (each arena copied through one pinned staging buffer)."""
-        n, L = int(length), self.length
-        if not 0 <= n <= L:
-            raise ContextError(f"cannot read {n} positions of a cache holding {L}")
-        H, D, stage = self.kv.num_kv_heads, self.kv.head_dim, self._kv_stage()
-        out = []
-        for ptr in self._arena[self._cur]:
-            self.cuda.d2h(stage, ptr, H * L * D * stage.itemsize, self.c.stream)
-            self.cuda.sync(self.c.stream)
-            out.append(stage[: H * L * D].reshape(1, H, L, D)[:, :, :n].copy())
-        return out
+        """Host copies of the first ``length`` cached positions, [1, KVH, length, Hd] each, in ``KVSpec.names()``
+        order (every layer's key, then every layer's value)."""
+        if not 0 <= int(length) <= self.length:
+            raise ContextError(f"cannot read {length} positions of {self.length} cached")
+        return self.arena.read(int(length), self._host)
 
-    def kv_write(self, arrays) -> None:
-        """Replace the cache by ``arrays`` (as :meth:`kv_read` gives them); afterwards ``length`` is theirs.
-        ``ContextError`` beyond the capacity, ``ValueError`` on a count, shape or dtype mismatch."""
-        stage = self._kv_stage()
-        n = kv_snapshot_length(arrays, self.kv, stage.dtype, self.capacity)
-        size = self.kv.num_kv_heads * n * self.kv.head_dim
-        dst = 1 - self._cur
-        for j, a in enumerate(arrays):
-            stage[:size] = a.reshape(-1)
-            self.cuda.h2d(self._arena[dst][j], stage, size * stage.itemsize, self.c.stream)
-            self.cuda.sync(self.c.stream)                 # the staging buffer is refilled for the next array
-        self._cur, self.length = dst, n
+    def kv_write(self, arrays: Sequence[np.ndarray]) -> None:
+        """Replace the cache by ``arrays`` (as :meth:`kv_read` gives them); afterwards ``length`` is theirs."""
+        n = check_kv_arrays(arrays, len(self._kv_names), self.kv.num_kv_heads, self.kv.head_dim,
+                            self.arena.dtype, self.capacity)
+        self.arena.load(arrays, self._host)
+        self.length = n
 
     def close(self) -> None:
         _close(self)

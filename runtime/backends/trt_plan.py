@@ -7,20 +7,26 @@
   included. They are not portable across GPU architectures either, and NVIDIA advises building on the
   exact GPU model, so compute capability and GPU name must match too. The error names the rebuild
   command.
+* :func:`plan_capacity` and :func:`plan_extend`: what a decoder plan's profiles cover, given the shapes the
+  runtime binds (``arena.py``): a prefill of S = 1..C tokens on past 0; one-token steps whose past is the
+  arena's bucket, any length 0..C (a bucket is at least the cached length and at most the capacity); and
+  extensions of S >= 2 tokens on a bucket of 1..C rows (chunked at :func:`plan_extend` tokens).
 * :func:`select_profile` picks the optimization profile for the shapes of one call: among the profiles
   whose [min, max] cover every shape, the one whose ``opt`` is nearest (a one-token decode step picks
   the decode profile, a long prompt the prefill one).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from .base import BackendError
+from .base import BackendError, DecoderNames
+from ..graph_spec import decoder_spec
 
 REBUILD = "safeclip-build --bundle {bundle}"
 DEVICE_FIELDS = ("tensorrt_version", "compute_capability", "gpu_name")
 
-__all__ = ["PlanMismatchError", "ProfileSelectionError", "check_plan_compatible", "select_profile", "REBUILD"]
+__all__ = ["PlanMismatchError", "ProfileSelectionError", "check_plan_compatible", "select_profile", "REBUILD",
+           "decoder_shapes", "plan_capacity", "plan_extend"]
 
 
 class PlanMismatchError(BackendError):
@@ -54,6 +60,68 @@ def check_plan_compatible(plan_record: Mapping[str, Any], device: Mapping[str, A
     if diffs:
         raise PlanMismatchError(f"{name} was built for another setup: {'; '.join(diffs)}. "
                                 f"Rebuild the engines on this device: {rebuild}")
+
+
+def decoder_shapes(kv, hidden: int, past: int, seq: int, batch: int = 1,
+                   names: DecoderNames = DecoderNames()) -> dict[str, tuple[int, ...]]:
+    """Input shapes of one decoder call: embeddings, mask, positions and every past key/value (the graph
+    spec's dimensions at these sizes, ``runtime/graph_spec.py``); ``past`` is the bound bucket length."""
+    return decoder_spec(hidden, None, kv, names).shapes(batch=batch, seq=seq, past=past)
+
+
+def _interval(profile: Mapping, family: Callable[[int], Mapping[str, Sequence[int]]]) -> tuple[int, int] | None:
+    """The x range for which ``family(x)`` (each dim constant or x plus a constant) lies in ``profile``."""
+    at0, at1 = family(0), family(1)
+    lo, hi = 0, 1 << 62
+    for name, spec in profile.items():
+        for d0, d1, mn, mx in zip(at0[name], at1[name], spec["min"], spec["max"]):
+            if d1 == d0:                                            # constant dim
+                if not mn <= d0 <= mx:
+                    return None
+            else:                                                   # d = d0 + x
+                lo, hi = max(lo, mn - d0), min(hi, mx - d0)
+    return (lo, hi) if lo <= hi else None
+
+
+def _covered_to(intervals: Sequence[tuple[int, int] | None], start: int) -> int:
+    """The largest x such that every integer in [start, x] lies in one of ``intervals`` (start-1 if none)."""
+    x, grew = start, True
+    while grew:
+        grew = False
+        for iv in intervals:
+            if iv is not None and iv[0] <= x <= iv[1]:
+                x, grew = iv[1] + 1, True
+    return x - 1
+
+
+def _fits(kv, hidden, batch, names):
+    def fits(p, past, seq):
+        return {n: s for n, s in decoder_shapes(kv, hidden, past, seq, batch, names).items() if n in p}
+    return fits
+
+
+def plan_capacity(profiles: Sequence[Mapping], kv, hidden: int, batch: int = 1,
+                  names: DecoderNames = DecoderNames()) -> int:
+    """The largest capacity C for which every prefill (past 0, 1..C tokens) and every one-token step on a
+    bucket of 0..C rows lies in some profile (C = 1 needs no step beyond past 0); 0 when even a one-token
+    prompt is not covered."""
+    fits = _fits(kv, hidden, batch, names)
+    prefill = _covered_to([_interval(p, lambda x: fits(p, 0, x)) for p in profiles], 1)
+    decode = _covered_to([_interval(p, lambda x: fits(p, x, 1)) for p in profiles], 0)
+    return max(0, min(prefill, decode if decode >= 1 else decode + 1))
+
+
+def plan_extend(profiles: Sequence[Mapping], kv, hidden: int, capacity: int, limit: int,
+                batch: int = 1, names: DecoderNames = DecoderNames()) -> int:
+    """The most tokens E <= ``limit`` such that an extension of every S = 2..E tokens on every bucket of
+    1..``capacity`` rows lies in some profile; 1 when none does (extensions then go token by token)."""
+    fits = _fits(kv, hidden, batch, names)
+    e = 1
+    for s in range(2, min(limit, capacity) + 1):
+        if _covered_to([_interval(p, lambda x: fits(p, x, s)) for p in profiles], 1) < capacity:
+            break
+        e = s
+    return e
 
 
 def _covers(spec: Mapping[str, Sequence[int]], shape: tuple[int, ...]) -> bool:

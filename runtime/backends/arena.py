@@ -1,0 +1,207 @@
+"""One KV arena for a decoder whose graph returns only the call's new keys and values (``export/decoder.py``).
+
+The graph takes ``past`` [B, KVH, Lb, Hd] per layer (key, value) and returns ``new`` [B, KVH, S, Hd]. A backend
+keeps one preallocated arena per layer key/value and binds a prefix of it as ``past``; the new rows are
+written in place. Both ONNX Runtime's IOBinding and TensorRT's ``set_tensor_address`` take a dense tensor
+at one address, and a [1, KVH, P, Hd] prefix of a [1, KVH, C, Hd] buffer is not dense (each head's rows are
+C apart). So the arena is kept *packed for a bucket length* Lb >= P: tensor j is the first
+slots*KVH*Lb*Hd elements of its slab, viewed as [slots, KVH, Lb, Hd], rows P..Lb-1 of each head unused.
+
+* A call binds ``past`` = [1, KVH, Lb, Hd] at the slab's start and ``attention_mask`` = 1 on rows 0..P-1,
+  0 on rows P..Lb-1 (the graph's softmax gives them weight exactly 0), 1 on the S new positions.
+* The new rows land in a small scratch [2L][KVH, S, Hd] and are copied to rows P..P+S-1 of every head:
+  2L*KVH*S*Hd elements per call (one numpy assignment on the host, one ``cudaMemcpy2DAsync`` per layer
+  key/value on a GPU). A prefill (P = 0) sets Lb = S and the graph writes straight into the arena.
+* When P+S exceeds Lb, the arena is repacked in place to Lb' = :func:`grow` (at least double, at most the
+  capacity): each head's P valid rows move from h*Lb to h*Lb', last head first, so no head is overwritten
+  before it moves. Doubling makes that copy amortised O(1) rows per generated token (a geometric series:
+  fewer than 2 moves per row over a whole generation), against the P rows per step the old
+  ``present = concat(past, new)`` graph rewrote every step.
+* Costs: attention reads Lb <= 2P rows per head (the masked rows cost reads, not accuracy: their weight is
+  0); memory is one arena (slots*2L*KVH*C*Hd) plus the scratch (2L*KVH*E*Hd for E = the longest one-call
+  extension, :data:`EXTEND_MAX`). The alternative, binding the whole capacity with a mask, never repacks
+  but reads all C rows every step (C/P times the valid rows: 8x at P = 512 of C = 4096, where a bucket
+  reads at most 2x); ``scripts/kv_costs.py`` times all three (bucket P+1, 2P and C; BENCHMARKS.md).
+* ``truncate`` is O(1): rows beyond the new length become masked-out bucket rows.
+
+Issue 14 (continuous batching) layout: ``slots`` sequences share one bucket, [slots, KVH, Lb, Hd]; each
+slot's valid length is its own (its attention_mask row has zeros from its length to Lb) and its new rows
+go to its own row offset. Only ``slots=1`` is exercised by the backends today.
+
+:class:`HostArena` (numpy, ONNX Runtime on the CPU) and :class:`DeviceArena` (cuda-python device memory:
+ONNX Runtime's CUDA provider and TensorRT) implement the same moves. Standard library + numpy only.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .base import ContextError
+
+__all__ = ["MIN_BUCKET", "EXTEND_MAX", "grow", "HostArena", "DeviceArena", "check_kv_arrays"]
+
+MIN_BUCKET = 16                 # smallest bucket after a prefill's exact one (a few repacks fewer on short prompts)
+EXTEND_MAX = 512                # most new tokens one extend call takes: the scratch's rows (longer ones are chunked)
+
+
+def grow(bucket: int, need: int, capacity: int) -> int:
+    """The bucket length that holds ``need`` rows: ``bucket`` if it does, else at least double, at most the
+    capacity."""
+    if need > capacity:
+        raise ContextError(f"{need} positions exceed the cache capacity {capacity}")
+    return bucket if need <= bucket else min(capacity, max(need, 2 * bucket, MIN_BUCKET))
+
+
+def check_kv_arrays(arrays: Sequence, tensors: int, kvh: int, hd: int, dtype: np.dtype, capacity: int) -> int:
+    """The length of ``kv_write``'s arrays ([1, KVH, length, Hd] each, ``tensors`` of them, the cache dtype);
+    ValueError on a shape/dtype mismatch, ContextError beyond the capacity."""
+    if len(arrays) != tensors:
+        raise ValueError(f"expected {tensors} KV arrays (every layer's key, then every layer's value), got {len(arrays)}")
+    shapes = {tuple(np.shape(a)) for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"KV arrays have different shapes {sorted(shapes)}")
+    (shape,) = shapes
+    if len(shape) != 4 or shape[0] != 1 or shape[1] != kvh or shape[3] != hd:
+        raise ValueError(f"KV arrays must be [1, {kvh}, length, {hd}], got {list(shape)}")
+    bad = sorted({str(np.asarray(a).dtype) for a in arrays} - {str(dtype)})
+    if bad:
+        raise ValueError(f"KV arrays must be {dtype}, got {', '.join(bad)}")
+    if shape[2] > capacity:
+        raise ContextError(f"{shape[2]} positions exceed the cache capacity {capacity}")
+    return int(shape[2])
+
+
+class _Arena:
+    """Bookkeeping shared by both kinds: tensors (2L) x slots x KVH head blocks, ``bucket`` rows each."""
+
+    def __init__(self, tensors: int, kv_heads: int, head_dim: int, capacity: int, dtype, slots: int = 1):
+        self.tensors, self.kvh, self.hd, self.capacity, self.slots = tensors, kv_heads, head_dim, capacity, slots
+        self.dtype = np.dtype(dtype)
+        self.blocks = slots * kv_heads                               # head blocks per tensor
+        self.row = head_dim * self.dtype.itemsize                   # bytes of one position of one head
+        self.slab = self.blocks * capacity * head_dim               # elements per tensor
+        self.bucket = 0
+        self.copied = 0                                             # bytes moved by writes and repacks (benchmarks)
+
+    def ensure(self, rows: int, need: int) -> None:
+        """Make the bucket hold ``need`` rows, keeping the first ``rows`` of every head block."""
+        new = grow(self.bucket, need, self.capacity)
+        if new != self.bucket:
+            if rows:
+                self._repack(rows, self.bucket, new)
+                self.copied += self.tensors * (self.blocks - 1) * rows * self.row
+            self.bucket = new
+
+    def mask(self, out: np.ndarray, length: int, seq: int) -> int:
+        """Fill ``out`` with the attention mask of one call (``length`` valid rows, bucket, ``seq`` new);
+        returns its length bucket + seq."""
+        b = self.bucket
+        out[:length], out[length:b], out[b:b + seq] = 1, 0, 1
+        return b + seq
+
+
+class HostArena(_Arena):
+    """The arena in host memory: one [tensors, slab] numpy array (zeros: pages resident only once written)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.data = np.zeros((self.tensors, self.slab), self.dtype)
+
+    def ptr(self, j: int) -> int:
+        return int(self.data[j].ctypes.data)
+
+    def view(self, bucket: int | None = None) -> np.ndarray:
+        """[tensors, slots*KVH, bucket, Hd] view of the packed arena."""
+        b = self.bucket if bucket is None else bucket
+        return self.data[:, : self.blocks * b * self.hd].reshape(self.tensors, self.blocks, b, self.hd)
+
+    def _repack(self, rows: int, old: int, new: int) -> None:
+        src, dst = self.view(old), self.view(new)
+        for h in range(self.blocks - 1, 0, -1):                     # last block first; block 0 stays put
+            dst[:, h, :rows] = src[:, h, :rows]                     # numpy buffers an overlapping copy
+
+    def write(self, at: int, new: np.ndarray) -> None:
+        """Rows ``at..at+S-1`` of every head block <- ``new`` [tensors, slots*KVH, S, Hd]."""
+        s = new.shape[2]
+        self.view()[:, :, at:at + s] = new
+        self.copied += new.nbytes
+
+    def read(self, length: int) -> list[np.ndarray]:
+        v = self.view()
+        return [v[j, :, :length].reshape(self.slots, self.kvh, length, self.hd).copy() for j in range(self.tensors)]
+
+    def load(self, arrays: Sequence[np.ndarray]) -> None:
+        n = arrays[0].shape[2]
+        self.bucket = 0
+        self.ensure(0, max(n, 1))
+        v = self.view()
+        for j, a in enumerate(arrays):
+            v[j, :, :n] = np.asarray(a).reshape(self.blocks, n, self.hd)
+
+
+class DeviceArena(_Arena):
+    """The arena in device memory (one ``cudaMalloc`` block; slabs 256-byte aligned), moved with cuda-python
+    copies on ``stream``. ``temp`` is one head block's rows of scratch for a repack whose source and
+    destination overlap (a bucket capped at the capacity grows by less than double).
+
+    The block is zeroed once: masked-out bucket rows get softmax weight 0, but 0 * Inf or a NaN from
+    never-written memory would still poison the attention output (stale rows of earlier keys are finite)."""
+
+    def __init__(self, cuda, stream, *args, **kw):
+        from .cuda import round_up
+
+        super().__init__(*args, **kw)
+        self.cuda, self.stream = cuda, stream
+        self.slab_bytes = round_up(self.slab * self.dtype.itemsize)
+        self.base = cuda.malloc(self.tensors * self.slab_bytes)
+        self.temp = cuda.malloc(self.capacity * self.row)
+        self.nbytes = self.tensors * self.slab_bytes
+        cuda.memset(self.base, 0, self.nbytes, stream)
+        cuda.sync(stream)
+
+    def ptr(self, j: int) -> int:
+        return self.base + j * self.slab_bytes
+
+    def _repack(self, rows: int, old: int, new: int) -> None:
+        n = rows * self.row
+        for j in range(self.tensors):
+            base = self.ptr(j)
+            for h in range(self.blocks - 1, 0, -1):
+                src, dst = base + h * old * self.row, base + h * new * self.row
+                if dst < src + n:                                   # overlapping: through the temp block
+                    self.cuda.d2d(self.temp, src, n, self.stream)
+                    src = self.temp
+                self.cuda.d2d(dst, src, n, self.stream)
+
+    def write_from(self, at: int, scratch: Sequence[int], seq: int) -> None:
+        """Rows ``at..at+seq-1`` of every head block <- the device scratch of each tensor ([blocks, seq, Hd])."""
+        w = seq * self.row
+        for j, src in enumerate(scratch):
+            self.cuda.copy2d(self.ptr(j) + at * self.row, self.bucket * self.row, src, w, w, self.blocks,
+                             "cudaMemcpyDeviceToDevice", self.stream)
+        self.copied += self.tensors * self.blocks * w
+
+    def read(self, length: int, host: np.ndarray) -> list[np.ndarray]:
+        """Host copies of the first ``length`` rows; ``host`` is a pinned staging buffer of >= one tensor."""
+        out, w = [], length * self.row
+        for j in range(self.tensors):
+            if w:
+                self.cuda.copy2d(host, w, self.ptr(j), self.bucket * self.row, w, self.blocks,
+                                 "cudaMemcpyDeviceToHost", self.stream)
+                self.cuda.sync(self.stream)
+            n = self.blocks * length * self.hd
+            out.append(host.view(self.dtype)[:n].reshape(self.slots, self.kvh, length, self.hd).copy())
+        return out
+
+    def load(self, arrays: Sequence[np.ndarray], host: np.ndarray) -> None:
+        n = arrays[0].shape[2]
+        self.bucket = 0
+        self.ensure(0, max(n, 1))
+        w = n * self.row
+        for j, a in enumerate(arrays):
+            if w:
+                host.view(self.dtype)[: self.blocks * n * self.hd] = np.asarray(a).reshape(-1)
+                self.cuda.copy2d(self.ptr(j), self.bucket * self.row, host, w, w, self.blocks,
+                                 "cudaMemcpyHostToDevice", self.stream)
+                self.cuda.sync(self.stream)
