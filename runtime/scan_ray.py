@@ -9,9 +9,10 @@ members, URLs: the workers must see the same paths as the driver, e.g. a shared 
 with ``scan.gate_items`` (the local scan's code) and returns result rows. The driver writes the rows it
 receives as parts of the output (``ScanOutput.write``), so an interrupted job resumes where it stopped.
 
-Failures: an unreadable image is an error row. A worker process that dies is restarted by Ray
-(``max_restarts=-1``) and the batch it held is retried on a live actor (``max_task_retries=-1``); a
-batch's rows reach the driver once, and ``ScanOutput`` drops any row for an item already written.
+Failures: an unreadable image is an error row. A worker process that dies is restarted by Ray and the
+batch it held is retried (Ray Data gives its actors ``max_restarts=-1`` and ``max_task_retries=-1``;
+tests/test_scan_ray.py kills one mid-job); a batch's rows reach the driver once, and ``ScanOutput``
+drops any row for an item already written.
 
 Ray: ``address=None`` joins the cluster named by ``RAY_ADDRESS`` or starts a local one; an already
 initialised Ray (a test, a notebook) is used as it is. The driver keeps the item list in memory (about
@@ -71,7 +72,7 @@ def ray_rows(bundle: str | Path, items: list[dict], *, workers: int = 1, cpus_pe
                         fn_constructor_kwargs=dict(bundle=str(Path(bundle).resolve()), threshold=threshold,
                                                    threads=threads, backend=backend,
                                                    allow_private_hosts=allow_private_hosts),
-                        concurrency=workers, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
-                        max_restarts=-1, max_task_retries=-1)
+                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+                        num_gpus=gpus_per_worker or None)
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield table.to_pylist()
