@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -74,3 +75,21 @@ def build_sources(root: Path, test_images: Path, n_per_class: int = 4, crash_key
                 image_of[(str(tar), key)] = data
     sources = [str(imgs), str(lst), str(shard), str(paths), str(tar)]
     return sources, truth, image_of
+
+
+def check_rows(rows, truth, image_of, oracle):
+    """Every listed item exactly once; verdicts as the per-image Pipeline.gate gives them; errors as errors."""
+    ids = [(r["source"], r["key"]) for r in rows]
+    assert len(ids) == len(set(ids)) and set(ids) == set(truth)
+    for r in rows:
+        t = truth[(r["source"], r["key"])]
+        if t == "error":
+            assert r["error"] and r["flagged"] is None, r
+            continue
+        assert r["error"] is None, r
+        v = oracle.gate(image_of[(r["source"], r["key"])])
+        assert (r["flagged"], r["category"]) == (v.flagged, v.category)
+        assert r["score"] == pytest.approx(v.score, abs=1e-5)
+        assert list(r["probs"]) == oracle.classes
+        assert list(r["probs"].values()) == pytest.approx([v.probs[c] for c in oracle.classes], abs=1e-5)
+        assert r["flagged"] == (t == "gun") and (t != "gun" or r["category"] == "gun")

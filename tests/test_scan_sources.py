@@ -10,7 +10,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from safeclip.runtime import cli, scan  # noqa: E402
 
-from scan_data import build_sources  # noqa: E402
+from scan_data import build_sources, check_rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +22,6 @@ def data(tmp_path_factory, test_images):
 def oracle(controlled_bundle):
     from safeclip.runtime.pipeline import Pipeline
     return Pipeline.load(controlled_bundle, language_model=False)
-
-
-def check_rows(rows, truth, image_of, oracle):
-    """Every listed item exactly once; verdicts as the per-image Pipeline.gate gives them; errors as errors."""
-    ids = [(r["source"], r["key"]) for r in rows]
-    assert len(ids) == len(set(ids)) and set(ids) == set(truth)
-    for r in rows:
-        t = truth[(r["source"], r["key"])]
-        if t == "error":
-            assert r["error"] and r["flagged"] is None, r
-            continue
-        assert r["error"] is None, r
-        v = oracle.gate(image_of[(r["source"], r["key"])])
-        assert (r["flagged"], r["category"]) == (v.flagged, v.category)
-        assert r["score"] == pytest.approx(v.score, abs=1e-5)
-        assert list(r["probs"]) == oracle.classes
-        assert list(r["probs"].values()) == pytest.approx([v.probs[c] for c in oracle.classes], abs=1e-5)
-        assert r["flagged"] == (t == "gun") and (t != "gun" or r["category"] == "gun")
 
 
 def test_every_source_kind_to_parquet_with_error_rows_and_safe_subset(controlled_bundle, data, oracle, tmp_path,
