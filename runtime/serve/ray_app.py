@@ -63,10 +63,13 @@ class _ReplicaHeader:
 class SafeclipDeployment:
     """One replica: the pipeline loads once in the constructor, the app is built around it."""
 
-    def __init__(self, bundle: str, pipeline_options: dict | None = None, app_options: dict | None = None):
+    def __init__(self, bundle: str, pipeline_options: dict | None = None, app_options: dict | None = None,
+                 test_piece_delay_s: float = 0.0):
         from ..pipeline import Pipeline
 
         self.pipe = Pipeline.load(bundle, **(pipeline_options or {}))
+        if test_piece_delay_s:                       # TEST ONLY (tests/test_serve_ray.py): slow answers
+            self.pipe = _SlowPipelineForTests(self.pipe, test_piece_delay_s)
         self.app_options = dict(app_options or {})
 
     def __serve_build_asgi_app__(self):
@@ -80,12 +83,37 @@ class SafeclipDeployment:
         return _ReplicaHeader(create_app(self.pipe, **self.app_options), replica)
 
 
+class _SlowPipelineForTests:
+    """TEST ONLY: the pipeline with a pause before each text piece, so a test can kill a replica mid-answer."""
+
+    def __init__(self, pipe, delay_s: float):
+        self._pipe, self._delay_s = pipe, float(delay_s)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def stream(self, *args, **kw):
+        import time
+        inner, delay = self._pipe.stream(*args, **kw), self._delay_s
+
+        class _Stream:
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def __iter__(self):
+                for piece in inner:
+                    time.sleep(delay)
+                    yield piece
+
+        return _Stream()
+
+
 def _convert(key: str, value):
     if not isinstance(value, str):
         return value
     ints = {"num_replicas", "min_replicas", "max_replicas", "max_ongoing_requests", "threads", "context",
             "max_body_bytes", "max_pixels", "max_queue", "max_tokens", "default_max_tokens", "max_prompt_chars"}
-    floats = {"target_ongoing_requests", "cpus_per_replica", "gpus_per_replica", "queue_timeout_s",
+    floats = {"target_ongoing_requests", "test_piece_delay_s", "cpus_per_replica", "gpus_per_replica", "queue_timeout_s",
               "body_timeout_s", "fetch_timeout_s"}
     bools = {"allow_remote_images", "allow_private_image_hosts"}
     try:
@@ -111,27 +139,31 @@ def build_app(args: dict):
     if not bundle:
         raise ValueError("build_app needs bundle=<bundle folder>")
     app_keys = set(inspect.signature(create_app).parameters) - {"pipeline"}
+    delay = args.pop("test_piece_delay_s", 0.0) or 0.0
     unknown = set(args) - app_keys - set(PIPELINE_KEYS) - set(DEPLOYMENT_KEYS)
     if unknown:
         raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
     pipeline_options = {k: args[k] for k in PIPELINE_KEYS if args.get(k) is not None}
     app_options = {k: v for k, v in args.items() if k in app_keys and v is not None}
-    opts: dict = {"max_ongoing_requests": args.get("max_ongoing_requests") or 4,
-                  "ray_actor_options": {"num_cpus": args.get("cpus_per_replica", 1.0),
-                                        "num_gpus": args.get("gpus_per_replica", 0.0)}}
+    get = lambda k, default: default if args.get(k) is None else args[k]          # noqa: E731
+    if get("max_ongoing_requests", 4) < 1:
+        raise ValueError(f"max_ongoing_requests must be at least 1, got {args['max_ongoing_requests']}")
+    opts: dict = {"max_ongoing_requests": get("max_ongoing_requests", 4),
+                  "ray_actor_options": {"num_cpus": get("cpus_per_replica", 1.0),
+                                        "num_gpus": get("gpus_per_replica", 0.0)}}
     if args.get("max_replicas") is not None:
-        lo, hi = args.get("min_replicas") or 1, args["max_replicas"]
+        lo, hi = get("min_replicas", 1), args["max_replicas"]
         if not 0 <= lo <= hi or hi < 1:
             raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got {lo}, {hi}")
         opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
-                                      "initial_replicas": max(lo, min(hi, args.get("num_replicas") or lo)),
-                                      "target_ongoing_requests": args.get("target_ongoing_requests") or 2}
+                                      "initial_replicas": max(lo, min(hi, get("num_replicas", max(lo, 1)))),
+                                      "target_ongoing_requests": get("target_ongoing_requests", 2)}
     else:
-        n = args.get("num_replicas") or 1
+        n = get("num_replicas", 1)
         if n < 1:
             raise ValueError(f"num_replicas must be at least 1, got {n}")
         opts["num_replicas"] = n
-    return SafeclipDeployment.options(**opts).bind(str(bundle), pipeline_options, app_options)
+    return SafeclipDeployment.options(**opts).bind(str(bundle), pipeline_options, app_options, delay)
 
 
 def run(args: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
@@ -164,7 +196,11 @@ def ray_main(a) -> int:
             "queue_timeout_s": a.queue_timeout, "fetch_timeout_s": a.fetch_timeout,
             "allow_private_image_hosts": a.allow_private_image_hosts, "cors_origins": tuple(a.cors_origin)}
     try:
-        build_app(args)                              # option errors before Ray starts
+        build_app(args)                              # option and bundle errors before Ray starts
+        from ..manifest import load_manifest
+        if load_manifest(a.bundle).decoder is None:
+            raise ValueError(f"{a.bundle}: bundle has no language model (exported with --no-decoder); "
+                             "safeclip-serve needs one")
         print(f"safeclip-serve: starting Ray Serve on http://{a.host}:{a.port}/ ({a.replicas} replica(s)"
               f"{', autoscaling' if a.max_replicas else ''})", file=sys.stderr, flush=True)
         run(args, host=a.host, port=a.port, address=a.ray_address, blocking=True)
@@ -174,8 +210,10 @@ def ray_main(a) -> int:
         print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
-        try:
-            serve.shutdown()
-        except Exception:
-            pass
+        import ray
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            except Exception:
+                pass
     return 0
