@@ -82,11 +82,14 @@ def run_scan(args) -> int:
                "threshold": float(gate.threshold)}
         out = ScanOutput(args.output, job, gate.classes)
     if out is not None and out.complete:
-        print(f"safeclip-scan: {args.output} is complete already: nothing to scan", file=sys.stderr)
         try:
+            out.check_complete()
             rows = read_rows(args.output)
+        except OutputError as e:
+            return _err(one_line(e))
         except Exception as e:
             return _err(f"{args.output}: cannot read ({one_line(e)})")
+        print(f"safeclip-scan: {args.output} is complete already: nothing to scan", file=sys.stderr)
         return _finish(args, gate, rows, labels)
     try:
         items = list(list_items(args.paths))

@@ -13,6 +13,8 @@ the rest; rows for an item already written (a batch retried after a worker died)
 written twice. When every listed item has its row, the job finishes: ``OUT`` ending in ``.parquet`` becomes
 one file (rows in listing order) written under a temporary name and renamed; any other ``OUT`` is the parts
 folder itself, renamed from ``OUT.partial`` (with a ``_SUCCESS`` file). ``OUT`` therefore exists only complete.
+It keeps the job description (the file's schema metadata ``safeclip_job``, or the folder's ``_job.json``):
+a complete ``OUT`` is reused (``--labels``, ``--safe-out``) only by the same job.
 
 ``write_safe`` writes the safe subset (no error, not flagged) as a file list (one path a line; shard members
 as ``shard#key``) or, for a ``.parquet`` name, as Parquet rows (source, key, path, category, score).
@@ -88,6 +90,20 @@ class ScanOutput:
     def complete(self) -> bool:
         return self.out.exists()
 
+    def check_complete(self) -> None:
+        """OutputError unless the complete ``OUT`` was written by this job (same bundle and threshold)."""
+        _, pq = _pa()
+        try:
+            if self.out.is_dir():
+                old = json.loads((self.out / "_job.json").read_text())
+            else:
+                old = json.loads((pq.read_schema(self.out).metadata or {})[b"safeclip_job"])
+        except (OSError, KeyError, ValueError) as e:
+            raise OutputError(f"{self.out}: not a complete safeclip-scan output ({e})") from None
+        if old != self.job:
+            diff = ", ".join(k for k in sorted(set(old) | set(self.job)) if old.get(k) != self.job.get(k))
+            raise OutputError(f"{self.out} holds the rows of another job (differs in: {diff})")
+
     def open(self) -> set[tuple[str, str]]:
         """Create or reopen ``OUT.partial``; returns the ids already written there."""
         _pa()
@@ -156,6 +172,7 @@ class ScanOutput:
             ids = zip(table.column("source").to_pylist(), table.column("key").to_pylist())
             idx = sorted(range(table.num_rows), key=lambda n, ids=list(ids): order.get(ids[n], len(order)))
             table = table.take(pa.array(idx, type=pa.int64()))
+            table = table.replace_schema_metadata({"safeclip_job": json.dumps(self.job, sort_keys=True)})
             tmp = self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:8]}.tmp")
             pq.write_table(table, tmp)
             with open(tmp, "rb") as f:

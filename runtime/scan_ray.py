@@ -51,8 +51,9 @@ class GateWorker:
 def ray_rows(bundle: str | Path, items: list[dict], *, workers: int = 1, cpus_per_worker: float = 1.0,
              gpus_per_worker: float = 0.0, batch_size: int = 16, threshold: float | None = None,
              backend: str = "auto", address: str | None = None, allow_private_hosts: bool = False,
-             progress: bool = False):
-    """Yield lists of result rows (``scan_out.make_row`` dicts) for ``items``, gated on Ray."""
+             progress: bool = False, worker: type = GateWorker):
+    """Yield lists of result rows (``scan_out.make_row`` dicts) for ``items``, gated on Ray. ``worker``: the
+    actor class (a ``GateWorker`` subclass; ``scripts/bench_scan.py`` times batches with one)."""
     try:
         import ray
         import ray.data
@@ -68,7 +69,7 @@ def ray_rows(bundle: str | Path, items: list[dict], *, workers: int = 1, cpus_pe
     blocks = max(1, min(len(items) // max(1, batch_size), 4 * max(1, workers) * 8))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     threads = max(1, math.floor(cpus_per_worker)) if gpus_per_worker == 0 else None
-    ds = ds.map_batches(GateWorker, batch_format="pyarrow", batch_size=batch_size,
+    ds = ds.map_batches(worker, batch_format="pyarrow", batch_size=batch_size,
                         fn_constructor_kwargs=dict(bundle=str(Path(bundle).resolve()), threshold=threshold,
                                                    threads=threads, backend=backend,
                                                    allow_private_hosts=allow_private_hosts),

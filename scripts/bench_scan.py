@@ -12,11 +12,13 @@ then, each run on CPU with one ONNX Runtime thread per worker so the workers do 
 * ``local``: ``scan.gate_items`` in batches of ``--batch-size`` in this process (what ``safeclip-scan
   --output`` runs without ``--ray``);
 * ``ray-1``, ``ray-2``: ``scan_ray.ray_rows`` on a local Ray (``num_cpus=2``) with 1 and 2 actors of 1 CPU
-  each. ``total`` counts from submitting the job to its last row (actor start and bundle load included);
-  ``steady`` counts from the first result to the last (images after the first result block / that time),
-  the rate a long job runs at.
+  each. ``total`` counts from submitting the job to its last row at the driver (Ray Data start, actor start
+  and bundle load included); ``steady`` counts from the first batch's start to the last batch's end on the
+  workers (each batch stamps its wall-clock span), the rate a long job runs at once its actors are up.
 
-The scaling ratio is ray-2 / ray-1 (steady). Verdicts: every image's (flagged, category) of each run equals
+The scaling ratio is ray-2 / ray-1 (steady). ``CPU ms/image`` is the CPU time the gating process(es) used
+per image (``time.process_time``; for Ray summed over the batches), and ``cores used`` that CPU time over the
+steady wall time: how many of the machine's cores the workers actually got. Verdicts: every image's (flagged, category) of each run equals
 the per-image reference, and the largest score difference is reported. ``os.getloadavg()`` is recorded at
 start and end: other processes share the machine's cores. Prints a Markdown table; writes JSON (default
 ``bench-results/bench_scan.json``). Needs the ``[ray]`` extra.
@@ -56,10 +58,11 @@ def per_image(bundle: str, paths: list[Path]) -> dict:
 
     pipe = Pipeline.load(bundle, threads=1, language_model=False)
     pipe.gate(paths[0])                                            # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     verdicts = {str(p): pipe.gate(p) for p in paths}
     dt = time.perf_counter() - t0
     return {"seconds": dt, "images_per_s": len(paths) / dt,
+            "cpu_ms_per_image": 1e3 * (time.process_time() - c0) / len(paths),
             "verdicts": {k: (v.flagged, v.category, v.score) for k, v in verdicts.items()}}
 
 
@@ -70,32 +73,51 @@ def local(bundle: str, items: list[dict], batch: int) -> dict:
     pipe = Pipeline.load(bundle, threads=1, language_model=False)
     reader = ItemReader()
     gate_items(pipe, items[:1], reader)                            # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = {}
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
         for it, (v, e) in zip(chunk, gate_items(pipe, chunk, reader)):
             out[it["path"]] = None if v is None else (v.flagged, v.category, v.score)
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "images_per_s": len(items) / dt, "verdicts": out}
+    return {"seconds": dt, "images_per_s": len(items) / dt,
+            "cpu_ms_per_image": 1e3 * (time.process_time() - c0) / len(items), "verdicts": out}
+
+
+def timed_worker():
+    """A GateWorker that stamps each batch's rows with its wall-clock start and end (this class is defined in
+    ``__main__``, so Ray ships it by value) in an extra ``bench`` column the driver strips again."""
+    from safeclip.runtime.scan_ray import GateWorker
+
+    class TimedWorker(GateWorker):
+        def __call__(self, batch):
+            import pyarrow as pa
+            t0, c0 = time.time(), time.process_time()
+            out = super().__call__(batch)
+            stamp = json.dumps([t0, time.time(), os.getpid(), time.process_time() - c0])
+            return out.append_column("bench", pa.array([stamp] * out.num_rows))
+
+    return TimedWorker
 
 
 def on_ray(bundle: str, items: list[dict], workers: int, batch: int) -> dict:
     from safeclip.runtime.scan_ray import ray_rows
 
     t0 = time.perf_counter()
-    first_t, first_n, out = None, 0, {}
-    for rows in ray_rows(bundle, items, workers=workers, cpus_per_worker=1.0, batch_size=batch):
-        if first_t is None:
-            first_t, first_n = time.perf_counter(), len(rows)
+    out, stamps = {}, set()
+    for rows in ray_rows(bundle, items, workers=workers, cpus_per_worker=1.0, batch_size=batch,
+                         worker=timed_worker()):
         for r in rows:
+            stamps.add(r.pop("bench"))
             out[r["path"]] = None if r["error"] else (r["flagged"], r["category"], r["score"])
     t1 = time.perf_counter()
-    steady_n = len(items) - first_n
+    spans = [json.loads(s) for s in stamps]
+    gating = max(e for _, e, _, _ in spans) - min(s for s, _, _, _ in spans)
+    cpu = sum(c for *_, c in spans)
     return {"seconds": t1 - t0, "images_per_s": len(items) / (t1 - t0),
-            "first_result_s": first_t - t0, "steady_images": steady_n,
-            "steady_images_per_s": steady_n / (t1 - first_t) if steady_n and t1 > first_t else None,
-            "verdicts": out}
+            "gating_s": gating, "steady_images_per_s": len(items) / gating, "batches": len(spans),
+            "worker_pids": len({p for _, _, p, _ in spans}), "worker_cpu_s": cpu,
+            "cpu_ms_per_image": 1e3 * cpu / len(items), "cores_used": cpu / gating, "verdicts": out}
 
 
 def compare(ref: dict, got: dict) -> dict:
@@ -133,19 +155,21 @@ def bench_bundle(bundle: str, n: int, size: int, batch: int, work: Path) -> dict
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| bundle | run | images | total s | images/s (total) | images/s (steady) | first result s | "
-             "verdicts = per-image | max score diff |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| bundle | run | images | total s | images/s (total) | images/s (steady) | gating s | "
+             "CPU ms/image | cores used | verdicts = per-image | max score diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for name, r in res["runs"].items():
-            steady, first = r.get("steady_images_per_s"), r.get("first_result_s")
+            steady, first = r.get("steady_images_per_s"), r.get("gating_s")
             steady = "" if steady is None else f"{steady:.2f}"
             first = "" if first is None else f"{first:.1f}"
             same = "yes" if r["verdicts_identical"] else "NO"
+            cores = "" if "cores_used" not in r else f"{r['cores_used']:.2f}"
             lines.append(f"| {res['name']} | {name} | {res['images']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} "
-                         f"| {steady} | {first} | {same} | {r['max_score_diff']:.2g} |")
+                         f"| {steady} | {first} | {r['cpu_ms_per_image']:.0f} | {cores} | {same} | "
+                         f"{r['max_score_diff']:.2g} |")
         s = res["scaling_ratio_steady"]
         s = "" if s is None else f"{s:.2f}x"
-        lines.append(f"| {res['name']} | ray-2 / ray-1 | | | {res['scaling_ratio_total']:.2f}x | {s} | | | |")
+        lines.append(f"| {res['name']} | ray-2 / ray-1 | | | {res['scaling_ratio_total']:.2f}x | {s} | | | | | |")
     return "\n".join(lines)
 
 

@@ -47,6 +47,10 @@ def test_every_source_kind_to_parquet_with_error_rows_and_safe_subset(controlled
                           "--safe-out", str(safe_pq)]) == 0
     assert "complete already" in capsys.readouterr().err
     assert pq.read_table(safe_pq).column("key").to_pylist() == [r["key"] for r in safe]
+    # a finished output of another threshold is not taken for this job's
+    assert cli.scan_main(["--bundle", str(controlled_bundle), *sources, "--output", str(out),
+                          "--threshold", "0.99"]) == 2
+    assert "rows of another job (differs in: threshold)" in capsys.readouterr().err
 
 
 def test_stdout_json_lines_cover_shards_too(controlled_bundle, data, capsys):
