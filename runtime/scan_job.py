@@ -103,7 +103,7 @@ def run_scan(args) -> int:
     t0 = time.perf_counter()
     try:
         if out is None:
-            rows = _scan_to_stdout(pipe, todo, args.batch_size)
+            rows = _scan_to_stdout(pipe, todo, args.batch_size, args.allow_private_hosts)
         else:
             (_scan_ray if args.ray else _scan_local)(args, pipe, todo, out)
             out.finish([(it["source"], it["key"]) for it in items])
@@ -129,11 +129,11 @@ def run_scan(args) -> int:
     return _finish(args, gate, rows, labels)
 
 
-def _scan_to_stdout(pipe, items: list, batch_size: int) -> list[dict]:
+def _scan_to_stdout(pipe, items: list, batch_size: int, allow_private_hosts: bool) -> list[dict]:
     from .scan import ItemReader, gate_items, json_record
     from .scan_out import make_row
 
-    reader, rows = ItemReader(), []
+    reader, rows = ItemReader(allow_private_hosts=allow_private_hosts), []
     for batch in _batches(items, batch_size):
         for it, (v, e) in zip(batch, gate_items(pipe, batch, reader)):
             print(json.dumps(json_record(it, v, e)), flush=True)

@@ -137,3 +137,34 @@ def test_bad_sources_and_options_are_one_line_errors(controlled_bundle, tmp_path
     lines = [line for line in err.splitlines() if line.startswith("safeclip-scan: error")]
     assert len(lines) == len(cases) and "Traceback" not in err
     assert "no image column" in err and "WebDataset" in err and "--ray needs --output" in err
+
+
+def test_url_items_are_fetched_only_from_allowed_hosts(controlled_bundle, oracle, test_images, tmp_path, capsys):
+    """A file list of http URLs (a loopback server here): private and loopback hosts are refused unless
+    --allow-private-hosts, as the server's remote images are; then the verdict is the file's own."""
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = lambda *a, **k: SimpleHTTPRequestHandler(*a, directory=str(test_images), **k)  # noqa: E731
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        lst = tmp_path / "urls.txt"
+        lst.write_text(f"{base}/red.png\n{base}/blue.jpg\n{base}/missing.png\n")
+        argv = ["--bundle", str(controlled_bundle), str(lst)]
+        assert cli.scan_main(argv) == 1                                    # every URL refused: no image gated
+        recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(recs) == 3 and all("error" in r for r in recs)
+        assert cli.scan_main(argv + ["--allow-private-hosts"]) == 0         # JSON lines: fetched this time
+        recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [("error" in r) for r in recs] == [False, False, True] and recs[0]["flagged"]
+        assert cli.scan_main(argv + ["--allow-private-hosts", "--output", str(tmp_path / "u.parquet")]) == 0
+        rows = {r["key"].rsplit("/", 1)[-1]: r for r in pq.read_table(tmp_path / "u.parquet").to_pylist()}
+    finally:
+        httpd.shutdown()
+    for name in ("red.png", "blue.jpg"):
+        v = oracle.gate(test_images / name)
+        assert (rows[name]["flagged"], rows[name]["category"]) == (v.flagged, v.category)
+        assert rows[name]["score"] == pytest.approx(v.score, abs=1e-6) and rows[name]["path"].startswith(base)
+    assert rows["missing.png"]["error"] and rows["red.png"]["flagged"] and not rows["blue.jpg"]["flagged"]
