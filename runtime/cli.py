@@ -13,27 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from .messages import one_line
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-def iter_images(paths: list[str]):
-    """Files as given (any extension), folders recursively (image extensions only), in sorted order."""
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for f in sorted(files):
-                    if Path(f).suffix.lower() in IMAGE_EXTS:
-                        yield Path(root) / f
-        else:
-            yield path
+from .scan import IMAGE_EXTS, iter_images  # noqa: F401  (they live in scan.py; re-exported here)
 
 
 def scan_parser() -> argparse.ArgumentParser:
@@ -72,41 +56,6 @@ def scan_parser() -> argparse.ArgumentParser:
 def scan_main(argv: list[str] | None = None) -> int:
     from .scan_job import run_scan
     return run_scan(scan_parser().parse_args(argv))
-
-
-def _report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> int:
-    from .metrics import confusion_text, evaluate, sweep, sweep_inputs
-
-    by_path = {str(Path(r["path"]).resolve()): r for r in records if "error" not in r}
-    joined = []
-    for path, label in labels.items():
-        r = by_path.get(str(Path(path).resolve()))
-        if r is not None:
-            joined.append({**r, "label": label})
-    missing = len(labels) - len(joined)
-    if not joined:
-        print("safeclip-scan: error: no scanned image appears in the labels file", file=sys.stderr)
-        return 1
-    m = evaluate(joined, pipe.classes, pipe.safe_classes)
-    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
-    print(f"labelled {m['n']} (toxic {m['n_toxic']}, safe {m['n_safe']}); not scanned: {missing}", file=sys.stderr)
-    print(f"DSR {pct(m['dsr'])}  FPR {pct(m['fpr'])}  precision {pct(m['precision'])}  F1 {pct(m['f1'])}",
-          file=sys.stderr)
-    print("confusion (rows: label, columns: verdict)", file=sys.stderr)
-    print(confusion_text(m["confusion"]), file=sys.stderr)
-    rows = sweep(*sweep_inputs(joined, pipe.classes, pipe.safe_classes))
-    if args.report:
-        from .manifest import atomic_write_text
-        atomic_write_text(args.report, json.dumps({"bundle": str(args.bundle), "threshold": pipe.threshold,
-                                                   "metrics": m, "sweep": rows}, indent=2) + "\n")
-    if args.plot:
-        from .metrics import plot_sweep
-        try:
-            plot_sweep(rows, args.plot, title=f"{pipe.manifest.name}: DSR / FPR by threshold")
-        except ImportError as e:
-            print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
-            return 2
-    return 0
 
 
 if __name__ == "__main__":

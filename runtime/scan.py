@@ -2,7 +2,7 @@
 
 Sources (each SOURCE argument):
 
-* a folder: its image files, recursively, in sorted order (``cli.IMAGE_EXTS``); key = the path inside it;
+* a folder: its image files, recursively, in sorted order (``IMAGE_EXTS``); key = the path inside it;
 * a file list (``.txt``, ``.lst``, ``.list``): one image path or http(s) URL a line (blank lines and ``#``
   comments skipped; relative paths are relative to the list's folder); key = the line as written;
 * a Parquet shard (``.parquet``): one image a row, from the first of the columns ``image`` (bytes, or a
@@ -15,7 +15,8 @@ Sources (each SOURCE argument):
 
 An item is a small dict (``source``, ``key``, ``path``, ``kind``, ``loc``), so a job lists millions of them
 without reading an image; ``(source, key)`` identifies it in the output (``scan_out``). Images are read
-where they are gated (``ItemReader``: a worker keeps the last shard it read open).
+where they are gated (``ItemReader``: a worker keeps the last shard it read open; for a Parquet shard that
+is its image column in memory, so shards of about 1 GB, as img2dataset writes them, suit it).
 
 ``gate_items`` gates a batch with the bundle's vision+gate graph: every readable image is preprocessed, the
 batch goes through the graph in one run (its batch dimension is dynamic), and each row of ``class_probs``
@@ -41,6 +42,23 @@ KEY_COLUMNS = ("key", "__key__", "id")
 MAX_FETCH_BYTES = 64 << 20
 
 
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def iter_images(paths: list[str]):
+    """Files as given (any extension), folders recursively (image extensions only), in sorted order."""
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for f in sorted(files):
+                    if Path(f).suffix.lower() in IMAGE_EXTS:
+                        yield Path(root) / f
+        else:
+            yield path
+
+
 class SourceError(ValueError):
     """A SOURCE that cannot be listed: missing, unreadable list or shard, a Parquet shard without image column."""
 
@@ -57,8 +75,6 @@ def display_name(item: dict) -> str:
 
 def list_items(sources: list[str]):
     """Yield the items of every SOURCE, in order (see the module docstring)."""
-    from .cli import iter_images
-
     for s in sources:
         p = Path(s)
         if p.is_dir():
@@ -145,8 +161,6 @@ def _sample_key(name: str) -> tuple[str, str]:
 
 
 def _list_tar(p: Path):
-    from .cli import IMAGE_EXTS
-
     seen: dict[str, str | None] = {}
     try:
         with tarfile.open(p) as t:

@@ -187,7 +187,6 @@ def _finish(args, gate, rows: list[dict], labels) -> int:
         k = write_safe(rows, args.safe_out)
         print(f"safeclip-scan: wrote the {k} safe images to {args.safe_out}", file=sys.stderr)
     if labels is not None:
-        from .cli import _report_labels
         from .scan import display_name
         records = []
         for r in rows:
@@ -200,5 +199,43 @@ def _finish(args, gate, rows: list[dict], labels) -> int:
                            probs=[float("nan") if probs.get(c) is None else probs[c] for c in gate.classes]
                            if probs else None)
             records.append(rec)
-        return _report_labels(args, gate, records, labels)
+        return report_labels(args, gate, records, labels)
     return 0 if n and n_err < n else 1
+
+
+def report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> int:
+    """Join the scan's records with the labels by resolved path; print and write the metrics (as before)."""
+    from pathlib import Path
+
+    from .metrics import confusion_text, evaluate, sweep, sweep_inputs
+
+    by_path = {str(Path(r["path"]).resolve()): r for r in records if "error" not in r}
+    joined = []
+    for path, label in labels.items():
+        r = by_path.get(str(Path(path).resolve()))
+        if r is not None:
+            joined.append({**r, "label": label})
+    missing = len(labels) - len(joined)
+    if not joined:
+        print("safeclip-scan: error: no scanned image appears in the labels file", file=sys.stderr)
+        return 1
+    m = evaluate(joined, pipe.classes, pipe.safe_classes)
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    print(f"labelled {m['n']} (toxic {m['n_toxic']}, safe {m['n_safe']}); not scanned: {missing}", file=sys.stderr)
+    print(f"DSR {pct(m['dsr'])}  FPR {pct(m['fpr'])}  precision {pct(m['precision'])}  F1 {pct(m['f1'])}",
+          file=sys.stderr)
+    print("confusion (rows: label, columns: verdict)", file=sys.stderr)
+    print(confusion_text(m["confusion"]), file=sys.stderr)
+    rows = sweep(*sweep_inputs(joined, pipe.classes, pipe.safe_classes))
+    if args.report:
+        from .manifest import atomic_write_text
+        atomic_write_text(args.report, json.dumps({"bundle": str(args.bundle), "threshold": pipe.threshold,
+                                                   "metrics": m, "sweep": rows}, indent=2) + "\n")
+    if args.plot:
+        from .metrics import plot_sweep
+        try:
+            plot_sweep(rows, args.plot, title=f"{pipe.manifest.name}: DSR / FPR by threshold")
+        except ImportError as e:
+            print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
+            return 2
+    return 0

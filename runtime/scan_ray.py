@@ -66,7 +66,9 @@ def ray_rows(bundle: str | Path, items: list[dict], *, workers: int = 1, cpus_pe
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.verbose_stats_logs = False
-    blocks = max(1, min(len(items) // max(1, batch_size), 4 * max(1, workers) * 8))
+    # enough blocks to keep every actor busy; at most 16 batches a block, so a retried block (a worker died)
+    # redoes little and rows reach the driver (and the output's parts) as the job goes
+    blocks = max(1, min(len(items) // batch_size, 32 * workers), math.ceil(len(items) / (16 * batch_size)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     threads = max(1, math.floor(cpus_per_worker)) if gpus_per_worker == 0 else None
     ds = ds.map_batches(worker, batch_format="pyarrow", batch_size=batch_size,
