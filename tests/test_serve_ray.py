@@ -54,7 +54,7 @@ def ray_url(ray_local, bundle):
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.delete("safeclip")
+        serve.delete("safeclip")                     # raises if something else shut Serve down meanwhile
 
 
 def test_two_replicas_answer_the_openai_client_concurrently(ray_url, oracle, test_images):

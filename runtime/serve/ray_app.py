@@ -201,19 +201,21 @@ def ray_main(a) -> int:
         if load_manifest(a.bundle).decoder is None:
             raise ValueError(f"{a.bundle}: bundle has no language model (exported with --no-decoder); "
                              "safeclip-serve needs one")
-        print(f"safeclip-serve: starting Ray Serve on http://{a.host}:{a.port}/ ({a.replicas} replica(s)"
-              f"{', autoscaling' if a.max_replicas else ''})", file=sys.stderr, flush=True)
+    except Exception as e:
+        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    print(f"safeclip-serve: starting Ray Serve on http://{a.host}:{a.port}/ ({a.replicas} replica(s)"
+          f"{', autoscaling' if a.max_replicas else ''})", file=sys.stderr, flush=True)
+    try:
         run(args, host=a.host, port=a.port, address=a.ray_address, blocking=True)
     except KeyboardInterrupt:
         return 130
     except Exception as e:
         print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
         return 1
-    finally:
-        import ray
-        if ray.is_initialized():
-            try:
-                serve.shutdown()
-            except Exception:
-                pass
+    finally:                      # this app only: other Serve apps on a shared cluster go on
+        try:
+            serve.delete("safeclip")
+        except Exception:
+            pass
     return 0
