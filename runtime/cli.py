@@ -1,135 +1,61 @@
-"""Runtime command-line tools (no torch needed): ``safeclip-scan`` (more arrive with generation).
+"""Runtime command-line tools (no torch needed): ``safeclip-scan`` and ``safeclip-calibrate``.
 
     safeclip-scan --bundle engines/demo photos/ extra.jpg          # one JSON line per image on stdout
     safeclip-scan --bundle engines/demo data/ --labels labels.csv   # + DSR, FPR, precision, confusion
+    safeclip-scan --bundle engines/demo shards/*.tar --output scan.parquet --safe-out safe.txt
+    safeclip-scan --bundle engines/demo shards/*.parquet --ray --workers 8 --output scan/   # on Ray Data
 
-A bad file is reported as ``{"path": ..., "error": ...}`` and the scan goes on; a bundle that does not
-verify stops everything before any image is read.
+A bad file is reported as ``{"path": ..., "error": ...}`` (an error row with ``--output``) and the scan goes
+on; a bundle that does not verify stops everything before any image is read. Sources: ``scan.py``;
+Parquet output, resuming and exactly-once: ``scan_out.py``; the driver: ``scan_job.py``; Ray: ``scan_ray.py``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from .messages import one_line
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-def iter_images(paths: list[str]):
-    """Files as given (any extension), folders recursively (image extensions only), in sorted order."""
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for f in sorted(files):
-                    if Path(f).suffix.lower() in IMAGE_EXTS:
-                        yield Path(root) / f
-        else:
-            yield path
+from .scan import IMAGE_EXTS, iter_images  # noqa: F401  (they live in scan.py; re-exported here)
 
 
 def scan_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safeclip-scan", description="Gate images with a bundle's vision graph "
-                                "(no language model): one JSON object per image on stdout, a summary on stderr.")
+                                "(no language model): one JSON object per image on stdout (or Parquet rows with "
+                                "--output), a summary on stderr.")
     p.add_argument("--bundle", required=True, type=Path, help="bundle folder (engines/<name>)")
-    p.add_argument("paths", nargs="+", help="image files or folders (recursive)")
+    p.add_argument("paths", nargs="+", metavar="SOURCE", help="image files, folders (recursive), file lists "
+                   "(.txt/.lst), Parquet (.parquet) or WebDataset (.tar) shards")
     p.add_argument("--labels", type=Path, help="CSV with columns path,label (label: a class, or safe/toxic)")
     p.add_argument("--report", type=Path, help="with --labels: write the metrics and threshold sweep as JSON")
     p.add_argument("--plot", type=Path, help="with --labels: write the DSR/FPR threshold sweep as a PNG")
     p.add_argument("--threshold", type=float, help="override the bundle's threshold for this scan")
     p.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
+    o = p.add_argument_group("output (scan_out: resumable, each image once, OUT appears only when complete)")
+    o.add_argument("--output", metavar="OUT", help="write Parquet rows: OUT.parquet = one file, else a folder of "
+                   "parts; an interrupted job run again resumes")
+    o.add_argument("--safe-out", metavar="FILE", help="write the safe subset: a file list, or Parquet for a "
+                   ".parquet name")
+    o.add_argument("--part-rows", type=int, default=4096, help="rows per output part (default %(default)d)")
+    r = p.add_argument_group("execution")
+    r.add_argument("--batch-size", type=int, default=16, help="images per vision-graph run (default %(default)d)")
+    r.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (local scan)")
+    r.add_argument("--allow-private-hosts", action="store_true", help="URL items: also fetch from loopback and "
+                   "private addresses (refused by default)")
+    r.add_argument("--ray", action="store_true", help="gate on Ray Data (needs the [ray] extra and --output)")
+    r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a "
+                   "local Ray)")
+    r.add_argument("--workers", type=int, default=1, help="--ray: gate actors (default %(default)d)")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="--ray: CPUs per actor (default %(default)g)")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0, help="--ray: GPUs per actor (default %(default)g)")
     return p
 
 
 def scan_main(argv: list[str] | None = None) -> int:
-    args = scan_parser().parse_args(argv)
-    from .manifest import BundleError
-    from .pipeline import Pipeline
-
-    try:
-        pipe = Pipeline.load(args.bundle, full_verify=args.full_verify)
-    except (BundleError, OSError, RuntimeError) as e:
-        print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    if args.threshold is not None:
-        if not 0.0 <= args.threshold <= 1.0:
-            print("safeclip-scan: error: --threshold must be in [0, 1]", file=sys.stderr)
-            return 2
-        pipe.threshold = args.threshold
-    if (args.report or args.plot) and not args.labels:
-        print("safeclip-scan: error: --report and --plot need --labels", file=sys.stderr)
-        return 2
-
-    labels = None
-    if args.labels:
-        from .metrics import LabelsError, read_labels
-        try:
-            labels = read_labels(args.labels, pipe.classes, pipe.safe_classes)
-        except LabelsError as e:
-            print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
-            return 2
-
-    records, n_err, n_flag = [], 0, 0
-    for path in iter_images(args.paths):
-        rec: dict = {"path": str(path)}
-        exact = None
-        try:
-            v = pipe.gate(path)
-            rec.update(v.to_json())
-            rec.pop("latency_ms", None)
-            n_flag += v.flagged
-            exact = [v.probs[c] for c in pipe.classes] if v.probs else None
-        except Exception as e:          # one bad image never stops the scan
-            rec["error"] = one_line(e)
-            n_err += 1
-        print(json.dumps(rec), flush=True)
-        records.append({**rec, "probs": exact} if exact is not None else rec)   # sweeps use exact scores
-    n = len(records)
-    print(f"safeclip-scan: {n} images, {n_flag} flagged, {n_err} errors (threshold {pipe.threshold:g})",
-          file=sys.stderr)
-    if labels is not None:
-        return _report_labels(args, pipe, records, labels)
-    return 0 if n and n_err < n else 1
-
-
-def _report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> int:
-    from .metrics import confusion_text, evaluate, sweep, sweep_inputs
-
-    by_path = {str(Path(r["path"]).resolve()): r for r in records if "error" not in r}
-    joined = []
-    for path, label in labels.items():
-        r = by_path.get(str(Path(path).resolve()))
-        if r is not None:
-            joined.append({**r, "label": label})
-    missing = len(labels) - len(joined)
-    if not joined:
-        print("safeclip-scan: error: no scanned image appears in the labels file", file=sys.stderr)
-        return 1
-    m = evaluate(joined, pipe.classes, pipe.safe_classes)
-    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
-    print(f"labelled {m['n']} (toxic {m['n_toxic']}, safe {m['n_safe']}); not scanned: {missing}", file=sys.stderr)
-    print(f"DSR {pct(m['dsr'])}  FPR {pct(m['fpr'])}  precision {pct(m['precision'])}  F1 {pct(m['f1'])}",
-          file=sys.stderr)
-    print("confusion (rows: label, columns: verdict)", file=sys.stderr)
-    print(confusion_text(m["confusion"]), file=sys.stderr)
-    rows = sweep(*sweep_inputs(joined, pipe.classes, pipe.safe_classes))
-    if args.report:
-        from .manifest import atomic_write_text
-        atomic_write_text(args.report, json.dumps({"bundle": str(args.bundle), "threshold": pipe.threshold,
-                                                   "metrics": m, "sweep": rows}, indent=2) + "\n")
-    if args.plot:
-        from .metrics import plot_sweep
-        try:
-            plot_sweep(rows, args.plot, title=f"{pipe.manifest.name}: DSR / FPR by threshold")
-        except ImportError as e:
-            print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
-            return 2
-    return 0
+    from .scan_job import run_scan
+    return run_scan(scan_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -113,8 +113,10 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, backend: str = "auto", full_verify: bool = False,
-             threads: int | None = None, context: int | None = None) -> "Pipeline":
-        """Verify and open a bundle. ``context`` caps the KV cache (default: the model's context length)."""
+             threads: int | None = None, context: int | None = None, language_model: bool = True) -> "Pipeline":
+        """Verify and open a bundle. ``context`` caps the KV cache (default: the model's context length).
+        ``language_model=False`` opens the vision+gate graph only (``safeclip-scan``): the decoder, tokenizer
+        and embedding table are never loaded, and ``stream``/``generate`` raise ``GenerationUnavailable``."""
         from .backends.pick import choose_backend, open_vision
 
         m = load_manifest(bundle_dir, full_verify=full_verify)
@@ -129,7 +131,8 @@ class Pipeline:
                               f"{n_classes} classes")
         if context is None:            # the export target's default KV capacity (same for every backend)
             context = m.default_context
-        lm = _load_language_model(m, choice.name, context, threads) if m.decoder is not None else None
+        lm = (_load_language_model(m, choice.name, context, threads)
+              if m.decoder is not None and language_model else None)
         pipe = cls(m, vision, choice.name, lm)
         pipe.backend_notes = list(choice.notes)
         return pipe

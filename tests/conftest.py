@@ -118,3 +118,22 @@ def controlled_bundle(tmp_path_factory, demo_sources, test_images, cache_dir) ->
                                 preprocess(load_image(test_images / "blue.jpg"), spec), "gun")
     out = tmp_path_factory.mktemp("controlled") / "bundle"
     return export_bundle(ExportOptions(model="demo", out=out, text_embeds_override=te)).bundle
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One small local Ray runtime for the session's Ray tests (test_scan_ray.py, test_serve_ray.py), shut down at
+    the end. Its workers carry SAFECLIP_SCAN_TEST_CRASH (scan.crash_hook_for_tests): the first worker to meet an
+    item keyed ``crash_me.png`` dies once."""
+    ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip install -e '.[ray]')")
+    marker = tmp_path_factory.mktemp("ray") / "crashed"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"SAFECLIP_SCAN_TEST_CRASH": f"crash_me.png:{marker}"}})
+    try:
+        yield marker
+    finally:
+        import sys
+        if "ray.serve" in sys.modules:              # only a session that served (importing it warns)
+            sys.modules["ray.serve"].shutdown()
+        ray.shutdown()

@@ -72,6 +72,18 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all)")
     m.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
     m.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
+    r = p.add_argument_group("ray (the [ray] extra; ray_app.py)")
+    r.add_argument("--ray", action="store_true", help="serve N replicas behind Ray Serve instead of one process")
+    r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
+    r.add_argument("--replicas", type=int, default=1, help="replicas (autoscaling: the initial number)")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (with --max-replicas)")
+    r.add_argument("--max-replicas", type=int, default=None, help="turn autoscaling on, up to this many replicas")
+    r.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="autoscaling target of requests in flight per replica (default 2)")
+    r.add_argument("--max-ongoing-requests", type=int, default=4, help="requests a replica holds; the rest wait "
+                   "in Ray's queue (default %(default)d)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -127,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"safeclip-serve: error: {e.name or 'fastapi'} is not installed; install the serving extra: "
               "pip install 'safeclip-edge[serve]'", file=sys.stderr)
         return 1
+    if args.ray:
+        try:
+            from .ray_app import ray_main
+        except ImportError:
+            print("safeclip-serve: error: --ray needs Ray: pip install 'safeclip-edge[ray]'", file=sys.stderr)
+            return 1
+        return ray_main(args)
     from ..pipeline import Pipeline
     from .app import create_app
     from .server import make_server

@@ -1,0 +1,241 @@
+"""``safeclip-scan``'s driver: list the sources, gate them locally or on Ray, print or write the results.
+
+Without ``--output`` the scan prints one JSON object per image on stdout as it always did (batches of
+``--batch-size`` through the vision graph; the verdicts are the per-image ones). With ``--output OUT`` the
+rows go to Parquet (``scan_out``: resumable, exactly once, ``OUT`` appears only when complete) and stdout
+stays quiet; ``--ray`` gates on Ray Data (``scan_ray``) with the same rows and the same output. An ``OUT``
+that is already complete is not scanned again: its rows feed ``--labels`` and ``--safe-out`` directly.
+``--safe-out FILE`` writes the safe subset (``scan_out.write_safe``). Exit status: 0 when some image was
+gated, 1 when none could be (or the job stopped before finishing), 2 for a usage or input error, 130 when
+interrupted (the rows written so far stay; the same command resumes).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+from .messages import one_line
+
+
+@dataclass
+class GateInfo:
+    """What the driver needs of a bundle when the workers hold the graph (``--ray``)."""
+    manifest: object
+    classes: list
+    safe_classes: list
+    threshold: float
+
+
+def _err(msg: str) -> int:
+    print(f"safeclip-scan: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _batches(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def run_scan(args) -> int:
+    from .manifest import BundleError, load_manifest
+    from .scan import SourceError, list_items
+    from .scan_out import OutputError, ScanOutput, read_rows
+
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        return _err("--threshold must be in [0, 1]")
+    if (args.report or args.plot) and not args.labels:
+        return _err("--report and --plot need --labels")
+    if args.ray and not args.output:
+        return _err("--ray needs --output (the rows go to Parquet, not stdout)")
+    for name in ("workers", "batch_size", "part_rows"):
+        if getattr(args, name) < 1:
+            return _err(f"--{name.replace('_', '-')} must be at least 1")
+    if args.cpus_per_worker <= 0 or args.gpus_per_worker < 0:
+        return _err("--cpus-per-worker must be positive and --gpus-per-worker not negative")
+    try:
+        if args.ray:
+            m = load_manifest(args.bundle, full_verify=args.full_verify)
+            g = m.gate_config
+            gate = pipe = GateInfo(m, list(g.classes), list(g.safe_classes), g.threshold)
+        else:
+            from .pipeline import Pipeline
+            pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify,
+                                 threads=args.threads, language_model=False)
+            gate = pipe
+    except (BundleError, OSError, RuntimeError) as e:
+        return _err(one_line(e))
+    if args.threshold is not None:
+        gate.threshold = args.threshold
+    labels = None
+    if args.labels:
+        from .metrics import LabelsError, read_labels
+        try:
+            labels = read_labels(args.labels, gate.classes, gate.safe_classes)
+        except LabelsError as e:
+            return _err(one_line(e))
+
+    out = None
+    if args.output:
+        job = {"bundle": gate.manifest.data.get("integrity"), "bundle_name": gate.manifest.name,
+               "threshold": float(gate.threshold)}
+        out = ScanOutput(args.output, job, gate.classes)
+    if out is not None and out.complete:
+        try:
+            out.check_complete()
+            rows = read_rows(args.output)
+        except OutputError as e:
+            return _err(one_line(e))
+        except Exception as e:
+            return _err(f"{args.output}: cannot read ({one_line(e)})")
+        print(f"safeclip-scan: {args.output} is complete already: nothing to scan", file=sys.stderr)
+        return _finish(args, gate, rows, labels)
+    try:
+        items = list(list_items(args.paths))
+        done = out.open() if out is not None else set()
+    except (SourceError, OutputError) as e:
+        return _err(one_line(e))
+    todo = [it for it in items if (it["source"], it["key"]) not in done]
+    if out is not None and done:
+        print(f"safeclip-scan: resuming {args.output}: {len(items) - len(todo)} of {len(items)} items already "
+              "written", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        if out is None:
+            rows = _scan_to_stdout(pipe, todo, args.batch_size, args.allow_private_hosts)
+        else:
+            (_scan_ray if args.ray else _scan_local)(args, pipe, todo, out)
+            out.finish([(it["source"], it["key"]) for it in items])
+            rows = read_rows(args.output)
+    except KeyboardInterrupt:
+        if out is not None:
+            out.close()
+            print(f"safeclip-scan: interrupted: {len(out.done)} rows are in {out.partial}; run the same command "
+                  "again to resume", file=sys.stderr)
+        return 130
+    except OutputError as e:
+        print(f"safeclip-scan: {one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:              # Ray failures, a full disk: one line, the rows written so far stay
+        if out is not None:
+            out.close()
+        print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    dt = time.perf_counter() - t0
+    if todo:
+        print(f"safeclip-scan: gated {len(todo)} images in {dt:.1f} s ({len(todo) / max(dt, 1e-9):.1f} images/s)"
+              + (f"; wrote {args.output}" if out is not None else ""), file=sys.stderr)
+    return _finish(args, gate, rows, labels)
+
+
+def _scan_to_stdout(pipe, items: list, batch_size: int, allow_private_hosts: bool) -> list[dict]:
+    from .scan import ItemReader, gate_items, json_record
+    from .scan_out import make_row
+
+    reader, rows = ItemReader(allow_private_hosts=allow_private_hosts), []
+    for batch in _batches(items, batch_size):
+        for it, (v, e) in zip(batch, gate_items(pipe, batch, reader)):
+            print(json.dumps(json_record(it, v, e)), flush=True)
+            rows.append(make_row(it, v, e))
+    reader.close()
+    return rows
+
+
+def _scan_local(args, pipe, items: list, out) -> None:
+    from .scan import ItemReader, gate_items
+    from .scan_out import make_row
+
+    reader, buf = ItemReader(allow_private_hosts=args.allow_private_hosts), []
+    try:
+        for batch in _batches(items, args.batch_size):
+            buf.extend(make_row(it, v, e) for it, (v, e) in zip(batch, gate_items(pipe, batch, reader)))
+            if len(buf) >= args.part_rows:
+                out.write(buf)
+                buf = []
+    finally:                         # also on Ctrl-C: the verdicts already computed are kept
+        out.write(buf)
+        reader.close()
+
+
+def _scan_ray(args, gate, items: list, out) -> None:
+    from .scan_ray import ray_rows
+
+    buf = []
+    try:
+        for rows in ray_rows(args.bundle, items, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                             gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size,
+                             threshold=args.threshold, backend=args.backend, address=args.ray_address,
+                             allow_private_hosts=args.allow_private_hosts):
+            buf.extend(rows)
+            if len(buf) >= args.part_rows:
+                out.write(buf)
+                buf = []
+    finally:
+        out.write(buf)
+
+
+def _finish(args, gate, rows: list[dict], labels) -> int:
+    from .scan_out import write_safe
+
+    n = len(rows)
+    n_err = sum(r["error"] is not None for r in rows)
+    n_flag = sum(bool(r["flagged"]) for r in rows)
+    print(f"safeclip-scan: {n} images, {n_flag} flagged, {n_err} errors (threshold {gate.threshold:g})",
+          file=sys.stderr)
+    if args.safe_out:
+        k = write_safe(rows, args.safe_out)
+        print(f"safeclip-scan: wrote the {k} safe images to {args.safe_out}", file=sys.stderr)
+    if labels is not None:
+        from .scan import display_name
+        records = []
+        for r in rows:
+            rec = {"path": display_name(r)}
+            if r["error"] is not None:
+                rec["error"] = r["error"]
+            else:
+                probs = r["probs"] or {}
+                rec.update(flagged=r["flagged"], category=r["category"], score=r["score"],
+                           probs=[float("nan") if probs.get(c) is None else probs[c] for c in gate.classes]
+                           if probs else None)
+            records.append(rec)
+        return report_labels(args, gate, records, labels)
+    return 0 if n and n_err < n else 1
+
+
+def report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> int:
+    """Join the scan's records with the labels by resolved path; print and write the metrics (as before)."""
+    from pathlib import Path
+
+    from .metrics import confusion_text, evaluate, sweep, sweep_inputs
+
+    by_path = {str(Path(r["path"]).resolve()): r for r in records if "error" not in r}
+    joined = []
+    for path, label in labels.items():
+        r = by_path.get(str(Path(path).resolve()))
+        if r is not None:
+            joined.append({**r, "label": label})
+    missing = len(labels) - len(joined)
+    if not joined:
+        print("safeclip-scan: error: no scanned image appears in the labels file", file=sys.stderr)
+        return 1
+    m = evaluate(joined, pipe.classes, pipe.safe_classes)
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    print(f"labelled {m['n']} (toxic {m['n_toxic']}, safe {m['n_safe']}); not scanned: {missing}", file=sys.stderr)
+    print(f"DSR {pct(m['dsr'])}  FPR {pct(m['fpr'])}  precision {pct(m['precision'])}  F1 {pct(m['f1'])}",
+          file=sys.stderr)
+    print("confusion (rows: label, columns: verdict)", file=sys.stderr)
+    print(confusion_text(m["confusion"]), file=sys.stderr)
+    rows = sweep(*sweep_inputs(joined, pipe.classes, pipe.safe_classes))
+    if args.report:
+        from .manifest import atomic_write_text
+        atomic_write_text(args.report, json.dumps({"bundle": str(args.bundle), "threshold": pipe.threshold,
+                                                   "metrics": m, "sweep": rows}, indent=2) + "\n")
+    if args.plot:
+        from .metrics import plot_sweep
+        try:
+            plot_sweep(rows, args.plot, title=f"{pipe.manifest.name}: DSR / FPR by threshold")
+        except ImportError as e:
+            print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
+            return 2
+    return 0
