@@ -44,6 +44,15 @@ EXPORT: dict[str, dict[str, dict[str, Tolerance]]] = {    # graph -> graph preci
         "float32": {"*": Tolerance(1e-4, scaled=True)},
         "float16": {"*": Tolerance(2e-2, scaled=True)},
     },
+    # A weight-quantised decoder as shipped (export/quant_parity.py), against PyTorch run with the same
+    # dequantised weights. Its exact-compute copy is held to the "decoder" figures above; this one covers
+    # ONNX Runtime's CPU MatMulNBits at accuracy_level 4, which rounds each block of activations to int8
+    # (step max|x_block| / 127, i.e. up to 0.4% of the block's largest value per element) before the integer
+    # dot product. QUANT_NOTE gives the measured figures this bound is set against.
+    "decoder_quantized": {
+        "float32": {"*": Tolerance(5e-2, scaled=True)},
+        "float16": {"*": Tolerance(5e-2, scaled=True)},
+    },
 }
 ENGINE: dict[str, Tolerance] = {                          # graph precision -> tolerance, every output
     "float32": Tolerance(1e-2, scaled=True),
