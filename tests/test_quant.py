@@ -241,3 +241,31 @@ def test_bad_quantisation_requests_fail_in_one_line_and_write_nothing(argv, mess
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safeclip-export: error")]
     assert len(errors) == 1 and message in errors[0], errors
     assert _tree(tmp_path) == before                                      # no temporary folder left either
+
+
+def test_eval_quant_perplexity_equals_transformers_and_reports_agreement(demo_bundle, int4_bundle, demo_sources,
+                                                                         test_images, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import eval_quant
+    from tokenizers import Tokenizer
+
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    (tmp_path / "t.txt").write_text(text)
+    out = tmp_path / "r.json"
+    assert eval_quant.main(["--reference", str(demo_bundle), "--candidate", str(int4_bundle), "--text",
+                            str(tmp_path / "t.txt"), "--images", str(test_images / "red.png"),
+                            str(test_images / "blue.jpg"), "--max-new-tokens", "8", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    tok = Tokenizer.from_file(str(demo_bundle / "tokenizer.json"))
+    bos = r["reference"]["model"]["bos_token_id"]
+    ids = ([bos] if bos is not None else []) + tok.encode(text, add_special_tokens=False).ids
+    with torch.no_grad():                                                # the oracle: transformers' own loss
+        loss = demo_sources.llava(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert r["reference"]["perplexity"]["tokens_scored"] == len(ids) - 1
+    assert abs(r["reference"]["perplexity"]["nll"] - loss) <= 1e-4 * max(1.0, loss)
+    c = r["comparison"]
+    assert c["images"] == 2 and c["verdict_agreement"] == 1.0 and 0.0 <= c["exact_agreement"] <= 1.0
+    assert c["ppl_candidate"] > 0 and "perplexity" in capsys.readouterr().out
