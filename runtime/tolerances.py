@@ -44,16 +44,18 @@ EXPORT: dict[str, dict[str, dict[str, Tolerance]]] = {    # graph -> graph preci
         "float32": {"*": Tolerance(1e-4, scaled=True)},
         "float16": {"*": Tolerance(2e-2, scaled=True)},
     },
-    # A weight-quantised decoder as shipped (export/quant_parity.py), against PyTorch run with the same
-    # dequantised weights. Its exact-compute copy is held to the "decoder" figures above; this one covers
-    # ONNX Runtime's CPU MatMulNBits at accuracy_level 4, which rounds each block of activations to int8
-    # (step max|x_block| / 127, i.e. up to 0.4% of the block's largest value per element) before the integer
-    # dot product. QUANT_NOTE gives the measured figures this bound is set against.
-    "decoder_quantized": {
-        "float32": {"*": Tolerance(5e-2, scaled=True)},
-        "float16": {"*": Tolerance(5e-2, scaled=True)},
-    },
 }
+# A weight-quantised (int8/int4) decoder, export/quant_parity.py: the gate is the graph with every MatMulNBits
+# computing in float (its accuracy_level dropped, in a temporary copy) against PyTorch run with the same
+# dequantised weights, held to the "decoder" figures above: both sides multiply the same float weights, so
+# only float rounding separates them, and any packing, layout or wiring mistake is far outside 1e-4 (measured
+# on the demo: logits 3e-6 against a bound of 2e-3). The graph as served (ONNX Runtime's CPU kernels at
+# accuracy_level 4 round each block of activations to int8 before the integer dot product) is measured and
+# reported next to it, not gated: that rounding is the kernel's, not the graph's, and on random-weight
+# models it compounds through the layers (TinyLlama-1.1B shape, int8: up to 0.18 on a layer-14 value cache
+# whose values reach 2, against the exact graph's 1e-5), so no bound would be both safe and meaningful.
+# Its effect on quality is what scripts/eval_quant.py measures on real weights.
+QUANTIZED_SERVED_NOTE = "reported, not gated (int8 activation rounding inside ONNX Runtime's CPU kernels)"
 ENGINE: dict[str, Tolerance] = {                          # graph precision -> tolerance, every output
     "float32": Tolerance(1e-2, scaled=True),
     "float16": Tolerance(5e-2, scaled=True),

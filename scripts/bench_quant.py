@@ -84,7 +84,8 @@ def export_one(ckpt: Path, out: Path, weights: str, block_size: int) -> None:
             "export_s": time.perf_counter() - t0, "export_peak_rss_bytes": proc_status_bytes("VmHWM"),
             "bundle_bytes": sum(f.stat().st_size for f in files),
             "decoder_bytes": sum(f.stat().st_size for f in files[:-1]),
-            "parity": [{"component": r.component, "max_abs_err": r.max_abs_err, "atol": r.atol}
+            "parity": [{"component": r.component, "max_abs_err": r.max_abs_err,
+                        "atol": {k: (v if v != float("inf") else None) for k, v in r.atol.items()}}
                        for r in frag["parity"]]}
     (out / "bundle.json").write_text(json.dumps(info, indent=1))
 
