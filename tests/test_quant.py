@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from safeclip.export.quant import (DQ, MATMULNBITS, QuantError, QuantScheme, dequantize, quantize,  # noqa: E402
+from safeclip.export.quant import (DQ, MATMULNBITS, QuantScheme, dequantize, quantize,  # noqa: E402
                                    scheme_for)
 from safeclip.export.targets import target  # noqa: E402
 
