@@ -23,7 +23,8 @@ Graph forms:
   activations, scales in the activation dtype). ``accuracy_level`` 4 (int8 compute) on the CPU: measured at
   TinyLlama MLP shapes with onnxruntime 1.32 (2 threads), bits=8 without it runs through a dequantise-each-call
   fallback about 14x slower than fp32, and int4 is 1.5x faster with it. Its cost is that activations are
-  rounded to int8 per block inside the kernel; the parity gate measures it (``runtime/tolerances.py``).
+  rounded to int8 per block inside the kernel: not gated (``runtime/tolerances.py``), measured by
+  ``scripts/bench_quant.py``.
 * TensorRT targets (``jetson``, ``datacenter``): ``DequantizeLinear`` (opset 21) feeding ``MatMul``, fp16
   scales: int4 block-wise (``axis=0``, ``block_size``; TensorRT supports block quantisation for INT4 only) or
   int8 per output channel (``axis=1``). The graph's opset becomes 21. Checked by ``trt_check`` (block rules in

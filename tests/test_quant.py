@@ -103,11 +103,10 @@ def test_int8_cpu_decoder_passes_parity_with_matmulnbits(decoders, demo_sources)
     q = frag["graphs"]["decoder"]["quantization"]
     assert (q["bits"], q["block_size"], q["form"], q["accuracy_level"]) == (8, 32, "MatMulNBits", 4)
     names = [r.component for r in frag["parity"]]
-    assert [c.split("] ")[1] for c in names] == ["graph prefill", "graph decode", "prefill as served",
-                                                 "decode as served"]
-    gated, served = frag["parity"][:2], frag["parity"][2:]
-    assert all(r.max_abs_err["logits"] <= r.atol["logits"] < 1e-2 for r in gated)     # the tight graph gate
-    assert all(r.atol["logits"] == float("inf") and 0 < r.max_abs_err["logits"] for r in served)
+    assert names == ["decoder[float32, int8] prefill", "decoder[float32, int8] decode"]
+    assert all(r.max_abs_err["logits"] <= r.atol["logits"] < 1e-2 for r in frag["parity"])   # the tight gate
+    assert q["error"]["checked"] == "exact-compute graph"
+    assert not list(d.glob(".*reference*"))                               # the exact-compute copy is gone
     err = q["error"]
     assert 1e-3 < err["weights"]["rel_frobenius_mean"] < 1e-2 and err["weights"]["layers"] == 7 * layers
     assert all(v["top1_agree"] for v in err["vs_unquantised"].values())
