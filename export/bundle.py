@@ -48,6 +48,11 @@ class ExportOptions:
     out: Path | None = None
     name: str | None = None
     with_decoder: bool = True
+    weights: str | None = None                   # None: the target's float precision; int8 | int4 (export/quant.py)
+    block_size: int | None = None
+    symmetric: bool = True
+    quant_method: str = "rtn"
+    quantize_lm_head: bool = False
     text_embeds_override: object = None          # tests: a controlled gate ([S, E] tensor)
 
 
@@ -235,6 +240,11 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         raise ValueError(f"--threshold must be in [0, 1], got {opts.threshold}")
     from .targets import target as target_preset
     tgt = target_preset(opts.target)
+    from .quant import QuantError, scheme_for
+    quant = scheme_for(opts.weights, tgt, opts.block_size, opts.symmetric, opts.quant_method,
+                       opts.quantize_lm_head)
+    if quant is not None and not opts.with_decoder:
+        raise QuantError(f"--weights {opts.weights} quantises the decoder; it cannot go with --no-decoder")
     dset = load_descriptor_set(opts.descriptors)
     out = Path(opts.out) if opts.out else Path("engines") / (opts.name or default_name(opts))
     if out.exists() and not (out / MANIFEST).is_file():
@@ -256,7 +266,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         if opts.with_decoder:
             from .decoder import export_decoder
             progress("exporting language model (decoder with KV cache)")
-            frag = export_decoder(src.llava, tmp, dtype=tgt.precision, weights=src.weights, progress=progress)
+            frag = export_decoder(src.llava, tmp, dtype=tgt.precision, weights=src.weights, progress=progress,
+                                  quant=quant)
             graphs.update(frag["graphs"])
             extra = {k: v for k, v in frag.items() if k not in ("graphs", "files", "parity")}
             parity.extend(frag.get("parity", []))

@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "with safeclip-build), datacenter (fp16, engines built now when TensorRT is present)")
     out.add_argument("--out", type=Path, default=None, help="bundle folder (default: engines/<name>)")
     out.add_argument("--no-decoder", action="store_true", help="export the vision+gate graph only")
+    w = p.add_argument_group("weights (language model; the vision tower keeps the target's precision)")
+    w.add_argument("--weights", default=None, metavar="{fp32,fp16,int8,int4}",
+                   help="decoder weights: the target's float precision (default; cpu: fp32, jetson/datacenter: "
+                        "fp16), or int8/int4 weight-only block quantisation of its linear layers")
+    w.add_argument("--block-size", type=int, default=None, help="int8/int4: weights per scale along the input "
+                   "dimension, 32, 64 or 128 (default: 128, or the largest that divides every layer); "
+                   "int8 on TensorRT targets is per output channel")
+    w.add_argument("--zero-point", action="store_true", help="int8/int4: asymmetric blocks with zero points "
+                   "(ONNX Runtime targets only; default: symmetric)")
+    w.add_argument("--quant-method", default="rtn", help="rtn: round to nearest (the only method here; awq and "
+                   "gptq are refused, see README)")
+    w.add_argument("--quantize-lm-head", action="store_true", help="int8/int4: quantise lm_head too (default: "
+                   "kept at the float precision; the embedding table always is)")
     plan = p.add_argument_group("planning")
     plan.add_argument("--dry-run", action="store_true", help="export nothing: print the memory needed (weights, KV "
                       "cache, activations) against every Jetson Orin module, for --model (a known name, a folder, "
@@ -99,7 +112,8 @@ def dry_run(args) -> int:
             _, cfg = _config(model)
             t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
             context = min(context, int(t["max_position_embeddings"]))
-        print(dry_run_table(model, context, precision))
+        weights = args.weights if args.weights in ("int8", "int4") else None
+        print(dry_run_table(model, context, precision, weights))
     return 0
 
 
@@ -122,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bundle import ExportOptions, export_bundle
         report = export_bundle(ExportOptions(model=args.model, clip=args.clip, vision_tower=args.vision_tower, descriptors=args.descriptors,
                                              gate=args.gate, threshold=args.threshold, policy=args.policy, views=args.views,
-                                             target=args.target, out=args.out, with_decoder=not args.no_decoder),
+                                             target=args.target, out=args.out, with_decoder=not args.no_decoder,
+                                             weights=args.weights, block_size=args.block_size,
+                                             symmetric=not args.zero_point, quant_method=args.quant_method,
+                                             quantize_lm_head=args.quantize_lm_head),
                                progress=progress)
     except KeyboardInterrupt:
         print("safeclip-export: interrupted; nothing was written", file=sys.stderr)

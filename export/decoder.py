@@ -342,7 +342,7 @@ def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
 
 
 def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer=None, weights=None,
-                   progress=lambda msg: None) -> dict:
+                   progress=lambda msg: None, quant=None) -> dict:
     """Write ``decoder.onnx`` (+ ``.data``) and ``embed_tokens.npy`` into ``out_dir``; check parity.
 
     ``llava_model`` is either a model held in memory or a meta-device skeleton whose tensors ``weights`` (a
@@ -356,7 +356,9 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     :class:`~safeclip.export.parity.ParityResult` of the prefill and decode checks). Raises
     :class:`~safeclip.export.parity.ParityError` when ONNX Runtime and PyTorch disagree beyond tolerance.
     ``tokenizer`` (a transformers tokenizer) names the image token; by default it is loaded from the
-    model's own folder.
+    model's own folder. ``quant`` (a :class:`~safeclip.export.quant.QuantScheme`) quantises the linear layers'
+    weights as they are streamed; the reference then runs with the same dequantised weights and the gate is
+    ``export/quant_parity.py``'s.
     """
     torch = _torch()
     from .onnx import block_progress, onnx_from_meta_module, weight_progress
@@ -382,12 +384,18 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     lm, head = skeleton.model.language_model, skeleton.lm_head
     wrapper = decoder_for_export(lm, head).eval()
     embed_fqn = fqn_of[id(lm.get_input_embeddings().weight)]
+    if quant is not None:                            # int8/int4: the reference reads the dequantised weights
+        from .quant_parity import bind
+        quant, weights = bind(quant, lm, head, fqn_of, weights)
 
     # The fp32 reference, one block at a time: [V, D] embeddings only to draw realistic sample inputs.
     progress("decoder: parity reference (fp32, layer by layer)")
     embed = weights.read(embed_fqn, torch.float32)
     with Materialized([*lm.layers, lm.norm, head], fqn_of, weights, block_progress(progress, "decoder")):
         cases = _parity_cases(wrapper, embed, (layers, kvh, hd))
+    if quant is not None:                            # the unquantised model on its own inputs: the error report
+        with Materialized([*lm.layers, lm.norm, head], fqn_of, weights.base, block_progress(progress, "decoder")):
+            base_cases = _parity_cases(wrapper, embed, (layers, kvh, hd))
     del embed
 
     # Trace on the meta device in the target dtype; RoPE frequencies stay fp32 (Module.to would round them:
@@ -416,13 +424,21 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
 
     onnx_path = out / "decoder.onnx"
     progress("decoder: tracing (meta device)")
+    graph_pass = None
+    if quant is not None:
+        from .quant import QuantPass
+        graph_pass = QuantPass(quant, weights.base.read, weights.fqns, wrapper_fqn)
     with _ExportAttention(lm.config):
         files = onnx_from_meta_module(wrapper, sample, onnx_path, in_names, out_names, tensor,
-                                      dynamic_shapes=dynamic, progress=tick)
+                                      dynamic_shapes=dynamic, progress=tick, graph_pass=graph_pass)
     if dtype == "float16":
         _check_fp32_islands(onnx_path)
     progress("decoder: parity (ONNX Runtime vs the fp32 reference, prefill and decode)")
-    parity = _parity(onnx_path, cases, layers, dtype)
+    if quant is None:
+        parity = _parity(onnx_path, cases, layers, dtype)
+    else:
+        from .quant_parity import check
+        parity, quant_report = check(onnx_path, cases, base_cases, decoder_names(layers), dtype, quant, weights)
 
     data_name = files[1].name if len(files) > 1 else None
     emb_path = out / "embed_tokens.npy"
@@ -435,6 +451,8 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
              "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype, "form": KV_FORM,
                     "past_key": PAST_KEY, "past_value": PAST_VALUE,
                     "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}}
+    if quant is not None:
+        graph["quantization"] = {**quant.manifest(graph_pass.done), "error": quant_report}
     return {"graphs": {"decoder": graph},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
             "model": facts, "files": files, "parity": parity}

@@ -16,8 +16,13 @@ Counted, for a LLaVA / LLaVA-NeXT config (``config.json`` as a dict, a transform
   heads x tokens^2 attention scores; the decoder's prefill at the full context, tokens x (4 hidden +
   2 intermediate) values (attention fused, as TensorRT does for fp16).
 
-int8 / int4 weights are not supported by this exporter (its graphs are fp16 or fp32, and TensorRT 11
-takes precision from the graph), so asking for them raises :class:`UnsupportedPrecision`.
+* int8 / int4 weights (``--weights``, ``export/quant.py``): the language model's linear layers (q/k/v/o,
+  gate/up/down) at 1 or 0.5 bytes per weight plus their scales (int4: one scale per block of
+  :data:`QUANT_BLOCK` weights; int8 on TensorRT targets: one per output channel), at the graph precision's
+  width; the embedding table, ``lm_head``, norms, projector and vision tower stay at the graph precision
+  (the exporter's defaults). The KV cache and activations do not change.
+
+fp8 and nf4 raise :class:`UnsupportedPrecision` (Jetson Orin, sm_87, has no FP8).
 
 Usable memory per module is an assumption, stated in :data:`USABLE_ASSUMPTION`: the module's DRAM minus
 2 GiB for a headless JetPack and the CUDA/TensorRT runtime. CPU and GPU share that DRAM.
@@ -31,7 +36,10 @@ from typing import Any, Mapping
 
 GiB = 1 << 30
 BYTES = {"fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
-UNSUPPORTED = ("int8", "int4", "fp8", "nf4")
+WEIGHT_BITS = {"int8": 8, "int4": 4}
+QUANT_BLOCK = 128                 # the exporter's default int4 block size
+KV_ARENAS = 1                     # KV cache sets the runtime allocates (one arena: runtime/backends/arena.py)
+UNSUPPORTED = ("fp8", "nf4")
 OS_RESERVE_GIB = 2.0
 
 # Module DRAM as NVIDIA names the modules (GB of LPDDR5 on the module).
@@ -96,7 +104,7 @@ __all__ = ["UnsupportedPrecision", "MemoryEstimate", "estimate", "export_needs",
 
 
 class UnsupportedPrecision(ValueError):
-    """A precision this exporter cannot produce (int8, int4)."""
+    """A precision this exporter cannot produce (fp8, nf4)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,8 @@ class MemoryEstimate:
     decoder_act_bytes: int
     views: int
     kv_formula: str
+    weights: str = ""               # fp16 | fp32 | int8 | int4 (the language model's linear layers)
+    lm_weight_bytes: int = 0        # the language model's share of weight_bytes (embedding table included)
 
     @property
     def total_bytes(self) -> int:
@@ -120,11 +130,30 @@ class MemoryEstimate:
 def _bytes_per(precision: str) -> int:
     p = str(precision).lower()
     if p in UNSUPPORTED:
-        raise UnsupportedPrecision(f"{precision} weights are not supported by this exporter: its graphs are fp16 or "
-                                   "fp32 (TensorRT 11 takes precision from the graph; no quantized export exists)")
+        raise UnsupportedPrecision(f"{precision} weights are not supported by this exporter (Jetson Orin, sm_87, "
+                                   "has no FP8; use int8 or int4)")
     if p not in BYTES:
-        raise ValueError(f"unknown precision '{precision}' (supported: fp16, fp32)")
+        raise ValueError(f"unknown precision '{precision}' (supported: fp16, fp32, int8, int4)")
     return BYTES[p]
+
+
+def linear_params(t: Mapping) -> tuple[int, int]:
+    """(weights, output channels) of the language model's quantisable linear layers (q k v o gate up down)."""
+    Ht, It, L = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+    heads = t["num_attention_heads"]
+    kvh = t.get("num_key_value_heads") or heads
+    hd = t.get("head_dim") or Ht // heads
+    weights = Ht * heads * hd + 2 * Ht * kvh * hd + heads * hd * Ht + 3 * Ht * It
+    outputs = heads * hd + 2 * kvh * hd + Ht + 2 * It + Ht
+    return L * weights, L * outputs
+
+
+def _quant_bytes(t: Mapping, weights: str, b: int, per_channel_int8: bool = True) -> int:
+    """Bytes saved by ``weights`` (int8/int4) on the linear layers, relative to ``b``-byte floats."""
+    lin, outs = linear_params(t)
+    bits = WEIGHT_BITS[weights]
+    scales = outs * b if (bits == 8 and per_channel_int8) else lin // QUANT_BLOCK * b
+    return lin * b - (lin * bits // 8 + scales)
 
 
 def _config(config_or_name: Any) -> tuple[str, dict]:
@@ -173,9 +202,17 @@ def param_counts(cfg: Mapping) -> dict[str, int]:
             "language_model": lm}
 
 
-def estimate(config_or_name: Any, context: int, precision: str = "fp16") -> MemoryEstimate:
-    """Weights, KV cache and activation estimate of one model at ``context`` tokens."""
+def estimate(config_or_name: Any, context: int, precision: str = "fp16", weights: str | None = None) -> MemoryEstimate:
+    """Weights, KV cache and activation estimate of one model at ``context`` tokens; ``weights`` int8/int4
+    quantises the language model's linear layers (``precision`` int8/int4: fp16 graphs with those weights)."""
     name, cfg = _config(config_or_name)
+    if str(precision).lower() in WEIGHT_BITS:
+        precision, weights = "fp16", str(precision).lower()
+    if weights is not None and weights not in WEIGHT_BITS:
+        _bytes_per(weights)                          # fp8/nf4: UnsupportedPrecision; else unknown
+        if weights not in BYTES:
+            raise ValueError(f"unknown weights '{weights}' (supported: int8, int4)")
+        weights = None
     b = _bytes_per(precision)
     v = {**_CLIP_L_336, **(cfg.get("vision_config") or {})}
     t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
@@ -186,15 +223,29 @@ def estimate(config_or_name: Any, context: int, precision: str = "fp16") -> Memo
     heads, L = t["num_attention_heads"], t["num_hidden_layers"]
     kvh = t.get("num_key_value_heads") or heads
     hd = t.get("head_dim") or t["hidden_size"] // heads
-    kv = 2 * L * kvh * hd * int(context) * b
+    kv = 2 * L * kvh * hd * int(context) * b * KV_ARENAS
     views = _max_views(cfg, v["image_size"])
     tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
     H, I = v["hidden_size"], v["intermediate_size"]
     vision_act = views * b * (tokens * (4 * H + I) + v["num_attention_heads"] * tokens * tokens)
     dec_act = int(context) * b * (4 * t["hidden_size"] + 2 * t["intermediate_size"]) + 4 * t["vocab_size"]
-    return MemoryEstimate(name, "fp16" if b == 2 else "fp32", int(context), params, sum(params.values()) * b, kv,
+    saved = _quant_bytes(t, weights, b) if weights else 0
+    pname = "fp16" if b == 2 else "fp32"
+    return MemoryEstimate(name, pname, int(context), params, sum(params.values()) * b - saved, kv,
                           vision_act, dec_act, views,
-                          f"2 x {L} layers x {kvh} KV heads x {hd} x {context} tokens x {b} B, one arena")
+                          f"2 x {L} layers x {kvh} KV heads x {hd} x {context} tokens x {b} B, one arena",
+                          weights or pname, params["language_model"] * b - saved)
+
+
+def longest_context(config_or_name: Any, module: str, precision: str = "fp16", weights: str | None = None) -> int:
+    """The longest context (tokens, at most the model's) whose estimate fits ``module``; 0: none does."""
+    _, cfg = _config(config_or_name)
+    t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+    top = int(t["max_position_embeddings"])
+    one, full = estimate(cfg, 1, precision, weights), estimate(cfg, top, precision, weights)
+    per_token = (full.total_bytes - one.total_bytes) / max(top - 1, 1)          # KV + activations are linear
+    room = usable_bytes(module) - one.total_bytes
+    return 0 if room < 0 else min(top, 1 + int(room // per_token) if per_token else top)
 
 
 # The streaming exporter's own memory (scripts/bench_export.py): Python, torch, transformers and CLIP's text
@@ -212,7 +263,7 @@ def export_needs(e: MemoryEstimate, text: Mapping) -> tuple[int, int]:
     """
     b = BYTES[e.precision]
     vocab, hidden = int(text["vocab_size"]), int(text["hidden_size"])
-    decoder = e.params["language_model"] * b - vocab * hidden * b           # the embedding table is not in it
+    decoder = (e.lm_weight_bytes or e.params["language_model"] * b) - vocab * hidden * b   # embeddings: not in it
     vision = (e.params["vision_tower"] + e.params["projector"]) * b
     largest = max(vocab * hidden, hidden * int(text["intermediate_size"])) * 4
     return e.weight_bytes, int(EXPORT_BASE_GIB * GiB) + max(decoder, vision) + 2 * largest
@@ -226,32 +277,54 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16") -> str:
-    """Markdown: the estimate's breakdown, then fits / does not fit for every Orin module."""
-    e = estimate(config_or_name, context, precision)
+def _variants(precision: str) -> list[tuple[str, str | None]]:
+    """(label, weights) columns: the graph precision's floats, then int8 and int4."""
+    base = "fp16" if BYTES[str(precision).lower()] == 2 else "fp32"
+    return [(base, None), ("int8", "int8"), ("int4", "int4")]
+
+
+def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16", weights: str | None = None) -> str:
+    """Markdown: the estimate's breakdown (``weights``: int8/int4 linear layers), then, for float, int8 and int4
+    weights, fits / does not fit for every Orin module at ``context`` and the longest context each fits."""
+    e = estimate(config_or_name, context, precision, weights)
     b = BYTES[e.precision]
-    rows = [("vision tower (CLIP ViT, all layers)", e.params["vision_tower"]),
-            ("gate head (visual projection)", e.params["gate_head"]),
-            ("projector" + (" + image_newline" if e.views > 1 else ""), e.params["projector"]),
-            ("language model (embedding table, layers, lm_head)", e.params["language_model"])]
-    out = [f"### {e.name}: {e.precision} weights, {e.context} tokens of context", "",
+    rows = [("vision tower (CLIP ViT, all layers)", e.params["vision_tower"], None),
+            ("gate head (visual projection)", e.params["gate_head"], None),
+            ("projector" + (" + image_newline" if e.views > 1 else ""), e.params["projector"], None),
+            ("language model (embedding table, layers, lm_head)" +
+             (f"; linear layers {e.weights}" if e.weights != e.precision else ""), e.params["language_model"],
+             e.lm_weight_bytes)]
+    out = [f"### {e.name}: {e.weights} weights, {e.context} tokens of context", "",
            "| part | parameters | GiB |", "|---|---:|---:|"]
-    out += [f"| {label} | {p / 1e6:,.1f} M | {_gib(p * b)} |" for label, p in rows]
+    out += [f"| {label} | {p / 1e6:,.1f} M | {_gib(nb if nb is not None else p * b)} |" for label, p, nb in rows]
     out += [f"| **weights** | {sum(e.params.values()) / 1e6:,.1f} M | {_gib(e.weight_bytes)} |",
             f"| KV cache ({e.kv_formula}) | | {_gib(e.kv_bytes)} |",
             f"| vision activations (order of magnitude, {e.views} view{'s' if e.views > 1 else ''}) | | "
             f"{_gib(e.vision_act_bytes)} |",
             f"| decoder activations at a {e.context}-token prefill (order of magnitude) | | {_gib(e.decoder_act_bytes)} |",
-            f"| **total** | | **{_gib(e.total_bytes)}** |", "",
-            "| module | usable GiB | needed GiB | fits |", "|---|---:|---:|---|"]
+            f"| **total** | | **{_gib(e.total_bytes)}** |", ""]
+    variants = _variants(precision)
+    est = {label: estimate(config_or_name, context, precision, w) for label, w in variants}
+    out += [f"Needed GiB at {context} tokens, and whether it fits:", "",
+            "| module | usable GiB | " + " | ".join(f"{v} GiB | {v} fits" for v, _ in variants) + " |",
+            "|---|---:|" + "---:|---|" * len(variants)]
     for module in ORIN_MODULES:
         u = usable_bytes(module)
-        out.append(f"| {module} | {_gib(u)} | {_gib(e.total_bytes)} | {'yes' if e.total_bytes <= u else 'no'} |")
+        cells = [f"{_gib(est[v].total_bytes)} | {'yes' if est[v].total_bytes <= u else 'no'}" for v, _ in variants]
+        out.append(f"| {module} | {_gib(u)} | " + " | ".join(cells) + " |")
+    out += ["", "Longest context (tokens) that fits, up to the model's maximum ('-': none):", "",
+            "| module | " + " | ".join(v for v, _ in variants) + " |", "|---|" + "---:|" * len(variants)]
+    for module in ORIN_MODULES:
+        cells = [longest_context(config_or_name, module, precision, w) for _, w in variants]
+        out.append(f"| {module} | " + " | ".join(str(c) if c else "-" for c in cells) + " |")
     disk, peak = export_needs(e, {**_TEXT_DEFAULTS, **(_config(config_or_name)[1].get("text_config") or {})})
-    out += ["", f"Exporting it (safeclip-export on the host, {e.precision} graphs): about {_gib(disk)} GiB of disk for "
+    out += ["", f"Exporting it (safeclip-export on the host, {e.weights} weights): about {_gib(disk)} GiB of disk for "
             f"the bundle and a peak of about {_gib(peak)} GiB of memory (weights are streamed from the checkpoint "
             "tensor by tensor; the parity check memory-maps the largest graph's weights)."]
-    out += ["", f"Assumption: {USABLE_ASSUMPTION}", "int8/int4 weights: not supported by this exporter.",
+    out += ["", f"Assumption: {USABLE_ASSUMPTION}",
+            f"int8/int4: weight-only, linear layers of the language model (int4: blocks of {QUANT_BLOCK}, int8: per "
+            "output channel as on TensorRT targets); embedding table, lm_head and vision tower at the graph "
+            "precision; KV cache unchanged.",
             f"Building the engines on the device (safeclip-build) holds the parsed ONNX weights and the engine being "
             f"built at once: about 2 x weights ({_gib(2 * e.weight_bytes)} GiB) plus the build workspace; add swap on the "
             "device if that does not fit (engines must be built on the GPU model that runs them)."]
@@ -259,14 +332,17 @@ def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16") ->
 
 
 def family_table(context: int = 4096, precision: str = "fp16") -> str:
-    """Markdown: every model of :data:`MODELS` against every Orin module at one context and precision."""
+    """Markdown: every model of :data:`MODELS` against every Orin module at one context, for float, int8 and
+    int4 weights (a cell lists the weights that fit)."""
     mods = list(ORIN_MODULES)
-    out = [f"Needed GiB (weights + KV cache + activations) at {context} tokens, {precision}; "
-           "'fits' where it is within the module's usable memory.", "",
-           "| model | needed GiB | " + " | ".join(mods) + " |", "|---|---:|" + "---|" * len(mods)]
+    variants = _variants(precision)
+    out = [f"Needed GiB (weights + KV cache + activations) at {context} tokens for {', '.join(v for v, _ in variants)} "
+           "weights; a module's cell lists the weights that fit its usable memory.", "",
+           "| model | " + " | ".join(f"{v} GiB" for v, _ in variants) + " | " + " | ".join(mods) + " |",
+           "|---|" + "---:|" * len(variants) + "---|" * len(mods)]
     for name in MODELS:
-        e = estimate(name, context, precision)
-        cells = ["fits" if e.total_bytes <= usable_bytes(m) else "no" for m in mods]
-        out.append(f"| {name} | {_gib(e.total_bytes)} | " + " | ".join(cells) + " |")
+        est = [(v, estimate(name, context, precision, w)) for v, w in variants]
+        cells = [", ".join(v for v, e in est if e.total_bytes <= usable_bytes(m)) or "no" for m in mods]
+        out.append(f"| {name} | " + " | ".join(_gib(e.total_bytes) for _, e in est) + " | " + " | ".join(cells) + " |")
     out += ["", f"Assumption: {USABLE_ASSUMPTION}", "Model dims: " + "; ".join(f"{k}: {v}" for k, v in MODEL_SOURCES.items())]
     return "\n".join(out) + "\n"

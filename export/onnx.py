@@ -84,7 +84,7 @@ ALIGN_MIN = 1 << 20
 
 def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
                           weights, dynamic_shapes: Any = None,
-                          progress=lambda done, total, nbytes: None) -> list[Path]:
+                          progress=lambda done, total, nbytes: None, graph_pass=None) -> list[Path]:
     """Export ``module(*args)`` traced on the meta device, then stream its weights into ``path.data``.
 
     ``module`` and ``args`` live on the meta device (no weight storage). ``weights(name)`` returns the real
@@ -95,6 +95,11 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
     written transposed and the ``Transpose`` node removed, as the optimizer does with real weights (ONNX
     Runtime would otherwise fold it at load time into a heap copy of every weight). ``progress(done, total,
     bytes_written)`` is called after each tensor. Returns the files written.
+
+    ``graph_pass(model, jobs) -> jobs`` (optional) rewrites the optimised graph before any weight is written,
+    e.g. :class:`~safeclip.export.quant.QuantPass`. ``jobs`` maps initializer name -> (ir.Value, weight name,
+    permutation or None); a pass may replace the weight name by a callable returning the tensor's final
+    array (numpy, already in the value's dtype; 4-bit values as packed bytes), still produced one at a time.
     """
     import logging
 
@@ -119,24 +124,30 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
         quiet.setLevel(level)
     model = program.model
     jobs = _fold_transposes(model, {n for n in pending if n in model.graph.initializers})
+    if graph_pass is not None:
+        jobs = graph_pass(model, jobs)
     done, total, written = 0, len(jobs), 0
     with open(data, "wb") as f:
         for init_name, (value, source, perm) in jobs.items():
-            t = weights(source)
-            if t is None:
-                raise ExportError(f"{path.name}: no weight for initializer '{source}'")
-            t = t.to(_TORCH_DTYPE[value.dtype])
-            if perm is not None:
-                t = t.permute(*perm)
-            t = t.contiguous()
-            if list(t.shape) != [int(d) for d in value.shape]:
-                raise ExportError(f"{path.name}: weight '{source}' has shape {list(t.shape)}, "
-                                  f"the graph expects {list(value.shape)}")
-            nbytes = t.numel() * t.element_size()
+            if callable(source):                               # a graph pass's array (e.g. packed int4)
+                t = _produced(path, init_name, value, source())
+            else:
+                t = weights(source)
+                if t is None:
+                    raise ExportError(f"{path.name}: no weight for initializer '{source}'")
+                t = t.to(_TORCH_DTYPE[value.dtype])
+                if perm is not None:
+                    t = t.permute(*perm)
+                t = t.contiguous()
+                if list(t.shape) != [int(d) for d in value.shape]:
+                    raise ExportError(f"{path.name}: weight '{source}' has shape {list(t.shape)}, "
+                                      f"the graph expects {list(value.shape)}")
+            buf = t if isinstance(t, memoryview) else _bytes_of(t)
+            nbytes = buf.nbytes
             if nbytes >= ALIGN_MIN and f.tell() % ALIGN:
                 f.write(b"\0" * (ALIGN - f.tell() % ALIGN))
             offset = f.tell()
-            f.write(_bytes_of(t))
+            f.write(buf)
             value.const_value = ir.ExternalTensor(data.name, offset, nbytes, value.dtype, shape=value.shape,
                                                   name=init_name, base_dir=str(path.parent))
             if init_name not in model.graph.initializers:
@@ -155,6 +166,23 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
     for p in files:
         os.chmod(p, 0o644)
     return files
+
+
+def _produced(path: Path, name: str, value, arr) -> memoryview:
+    """The bytes of a graph pass's array for ``value``, checked against its shape (4-bit: packed pairs)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    arr = np.ascontiguousarray(arr)
+    count = 1
+    for d in value.shape:
+        count *= int(d)
+    packed4 = value.dtype in (ir.DataType.INT4, ir.DataType.UINT4)
+    want = (count + 1) // 2 if packed4 else int(count * value.dtype.itemsize)
+    if arr.nbytes != want or (not packed4 and arr.size != count):
+        raise ExportError(f"{path.name}: tensor '{name}' has {arr.nbytes} bytes, the graph expects {want} "
+                          f"for shape {list(value.shape)} {value.dtype.name}")
+    return memoryview(arr.reshape(-1)).cast("B")
 
 
 def _bytes_of(t) -> memoryview:

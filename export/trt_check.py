@@ -17,6 +17,10 @@ onnx/onnx-tensorrt ``docs/operators.md``, with the source commit recorded there)
   ``TopK``'s K may be a tensor since 8.6 ("dynamic `K` values"), so neither is flagged; a known K must be
   below 3840 and ``sorted`` must be 1;
 * ``QuantizeLinear``/``DequantizeLinear`` zero points are constant zeros (symmetric only);
+* weight-only ``DequantizeLinear`` (``trt_ops.json`` ``block_quantization``, quoted with sources): INT4 needs
+  TensorRT 10.0+, is a constant weight with an even last dimension, and is block-quantised; a scale of the
+  input's rank (block quantisation) only with INT4, 2-D, one blocked axis with an integer block size equal to
+  ``block_size`` and ``axis``; a constant scale; blocks of a weight feeding ``MatMul``'s B along K (axis 0);
 * ``Attention`` (opset 23, parser 10.14+) has no past key/value, ``nonpad_kv_seqlen`` or
   present/``qk_matmul_output`` outputs; ``LayerNormalization`` uses only its first output;
 * the element type of each node's main tensor (first input, or output for ``Constant``-like nodes) is
@@ -167,6 +171,10 @@ class _Checker:
         self.in_function = 0      # tensor names inside a function body are local: no type lookups there
         self.prefix = ""          # "<If node>/" or "<function>/" for nodes of a subgraph or function body
         self.issues: list[Issue] = []
+        self.consumers: dict[str, list] = {}
+        for n in model.graph.node:
+            for i, name in enumerate(n.input):
+                self.consumers.setdefault(name, []).append((n, i))
 
     def add(self, node, problem: str) -> None:
         name = node.name or (node.output[0] if node.output else "?")
@@ -276,6 +284,8 @@ class _Checker:
             if k is not None and int(k.reshape(-1)[0]) >= TOPK_MAX_K:
                 self.add(node, f"K={int(k.reshape(-1)[0])} must be less than {TOPK_MAX_K}")
         elif op in ("QuantizeLinear", "DequantizeLinear"):
+            if op == "DequantizeLinear":
+                self.dq_rules(node, consts, attrs)
             which = "y_zero_point" if op == "QuantizeLinear" else "x_zero_point"
             if len(node.input) > 2 and node.input[2]:
                 zp = self.value(node.input[2], consts)
@@ -297,6 +307,52 @@ class _Checker:
         elif op == "LayerNormalization":
             if any(o for o in node.output[1:]):
                 self.add(node, "only the first output `Y` is supported")
+
+    def dq_rules(self, node, consts, attrs) -> None:
+        """Weight-only DequantizeLinear: the ``block_quantization`` rules of ``trt_ops.json``."""
+        import onnx
+
+        bq = _data()["block_quantization"]
+        x = consts.get(node.input[0])
+        s = consts.get(node.input[1]) if len(node.input) > 1 else None
+        int4 = _ONNX_TYPES.get(self.types.get(node.input[0], 0)) == "INT4"
+        if not isinstance(s, onnx.TensorProto) and s is not _WEIGHTS:
+            self.add(node, "`x_scale` must be an initializer or Constant (TensorRT needs a build-time scale)")
+        if int4:
+            if _version(self.t.target) < _version(bq["int4_from"]):
+                self.add(node, f"INT4 weights need TensorRT {bq['int4_from']} or later; target is {self.t.target}")
+            if not isinstance(x, onnx.TensorProto):
+                self.add(node, "INT4 input must be a constant weight (TensorRT's INT4 is weight-only)")
+        xd = list(x.dims) if isinstance(x, onnx.TensorProto) else None
+        sd = list(s.dims) if isinstance(s, onnx.TensorProto) else None
+        if xd is None or sd is None:
+            return
+        if int4 and xd and xd[-1] % 2:
+            self.add(node, f"INT4 input has an odd last dimension ({xd[-1]})")
+        blocked = len(sd) == len(xd) and len(xd) > 0 and sd != [1] * len(sd)
+        if not blocked:
+            if int4:
+                self.add(node, "INT4 weights must be block-quantised (a scale of the input's rank)")
+            return
+        if not int4:
+            self.add(node, "block quantisation (a scale of the input's rank) is supported for INT4 only")
+        if len(xd) != 2:
+            self.add(node, f"block quantisation needs a 2-D weight and scale, got rank {len(xd)}")
+            return
+        axes = [i for i in range(2) if xd[i] != sd[i]]
+        if len(axes) != 1 or sd[axes[0]] == 0 or xd[axes[0]] % sd[axes[0]]:
+            self.add(node, f"block quantisation needs exactly one blocked axis with an integer block size "
+                           f"(weight {xd}, scale {sd})")
+            return
+        ax, size = axes[0], xd[axes[0]] // sd[axes[0]]
+        if "block_size" in attrs and attrs["block_size"].i != size:
+            self.add(node, f"`block_size` {attrs['block_size'].i} differs from the block the shapes give ({size})")
+        axis = attrs["axis"].i if "axis" in attrs else 1
+        if axis % 2 != ax:
+            self.add(node, f"`axis` {axis} is not the blocked axis {ax}")
+        for user, idx in self.consumers.get(node.output[0], []):
+            if user.op_type == "MatMul" and idx == 1 and ax != 0:
+                self.add(node, "blocks of a MatMul weight [K, N] must run along K (axis 0)")
 
     def dtype(self, node, info: OpInfo) -> None:
         if not info.types or self.in_function:

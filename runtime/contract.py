@@ -178,3 +178,62 @@ class ModelFacts:
                 raise ContractError(f"'model' lacks {key}")
         return cls(int(model["context_length"]), int(model["image_token_id"]), int(model["image_seq_length"]),
                    tuple(int(i) for i in model["eos_token_ids"]))
+
+
+@dataclass(frozen=True)
+class WeightQuantization:
+    """``graphs.decoder.quantization``: the weight-only scheme of an int8/int4 decoder (``export/quant.py``).
+
+    ``form`` says which operator carries the weights: ``MatMulNBits`` (an ONNX Runtime contrib operator, CPU
+    and CUDA providers) or ``DequantizeLinear`` (standard ONNX, opset 21; TensorRT targets). A bundle without
+    the section has float weights.
+    """
+    bits: int
+    block_size: int | None                  # None: per output channel
+    symmetric: bool
+    method: str
+    form: str
+    layers: tuple[str, ...]
+    lm_head: bool
+
+    FORMS = ("MatMulNBits", "DequantizeLinear")
+
+    @classmethod
+    def from_json(cls, q: Mapping) -> "WeightQuantization":
+        if not isinstance(q, Mapping):
+            raise ContractError("graphs.decoder.quantization must be an object")
+        bits, block, form = q.get("bits"), q.get("block_size"), q.get("form")
+        if bits not in (4, 8) or isinstance(bits, bool):
+            raise ContractError(f"graphs.decoder.quantization.bits must be 4 or 8, got {bits!r}")
+        if form not in cls.FORMS:
+            raise ContractError(f"graphs.decoder.quantization.form '{form}' is not one of {', '.join(cls.FORMS)}")
+        if block != "per-channel" and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+            raise ContractError(f"graphs.decoder.quantization.block_size must be a positive int or "
+                                f"'per-channel', got {block!r}")
+        layers = q.get("layers") or []
+        if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise ContractError("graphs.decoder.quantization.layers must list layer names")
+        return cls(int(bits), None if block == "per-channel" else int(block), bool(q.get("symmetric", True)),
+                   str(q.get("method", "rtn")), str(form), tuple(layers), bool(q.get("lm_head", False)))
+
+
+_MATMULNBITS: list[bool] = []
+
+
+def matmulnbits_available() -> bool:
+    """Whether this ONNX Runtime build has a ``com.microsoft.MatMulNBits`` kernel (asked once per process;
+    minimal and custom builds can leave contrib operators out)."""
+    if not _MATMULNBITS:
+        _MATMULNBITS.append(_try_matmulnbits())
+    return _MATMULNBITS[0]
+
+
+def _try_matmulnbits() -> bool:
+    """ONNX Runtime's registered kernels (``get_all_opkernel_def``: every kernel of every provider compiled
+    into this build) include a ``com.microsoft`` MatMulNBits."""
+    try:
+        from onnxruntime.capi import _pybind_state as C
+        kernels = C.get_all_opkernel_def()
+    except (ImportError, AttributeError, RuntimeError):   # no such API in this build: cannot tell, so refuse
+        return False
+    return any(k.op_name == "MatMulNBits" and k.domain == "com.microsoft" for k in kernels)

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import DecoderNames, VisionNames
-from .contract import ContractError, DecoderGraph, GateConfig, ModelFacts, VisionGraph
+from .contract import (ContractError, DecoderGraph, GateConfig, ModelFacts, VisionGraph, WeightQuantization,
+                       matmulnbits_available)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -145,6 +146,21 @@ class Manifest:
     def decoder(self) -> DecoderGraph | None:
         g = self.graphs.get("decoder")
         return None if g is None else _typed(DecoderGraph.from_json, g)
+
+    @cached_property
+    def decoder_quantization(self) -> WeightQuantization | None:
+        """The decoder's int8/int4 weight scheme (None: float weights). A MatMulNBits bundle refuses to load
+        on an ONNX Runtime build without that operator, here rather than on the first request."""
+        q = (self.graphs.get("decoder") or {}).get("quantization")
+        if q is None:
+            return None
+        scheme = _typed(WeightQuantization.from_json, q)
+        if scheme.form == "MatMulNBits" and not matmulnbits_available():
+            import onnxruntime
+            raise BundleError(f"{self.root}: the decoder has int{scheme.bits} weights in com.microsoft.MatMulNBits, "
+                              f"which this ONNX Runtime build ({onnxruntime.__version__}) lacks; install the "
+                              "standard onnxruntime package, or re-export without --weights")
+        return scheme
 
     @cached_property
     def gate_config(self) -> GateConfig:
@@ -315,7 +331,8 @@ def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: boo
             if f not in m["files"]:
                 raise BundleError(f"manifest: graph '{gname}' file '{f}' is not hashed in files")
     manifest = Manifest(root=root, data=m)
-    for view in ("vision", "gate_config", *(("decoder", "model_facts") if "decoder" in m["graphs"] else ())):
+    for view in ("vision", "gate_config",
+                 *(("decoder", "model_facts", "decoder_quantization") if "decoder" in m["graphs"] else ())):
         getattr(manifest, view)                              # typed views: a bad value refuses here
     if verify:
         verify_files(root, m["files"], full_verify=full_verify)

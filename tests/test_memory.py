@@ -11,7 +11,7 @@ import json
 import pytest
 
 from safeclip.export.memory import (GiB, MODELS, ORIN_MODULES, UnsupportedPrecision, dry_run_table, estimate,
-                                    family_table, param_counts, usable_bytes)
+                                    family_table, longest_context, param_counts, usable_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -93,20 +93,42 @@ def test_fits_per_module():
     e = estimate("llava-1.5-7b", 4096, "fp16")                          # 13.16 GiB weights + 2 GiB KV + ...
     assert usable_bytes("AGX Orin 32GB") == 30 * GiB and usable_bytes("Orin Nano 4GB") == 2 * GiB
     table = dry_run_table("llava-1.5-7b", 4096, "fp16")
-    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in table.splitlines()
-            if line.startswith("| ") and line.split("|")[1].strip() in ORIN_MODULES}
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
+             if line.startswith("| ") and line.split("|")[1].strip() in ORIN_MODULES and line.count("|") == 9}
+    rows = {m: c[2] for m, c in cells.items()}                           # usable, fp16 GiB, fp16 fits, int8 ...
     want = {m: "yes" if e.total_bytes <= usable_bytes(m) else "no" for m in ORIN_MODULES}
     assert rows == want and rows["AGX Orin 32GB"] == "yes" and rows["Orin NX 16GB"] == "no"
+    for i, w in ((4, "int8"), (6, "int4")):                              # the int8 / int4 columns
+        q = estimate("llava-1.5-7b", 4096, "fp16", w)
+        assert {m: c[i] for m, c in cells.items()} == {m: "yes" if q.total_bytes <= usable_bytes(m) else "no"
+                                                       for m in ORIN_MODULES}
+    assert cells["Orin NX 16GB"][6] == "yes" and cells["Orin NX 8GB"][6] == "no"
     assert f"| **total** | | **{e.total_bytes / GiB:.2f}** |" in table
     assert "2 x 32 layers x 32 KV heads x 128 x 4096 tokens x 2 B, one arena" in table
     fam = family_table(4096, "fp16")
     assert all(name in fam for name in MODELS) and fam.count("| llava-v1.6-34b |") == 1
     line = next(ln for ln in fam.splitlines() if ln.startswith("| llava-v1.6-34b |"))
-    assert "fits" not in line                                            # 34B fp16 fits no Orin module
+    mods = [c.strip() for c in line.split("|")[5:-1]]                    # after name and 3 GiB columns
+    assert len(mods) == len(ORIN_MODULES) and not any("fp16" in c for c in mods)   # 34B fp16 fits no module
+    assert "int4" in mods[list(ORIN_MODULES).index("AGX Orin 64GB")]
+
+
+def test_int8_int4_weights_by_hand():
+    # llava-1.5-7b linear layers: 32 x (4 x 4096^2 + 3 x 4096 x 11008) = 6,476,005,376 weights; output channels
+    #   32 x (3 x 4096 + 4096 + 2 x 11008 + 4096) = 1,359,872. fp16 weights: 2 x 7,064,213,504 B.
+    lin, outs, fp16 = 6_476_005_376, 1_359_872, 2 * 7_064_213_504
+    e4, e8 = estimate("llava-1.5-7b", 4096, "fp16", "int4"), estimate("llava-1.5-7b", 4096, "int8")
+    assert e4.weight_bytes == fp16 - 2 * lin + lin // 2 + lin // 128 * 2          # int4 + an fp16 scale per 128
+    assert e8.weight_bytes == fp16 - 2 * lin + lin + 2 * outs                     # int8 + an fp16 scale per channel
+    assert e4.kv_bytes == estimate("llava-1.5-7b", 4096).kv_bytes and e4.weights == "int4"
+    assert longest_context("llava-1.5-7b", "Orin NX 8GB", "fp16", "int4") > 0
+    assert longest_context("llava-1.5-7b", "Orin NX 8GB", "fp16") == 0
+    e = estimate("llava-1.5-7b", longest_context("llava-1.5-7b", "Orin NX 8GB", "fp16", "int4"), "fp16", "int4")
+    assert e.total_bytes <= usable_bytes("Orin NX 8GB") < estimate("llava-1.5-7b", e.context + 1, "int4").total_bytes
 
 
 def test_precision_context_and_input_errors(tmp_path, demo_cfg):
-    for p in ("int8", "int4"):
+    for p in ("fp8", "nf4"):
         with pytest.raises(UnsupportedPrecision, match=f"{p} weights are not supported by this exporter"):
             dry_run_table("llava-1.5-7b", 4096, p)
     with pytest.raises(ValueError, match="unknown precision 'bf17'"):

@@ -1,0 +1,349 @@
+"""Weight-only int8 / int4 quantisation of the decoder's linear layers, inside the streaming export.
+
+Supported (``safeclip-export --weights int8|int4``):
+
+* block-wise round-to-nearest (``--quant-method rtn``) over the language model's linear layers: q/k/v/o
+  and gate/up/down of every decoder layer; ``lm_head`` only with ``--quantize-lm-head`` (default off: the
+  head is one matrix whose errors land directly on the logits, and every peer cited in README keeps it at
+  16 bits by default). The token embedding table is not quantised (``embeddings: "float"`` in the manifest):
+  the runtime gathers one row of it per token from host memory, so it costs memory, not bandwidth, and a
+  quantised table would need a dequantising gather in the runtime. The vision tower keeps its precision.
+* block size 32, 64 or 128 along the input (reduction) dimension K, which must divide K of every quantised
+  layer (else one :class:`QuantError` line naming the layer; nothing is written). Default: 128, or the
+  largest of 64/32 that divides every layer (the demo's MLP has K = 160).
+* symmetric (default) or with zero points (``--zero-point``; ONNX Runtime only: TensorRT's
+  ``DequantizeLinear`` takes zero zero-points only).
+* activation-aware methods (``awq``, ``gptq``) are refused with one line: the well-kept implementations
+  (AutoAWQ, nvidia-modelopt's AWQ, onnxruntime's GPTQ/``NVAWQ`` configs) need the whole model in memory and a
+  calibration pass over the full-precision ONNX or torch model, which the streaming exporter does not hold.
+
+Graph forms:
+
+* ONNX Runtime targets (``cpu``): ``com.microsoft.MatMulNBits`` (bits 4 and 8, ``block_size``, fp32
+  activations, scales in the activation dtype). ``accuracy_level`` 4 (int8 compute) on the CPU: measured at
+  TinyLlama MLP shapes with onnxruntime 1.32 (2 threads), bits=8 without it runs through a dequantise-each-call
+  fallback about 14x slower than fp32, and int4 is 1.5x faster with it. Its cost is that activations are
+  rounded to int8 per block inside the kernel: not gated (``runtime/tolerances.py``), measured by
+  ``scripts/bench_quant.py``.
+* TensorRT targets (``jetson``, ``datacenter``): ``DequantizeLinear`` (opset 21) feeding ``MatMul``, fp16
+  scales: int4 block-wise (``axis=0``, ``block_size``; TensorRT supports block quantisation for INT4 only) or
+  int8 per output channel (``axis=1``). The graph's opset becomes 21. Checked by ``trt_check`` (block rules in
+  ``trt_ops.json``).
+
+Packing: onnxruntime's own quantizer, one tensor at a time. ``MatMulNBitsQuantizer`` walks a loaded
+``ModelProto`` whose weights are all in memory (it reads each MatMul's initializer with ``get_initializer`` and
+appends the packed tensors to the graph), which would break the exporter's one-tensor-at-a-time memory bound.
+Its per-tensor packing function, ``DefaultWeightOnlyQuantizer.qbits_block_quant`` (the C++ kernels
+``quantize_matmul_4bits`` / ``quantize_matmul_8bits`` for the MatMulNBits layout and
+``quantize_qdq_matmul_4bits`` for the DequantizeLinear layout), takes one fp32 [K, N] array, so it is called here
+as each weight is streamed. int8 per channel (TensorRT) has no helper there (MLAS block sizes stop at 256): it is
+``round(w / (max|w| / 127))`` per column, written out in :func:`_int8_per_channel`.
+
+The parity reference uses the *same* dequantised weights (:class:`DequantizedWeights`: the packed arrays
+unpacked back to floats), so the gate checks the graph; the error against the unquantised model is measured
+separately (``quant_parity.py``) next to the weights' own reconstruction error.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+__all__ = ["QuantError", "QuantScheme", "scheme_for", "quantize", "dequantize", "DequantizedWeights",
+           "QuantPass", "linear_fqns", "WEIGHT_CHOICES", "BLOCK_SIZES", "METHODS"]
+
+WEIGHT_CHOICES = ("fp32", "fp16", "int8", "int4")
+BLOCK_SIZES = (32, 64, 128)
+METHODS = ("rtn", "awq", "gptq")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MATMULNBITS, DQ = "MatMulNBits", "DequantizeLinear"
+DQ_OPSET = 21                      # DequantizeLinear's block_size attribute and int4 inputs
+
+
+class QuantError(ValueError):
+    """An unsupported quantisation request, or a layer the scheme cannot quantise."""
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    bits: int
+    block_size: int | None         # None: per output channel (TensorRT int8) or "pick per model" before bind
+    symmetric: bool = True
+    method: str = "rtn"
+    form: str = MATMULNBITS         # MatMulNBits | DequantizeLinear
+    scale_dtype: str = "float32"    # the graph's activation dtype
+    accuracy_level: int = 0         # MatMulNBits only
+    lm_head: bool = False
+    layers: tuple[str, ...] = LINEARS
+
+    def manifest(self, chosen: list[str] | None = None) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) + (["lm_head"] if self.lm_head else [])
+        d["block_size"] = self.block_size if self.block_size else "per-channel"
+        d.update({"weight_only": True, "embeddings": "float", "vision_tower": "unquantised",
+                  "packing": "onnxruntime.quantization.matmul_nbits_quantizer (per tensor)"})
+        if chosen is not None:
+            d["quantized_tensors"] = len(chosen)
+        return d
+
+
+def scheme_for(weights: str | None, target, block_size: int | None = None, symmetric: bool = True,
+               method: str = "rtn", lm_head: bool = False) -> QuantScheme | None:
+    """Validate a ``--weights`` request for ``target`` (a :class:`~safeclip.export.targets.Target`); None for
+    float weights. Raises :class:`QuantError` (one line) for anything unsupported."""
+    float_name = "fp32" if target.precision == "float32" else "fp16"
+    if weights in (None, float_name):
+        if block_size is not None or not symmetric or method != "rtn" or lm_head:
+            raise QuantError("--block-size, --zero-point, --quant-method and --quantize-lm-head need "
+                             "--weights int8 or int4")
+        return None
+    if weights not in WEIGHT_CHOICES:
+        raise QuantError(f"unsupported --weights '{weights}' (supported: {float_name}, int8, int4); "
+                         "fp8 is not offered: Jetson Orin (sm_87) has no FP8")
+    if weights in ("fp32", "fp16"):
+        raise QuantError(f"--weights {weights} does not match --target {target.name}, whose graphs are "
+                         f"{float_name} (use {float_name}, int8 or int4)")
+    bits = int(weights[3:])
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise QuantError(f"unsupported --block-size {block_size} (supported: "
+                         f"{', '.join(map(str, BLOCK_SIZES))})")
+    if method not in METHODS:
+        raise QuantError(f"unknown --quant-method '{method}' (supported: rtn)")
+    if method != "rtn":
+        raise QuantError(f"--quant-method {method} is not available: the maintained implementations need the "
+                         "whole model in memory and a calibration pass, which the streaming export does not "
+                         "hold; use rtn")
+    trt = target.build_engines != "never"
+    if trt and not symmetric:
+        raise QuantError(f"--zero-point is not supported for --target {target.name}: TensorRT's "
+                         "DequantizeLinear takes only zero zero-points (symmetric quantisation)")
+    if trt and bits == 8 and block_size is not None:
+        raise QuantError("TensorRT supports block quantisation for INT4 only: --weights int8 on a TensorRT "
+                         "target is per output channel; leave --block-size out")
+    form = DQ if trt else MATMULNBITS
+    per_channel = trt and bits == 8
+    return QuantScheme(bits, None if per_channel else block_size, symmetric, method, form, target.precision,
+                       0 if trt else 4, lm_head)
+
+
+def linear_fqns(language_model, lm_head, fqn_of: dict[int, str], scheme: QuantScheme) -> set[str]:
+    """Checkpoint FQNs of the weights the scheme quantises (the decoder layers' linear layers, lm_head if
+    chosen)."""
+    out = set()
+    for name, mod in language_model.named_modules():
+        if name.rsplit(".", 1)[-1] in scheme.layers and hasattr(mod, "weight"):
+            out.add(fqn_of[id(mod.weight)])
+    if scheme.lm_head:
+        head = fqn_of[id(lm_head.weight)]
+        if head == fqn_of[id(language_model.get_input_embeddings().weight)]:
+            raise QuantError("lm_head is tied to the token embeddings, which stay unquantised; "
+                             "leave --quantize-lm-head out for this model")
+        out.add(head)
+    return out
+
+
+def pick_block_size(scheme: QuantScheme, shapes: dict[str, tuple[int, int]]) -> QuantScheme:
+    """The scheme with its block size fixed: the requested one, checked to divide K of every layer
+    (``shapes``: FQN -> torch weight shape [N, K]), or the largest that divides all of them."""
+    from dataclasses import replace
+
+    if scheme.form == DQ and scheme.bits == 8:
+        return scheme
+    if scheme.block_size is not None:
+        for fqn, (n, k) in sorted(shapes.items()):
+            if k % scheme.block_size:
+                fits = [b for b in BLOCK_SIZES if k % b == 0]
+                hint = f" (--block-size {fits[-1]} divides it)" if fits else ""
+                raise QuantError(f"layer '{fqn}' has K={k} input features, not divisible by the block size "
+                                 f"{scheme.block_size}{hint}")
+        return scheme
+    for b in reversed(BLOCK_SIZES):
+        if all(k % b == 0 for _, k in shapes.values()):
+            return replace(scheme, block_size=b)
+    fqn, (n, k) = min(shapes.items(), key=lambda kv: kv[1][1])
+    raise QuantError(f"layer '{fqn}' has K={k} input features, not divisible by any block size "
+                     f"({', '.join(map(str, BLOCK_SIZES))})")
+
+
+def _np_dtype(name: str):
+    return np.float16 if name == "float16" else np.float32
+
+
+def quantize(w_kn: np.ndarray, scheme: QuantScheme) -> dict[str, np.ndarray]:
+    """One weight [K, N] (fp32) -> the arrays the graph stores: ``packed``, ``scales`` (+ ``zero_points``)."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
+
+    w_kn = np.ascontiguousarray(w_kn, dtype=np.float32)
+    if scheme.form == DQ and scheme.bits == 8:
+        return _int8_per_channel(w_kn, scheme)
+    fmt = QuantFormat.QDQ if scheme.form == DQ else QuantFormat.QOperator
+    cfg = DefaultWeightOnlyQuantConfig(block_size=scheme.block_size, is_symmetric=scheme.symmetric,
+                                       bits=scheme.bits, quant_format=fmt)
+    packed, scales, zp = DefaultWeightOnlyQuantizer(cfg).qbits_block_quant(w_kn)
+    out = {"packed": packed, "scales": scales.astype(_np_dtype(scheme.scale_dtype))}
+    if not scheme.symmetric:
+        out["zero_points"] = zp
+    return out
+
+
+def _int8_per_channel(w_kn: np.ndarray, scheme: QuantScheme) -> dict[str, np.ndarray]:
+    amax = np.abs(w_kn).max(axis=0)                                      # [N]
+    scales = (np.where(amax > 0, amax, 1.0) / 127.0).astype(_np_dtype(scheme.scale_dtype))
+    q = np.clip(np.rint(w_kn / scales.astype(np.float32)), -127, 127).astype(np.int8)
+    return {"packed": q, "scales": scales}
+
+
+def _nibbles(b: np.ndarray) -> np.ndarray:
+    """uint8 bytes -> their 4-bit halves, low nibble first (ONNX and MatMulNBits packing)."""
+    return np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+
+
+def dequantize(arrays: dict[str, np.ndarray], k: int, n: int, scheme: QuantScheme) -> np.ndarray:
+    """The float32 [K, N] weight the graph computes with: the packed arrays unpacked (the parity oracle)."""
+    s = arrays["scales"].astype(np.float32)
+    if scheme.form == DQ and scheme.bits == 8:
+        return arrays["packed"].astype(np.float32) * s[None, :]
+    b, kb = scheme.block_size, k // scheme.block_size
+    if scheme.form == DQ:                                                # int4 [K, N] row-major, signed
+        q = _nibbles(arrays["packed"].reshape(1, -1))[0, :k * n].astype(np.int16)
+        q = np.where(q > 7, q - 16, q).reshape(k, n).astype(np.float32)
+        return (q.reshape(kb, b, n) * s[:, None, :]).reshape(k, n)
+    packed = arrays["packed"]                                            # [N, kb, blob]
+    q = (_nibbles(packed) if scheme.bits == 4 else packed).reshape(n, kb, b).astype(np.float32)
+    if scheme.symmetric:
+        z = np.full((n, kb), 8.0 if scheme.bits == 4 else 128.0, np.float32)
+    else:
+        zp = arrays["zero_points"]
+        z = (_nibbles(zp)[:, :kb] if scheme.bits == 4 else zp.reshape(n, kb)).astype(np.float32)
+    w_nk = ((q - z[..., None]) * s[..., None]).reshape(n, k)
+    return np.ascontiguousarray(w_nk.T)
+
+
+class DequantizedWeights:
+    """A weights reader (``read(fqn, dtype)``) whose quantised layers come back dequantised.
+
+    The fp32 parity reference reads through it, so PyTorch runs with exactly the weights the graph holds.
+    One tensor at a time, like the reader it wraps; ``base`` is the unquantised reader.
+    """
+
+    def __init__(self, base, scheme: QuantScheme, fqns: set[str]):
+        self.base, self.scheme, self.fqns = base, scheme, set(fqns)
+
+    def read(self, fqn: str, dtype=None):
+        import torch
+
+        if fqn not in self.fqns:
+            return self.base.read(fqn, dtype)
+        w = self.base.read(fqn, torch.float32)                           # [N, K]
+        n, k = w.shape
+        deq = dequantize(quantize(w.numpy().T, self.scheme), k, n, self.scheme)
+        t = torch.from_numpy(np.ascontiguousarray(deq.T))
+        return t.to(dtype) if dtype is not None else t
+
+    def nbytes(self, prefix: str = "") -> int:
+        return self.base.nbytes(prefix)
+
+
+@dataclass
+class QuantPass:
+    """The graph pass for :func:`~safeclip.export.onnx.onnx_from_meta_module`: every ``MatMul`` whose weight
+    (a streamed initializer, already transposed to [K, N]) is one of ``fqns`` becomes ``MatMulNBits`` or
+    ``DequantizeLinear`` + ``MatMul``; its jobs then stream the packed tensors, computed from the original
+    weight (``read(fqn)``, fp32) when the first of them is written.
+
+    ``source_of``: initializer source name (the traced module's parameter name) -> checkpoint FQN.
+    """
+    scheme: QuantScheme
+    read: object
+    fqns: set[str]
+    source_of: dict[str, str]
+    done: list[str] = field(default_factory=list)
+    _memo: dict = field(default_factory=dict)
+
+    def __call__(self, model, jobs: dict) -> dict:
+        import onnx_ir as ir
+
+        graph, out = model.graph, {}
+        sch = self.scheme
+        for init_name, job in jobs.items():
+            value, source, perm = job
+            fqn = self.source_of.get(source)
+            if fqn not in self.fqns:
+                out[init_name] = job
+                continue
+            uses = list(value.uses())
+            if len(value.shape) != 2 or not uses or any(u.op_type != "MatMul" or i != 1 for u, i in uses):
+                raise QuantError(f"weight '{fqn}' is not used as a MatMul weight in the traced graph; "
+                                 "cannot quantise it")
+            k, n = (int(d) for d in value.shape)
+            arrays = ["packed", "scales"] + ([] if sch.symmetric else ["zero_points"])
+            shapes, dtypes = self._layout(k, n)
+            vals = {a: ir.Value(name=f"{init_name}.q{sch.bits}.{a}", shape=ir.Shape(shapes[a]),
+                                type=ir.TensorType(dtypes[a])) for a in arrays}
+            for node, _ in uses:
+                self._rewrite(graph, node, vals, k, n)
+            for a in arrays:
+                out[vals[a].name] = (vals[a], self._producer(fqn, a, arrays, k, n), None)
+            self.done.append(fqn)
+        opsets = model.opset_imports
+        if sch.form == MATMULNBITS:
+            opsets["com.microsoft"] = 1
+        else:
+            opsets[""] = max(DQ_OPSET, opsets.get("", 0))
+        return out
+
+    def _layout(self, k: int, n: int):
+        import onnx_ir as ir
+
+        sch = self.scheme
+        fdt = ir.DataType.FLOAT16 if sch.scale_dtype == "float16" else ir.DataType.FLOAT
+        if sch.form == DQ and sch.bits == 8:
+            return {"packed": [k, n], "scales": [n]}, {"packed": ir.DataType.INT8, "scales": fdt}
+        kb = k // sch.block_size
+        if sch.form == DQ:
+            return ({"packed": [k, n], "scales": [kb, n]}, {"packed": ir.DataType.INT4, "scales": fdt})
+        blob = sch.block_size * sch.bits // 8
+        zp = [n, (kb + 1) // 2] if sch.bits == 4 else [n, kb]
+        return ({"packed": [n, kb, blob], "scales": [n, kb], "zero_points": zp},
+                {"packed": ir.DataType.UINT8, "scales": fdt, "zero_points": ir.DataType.UINT8})
+
+    def _rewrite(self, graph, node, vals: dict, k: int, n: int) -> None:
+        import onnx_ir as ir
+
+        sch, x, y = self.scheme, node.inputs[0], node.outputs[0]
+        if sch.form == MATMULNBITS:
+            attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", sch.bits),
+                     ir.AttrInt64("block_size", sch.block_size)]
+            if sch.accuracy_level:
+                attrs.append(ir.AttrInt64("accuracy_level", sch.accuracy_level))
+            ins = [x, vals["packed"], vals["scales"]] + ([vals["zero_points"]] if "zero_points" in vals else [])
+            new = [ir.Node("com.microsoft", "MatMulNBits", ins, attrs, name=f"{node.name}_Q{sch.bits}")]
+        else:
+            attrs = [ir.AttrInt64("axis", 1 if sch.bits == 8 else 0)]
+            if sch.bits == 4:
+                attrs.append(ir.AttrInt64("block_size", sch.block_size))
+            dq = ir.Node("", "DequantizeLinear", [vals["packed"], vals["scales"]], attrs, name=f"{node.name}_DQ")
+            new = [dq, ir.Node("", "MatMul", [x, dq.outputs[0]], name=f"{node.name}_Q{sch.bits}")]
+        graph.insert_before(node, new)
+        out, name = new[-1].outputs[0], y.name
+        y.name = None
+        out.name, out.shape, out.type = name, y.shape, y.type
+        y.replace_all_uses_with(out)
+        if y in graph.outputs:                                           # a graph output keeps its name
+            graph.outputs[graph.outputs.index(y)] = out
+        graph.remove(node, safe=True)
+
+    def _producer(self, fqn: str, which: str, arrays: list[str], k: int, n: int):
+        def produce():
+            import torch
+
+            if fqn not in self._memo:
+                w = self.read(fqn, torch.float32)                        # [N, K], the original weight
+                self._memo[fqn] = quantize(w.numpy().T, self.scheme)
+            a = self._memo[fqn][which]
+            if which == arrays[-1]:
+                del self._memo[fqn]                                      # one weight's arrays at a time
+            return np.ascontiguousarray(a)
+        return produce
