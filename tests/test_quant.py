@@ -103,7 +103,8 @@ def test_int8_cpu_decoder_passes_parity_with_matmulnbits(decoders, demo_sources)
     q = frag["graphs"]["decoder"]["quantization"]
     assert (q["bits"], q["block_size"], q["form"], q["accuracy_level"]) == (8, 32, "MatMulNBits", 4)
     names = [r.component for r in frag["parity"]]
-    assert names == ["decoder[float32, int8] prefill", "decoder[float32, int8] decode"]
+    assert names == [f"decoder[float32, int8] {c}" for c in ("prefill", "decode", "decode, bucketed past",
+                                                           "extend, bucketed past")]
     assert all(r.max_abs_err["logits"] <= r.atol["logits"] < 1e-2 for r in frag["parity"])   # the tight gate
     assert q["error"]["checked"] == "exact-compute graph"
     assert not list(d.glob(".*reference*"))                               # the exact-compute copy is gone
