@@ -20,7 +20,7 @@ One run on one machine, same random-weight model on both sides:
   convention), ``read`` is a float32 dot of two arrays (bytes read per second).
 * Peak RSS: a subprocess that only imports the runtime, loads the decoder with a KV cache of
   ``--capacity`` positions and the memory-mapped embedding table, and generates; ``VmHWM`` relative to the
-  weight bytes (``decoder.onnx.data`` + embedding table). The KV arenas are reported separately: ``np.zeros``
+  weight bytes (``decoder.onnx.data`` + embedding table). The KV arena (one, ``runtime/backends/arena.py``) is reported separately: ``np.zeros``
   pages become resident only when written, so VmHWM holds just the positions used; VmHWM + the whole arena
   bounds a full cache. Variants of ONNX Runtime session options run the same way.
 
@@ -444,8 +444,8 @@ def markdown(r: dict) -> str:
         f"{100 * r['roofline_read_fraction']:.0f}% |", "",
         f"Peak memory of a runtime-only process (no torch; decoder, mmapped embedding table, KV capacity "
         f"{s['capacity']}, {s['rss_new_tokens']} tokens generated); weight bytes {_gb(weights)} = decoder.onnx.data "
-        f"{_gb(r['decoder_data_bytes'])} + embedding table {_gb(r['embed_table_bytes'])}; the KV arenas "
-        f"({r['kv_arena_bytes'] / 1e6:.0f} MB) are resident only where written, so VmHWM counts the positions "
+        f"{_gb(r['decoder_data_bytes'])} + embedding table {_gb(r['embed_table_bytes'])}; the KV arena "
+        f"({r['kv_arena_bytes'] / 1e6:.0f} MB) is resident only where written, so VmHWM counts the positions "
         f"used; with the whole cache written the default would be at most "
         f"{r['peak_rss_full_kv_over_weights']:.2f}x. One subprocess per ONNX Runtime session "
         "variant, run one after another (their tokens/s are not alternated).", "",

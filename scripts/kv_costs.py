@@ -158,10 +158,12 @@ def worker(args) -> dict:
     if not (out / "frag.json").is_file():
         model, tok = _model(args.model, args.layers)
         frag = export_decoder(model, out, tokenizer=tok)
-        (out / "frag.json").write_text(json.dumps(frag["graphs"]["decoder"]))
+        heads = model.config.get_text_config().num_attention_heads
+        (out / "frag.json").write_text(json.dumps({**frag["graphs"]["decoder"], "heads": heads}))
         del model, frag
         gc.collect()
     g = json.loads((out / "frag.json").read_text())
+    groups = g["heads"] // g["kv"]["num_kv_heads"]
     dec = OrtDecoder(out / g["file"], KVSpec.from_manifest(g["kv"]), capacity=args.capacity)
     kv, new = dec.kv, hasattr(dec, "arena")
     row = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * dec.dtype.itemsize
@@ -170,17 +172,22 @@ def worker(args) -> dict:
            "copied_bytes": [], "kv_memory_bytes": dec.kv_bytes if new else 2 * 2 * kv.num_layers *
            kv.num_kv_heads * dec.capacity * kv.head_dim * dec.dtype.itemsize}
     buckets = {"P+1": lambda P: P + 1, "2P": lambda P: min(dec.capacity, max(2 * P, P + 1))} if new else {"-": None}
-    for label, size in buckets.items():
-        times = []
+
+    def step(P, size):
+        dec.reset(P)
+        if size:
+            dec.arena.bucket = size(P)
+        dec.decode_one_token(probe)
+
+    for label, size in buckets.items():                              # samples interleaved over the lengths,
+        res["step_s"][label] = [[] for _ in args.lengths]             # so load changes hit every length alike
         for P in args.lengths:
-            def step():
-                dec.reset(P)
-                if size:
-                    dec.arena.bucket = size(P)
-                dec.decode_one_token(probe)
-            step()
-            times.append(best_of(step, args.repeats))
-        res["step_s"][label] = times
+            step(P, size)                                             # warm-up
+        for _ in range(args.repeats):
+            for i, P in enumerate(args.lengths):
+                t = time.perf_counter()
+                step(P, size)
+                res["step_s"][label][i].append(time.perf_counter() - t)
     for P in args.lengths:
         if new:
             dec.reset(P)
@@ -188,9 +195,17 @@ def worker(args) -> dict:
             dec.decode_one_token(probe)
             res["copied_bytes"].append(dec.arena.copied - before)
         else:
-            res["copied_bytes"].append((P + 1) * row)                # present = concat(past, new), written
+            res["copied_bytes"].append(old_written(P, row, groups))
     res["repack_bytes_per_token"] = amortised_repack_bytes(dec) if new else 0
+    res["groups"] = groups
     return res
+
+
+def old_written(P: int, row: int, groups: int) -> int:
+    """Bytes the old graph wrote per step in cache-sized tensors: present = concat(past, new) (P+1 rows), and
+    for grouped-query attention transformers' repeat_kv, an Expand of those rows to every query head
+    (``groups`` copies; checked in the old ONNX graph: Expand [B, KVH, g, P+S, Hd] -> Reshape [B, H, P+S, Hd])."""
+    return (P + 1) * row * (1 + (groups if groups > 1 else 0))
 
 
 def _old_tree(ref: str, into: Path) -> Path:
@@ -234,7 +249,7 @@ def _parser():
     ap.add_argument("--capacity", type=int, default=2048)
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 256, 1024, 2000])
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=2, help="old/new alternations (best step time kept)")
+    ap.add_argument("--rounds", type=int, default=3, help="old/new alternations (their samples pooled)")
     ap.add_argument("--old-ref", default=OLD_REF)
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -243,13 +258,17 @@ def _parser():
 
 def _table(old: dict, new: dict) -> str:
     mb = 1e6
-    lines = ["| past P | old: copied/step | old: step | new: copied/step | new: step (bucket P+1) | "
-             "new: step (bucket 2P) |", "|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(samples):
+        return f"{np.median(samples) * 1e3:.2f} ({min(samples) * 1e3:.2f}) ms"
+
+    lines = ["| past P | old: written/step (Concat + repeat_kv) | old: step | new: copied/step | new: step, bucket P+1 | "
+             "new: step, bucket 2P |", "|---:|---:|---:|---:|---:|---:|"]
     for i, P in enumerate(new["lengths"]):
-        lines.append(f"| {P} | {old['copied_bytes'][i] / mb:.3f} MB | {old['step_s']['-'][i] * 1e3:.2f} ms | "
-                     f"{new['copied_bytes'][i] / 1e3:.1f} kB | {new['step_s']['P+1'][i] * 1e3:.2f} ms | "
-                     f"{new['step_s']['2P'][i] * 1e3:.2f} ms |")
-    lines.append(f"\nKV memory: old {old['kv_memory_bytes'] / mb:.1f} MB (two arenas), new "
+        lines.append(f"| {P} | {old['copied_bytes'][i] / mb:.3f} MB | {ms(old['step_s']['-'][i])} | "
+                     f"{new['copied_bytes'][i] / 1e3:.1f} kB | {ms(new['step_s']['P+1'][i])} | "
+                     f"{ms(new['step_s']['2P'][i])} |")
+    lines.append(f"\nGQA groups (query heads per KV head): {new['groups']}. KV memory: old {old['kv_memory_bytes'] / mb:.1f} MB (two arenas), new "
                  f"{new['kv_memory_bytes'] / mb:.1f} MB (one arena); new repacks: "
                  f"{new['repack_bytes_per_token'] / 1e3:.1f} kB per token amortised over a generation to the capacity.")
     return "\n".join(lines)
@@ -263,14 +282,15 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for name, tree in (("old", old_tree), ("new", None)):
             res = _run_worker(tree, work / f"bundle-{name}", args)
-            if name in best:                                         # keep the best time per length
+            if name in best:                                         # pool the samples of every round
                 for k, v in res["step_s"].items():
-                    best[name]["step_s"][k] = [min(a, b) for a, b in zip(best[name]["step_s"][k], v)]
+                    best[name]["step_s"][k] = [a + b for a, b in zip(best[name]["step_s"][k], v)]
             else:
                 best[name] = res
             print(f"round {r + 1}: {name} done", file=sys.stderr)
     print(f"{args.model}" + (f" ({args.layers} layers)" if args.model == "tinyllama" else "") +
-          f", capacity {args.capacity}, fp32, best of {args.repeats} x {args.rounds} rounds\n")
+          f", capacity {args.capacity}, fp32; step times: median (best) of {args.repeats} x {args.rounds} "
+          f"alternated rounds; load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(_table(best["old"], best["new"]))
     if args.json:
         args.json.write_text(json.dumps(best, indent=1))

@@ -189,3 +189,33 @@ def test_tensorrt_kv_write_and_read_round_trip(demo, trt_decoder):
     assert _greedy(dec, table, la, 6)[0] == _greedy(ref, table, la, 6)[0]
     with pytest.raises(ContextError, match="49 positions exceed the cache capacity 48"):
         dec.kv_write([np.zeros((1, kv.num_kv_heads, 49, kv.head_dim), np.float32)] * (2 * kv.num_layers))
+
+
+@pytest.mark.cuda
+def test_cuda_arena_matches_the_cpu_arena(demo):
+    """ONNX Runtime's CUDA provider with the arena in device memory (cuda-python copies): a GPU machine only."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with the CUDA execution provider")
+    from safeclip.runtime.backends.cuda import CudaError, import_cudart
+    try:
+        import_cudart()
+    except CudaError as e:
+        pytest.skip(str(e))
+    m, kv, table = demo
+    cpu = OrtDecoder(m.path("decoder.onnx"), kv, capacity=64)
+    gpu = OrtDecoder(m.path("decoder.onnx"), kv, capacity=64, device="cuda")
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    a, b = cpu.prefill(table[ids]).copy(), gpu.prefill(table[ids]).copy()
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert _greedy(cpu, table, a, 12)[0] == _greedy(gpu, table, b, 12)[0]    # through a repack (8 -> 16 -> 32)
+    for x, y in zip(cpu.kv_read(20), gpu.kv_read(20)):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+    cpu.truncate(5)
+    gpu.truncate(5)
+    np.testing.assert_allclose(cpu.extend(table[ids[5:]]), gpu.extend(table[ids[5:]]), atol=1e-4)
+    gpu.kv_write(cpu.kv_read(8))
+    for x, y in zip(cpu.kv_read(8), gpu.kv_read(8)):
+        np.testing.assert_array_equal(x, y)
+    gpu.close()

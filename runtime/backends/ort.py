@@ -283,3 +283,17 @@ class OrtDecoder:
             self.length = n
             if n == 0:
                 self.arena.bucket = 0
+
+    def close(self) -> None:
+        """Free the device arena and scratch (CUDA; idempotent). The CPU arena is numpy's to free."""
+        cuda = self.__dict__.pop("cuda", None)
+        if cuda is not None:
+            try:
+                cuda.sync(self._stream)
+                cuda.destroy_stream(self._stream)
+                cuda.release()
+            except Exception:
+                pass                                # interpreter shutdown or a dead context
+
+    def __del__(self):
+        self.close()
