@@ -22,7 +22,8 @@ import numpy as np
 
 from .backends.base import ContextError
 
-__all__ = ["GenerationResult", "Timings", "TextStream", "Progress", "budget", "picker", "timings", "embed_prompt", "sample", "prefill", "decode_one_token",
+__all__ = ["GenerationResult", "Timings", "TextStream", "Progress", "budget", "picker", "timings",
+           "embed_prompt", "sample", "prefill", "decode_one_token",
            "decode_n_tokens", "generate", "stream"]
 
 

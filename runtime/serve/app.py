@@ -57,6 +57,8 @@ from ..prompt import PromptError
 from .cors import CORSAndOptions
 from .fetch import fetch_image
 from .slot import Busy, Disconnected, Slot
+from . import batching
+from ..batch import QueueFull
 from .request import DEFAULTS, ChatRequest, RequestError, error_body, parse_chat_request, parse_json_body
 
 log = logging.getLogger("safeclip.serve")
@@ -261,8 +263,10 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                max_prompt_chars: int = DEFAULTS["max_prompt_chars"],
                queue_timeout_s: float = DEFAULTS["queue_timeout_s"],
                body_timeout_s: float = DEFAULTS["body_timeout_s"], fetch_timeout_s: float = DEFAULTS["fetch_timeout_s"],
-               allow_private_image_hosts: bool = False, cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
-    """The FastAPI app serving ``pipeline`` (which must have a language model)."""
+               allow_private_image_hosts: bool = False, cors_origins: tuple[str, ...] | list[str] = (),
+               max_batch: int = 1) -> FastAPI:
+    """The FastAPI app serving ``pipeline`` (which must have a language model); ``max_batch`` > 1 decodes that
+    many requests together (``batching.py``)."""
     if not pipeline.has_language_model:
         raise ValueError(f"{pipeline.manifest.root}: bundle has no language model (exported with --no-decoder); "
                          "safeclip-serve needs one")
@@ -282,11 +286,13 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                   fetch_timeout_s=float(fetch_timeout_s))
     srv = _Server(pipeline, api_key=api_key, policy=policy, allow_remote_images=allow_remote_images,
                   allow_private_image_hosts=allow_private_image_hosts, limits=limits)
+    batching.setup(srv, max_batch)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         srv.executor.shutdown(wait=True, cancel_futures=True)
+        batching.close(srv)
 
     app = FastAPI(title="safeclip-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -315,7 +321,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": srv.model_id, "busy": srv.slot.busy, "queued": len(srv.slot.waiters),
-                "max_queue": max_queue}
+                "max_queue": max_queue, **batching.health_counts(srv)}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -355,19 +361,26 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
             raise RequestError(404, f"model '{req.model}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")
         image = None if req.image is None else await srv.decode_image(req.image)
-        try:
-            await srv.slot.acquire(request.receive)
-        except Busy as e:
-            return _error(503, str(e), "server_shutting_down" if srv.stopping else "server_busy",
-                          headers={"Retry-After": str(e.retry_after)})
-        except Disconnected:
-            return _error(400, "client disconnected", "client_disconnected")
         t0 = time.perf_counter()
-        try:
-            job = _Job(srv, await srv.run(srv.start_stream, image, req), t0)
-        except BaseException:
-            srv.slot.release(time.perf_counter() - t0)
-            raise
+        if srv.batching:                               # gated on the model thread, then joins the batch
+            try:
+                job = batching.BatchJob(srv, await srv.run(srv.start_stream, image, req), t0, _END)
+            except QueueFull as e:
+                return _error(503, str(e), "server_busy", headers={"Retry-After": str(batching.retry_after(srv))})
+        else:
+            try:
+                await srv.slot.acquire(request.receive)
+            except Busy as e:
+                return _error(503, str(e), "server_shutting_down" if srv.stopping else "server_busy",
+                              headers={"Retry-After": str(e.retry_after)})
+            except Disconnected:
+                return _error(400, "client disconnected", "client_disconnected")
+            t0 = time.perf_counter()
+            try:
+                job = _Job(srv, await srv.run(srv.start_stream, image, req), t0)
+            except BaseException:
+                srv.slot.release(time.perf_counter() - t0)
+                raise
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return _SSEResponse(_sse(srv, job, req, cid, created), job, media_type="text/event-stream",
