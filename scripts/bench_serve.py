@@ -13,6 +13,11 @@ Retry-After); any other status is counted as a failure. Prints a table and write
 
     python scripts/bench_serve.py --bundle DIR [--clients 1,4,8] [--max-batch 8] [--max-tokens 48]
         [--threads N] [--context C] [--openai 50] [--out bench-results/serve.json]
+    python scripts/bench_serve.py --bundle DIR --steps [--max-batch 8]     # one decode step at B = 1..8
+
+``--steps`` times the batched decoder alone (no server): a decode step of B running sequences (each with a
+``--past``-token cache) for B = 1..max-batch, median of ``--repeat``; the "all slots, idle ones masked"
+alternative costs what the B = max-batch row costs at every step.
 
 Without ``--bundle`` the demo bundle is exported into a temporary folder first (torch needed for that only).
 """
@@ -143,6 +148,35 @@ def _openai_round(port: int, n: int, model: str) -> dict:
             "server_errors": sum(v for k, v in statuses.items() if k.isdigit() and int(k) >= 500 and k != "503")}
 
 
+def _steps(bundle: Path, slots: int, past: int, repeat: int, threads: int | None) -> dict:
+    import numpy as np
+
+    from safeclip.runtime.backends.slots import SlotDecoder
+    from safeclip.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, threads=threads, context=past + repeat + 8)
+    lm = pipe._lm
+    dec = SlotDecoder.sharing(lm.decoder, slots)
+    rng = np.random.default_rng(0)
+    for s in range(slots):
+        dec.prefill(s, np.asarray(lm.table[rng.integers(3, lm.table.shape[0], past)], dec.dtype))
+    rows = []
+    for b in range(1, slots + 1):
+        x = np.asarray(lm.table[rng.integers(3, lm.table.shape[0], b)], dec.dtype)
+        times = []
+        dec.decode(x)                                          # warm-up (not counted)
+        dec.lengths[:b] -= 1
+        for _ in range(repeat):
+            t = time.perf_counter()
+            dec.decode(x)
+            times.append(time.perf_counter() - t)
+            dec.lengths[:b] -= 1                               # the same past every repeat
+        ms = sorted(times)[len(times) // 2] * 1e3
+        rows.append({"batch": b, "step_ms": round(ms, 2), "tokens_per_s": round(b / ms * 1e3, 2)})
+        print(f"  B={b}: {rows[-1]}", file=sys.stderr, flush=True)
+    return {"bundle": str(bundle), "past": past, "repeat": repeat, "threads": threads, "rows": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""))
     ap.add_argument("--bundle", type=Path)
@@ -154,6 +188,9 @@ def main() -> int:
     ap.add_argument("--context", type=int)
     ap.add_argument("--openai", type=int, default=0, help="also a round of this many openai clients")
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve.json"))
+    ap.add_argument("--steps", action="store_true", help="time the batched decoder's step at B = 1..max-batch")
+    ap.add_argument("--past", type=int, default=64, help="--steps: cached tokens per sequence")
+    ap.add_argument("--repeat", type=int, default=7, help="--steps: steps timed per B (median)")
     a = ap.parse_args()
     bundle = a.bundle
     if bundle is None:
@@ -161,6 +198,16 @@ def main() -> int:
         os.environ.setdefault("SAFECLIP_CACHE_DIR", str(work / "cache"))
         from safeclip.export.bundle import ExportOptions, export_bundle
         bundle = export_bundle(ExportOptions(model="demo", out=work / "demo")).bundle
+    if a.steps:
+        out = _steps(bundle, a.max_batch, a.past, a.repeat, a.threads)
+        one = out["rows"][0]["step_ms"]
+        print(f"\nbatched decode step, {a.past} cached tokens per sequence (median of {a.repeat})")
+        print(f"{'B':>3} {'step ms':>9} {'x B=1 step':>10} {'tokens/s':>9}")
+        for r in out["rows"]:
+            print(f"{r['batch']:>3} {r['step_ms']:>9} {r['step_ms'] / one:>10.2f} {r['tokens_per_s']:>9}")
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(out, indent=2))
+        return 0
     counts = [int(c) for c in a.clients.split(",") if c]
     proc, port = _start_server(bundle, a.max_batch, a.max_queue, a.threads, a.context)
     try:

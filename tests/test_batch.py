@@ -274,3 +274,18 @@ def test_refused_image_never_takes_a_slot_and_answers_match_unbatched(controlled
         assert sched.steps > 0
     finally:
         sched.close()
+
+
+def test_chunked_prefill_joins_between_steps_and_stays_token_exact(lm):
+    prompts = _prompts(lm, (5, 41, 23), seed=6)
+    solo = [_solo(lm, p, max_new_tokens=30) for p in prompts]
+    sched = _sched(lm, 3, prefill_chunk=8)                           # 41 tokens: 6 chunks between decode steps
+    try:
+        streams = [_submit(sched, lm, p, max_new_tokens=30) for p in prompts]
+        for s, ref in zip(streams, solo):
+            assert _drain(s) == ref.text and s.result.token_ids == ref.token_ids
+        assert sched.steps < sum(len(r.token_ids) for r in solo)      # they did decode together
+    finally:
+        sched.close()
+    with pytest.raises(ValueError, match="prefill_chunk must be positive"):
+        _sched(lm, 1, prefill_chunk=0)
