@@ -12,7 +12,8 @@ never a 500 or a hang: body size (413), body read time (408), content type (415)
 fields (400), image bytes/format/pixels (400 ``invalid_image``), prompt length and context (400
 ``context_length_exceeded``), ``max_tokens`` (400), remote image URLs (400 unless allowed), missing or wrong
 key (401). One model runs one request at a time (``slot.Slot``): at most ``max_queue`` further requests wait, in
-arrival order; a full queue or a wait longer than ``queue_timeout_s`` answers 503 with ``Retry-After``.
+arrival order; a full queue or a wait longer than ``queue_timeout_s`` answers 503 with ``Retry-After``. With
+``max_batch`` > 1, up to that many decode together instead (``batching.py``: continuous batching).
 A client that disconnects while queued, or mid-generation (plain or streamed), gives its place back at once;
 the token being computed finishes on the model thread and the generator is closed there.
 
