@@ -145,7 +145,8 @@ class Scheduler:
         self._cv = threading.Condition()
         self._closed = False
         self.steps = 0                                 # decode steps run
-        self.batched = 0                               # sequence-steps run (steps x their B)
+        self.batched = 0                               # sequence-steps run (steps x their B): tokens decoded
+        self.decode_s = self.prefill_s = 0.0           # time in decode steps and in prefill calls
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -176,7 +177,9 @@ class Scheduler:
         with self._cv:
             return {"running": len(self._running) + (self._prefilling is not None), "waiting": len(self._waiting),
                     "max_batch": self.max_batch, "max_waiting": self.max_waiting, "steps": self.steps,
-                    "mean_batch": round(self.batched / self.steps, 2) if self.steps else 0.0}
+                    "mean_batch": round(self.batched / self.steps, 2) if self.steps else 0.0,
+                    "decoded_tokens": self.batched, "decode_s": round(self.decode_s, 3),
+                    "prefill_s": round(self.prefill_s, 3)}
 
     @property
     def running(self) -> int:
@@ -192,9 +195,7 @@ class Scheduler:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=60)
-        for s in [*self._running, *self._waiting, *([self._prefilling] if self._prefilling else [])]:
-            if not s.done:
-                s.fail(RuntimeError("the scheduler was closed"))
+        self._fail_all(RuntimeError("the scheduler was closed"))
 
     def _wake(self) -> None:
         with self._cv:
@@ -208,9 +209,22 @@ class Scheduler:
                     self._cv.wait()
                 if self._closed:
                     return
-            self._drop_cancelled()
-            self._admit()
-            self._step()
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._step()
+            except Exception as e:                     # a bug here must not hang every request: end them
+                self._fail_all(e)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._cv:
+            seqs = [*self._running, *self._waiting, *([self._prefilling] if self._prefilling else [])]
+            self._running, self._prefilling = [], None
+            self._waiting.clear()
+        self.dec.reset()
+        for s in seqs:
+            if not s.done:
+                s.fail(err)
 
     def _leave(self, seq: _Seq) -> None:
         """Take a running sequence out; the last running one moves into its slot."""
@@ -224,6 +238,12 @@ class Scheduler:
         seq.slot = -1
 
     def _drop_cancelled(self) -> None:
+        with self._cv:                                 # a client gone while waiting: out of the list now
+            gone = [s for s in self._waiting if s.cancelled]
+            for s in gone:
+                self._waiting.remove(s)
+        for s in gone:
+            s.finish("cancelled")
         for s in [s for s in self._running if s.cancelled]:
             self._leave(s)
             s.finish("cancelled")
@@ -253,11 +273,13 @@ class Scheduler:
             seq.slot, seq.t0 = len(self._running), time.perf_counter()
         S = seq.embeds.shape[0]
         end = S if self.prefill_chunk is None else min(S, seq.fed + self.prefill_chunk)
+        t = time.perf_counter()
         try:
             if seq.fed == 0:
                 logits = self.dec.prefill(seq.slot, seq.embeds[:end])
             else:
                 logits = self.dec.extend(seq.slot, seq.embeds[seq.fed:end])
+            self.prefill_s += time.perf_counter() - t
         except Exception as e:                                     # this prompt only: its slot was free
             self.dec.free(seq.slot)
             self._prefilling = None
@@ -302,8 +324,10 @@ class Scheduler:
         if not run:
             return
         ids = np.fromiter((s.token for s in run), np.int64, len(run))
+        t = time.perf_counter()
         try:
             logits = self.dec.decode(np.asarray(self.table[ids], dtype=self.dec.dtype))   # [B, V]
+            self.decode_s += time.perf_counter() - t
         except Exception as e:                                     # the graph call: every sequence in it
             for s in list(run):
                 self._leave(s)

@@ -6,7 +6,9 @@ N concurrent streaming clients (``--clients 1,4,8``), each with its own text que
 lengths), greedy, ``max_tokens`` each with EOS ignored by asking for a length the demo/real models reach
 (the finish reason is reported). Per round: TTFT p50/p95 (request sent -> first content chunk, at the
 client), aggregate decode tokens/s (every client's tokens after its first, over the span from the first
-client's first token to the last client's last one), wall time. Every client's text is checked against its
+client's first token to the last client's last one: prefills of later arrivals stall it), the same within the
+server's decode steps only (``/health``'s batch counters: tokens decoded / seconds in decode steps, and the
+mean batch), wall time. Every client's text is checked against its
 solo answer (the same question alone, the first round). ``--openai N`` adds a round of N concurrent openai
 clients (streamed and plain, no retries): every request must be answered (200) or cleanly refused (503 with
 Retry-After); any other status is counted as a failure. Prints a table and writes JSON.
@@ -101,6 +103,7 @@ def _pct(xs, q):
 
 def _round(port: int, n: int, max_tokens: int) -> dict:
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+    before = json.loads(_get(port, "/health")).get("batch")
     t0 = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
         rows = list(pool.map(lambda q: _stream_one(port, q, max_tokens), qs))
@@ -111,7 +114,14 @@ def _round(port: int, n: int, max_tokens: int) -> dict:
     ttft = [(r["first"] - r["t0"]) * 1e3 for r in rows]
     span = max(r["end"] for r in rows) - min(r["first"] for r in rows)
     decode = sum(max(0, r["tokens"] - 1) for r in rows)
-    return {"clients": n, "wall_s": round(wall, 2), "ttft_p50_ms": round(_pct(ttft, 0.5), 1),
+    after = json.loads(_get(port, "/health")).get("batch")
+    steps = {}
+    if before and after:                                   # the server's own counters: decode steps only
+        d_s, d_tok = after["decode_s"] - before["decode_s"], after["decoded_tokens"] - before["decoded_tokens"]
+        steps = {"step_tokens_per_s": round(d_tok / d_s, 2) if d_s > 0 else 0.0,
+                 "prefill_s": round(after["prefill_s"] - before["prefill_s"], 2), "decode_s": round(d_s, 2),
+                 "mean_batch": round(d_tok / max(1, after["steps"] - before["steps"]), 2)}
+    return {"clients": n, **steps, "wall_s": round(wall, 2), "ttft_p50_ms": round(_pct(ttft, 0.5), 1),
             "ttft_p95_ms": round(_pct(ttft, 0.95), 1), "completion_tokens": sum(r["tokens"] for r in rows),
             "decode_tokens_per_s": round(decode / span, 2) if span > 0 else 0.0,
             "finish": sorted({r["finish"] for r in rows}), "texts": dict(zip(qs, (r["text"] for r in rows)))}
@@ -224,6 +234,9 @@ def main() -> int:
         base = next((r["decode_tokens_per_s"] for r in rounds if r["clients"] == 1), None)
         for r in rounds:
             r["speedup_vs_1"] = round(r["decode_tokens_per_s"] / base, 2) if base else None
+            one = next((x.get("step_tokens_per_s") for x in rounds if x["clients"] == 1), None)
+            has = one and "step_tokens_per_s" in r
+            r["step_speedup_vs_1"] = round(r["step_tokens_per_s"] / one, 2) if has else None
         oa = _openai_round(port, a.openai, model) if a.openai else None
         health = json.loads(_get(port, "/health"))
     finally:
@@ -232,10 +245,12 @@ def main() -> int:
     out = {"bundle": str(bundle), "model": model, "max_batch": a.max_batch, "max_tokens": a.max_tokens,
            "threads": a.threads, "cpus": os.cpu_count(), "rounds": rounds, "openai": oa, "health_after": health}
     print(f"\nsafeclip-serve --max-batch {a.max_batch}, {model}, {a.max_tokens} tokens per client, greedy")
-    print(f"{'clients':>7} {'decode tok/s':>12} {'x vs 1':>7} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} "
-          f"{'wall s':>7} {'= solo':>6}")
+    print(f"{'clients':>7} {'decode tok/s':>12} {'x vs 1':>7} {'in steps':>9} {'x vs 1':>7} {'mean B':>6} "
+          f"{'prefill s':>9} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} {'wall s':>7} {'= solo':>6}")
     for r in rounds:
-        print(f"{r['clients']:>7} {r['decode_tokens_per_s']:>12} {r['speedup_vs_1']:>7} {r['ttft_p50_ms']:>12} "
+        print(f"{r['clients']:>7} {r['decode_tokens_per_s']:>12} {r['speedup_vs_1']:>7} "
+              f"{r.get('step_tokens_per_s', '-'):>9} {r.get('step_speedup_vs_1') or '-':>7} "
+              f"{r.get('mean_batch', '-'):>6} {r.get('prefill_s', '-'):>9} {r['ttft_p50_ms']:>12} "
               f"{r['ttft_p95_ms']:>12} {r['wall_s']:>7} {'yes' if r['equal_to_solo'] else 'NO':>6}")
     if oa:
         print(f"openai x{oa['clients']}: statuses {oa['statuses']}, answered or cleanly refused: "

@@ -289,3 +289,30 @@ def test_chunked_prefill_joins_between_steps_and_stays_token_exact(lm):
         sched.close()
     with pytest.raises(ValueError, match="prefill_chunk must be positive"):
         _sched(lm, 1, prefill_chunk=0)
+
+
+def test_a_failing_graph_call_ends_its_sequences_and_the_scheduler_goes_on(lm):
+    a, b = _prompts(lm, (7, 12), seed=8)
+    sched = _sched(lm, 2)
+    step, calls = sched.dec.decode, []
+
+    def once_broken(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return step(x)
+
+    sched.dec.decode = once_broken
+    try:
+        sa, sb = (_submit(sched, lm, p, max_new_tokens=30) for p in (a, b))
+        for s in (sa, sb):
+            with pytest.raises(SequenceError, match="device lost"):
+                _drain(s)
+        assert calls[2] == 2                                           # the failed step held both
+        assert sched.stats()["running"] == 0 and not sched.dec.lengths.any()
+        again = _submit(sched, lm, a, max_new_tokens=30)
+        assert _drain(again) == _solo(lm, a, max_new_tokens=30).text
+    finally:
+        sched.close()
+    with pytest.raises(RuntimeError, match="the scheduler is closed"):
+        _submit(sched, lm, a, max_new_tokens=3)

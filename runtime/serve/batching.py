@@ -11,7 +11,9 @@ With ``max_batch`` 1 the server keeps ``slot.Slot`` (one request at a time, ``ma
   cancels its sequence, which leaves the batch at the next step (``BatchStream.cancel``).
 * memory is bounded by the KV slots: :func:`check_kv_memory` refuses to start when ``max_batch`` slots of
   ``context`` positions do not fit the memory available, naming the numbers.
-* ``/health`` shows ``running`` and ``waiting`` sequences (:func:`health_counts`, also for one at a time).
+* ``/health`` shows ``running`` and ``waiting`` sequences (:func:`health_counts`, also for one at a time), and
+  with batching the scheduler's counters (``batch``: steps, mean batch, tokens decoded, seconds in decode steps
+  and in prefills).
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ def health_counts(srv) -> dict:
     if sched is None:
         return {"running": int(srv.slot.busy), "waiting": len(srv.slot.waiters), "max_batch": 1}
     st = sched.stats()
-    return {"running": st["running"], "waiting": st["waiting"], "max_batch": st["max_batch"]}
+    return {"running": st["running"], "waiting": st["waiting"], "max_batch": st["max_batch"],
+            "batch": {k: st[k] for k in ("steps", "mean_batch", "decoded_tokens", "decode_s", "prefill_s")}}
 
 
 def retry_after(srv) -> int:
