@@ -10,10 +10,13 @@ What a step does (the scheduler thread, nobody else touches the decoder):
 
 1. Sequences cancelled since the last step (``cancel()``, or a stream dropped unfinished: a client gone) leave;
    their slots are freed (``SlotDecoder``: the last running sequence moves into the hole).
-2. At most one waiting sequence is admitted when a slot is free: its prompt is prefilled alone into that slot
-   (B = 1, the same call a one-sequence decoder makes) and its first token picked; it joins the running
-   batch for the next step. With ``prefill_chunk`` a longer prompt is prefilled ``prefill_chunk`` tokens per
-   step instead, between decode steps, so it does not stall the batch for the whole prompt.
+2. Waiting sequences are admitted while slots are free (in arrival order, up to ``prefill_budget`` prompt
+   tokens per step): each prompt is prefilled alone into its slot (B = 1, the same call a one-sequence
+   decoder makes) and its first token picked; it joins the running batch for the next step. Admitting every
+   arrival before the next step keeps the batch full and the time to first token of the last of N arrivals
+   at N prefills (one per step would add N-1 decode steps of the growing batch). With ``prefill_chunk`` a
+   longer prompt is prefilled ``prefill_chunk`` tokens per step instead, between decode steps, so it does not
+   stall the batch for the whole prompt.
 3. One decode step of every running sequence ([B, D] embeddings -> [B, V] logits, B = running sequences).
    Each sequence picks its token with its own sampler (``generate.picker``: its own seeded Generator, so
    the same seed gives the same tokens as alone) and turns it into text with its own ``generate.Progress``
@@ -130,15 +133,18 @@ class BatchStream:
 class Scheduler:
     """Drives a ``backends.slots.SlotDecoder`` (``slots`` = the most sequences decoded together) from one
     thread; ``embed_table`` [V, D] gives each fed token's embedding. ``max_waiting`` bounds the waiting list
-    (None: unbounded); ``prefill_chunk`` (None: whole prompts) is the most prompt tokens prefilled per step."""
+    (None: unbounded); ``prefill_chunk`` (None: whole prompts) is the most tokens of one prompt prefilled per
+    step; ``prefill_budget`` (None: no limit) the most prompt tokens admitted before a step (the first
+    admission always goes ahead)."""
 
     def __init__(self, decoder, embed_table: np.ndarray, *, max_waiting: int | None = None,
-                 prefill_chunk: int | None = None, name: str = "safeclip-batch"):
+                 prefill_chunk: int | None = None, prefill_budget: int | None = None,
+                 name: str = "safeclip-batch"):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
         self.dec, self.table = decoder, embed_table
         self.max_batch, self.capacity = int(decoder.slots), int(decoder.capacity)
-        self.max_waiting, self.prefill_chunk = max_waiting, prefill_chunk
+        self.max_waiting, self.prefill_chunk, self.prefill_budget = max_waiting, prefill_chunk, prefill_budget
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []                 # running[i].slot == i
         self._prefilling: _Seq | None = None           # a chunked prefill under way, in slot len(running)
@@ -211,7 +217,7 @@ class Scheduler:
                     return
             try:
                 self._drop_cancelled()
-                self._admit()
+                self._admit_all()
                 self._step()
             except Exception as e:                     # a bug here must not hang every request: end them
                 self._fail_all(e)
@@ -262,16 +268,28 @@ class Scheduler:
                 s.finish("cancelled")
         return None
 
-    def _admit(self) -> None:
+    def _admit_all(self) -> None:
+        budget = self.prefill_budget
+        while True:
+            n = self._admit()
+            if not n or self._prefilling is not None:      # nothing admitted, or a chunked prefill goes on
+                return
+            if budget is not None:
+                budget -= n
+                if budget <= 0:
+                    return
+
+    def _admit(self) -> int:
+        """Prefill (a chunk of) one sequence; returns the prompt tokens it prefilled (0: none waited)."""
         seq = self._prefilling
         if seq is None:
             if len(self._running) >= self.max_batch:
-                return
+                return 0
             seq = self._next_waiting()
             if seq is None:
-                return
+                return 0
             seq.slot, seq.t0 = len(self._running), time.perf_counter()
-        S = seq.embeds.shape[0]
+        S, start = seq.embeds.shape[0], seq.fed
         end = S if self.prefill_chunk is None else min(S, seq.fed + self.prefill_chunk)
         t = time.perf_counter()
         try:
@@ -284,20 +302,21 @@ class Scheduler:
             self.dec.free(seq.slot)
             self._prefilling = None
             seq.fail(e)
-            return
+            return end - start
         seq.fed = end
         if end < S:
             self._prefilling = seq
-            return
+            return end - start
         self._prefilling = None
         if self._emit(seq, logits, first=True):
             self.dec.free(seq.slot)
-            return
+            return end - start
         k = len(self._running)
         if seq.slot != k:                                          # a running sequence left during its prefill
             self.dec.move(seq.slot, k)
             seq.slot = k
         self._running.append(seq)
+        return end - start
 
     def _emit(self, seq: _Seq, logits: np.ndarray, first: bool = False) -> bool:
         """Pick the sequence's next token from its ``logits`` [V] and hand it to its text handling; True when
