@@ -316,3 +316,22 @@ def test_a_failing_graph_call_ends_its_sequences_and_the_scheduler_goes_on(lm):
         sched.close()
     with pytest.raises(RuntimeError, match="the scheduler is closed"):
         _submit(sched, lm, a, max_new_tokens=3)
+
+
+def test_conversation_turns_join_the_batch_and_keep_their_history(controlled_bundle, test_images):
+    pipe = Pipeline.load(controlled_bundle)
+    blue = test_images / "blue.jpg"
+    ref = pipe.chat(system="Be brief.")
+    r1 = "".join(ref.ask("What is this?", image=blue, max_new_tokens=10))
+    r2 = "".join(ref.ask("And the colour?", max_new_tokens=10))
+    sched = pipe.enable_batching(2)
+    try:
+        chat = pipe.chat(system="Be brief.")
+        assert "".join(chat.ask("What is this?", image=blue, max_new_tokens=10)) == r1
+        s2 = chat.ask("And the colour?", max_new_tokens=10)
+        other = pipe.stream(None, "Hi", max_new_tokens=10)                # decodes in the same batch
+        assert "".join(s2) == r2 and "".join(other) == other.result.text
+        assert chat.history == ref.history and s2.result.cached_tokens == 0
+        assert sched.steps > 0
+    finally:
+        sched.close()
