@@ -219,6 +219,7 @@ def main() -> int:
         a.out.write_text(json.dumps(out, indent=2))
         return 0
     counts = [int(c) for c in a.clients.split(",") if c]
+    load0 = os.getloadavg()
     proc, port = _start_server(bundle, a.max_batch, a.max_queue, a.threads, a.context)
     try:
         model = json.loads(_get(port, "/v1/models"))["data"][0]["id"]
@@ -242,9 +243,10 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(30)
-    out = {"bundle": str(bundle), "model": model, "max_batch": a.max_batch, "max_tokens": a.max_tokens,
+    out = {"load_average_before": load0, "load_average_after": os.getloadavg(), "bundle": str(bundle), "model": model, "max_batch": a.max_batch, "max_tokens": a.max_tokens,
            "threads": a.threads, "cpus": os.cpu_count(), "rounds": rounds, "openai": oa, "health_after": health}
-    print(f"\nsafeclip-serve --max-batch {a.max_batch}, {model}, {a.max_tokens} tokens per client, greedy")
+    print(f"\nsafeclip-serve --max-batch {a.max_batch}, {model}, {a.max_tokens} tokens per client, greedy "
+          f"(load average {load0[0]:.1f} before, {out['load_average_after'][0]:.1f} after)")
     print(f"{'clients':>7} {'decode tok/s':>12} {'x vs 1':>7} {'in steps':>9} {'x vs 1':>7} {'mean B':>6} "
           f"{'prefill s':>9} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} {'wall s':>7} {'= solo':>6}")
     for r in rounds:
