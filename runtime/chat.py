@@ -17,6 +17,13 @@ KV reuse: the cache holds the last sequence this conversation ran. A new turn co
 (``Decoder.truncate``: the template may re-render an earlier turn differently from the tokens generated) and
 only the tokens after it are prefilled (``Decoder.extend``). If another request used the decoder in between,
 the whole sequence is prefilled again. The pipeline's lock is taken per decoder step, never across a yield.
+With a ``prefix_cache`` (``prefix_cache.PrefixCache``, the server's), a finished turn's KV is snapshotted there
+(``Decoder.kv_read``) and a conversation whose keys share a longer prefix with a snapshot than with the
+decoder's own cache restores it (``Decoder.kv_write``): how a stateless client's re-sent history is not paid
+for twice. Image positions are keyed by a code of the image's content hash, the same in every conversation.
+
+History: ``set_history(turns)`` replaces the conversation by ``(question, images, answer)`` turns a stateless
+client re-sends (the server); their images are gated by the next ``ask`` like its own, after its context check.
 
 Images: features and verdicts are cached by content hash (sha256 of the file bytes, or of a PIL image's
 pixels, and ``max_pixels``) in the pipeline's bounded LRU :class:`ImageCache`, so an image sent again
@@ -181,7 +188,13 @@ class _ChatLease:
                 held = np.asarray(self.chat._cached_keys[: min(self.dec.length, S - 1)], np.int64)
                 diff = np.flatnonzero(held != self.keys[: held.size])
                 keep = int(diff[0]) if diff.size else held.size
-            if keep == 0:
+            pc = self.chat.prefix_cache
+            n, arrays = pc.match(self.keys, S - 1) if pc is not None and pc.enabled else (0, None)
+            if n > keep:                                  # a longer prefix of this sequence was snapshotted
+                self.dec.kv_write(arrays)
+                keep = n
+                logits = self.dec.extend(self._prompt[keep:])
+            elif keep == 0:
                 logits = self.dec.prefill(self._prompt)
             else:
                 self.dec.truncate(keep)                   # cut back to the first differing position
@@ -189,6 +202,21 @@ class _ChatLease:
             self.cached, self.prefilled = keep, S - keep
             self._own([int(k) for k in self.keys])
             return np.array(logits)
+
+    def snapshot(self) -> None:
+        """Store what the decoder holds of this turn (prompt + answer) in the chat's prefix cache."""
+        pc = self.chat.prefix_cache
+        if pc is None or not pc.enabled:
+            return
+        kv = getattr(self.dec, "kv", None)            # KVSpec: the snapshot's size before reading it
+        per = 0 if kv is None else 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize
+        with self.pipe._lock:
+            keys = list(self.chat._cached_keys)
+            if self.pipe._cache_owner is not self._token or len(keys) != self.dec.length or pc.covers(keys) \
+                    or len(keys) * (per + 8) > pc.max_bytes:
+                return
+            arrays = self.dec.kv_read(len(keys))
+        pc.put(keys, arrays)
 
     def decode_one_token(self, token_embeds: np.ndarray) -> np.ndarray:
         e = np.asarray(token_embeds, dtype=self.dtype).reshape(-1)
@@ -228,6 +256,7 @@ class ChatStream(AnswerStream):
         yield from super().__iter__()
         if self.lease is not None:
             self.timings.update(cached_tokens=self.lease.cached, prefill_tokens=self.lease.prefilled)
+            self.lease.snapshot()
             self.chat._finish(self.turn_id, self.turn, self._text_stream.result.text)
 
     @property
@@ -240,20 +269,50 @@ class ChatStream(AnswerStream):
 class Chat:
     """A conversation (module docstring). Made by :meth:`Pipeline.chat`."""
 
-    def __init__(self, pipe, system: str | None = None):
+    def __init__(self, pipe, system: str | None = None, prefix_cache=None):
         if system is not None and not isinstance(system, str):
             raise ValueError(f"the system prompt must be a string, got {type(system).__name__}")
-        self.pipe, self.system = pipe, system
+        self.pipe, self.system, self.prefix_cache = pipe, system, prefix_cache
         self._turns: list[_Turn] = []
         self._pending = 0                                # id of the turn whose stream may still finish
         self._cache_token: object | None = None          # the lease whose sequence this chat last cached
         self._cached_keys: list[int] = []
-        self._codes: dict[str, int] = {}                 # image key -> its (negative) position key
+        self._unseen: list[tuple[list, int, np.ndarray, Any]] = []    # history images not gated yet
 
     # -- history ---------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
-        self._turns, self._pending = [], self._pending + 1
+        self._turns, self._pending, self._unseen = [], self._pending + 1, []
+
+    def set_history(self, turns: Sequence[tuple[str, Sequence, str]], *, policy: str | None = None,
+                    max_pixels: int = MAX_PIXELS) -> None:
+        """Replace the conversation by earlier turns, ``(user text, images, assistant answer)`` each, as a
+        stateless client re-sends them. Their images are taken from the image cache or gated by the next
+        :meth:`ask` (after its context check), like that turn's own; ``policy`` is theirs (default the
+        pipeline's). Raises ``ValueError``/``ImageError`` on a bad turn, the chat unchanged."""
+        policy = policy or self.pipe.policy
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+        unseen: list = []
+        new = []
+        for i, (text, images, answer) in enumerate(turns):
+            if not isinstance(text, str) or not isinstance(answer, str):
+                raise ValueError(f"history turn {i}: the question and the answer must be strings")
+            new.append(_Turn(text, self._gather(list(images), max_pixels, unseen), policy, None, answer))
+        self._turns, self._unseen, self._pending = new, unseen, self._pending + 1
+
+    def _gather(self, sources: list, max_pixels: int, pending: list) -> list["_Image"]:
+        """The images of ``sources``: cached ones, else placeholders (positions only) listed in ``pending``."""
+        cache, images = self.pipe.image_cache, []
+        for src in sources:
+            key = image_key(src, max_pixels)
+            hit = cache.get(key)
+            if hit is None:
+                pv, size = self.pipe._views(src, max_pixels)
+                hit = _Image(key, np.zeros((self.pipe.image_tokens(size), 0), np.float32), None)
+                pending.append((images, len(images), pv, size))
+            images.append(hit)
+        return images
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -303,12 +362,16 @@ class Chat:
         repeats = np.ones(raw.size, np.int64)
         repeats[slots] = [im.positions for im in images]
         raw_keys = raw.copy()                          # an image's positions: one negative code per content
-        raw_keys[slots] = [-self._codes.setdefault(im.key, len(self._codes) + 1) for im in images]
+        raw_keys[slots] = [-(int(im.key[:15], 16) + 1) for im in images]    # the same in every chat
         ids, keys = np.repeat(raw, repeats), np.repeat(raw_keys, repeats)    # [S], [S]
         return ids, keys, images
 
-    def _check_context(self, n: int) -> None:
+    def _check_context(self, n: int, reserve: int = 0) -> None:
         cap = self.pipe._lm.decoder.capacity
+        if reserve and n + reserve > cap:
+            raise ContextError(f"this model's context is {cap} tokens, but the conversation takes {n} tokens and "
+                               f"max_tokens asks for {reserve} more ({n + reserve} in all); shorten the "
+                               f"conversation or lower max_tokens")
         if n > cap:
             raise ContextError(f"conversation of {n} tokens ({len(self._turns)} earlier turns and this one) exceeds "
                                f"the context capacity of {cap} tokens; start a new conversation (reset())")
@@ -317,11 +380,12 @@ class Chat:
     def ask(self, text: str, image=None, *, policy: str | None = None, instruction: str | None = None,
             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
             top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
-            max_pixels: int = MAX_PIXELS) -> ChatStream:
+            max_pixels: int = MAX_PIXELS, reserve: int = 0) -> ChatStream:
         """Ask the next question, with ``image`` (None, one image, or a list of them) before the text.
 
         Raises here, before any language-model work: an unknown policy, an empty text, an unreadable image,
-        a conversation longer than the context (:class:`ContextError`), a bundle without a language model.
+        a conversation longer than the context, or than the context less ``reserve`` tokens kept for the
+        answer (:class:`ContextError`), a bundle without a language model.
         """
         pipe, t0 = self.pipe, time.perf_counter()
         policy = policy or pipe.policy
@@ -334,26 +398,23 @@ class Chat:
                                         "(exported with --no-decoder); only gating is available")
         sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         timings: dict = {}
-        cache, images, pending = pipe.image_cache, [], []
+        cache, pending = pipe.image_cache, list(self._unseen)
         t1 = time.perf_counter()
-        for src in sources:                              # cached, or read and preprocessed (no vision pass yet)
-            key = image_key(src, max_pixels)
-            hit = cache.get(key)
-            if hit is None:
-                pv, size = pipe._views(src, max_pixels)
-                n = pipe.image_tokens(size)
-                hit = _Image(key, np.zeros((n, 0), np.float32), None)        # placeholder: positions only
-                pending.append((len(images), pv, size))
-            images.append(hit)
-        timings.update(preprocess_ms=_ms(time.perf_counter() - t1), image_cache_hits=len(sources) - len(pending))
+        images = self._gather(sources, max_pixels, pending)    # cached, or preprocessed (no vision pass yet)
+        total = len(sources) + sum(len(t.images) for t in self._turns)
+        timings.update(preprocess_ms=_ms(time.perf_counter() - t1), image_cache_hits=total - len(pending))
         turn = _Turn(text, images, policy, instruction)
-        self._check_context(self._tokens(turn)[0].size)              # before the vision pass
-        vision_s = 0.0
-        for i, pv, size in pending:
-            feats, verdict = pipe._vision_pass(pv, size)                  # [1, N, D_lm]
-            vision_s += verdict.latency_ms / 1e3
-            images[i] = _Image(images[i].key, np.ascontiguousarray(feats[0]), verdict)
-            cache.put(images[i])
+        self._check_context(self._tokens(turn)[0].size, reserve)     # before the vision pass
+        vision_s, done = 0.0, {}
+        for where, i, pv, size in pending:               # this turn's images and the history's unseen ones
+            key = where[i].key
+            if key not in done:
+                feats, verdict = pipe._vision_pass(pv, size)              # [1, N, D_lm]
+                vision_s += verdict.latency_ms / 1e3
+                done[key] = _Image(key, np.ascontiguousarray(feats[0]), verdict)
+                cache.put(done[key])
+            where[i] = done[key]
+        self._unseen = []
         timings["vision_gate_ms"] = _ms(vision_s) if pending else 0.0
         self._pending += 1
         turn_id = self._pending
@@ -371,7 +432,7 @@ class Chat:
             return ChatStream(self, turn, turn_id, verdicts, None, verdict=v, policy=policy, action="refused",
                               timings=timings, t0=t0, refusal=refusal)
         ids, keys, all_images = self._tokens(turn)
-        self._check_context(ids.size)                                # the instructions take room too
+        self._check_context(ids.size, reserve)                       # the instructions take room too
         from .generate import TextStream, embed_prompt
 
         lm = pipe._lm

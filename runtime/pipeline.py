@@ -157,10 +157,11 @@ class Pipeline:
         return self.scheduler
 
     # -- conversations (chat.py) ------------------------------------------------------------------------
-    def chat(self, system: str | None = None):
-        """A new conversation (``chat.Chat``): ``ask(text, image=None, ...)`` per turn, ``history``, ``reset()``."""
+    def chat(self, system: str | None = None, prefix_cache=None):
+        """A new conversation (``chat.Chat``): ``ask(text, image=None, ...)`` per turn, ``history``, ``reset()``;
+        ``prefix_cache`` (a ``prefix_cache.PrefixCache``) shares KV snapshots between conversations."""
         from .chat import Chat
-        return Chat(self, system)
+        return Chat(self, system, prefix_cache)
 
     @property
     def image_cache(self):

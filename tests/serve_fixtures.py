@@ -77,11 +77,26 @@ class SlowPipeline:
         return getattr(self._pipe, name)
 
     def stream(self, *args, **kw):
-        inner = self._pipe.stream(*args, **kw)
+        return self._slowed(self._pipe.stream(*args, **kw))
+
+    def chat(self, *args, **kw):
+        """A conversation on the real pipeline whose turns are slowed like :meth:`stream` (the server's path)."""
+        inner_chat, outer = self._pipe.chat(*args, **kw), self
+
+        class _Chat:
+            def __getattr__(self, name):
+                return getattr(inner_chat, name)
+
+            def ask(self, *a, **k):
+                return outer._slowed(inner_chat.ask(*a, **k))
+        return _Chat()
+
+    def _slowed(self, inner):
         outer = self
 
         class _Stream:
             verdict, policy, action = inner.verdict, inner.policy, inner.action
+            verdicts = getattr(inner, "verdicts", ())
 
             def __iter__(self):
                 with outer._lock:

@@ -2,8 +2,11 @@
 chromedriver, against a safeclip-serve server the test starts on a free loopback port.
 
 A person's steps: choose a picture, type a question, press Ask; the answer streams in; a flagged picture
-shows the banner (category and the refusal). Oracle: the same bundle's Pipeline called directly (greedy, so
-the page must show exactly its text, in as many pieces as it streams). Screenshots are kept as artefacts in
+shows the banner (category and the refusal). A follow-up question continues the conversation about the same
+picture (the page sends the history; the answer equals the library's ``Chat`` on that history), the banner
+of a flagged picture stays for the whole conversation, and Start over or a new picture begins a new one.
+Oracle: the same bundle's Pipeline called directly (greedy, so the page must show exactly its text, in as many
+pieces as it streams). Screenshots are kept as artefacts in
 ``$SAFECLIP_ARTIFACTS_DIR`` (default ``test-artifacts/`` at the repository root).
 
 Needs ``selenium`` and a chromium + chromedriver pair (``apt-get install chromium chromium-driver``); skips
@@ -75,9 +78,10 @@ def _wait_done(d, timeout: float = 30) -> str:
     return d.execute_script("return document.body.dataset.state")
 
 
-def _ask(d, question: str, picture: Path | None) -> dict:
+def _ask(d, question: str, picture: Path | None, start_over: bool = True) -> dict:
     from selenium.webdriver.common.by import By
-    d.find_element(By.ID, "reset-button").click()
+    if start_over:
+        d.find_element(By.ID, "reset-button").click()
     if picture is not None:
         d.find_element(By.ID, "file-input").send_keys(str(picture))
         from selenium.webdriver.support.ui import WebDriverWait
@@ -92,7 +96,8 @@ def _ask(d, question: str, picture: Path | None) -> dict:
         return {state: document.body.dataset.state, text: a.textContent, chunks: Number(a.dataset.chunks),
                 finish: a.dataset.finish || null, banner: !b.hidden, category: b.dataset.category || null,
                 bannerText: b.textContent.replace(/\\s+/g, ' '), error: document.getElementById('error').hidden ? null :
-                document.getElementById('error').textContent};""") | {"state": state}
+                document.getElementById('error').textContent,
+                turns: Number(document.getElementById('history').dataset.turns)};""") | {"state": state}
 
 
 def test_kiosk_page_end_to_end(browser, kiosk, bundle, test_images):
@@ -140,3 +145,37 @@ def test_kiosk_page_says_clearly_what_went_wrong(browser, kiosk, tmp_path):
     assert "cannot be opened" in d.find_element(By.ID, "error").text
     d.find_element(By.ID, "ask-button").click()                      # empty question: asked to type one
     assert _wait_done(d) == "error" and "type a question" in d.find_element(By.ID, "error").text
+
+
+def test_kiosk_follow_up_start_over_and_the_banner_for_the_whole_conversation(browser, bundle, test_images):
+    from selenium.webdriver.common.by import By
+
+    oracle = Pipeline.load(bundle)
+    blue, red, q = test_images / "blue.jpg", test_images / "red.png", "What is in the picture?"
+    with ServerThread(create_app(Pipeline.load(bundle), policy="instruct", default_max_tokens=N)) as s:
+        d = browser
+        d.get(s.url + "/")
+        first = _ask(d, q, blue)
+        assert first["state"] == "done" and first["turns"] == 1 and not first["banner"]
+        # a follow-up about the same picture: the page sends the history, the answer is the conversation's
+        got = _ask(d, "And the colours?", None, start_over=False)
+        chat = oracle.chat()
+        chat.set_history([(q, [blue.read_bytes()], first["text"])])
+        want = list(chat.ask("And the colours?", max_new_tokens=N))
+        assert got["state"] == "done" and got["turns"] == 2 and got["text"] == "".join(want)
+        assert got["text"] != "".join(oracle.stream(None, "And the colours?", max_new_tokens=N))   # not stateless
+        assert d.find_element(By.ID, "question").get_attribute("value") == ""
+        # a new picture begins a new conversation: red is flagged, its banner stays through the follow-ups
+        got = _ask(d, q, red, start_over=False)
+        assert got["turns"] == 1 and got["banner"] and got["category"] == "gun"
+        for i, follow in enumerate(["Why?", "Tell me more."]):
+            got = _ask(d, follow, None, start_over=False)
+            assert got["state"] == "done" and got["turns"] == 2 + i and got["banner"] and got["category"] == "gun"
+        # Start over: no picture, no history, no banner; the next question is asked on its own
+        d.find_element(By.ID, "reset-button").click()
+        assert d.execute_script("return document.getElementById('history').dataset.turns") == "0"
+        assert not d.find_element(By.ID, "banner").is_displayed()
+        assert not d.find_element(By.ID, "preview").is_displayed()
+        got = _ask(d, "Hi", None, start_over=False)
+        assert got["turns"] == 1 and not got["banner"]
+        assert got["text"] == "".join(oracle.stream(None, "Hi", max_new_tokens=N))

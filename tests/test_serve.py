@@ -154,8 +154,26 @@ LIMITS = {   # name: (body, headers, status, error code)
     "form data": (b"a=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
     "no messages": ({"max_tokens": 4}, JSON, 400, "invalid_request"),
     "two user turns": ({"messages": user("a") + user("b")}, JSON, 400, "unsupported_conversation"),
-    "system message": ({"messages": [{"role": "system", "content": "x"}] + user("a")}, JSON, 400,
+    "system message after a turn": ({"messages": user("a") + [{"role": "system", "content": "x"}] + user("b")}, JSON,
+                                    400, "unsupported_conversation"),
+    "assistant first": ({"messages": [{"role": "assistant", "content": "x"}] + user("a")}, JSON, 400,
+                        "unsupported_conversation"),
+    "assistant last": ({"messages": user("a") + [{"role": "assistant", "content": "x"}]}, JSON, 400,
                        "unsupported_conversation"),
+    "tool message": ({"messages": user("a") + [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, JSON, 400,
+                     "unsupported_conversation"),
+    "assistant tool_calls": ({"messages": user("a") + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}] + user("b")}, JSON, 400,
+        "unsupported_conversation"),
+    "assistant with an image": ({"messages": user("a") + [{"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}}]}] + user("b")}, JSON, 400,
+        "unsupported_conversation"),
+    "image in the system prompt": ({"messages": [{"role": "system", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}}]}] + user("b")}, JSON, 400,
+        "unsupported_conversation"),
+    "unknown role": ({"messages": [{"role": "narrator", "content": "x"}] + user("a")}, JSON, 400, "invalid_request"),
+    "history over the context": ({"messages": user("z " * 700) + [{"role": "assistant", "content": "w " * 700}]
+                                  + user("more")}, JSON, 400, "context_length_exceeded"),
     "empty prompt": ({"messages": user("   ")}, JSON, 400, "invalid_request"),
     "unknown part type": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, JSON, 400,
                           "invalid_request"),
@@ -179,6 +197,8 @@ LIMITS = {   # name: (body, headers, status, error code)
     "two images": ({"messages": [{"role": "user", "content": [
         {"type": "text", "text": Q}, {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}},
         {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}}]}]}, JSON, 400, "too_many_images"),
+    "nine images in a conversation": ({"messages": [m for _ in range(9) for m in user(Q, data_uri(_png(8, 8))) + [
+        {"role": "assistant", "content": "ok"}]][:-1]}, JSON, 400, "too_many_images"),
     "image placeholder typed by the user": ({"messages": user("look <image> here", data_uri(_png(8, 8)))}, JSON,
                                             400, "invalid_prompt"),
 }
@@ -222,8 +242,9 @@ def test_truncated_and_slow_bodies_do_not_hang(server):
     s.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
     assert s.recv(4096).startswith(b"HTTP/1.1 400")
     s.close()
-    assert health(server.url) == {"status": "ok", "model": server_model(server), "busy": False, "queued": 0,
-                                  "max_queue": 8, "running": 0, "waiting": 0, "max_batch": 1}
+    h = {k: v for k, v in health(server.url).items() if k != "prefix_cache"}
+    assert h == {"status": "ok", "model": server_model(server), "busy": False, "queued": 0, "max_queue": 8,
+                 "running": 0, "waiting": 0, "max_batch": 1}
 
 
 def server_model(server) -> str:
@@ -401,6 +422,7 @@ def test_cli_serves_on_a_free_port_and_stops_cleanly(bundle, oracle):
     (["--bundle", "x", "--port", "70000"], 2, "--port must be in 0..65535"),
     (["--bundle", "x", "--max-tokens", "0"], 2, "--max-tokens must be at least 1"),
     (["--bundle", "x", "--header-timeout", "0"], 2, "--header-timeout must be positive"),
+    (["--bundle", "x", "--prefix-cache-mb", "-1"], 2, "--prefix-cache-mb must be >= 0"),
     (["--bundle", "x", "--allow-private-image-hosts"], 2, "--allow-private-image-hosts needs --allow-remote-images"),
 ])
 def test_cli_errors_are_one_line(args, rc, message):

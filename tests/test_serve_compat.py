@@ -2,7 +2,7 @@
 ``/v1/completions`` callers, CORS, ``OPTIONS`` and ``HEAD``, uncut error messages, LangChain's ``ChatOpenAI``.
 
 Oracle: a second Pipeline on the same bundle (greedy decoding: equal token for token). LlamaIndex's
-``OpenAILike`` is not tested: llama-index-llms-openai requires openai<3, the dev extra pins openai>=3.57.
+``OpenAILike`` is in test_serve_llamaindex.py.
 """
 from __future__ import annotations
 

@@ -19,8 +19,9 @@ slots*KVH*Lb*Hd elements of its slab, viewed as [slots, KVH, Lb, Hd], rows P..Lb
   ``present = concat(past, new)`` graph rewrote every step.
 * Costs: attention reads Lb <= 2P rows per head (the masked rows cost reads, not accuracy: their weight is
   0); memory is one arena (slots*2L*KVH*C*Hd) plus the scratch (2L*KVH*E*Hd for E = the longest one-call
-  extension, :data:`EXTEND_MAX`). The alternative, binding the whole capacity with a mask, copies nothing
-  but reads all C rows every step (about 8x more at P = 512 of 4096); ``scripts/kv_costs.py`` measures it.
+  extension, :data:`EXTEND_MAX`). The alternative, binding the whole capacity with a mask, never repacks
+  but reads all C rows every step (C/P times the valid rows: 8x at P = 512 of C = 4096, where a bucket
+  reads at most 2x); ``scripts/kv_costs.py`` times all three (bucket P+1, 2P and C; BENCHMARKS.md).
 * ``truncate`` is O(1): rows beyond the new length become masked-out bucket rows.
 
 Issue 14 (continuous batching) layout: ``slots`` sequences share one bucket, [slots, KVH, Lb, Hd]; each

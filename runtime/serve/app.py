@@ -3,8 +3,14 @@
 Routes: ``POST /v1/chat/completions`` (plain JSON or ``stream: true`` as server-sent events in the OpenAI
 chunk format), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, and the kiosk page at ``/``
 (``static/``, no CDN, works offline). Every completion carries the gate's verdict in an extra ``safeclip``
-object (``gated, flagged, category, score, probs, policy, action, finish_reason``; in a stream: on the first
-chunk, before any text, and on the last). A flagged image is handled by the server's policy (the bundle's
+object (``gated, flagged, category, score, probs, policy, action, finish_reason``, and ``images``: every image
+of the conversation; in a stream: on the first chunk, before any text, and on the last).
+
+Conversations (``conversation.py``): system/developer prompt and a multi-turn history, rendered through
+``runtime/chat.py``'s ``Chat``. Stateless like OpenAI's; the prefix cache (``runtime/prefix_cache.py``,
+``prefix_cache_mb``, 0 = off) keeps KV snapshots of finished answers keyed by token ids, so a re-sent history
+is prefilled only after its longest common prefix with a snapshot; its stats are in ``/health`` and
+``/v1/models`` and the reuse in ``usage.prompt_tokens_details.cached_tokens``. A flagged image is handled by the server's policy (the bundle's
 unless ``policy=`` overrides it); clients cannot weaken it per request.
 
 Limits, each answered with a 4xx in OpenAI's error format (``{"error": {message, type, code, param}}``),
@@ -58,6 +64,8 @@ from ..prompt import PromptError
 from .cors import CORSAndOptions
 from .fetch import fetch_image
 from .slot import Busy, Disconnected, Slot
+from ..prefix_cache import PrefixCache
+from .conversation import images_json, start_chat
 from . import batching
 from ..batch import QueueFull
 from .request import DEFAULTS, ChatRequest, RequestError, error_body, parse_chat_request, parse_json_body
@@ -132,6 +140,8 @@ class _Server:
         self.allow_private = allow_private_image_hosts
         self.stopping = False
         self.stop_deadline = float("inf")           # time.monotonic() when a running request is cut
+        self.prefix_cache = PrefixCache(limits["prefix_cache_bytes"])
+        self.tokens = {"prefilled": 0, "cached": 0}
 
     def begin_shutdown(self, deadline_s: float) -> None:
         """Stop taking work: queued requests get 503 now, the running one may go on for ``deadline_s``."""
@@ -205,13 +215,14 @@ class _Server:
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def start_stream(self, image, req: ChatRequest):
-        """The pipeline's AnswerStream (gate already run), or a RequestError for the client's input."""
+    def start_stream(self, images: list, req: ChatRequest):
+        """The conversation's ChatStream (every image gated), or a RequestError for the client's input."""
         max_new = req.max_tokens or min(self.limits["default_max_tokens"], self.limits["max_tokens"])
         try:
-            return self.pipe.stream(image, req.prompt, policy=self.policy, max_new_tokens=max_new,
-                                    temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
-                                    max_pixels=self.limits["max_pixels"])
+            return start_chat(self.pipe, req.conversation, images, prefix_cache=self.prefix_cache,
+                              policy=self.policy, max_pixels=self.limits["max_pixels"], reserve=req.max_tokens or 0,
+                              max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                              stop=req.stop)
         except ContextError as e:
             raise RequestError(400, str(e), "context_length_exceeded", "messages") from None
         except ImageError as e:
@@ -221,7 +232,17 @@ class _Server:
         except ValueError as e:                     # the pipeline's other request checks (one-line messages)
             raise RequestError(400, str(e), "invalid_request") from None
 
-    def gate_json(self, s, answer=None) -> dict:
+    def count(self, a) -> None:
+        """Tokens prefilled and reused (the prefix cache's effect), per finished answer."""
+        t = a.timings or {}
+        self.tokens["prefilled"] += int(t.get("prefill_tokens", 0))
+        self.tokens["cached"] += int(t.get("cached_tokens", 0))
+
+    def stats(self) -> dict:
+        return {**self.prefix_cache.stats(), "prefilled_tokens": self.tokens["prefilled"],
+                "cached_tokens": self.tokens["cached"]}
+
+    def gate_json(self, s, answer=None, conv=None) -> dict:
         v = s.verdict
         d = {"gated": v is not None, "flagged": bool(v is not None and v.flagged),
              "category": None if v is None else v.category, "score": None, "probs": None,
@@ -231,6 +252,8 @@ class _Server:
             d.update(score=j["score"], probs=j["probs"])
             if j.get("reason"):
                 d["reason"] = j["reason"]
+        if conv is not None:
+            d["images"] = images_json(conv, getattr(s, "verdicts", ()))
         if answer is not None:
             d["finish_reason"] = answer.finish_reason
             d["timings"] = answer.timings
@@ -243,8 +266,8 @@ class _Server:
                 "owned_by": "safeclip-edge",
                 "safeclip": {"classes": list(g.classes), "safe_classes": list(g.safe_classes),
                              "threshold": g.threshold, "policy": self.policy or self.pipe.policy,
-                             "context_length": ctx,
-                             "max_tokens": self.limits["max_tokens"], "backend": self.pipe.backend}}
+                             "context_length": ctx, "max_tokens": self.limits["max_tokens"],
+                             "backend": self.pipe.backend, "prefix_cache": self.stats()}}
 
 
 def _created(stamp) -> int:
@@ -265,7 +288,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                queue_timeout_s: float = DEFAULTS["queue_timeout_s"],
                body_timeout_s: float = DEFAULTS["body_timeout_s"], fetch_timeout_s: float = DEFAULTS["fetch_timeout_s"],
                allow_private_image_hosts: bool = False, cors_origins: tuple[str, ...] | list[str] = (),
-               max_batch: int = 1) -> FastAPI:
+               prefix_cache_mb: float = DEFAULTS["prefix_cache_mb"], max_batch: int = 1) -> FastAPI:
     """The FastAPI app serving ``pipeline`` (which must have a language model); ``max_batch`` > 1 decodes that
     many requests together (``batching.py``)."""
     if not pipeline.has_language_model:
@@ -277,6 +300,8 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                     ("default_max_tokens", default_max_tokens), ("max_prompt_chars", max_prompt_chars)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or not prefix_cache_mb >= 0:
+        raise ValueError(f"prefix_cache_mb must be a non-negative number, got {prefix_cache_mb!r}")
     if not isinstance(max_queue, int) or max_queue < 0:
         raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
     if api_key is not None and not api_key.strip():
@@ -284,7 +309,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     limits = dict(max_body_bytes=max_body_bytes, max_pixels=max_pixels, max_queue=max_queue, max_tokens=max_tokens,
                   default_max_tokens=default_max_tokens, max_prompt_chars=max_prompt_chars,
                   queue_timeout_s=float(queue_timeout_s), body_timeout_s=float(body_timeout_s),
-                  fetch_timeout_s=float(fetch_timeout_s))
+                  fetch_timeout_s=float(fetch_timeout_s), prefix_cache_bytes=int(prefix_cache_mb * 2 ** 20))
     srv = _Server(pipeline, api_key=api_key, policy=policy, allow_remote_images=allow_remote_images,
                   allow_private_image_hosts=allow_private_image_hosts, limits=limits)
     batching.setup(srv, max_batch)
@@ -322,7 +347,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": srv.model_id, "busy": srv.slot.busy, "queued": len(srv.slot.waiters),
-                "max_queue": max_queue, **batching.health_counts(srv)}
+                "max_queue": max_queue, "prefix_cache": srv.stats(), **batching.health_counts(srv)}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -361,11 +386,11 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
         if req.model is not None and req.model not in srv.model_ids:
             raise RequestError(404, f"model '{req.model}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")
-        image = None if req.image is None else await srv.decode_image(req.image)
+        images = [await srv.decode_image(src) for src in req.conversation.sources]
         t0 = time.perf_counter()
         if srv.batching:                               # gated on the model thread, then joins the batch
             try:
-                job = batching.BatchJob(srv, await srv.run(srv.start_stream, image, req), t0, _END)
+                job = batching.BatchJob(srv, await srv.run(srv.start_stream, images, req), t0, _END)
             except QueueFull as e:
                 return _error(503, str(e), "server_busy", headers={"Retry-After": str(batching.retry_after(srv))})
         else:
@@ -378,7 +403,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                 return _error(400, "client disconnected", "client_disconnected")
             t0 = time.perf_counter()
             try:
-                job = _Job(srv, await srv.run(srv.start_stream, image, req), t0)
+                job = _Job(srv, await srv.run(srv.start_stream, images, req), t0)
             except BaseException:
                 srv.slot.release(time.perf_counter() - t0)
                 raise
@@ -387,14 +412,14 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
             return _SSEResponse(_sse(srv, job, req, cid, created), job, media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            return await _complete(srv, job, request, cid, created)
+            return await _complete(srv, job, request, cid, created, req)
         finally:
             job.close()
 
     return app
 
 
-async def _complete(srv: _Server, job: _Job, request: Request, cid: str, created: int):
+async def _complete(srv: _Server, job: _Job, request: Request, cid: str, created: int, req: ChatRequest):
     while (await job.next_piece()) is not _END:
         if await request.is_disconnected():
             return _error(400, "client disconnected", "client_disconnected")
@@ -403,18 +428,20 @@ async def _complete(srv: _Server, job: _Job, request: Request, cid: str, created
                           "server_shutting_down", headers={"Retry-After": str(srv.stop_retry_after())})
     s = job.stream
     a = s.result
+    srv.count(a)
     message = {"role": "assistant", "content": a.text}
     if a.action == "refused":
         message["refusal"] = a.text
     return {"id": cid, "object": "chat.completion", "created": created, "model": srv.model_id,
             "choices": [{"index": 0, "message": message, "finish_reason": _FINISH.get(a.finish_reason, "stop"),
                          "logprobs": None}],
-            "usage": _usage(a), "safeclip": srv.gate_json(s, a)}
+            "usage": _usage(a), "safeclip": srv.gate_json(s, a, req.conversation)}
 
 
 def _usage(a) -> dict:
     return {"prompt_tokens": a.prompt_tokens, "completion_tokens": len(a.token_ids),
-            "total_tokens": a.prompt_tokens + len(a.token_ids)}
+            "total_tokens": a.prompt_tokens + len(a.token_ids),
+            "prompt_tokens_details": {"cached_tokens": int(getattr(a, "cached_tokens", 0))}}
 
 
 def _event(obj) -> bytes:
@@ -431,7 +458,7 @@ async def _sse(srv: _Server, job: _Job, req: ChatRequest, cid: str, created: int
                        **extra})
 
     try:
-        yield chunk({"role": "assistant", "content": ""}, safeclip=srv.gate_json(s))
+        yield chunk({"role": "assistant", "content": ""}, safeclip=srv.gate_json(s, conv=req.conversation))
         refused = s.action == "refused"
         while (piece := await job.next_piece()) is not _END:
             yield chunk({"content": piece, **({"refusal": piece} if refused else {})})
@@ -441,7 +468,8 @@ async def _sse(srv: _Server, job: _Job, req: ChatRequest, cid: str, created: int
                 yield b"data: [DONE]\n\n"
                 return
         a = s.result
-        yield chunk({}, _FINISH.get(a.finish_reason, "stop"), safeclip=srv.gate_json(s, a))
+        srv.count(a)
+        yield chunk({}, _FINISH.get(a.finish_reason, "stop"), safeclip=srv.gate_json(s, a, req.conversation))
         if req.include_usage:
             yield _event({**base, "choices": [], "usage": _usage(a)})
         yield b"data: [DONE]\n\n"

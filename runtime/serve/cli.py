@@ -61,6 +61,9 @@ def serve_parser() -> argparse.ArgumentParser:
                      help="largest image in pixels (default %(default)d)")
     lim.add_argument("--max-queue", type=int, default=DEFAULTS["max_queue"],
                      help="requests that may wait while one runs; more get 503 (default %(default)d)")
+    lim.add_argument("--prefix-cache-mb", type=float, default=DEFAULTS["prefix_cache_mb"],
+                     help="host memory in MiB for conversations' KV snapshots, so a re-sent history is not "
+                     "prefilled again (LRU; 0 = off; default %(default)g)")
     lim.add_argument("--queue-timeout", type=float, default=DEFAULTS["queue_timeout_s"],
                      help="seconds a request may wait in line before a 503 (default %(default)g)")
     lim.add_argument("--max-tokens", type=int, default=DEFAULTS["max_tokens"],
@@ -89,6 +92,8 @@ def _check_args(a) -> str | None:
             return f"--{name.replace('_', '-')} must be at least 1"
     if a.max_queue < 0:
         return "--max-queue must be >= 0"
+    if not a.prefix_cache_mb >= 0:
+        return "--prefix-cache-mb must be >= 0 (0 turns the prefix cache off)"
     for name in ("max_body_mb", "queue_timeout", "fetch_timeout", "header_timeout", "shutdown_timeout"):
         if not getattr(a, name) > 0:
             return f"--{name.replace('_', '-')} must be positive"
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                          max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
                          max_prompt_chars=args.max_prompt_chars, queue_timeout_s=args.queue_timeout,
                          fetch_timeout_s=args.fetch_timeout, allow_private_image_hosts=args.allow_private_image_hosts,
-                         cors_origins=args.cors_origin, max_batch=default_max_batch(pipe, args.max_batch))
+                         cors_origins=args.cors_origin, prefix_cache_mb=args.prefix_cache_mb,
+                         max_batch=default_max_batch(pipe, args.max_batch))
     except Exception as e:                 # library errors are typed one-liners; never show a traceback
         print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
         return 1

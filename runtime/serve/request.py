@@ -1,7 +1,8 @@
 """Parsing and validation of ``POST /v1/chat/completions`` bodies (OpenAI chat format), without a web framework.
 
-Supported: ONE user message (the runtime renders a single user turn, see ``prompt.py``) whose ``content`` is
-a string or a list of parts: ``{"type": "text", "text": ...}`` (joined with newlines) and at most one
+Supported: a conversation (``conversation.py``: system/developer prompt, alternating user and assistant turns,
+ending with a user message). A user message's ``content`` is a string or a list of parts:
+``{"type": "text", "text": ...}`` (joined with newlines) and at most one
 ``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}`` (``cache_control`` on a part is ignored).
 An image with no text is asked :data:`IMAGE_ONLY_QUESTION` (the pipeline refuses an empty prompt).
 Images come inline as base64 ``data:`` URIs; ``http(s)`` URLs only when the server allows remote images
@@ -46,7 +47,7 @@ _NEUTRAL = {                     # accepted only at the value that changes nothi
 # Server limits (create_app / safeclip-serve flags); here so the CLI can show them without importing FastAPI.
 DEFAULTS = dict(max_body_bytes=16 * 1024 * 1024, max_pixels=16_000_000, max_queue=8, max_tokens=1024,
                 default_max_tokens=256, max_prompt_chars=16_000, queue_timeout_s=120.0, body_timeout_s=30.0,
-                fetch_timeout_s=10.0)
+                fetch_timeout_s=10.0, prefix_cache_mb=256)
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_DATA_HEADER = 256             # "data:image/png;base64," and parameters: the comma must come this early
@@ -71,8 +72,7 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class ChatRequest:
     model: str | None
-    prompt: str
-    image: bytes | str | None        # decoded data-URI bytes, a remote URL (when allowed), or None (text only)
+    conversation: "Conversation"     # system, history, the new question and its images
     stream: bool
     include_usage: bool
     max_tokens: int | None           # None: the server's default
@@ -80,6 +80,16 @@ class ChatRequest:
     top_p: float | None
     seed: int | None
     stop: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        """The new question."""
+        return self.conversation.text
+
+    @property
+    def image(self) -> bytes | str | None:
+        """The new question's image: decoded data-URI bytes, a remote URL (when allowed), or None."""
+        return self.conversation.images[0] if self.conversation.images else None
 
 
 def _show(v, limit: int = 60) -> str:
@@ -212,25 +222,130 @@ def _user_content(content, allow_remote: bool) -> tuple[str, bytes | str | None]
             texts.append(part["text"])
         else:
             if image is not None:
-                raise _bad("only one image per request is supported", where, "too_many_images")
+                raise _bad("only one image per message is supported", where, "too_many_images")
             image = _image_source(part, allow_remote, where)
     return "\n".join(texts), image
 
 
-def _messages(messages, allow_remote: bool) -> tuple[str, bytes | str | None]:
+# -- the conversation (its rules: conversation.py's docstring) ----------------------------------------------
+MAX_IMAGES = 8                   # images in one request's whole conversation (each is decoded and gated)
+_FIELDS = {"system": {"role", "content", "name"}, "developer": {"role", "content", "name"},
+           "user": {"role", "content", "name"},
+           "assistant": {"role", "content", "name", "refusal", "tool_calls", "function_call", "audio"}}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    system: str | None
+    history: tuple[tuple[str, tuple, str], ...]     # (question, image sources, answer) of each earlier turn
+    text: str                                        # the new question
+    images: tuple                                    # its image sources (data-URI bytes or remote URLs)
+    chars: int                                       # characters of text in all messages
+
+    @property
+    def sources(self) -> list:
+        """Every image source in conversation order (history first)."""
+        return [src for _, srcs, _ in self.history for src in srcs] + list(self.images)
+
+
+def _unsupported(message: str) -> RequestError:
+    return _bad(message, "messages", "unsupported_conversation")
+
+
+def _text_content(content, i: int, role: str) -> str:
+    """The text of a system or assistant message (images and other parts refused by name)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
+    texts = []
+    for j, part in enumerate(content):
+        part = _present(part) if isinstance(part, dict) else part
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("image_url", "input_image", "image"):
+            raise _unsupported(f"messages[{i}]: a {role} message cannot hold an image (the chat template renders "
+                               "images in user turns only)")
+        key = "refusal" if kind == "refusal" and role == "assistant" else "text" if kind == "text" else None
+        if key is None or not isinstance(part.get(key), str) or set(part) - {"type", key, "cache_control"}:
+            raise _bad(f"messages[{i}].content[{j}] must be a text part ({{\"type\": \"text\", \"text\": ...}})",
+                       "messages")
+        texts.append(part[key])
+    return "\n".join(texts)
+
+
+def parse_messages(messages, allow_remote: bool) -> Conversation:
+    """A validated :class:`Conversation`, or a :class:`RequestError` naming the message at fault."""
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", "messages")
-    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
-        roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in messages]
-        raise _bad(f"this server answers exactly one user message (the runtime renders a single user turn "
-                   f"about at most one image); got roles {roles}", "messages", "unsupported_conversation")
-    msg = _present(messages[0])
-    extra = set(msg) - {"role", "content", "name"}
-    if extra:
-        raise _bad(f"unknown field {_show(sorted(extra)[0])} in messages[0]", "messages")
-    if "content" not in msg:
-        raise _bad("messages[0] has no 'content'", "messages")
-    return _user_content(msg["content"], allow_remote)
+    system: list[str] = []
+    turns: list[list] = []                    # [question, sources, answer]
+    expect, chars, n_images = "user", 0, 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}] must be an object, got {type(m).__name__}", "messages")
+        m = _present(m)
+        role = m.get("role")
+        if role in ("tool", "function"):
+            raise _unsupported(f"messages[{i}]: role '{role}' is not supported (this server has no tools)")
+        if not isinstance(role, str) or role not in _FIELDS:
+            raise _bad(f"messages[{i}]: unknown role {_show(role)} (supported: system, developer, user, "
+                       "assistant)", "messages")
+        extra = set(m) - _FIELDS[role]
+        if extra:
+            raise _bad(f"unknown field {_show(sorted(extra)[0])} in messages[{i}]", "messages")
+        if m.get("tool_calls") is not None or m.get("function_call") is not None:
+            raise _unsupported(f"messages[{i}]: assistant tool calls are not supported (this server has no tools)")
+        if m.get("audio") is not None:
+            raise _unsupported(f"messages[{i}]: assistant audio is not supported")
+        if role in ("system", "developer"):
+            if turns:
+                raise _unsupported(f"messages[{i}]: a {role} message must come before the conversation (the chat "
+                                   "template has one system prompt, at the start)")
+            if "content" not in m:
+                raise _bad(f"messages[{i}] has no 'content'", "messages")
+            system.append(_text_content(m["content"], i, role))
+            chars += len(system[-1])
+            continue
+        if role != expect:
+            if not turns:
+                raise _unsupported(f"messages[{i}]: the conversation must begin with a user message, got "
+                                   f"'{role}'")
+            raise _unsupported(f"messages[{i}]: two {role} messages in a row (the chat template alternates user "
+                               "and assistant turns)")
+        if role == "user":
+            if "content" not in m:
+                raise _bad(f"messages[{i}] has no 'content'", "messages")
+            text, image = _user_content(m["content"], allow_remote)
+            images = () if image is None else (image,)
+            n_images += len(images)
+            if n_images > MAX_IMAGES:
+                raise _bad(f"a request may carry at most {MAX_IMAGES} images", "messages", "too_many_images")
+            if not text.strip():
+                if not images:
+                    raise _bad(f"messages[{i}]: the user message is empty: add a text part with the question"
+                               if len(messages) > 1 else "the prompt is empty: add a text part with the question",
+                               "messages")
+                text = IMAGE_ONLY_QUESTION
+            turns.append([text, images, None])
+            expect = "assistant"
+        else:
+            content = m.get("content")
+            text = "" if content is None else _text_content(content, i, role)
+            if not text and isinstance(m.get("refusal"), str):
+                text = m["refusal"]
+            if content is None and "refusal" not in m:
+                raise _bad(f"messages[{i}] has no 'content'", "messages")
+            turns[-1][2] = text
+            expect = "user"
+        chars += len(text)
+    if not turns:
+        raise _unsupported("the conversation has no user message")
+    if expect == "user":
+        raise _unsupported("the last message must be the user's (continuing an assistant message is not "
+                           "supported)")
+    *history, (text, images, _) = turns
+    return Conversation("\n".join(system) if system else None, tuple((q, s, a) for q, s, a in history), text,
+                        images, chars)
 
 
 def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_chars: int,
@@ -250,13 +365,9 @@ def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_char
         raise _bad("'model' must be a string", "model")
     if "messages" not in data:
         raise _bad("'messages' is required", "messages")
-    prompt, image = _messages(data["messages"], allow_remote_images)
-    if not prompt.strip() and image is not None:
-        prompt = IMAGE_ONLY_QUESTION
-    if not prompt.strip():
-        raise _bad("the prompt is empty: add a text part with the question", "messages")
-    if len(prompt) > max_prompt_chars:
-        raise _bad(f"prompt of {len(prompt)} characters exceeds the limit of {max_prompt_chars}", "messages",
+    conv = parse_messages(data["messages"], allow_remote_images)
+    if conv.chars > max_prompt_chars:
+        raise _bad(f"messages of {conv.chars} characters exceed the limit of {max_prompt_chars}", "messages",
                    "context_length_exceeded")
     stream = data.get("stream")
     if stream is None:
@@ -306,4 +417,4 @@ def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_char
             raise _bad(f"'{name}' must be true or false", name)
     if data.get("service_tier") is not None and not isinstance(data["service_tier"], str):
         raise _bad("'service_tier' must be a string", "service_tier")
-    return ChatRequest(model, prompt, image, stream, include_usage, max_tokens, temperature, top_p, seed, stops)
+    return ChatRequest(model, conv, stream, include_usage, max_tokens, temperature, top_p, seed, stops)

@@ -1,5 +1,8 @@
 // Kiosk page logic: pick or photograph an image, ask, stream the answer (OpenAI chunk SSE), show the gate banner.
-// No framework, no network but this server. State for tests and styling: body[data-state] = idle | busy | done | error.
+// A conversation: follow-up questions are about the same picture (the page keeps the history and sends it
+// whole, the server is stateless); a new picture, "No picture" or "Start over" begins a new one; a flagged
+// picture's banner stays for the whole conversation. No framework, no network but this server.
+// State for tests and styling: body[data-state] = idle | busy | done | error; #history[data-turns].
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
@@ -9,6 +12,8 @@
   const IDLE_RESET_S = Number(new URLSearchParams(location.search).get("idle") || 180);
   const KEY_NAME = "safeclip-api-key";
   let picture = null;                          // data: URI sent to the server
+  let messages = [];                           // the conversation so far: user and assistant messages
+  let flagged = null;                          // the banner's verdict, kept for the whole conversation
   let controller = null;                       // AbortController of the request in flight
   let idleTimer = null;
 
@@ -67,7 +72,7 @@
     const file = ev.target.files && ev.target.files[0];
     ev.target.value = "";
     if (!file) return;
-    clearAnswer();
+    newConversation();
     try {
       picture = await pictureFrom(file);
     } catch (e) {
@@ -82,7 +87,30 @@
     $("question").focus();
   }
 
+  function newConversation() {
+    messages = [];
+    flagged = null;
+    $("history").replaceChildren();
+    $("history").dataset.turns = "0";
+    $("banner").hidden = true;
+    $("question").placeholder = "What is in this picture?";
+    clearAnswer();
+  }
+
+  function addTurn(question, answer) {
+    for (const [who, text] of [["You", question], ["Assistant", answer]]) {
+      const li = document.createElement("li");
+      const b = document.createElement("strong");
+      b.textContent = who + ": ";
+      li.append(b, document.createTextNode(text));
+      $("history").appendChild(li);
+    }
+    $("history").dataset.turns = String(messages.length / 2);
+    $("question").placeholder = "Ask a follow-up question about the same picture";
+  }
+
   function removePicture() {
+    newConversation();
     picture = null;
     $("preview").hidden = true;
     $("preview").removeAttribute("src");
@@ -97,7 +125,6 @@
     $("status").textContent = "";
     $("error").hidden = true;
     $("error").textContent = "";
-    $("banner").hidden = true;
     setState("idle");
   }
 
@@ -114,7 +141,10 @@
     }
     if (status === 413) return "This picture is too large. Please choose a smaller one.";
     if (err.code === "invalid_image") return "This picture cannot be read. Please try a JPEG or PNG photo.";
-    if (err.code === "context_length_exceeded") return "The question is too long. Please make it shorter.";
+    if (err.code === "context_length_exceeded") {
+      return messages.length ? "This conversation is too long to go on. Please press Start over."
+        : "The question is too long. Please make it shorter.";
+    }
     return err.message ? "Sorry, that did not work: " + err.message : `Sorry, that did not work (error ${status}).`;
   }
 
@@ -124,8 +154,14 @@
     annotated: "The answer below comes with this note.",
   };
 
+  // The banner: this turn's verdict, or a flagged picture earlier in the conversation (safeclip.images).
   function showVerdict(gate) {
-    if (!gate || !gate.flagged) return;
+    if (!gate) return;
+    const earlier = (gate.images || []).find((im) => im.flagged);
+    if (gate.flagged) flagged = { category: gate.category, action: gate.action };
+    else if (earlier && !flagged) flagged = { category: earlier.category, action: gate.action };
+    if (!flagged) return;
+    gate = flagged;
     $("banner-category").textContent = String(gate.category || "sensitive content").replace(/_/g, " ");
     $("banner-action").textContent = ACTIONS[gate.action] || "";
     $("banner").dataset.category = gate.category || "";
@@ -172,13 +208,14 @@
     $("ask-button").disabled = true;
     $("stop-button").hidden = false;
     const content = [{ type: "text", text: question }];
-    if (picture) content.push({ type: "image_url", image_url: { url: picture } });
+    if (picture && !messages.length) content.push({ type: "image_url", image_url: { url: picture } });
+    const turn = { role: "user", content };
     controller = new AbortController();
     $("answer-card").scrollIntoView({ block: "nearest" });
     try {
       const resp = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(), signal: controller.signal,
-        body: JSON.stringify({ messages: [{ role: "user", content }], stream: true }),
+        body: JSON.stringify({ messages: [...messages, turn], stream: true }),
       });
       if (resp.status === 401) {
         $("key-form").hidden = false;
@@ -205,6 +242,9 @@
         return;
       }
       if (!$("answer").textContent) $("status").textContent = "(no answer)";
+      messages.push(turn, { role: "assistant", content: $("answer").textContent });
+      addTurn(question, $("answer").textContent);
+      $("question").value = "";
       setState("done");
     } catch (e) {
       if (e.name === "AbortError") { $("status").textContent = "Stopped."; setState("done"); }
@@ -221,7 +261,6 @@
   function reset() {
     stop();
     removePicture();
-    clearAnswer();
     $("question").value = "";
   }
 
