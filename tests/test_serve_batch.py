@@ -19,7 +19,8 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
-from safeclip.runtime.serve.batching import check_kv_memory  # noqa: E402
+from safeclip.runtime.serve.batching import check_kv_memory, slots_that_fit  # noqa: E402
+from safeclip.runtime.serve.cli import default_max_batch  # noqa: E402
 from serve_fixtures import bundle, oracle  # noqa: E402,F401 (fixtures)
 from serve_fixtures import (Q, ServerThread, client, data_uri, health, pieces, raw, read_until,  # noqa: E402
                             start_raw, user, wait_until)
@@ -122,6 +123,8 @@ def test_kv_memory_is_checked_at_start(bundle):
     msg = r"--max-batch 8 x --context 256 needs [\d.]+ MiB of KV cache .*\(at most 2 fit\)"
     with pytest.raises(ValueError, match=msg):
         check_kv_memory(pipe, 8, available=3 * per + per // 2)
+    assert slots_that_fit(pipe, available=3 * per + per // 2) == 2
+    assert default_max_batch(pipe, None) == min(4, slots_that_fit(pipe)) and default_max_batch(pipe, 7) == 7
     r = subprocess.run([sys.executable, "-m", "safeclip.runtime.serve.cli", "--bundle", str(bundle),
                         "--max-batch", "100000000", "--port", "0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "needs" in r.stderr and "MiB are available; lower --max-batch" in r.stderr

@@ -23,7 +23,7 @@ import time
 from ..backends.slots import kv_slot_bytes
 from ..build import _available_bytes
 
-__all__ = ["BatchJob", "check_kv_memory", "health_counts", "retry_after", "setup", "close"]
+__all__ = ["BatchJob", "check_kv_memory", "slots_that_fit", "health_counts", "retry_after", "setup", "close"]
 
 
 def setup(srv, max_batch: int) -> None:
@@ -60,6 +60,13 @@ def check_kv_memory(pipe, max_batch: int, available: int | None = None) -> int:
                          f"cache ({per / 2**20:.2f} MiB per sequence, plus one for prefill) but "
                          f"{avail / 2**20:.1f} MiB are available; lower --max-batch (at most {fit} fit) or --context")
     return need
+
+
+def slots_that_fit(pipe, available: int | None = None) -> int:
+    """How many KV slots (plus the prefill one) fit ``available`` bytes (default MemAvailable; unknown: many)."""
+    dec = pipe._lm.decoder
+    avail = _available_bytes() if available is None else available
+    return 1 << 30 if avail is None else max(0, avail // kv_slot_bytes(dec.kv, dec.capacity) - 1)
 
 
 def health_counts(srv) -> dict:

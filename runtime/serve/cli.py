@@ -19,9 +19,11 @@ from pathlib import Path
 from ..gate import POLICIES
 from ..messages import one_line
 
-# --max-batch by export target (README "Batching"): cpu decodes 4 together (scripts/bench_serve.py: most of the
-# throughput of 8 at half the KV memory and a lower TTFT tail); jetson and datacenter run TensorRT or the CUDA
-# provider, where the batched decoder (ONNX Runtime CPU only) does not run yet: one at a time.
+# --max-batch by export target (BENCHMARKS.md "Continuous batching"): cpu decodes up to 4 together (a step of 4
+# costs 1.3x a step of 1 at TinyLlama-1.1B shape: 3.1x the tokens/s; 8 give 4.7x at 1.7x the step, but twice
+# the KV slots: 0.7 GB at TinyLlama/2048, 34 GB at a 7B/4096 fp32), lowered to what fits the memory; jetson and
+# datacenter run TensorRT or the CUDA provider, where the batched decoder (ONNX Runtime CPU only) does not run
+# yet: one at a time.
 DEFAULT_MAX_BATCH = {"cpu": 4, "jetson": 1, "datacenter": 1}
 
 
@@ -109,13 +111,14 @@ def _check_args(a) -> str | None:
 
 
 def default_max_batch(pipe, asked: int | None) -> int:
-    """``--max-batch``, else the target's default (``DEFAULT_MAX_BATCH``; 1 off the CPU backend, where the
-    batched decoder does not run)."""
+    """``--max-batch``, else the target's default (``DEFAULT_MAX_BATCH``, at most the KV slots that fit the
+    memory; 1 off the CPU backend, where the batched decoder does not run)."""
     if asked is not None:
         return asked
     if pipe.backend != "onnxruntime-cpu":
         return 1
-    return DEFAULT_MAX_BATCH.get(pipe.manifest.target, 1)
+    from .batching import slots_that_fit
+    return max(1, min(DEFAULT_MAX_BATCH.get(pipe.manifest.target, 1), slots_that_fit(pipe)))
 
 
 def _is_loopback(host: str) -> bool:
