@@ -18,9 +18,9 @@ with its own valid length. Operations:
   step binds exactly the n running sequences.
 
 Why B = the running sequences rather than all slots with the idle ones masked: a step's cost grows with B
-(``scripts/bench_serve.py --steps`` measures it; on the TinyLlama-1.1B shape on CPU a B = 8 step costs
-several times a B = 1 step's compute), so computing idle rows would slow every step of a partly full batch,
-while compaction costs one copy of a sequence's rows when it leaves.
+(``scripts/bench_serve.py --steps``; at the TinyLlama-1.1B shape on 2 CPU cores a B = 8 step took 1.7x a
+B = 1 step, BENCHMARKS.md), so computing idle rows would slow every step of a partly full batch (one running
+sequence would pay the B = 8 step), while compaction costs one copy of a sequence's rows when it leaves.
 
 Memory: slots x 2L x KVH x C x Hd in the cache dtype (:func:`kv_slot_bytes` per slot), plus one slot of
 scratch. The bucket is shared: every slot's attention reads Lb >= the longest running sequence's rows
