@@ -8,6 +8,7 @@ decoder run on each sequence.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -49,6 +50,20 @@ def _submit(sched, lm, ids, tokenizer=None, **kw):
 
 def _drain(stream):
     return "".join(stream)
+
+
+def _hold(sched, delay_s: float = 0.0) -> threading.Event:
+    """Decode steps wait for the returned event (set it once every request is submitted, so the batch does not
+    depend on how fast this thread submits) and then take at least ``delay_s`` each."""
+    go, step = threading.Event(), sched.dec.decode
+
+    def held(x):
+        go.wait(30)
+        time.sleep(delay_s)
+        return step(x)
+
+    sched.dec.decode = held
+    return go
 
 
 # -- the slot decoder ----------------------------------------------------------------------------------------
@@ -109,8 +124,10 @@ def test_greedy_batched_is_token_exact_with_mixed_lengths_joins_and_leaves(lm):
     budgets = [24, 6, 40, 13, 30, 9, 18]                                # leaves at different steps
     solo = [_solo(lm, p, max_new_tokens=n) for p, n in zip(prompts, budgets)]
     sched = _sched(lm, 3)                                               # 7 requests, 3 slots: joins as slots free
+    go = _hold(sched)
     try:
         streams = [_submit(sched, lm, p, max_new_tokens=n) for p, n in zip(prompts, budgets)]
+        go.set()
         texts = [_drain(s) for s in streams]
         for s, t, ref in zip(streams, texts, solo):
             assert s.result.token_ids == ref.token_ids and t == ref.text == s.result.text
@@ -158,6 +175,7 @@ def test_cancelled_sequence_leaves_and_its_slot_is_reused(lm):
     prompts = _prompts(lm, (5, 9, 14, 7), seed=4)
     solo = [_solo(lm, p, max_new_tokens=40) for p in prompts]
     sched = _sched(lm, 2)
+    _hold(sched, 0.02).set()                                            # 40 steps take 0.8 s: time to cancel
     try:
         s0, s1 = (_submit(sched, lm, p, max_new_tokens=40) for p in prompts[:2])
         it = iter(s1)
@@ -294,6 +312,7 @@ def test_chunked_prefill_joins_between_steps_and_stays_token_exact(lm):
 def test_a_failing_graph_call_ends_its_sequences_and_the_scheduler_goes_on(lm):
     a, b = _prompts(lm, (7, 12), seed=8)
     sched = _sched(lm, 2)
+    go = _hold(sched)
     step, calls = sched.dec.decode, []
 
     def once_broken(x):
@@ -305,6 +324,7 @@ def test_a_failing_graph_call_ends_its_sequences_and_the_scheduler_goes_on(lm):
     sched.dec.decode = once_broken
     try:
         sa, sb = (_submit(sched, lm, p, max_new_tokens=30) for p in (a, b))
+        go.set()
         for s in (sa, sb):
             with pytest.raises(SequenceError, match="device lost"):
                 _drain(s)
