@@ -36,6 +36,9 @@ turn of the conversation is refused too (the language model never sees a refused
 Context: when history plus the new turn do not fit the decoder's capacity, :class:`ContextError` is raised
 before any vision or language-model work; history is never truncated silently (``reset()`` starts over).
 
+Batching: with ``Pipeline.enable_batching`` a turn is decoded by the pipeline's ``batch.Scheduler`` with the
+other requests, its whole prompt prefilled (no KV reuse then: the prefix cache is not consulted).
+
 A turn joins the history when its stream has been iterated to the end (a refused turn at once); asking again
 before that drops the unfinished turn.
 """
@@ -227,6 +230,17 @@ class _ChatLease:
             logits = np.array(self.dec.prefill(x))       # another request ran: rebuild
             self._own([int(k) for k in self.keys] + list(self._fed_ids))
             return logits
+
+
+class _BatchedTurn:
+    """A turn decoded by the pipeline's ``batch.Scheduler`` (``Pipeline.enable_batching``): its whole prompt is
+    prefilled into its own KV slot (no reuse of a cached prefix yet), so there is nothing to snapshot."""
+
+    def __init__(self, prompt_tokens: int):
+        self.cached, self.prefilled = 0, int(prompt_tokens)
+
+    def snapshot(self) -> None:
+        pass
 
 
 class ChatStream(AnswerStream):
@@ -424,10 +438,14 @@ class Chat:
         lm = pipe._lm
         feats = np.concatenate([im.features for im in all_images]) if all_images else None
         embeds = embed_prompt(lm.table, ids, lm.image_token_id, feats, dtype=lm.decoder.dtype)      # [S, D]
-        lease = _ChatLease(self, keys)
-        stream = TextStream(lease, lm.table, embeds, tokenizer=lm.tokenizer, max_new_tokens=max_new_tokens,
-                            eos_token_ids=lm.eos_ids, stop_strings=list(stop), temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, on_token=lease.on_token)
+        kw = dict(tokenizer=lm.tokenizer, max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids,
+                  stop_strings=list(stop), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if pipe.scheduler is not None:                   # batch.py: the turn joins the running batch
+            lease = _BatchedTurn(ids.size)
+            stream = pipe.scheduler.submit(embeds, **kw)
+        else:
+            lease = _ChatLease(self, keys)
+            stream = TextStream(lease, lm.table, embeds, on_token=lease.on_token, **kw)
         action = ("instructed" if policy == "instruct" else "annotated") if flagged else "generated"
         return ChatStream(self, turn, turn_id, verdicts, lease, verdict=own, policy=policy, action=action,
                           timings=timings, t0=t0, text_stream=stream)

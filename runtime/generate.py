@@ -22,7 +22,8 @@ import numpy as np
 
 from .backends.base import ContextError
 
-__all__ = ["GenerationResult", "Timings", "TextStream", "embed_prompt", "sample", "prefill", "decode_one_token",
+__all__ = ["GenerationResult", "Timings", "TextStream", "Progress", "budget", "picker", "timings",
+           "embed_prompt", "sample", "prefill", "decode_one_token",
            "decode_n_tokens", "generate", "stream"]
 
 
@@ -162,6 +163,80 @@ class _Detokenizer:
         return after[len(before):]
 
 
+def budget(prompt_len: int, capacity: int, max_new_tokens: int) -> tuple[int, bool]:
+    """(tokens one sequence may generate, whether ``max_new_tokens`` was clamped to the room) for a prompt of
+    ``prompt_len`` tokens in a cache of ``capacity``; ValueError / ContextError before any work."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty")
+    if prompt_len > capacity:
+        raise ContextError(f"prompt of {prompt_len} tokens exceeds the context capacity of {capacity} tokens")
+    room = capacity - prompt_len + 1
+    return min(max_new_tokens, room), max_new_tokens > room
+
+
+def picker(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           seed: int | None = None) -> Callable[[np.ndarray], int]:
+    """One sequence's ``logits -> token``: :func:`sample` with its own Generator seeded by ``seed``."""
+    rng = np.random.default_rng(seed)
+    return lambda logits: sample(logits, rng, temperature, top_k, top_p)
+
+
+def timings(prefill_s: float, decode_s: float, n_tokens: int) -> Timings:
+    return Timings(prefill_s=prefill_s, decode_s=decode_s,
+                   tokens_per_s=(n_tokens - 1) / decode_s if decode_s > 0 and n_tokens > 1 else 0.0)
+
+
+class Progress:
+    """One sequence's generated tokens turned into text: detokenization, EOS, stop strings, the budget.
+
+    :meth:`feed` takes each picked token and returns the text it releases (text that may start a stop string
+    is held back); ``reason`` is set once the sequence is done ("eos" | "stop" | "length" | "context").
+    Shared by :class:`TextStream` (one sequence) and ``batch.Scheduler`` (many), so both end sequences alike.
+    """
+
+    def __init__(self, tokenizer, budget: int, clamped: bool, eos: frozenset[int], stops: Sequence[str]):
+        self.detok, self.budget, self.clamped, self.eos = _Detokenizer(tokenizer), budget, clamped, eos
+        self.stops = [s for s in stops if s]
+        self._longest_stop = max((len(s) for s in self.stops), default=0)
+        self.ids: list[int] = []
+        self.text, self.sent, self.reason = "", 0, None
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def feed(self, token: int) -> str:
+        if self.reason:
+            raise RuntimeError("the sequence has finished")
+        token = int(token)
+        self.ids.append(token)
+        last, detok, reason = len(self.ids) >= self.budget, self.detok, None
+        if token in self.eos:
+            reason, piece = "eos", detok.flush()
+        else:
+            piece = detok.push(token) + (detok.flush() if last else "")
+        text = self.text + piece
+        # a stop string not seen before must end inside the new piece: search only that tail
+        start = max(0, len(text) - len(piece) - self._longest_stop + 1)
+        cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        if reason is None and last:
+            reason = "context" if self.clamped else "length"
+        end = len(text) if reason else len(text) - self._held_back(text)
+        out, self.sent = text[self.sent:end], max(self.sent, end)
+        self.text, self.reason = text, reason
+        return out
+
+
 class TextStream:
     """Iterate to get text pieces as they are generated; ``.result`` holds the :class:`GenerationResult` after.
 
@@ -174,21 +249,11 @@ class TextStream:
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, on_token: Callable[[int, str], None] | None = None):
         prompt_len = int(np.shape(prompt_embeds)[-2])                    # [S, D] or [1, S, D]
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if prompt_len < 1:
-            raise ValueError("the prompt is empty")
-        if prompt_len > decoder.capacity:
-            raise ContextError(f"prompt of {prompt_len} tokens exceeds the context capacity of "
-                               f"{decoder.capacity} tokens")
-        room = decoder.capacity - prompt_len + 1
-        self.budget, self.clamped = min(max_new_tokens, room), max_new_tokens > room
+        self.budget, self.clamped = budget(prompt_len, decoder.capacity, max_new_tokens)
         self.decoder, self.table, self.prompt, self.tok = decoder, embed_table, prompt_embeds, tokenizer
         self.eos = frozenset(int(e) for e in eos_token_ids)
         self.stops = [s for s in stop_strings if s]
-        self._longest_stop = max((len(s) for s in self.stops), default=0)
-        rng = np.random.default_rng(seed)
-        self.pick = lambda logits: sample(logits, rng, temperature, top_k, top_p)
+        self.pick = picker(temperature, top_k, top_p, seed)
         self.on_token, self.prompt_len = on_token, prompt_len
         self._result: GenerationResult | None = None
         self._started = False
@@ -199,54 +264,28 @@ class TextStream:
             raise RuntimeError("the stream has not finished: iterate it to the end first")
         return self._result
 
-    def _held_back(self, text: str) -> int:
-        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
     def __iter__(self) -> Iterator[str]:
         if self._started:
             raise RuntimeError("a TextStream can be iterated once")
         self._started = True
-        detok, ids, text, sent, reason = _Detokenizer(self.tok), [], "", 0, None
+        prog = Progress(self.tok, self.budget, self.clamped, self.eos, self.stops)
         t0 = time.perf_counter()
         token = self.pick(prefill(self.decoder, self.prompt))
         t1 = time.perf_counter()
         tokens = decode_n_tokens(self.decoder, self.table, token, self.budget - 1, self.pick)
         while True:
-            ids.append(token)
-            last = len(ids) >= self.budget
-            if token in self.eos:
-                reason, piece = "eos", detok.flush()
-            else:
-                piece = detok.push(token) + (detok.flush() if last else "")
-            text += piece
-            # a stop string not seen before must end inside the new piece: search only that tail
-            start = max(0, len(text) - len(piece) - self._longest_stop + 1)
-            cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-            if reason is None and last:
-                reason = "context" if self.clamped else "length"
-            end = len(text) if reason else len(text) - self._held_back(text)
-            out, sent = text[sent:end], max(sent, end)
+            out = prog.feed(token)
             if self.on_token is not None:
                 self.on_token(token, out)
             if out:
                 yield out
-            if reason:
+            if prog.reason:
                 break
             token = next(tokens)
         decode_s = time.perf_counter() - t1
         self._result = GenerationResult(
-            token_ids=ids, text=text, finish_reason=reason, prompt_tokens=self.prompt_len,
-            timings=Timings(prefill_s=t1 - t0, decode_s=decode_s,
-                            tokens_per_s=(len(ids) - 1) / decode_s if decode_s > 0 and len(ids) > 1 else 0.0))
+            token_ids=prog.ids, text=prog.text, finish_reason=prog.reason, prompt_tokens=self.prompt_len,
+            timings=timings(t1 - t0, decode_s, len(prog.ids)))
 
 
 def stream(decoder, embed_table: np.ndarray, prompt_embeds: np.ndarray, **kw) -> TextStream:

@@ -97,6 +97,7 @@ class Pipeline:
         self.backend_notes: list[str] = []
         self.image_cache_bytes = 256 << 20            # conversations' image features + verdicts (chat.ImageCache)
         self._image_cache = None
+        self.scheduler = None                         # batch.Scheduler once enable_batching ran
         g, self.names = manifest.gate_config, manifest.vision.names      # validated when the bundle loaded
         self.classes: list[str] = list(g.classes)
         self.safe_classes: list[str] = list(g.safe_classes)
@@ -140,6 +141,23 @@ class Pipeline:
     @property
     def has_language_model(self) -> bool:
         return self._lm is not None
+
+    def enable_batching(self, max_batch: int, *, max_waiting: int | None = None,
+                        prefill_chunk: int | None = None):
+        """Generate through a ``batch.Scheduler``: up to ``max_batch`` requests decode together (a
+        ``backends.slots.SlotDecoder`` on the decoder's session: weights once, one KV slot per sequence, each
+        the decoder's capacity). :meth:`stream` then queues each request (``batch.QueueFull`` past
+        ``max_waiting``). ONNX Runtime on the CPU only. Returns the scheduler."""
+        from .backends.slots import SlotDecoder
+        from .batch import Scheduler
+
+        if self._lm is None:
+            raise GenerationUnavailable(f"{self.manifest.root}: bundle has no language model to batch")
+        if self.scheduler is not None:
+            self.scheduler.close()
+        dec = SlotDecoder.sharing(self._lm.decoder, max_batch)
+        self.scheduler = Scheduler(dec, self._lm.table, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
+        return self.scheduler
 
     # -- conversations (chat.py) ------------------------------------------------------------------------
     def chat(self, system: str | None = None, prefix_cache=None):
@@ -261,9 +279,10 @@ class Pipeline:
             ids = ids_for(instr)
         embeds = embed_prompt(lm.table, ids, lm.image_token_id, None if feats is None else feats[0],
                               dtype=lm.decoder.dtype)                          # [S, D]
-        text = TextStream(_DecoderLease(self), lm.table, embeds, tokenizer=lm.tokenizer,
-                          max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids, stop_strings=list(stop),
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        kw = dict(tokenizer=lm.tokenizer, max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids,
+                  stop_strings=list(stop), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        text = (self.scheduler.submit(embeds, **kw) if self.scheduler is not None   # batch.py: joins the batch
+                else TextStream(_DecoderLease(self), lm.table, embeds, **kw))
         action = "instructed" if instr else "annotated" if flagged else "generated"
         return AnswerStream(self, verdict=verdict, policy=policy, action=action, timings=timings, t0=t0,
                             text_stream=text)

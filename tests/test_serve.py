@@ -243,7 +243,8 @@ def test_truncated_and_slow_bodies_do_not_hang(server):
     assert s.recv(4096).startswith(b"HTTP/1.1 400")
     s.close()
     h = {k: v for k, v in health(server.url).items() if k != "prefix_cache"}
-    assert h == {"status": "ok", "model": server_model(server), "busy": False, "queued": 0, "max_queue": 8}
+    assert h == {"status": "ok", "model": server_model(server), "busy": False, "queued": 0, "max_queue": 8,
+                 "running": 0, "waiting": 0, "max_batch": 1}
 
 
 def server_model(server) -> str:

@@ -118,7 +118,8 @@ def test_fifty_concurrent_clients(bundle, oracle, test_images, long_ok):
         for _, headers, err in busy:
             assert int(headers["retry-after"]) >= 1 and err["error"]["code"] == "server_busy"
         h = {k: v for k, v in health(srv.url).items() if k != "prefix_cache"}
-        assert h == {"status": "ok", "model": oracle.manifest.name, "busy": False, "queued": 0, "max_queue": 8}
+        assert h == {"status": "ok", "model": oracle.manifest.name, "busy": False, "queued": 0, "max_queue": 8,
+                     "running": 0, "waiting": 0, "max_batch": 1}
         assert slow.max_active == 1 and slow.started == slow.closed == len(ok)
         assert raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 2})[0] == 200
     assert elapsed < 60

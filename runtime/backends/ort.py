@@ -97,12 +97,13 @@ class OrtDecoder:
     cuda-python). ``session_options`` (default: :func:`make_options` of ``threads``) configure the session.
     ``names`` are the graph's tensor names besides the KV cache (the manifest's ``graphs.decoder.names``).
     ``extend_max`` is the most tokens one call appends to a non-empty cache (longer extensions are chunked).
+    ``session``: an open ``InferenceSession`` of the same graph to reuse (``slots.SlotDecoder.sharing``).
     """
 
     def __init__(self, onnx_path: str | Path, kv: KVSpec, *, capacity: int, providers: Sequence | None = None,
                  session_options=None, threads: int | None = None, device: str = "cpu",
                  weights_bytes: int | None = None, names: DecoderNames = DecoderNames(),
-                 extend_max: int = EXTEND_MAX, cuda=None):
+                 extend_max: int = EXTEND_MAX, cuda=None, session=None):
         import onnxruntime as ort
 
         if capacity < 1:
@@ -111,7 +112,7 @@ class OrtDecoder:
             raise ValueError(f"unknown device '{device}' (supported: cpu, cuda)")
         providers = list(providers or (["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]))
         so = session_options if session_options is not None else make_options(threads)
-        self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        self.session = session or ort.InferenceSession(str(onnx_path), so, providers=providers)
         self.kv, self.names, self.capacity, self.device = kv, names, int(capacity), device
         self.dtype = np.dtype(kv.dtype)
         inputs = {i.name: i for i in self.session.get_inputs()}

@@ -18,7 +18,8 @@ never a 500 or a hang: body size (413), body read time (408), content type (415)
 fields (400), image bytes/format/pixels (400 ``invalid_image``), prompt length and context (400
 ``context_length_exceeded``), ``max_tokens`` (400), remote image URLs (400 unless allowed), missing or wrong
 key (401). One model runs one request at a time (``slot.Slot``): at most ``max_queue`` further requests wait, in
-arrival order; a full queue or a wait longer than ``queue_timeout_s`` answers 503 with ``Retry-After``.
+arrival order; a full queue or a wait longer than ``queue_timeout_s`` answers 503 with ``Retry-After``. With
+``max_batch`` > 1, up to that many decode together instead (``batching.py``: continuous batching).
 A client that disconnects while queued, or mid-generation (plain or streamed), gives its place back at once;
 the token being computed finishes on the model thread and the generator is closed there.
 
@@ -65,6 +66,8 @@ from .fetch import fetch_image
 from .slot import Busy, Disconnected, Slot
 from ..prefix_cache import PrefixCache
 from .conversation import images_json, start_chat
+from . import batching
+from ..batch import QueueFull
 from .request import DEFAULTS, ChatRequest, RequestError, error_body, parse_chat_request, parse_json_body
 
 log = logging.getLogger("safeclip.serve")
@@ -285,8 +288,9 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                queue_timeout_s: float = DEFAULTS["queue_timeout_s"],
                body_timeout_s: float = DEFAULTS["body_timeout_s"], fetch_timeout_s: float = DEFAULTS["fetch_timeout_s"],
                allow_private_image_hosts: bool = False, cors_origins: tuple[str, ...] | list[str] = (),
-               prefix_cache_mb: float = DEFAULTS["prefix_cache_mb"]) -> FastAPI:
-    """The FastAPI app serving ``pipeline`` (which must have a language model)."""
+               prefix_cache_mb: float = DEFAULTS["prefix_cache_mb"], max_batch: int = 1) -> FastAPI:
+    """The FastAPI app serving ``pipeline`` (which must have a language model); ``max_batch`` > 1 decodes that
+    many requests together (``batching.py``)."""
     if not pipeline.has_language_model:
         raise ValueError(f"{pipeline.manifest.root}: bundle has no language model (exported with --no-decoder); "
                          "safeclip-serve needs one")
@@ -308,11 +312,13 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                   fetch_timeout_s=float(fetch_timeout_s), prefix_cache_bytes=int(prefix_cache_mb * 2 ** 20))
     srv = _Server(pipeline, api_key=api_key, policy=policy, allow_remote_images=allow_remote_images,
                   allow_private_image_hosts=allow_private_image_hosts, limits=limits)
+    batching.setup(srv, max_batch)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         srv.executor.shutdown(wait=True, cancel_futures=True)
+        batching.close(srv)
 
     app = FastAPI(title="safeclip-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -341,7 +347,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": srv.model_id, "busy": srv.slot.busy, "queued": len(srv.slot.waiters),
-                "max_queue": max_queue, "prefix_cache": srv.stats()}
+                "max_queue": max_queue, "prefix_cache": srv.stats(), **batching.health_counts(srv)}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -381,19 +387,26 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
             raise RequestError(404, f"model '{req.model}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")
         images = [await srv.decode_image(src) for src in req.conversation.sources]
-        try:
-            await srv.slot.acquire(request.receive)
-        except Busy as e:
-            return _error(503, str(e), "server_shutting_down" if srv.stopping else "server_busy",
-                          headers={"Retry-After": str(e.retry_after)})
-        except Disconnected:
-            return _error(400, "client disconnected", "client_disconnected")
         t0 = time.perf_counter()
-        try:
-            job = _Job(srv, await srv.run(srv.start_stream, images, req), t0)
-        except BaseException:
-            srv.slot.release(time.perf_counter() - t0)
-            raise
+        if srv.batching:                               # gated on the model thread, then joins the batch
+            try:
+                job = batching.BatchJob(srv, await srv.run(srv.start_stream, images, req), t0, _END)
+            except QueueFull as e:
+                return _error(503, str(e), "server_busy", headers={"Retry-After": str(batching.retry_after(srv))})
+        else:
+            try:
+                await srv.slot.acquire(request.receive)
+            except Busy as e:
+                return _error(503, str(e), "server_shutting_down" if srv.stopping else "server_busy",
+                              headers={"Retry-After": str(e.retry_after)})
+            except Disconnected:
+                return _error(400, "client disconnected", "client_disconnected")
+            t0 = time.perf_counter()
+            try:
+                job = _Job(srv, await srv.run(srv.start_stream, images, req), t0)
+            except BaseException:
+                srv.slot.release(time.perf_counter() - t0)
+                raise
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return _SSEResponse(_sse(srv, job, req, cid, created), job, media_type="text/event-stream",

@@ -19,6 +19,13 @@ from pathlib import Path
 from ..gate import POLICIES
 from ..messages import one_line
 
+# --max-batch by export target (BENCHMARKS.md "Continuous batching"): cpu decodes up to 4 together (a step of 4
+# costs 1.3x a step of 1 at TinyLlama-1.1B shape: 3.1x the tokens/s; 8 give 4.7x at 1.7x the step, but twice
+# the KV slots: 0.7 GB at TinyLlama/2048, 34 GB at a 7B/4096 fp32), lowered to what fits the memory; jetson and
+# datacenter run TensorRT or the CUDA provider, where the batched decoder (ONNX Runtime CPU only) does not run
+# yet: one at a time.
+DEFAULT_MAX_BATCH = {"cpu": 4, "jetson": 1, "datacenter": 1}
+
 
 def serve_parser() -> argparse.ArgumentParser:
     from .request import DEFAULTS
@@ -69,6 +76,9 @@ def serve_parser() -> argparse.ArgumentParser:
                      help="longest prompt text in characters (default %(default)d)")
     m = p.add_argument_group("model")
     m.add_argument("--context", type=int, default=None, help="KV-cache capacity (default: the model's context)")
+    m.add_argument("--max-batch", type=int, default=None,
+                   help="requests decoded together, each with its own KV slot of --context positions (default: "
+                   f"by target, {DEFAULT_MAX_BATCH}; more than 1 needs ONNX Runtime on the CPU)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all)")
     m.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
     m.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
@@ -103,11 +113,24 @@ def _check_args(a) -> str | None:
             return f"--{name.replace('_', '-')} must be positive"
     if a.allow_private_image_hosts and not a.allow_remote_images:
         return "--allow-private-image-hosts needs --allow-remote-images"
+    if a.max_batch is not None and a.max_batch < 1:
+        return "--max-batch must be at least 1"
     if a.context is not None and a.context < 1:
         return "--context must be at least 1"
     if a.api_key is not None and not a.api_key.strip():
         return "--api-key is empty"
     return None
+
+
+def default_max_batch(pipe, asked: int | None) -> int:
+    """``--max-batch``, else the target's default (``DEFAULT_MAX_BATCH``, at most the KV slots that fit the
+    memory; 1 off the CPU backend, where the batched decoder does not run)."""
+    if asked is not None:
+        return asked
+    if pipe.backend != "onnxruntime-cpu":
+        return 1
+    from .batching import slots_that_fit
+    return max(1, min(DEFAULT_MAX_BATCH.get(pipe.manifest.target, 1), slots_that_fit(pipe)))
 
 
 def _is_loopback(host: str) -> bool:
@@ -159,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                          max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
                          max_prompt_chars=args.max_prompt_chars, queue_timeout_s=args.queue_timeout,
                          fetch_timeout_s=args.fetch_timeout, allow_private_image_hosts=args.allow_private_image_hosts,
-                         cors_origins=args.cors_origin, prefix_cache_mb=args.prefix_cache_mb)
+                         cors_origins=args.cors_origin, prefix_cache_mb=args.prefix_cache_mb,
+                         max_batch=default_max_batch(pipe, args.max_batch))
     except Exception as e:                 # library errors are typed one-liners; never show a traceback
         print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
         return 1

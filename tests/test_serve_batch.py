@@ -1,0 +1,133 @@
+"""safeclip-serve with continuous batching (``--max-batch``, runtime/serve/batching.py): concurrent clients
+decode together and each gets its solo answer, the waiting list is bounded (503 + Retry-After), /health shows
+running and waiting sequences, a client that leaves frees its slot without disturbing the others, a refused
+image never takes a slot, and the KV memory is checked at start. Oracle: a second, unbatched Pipeline.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the [serve] extra (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="needs the [serve] extra (fastapi, uvicorn)")
+openai = pytest.importorskip("openai", reason="needs the openai client (dev extra)")
+
+from safeclip.runtime.pipeline import Pipeline  # noqa: E402
+from safeclip.runtime.serve import create_app  # noqa: E402
+from safeclip.runtime.serve.batching import check_kv_memory, slots_that_fit  # noqa: E402
+from safeclip.runtime.serve.cli import default_max_batch  # noqa: E402
+from serve_fixtures import bundle, oracle  # noqa: E402,F401 (fixtures)
+from serve_fixtures import (Q, ServerThread, client, data_uri, health, pieces, raw, read_until,  # noqa: E402
+                            start_raw, user, wait_until)
+
+QUESTIONS = ["Hi", "What is in the picture?", "Tell me a story about a red bicycle", "Why?", "Name a colour",
+             "What is the capital of the moon, and why is it there?"]
+
+
+def _slow(pipe, delay_s: float):
+    """Each batched step takes at least ``delay_s`` (so batches can be observed on the tiny model)."""
+    dec = pipe.scheduler.dec
+    step = dec.decode
+
+    def slow(x):
+        time.sleep(delay_s)
+        return step(x)
+
+    dec.decode = slow
+
+
+def test_concurrent_clients_decode_together_and_each_gets_its_solo_answer(bundle, oracle, test_images):
+    pipe = Pipeline.load(bundle)
+    srv = ServerThread(create_app(pipe, max_batch=3, max_queue=8, max_tokens=64))
+    kinds = [(q, None) for q in QUESTIONS] + [(Q, "blue.jpg"), (Q, "red.png")]
+    want = {k: oracle.generate(None if k[1] is None else test_images / k[1], k[0], max_new_tokens=24)
+            for k in kinds}
+    _slow(pipe, 0.05)                                  # each answer ~1.2 s: the 8 requests overlap
+    seen = []
+
+    def one(i):
+        q, img = kinds[i]
+        body = {"messages": user(q, img and data_uri(test_images / img)), "max_tokens": 24,
+                "model": pipe.manifest.name}
+        if i % 2:
+            return "".join(pieces(client(srv.url).chat.completions.create(stream=True, **body)))
+        return client(srv.url).chat.completions.create(**body).choices[0].message.content
+
+    with srv:
+        watch = threading.Event()
+
+        def poll():
+            while not watch.is_set():
+                seen.append(health(srv.url))
+                time.sleep(0.01)
+
+        t = threading.Thread(target=poll)
+        t.start()
+        try:
+            with ThreadPoolExecutor(len(kinds)) as pool:
+                texts = list(pool.map(one, range(len(kinds)), timeout=120))
+        finally:
+            watch.set()
+            t.join()
+        for k, text in zip(kinds, texts):
+            assert text == want[k].text, k
+        assert max(h["running"] for h in seen) == 3 and max(h["waiting"] for h in seen) >= 1
+        h = health(srv.url)
+        assert (h["running"], h["waiting"], h["max_batch"]) == (0, 0, 3)
+        assert pipe.scheduler.stats()["mean_batch"] > 1.5
+
+
+def test_full_waiting_list_is_503_with_retry_after_and_a_leaving_client_frees_its_slot(bundle, oracle):
+    pipe = Pipeline.load(bundle)
+    srv = ServerThread(create_app(pipe, max_batch=2, max_queue=1, max_tokens=400))
+    ref = oracle.generate(None, "Hi", max_new_tokens=40).text
+    _slow(pipe, 0.05)
+    long = {"messages": user("Hi"), "max_tokens": 300, "stream": True}
+    with srv, ThreadPoolExecutor(2) as pool:
+        a = start_raw(srv.port, long)
+        read_until(a, b'"delta":{"content"')
+        keep = pool.submit(lambda: "".join(pieces(client(srv.url).chat.completions.create(
+            model=pipe.manifest.name, messages=user("Hi"), max_tokens=40, stream=True))))
+        wait_until(lambda: health(srv.url)["running"] == 2)
+        b = start_raw(srv.port, long)                                            # waits: both slots taken
+        wait_until(lambda: health(srv.url)["waiting"] == 1)
+        status, headers, err = raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi")})
+        assert status == 503 and int(headers["retry-after"]) >= 1 and err["error"]["code"] == "server_busy"
+        a.close()                                                                # leaves mid-answer
+        wait_until(lambda: health(srv.url)["waiting"] == 0, 5)                  # b took a's slot at once
+        read_until(b, b'"delta":{"content"')
+        assert keep.result(timeout=60) == ref                                   # undisturbed
+        b.close()
+        wait_until(lambda: health(srv.url)["running"] == 0, 5)
+        r = raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 3})
+        assert r[0] == 200 and r[2]["usage"]["completion_tokens"] == 3
+
+
+def test_refused_image_never_takes_a_slot(bundle, test_images):
+    pipe = Pipeline.load(bundle)
+    with ServerThread(create_app(pipe, max_batch=2, policy="refuse")) as srv:
+        status, _, body = raw(srv.url, "POST", "/v1/chat/completions",
+                              {"messages": user(Q, data_uri(test_images / "red.png"))})
+        assert status == 200 and body["safeclip"]["action"] == "refused"
+        assert pipe.scheduler.steps == 0 and pipe.scheduler.stats()["running"] == 0
+
+
+def test_kv_memory_is_checked_at_start(bundle):
+    pipe = Pipeline.load(bundle, context=256)
+    per = check_kv_memory(pipe, 1, available=1 << 40) // 2                    # one slot + the prefill scratch
+    msg = r"--max-batch 8 x --context 256 needs [\d.]+ MiB of KV cache .*\(at most 2 fit\)"
+    with pytest.raises(ValueError, match=msg):
+        check_kv_memory(pipe, 8, available=3 * per + per // 2)
+    assert slots_that_fit(pipe, available=3 * per + per // 2) == 2
+    assert default_max_batch(pipe, None) == min(4, slots_that_fit(pipe)) and default_max_batch(pipe, 7) == 7
+    r = subprocess.run([sys.executable, "-m", "safeclip.runtime.serve.cli", "--bundle", str(bundle),
+                        "--max-batch", "100000000", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "needs" in r.stderr and "MiB are available; lower --max-batch" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "safeclip.runtime.serve.cli", "--bundle", str(bundle),
+                        "--max-batch", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--max-batch must be at least 1" in r.stderr
