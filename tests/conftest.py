@@ -104,6 +104,17 @@ def demo_bundle(tmp_path_factory, cache_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_decoder_parts(demo_bundle):
+    """The demo bundle's manifest, decoder KV layout and embedding table [V, D]: what decoder tests build on."""
+    from safeclip.runtime.backends.base import KVSpec
+    from safeclip.runtime.manifest import load_manifest
+
+    m = load_manifest(demo_bundle)
+    kv = KVSpec.from_manifest(m.graphs["decoder"]["kv"])
+    return m, kv, np.load(m.path(m.data["embeddings"]["file"]))
+
+
+@pytest.fixture(scope="session")
 def controlled_bundle(tmp_path_factory, demo_sources, test_images, cache_dir) -> Path:
     """The full demo bundle with a controlled gate: red.png is flagged 'gun', blue.jpg is clean."""
     import json

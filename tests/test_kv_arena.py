@@ -13,9 +13,8 @@ import pytest
 from _fake_trt import install_fakes, write_plan
 
 from safeclip.runtime.backends.arena import MIN_BUCKET, HostArena, grow
-from safeclip.runtime.backends.base import ContextError, KVSpec
+from safeclip.runtime.backends.base import ContextError
 from safeclip.runtime.backends.ort import OrtDecoder
-from safeclip.runtime.manifest import load_manifest
 
 
 def test_grow_at_least_doubles_and_caps_at_the_capacity():
@@ -46,11 +45,8 @@ def test_repack_keeps_every_head_and_costs_amortised_o1_per_token():
 
 
 @pytest.fixture(scope="module")
-def demo(demo_bundle):
-    m = load_manifest(demo_bundle)
-    kv = KVSpec.from_manifest(m.graphs["decoder"]["kv"])
-    table = np.load(m.path(m.data["embeddings"]["file"]))           # [V, D]
-    return m, kv, table
+def demo(demo_decoder_parts):
+    return demo_decoder_parts
 
 
 def _greedy(dec, table, logits, n):

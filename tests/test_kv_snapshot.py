@@ -8,17 +8,13 @@ import numpy as np
 import pytest
 
 from _fake_trt import install_fakes, write_plan
-from safeclip.runtime.backends.base import ContextError, KVSpec
+from safeclip.runtime.backends.base import ContextError
 from safeclip.runtime.backends.ort import OrtDecoder
-from safeclip.runtime.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")
-def parts(demo_bundle):
-    m = load_manifest(demo_bundle)
-    kv = KVSpec.from_manifest(m.graphs["decoder"]["kv"])
-    table = np.load(m.path(m.data["embeddings"]["file"]))          # [V, D]
-    return m, kv, table
+def parts(demo_decoder_parts):
+    return demo_decoder_parts
 
 
 def _trt(m, demo_bundle, tmp_path, monkeypatch, kv, capacity):
