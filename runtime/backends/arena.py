@@ -84,6 +84,16 @@ class _Arena:
         self.bucket = 0
         self.copied = 0                                             # bytes moved by writes and repacks (benchmarks)
 
+    def reset(self, length: int = 0) -> int:
+        """Forget the cache; ``length > 0`` pretends that many (stale) rows are cached (benchmarks only), in a
+        bucket that takes the next token without a repack. Returns ``length``."""
+        if not 0 <= length <= self.capacity:
+            raise ContextError(f"length {length} outside the cache capacity {self.capacity}")
+        self.bucket = 0
+        if length:
+            self.ensure(0, min(self.capacity, length + 1))
+        return int(length)
+
     def ensure(self, rows: int, need: int) -> None:
         """Make the bucket hold ``need`` rows, keeping the first ``rows`` of every head block."""
         new = grow(self.bucket, need, self.capacity)

@@ -177,11 +177,7 @@ class OrtDecoder:
 
     def reset(self, length: int = 0) -> None:
         """Forget the cache. ``length > 0`` pretends that many (stale) positions are cached: benchmarks only."""
-        if not 0 <= length <= self.capacity:
-            raise ContextError(f"length {length} outside the cache capacity {self.capacity}")
-        self.arena.bucket, self.length = 0, int(length)
-        if length:                                  # a bucket that takes the next token without a repack
-            self.arena.ensure(0, min(self.capacity, length + 1))
+        self.length = self.arena.reset(length)
 
     def cache(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of the cached key and value of ``layer``: [1, KVH, length, Hd] each (CPU arena only)."""
