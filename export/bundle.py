@@ -53,6 +53,7 @@ class ExportOptions:
     symmetric: bool = True
     quant_method: str = "rtn"
     quantize_lm_head: bool = False
+    max_batch: int | None = None                 # TensorRT targets: decode-batch profile size (None: the target's)
     text_embeds_override: object = None          # tests: a controlled gate ([S, E] tensor)
 
 
@@ -240,6 +241,13 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         raise ValueError(f"--threshold must be in [0, 1], got {opts.threshold}")
     from .targets import target as target_preset
     tgt = target_preset(opts.target)
+    if opts.max_batch is not None:
+        from .targets import MAX_BATCH_LIMIT
+        if tgt.build_engines == "never":
+            raise ValueError(f"--max-batch sizes the TensorRT decode-batch profile: it goes with --target jetson or "
+                             f"datacenter (the {opts.target} target batches any number of sequences)")
+        if isinstance(opts.max_batch, bool) or not 1 <= int(opts.max_batch) <= MAX_BATCH_LIMIT:
+            raise ValueError(f"--max-batch must be 1..{MAX_BATCH_LIMIT}, got {opts.max_batch}")
     from .quant import QuantError, scheme_for
     quant = scheme_for(opts.weights, tgt, opts.block_size, opts.symmetric, opts.quant_method,
                        opts.quantize_lm_head)
@@ -325,7 +333,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             "build": {"target": opts.target, "precision": tgt.precision,
                       "context": min(tgt.context, int(extra.get("model", {}).get("context_length", tgt.context))),
                       "parity": {r.component: r.max_abs_err for r in parity},
-                      "plan": build_plan(tgt, graphs, extra.get("model", {}), preprocess), "engines": {}},
+                      "plan": build_plan(tgt, graphs, extra.get("model", {}), preprocess, opts.max_batch),
+                      "engines": {}},
         }
         write_manifest(tmp, manifest)
         _swap_into_place(tmp, out)
@@ -342,8 +351,9 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     return ExportReport(out, parity, time.perf_counter() - t0, peak)
 
 
-def build_plan(tgt, graphs: dict, model: dict, preprocess: dict | None = None) -> dict:
-    """What ``safeclip-build`` does on the device: per graph, its optimisation profiles, precision, workspace."""
+def build_plan(tgt, graphs: dict, model: dict, preprocess: dict | None = None, max_batch: int | None = None) -> dict:
+    """What ``safeclip-build`` does on the device: per graph, its optimisation profiles, precision, workspace
+    (``max_batch``: the decoder's decode-batch profile, default the target's)."""
     if tgt.build_engines == "never":
         return {}
     vg = graphs["vision_gate"]
@@ -361,7 +371,8 @@ def build_plan(tgt, graphs: dict, model: dict, preprocess: dict | None = None) -
         from .targets import DECODER_PROFILE_NAMES
 
         profiles = tgt.decoder_profiles(hidden, kv.num_layers, kv.num_kv_heads, kv.head_dim,
-                                        model.get("context_length", tgt.context), kv=kv, names=dec.names)
+                                        model.get("context_length", tgt.context), kv=kv, names=dec.names,
+                                        max_batch=max_batch)
         plan["decoder"] = {"profiles": profiles, "precision": tgt.precision, "workspace_bytes": tgt.workspace_bytes,
                            "profile_names": list(DECODER_PROFILE_NAMES[:len(profiles)])}
     return plan

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "with safeclip-build), datacenter (fp16, engines built now when TensorRT is present)")
     out.add_argument("--out", type=Path, default=None, help="bundle folder (default: engines/<name>)")
     out.add_argument("--no-decoder", action="store_true", help="export the vision+gate graph only")
+    out.add_argument("--max-batch", type=int, default=None, help="jetson/datacenter: the most sequences one batched "
+                     "decode step takes in the TensorRT engine (its decode-batch profile; default: jetson 4, "
+                     "datacenter 16; 1 = none); safeclip-serve --max-batch runs at most this")
     w = p.add_argument_group("weights (language model; the vision tower keeps the target's precision)")
     w.add_argument("--weights", default=None, metavar="{fp32,fp16,int8,int4}",
                    help="decoder weights: the target's float precision (default; cpu: fp32, jetson/datacenter: "
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                                              gate=args.gate, threshold=args.threshold, policy=args.policy, views=args.views,
                                              target=args.target, out=args.out, with_decoder=not args.no_decoder,
                                              weights=args.weights, block_size=args.block_size,
+                                             max_batch=args.max_batch,
                                              symmetric=not args.zero_point, quant_method=args.quant_method,
                                              quantize_lm_head=args.quantize_lm_head),
                                progress=progress)

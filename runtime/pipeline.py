@@ -145,17 +145,18 @@ class Pipeline:
     def enable_batching(self, max_batch: int, *, max_waiting: int | None = None,
                         prefill_chunk: int | None = None):
         """Generate through a ``batch.Scheduler``: up to ``max_batch`` requests decode together (a
-        ``backends.slots.SlotDecoder`` on the decoder's session: weights once, one KV slot per sequence, each
-        the decoder's capacity). :meth:`stream` then queues each request (``batch.QueueFull`` past
-        ``max_waiting``). ONNX Runtime on the CPU only. Returns the scheduler."""
-        from .backends.slots import SlotDecoder
+        slot decoder sharing the decoder's weights: ``backends.slots.SlotDecoder`` on ONNX Runtime's session, CPU
+        or CUDA; ``backends.trt.TrtSlotDecoder`` on the TensorRT plan and context, whose decode-batch profile
+        must cover ``max_batch``; one KV slot per sequence, each the decoder's capacity). :meth:`stream` then
+        queues each request (``batch.QueueFull`` past ``max_waiting``). Returns the scheduler."""
+        from .backends.slots import sharing
         from .batch import Scheduler
 
         if self._lm is None:
             raise GenerationUnavailable(f"{self.manifest.root}: bundle has no language model to batch")
         if self.scheduler is not None:
             self.scheduler.close()
-        dec = SlotDecoder.sharing(self._lm.decoder, max_batch)
+        dec = sharing(self._lm.decoder, max_batch)
         self.scheduler = Scheduler(dec, self._lm.table, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
         return self.scheduler
 

@@ -190,6 +190,11 @@ class FakeCudart:
         stream.pending.append(op)
 
     # device facts
+    def cudaMemGetInfo(self):
+        used = sum(b[1] for b in self.blocks.values())              # the limit counts every block
+        total = self.limit if self.limit is not None else 8 << 30
+        return Err.cudaSuccess, max(0, total - used), total
+
     def cudaGetDeviceCount(self):
         return (Err.cudaSuccess, 1)
 

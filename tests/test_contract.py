@@ -142,7 +142,7 @@ def test_graph_specs_are_what_the_bundle_declares_and_the_graphs_take(controlled
     axes = dspec.dynamic_axes(lambda s: s, "free")
     assert axes[dec.names.attention_mask] == {0: "batch", 1: "free"} and axes[dec.kv.past_key.format(i=0)] == \
         {0: "batch", 2: "past"}
-    pre, step, ext = TARGETS["jetson"].decoder_profiles(hidden, dec.kv.num_layers, dec.kv.num_kv_heads,
+    pre, step, ext, *_ = TARGETS["jetson"].decoder_profiles(hidden, dec.kv.num_layers, dec.kv.num_kv_heads,
                                                         dec.kv.head_dim, 2048)
     assert set(pre) == set(dspec.input_names) == set(ext)
     assert step[dec.names.attention_mask] == {"min": [1, 1], "opt": [1, 1025], "max": [1, 2049]}   # bucket + 1

@@ -140,7 +140,7 @@ def test_profile_choice_prefill_vs_decode():
 
 def test_plan_capacity_stops_at_the_first_gap():
     from safeclip.export.targets import TARGETS
-    pre, dec, _ = TARGETS["jetson"].decoder_profiles(64, 2, 2, 16, 2048)
+    pre, dec, *_ = TARGETS["jetson"].decoder_profiles(64, 2, 2, 16, 2048)
     short = json.loads(json.dumps(dec))
     for n, spec in short.items():                                   # decode profile: past only up to 99
         if n.startswith("past_key_values"):
@@ -327,7 +327,8 @@ def test_build_records_engines_and_reseals(fakes, jetson_bundle):
         assert sorted(par) == sorted(outs), par
         for k in outs:
             assert par[k] == pytest.approx(DRIFT[k], rel=1e-3), f"{g} {k}: parity {par[k]} vs drift {DRIFT[k]}"
-    assert eng["decoder"]["profile_names"] == ["prefill", "decode", "extend"] and len(eng["decoder"]["profiles"]) == 3
+    assert eng["decoder"]["profile_names"] == ["prefill", "decode", "extend", "decode-batch"]
+    assert len(eng["decoder"]["profiles"]) == 4
     assert not list(jetson_bundle.glob(".*.building"))
     assert choose_backend(m, probe=FakeProbe()).name == "tensorrt"
     # the runtime loads what was built

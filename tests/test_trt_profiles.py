@@ -3,7 +3,9 @@
 The runtime (generate.TextStream and chat.py over OrtDecoder or TrtDecoder) asks, at batch 1, for a prefill of
 S tokens on an empty cache (S = 1..capacity); one-token decode steps whose bound past is the KV arena's bucket
 (runtime/backends/arena.py: at least the cached length, at most the capacity, so any of 0..capacity); and
-extensions of S = 2..EXTEND_MAX tokens on a bucket of 1..capacity rows (chat follow-up turns); the vision graph gets one view per image (LLaVA-1.5) or base + tiles (LLaVA-NeXT). The oracle is a brute
+extensions of S = 2..EXTEND_MAX tokens on a bucket of 1..capacity rows (chat follow-up turns); with continuous
+batching (runtime/backends/slots.py) also one-token steps of B = 2..max_batch sequences on every bucket; the
+vision graph gets one view per image (LLaVA-1.5) or base + tiles (LLaVA-NeXT). The oracle is a brute
 force over every length with ``select_profile`` on the full input shapes, independent of
 ``plan_capacity``'s interval arithmetic, which the tests then compare with it.
 """
@@ -17,7 +19,7 @@ from safeclip.runtime.backends.trt_build import validate_profiles
 from safeclip.runtime.anyres import max_views
 from safeclip.runtime.backends.trt import decoder_shapes, plan_capacity
 from safeclip.runtime.backends.arena import EXTEND_MAX
-from safeclip.runtime.backends.trt_plan import ProfileSelectionError, plan_extend, select_profile
+from safeclip.runtime.backends.trt_plan import ProfileSelectionError, plan_batch, plan_extend, select_profile
 from safeclip.runtime.backends.base import KVSpec
 
 BUILT = [t for t in TARGETS.values() if t.build_engines != "never"]
@@ -44,7 +46,7 @@ def covered(profiles, shapes) -> int | None:
 def test_every_runtime_shape_of_the_demo_lies_in_a_profile(tgt):
     H, kv, ctx = dims("demo")
     profiles = tgt.decoder_profiles(H, kv.num_layers, kv.num_kv_heads, kv.head_dim, ctx)
-    assert len(validate_profiles(profiles)) == 3                     # well-formed for the builder
+    assert len(validate_profiles(profiles)) == 4                     # well-formed for the builder
     C = min(tgt.context, ctx)                                          # the capacity the runtime will use
     E = min(EXTEND_MAX, C)
     for S in range(1, C + 1):                                          # every prompt length
@@ -65,9 +67,27 @@ def test_every_runtime_shape_of_the_demo_lies_in_a_profile(tgt):
     assert covered(profiles, decoder_shapes(kv, H, C + 1, 1)) is None
     assert covered(profiles, decoder_shapes(kv, H, 1, E + 1)) is None
     assert plan_capacity(profiles, kv, H) == C and plan_extend(profiles, kv, H, C, EXTEND_MAX) == E
-    b = tgt.decoder_batch[2]                                           # the largest batch the target plans
-    for S, P in ((1, 0), (C, 0), (1, C), (E, C)):
-        assert covered(profiles, decoder_shapes(kv, H, P, S, batch=b)) is not None
+    N = tgt.max_batch
+    for B in range(2, N + 1):                                          # every batched step: every batch ...
+        for Lb in range(0, C + 1):                                     # ... on every bucket
+            assert covered(profiles, decoder_shapes(kv, H, Lb, 1, batch=B)) == 3, f"step of {B} on {Lb} not covered"
+    assert covered(profiles, decoder_shapes(kv, H, 0, 1, batch=N + 1)) is None
+    assert covered(profiles, decoder_shapes(kv, H, C + 1, 1, batch=N)) is None
+    for S, P in ((2, 0), (2, 1), (E, C)):                              # prefill/extend stay one sequence's
+        assert covered(profiles, decoder_shapes(kv, H, P, S, batch=2)) is None
+    assert plan_batch(profiles, kv, H, C) == N
+
+
+@pytest.mark.parametrize("tgt", BUILT, ids=lambda t: t.name)
+@pytest.mark.parametrize("max_batch", [1, 2, 7])
+def test_export_max_batch_sizes_the_decode_batch_profile(tgt, max_batch):
+    H, kv, ctx = dims("demo")
+    profiles = tgt.decoder_profiles(H, kv.num_layers, kv.num_kv_heads, kv.head_dim, ctx, max_batch=max_batch)
+    assert len(profiles) == (3 if max_batch == 1 else 4)
+    C = min(tgt.context, ctx)
+    assert plan_batch(profiles, kv, H, C) == max_batch
+    with pytest.raises(ValueError, match="--max-batch must be 1..256, got 0"):
+        tgt.decoder_profiles(H, kv.num_layers, kv.num_kv_heads, kv.head_dim, ctx, max_batch=0)
 
 
 @pytest.mark.parametrize("tgt", BUILT, ids=lambda t: t.name)
@@ -114,11 +134,15 @@ def test_vision_profile_covers_every_llava_next_view_count(tgt):
 
 def test_datacenter_batch_profiles_are_what_the_runtime_runs():
     """The TensorRT vision session sizes its buffers for the largest shape a profile allows, so no datacenter
-    profile goes beyond one image's views (the vision graph) or one sequence (the decoder)."""
+    profile goes beyond one image's views (the vision graph) or one sequence (the decoder's prefill, decode
+    and extend); only the decode-batch profile batches, one token per sequence."""
     tgt = TARGETS["datacenter"]
     pins = MODELS["llava-v1.6-mistral-7b"]["image_grid_pinpoints"]
     assert vision_plan(tgt)["pixel_values"]["max"][0] == 1
     assert vision_plan(tgt, pins)["pixel_values"]["max"][0] == max_views(pins, 336) == 5
     H, kv, ctx = dims("llava-v1.6-mistral-7b")
-    for prof in tgt.decoder_profiles(H, kv.num_layers, kv.num_kv_heads, kv.head_dim, ctx):
-        assert {spec["max"][0] for spec in prof.values()} == {1}, f"{tgt.name}: a decoder profile batches"
+    *single, batched = tgt.decoder_profiles(H, kv.num_layers, kv.num_kv_heads, kv.head_dim, ctx)
+    for prof in single:
+        assert {spec["max"][0] for spec in prof.values()} == {1}, f"{tgt.name}: a one-sequence profile batches"
+    assert {spec["max"][0] for spec in batched.values()} == {tgt.max_batch} == {16}
+    assert batched["inputs_embeds"]["max"][1] == 1                     # one token per sequence

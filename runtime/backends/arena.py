@@ -24,9 +24,13 @@ slots*KVH*Lb*Hd elements of its slab, viewed as [slots, KVH, Lb, Hd], rows P..Lb
   reads at most 2x); ``scripts/kv_costs.py`` times all three (bucket P+1, 2P and C; BENCHMARKS.md).
 * ``truncate`` is O(1): rows beyond the new length become masked-out bucket rows.
 
-Issue 14 (continuous batching) layout: ``slots`` sequences share one bucket, [slots, KVH, Lb, Hd]; each
-slot's valid length is its own (its attention_mask row has zeros from its length to Lb) and its new rows
-go to its own row offset. Only ``slots=1`` is exercised by the backends today.
+Continuous batching (``slots.py``, issue 14): ``slots`` sequences share one bucket, [slots, KVH, Lb, Hd];
+each slot's valid length is its own (its attention_mask row has zeros from its length to Lb) and its new
+rows go to its own row offset: :meth:`place` (a prompt's rows into one slot), :meth:`scatter` (one new row
+per slot, each at its own length), :meth:`move_slot` and :meth:`read_slot`. ``align`` rounds every bucket
+up to a multiple of that many rows, so that each slot's [KVH, Lb, Hd] block starts 256-byte aligned (what
+TensorRT's ``set_tensor_address`` requires of a slot's past bound at its block, ``TrtSlotDecoder.extend``);
+the arena then holds ``capacity`` rounded up to it.
 
 :class:`HostArena` (numpy, ONNX Runtime on the CPU) and :class:`DeviceArena` (cuda-python device memory:
 ONNX Runtime's CUDA provider and TensorRT) implement the same moves. Standard library + numpy only.
@@ -75,8 +79,13 @@ def check_kv_arrays(arrays: Sequence, tensors: int, kvh: int, hd: int, dtype: np
 class _Arena:
     """Bookkeeping shared by both kinds: tensors (2L) x slots x KVH head blocks, ``bucket`` rows each."""
 
-    def __init__(self, tensors: int, kv_heads: int, head_dim: int, capacity: int, dtype, slots: int = 1):
+    def __init__(self, tensors: int, kv_heads: int, head_dim: int, capacity: int, dtype, slots: int = 1,
+                 align: int = 1):
+        if align < 1:
+            raise ValueError(f"align must be at least 1 row, got {align}")
+        capacity = -(-int(capacity) // align) * align                # whole aligned buckets
         self.tensors, self.kvh, self.hd, self.capacity, self.slots = tensors, kv_heads, head_dim, capacity, slots
+        self.align = int(align)
         self.dtype = np.dtype(dtype)
         self.blocks = slots * kv_heads                               # head blocks per tensor
         self.row = head_dim * self.dtype.itemsize                   # bytes of one position of one head
@@ -97,6 +106,7 @@ class _Arena:
     def ensure(self, rows: int, need: int) -> None:
         """Make the bucket hold ``need`` rows, keeping the first ``rows`` of every head block."""
         new = grow(self.bucket, need, self.capacity)
+        new = min(self.capacity, -(-new // self.align) * self.align)
         if new != self.bucket:
             if rows:
                 self._repack(rows, self.bucket, new)
@@ -136,6 +146,30 @@ class HostArena(_Arena):
         s = new.shape[2]
         self.view()[:, :, at:at + s] = new
         self.copied += new.nbytes
+
+    # -- slots (slots.py) ----------------------------------------------------------------------------------
+    def place(self, slot: int, at: int, new: np.ndarray) -> None:
+        """Rows ``at..at+S-1`` of ``slot``'s head blocks <- ``new`` [tensors, KVH, S, Hd]."""
+        h = self.kvh
+        self.view()[:, slot * h:(slot + 1) * h, at:at + new.shape[2]] = new
+        self.copied += new.nbytes
+
+    def scatter(self, rows: np.ndarray, new: np.ndarray) -> None:
+        """One new row for each of slots 0..B-1, at row ``rows[b]`` of slot b <- ``new`` [tensors, B*KVH, Hd]."""
+        B = len(rows)
+        self.view()[:, np.arange(B * self.kvh), np.repeat(rows, self.kvh)] = new
+        self.copied += new.nbytes
+
+    def move_slot(self, src: int, dst: int, rows: int) -> None:
+        """Slot ``dst``'s first ``rows`` rows <- slot ``src``'s."""
+        v, h = self.view(), self.kvh
+        v[:, dst * h:(dst + 1) * h, :rows] = v[:, src * h:(src + 1) * h, :rows]
+        self.copied += v[:, :h, :rows].nbytes
+
+    def read_slot(self, slot: int, rows: int) -> list[np.ndarray]:
+        """Host copies of ``slot``'s first ``rows`` rows, [1, KVH, rows, Hd] per tensor."""
+        v, h = self.view(), self.kvh
+        return [v[j, None, slot * h:(slot + 1) * h, :rows].copy() for j in range(self.tensors)]
 
     def read(self, length: int) -> list[np.ndarray]:
         v = self.view()
@@ -191,6 +225,61 @@ class DeviceArena(_Arena):
             self.cuda.copy2d(self.ptr(j) + at * self.row, self.bucket * self.row, src, w, w, self.blocks,
                              "cudaMemcpyDeviceToDevice", self.stream)
         self.copied += self.tensors * self.blocks * w
+
+    # -- slots (slots.py) ----------------------------------------------------------------------------------
+    def _slot_at(self, j: int, slot: int, row: int = 0) -> int:
+        return self.ptr(j) + (slot * self.kvh * self.bucket + row) * self.row
+
+    def place_from(self, slot: int, at: int, scratch: Sequence[int], seq: int) -> None:
+        """Rows ``at..at+seq-1`` of ``slot``'s head blocks <- each tensor's device scratch [KVH, seq, Hd]:
+        one ``cudaMemcpy2DAsync`` per tensor."""
+        w = seq * self.row
+        for j, src in enumerate(scratch):
+            self.cuda.copy2d(self._slot_at(j, slot, at), self.bucket * self.row, src, w, w, self.kvh,
+                             "cudaMemcpyDeviceToDevice", self.stream)
+        self.copied += self.tensors * self.kvh * w
+
+    def scatter_from(self, rows: np.ndarray, scratch: Sequence[int]) -> int:
+        """One new row for each of slots 0..B-1, at row ``rows[b]`` of slot b <- each tensor's device scratch
+        [B*KVH, Hd] (the graph's [B, KVH, 1, Hd]). Consecutive slots at the same row share one
+        ``cudaMemcpy2DAsync`` per tensor (their head blocks are ``bucket`` rows apart, as the scratch's rows
+        are one apart), so a step costs tensors x (runs of equal lengths) copies. Returns that copy count."""
+        rows = [int(r) for r in rows]
+        runs, b = [], 0
+        while b < len(rows):
+            e = b + 1
+            while e < len(rows) and rows[e] == rows[b]:
+                e += 1
+            runs.append((b, e))
+            b = e
+        pitch = self.bucket * self.row
+        for j, src in enumerate(scratch):
+            for b, e in runs:
+                self.cuda.copy2d(self._slot_at(j, b, rows[b]), pitch, src + b * self.kvh * self.row, self.row,
+                                 self.row, (e - b) * self.kvh, "cudaMemcpyDeviceToDevice", self.stream)
+        self.copied += self.tensors * len(rows) * self.kvh * self.row
+        return self.tensors * len(runs)
+
+    def move_slot(self, src: int, dst: int, rows: int) -> None:
+        """Slot ``dst``'s first ``rows`` rows <- slot ``src``'s (distinct slots: the blocks do not overlap)."""
+        if rows and src != dst:
+            w, pitch = rows * self.row, self.bucket * self.row
+            for j in range(self.tensors):
+                self.cuda.copy2d(self._slot_at(j, dst), pitch, self._slot_at(j, src), pitch, w, self.kvh,
+                                 "cudaMemcpyDeviceToDevice", self.stream)
+            self.copied += self.tensors * self.kvh * w
+
+    def read_slot(self, slot: int, rows: int, host: np.ndarray) -> list[np.ndarray]:
+        """Host copies of ``slot``'s first ``rows`` rows, [1, KVH, rows, Hd] per tensor (``host``: pinned)."""
+        out, w = [], rows * self.row
+        for j in range(self.tensors):
+            if w:
+                self.cuda.copy2d(host, w, self._slot_at(j, slot), self.bucket * self.row, w, self.kvh,
+                                 "cudaMemcpyDeviceToHost", self.stream)
+                self.cuda.sync(self.stream)
+            n = self.kvh * rows * self.hd
+            out.append(host.view(self.dtype)[:n].reshape(1, self.kvh, rows, self.hd).copy())
+        return out
 
     def read(self, length: int, host: np.ndarray) -> list[np.ndarray]:
         """Host copies of the first ``length`` rows; ``host`` is a pinned staging buffer of >= one tensor."""

@@ -77,6 +77,11 @@ class CudaRuntime:
         name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
         return {"gpu_name": name.split("\x00")[0].strip(), "compute_capability": f"{int(prop.major)}.{int(prop.minor)}"}
 
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the current device (``cudaMemGetInfo``; on a Jetson, the shared DRAM)."""
+        free, total = self.call("cudaMemGetInfo")
+        return int(free), int(total)
+
     # -- memory --------------------------------------------------------------------------------------------
     def malloc(self, nbytes: int) -> int:
         """Device memory of at least ``nbytes`` (one aligned block for an empty request, so addresses are valid)."""

@@ -128,22 +128,12 @@ class OrtDecoder:
         if missing:
             raise ValueError(f"decoder graph lacks the KV tensors {', '.join(missing[:4])}")
         self.extend_max = max(1, min(int(extend_max), self.capacity))
-        E, T = self.extend_max, 2 * L
-        if device == "cpu":
-            self.arena = HostArena(T, H, D, self.capacity, self.dtype)
-            self._scratch = np.zeros((T, H * E * D), self.dtype)            # new rows [2L][KVH, S, Hd], S <= E
-            self._scratch_ptr = [int(self._scratch[j].ctypes.data) for j in range(T)]
-        else:
+        if device == "cuda":
             from .cuda import CudaRuntime
 
             self.cuda = cuda or CudaRuntime()
             self._stream = self.cuda.stream()
-            self.arena = DeviceArena(self.cuda, self._stream, T, H, D, self.capacity, self.dtype)
-            from .cuda import round_up
-            slab = round_up(H * E * D * self.dtype.itemsize)
-            base = self.cuda.malloc(T * slab)
-            self._scratch_ptr = [base + j * slab for j in range(T)]
-            self._host = self.cuda.host_array(self.arena.slab, self.dtype)   # pinned: kv_read / kv_write
+        self._alloc_kv(2 * L, H, D)
         self._mask = np.ones((1, 2 * self.capacity + 1), np.int64)         # attention_mask [1, Lb+S]
         self._pos = np.arange(self.capacity, dtype=np.int64)[None]          # position_ids [1, S] = a slice
         self._logits = np.zeros((1, 1, self.vocab_size), self.dtype)       # logits [1, 1, V]
@@ -152,6 +142,23 @@ class OrtDecoder:
         self._io.bind_output(names.logits, "cpu", 0, self.dtype, list(self._logits.shape), self._logits.ctypes.data)
         self.weights_bytes = weights_bytes
         self.length = 0
+
+    def _alloc_kv(self, T: int, H: int, D: int, slots: int = 1, rows: int | None = None) -> None:
+        """The arena (``slots`` sequences of ``capacity`` tokens) and the scratch for the new rows of one call
+        ([2L][KVH, rows, Hd]; default ``extend_max`` rows), on the host or the device."""
+        E = rows or self.extend_max
+        if self.device == "cpu":
+            self.arena = HostArena(T, H, D, self.capacity, self.dtype, slots=slots)
+            self._scratch = np.zeros((T, H * E * D), self.dtype)            # new rows [2L][KVH, S, Hd], S <= E
+            self._scratch_ptr = [int(self._scratch[j].ctypes.data) for j in range(T)]
+        else:
+            from .cuda import round_up
+
+            self.arena = DeviceArena(self.cuda, self._stream, T, H, D, self.capacity, self.dtype, slots=slots)
+            slab = round_up(H * E * D * self.dtype.itemsize)
+            base = self.cuda.malloc(T * slab)
+            self._scratch_ptr = [base + j * slab for j in range(T)]
+            self._host = self.cuda.host_array(self.arena.slab, self.dtype)   # pinned: kv_read / kv_write
 
     @classmethod
     def from_manifest(cls, root: str | Path, graph, *, capacity: int | None = None,

@@ -41,15 +41,16 @@ import numpy as np
 from .arena import EXTEND_MAX, DeviceArena, check_kv_arrays
 from .base import BackendError, ContextError, DecoderNames, truncation
 from .cuda import CudaRuntime, round_up
-from .trt_plan import (ProfileSelectionError, check_plan_compatible, decoder_shapes, plan_capacity, plan_extend,
-                       select_profile)
+from .slots import SlotOps
+from .trt_plan import (ProfileSelectionError, check_plan_compatible, decoder_shapes, plan_batch, plan_capacity,
+                       plan_extend, select_profile)
 
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
             "elsewhere pip install tensorrt-cu12 (or -cu13), whose libraries download from NVIDIA's index "
             "(only the bindings are on PyPI), or NVIDIA's tarball")
 
-__all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "import_tensorrt", "this_device",
-           "plan_capacity", "decoder_shapes"]
+__all__ = ["TensorRTUnavailable", "TrtVisionSession", "TrtDecoder", "TrtSlotDecoder", "import_tensorrt",
+           "this_device", "plan_capacity", "plan_batch", "decoder_shapes"]
 
 
 class TensorRTUnavailable(BackendError):
@@ -124,6 +125,7 @@ class _Context:
             raise BackendError(f"TensorRT could not create an execution context for {eng.path.name} (out of memory?)")
         self.stream = cuda.stream()
         self.profile = 0                                  # a new context starts on profile 0
+        self.lock = threading.RLock()                     # a TrtDecoder and its TrtSlotDecoder share the context
 
     def use_profile(self, k: int) -> None:
         if k != self.profile:
@@ -295,6 +297,7 @@ class TrtDecoder:
         self.plan_capacity = limit
         self.capacity = C = int(capacity or min(limit, context_length or limit))
         self.extend_max = E = plan_extend(eng.profiles, kv, self.hidden_size, C, EXTEND_MAX, names=io)
+        self.max_batch = plan_batch(eng.profiles, kv, self.hidden_size, C, names=io)   # TrtSlotDecoder's limit
         self.c = _Context(eng, cuda)
         # device buffers, all allocated here and never per step
         T, H, Hd = len(names), kv.num_kv_heads, kv.head_dim
@@ -337,6 +340,10 @@ class TrtDecoder:
 
     def _run(self, S: int) -> np.ndarray:
         """One call on ``S`` tokens already staged in ``self._stage``; returns the logits [V] (a view)."""
+        with self.c.lock:
+            return self._run_locked(S)
+
+    def _run_locked(self, S: int) -> np.ndarray:
         P, a = self.length, self.arena
         if P + S > self.capacity:
             raise ContextError(f"{P} cached + {S} new tokens exceed the cache capacity {self.capacity}")
@@ -444,6 +451,131 @@ class TrtDecoder:
 
     def __del__(self):
         _close(self)
+
+
+class TrtSlotDecoder(SlotOps):
+    """``slots`` sequences in one device KV arena on a :class:`TrtDecoder`'s plan and execution context (its
+    weights and activation memory are shared, its calls serialised by the context's lock): the batched decoder
+    ``batch.Scheduler`` drives (``slots.py``). A decode step of B sequences runs in the plan's
+    ``decode-batch`` profile (batch 2..N, ``export/targets.py``); prefill and extension of one slot in the
+    prefill/extend profiles at batch 1. ``slots`` above what the profiles cover (:func:`plan_batch`) is refused
+    with the re-export command.
+
+    Every bound address is 256-byte aligned, as TensorRT requires: the arena's buckets are whole multiples of
+    ``align`` rows (``arena.py``), so each slot's [KVH, Lb, Hd] block, bound as ``past`` by :meth:`extend`,
+    starts aligned. The arena therefore holds the capacity rounded up to ``align`` rows; that rounded capacity
+    must lie in the profiles, so the capacity is lowered to a multiple of ``align`` when it would not.
+    """
+
+    device = "cuda"
+
+    def __init__(self, dec: TrtDecoder, slots: int, capacity: int | None = None):
+        from math import gcd
+
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        self.base, self.eng, self.c, self.kv, self.names = dec, dec.eng, dec.c, dec.kv, dec.names
+        self.cuda = cuda = CudaRuntime(dec.cuda.rt)                  # its own buffers; close() frees only those
+        self.dtype, self.hidden_size, self.vocab_size = dec.dtype, dec.hidden_size, dec.vocab_size
+        self._kv_names, self._select, self.weights_bytes = dec._kv_names, dec._select, dec.weights_bytes
+        kv, eng, io = dec.kv, dec.eng, dec.names
+        kv_dtype = eng.io[self._kv_names[0][0]][1]
+        T, H, Hd = len(self._kv_names), kv.num_kv_heads, kv.head_dim
+        align = 256 // gcd(256, H * Hd * kv_dtype.itemsize)          # rows per bucket step: aligned slot blocks
+        C = int(capacity or dec.capacity)
+        if not 1 <= C <= dec.plan_capacity:
+            raise ContextError(f"capacity {C} is outside the 1..{dec.plan_capacity} tokens the engine's profiles "
+                               "cover")
+        if -(-C // align) * align > dec.plan_capacity:
+            C = dec.plan_capacity // align * align
+        self.capacity, self.slots, self.align = C, int(slots), align
+        self.extend_max = plan_extend(eng.profiles, kv, self.hidden_size, -(-C // align) * align, EXTEND_MAX,
+                                      names=io)
+        self.max_batch = plan_batch(eng.profiles, kv, self.hidden_size, -(-C // align) * align, names=io)
+        if self.slots > self.max_batch:
+            raise BackendError(f"{eng.path.name}'s profiles batch at most {self.max_batch} sequences per decode step, "
+                               f"not {self.slots}: lower --max-batch, or re-export with --max-batch {self.slots} "
+                               "and rebuild the engines (safeclip-build)")
+        self.arena = DeviceArena(cuda, self.c.stream, T, H, Hd, C, kv_dtype, slots=self.slots, align=align)
+        rows = max(C, self.slots)                                    # one slot's prompt, or one row per slot
+        slab = round_up(H * rows * Hd * kv_dtype.itemsize)
+        base = cuda.malloc(T * slab)
+        self._scratch = [base + j * slab for j in range(T)]
+        self._init_slots()
+        mask_t, pos_t = eng.io[io.attention_mask][1], eng.io[io.position_ids][1]
+        logits_t = eng.io[io.logits][1]
+        self._d_embeds = cuda.malloc(rows * self.hidden_size * self.dtype.itemsize)    # [B, S, D], B*S <= rows
+        self._stage = cuda.host_array(rows * self.hidden_size, self.dtype)
+        self._d_mask = cuda.malloc(self._bmask.size * mask_t.itemsize)                 # [B, Lb+S]
+        self._hmask = cuda.host_array(self._bmask.size, mask_t)
+        self._d_pos = cuda.malloc(self._bpos.size * pos_t.itemsize)                    # [B, 1] or [1, S]
+        self._hpos = cuda.host_array(self._bpos.size, pos_t)
+        self._d_logits = cuda.malloc(self.slots * self.vocab_size * logits_t.itemsize)  # [B, 1, V]
+        self._logits = cuda.host_array(self.slots * self.vocab_size, logits_t)
+        self._host = cuda.host_array(H * self.arena.capacity * Hd, kv_dtype)          # pinned: slot_read
+
+    @classmethod
+    def sharing(cls, dec: TrtDecoder, slots: int, capacity: int | None = None) -> "TrtSlotDecoder":
+        return cls(dec, slots, capacity)
+
+    def _call(self, x, mask, pos, past, lb):
+        B, S, D = x.shape
+        c, cuda, io = self.c, self.cuda, self.names
+        shapes = decoder_shapes(self.kv, D, lb, S, batch=B, names=io)
+        with c.lock:
+            c.use_profile(select_profile(self._select, {n: shapes[n] for n in self._select[0]}))
+            for n, s in shapes.items():
+                c.shape(n, s)
+            nx, nm, npos = x.size, mask.size, pos.size
+            self._stage[:nx] = x.reshape(-1)
+            self._hmask[:nm] = mask.reshape(-1)
+            self._hpos[:npos] = pos.reshape(-1)
+            cuda.h2d(self._d_embeds, self._stage, nx * self._stage.itemsize, c.stream)
+            cuda.h2d(self._d_mask, self._hmask, nm * self._hmask.itemsize, c.stream)
+            cuda.h2d(self._d_pos, self._hpos, npos * self._hpos.itemsize, c.stream)
+            c.bind(io.inputs_embeds, self._d_embeds)
+            c.bind(io.attention_mask, self._d_mask)
+            c.bind(io.position_ids, self._d_pos)
+            c.bind(io.logits, self._d_logits)
+            for j, (p, o) in enumerate(self._kv_names):
+                c.bind(p, self.arena.ptr(j) + past)                  # [B, KVH, lb, Hd]: 256-byte aligned
+                c.bind(o, self._scratch[j])                          # [B, KVH, S, Hd]
+            c.execute()
+            n = B * self.vocab_size
+            cuda.d2h(self._logits, self._d_logits, n * self._logits.itemsize, c.stream)
+            cuda.sync(c.stream)
+        return self._logits[:n].reshape(B, self.vocab_size)
+
+    # the arena's copies are queued on the context's stream, after the execution that wrote the scratch
+    def _place(self, s, at, S):
+        with self.c.lock:
+            self.arena.ensure(int(self.lengths.max()), at + S)
+            self.arena.place_from(s, at, self._scratch, S)
+
+    def _scatter(self, P):
+        with self.c.lock:
+            self.arena.ensure(int(self.lengths.max()), int(P.max()) + 1)
+            self.decode_copies += self.arena.scatter_from(P, self._scratch)
+
+    def move(self, src: int, dst: int) -> None:
+        with self.c.lock:
+            super().move(src, dst)
+
+    def _read_slot(self, s, n):
+        with self.c.lock:
+            return self.arena.read_slot(s, n, self._host)
+
+    def close(self) -> None:
+        cuda = self.__dict__.pop("cuda", None)
+        if cuda is not None:
+            try:
+                cuda.sync(self.c.stream)
+                cuda.release()
+            except Exception:
+                pass                        # interpreter shutdown or a dead context
+
+    def __del__(self):
+        self.close()
 
 
 def _engine_record(manifest, name: str) -> dict:

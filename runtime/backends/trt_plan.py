@@ -11,6 +11,8 @@
   runtime binds (``arena.py``): a prefill of S = 1..C tokens on past 0; one-token steps whose past is the
   arena's bucket, any length 0..C (a bucket is at least the cached length and at most the capacity); and
   extensions of S >= 2 tokens on a bucket of 1..C rows (chunked at :func:`plan_extend` tokens).
+* :func:`plan_batch`: how many sequences one batched decode step may take (``slots.py``): the largest N such
+  that a one-token step of every batch 1..N on every bucket of 0..C rows lies in some profile.
 * :func:`select_profile` picks the optimization profile for the shapes of one call: among the profiles
   whose [min, max] cover every shape, the one whose ``opt`` is nearest (a one-token decode step picks
   the decode profile, a long prompt the prefill one).
@@ -26,7 +28,7 @@ REBUILD = "safeclip-build --bundle {bundle}"
 DEVICE_FIELDS = ("tensorrt_version", "compute_capability", "gpu_name")
 
 __all__ = ["PlanMismatchError", "ProfileSelectionError", "check_plan_compatible", "select_profile", "REBUILD",
-           "decoder_shapes", "plan_capacity", "plan_extend"]
+           "decoder_shapes", "plan_capacity", "plan_extend", "plan_batch"]
 
 
 class PlanMismatchError(BackendError):
@@ -122,6 +124,19 @@ def plan_extend(profiles: Sequence[Mapping], kv, hidden: int, capacity: int, lim
             break
         e = s
     return e
+
+
+def plan_batch(profiles: Sequence[Mapping], kv, hidden: int, capacity: int, limit: int = 1024,
+               names: DecoderNames = DecoderNames()) -> int:
+    """The largest N <= ``limit`` such that a one-token decode step at every batch B = 1..N on every bucket of
+    0..``capacity`` rows lies in some profile (1 when only batch 1 does, 0 when not even that)."""
+    n = 0
+    for b in range(1, limit + 1):
+        fits = _fits(kv, hidden, b, names)
+        if _covered_to([_interval(p, lambda x: fits(p, x, 1)) for p in profiles], 0) < capacity:
+            break
+        n = b
+    return n
 
 
 def _covers(spec: Mapping[str, Sequence[int]], shape: tuple[int, ...]) -> bool:

@@ -53,7 +53,7 @@ def check_kv_memory(pipe, max_batch: int, available: int | None = None) -> int:
     dec = pipe._lm.decoder
     per = kv_slot_bytes(dec.kv, dec.capacity)
     need = per * (max_batch + 1)                                  # the slots and one slot of prefill scratch
-    avail = _available_bytes() if available is None else available
+    avail = _memory_for_kv(dec) if available is None else available
     if avail is not None and need > avail:
         fit = max(0, avail // per - 1)
         raise ValueError(f"--max-batch {max_batch} x --context {dec.capacity} needs {need / 2**20:.1f} MiB of KV "
@@ -62,10 +62,19 @@ def check_kv_memory(pipe, max_batch: int, available: int | None = None) -> int:
     return need
 
 
+def _memory_for_kv(dec) -> int | None:
+    """Where the decoder's KV slots go: free device memory for a GPU decoder (``cudaMemGetInfo``: on a Jetson
+    the shared DRAM), else MemAvailable."""
+    cuda = getattr(dec, "cuda", None)
+    if getattr(dec, "device", "cpu") != "cpu" and cuda is not None:
+        return cuda.mem_info()[0]
+    return _available_bytes()
+
+
 def slots_that_fit(pipe, available: int | None = None) -> int:
     """How many KV slots (plus the prefill one) fit ``available`` bytes (default MemAvailable; unknown: many)."""
     dec = pipe._lm.decoder
-    avail = _available_bytes() if available is None else available
+    avail = _memory_for_kv(dec) if available is None else available
     return 1 << 30 if avail is None else max(0, avail // kv_slot_bytes(dec.kv, dec.capacity) - 1)
 
 

@@ -21,10 +21,11 @@ from ..messages import one_line
 
 # --max-batch by export target (BENCHMARKS.md "Continuous batching"): cpu decodes up to 4 together (a step of 4
 # costs 1.3x a step of 1 at TinyLlama-1.1B shape: 3.1x the tokens/s; 8 give 4.7x at 1.7x the step, but twice
-# the KV slots: 0.7 GB at TinyLlama/2048, 34 GB at a 7B/4096 fp32), lowered to what fits the memory; jetson and
-# datacenter run TensorRT or the CUDA provider, where the batched decoder (ONNX Runtime CPU only) does not run
-# yet: one at a time.
-DEFAULT_MAX_BATCH = {"cpu": 4, "jetson": 1, "datacenter": 1}
+# the KV slots: 0.7 GB at TinyLlama/2048, 34 GB at a 7B/4096 fp32), lowered to what fits the memory. datacenter
+# GPUs decode 8 together (a memory-bound step reads the weights once for all of them; the engine's decode-batch
+# profile takes 16). jetson serves one at a time by default: a kiosk has one user, and each slot costs shared
+# DRAM (2 GiB for a 7B at 4096 tokens); its engine takes 4 (--max-batch 4). Never more than the engine covers.
+DEFAULT_MAX_BATCH = {"cpu": 4, "jetson": 1, "datacenter": 8}
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,8 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--context", type=int, default=None, help="KV-cache capacity (default: the model's context)")
     m.add_argument("--max-batch", type=int, default=None,
                    help="requests decoded together, each with its own KV slot of --context positions (default: "
-                   f"by target, {DEFAULT_MAX_BATCH}; more than 1 needs ONNX Runtime on the CPU)")
+                   f"by target, {DEFAULT_MAX_BATCH}, at most what fits the memory and a TensorRT engine's "
+                   "decode-batch profile)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all)")
     m.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
     m.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
@@ -123,14 +125,14 @@ def _check_args(a) -> str | None:
 
 
 def default_max_batch(pipe, asked: int | None) -> int:
-    """``--max-batch``, else the target's default (``DEFAULT_MAX_BATCH``, at most the KV slots that fit the
-    memory; 1 off the CPU backend, where the batched decoder does not run)."""
+    """``--max-batch``, else the target's default (``DEFAULT_MAX_BATCH``), at most the KV slots that fit the
+    memory and what a TensorRT engine's decode-batch profile covers (``TrtDecoder.max_batch``)."""
     if asked is not None:
         return asked
-    if pipe.backend != "onnxruntime-cpu":
-        return 1
     from .batching import slots_that_fit
-    return max(1, min(DEFAULT_MAX_BATCH.get(pipe.manifest.target, 1), slots_that_fit(pipe)))
+    dec = pipe._lm.decoder if pipe.has_language_model else None
+    engine = getattr(dec, "max_batch", None) or 1 << 30
+    return max(1, min(DEFAULT_MAX_BATCH.get(pipe.manifest.target, 1), engine, slots_that_fit(pipe)))
 
 
 def _is_loopback(host: str) -> bool:
