@@ -131,3 +131,68 @@ def test_kv_memory_is_checked_at_start(bundle):
     r = subprocess.run([sys.executable, "-m", "safeclip.runtime.serve.cli", "--bundle", str(bundle),
                         "--max-batch", "0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--max-batch must be at least 1" in r.stderr
+
+
+# -- on the TensorRT backend (the stand-in, tests/_fake_trt.py) ------------------------------------------------
+@pytest.fixture
+def trt_pipe(bundle, monkeypatch, tmp_path):
+    """The demo pipeline with its decoder on a TensorRT stand-in plan (the jetson target's profiles: batched
+    steps of up to 4, or of ``max_batch``); the vision graph stays on ONNX Runtime."""
+    from _fake_trt import install_fakes, write_plan
+    from safeclip.export.bundle import build_plan
+    from safeclip.export.targets import TARGETS
+    from safeclip.runtime.backends.trt import TrtDecoder
+
+    _, rt = install_fakes(monkeypatch, "10.3.0.30")
+
+    def make(max_batch=None, capacity=256):
+        pipe = Pipeline.load(bundle, context=capacity)
+        m, kv = pipe.manifest, pipe._lm.decoder.kv
+        profiles = build_plan(TARGETS["jetson"], m.graphs, m.model, max_batch=max_batch)["decoder"]["profiles"]
+        plan = write_plan(m.path("decoder.onnx"), tmp_path / f"decoder-{max_batch}.plan", profiles)
+        pipe._lm.decoder = TrtDecoder(plan, kv, capacity=capacity)
+        pipe.backend = "tensorrt"
+        return pipe
+
+    make.rt = rt
+    return make
+
+
+def test_the_server_batches_on_tensorrt_and_each_client_gets_its_solo_answer(trt_pipe, oracle):
+    from safeclip.runtime.backends.trt import TrtSlotDecoder
+
+    pipe = trt_pipe()
+    srv = ServerThread(create_app(pipe, max_batch=3, max_queue=8, max_tokens=64))
+    assert isinstance(pipe.scheduler.dec, TrtSlotDecoder)
+    want = {q: oracle.generate(None, q, max_new_tokens=20).text for q in QUESTIONS}
+    _slow(pipe, 0.05)
+    with srv:
+        def one(q):
+            body = {"messages": user(q, None), "max_tokens": 20, "model": pipe.manifest.name}
+            return client(srv.url).chat.completions.create(**body).choices[0].message.content
+
+        with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+            texts = list(pool.map(one, QUESTIONS, timeout=120))
+        assert dict(zip(QUESTIONS, texts)) == want
+        h = health(srv.url)
+        assert (h["running"], h["waiting"], h["max_batch"]) == (0, 0, 3)
+        assert pipe.scheduler.stats()["mean_batch"] > 1.5
+
+
+def test_tensorrt_defaults_follow_the_target_the_engine_and_the_device_memory(trt_pipe):
+    from types import SimpleNamespace
+
+    from safeclip.runtime.backends.slots import kv_slot_bytes
+
+    def as_target(pipe, name):
+        return SimpleNamespace(manifest=SimpleNamespace(target=name), has_language_model=True, _lm=pipe._lm)
+
+    wide, narrow = trt_pipe(16), trt_pipe(2)
+    assert default_max_batch(as_target(wide, "datacenter"), None) == 8       # datacenter default
+    assert default_max_batch(as_target(narrow, "datacenter"), None) == 2     # at most what the engine batches
+    assert default_max_batch(as_target(wide, "jetson"), None) == 1           # a kiosk: one at a time
+    per = kv_slot_bytes(wide._lm.decoder.kv, 256)
+    free = wide._lm.decoder.cuda.mem_info()[0]                               # the device's, not MemAvailable
+    assert slots_that_fit(wide) == free // per - 1
+    with pytest.raises(Exception, match="profiles batch at most 2 sequences per decode step, not 3"):
+        create_app(narrow, max_batch=3)
