@@ -16,7 +16,10 @@ What a step does (the scheduler thread, nobody else touches the decoder):
    arrival before the next step keeps the batch full and the time to first token of the last of N arrivals
    at N prefills (one per step would add N-1 decode steps of the growing batch). With ``prefill_chunk`` a
    longer prompt is prefilled ``prefill_chunk`` tokens per step instead, between decode steps, so it does not
-   stall the batch for the whole prompt.
+   stall the batch for the whole prompt. A request submitted with ``prefix_keys`` and a ``prefix_cache``
+   (``prefix_cache.PrefixCache``: a conversation turn, ``chat.py``) first restores the longest cached prefix
+   of its keys into its slot (``slot_write``) and prefills only the rest; when it finishes, its slot's KV
+   (prompt and answer) is snapshotted there (``slot_read``), as a one-sequence turn's is.
 3. One decode step of every running sequence ([B, D] embeddings -> [B, V] logits, B = running sequences).
    Each sequence picks its token with its own sampler (``generate.picker``: its own seeded Generator, so
    the same seed gives the same tokens as alone) and turns it into text with its own ``generate.Progress``
@@ -65,6 +68,10 @@ class _Seq:
         self.done = False
         self.slot = -1
         self.fed = 0                                   # prompt tokens prefilled (chunked prefill)
+        self.keys: np.ndarray | None = None            # what each prompt position holds (prefix cache)
+        self.pc = None                                 # the prefix cache to restore from and snapshot to
+        self.cached = 0                                # prompt tokens restored from it
+        self.fed_ids: list[int] = []                   # generated tokens fed back, in order
         self.token = -1                                # the last picked token, fed at the next step
         self.t_submit = time.perf_counter()
         self.t0 = self.t1 = 0.0
@@ -160,8 +167,10 @@ class Scheduler:
     def submit(self, prompt_embeds, *, tokenizer, max_new_tokens: int, eos_token_ids: Sequence[int] = (),
                stop_strings: Sequence[str] = (), temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None,
-               on_token: Callable[[int, str], None] | None = None) -> BatchStream:
-        """Queue one sequence (prompt embeddings [S, D]; ``generate.generate``'s keyword arguments).
+               on_token: Callable[[int, str], None] | None = None, prefix_keys: Sequence[int] | None = None,
+               prefix_cache=None) -> BatchStream:
+        """Queue one sequence (prompt embeddings [S, D]; ``generate.generate``'s keyword arguments);
+        ``prefix_keys`` ([S], what each position holds) with ``prefix_cache`` reuse and feed a prefix cache.
 
         Raises before it joins: ``ContextError`` when the prompt does not fit a slot, ``ValueError`` on a bad
         argument, :class:`QueueFull` when the waiting list is full, ``RuntimeError`` after :meth:`close`."""
@@ -170,6 +179,11 @@ class Scheduler:
         n, clamped = budget(x.shape[0], self.capacity, max_new_tokens)
         prog = Progress(tokenizer, n, clamped, frozenset(int(e) for e in eos_token_ids), list(stop_strings))
         seq = _Seq(x, prog, picker(temperature, top_k, top_p, seed), on_token)
+        if prefix_cache is not None and prefix_cache.enabled and prefix_keys is not None:
+            keys = np.asarray(prefix_keys, np.int64).reshape(-1)
+            if keys.size != x.shape[0]:
+                raise ValueError(f"{keys.size} prefix keys for a prompt of {x.shape[0]} positions")
+            seq.keys, seq.pc = keys, prefix_cache
         with self._cv:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -290,9 +304,14 @@ class Scheduler:
                 return 0
             seq.slot, seq.t0 = len(self._running), time.perf_counter()
         S, start = seq.embeds.shape[0], seq.fed
-        end = S if self.prefill_chunk is None else min(S, seq.fed + self.prefill_chunk)
         t = time.perf_counter()
         try:
+            if seq.fed == 0 and seq.pc is not None:              # restore the longest cached prefix
+                n, arrays = seq.pc.match(seq.keys, S - 1)
+                if n:
+                    self.dec.slot_write(seq.slot, arrays)
+                    seq.fed = seq.cached = n
+            end = S if self.prefill_chunk is None else min(S, seq.fed + self.prefill_chunk)
             if seq.fed == 0:
                 logits = self.dec.prefill(seq.slot, seq.embeds[:end])
             else:
@@ -302,13 +321,14 @@ class Scheduler:
             self.dec.free(seq.slot)
             self._prefilling = None
             seq.fail(e)
-            return end - start
+            return max(1, S - start)
         seq.fed = end
         if end < S:
             self._prefilling = seq
             return end - start
         self._prefilling = None
         if self._emit(seq, logits, first=True):
+            self._snapshot(seq)
             self.dec.free(seq.slot)
             return end - start
         k = len(self._running)
@@ -338,11 +358,31 @@ class Scheduler:
             return True
         return False
 
+    def _snapshot(self, seq: _Seq) -> None:
+        """A finished sequence's KV (prompt and fed answer tokens) into its prefix cache, if it has one. A
+        failure here costs the cache entry only."""
+        pc = seq.pc
+        if pc is None or seq.result is None or seq.result.finish_reason == "cancelled":
+            return
+        keys = [int(k) for k in seq.keys] + seq.fed_ids
+        try:
+            if len(keys) != int(self.dec.lengths[seq.slot]) or pc.covers(keys):
+                return
+            kv = self.dec.kv
+            per = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize
+            if len(keys) * (per + 8) > pc.max_bytes:
+                return
+            pc.put(keys, self.dec.slot_read(seq.slot))
+        except Exception:
+            pass
+
     def _step(self) -> None:
         run = self._running
         if not run:
             return
         ids = np.fromiter((s.token for s in run), np.int64, len(run))
+        for s in run:
+            s.fed_ids.append(int(s.token))
         t = time.perf_counter()
         try:
             logits = self.dec.decode(np.asarray(self.table[ids], dtype=self.dec.dtype))   # [B, V]
@@ -359,4 +399,5 @@ class Scheduler:
             if self._emit(s, logits[i]):
                 ended.append(s)
         for s in ended:
+            self._snapshot(s)
             self._leave(s)

@@ -37,7 +37,8 @@ Context: when history plus the new turn do not fit the decoder's capacity, :clas
 before any vision or language-model work; history is never truncated silently (``reset()`` starts over).
 
 Batching: with ``Pipeline.enable_batching`` a turn is decoded by the pipeline's ``batch.Scheduler`` with the
-other requests, its whole prompt prefilled (no KV reuse then: the prefix cache is not consulted).
+other requests, in its own KV slot: the decoder's one-sequence cache is not used, but the ``prefix_cache`` is
+(the scheduler restores the longest snapshotted prefix into the slot and snapshots the finished turn).
 
 A turn joins the history when its stream has been iterated to the end (a refused turn at once); asking again
 before that drops the unfinished turn.
@@ -233,11 +234,20 @@ class _ChatLease:
 
 
 class _BatchedTurn:
-    """A turn decoded by the pipeline's ``batch.Scheduler`` (``Pipeline.enable_batching``): its whole prompt is
-    prefilled into its own KV slot (no reuse of a cached prefix yet), so there is nothing to snapshot."""
+    """A turn decoded by the pipeline's ``batch.Scheduler`` (``Pipeline.enable_batching``) in its own KV slot:
+    the scheduler restores the longest prefix the chat's prefix cache holds of it and snapshots the finished
+    turn there itself (``batch.py``), so there is nothing to snapshot here."""
 
-    def __init__(self, prompt_tokens: int):
-        self.cached, self.prefilled = 0, int(prompt_tokens)
+    def __init__(self, stream, prompt_tokens: int):
+        self.stream, self.prompt_tokens = stream, int(prompt_tokens)
+
+    @property
+    def cached(self) -> int:
+        return int(self.stream._seq.cached)
+
+    @property
+    def prefilled(self) -> int:
+        return self.prompt_tokens - self.cached
 
     def snapshot(self) -> None:
         pass
@@ -441,8 +451,8 @@ class Chat:
         kw = dict(tokenizer=lm.tokenizer, max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids,
                   stop_strings=list(stop), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if pipe.scheduler is not None:                   # batch.py: the turn joins the running batch
-            lease = _BatchedTurn(ids.size)
-            stream = pipe.scheduler.submit(embeds, **kw)
+            stream = pipe.scheduler.submit(embeds, prefix_keys=keys, prefix_cache=self.prefix_cache, **kw)
+            lease = _BatchedTurn(stream, ids.size)
         else:
             lease = _ChatLease(self, keys)
             stream = TextStream(lease, lm.table, embeds, on_token=lease.on_token, **kw)

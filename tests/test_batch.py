@@ -355,3 +355,36 @@ def test_conversation_turns_join_the_batch_and_keep_their_history(controlled_bun
         assert sched.steps > 0
     finally:
         sched.close()
+
+
+def test_batched_turns_reuse_and_feed_the_prefix_cache(controlled_bundle, test_images):
+    """Under batching a turn restores the longest prefix the prefix cache holds into its slot and prefills only
+    the rest; a finished turn is snapshotted there. Oracle: the same conversation unbatched, no cache."""
+    from safeclip.runtime.prefix_cache import PrefixCache
+
+    pipe = Pipeline.load(controlled_bundle)
+    blue = test_images / "blue.jpg"
+    turns = [("What is this?", blue), ("And the colour?", None), ("Why?", None)]
+    ref = pipe.chat(system="Be brief.")
+    want = ["".join(ref.ask(q, image=im, max_new_tokens=12)) for q, im in turns]
+    pc = PrefixCache(64 << 20)
+    sched = pipe.enable_batching(3)
+    try:
+        chat = pipe.chat(system="Be brief.", prefix_cache=pc)
+        got, cached = [], []
+        for q, im in turns:
+            s = chat.ask(q, image=im, max_new_tokens=12)
+            other = pipe.stream(None, "Hi", max_new_tokens=8)              # decodes in the same batch
+            got.append("".join(s))
+            "".join(other)
+            cached.append(s.result.cached_tokens)
+        assert got == want and chat.history == ref.history
+        assert cached[0] == 0 and cached[1] > 500 and cached[2] > cached[1]   # the image's 576 positions and more
+        assert pc.stats()["entries"] >= 1 and pc.stats()["hits"] == 2
+        # a stateless client re-sending the history (a new Chat on the same cache) reuses it too
+        again = pipe.chat(system="Be brief.", prefix_cache=pc)
+        again.set_history([(turns[0][0], [blue], want[0]), (turns[1][0], [], want[1])])
+        s = again.ask(turns[2][0], max_new_tokens=12)
+        assert "".join(s) == want[2] and s.result.cached_tokens > cached[2]   # turn 3 itself was snapshotted
+    finally:
+        sched.close()

@@ -255,3 +255,25 @@ def test_cuda_slot_decoder_equals_the_cpu_one(demo_bundle):
         np.testing.assert_allclose(x, y, atol=1e-4, rtol=0)
     gpu.close()
     one.close()
+
+
+def test_tensorrt_slot_write_restores_a_prefix_and_decoding_goes_on_as_alone(trt_env):
+    e = trt_env
+    table = e["table"]
+    dec = sharing(e["dec"], 2)
+    a, b = _prompts(table, (11, 23), seed=7)
+    dec.prefill(0, table[a])
+    solo = e["solo"]()
+    solo.prefill(table[b])
+    dec.slot_write(1, solo.kv_read(15))                                 # a cached 15-token prefix of b
+    assert list(dec.lengths) == [11, 15]
+    last = dec.extend(1, table[b[15:]])                                 # the rest prefilled on top
+    ref = e["solo"]()
+    np.testing.assert_allclose(last, ref.prefill(table[b]), atol=1e-5, rtol=0)
+    t = [int(np.argmax(dec.decode(table[[1, 2]])[1]))]
+    np.testing.assert_allclose(dec.decode(table[[3, t[0]]])[1], (ref.decode_one_token(table[2]),
+                                                                  ref.decode_one_token(table[t[0]]))[1],
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected 4 KV arrays"):
+        dec.slot_write(0, solo.kv_read(3)[:2])
+    dec.close()

@@ -269,6 +269,19 @@ class DeviceArena(_Arena):
                                  "cudaMemcpyDeviceToDevice", self.stream)
             self.copied += self.tensors * self.kvh * w
 
+    def load_slot(self, slot: int, arrays: Sequence[np.ndarray], host: np.ndarray) -> None:
+        """Slot ``slot``'s first rows <- host ``arrays`` ([1, KVH, n, Hd] per tensor), staged through the pinned
+        ``host`` buffer (one tensor at a time)."""
+        n = arrays[0].shape[2]
+        w = n * self.row
+        for j, a in enumerate(arrays):
+            if w:
+                host.view(self.dtype)[: self.kvh * n * self.hd] = np.asarray(a).reshape(-1)
+                self.cuda.copy2d(self._slot_at(j, slot), self.bucket * self.row, host, w, w, self.kvh,
+                                 "cudaMemcpyHostToDevice", self.stream)
+                self.cuda.sync(self.stream)                         # the staging buffer is reused
+        self.copied += self.tensors * self.kvh * w
+
     def read_slot(self, slot: int, rows: int, host: np.ndarray) -> list[np.ndarray]:
         """Host copies of ``slot``'s first ``rows`` rows, [1, KVH, rows, Hd] per tensor (``host``: pinned)."""
         out, w = [], rows * self.row

@@ -37,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .arena import check_kv_arrays
 from .base import ContextError, KVSpec
 from .ort import OrtDecoder
 
@@ -76,6 +77,10 @@ class SlotOps:
         raise NotImplementedError
 
     def _read_slot(self, s: int, n: int) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _load_slot(self, s: int, arrays: Sequence[np.ndarray]) -> None:
+        """Host ``arrays`` ([1, KVH, n, Hd] per tensor) -> rows 0..n-1 of slot ``s`` (the bucket holds n)."""
         raise NotImplementedError
 
     # -- the one-sequence interface is not this decoder's -----------------------------------------------------
@@ -189,6 +194,16 @@ class SlotOps:
         if not self.lengths.any():
             self.arena.bucket = 0
 
+    def slot_write(self, slot: int, arrays: Sequence[np.ndarray]) -> None:
+        """Fill ``slot`` with a cached prefix (``slot_read``'s or ``kv_read``'s arrays: [1, KVH, n, Hd] each, every
+        layer's key then every layer's value); afterwards it holds n positions (a prefix-cache restore)."""
+        s = self._check_slot(slot)
+        a = self.arena
+        n = check_kv_arrays(arrays, a.tensors, a.kvh, a.hd, a.dtype, self.capacity)
+        self.lengths[s] = 0
+        self._load_slot(s, arrays)
+        self.lengths[s] = n
+
     def slot_read(self, slot: int) -> list[np.ndarray]:
         """Host copies of ``slot``'s cached rows, [1, KVH, len, Hd] each, ``KVSpec.names()`` order (tests)."""
         s = self._check_slot(slot)
@@ -275,6 +290,14 @@ class SlotDecoder(SlotOps, OrtDecoder):
         if self.device == "cpu":
             return self.arena.read_slot(s, n)
         return self.arena.read_slot(s, n, self._host)
+
+    def _load_slot(self, s, arrays):
+        a, n = self.arena, arrays[0].shape[2]
+        a.ensure(int(self.lengths.max()), max(n, 1))
+        if self.device == "cpu":
+            a.place(s, 0, np.stack([np.asarray(x).reshape(a.kvh, n, a.hd) for x in arrays]))
+        else:
+            a.load_slot(s, arrays, self._host)
 
 
 def sharing(dec, slots: int, capacity: int | None = None):

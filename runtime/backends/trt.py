@@ -565,6 +565,11 @@ class TrtSlotDecoder(SlotOps):
         with self.c.lock:
             return self.arena.read_slot(s, n, self._host)
 
+    def _load_slot(self, s, arrays):
+        with self.c.lock:
+            self.arena.ensure(int(self.lengths.max()), max(arrays[0].shape[2], 1))
+            self.arena.load_slot(s, arrays, self._host)
+
     def close(self) -> None:
         cuda = self.__dict__.pop("cuda", None)
         if cuda is not None:
