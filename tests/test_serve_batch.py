@@ -196,3 +196,32 @@ def test_tensorrt_defaults_follow_the_target_the_engine_and_the_device_memory(tr
     assert slots_that_fit(wide) == free // per - 1
     with pytest.raises(Exception, match="profiles batch at most 2 sequences per decode step, not 3"):
         create_app(narrow, max_batch=3)
+
+
+def test_a_stateless_client_reuses_the_prefix_cache_under_batching(bundle, test_images):
+    """The re-sent history of a conversation is restored from the prefix cache into the request's KV slot; the
+    answers equal an unbatched server's without a cache. Another client decodes in the same batch meanwhile."""
+    from test_serve_chat import SYSTEM, TURNS, user_msg
+
+    batched = ServerThread(create_app(Pipeline.load(bundle), max_batch=2, default_max_tokens=8, max_tokens=64))
+    cold = ServerThread(create_app(Pipeline.load(bundle), default_max_tokens=8, max_tokens=64, prefix_cache_mb=0))
+    with batched, cold:
+        cb, cc = client(batched.url), client(cold.url)
+        model = cb.models.list().data[0].id
+        messages, prev = [{"role": "system", "content": SYSTEM}], 0
+        with ThreadPoolExecutor(2) as pool:
+            for i, (text, image) in enumerate(TURNS):
+                messages.append(user_msg(text, image, test_images))
+                side = pool.submit(lambda: cb.chat.completions.create(model=model, max_tokens=12,
+                                                                      messages=[{"role": "user", "content": "Hi"}]))
+                r = cb.chat.completions.create(model=model, messages=messages, max_tokens=8)
+                ref = cc.chat.completions.create(model=model, messages=messages, max_tokens=8)
+                side.result(timeout=60)
+                got, cached = r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+                assert got == ref.choices[0].message.content and r.usage.prompt_tokens == ref.usage.prompt_tokens
+                # turn 0 shares only the template's first tokens with the other client's snapshotted "Hi"
+                assert cached < 8 if i == 0 else cached >= prev, (i, cached, prev)
+                messages.append({"role": "assistant", "content": got})
+                prev = r.usage.prompt_tokens
+        h = health(batched.url)
+        assert h["prefix_cache"]["hits"] >= 2 and h["max_batch"] == 2
