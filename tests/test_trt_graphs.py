@@ -17,7 +17,7 @@ from safeclip.export.trt_check import check_onnx_for_tensorrt  # noqa: E402
 def bundles(tmp_path_factory, demo_bundle, cache_dir):
     from safeclip.export.bundle import ExportOptions, export_bundle
     out = tmp_path_factory.mktemp("trt_graphs") / "demo-jetson"
-    jetson = export_bundle(ExportOptions(model="demo", out=out, target="jetson")).bundle
+    jetson = export_bundle(ExportOptions(model="demo", out=out, target="jetson", max_batch=6)).bundle
     return {"cpu": demo_bundle, "jetson": jetson}
 
 
@@ -33,3 +33,14 @@ def test_exported_graphs_pass_the_tensorrt_parser_check(bundles, target, graph, 
     weights = {t.data_type for t in m.graph.initializer if len(t.dims) == 2 and t.data_type in (half, single)}
     assert half in weights if target == "jetson" else weights == {single}
     assert check_onnx_for_tensorrt(path, trt_version) == []
+
+
+def test_the_manifest_plans_the_decode_batch_profile_export_was_given(bundles):
+    from safeclip.runtime.backends.trt_plan import plan_batch
+    from safeclip.runtime.manifest import load_manifest
+
+    m = load_manifest(bundles["jetson"])
+    plan = m.build_plan["decoder"]
+    assert plan["profile_names"] == ["prefill", "decode", "extend", "decode-batch"]
+    kv, hidden = m.decoder.kv, m.decoder.inputs[m.decoder.names.inputs_embeds].shape[-1]
+    assert plan_batch(plan["profiles"], kv, hidden, m.build["context"]) == 6       # --max-batch 6
