@@ -9,6 +9,10 @@
 # missing (CUDA, onnxruntime-gpu, TensorRT, cuda-python, transformers) is skipped with the reason. Parity:
 # max |difference| against the reference for image features, gate probabilities, prefill logits, the
 # verdict, and how many of 16 greedy tokens agree; timings: median vision call, prefill, decode tokens/s.
+# Then continuous batching on the CUDA provider (slot decoder, 3 sequences of different lengths vs each alone),
+# and the TensorRT backend's own code (TrtDecoder, TrtSlotDecoder: buffers, streams, 2-D copies, pinned
+# staging) on this GPU's memory with the stand-in engine of tests/_fake_trt.py executing the graph (TensorRT
+# itself is not needed for that row). SAFECLIP_DEVICE_CHECK_FAKE_CUDA=1 rehearses that row without a GPU.
 # Needs no network. Budget: well inside 10 minutes on a GPU machine (each stage has its own timeout).
 # Set SAFECLIP_BUNDLES=DIR holding cpu/ and jetson/ bundles to skip the export (e.g. where transformers
 # is missing). Never part of CI.
@@ -117,8 +121,8 @@ fi
     "bundles)"; exit 1; }
 
 say "running the backends"
-timeout 270 "$PY" - "$BUNDLES" "$RESULTS" "$WORK" <<'EOF'
-import json, shutil, statistics, sys, time, traceback
+timeout 360 "$PY" - "$BUNDLES" "$RESULTS" "$WORK" <<'EOF'
+import json, os, shutil, statistics, sys, time, traceback
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +314,82 @@ if have_trt and (bundles / "jetson" / "manifest.json").is_file():
         traceback.print_exc(limit=3)
         skipped.append(f"tensorrt: {one_line(e)}")
 
+# -- continuous batching on the GPU backends; the TensorRT backend's cuda-python paths with the stand-in --------
+batch_lines = []
+CAP2 = len(ids) + 64
+
+
+def batch_check(name, slots, make_solo, table):
+    """Three sequences of different lengths (the image prompt and two prefixes of it) decoded together against
+    each decoded alone by a one-sequence decoder of the same backend: max |Δlogits| over prefill + 8 steps,
+    greedy agreement, and the median step at B = 3 against B = 1."""
+    xs = [embeds32, embeds32[:40], embeds32[:7]]
+    xs = [x.astype(slots.dtype) for x in xs]
+    solo = [make_solo() for _ in xs]
+    outs = [np.asarray(slots.prefill(i, x), np.float32) for i, x in enumerate(xs)]
+    refs = [np.asarray(d.prefill(x), np.float32) for d, x in zip(solo, xs)]
+    diff = max(float(np.abs(o - r).max()) for o, r in zip(outs, refs))
+    toks, agree = [int(np.argmax(r)) for r in refs], 0
+    for _ in range(8):
+        out = np.asarray(slots.decode(table[toks]), np.float32)
+        refs = [np.asarray(d.decode_one_token(table[t]), np.float32) for d, t in zip(solo, toks)]
+        diff = max(diff, max(float(np.abs(o - r).max()) for o, r in zip(out, refs)))
+        agree += sum(int(np.argmax(o)) == int(np.argmax(r)) for o, r in zip(out, refs))
+        toks = [int(np.argmax(r)) for r in refs]
+    t3 = median_ms(lambda: slots.decode(table[toks]))
+    slots.free(2), slots.free(1)
+    t1 = median_ms(lambda: slots.decode(table[toks[:1]]))
+    copies = getattr(slots, "decode_copies", 0)
+    batch_lines.append(f"{name}: batched vs alone max|Δlogits| {diff:.2e}, greedy {agree}/24 agree; step B=1 "
+                       f"{t1:.2f} ms, B=3 {t3:.2f} ms ({t3 / t1:.2f}x); {copies} KV row copies in "
+                       f"{8 + 2 * (REPEATS + 1)} steps")
+
+
+if "CUDAExecutionProvider" in available_providers():
+    from safeclip.runtime.backends.slots import SlotDecoder
+    for b in ("cpu", "jetson"):
+        try:
+            m = load_manifest(bundles / b)
+            mk = lambda: OrtDecoder.from_manifest(m.root, m.graphs["decoder"], capacity=CAP2, device="cuda",
+                                                  context_length=m.model["context_length"])
+            one = mk()
+            batch_check(f"onnxruntime-cuda slots ({b} bundle)", SlotDecoder.sharing(one, 3), mk,
+                        np.load(m.path(m.data["embeddings"]["file"])))
+        except Exception as e:
+            traceback.print_exc(limit=3)
+            skipped.append(f"onnxruntime-cuda batching on {b}: {one_line(e)}")
+
+try:                             # TensorRT's backend code on real device memory, the stand-in engine executing
+    from safeclip.runtime.backends.cuda import CudaRuntime, import_cudart
+    sys.path.insert(0, str(Path.cwd() / "tests"))
+    from _fake_trt import FakeCudart, RealCudaBacking, fake_tensorrt, write_plan
+    # SAFECLIP_DEVICE_CHECK_FAKE_CUDA=1: this section on the CUDA stand-in (a rehearsal of the script without a GPU)
+    rehearsal = os.environ.get("SAFECLIP_DEVICE_CHECK_FAKE_CUDA") == "1"
+    cuda_rt = FakeCudart() if rehearsal else import_cudart()
+    copies = "the CUDA stand-in (rehearsal, no GPU)" if rehearsal else "real cuda-python copies"
+    if int(CudaRuntime(cuda_rt).call("cudaGetDeviceCount")) < 1:
+        raise RuntimeError("no CUDA device")
+    from safeclip.export.bundle import build_plan
+    from safeclip.export.targets import TARGETS
+    from safeclip.runtime.backends.trt import TrtDecoder, TrtSlotDecoder
+    b = "jetson" if (bundles / "jetson" / "manifest.json").is_file() else "cpu"
+    m = load_manifest(bundles / b)
+    plan = write_plan(m.path("decoder.onnx"), work / "standin-decoder.plan",
+                      build_plan(TARGETS["jetson"], m.graphs, m.model)["decoder"]["profiles"])
+    fake = fake_tensorrt(RealCudaBacking(cuda_rt))
+    mk = lambda: TrtDecoder(plan, m.decoder.kv, capacity=CAP2, trt=fake, cuda=CudaRuntime(cuda_rt))
+    dec = mk()
+    table = np.load(m.path(m.data["embeddings"]["file"]))
+    record(f"tensorrt backend, stand-in engine (ONNX Runtime CPU executes), {copies}",
+           f"{b} {'fp16' if b == 'jetson' else 'fp32'}", None, 0.0,
+           greedy(dec.prefill, dec.decode_one_token, table, embeds32.astype(dec.dtype)))
+    arena_check(f"tensorrt backend + stand-in engine, {copies}", dec, embeds32.astype(dec.dtype))
+    batch_check(f"tensorrt backend slots + stand-in engine, {copies}", TrtSlotDecoder(dec, 3), mk,
+                table)
+except Exception as e:
+    traceback.print_exc(limit=3)
+    skipped.append(f"tensorrt backend on real CUDA with the stand-in engine: {one_line(e)}")
+
 # -- report ------------------------------------------------------------------------------------------
 cols = [("backend", "backend"), ("bundle", "bundle"), ("vision_ms", "vision ms"), ("d_features", "max|Δfeat|"),
         ("d_probs", "max|Δprob|"), ("verdict_same", "verdict"), ("prefill_ms", "prefill ms"),
@@ -319,10 +399,12 @@ fmt = lambda v: "" if v is None else (f"{v:.2e}" if isinstance(v, float) and abs
 lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
 lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
 text = "\n".join(lines) + "\n\nKV arena:\n" + "\n".join(f"- {a}" for a in arena_lines or ["no GPU backend ran"]) + \
+    "\n\nbatching:\n" + "\n".join(f"- {a}" for a in batch_lines or ["no GPU backend ran"]) + \
     "\n\nskipped:\n" + "\n".join(f"- {s}" for s in skipped or ["nothing"]) + "\n"
 print("\n" + text)
 (results / "device_check.md").write_text(text)
-(results / "device_check.json").write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2))
+(results / "device_check.json").write_text(json.dumps({"rows": rows, "arena": arena_lines, "batching": batch_lines,
+                                                     "skipped": skipped}, indent=2))
 EOF
 rc=$?
 say "done (exit $rc); results in $RESULTS"

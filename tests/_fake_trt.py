@@ -189,6 +189,12 @@ class FakeCudart:
     def enqueue(self, stream, op) -> None:
         stream.pending.append(op)
 
+    def read(self, addr, n) -> bytes:                  # the stand-in engine's view of device memory
+        return bytes((ctypes.c_uint8 * n).from_address(int(addr)))
+
+    def write(self, addr, data: bytes) -> None:
+        ctypes.memmove(int(addr), data, len(data))
+
     # device facts
     def cudaMemGetInfo(self):
         used = sum(b[1] for b in self.blocks.values())              # the limit counts every block
@@ -205,6 +211,62 @@ class FakeCudart:
     def cudaGetErrorString(self, error):
         msgs = {1: b"invalid argument", 2: b"out of memory", 400: b"invalid resource handle"}
         return (Err.cudaSuccess, msgs.get(int(error), b"unknown error"))
+
+
+class RealCudaBacking:
+    """Backs the stand-in engine with real device memory through a cuda-python runtime module ``rt``: what
+    ``scripts/device_check.sh`` uses on a lent GPU (no TensorRT there) to drive the TensorRT backend's real
+    cuda-python paths (``cudaMalloc``'d buffers, streams, async and 2-D copies, pinned staging) with the graph
+    executed by ONNX Runtime. An execution waits for the device (``cudaDeviceSynchronize``: every queued copy
+    has landed), reads its bound inputs to the host, runs, and writes its outputs back before it returns, so
+    work the backend queues after it sees them. Only calls FakeCudart also has are made, so the tests run this
+    adapter over FakeCudart too (whose checks then apply to the adapter's own copies)."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        self._stream = self._ok(rt.cudaStreamCreate())
+
+    @staticmethod
+    def _ok(res):
+        err, rest = (res[0], res[1:]) if isinstance(res, tuple) else (res, ())
+        if int(err) != 0:
+            raise RuntimeError(f"CUDA call failed in the stand-in's backing: error {int(err)}")
+        return rest[0] if len(rest) == 1 else rest
+
+    def stream(self, handle):
+        return handle
+
+    def region(self, ptr, n, kind=None):
+        return ptr                                   # the real driver faults on a bad address
+
+    def enqueue(self, stream, op) -> None:
+        self._ok(self.rt.cudaDeviceSynchronize())
+        op()
+
+    def _copy(self, dst, src, n, kind):
+        K = self.rt.cudaMemcpyKind
+        self._ok(self.rt.cudaMemcpyAsync(dst, src, n, getattr(K, kind), self._stream))
+        self._ok(self.rt.cudaStreamSynchronize(self._stream))
+
+    def _pinned(self, n):
+        ptr = int(self._ok(self.rt.cudaMallocHost(max(n, 1))))
+        return ptr, np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), (max(n, 1),))
+
+    def read(self, addr, n) -> bytes:
+        ptr, host = self._pinned(n)
+        try:
+            self._copy(ptr, int(addr), n, "cudaMemcpyDeviceToHost")
+            return host[:n].tobytes()
+        finally:
+            self._ok(self.rt.cudaFreeHost(ptr))
+
+    def write(self, addr, data: bytes) -> None:
+        ptr, host = self._pinned(len(data))
+        try:
+            host[: len(data)] = np.frombuffer(data, np.uint8)
+            self._copy(int(addr), ptr, len(data), "cudaMemcpyHostToDevice")
+        finally:
+            self._ok(self.rt.cudaFreeHost(ptr))
 
 
 def install_fakes(monkeypatch, version: str = "10.3.0.30", **cudart_kw):
@@ -399,8 +461,7 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
         for n in engine._tensors:
             addr, nbytes, shape, dt = spans[n]
             if n not in outs:
-                raw = (ctypes.c_uint8 * nbytes).from_address(addr) if nbytes else b""
-                feeds[n] = np.frombuffer(bytes(raw), dt).reshape(shape).copy()
+                feeds[n] = np.frombuffer(cudart.read(addr, nbytes) if nbytes else b"", dt).reshape(shape).copy()
         if engine._ort is None:
             import onnxruntime as ort
             engine._ort = ort.InferenceSession(engine._onnx, providers=["CPUExecutionProvider"])
@@ -409,7 +470,8 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
             assert tuple(value.shape) == shape, (n, value.shape, shape)
             value = value + engine._perturb[n] if n in engine._perturb else value
             data = np.ascontiguousarray(value, dt).tobytes()
-            ctypes.memmove(addr, data, len(data))
+            if data:
+                cudart.write(addr, data)
 
     class Runtime:
         def __init__(self, logger):

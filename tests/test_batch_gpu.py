@@ -277,3 +277,58 @@ def test_tensorrt_slot_write_restores_a_prefix_and_decoding_goes_on_as_alone(trt
     with pytest.raises(ValueError, match="expected 4 KV arrays"):
         dec.slot_write(0, solo.kv_read(3)[:2])
     dec.close()
+
+
+def test_the_real_cuda_backing_runs_the_backend_as_device_check_does(demo_bundle, tmp_path):
+    """scripts/device_check.sh drives TrtDecoder/TrtSlotDecoder's real cuda-python paths on a lent GPU with the
+    stand-in engine over ``RealCudaBacking`` (device memory read and written with cuda-python copies). Here the
+    backing runs over FakeCudart, so its own copies are checked like the backend's; the results must match."""
+    from _fake_trt import RealCudaBacking, fake_tensorrt
+    from safeclip.runtime.backends.trt import TrtDecoder
+
+    m = load_manifest(demo_bundle)
+    kv = KVSpec.from_manifest(m.graphs["decoder"]["kv"])
+    table = np.load(m.path(m.data["embeddings"]["file"]))
+    rt = FakeCudart()
+    trt = fake_tensorrt(RealCudaBacking(rt))
+    profiles = build_plan(TARGETS["jetson"], m.graphs, m.model)["decoder"]["profiles"]
+    dec = TrtDecoder(write_plan(demo_bundle / "decoder.onnx", tmp_path / "d.plan", profiles), kv, capacity=CAP,
+                     trt=trt, cuda=CudaRuntime(rt))
+    ref = OrtDecoder(m.path("decoder.onnx"), kv, capacity=CAP)
+    p = _prompts(table, (9,))[0]
+    np.testing.assert_allclose(dec.prefill(table[p]), ref.prefill(table[p]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(dec.decode_one_token(table[4]), ref.decode_one_token(table[4]), atol=1e-5, rtol=0)
+    slots = sharing(dec, 2)
+    solo = [OrtDecoder(m.path("decoder.onnx"), kv, capacity=CAP) for _ in range(2)]
+    for i, q in enumerate(_prompts(table, (5, 12), seed=2)):
+        np.testing.assert_allclose(slots.prefill(i, table[q]), solo[i].prefill(table[q]), atol=1e-5, rtol=0)
+    out = slots.decode(table[[7, 8]])
+    for i, t in enumerate((7, 8)):
+        np.testing.assert_allclose(out[i], solo[i].decode_one_token(table[t]), atol=1e-5, rtol=0)
+    assert trt.fake_stats["executions"] == 5
+    slots.close()
+    dec.close()
+
+
+def test_tensorrt_capacity_off_the_alignment_runs_to_its_last_position(trt_env):
+    """A capacity that is no multiple of the aligned rows: buckets reach it rounded up (63 -> 64 here)."""
+    e = trt_env
+    table = e["table"]
+    dec = sharing(e["dec"], 3, capacity=63)
+    assert dec.capacity == 63 and dec.arena.capacity == 64
+    solo = [OrtDecoder(e["m"].path("decoder.onnx"), e["kv"], capacity=63) for _ in range(3)]
+    prompts = _prompts(table, (45, 3, 20), seed=9)
+    toks = []
+    for i, (s, p) in enumerate(zip(solo, prompts)):
+        dec.prefill(i, table[p])
+        toks.append(int(np.argmax(s.prefill(table[p]))))
+    for _ in range(63 - 45):                                            # slot 0 reaches the capacity
+        out = dec.decode(table[toks])
+        refs = [s.decode_one_token(table[t]) for s, t in zip(solo, toks)]
+        for o, r in zip(out, refs):
+            np.testing.assert_allclose(o, r, atol=1e-5, rtol=0)
+        toks = [int(np.argmax(r)) for r in refs]
+    assert dec.lengths[0] == 63 and dec.arena.bucket == 64
+    with pytest.raises(ContextError, match="63 cached \\+ 1 new token exceed the cache capacity 63"):
+        dec.decode(table[toks])
+    dec.close()

@@ -55,7 +55,7 @@ class SlotOps:
     ``hidden_size``, ``vocab_size``, ``dtype``, ``kv`` and calls :meth:`_init_slots`."""
 
     def _init_slots(self) -> None:
-        C = self.capacity
+        C = self.arena.capacity                 # >= capacity: an aligned arena's buckets reach it rounded up
         self.lengths = np.zeros(self.slots, np.int64)
         self._bmask = np.zeros(max(self.slots * (C + 1), 2 * C + 1), np.int64)   # [B, Lb+S]: decode or one slot
         self._bpos = np.zeros(max(self.slots, C), np.int64)                      # [B, 1] or [1, S]
