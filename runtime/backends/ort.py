@@ -37,9 +37,16 @@ _PROVIDERS = {
 }
 
 
-def make_options(threads: int | None = None):
-    """ORT session options for every session of a bundle: all graph optimizations, and ``threads`` intra-op
-    threads (default ``SAFECLIP_THREADS``; unset or 0: ONNX Runtime's own default)."""
+def make_options(threads: int | None = None, spin: bool | None = None):
+    """ORT session options for every session of a bundle: all graph optimizations, ``threads`` intra-op
+    threads (default ``SAFECLIP_THREADS``; unset or 0: ONNX Runtime's own default), and whether idle pool
+    threads spin (``spin``, default ``SAFECLIP_SPIN``: ``0`` turns it off; unset: ONNX Runtime's default, on).
+
+    Measured at TinyLlama shape (int4 decoder, 2 threads on 2 cores, alternated in one process): on a quiet
+    machine spinning is a little faster (28.1-28.7 tokens/s against 25.8-27.4 without), but while another
+    process keeps one core busy the spinning worker takes the core from the thread that has the work:
+    ~10 tokens/s with spinning against ~18 without (BENCHMARKS.md). Turn it off where the decoder shares
+    the CPU."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -47,6 +54,13 @@ def make_options(threads: int | None = None):
     n = threads or int(os.environ.get("SAFECLIP_THREADS", "0") or 0)
     if n:
         so.intra_op_num_threads = n
+    if spin is None:
+        env = os.environ.get("SAFECLIP_SPIN", "").strip()
+        if env not in ("", "0", "1"):
+            raise ValueError(f"SAFECLIP_SPIN must be 0 or 1, got '{env}'")
+        spin = None if env == "" else env == "1"
+    if spin is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return so
 
 
