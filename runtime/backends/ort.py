@@ -13,7 +13,8 @@ copied to their place (2L*KVH*S*Hd elements per call instead of the whole cache)
 input and output to preallocated memory: nothing is allocated per step, and ORT writes the logits into a
 preallocated [1, 1, V] buffer. The 2L KV inputs and outputs and the mask keep their addresses and shapes
 while the bucket, the call's length and the prefill/decode kind stay the same, so a decode step rebinds only
-the token embedding and the position (binding all 4L+3 took ~0.4 ms per step at TinyLlama shape). Bundles whose decoder returns past + new (written before this design) are
+the token embedding and the position (binding all 4L+3 took ~0.4 ms per step at TinyLlama shape). Bundles
+whose decoder returns past + new (written before this design) are
 refused when the manifest is read (``contract.py``): re-export them.
 """
 from __future__ import annotations
