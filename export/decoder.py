@@ -452,7 +452,8 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
                     "past_key": PAST_KEY, "past_value": PAST_VALUE,
                     "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}}
     if quant is not None:
-        graph["quantization"] = {**quant.manifest(graph_pass.done), "error": quant_report}
+        fused = graph_pass.fused if quant.fuse_shared_input else None
+        graph["quantization"] = {**quant.manifest(graph_pass.done, fused), "error": quant_report}
     return {"graphs": {"decoder": graph},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
             "model": facts, "files": files, "parity": parity}

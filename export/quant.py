@@ -24,7 +24,12 @@ Graph forms:
   TinyLlama MLP shapes with onnxruntime 1.32 (2 threads), bits=8 without it runs through a dequantise-each-call
   fallback about 14x slower than fp32, and int4 is 1.5x faster with it. Its cost is that activations are
   rounded to int8 per block inside the kernel: not gated (``runtime/tolerances.py``), measured by
-  ``scripts/bench_quant.py``.
+  ``scripts/bench_quant.py``. Weights that read the same input with the same K (q/k/v, gate/up) are fused
+  (``fuse_shared_input``) into one ``MatMulNBits`` whose N is their sum (the packed blocks, scales and zero
+  points concatenated along N: the same bytes) followed by a ``Split``, as onnxruntime-genai's model builder
+  packs them: 4 weight nodes per layer instead of 7, and the small k/v products (N = KVH*Hd) no longer each
+  pay a kernel launch and a thread-pool hand-off. Measured at TinyLlama shape (``scripts/profile_decode.py``,
+  BENCHMARKS.md). The manifest lists the fused groups (``fused``).
 * TensorRT targets (``jetson``, ``datacenter``): ``DequantizeLinear`` (opset 21) feeding ``MatMul``, fp16
   scales: int4 block-wise (``axis=0``, ``block_size``; TensorRT supports block quantisation for INT4 only) or
   int8 per output channel (``axis=1``). The graph's opset becomes 21. Checked by ``trt_check`` (block rules in
@@ -75,8 +80,9 @@ class QuantScheme:
     accuracy_level: int = 0         # MatMulNBits only
     lm_head: bool = False
     layers: tuple[str, ...] = LINEARS
+    fuse_shared_input: bool = False  # MatMulNBits only: one node per group of weights that read the same input
 
-    def manifest(self, chosen: list[str] | None = None) -> dict:
+    def manifest(self, chosen: list[str] | None = None, fused: list[tuple[str, ...]] | None = None) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers) + (["lm_head"] if self.lm_head else [])
         d["block_size"] = self.block_size if self.block_size else "per-channel"
@@ -84,6 +90,9 @@ class QuantScheme:
                   "packing": "onnxruntime.quantization.matmul_nbits_quantizer (per tensor)"})
         if chosen is not None:
             d["quantized_tensors"] = len(chosen)
+        if fused is not None:                        # e.g. [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
+            d["fused"] = [list(g) for g in sorted({tuple(f.rsplit(".", 2)[-2] for f in g) for g in fused})]
+            d["fused_nodes"] = len(fused)
         return d
 
 
@@ -123,7 +132,7 @@ def scheme_for(weights: str | None, target, block_size: int | None = None, symme
     form = DQ if trt else MATMULNBITS
     per_channel = trt and bits == 8
     return QuantScheme(bits, None if per_channel else block_size, symmetric, method, form, target.precision,
-                       0 if trt else 4, lm_head)
+                       0 if trt else 4, lm_head, fuse_shared_input=not trt)
 
 
 def linear_fqns(language_model, lm_head, fqn_of: dict[int, str], scheme: QuantScheme) -> set[str]:
@@ -260,6 +269,7 @@ class QuantPass:
     fqns: set[str]
     source_of: dict[str, str]
     done: list[str] = field(default_factory=list)
+    fused: list[tuple[str, ...]] = field(default_factory=list)
     _memo: dict = field(default_factory=dict)
 
     def __call__(self, model, jobs: dict) -> dict:
@@ -267,32 +277,102 @@ class QuantPass:
 
         graph, out = model.graph, {}
         sch = self.scheme
-        for init_name, job in jobs.items():
-            value, source, perm = job
+        arrays = ["packed", "scales"] + ([] if sch.symmetric else ["zero_points"])
+        found = {}                                                       # init name -> (fqn, k, n, MatMul uses)
+        for init_name, (value, source, _) in jobs.items():
             fqn = self.source_of.get(source)
             if fqn not in self.fqns:
-                out[init_name] = job
                 continue
             uses = list(value.uses())
             if len(value.shape) != 2 or not uses or any(u.op_type != "MatMul" or i != 1 for u, i in uses):
                 raise QuantError(f"weight '{fqn}' is not used as a MatMul weight in the traced graph; "
                                  "cannot quantise it")
-            k, n = (int(d) for d in value.shape)
-            arrays = ["packed", "scales"] + ([] if sch.symmetric else ["zero_points"])
-            shapes, dtypes = self._layout(k, n)
-            vals = {a: ir.Value(name=f"{init_name}.q{sch.bits}.{a}", shape=ir.Shape(shapes[a]),
+            found[init_name] = (fqn, *(int(d) for d in value.shape), [u for u, _ in uses])
+        groups = self._groups(graph, found)
+        for init_name, job in jobs.items():
+            if init_name not in found:
+                out[init_name] = job
+                continue
+            group = groups.get(init_name)
+            if group is None:                                            # a later member of a fused group
+                continue
+            fqns = [found[i][0] for i in group]
+            k, ns = found[group[0]][1], [found[i][2] for i in group]
+            name = group[0] if len(group) == 1 else self._fused_name(group)
+            shapes, dtypes = self._layout(k, sum(ns))
+            vals = {a: ir.Value(name=f"{name}.q{sch.bits}.{a}", shape=ir.Shape(shapes[a]),
                                 type=ir.TensorType(dtypes[a])) for a in arrays}
-            for node, _ in uses:
-                self._rewrite(graph, node, vals, k, n)
+            if len(group) == 1:
+                for node in found[init_name][3]:
+                    self._rewrite(graph, node, vals, k, ns[0])
+            else:
+                self._rewrite_fused(graph, [found[i][3][0] for i in group], vals, k, ns, name)
+                self.fused.append(tuple(fqns))
             for a in arrays:
-                out[vals[a].name] = (vals[a], self._producer(fqn, a, arrays, k, n), None)
-            self.done.append(fqn)
+                out[vals[a].name] = (vals[a], self._producer(tuple(fqns), a, arrays, k, ns), None)
+            self.done.extend(fqns)
         opsets = model.opset_imports
         if sch.form == MATMULNBITS:
             opsets["com.microsoft"] = 1
         else:
             opsets[""] = max(DQ_OPSET, opsets.get("", 0))
         return out
+
+    def _groups(self, graph, found: dict) -> dict[str, list[str]]:
+        """First member's init name -> the init names computed by one node: weights with one MatMul use each
+        that share that MatMul's input and K (q/k/v, gate/up) when the scheme fuses, else each alone."""
+        if not (self.scheme.fuse_shared_input and self.scheme.form == MATMULNBITS):
+            return {i: [i] for i in found}
+        order = {id(node): j for j, node in enumerate(graph)}
+        by_input: dict[tuple, list[str]] = {}
+        for init_name, (fqn, k, n, uses) in found.items():
+            key = (id(uses[0].inputs[0]), k) if len(uses) == 1 else ("alone", init_name)
+            by_input.setdefault(key, []).append(init_name)
+        return {g[0]: g for g in (sorted(g, key=lambda i: order[id(found[i][3][0])]) for g in by_input.values())}
+
+    @staticmethod
+    def _fused_name(group: list[str]) -> str:
+        """``a.b.q_proj.weight`` + ``a.b.k_proj.weight`` -> ``a.b.q_proj+k_proj.weight``."""
+        parts = [g.split(".") for g in group]
+        if all(len(p) == len(parts[0]) and p[:-2] == parts[0][:-2] and p[-1] == parts[0][-1] for p in parts):
+            return ".".join(parts[0][:-2] + ["+".join(p[-2] for p in parts), parts[0][-1]])
+        return "+".join(group)
+
+    def _rewrite_fused(self, graph, nodes: list, vals: dict, k: int, ns: list[int], name: str) -> None:
+        """One MatMulNBits with N = sum(ns) over the MatMuls ``nodes`` (same input), then a Split into their
+        outputs, inserted where the first of them was."""
+        import onnx_ir as ir
+
+        sch, x = self.scheme, nodes[0].inputs[0]
+        attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", sum(ns)), ir.AttrInt64("bits", sch.bits),
+                 ir.AttrInt64("block_size", sch.block_size)]
+        if sch.accuracy_level:
+            attrs.append(ir.AttrInt64("accuracy_level", sch.accuracy_level))
+        ins = [x, vals["packed"], vals["scales"]] + ([vals["zero_points"]] if "zero_points" in vals else [])
+        mm = ir.Node("com.microsoft", "MatMulNBits", ins, attrs, name=f"{nodes[0].name}_Q{sch.bits}_fused")
+        split = ir.Value(name=f"{name}.split", shape=ir.Shape([len(ns)]), type=ir.TensorType(ir.DataType.INT64),
+                         const_value=ir.tensor(np.asarray(ns, np.int64), name=f"{name}.split"))
+        graph.register_initializer(split)
+        sp = ir.Node("", "Split", [mm.outputs[0], split], [ir.AttrInt64("axis", -1)], num_outputs=len(ns),
+                     name=f"{nodes[0].name}_split")
+        graph.insert_before(nodes[0], [mm, sp])
+        y0 = nodes[0].outputs[0]
+        mm.outputs[0].type = y0.type
+        if y0.shape is not None:
+            mm.outputs[0].shape = ir.Shape([*list(y0.shape)[:-1], sum(ns)])
+        for node, out in zip(nodes, sp.outputs):
+            self._replace_output(graph, node, out)
+
+    @staticmethod
+    def _replace_output(graph, node, out) -> None:
+        """``out`` takes the place (name, shape, uses, graph output) of ``node``'s output; ``node`` goes."""
+        y = node.outputs[0]
+        name, y.name = y.name, None
+        out.name, out.shape, out.type = name, y.shape, y.type
+        y.replace_all_uses_with(out)
+        if y in graph.outputs:                                           # a graph output keeps its name
+            graph.outputs[graph.outputs.index(y)] = out
+        graph.remove(node, safe=True)
 
     def _layout(self, k: int, n: int):
         import onnx_ir as ir
@@ -312,7 +392,7 @@ class QuantPass:
     def _rewrite(self, graph, node, vals: dict, k: int, n: int) -> None:
         import onnx_ir as ir
 
-        sch, x, y = self.scheme, node.inputs[0], node.outputs[0]
+        sch, x = self.scheme, node.inputs[0]
         if sch.form == MATMULNBITS:
             attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", sch.bits),
                      ir.AttrInt64("block_size", sch.block_size)]
@@ -327,23 +407,20 @@ class QuantPass:
             dq = ir.Node("", "DequantizeLinear", [vals["packed"], vals["scales"]], attrs, name=f"{node.name}_DQ")
             new = [dq, ir.Node("", "MatMul", [x, dq.outputs[0]], name=f"{node.name}_Q{sch.bits}")]
         graph.insert_before(node, new)
-        out, name = new[-1].outputs[0], y.name
-        y.name = None
-        out.name, out.shape, out.type = name, y.shape, y.type
-        y.replace_all_uses_with(out)
-        if y in graph.outputs:                                           # a graph output keeps its name
-            graph.outputs[graph.outputs.index(y)] = out
-        graph.remove(node, safe=True)
+        self._replace_output(graph, node, new[-1].outputs[0])
 
-    def _producer(self, fqn: str, which: str, arrays: list[str], k: int, n: int):
+    def _producer(self, fqns: tuple[str, ...], which: str, arrays: list[str], k: int, ns: list[int]):
+        """The array ``which`` of the weights ``fqns`` (one, or a fused group concatenated along N), quantised
+        from the original weights when the first of its arrays is written and dropped after the last."""
         def produce():
             import torch
 
-            if fqn not in self._memo:
-                w = self.read(fqn, torch.float32)                        # [N, K], the original weight
-                self._memo[fqn] = quantize(w.numpy().T, self.scheme)
-            a = self._memo[fqn][which]
+            if fqns not in self._memo:
+                parts = [quantize(self.read(f, torch.float32).numpy().T, self.scheme) for f in fqns]  # [N, K] each
+                self._memo[fqns] = {a: np.concatenate([p[a] for p in parts]) if len(parts) > 1 else parts[0][a]
+                                    for a in arrays}
+            a = self._memo[fqns][which]
             if which == arrays[-1]:
-                del self._memo[fqn]                                      # one weight's arrays at a time
+                del self._memo[fqns]                                     # one group's arrays at a time
             return np.ascontiguousarray(a)
         return produce

@@ -112,12 +112,9 @@ def ensure(work: Path, shape_name: str, block_size: int, rebuild: bool) -> dict:
 
 class Runtime:
     def __init__(self, folder: Path, info: dict, threads: int, capacity: int):
-        import onnxruntime as ort
+        from safeclip.runtime.backends.ort import OrtDecoder, make_options
 
-        from safeclip.runtime.backends.ort import OrtDecoder
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
+        so = make_options(threads)                  # the runtime's own options (SAFECLIP_SPIN honoured)
         ctx = int(info["model"]["context_length"])
         self.decoder = OrtDecoder.from_manifest(folder, info["graphs"]["decoder"], capacity=min(capacity, ctx),
                                                 context_length=ctx, session_options=so)

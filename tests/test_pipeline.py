@@ -138,6 +138,21 @@ def test_safeclip_threads_reaches_both_sessions(setup, monkeypatch):
     assert pipe._lm.decoder.session.get_session_options().intra_op_num_threads == 2
 
 
+def test_safeclip_spin_sets_the_thread_pool_spinning(monkeypatch):
+    from safeclip.runtime.backends.ort import make_options
+
+    key = "session.intra_op.allow_spinning"
+    monkeypatch.delenv("SAFECLIP_SPIN", raising=False)
+    with pytest.raises(RuntimeError):                                    # unset: ONNX Runtime's default
+        make_options(2).get_session_config_entry(key)
+    monkeypatch.setenv("SAFECLIP_SPIN", "0")
+    assert make_options(2).get_session_config_entry(key) == "0"
+    assert make_options(2, spin=True).get_session_config_entry(key) == "1"   # an explicit choice wins
+    monkeypatch.setenv("SAFECLIP_SPIN", "off")
+    with pytest.raises(ValueError, match="SAFECLIP_SPIN must be 0 or 1"):
+        make_options(2)
+
+
 def test_prompt_too_long_fails_before_any_work(setup, monkeypatch):
     pipe, bundle, toxic, _ = setup
     small = Pipeline.load(bundle, context=600)                    # 576 image positions + a little text

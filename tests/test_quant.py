@@ -99,9 +99,11 @@ def test_int8_cpu_decoder_passes_parity_with_matmulnbits(decoders, demo_sources)
     d, frag = decoders["cpu", "int8"]
     ops, opsets = _ops(d / "decoder.onnx")
     layers = demo_sources.llava.config.text_config.num_hidden_layers
-    assert ops.count("MatMulNBits") == 7 * layers and opsets["com.microsoft"] == 1
+    # q/k/v and gate/up fused (one node each, then a Split), o and down alone: 4 nodes per layer, not 7
+    assert ops.count("MatMulNBits") == 4 * layers and opsets["com.microsoft"] == 1
     q = frag["graphs"]["decoder"]["quantization"]
     assert (q["bits"], q["block_size"], q["form"], q["accuracy_level"]) == (8, 32, "MatMulNBits", 4)
+    assert q["fused"] == [["gate_proj", "up_proj"], ["q_proj", "k_proj", "v_proj"]] and q["fused_nodes"] == 2 * layers
     names = [r.component for r in frag["parity"]]
     assert names == [f"decoder[float32, int8] {c}" for c in ("prefill", "decode", "decode, bucketed past",
                                                            "extend, bucketed past")]
@@ -111,6 +113,60 @@ def test_int8_cpu_decoder_passes_parity_with_matmulnbits(decoders, demo_sources)
     err = q["error"]
     assert 1e-3 < err["weights"]["rel_frobenius_mean"] < 1e-2 and err["weights"]["layers"] == 7 * layers
     assert all(v["top1_agree"] for v in err["vs_unquantised"].values())
+
+
+def _fused_graph_facts(path):
+    """(MatMulNBits count, {N of each MatMulNBits}, Splits fed by a MatMulNBits with their split sizes)."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    consts = {t.name: t for t in g.initializer}
+    mm = {n.output[0]: n for n in g.node if n.op_type == "MatMulNBits"}
+    splits = [tuple(int(v) for v in numpy_helper.to_array(consts[n.input[1]]))
+              for n in g.node if n.op_type == "Split" and n.input[0] in mm]
+    ns = sorted({next(a.i for a in n.attribute if a.name == "N") for n in mm.values()})
+    return len(mm), ns, splits
+
+
+def test_fused_int4_graph_has_fewer_nodes_and_computes_what_the_unfused_one_does(demo_sources, tmp_path):
+    """q/k/v -> one MatMulNBits [K, Nq+Nk+Nv] + Split, gate/up the same; the per-layer nodes of the unfused
+    export are the oracle (same packed blocks, so the same outputs to float rounding), and both pass parity."""
+    from dataclasses import replace
+
+    import onnxruntime as ort
+
+    from safeclip.export.decoder import export_decoder
+
+    cfg = demo_sources.llava.config.text_config
+    layers, hidden, inter = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (hidden // cfg.num_attention_heads)
+    fused = scheme_for("int4", target("cpu"))
+    assert fused.fuse_shared_input and not scheme_for("int4", target("jetson")).fuse_shared_input
+    dirs = {}
+    for name, sch in (("fused", fused), ("unfused", replace(fused, fuse_shared_input=False))):
+        dirs[name] = tmp_path / name
+        frag = export_decoder(demo_sources.llava, dirs[name], dtype="float32", quant=sch)
+        assert all(r.max_abs_err["logits"] <= r.atol["logits"] for r in frag["parity"])      # vs PyTorch
+    n_f, ns_f, splits_f = _fused_graph_facts(dirs["fused"] / "decoder.onnx")
+    n_u, ns_u, splits_u = _fused_graph_facts(dirs["unfused"] / "decoder.onnx")
+    assert (n_f, n_u) == (4 * layers, 7 * layers) and splits_u == []
+    assert sorted(splits_f) == sorted([(hidden, kv, kv)] * layers + [(inter, inter)] * layers)
+    assert hidden + 2 * kv in ns_f and 2 * inter in ns_f
+    data = {k: (d / "decoder.onnx.data").stat().st_size for k, d in dirs.items()}
+    assert data["fused"] == data["unfused"]                                   # the same bytes, packed together
+    rng = np.random.default_rng(0)
+    sess = {k: ort.InferenceSession(str(d / "decoder.onnx"), providers=["CPUExecutionProvider"])
+            for k, d in dirs.items()}
+    hd = hidden // cfg.num_attention_heads
+    feeds = {"inputs_embeds": rng.standard_normal((1, 5, hidden)).astype(np.float32),
+             "attention_mask": np.ones((1, 5), np.int64), "position_ids": np.arange(5)[None]}
+    for i in range(layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_key_value_heads, 0, hd), np.float32)
+    outs = {k: s.run(None, feeds) for k, s in sess.items()}
+    for a, b in zip(outs["fused"], outs["unfused"]):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max()))
 
 
 def test_tensorrt_int4_graph_passes_the_parser_check_and_old_versions_refuse(decoders):

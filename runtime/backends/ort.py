@@ -11,7 +11,10 @@ the rows beyond the valid length masked out, and returns only the call's new row
 prefill binds those outputs straight into the arena, later calls into a small scratch whose rows are then
 copied to their place (2L*KVH*S*Hd elements per call instead of the whole cache). IOBinding binds every
 input and output to preallocated memory: nothing is allocated per step, and ORT writes the logits into a
-preallocated [1, 1, V] buffer. Bundles whose decoder returns past + new (written before this design) are
+preallocated [1, 1, V] buffer. The 2L KV inputs and outputs and the mask keep their addresses and shapes
+while the bucket, the call's length and the prefill/decode kind stay the same, so a decode step rebinds only
+the token embedding and the position (binding all 4L+3 took ~0.4 ms per step at TinyLlama shape). Bundles
+whose decoder returns past + new (written before this design) are
 refused when the manifest is read (``contract.py``): re-export them.
 """
 from __future__ import annotations
@@ -35,9 +38,16 @@ _PROVIDERS = {
 }
 
 
-def make_options(threads: int | None = None):
-    """ORT session options for every session of a bundle: all graph optimizations, and ``threads`` intra-op
-    threads (default ``SAFECLIP_THREADS``; unset or 0: ONNX Runtime's own default)."""
+def make_options(threads: int | None = None, spin: bool | None = None):
+    """ORT session options for every session of a bundle: all graph optimizations, ``threads`` intra-op
+    threads (default ``SAFECLIP_THREADS``; unset or 0: ONNX Runtime's own default), and whether idle pool
+    threads spin (``spin``, default ``SAFECLIP_SPIN``: ``0`` turns it off; unset: ONNX Runtime's default, on).
+
+    Measured at TinyLlama shape (int4 decoder, 2 threads on 2 cores, alternated in one process): on a quiet
+    machine spinning is a little faster (28.1-28.7 tokens/s against 25.8-27.4 without), but while another
+    process keeps one core busy the spinning worker takes the core from the thread that has the work:
+    ~10 tokens/s with spinning against ~18 without (BENCHMARKS.md). Turn it off where the decoder shares
+    the CPU."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -45,6 +55,13 @@ def make_options(threads: int | None = None):
     n = threads or int(os.environ.get("SAFECLIP_THREADS", "0") or 0)
     if n:
         so.intra_op_num_threads = n
+    if spin is None:
+        env = os.environ.get("SAFECLIP_SPIN", "").strip()
+        if env not in ("", "0", "1"):
+            raise ValueError(f"SAFECLIP_SPIN must be 0 or 1, got '{env}'")
+        spin = None if env == "" else env == "1"
+    if spin is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return so
 
 
@@ -140,6 +157,7 @@ class OrtDecoder:
         self._token = np.zeros((1, 1, self.hidden_size), self.dtype)       # one token's embedding [1, 1, D]
         self._io = self.session.io_binding()
         self._io.bind_output(names.logits, "cpu", 0, self.dtype, list(self._logits.shape), self._logits.ctypes.data)
+        self._bound = None                            # (bucket, S, mask length, prefill) of the KV/mask bindings
         self.weights_bytes = weights_bytes
         self.length = 0
 
@@ -222,12 +240,16 @@ class OrtDecoder:
             Lb, out = a.bucket, self._scratch_ptr
         m = a.mask(self._mask[0], P, S)
         io.bind_input(n.inputs_embeds, "cpu", 0, dt, [1, S, self.hidden_size], x.ctypes.data)
-        io.bind_input(n.attention_mask, "cpu", 0, np.int64, [1, m], self._mask.ctypes.data)
         io.bind_input(n.position_ids, "cpu", 0, np.int64, [1, S], self._pos.ctypes.data + 8 * P)
+        key = (Lb, S, m, P == 0)
+        if key == self._bound:                       # same shapes and addresses as the last call: bindings hold
+            return S
+        io.bind_input(n.attention_mask, "cpu", 0, np.int64, [1, m], self._mask.ctypes.data)
         H, D = self.kv.num_kv_heads, self.kv.head_dim
         for j, (past, new) in enumerate(self._names):
             io.bind_input(past, dev, 0, dt, [1, H, Lb, D], a.ptr(j))              # [1, KVH, Lb, Hd]
             io.bind_output(new, dev, 0, dt, [1, H, S, D], out[j])                # [1, KVH, S, Hd]
+        self._bound = key
         return S
 
     def _run(self, x: np.ndarray) -> np.ndarray:
