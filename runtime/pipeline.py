@@ -149,14 +149,14 @@ class Pipeline:
         or CUDA; ``backends.trt.TrtSlotDecoder`` on the TensorRT plan and context, whose decode-batch profile
         must cover ``max_batch``; one KV slot per sequence, each the decoder's capacity). :meth:`stream` then
         queues each request (``batch.QueueFull`` past ``max_waiting``). Returns the scheduler."""
-        from .backends.slots import sharing
+        from .backends.pick import slot_decoder
         from .batch import Scheduler
 
         if self._lm is None:
             raise GenerationUnavailable(f"{self.manifest.root}: bundle has no language model to batch")
         if self.scheduler is not None:
             self.scheduler.close()
-        dec = sharing(self._lm.decoder, max_batch)
+        dec = slot_decoder(self._lm.decoder, max_batch)
         self.scheduler = Scheduler(dec, self._lm.table, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
         return self.scheduler
 

@@ -20,7 +20,8 @@ from safeclip.runtime.backends.arena import DeviceArena, HostArena
 from safeclip.runtime.backends.base import BackendError, ContextError, KVSpec
 from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import OrtDecoder
-from safeclip.runtime.backends.slots import SlotDecoder, kv_slot_bytes, sharing
+from safeclip.runtime.backends.pick import slot_decoder as sharing
+from safeclip.runtime.backends.slots import SlotDecoder, kv_slot_bytes
 from safeclip.runtime.batch import Scheduler
 from safeclip.runtime.manifest import load_manifest
 

@@ -33,7 +33,7 @@ _DROPPED = {"onnxruntime-tensorrt": "onnxruntime-tensorrt is not supported (ONNX
             "rebuild its engines whenever the KV length grows): use tensorrt, with engines from safeclip-build, "
             "or onnxruntime-cuda"}
 
-__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "open_vision", "open_decoder"]
+__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "open_vision", "open_decoder", "slot_decoder"]
 
 
 class Probe:
@@ -145,3 +145,19 @@ def open_decoder(manifest, backend: str, *, context: int | None = None, threads:
     return OrtDecoder.from_manifest(manifest.root, manifest.decoder, capacity=cap or model_ctx,
                                     context_length=model_ctx, session_options=session_options, threads=threads,
                                     device=device)
+
+
+def slot_decoder(dec, slots: int, capacity: int | None = None):
+    """The batched decoder (``slots.py``) for a pipeline's one-sequence decoder ``dec``, sharing its weights: a
+    ``SlotDecoder`` on an ``OrtDecoder``'s session (CPU or CUDA), a ``TrtSlotDecoder`` on a ``TrtDecoder``'s
+    plan and context (TensorRT imported only then)."""
+    from .ort import OrtDecoder
+    from .slots import SlotDecoder
+
+    if isinstance(dec, OrtDecoder):
+        return SlotDecoder.sharing(dec, slots, capacity)
+    from .trt import TrtDecoder, TrtSlotDecoder
+
+    if isinstance(dec, TrtDecoder):
+        return TrtSlotDecoder.sharing(dec, slots, capacity)
+    raise TypeError(f"no batched decoder for {type(dec).__name__}")

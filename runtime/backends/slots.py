@@ -1,5 +1,5 @@
 """Many sequences in one KV arena: what ``batch.Scheduler`` drives. :class:`SlotDecoder` (ONNX Runtime, CPU
-and CUDA providers) here, ``trt.TrtSlotDecoder`` (TensorRT) on the same :class:`SlotOps`.
+and CUDA providers) here, ``trt.TrtSlotDecoder`` (TensorRT) on the same :class:`SlotOps`; ``pick.slot_decoder`` picks the one for a decoder.
 
 The arena (``arena.py``) gets a slot dimension: tensor j is [slots, KVH, Lb, Hd], packed for one bucket Lb
 shared by every slot; slot s holds its own sequence in rows 0..len(s)-1 of its KVH head blocks, each
@@ -41,7 +41,7 @@ from .arena import check_kv_arrays
 from .base import ContextError, KVSpec
 from .ort import OrtDecoder
 
-__all__ = ["SlotOps", "SlotDecoder", "kv_slot_bytes", "sharing"]
+__all__ = ["SlotOps", "SlotDecoder", "kv_slot_bytes"]
 
 
 def kv_slot_bytes(kv: KVSpec, capacity: int) -> int:
@@ -299,15 +299,3 @@ class SlotDecoder(SlotOps, OrtDecoder):
         else:
             a.load_slot(s, arrays, self._host)
 
-
-def sharing(dec, slots: int, capacity: int | None = None):
-    """The slot decoder for a pipeline's one-sequence decoder ``dec``, sharing its weights: a
-    :class:`SlotDecoder` on an ``OrtDecoder``'s session (CPU or CUDA), a ``TrtSlotDecoder`` on a
-    ``TrtDecoder``'s plan and context."""
-    if isinstance(dec, OrtDecoder):
-        return SlotDecoder.sharing(dec, slots, capacity)
-    from .trt import TrtDecoder, TrtSlotDecoder            # lazily: TensorRT's module needs no torch but is large
-
-    if isinstance(dec, TrtDecoder):
-        return TrtSlotDecoder.sharing(dec, slots, capacity)
-    raise TypeError(f"no batched decoder for {type(dec).__name__}")
