@@ -366,13 +366,8 @@ class Scheduler:
             return
         keys = [int(k) for k in seq.keys] + seq.fed_ids
         try:
-            if len(keys) != int(self.dec.lengths[seq.slot]) or pc.covers(keys):
-                return
-            kv = self.dec.kv
-            per = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize
-            if len(keys) * (per + 8) > pc.max_bytes:
-                return
-            pc.put(keys, self.dec.slot_read(seq.slot))
+            if len(keys) == int(self.dec.lengths[seq.slot]) and pc.wants(keys, self.dec.kv.position_bytes):
+                pc.put(keys, self.dec.slot_read(seq.slot))
         except Exception:
             pass
 

@@ -210,11 +210,10 @@ class _ChatLease:
         if pc is None or not pc.enabled:
             return
         kv = getattr(self.dec, "kv", None)            # KVSpec: the snapshot's size before reading it
-        per = 0 if kv is None else 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize
+        per = 0 if kv is None else kv.position_bytes
         with self.pipe._lock:
             keys = list(self.chat._cached_keys)
-            if self.pipe._cache_owner is not self._token or len(keys) != self.dec.length or pc.covers(keys) \
-                    or len(keys) * (per + 8) > pc.max_bytes:
+            if self.pipe._cache_owner is not self._token or len(keys) != self.dec.length or not pc.wants(keys, per):
                 return
             arrays = self.dec.kv_read(len(keys))
         pc.put(keys, arrays)

@@ -69,6 +69,11 @@ class PrefixCache:
         with self._lock:
             return any(ek.size >= k.size and _common(ek, k) == k.size for ek, _, _ in self._items.values())
 
+    def wants(self, keys: Sequence[int], position_bytes: int) -> bool:
+        """Whether a snapshot of ``keys`` (``position_bytes`` of KV each) would be stored: not already covered
+        and within the budget. Ask before reading the KV, which costs a copy of the whole sequence."""
+        return self.enabled and len(keys) * (position_bytes + 8) <= self.max_bytes and not self.covers(keys)
+
     def put(self, keys: Sequence[int], arrays: list[np.ndarray]) -> bool:
         """Store the KV ``arrays`` ([1, KVH, n, Hd] each) of the positions ``keys`` (n of them); False when the
         entry alone exceeds the budget."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 __all__ = ["BackendError", "ContextError", "KVSpec", "VisionNames", "DecoderNames", "Decoder", "KV_FORM"]
 
 # The manifest's ``graphs.decoder.kv.form`` for a graph whose KV outputs are the call's new rows only,
@@ -78,6 +80,11 @@ class KVSpec:
     @classmethod
     def from_manifest(cls, kv: dict) -> "KVSpec":
         return cls(**{k: kv[k] for k in cls.__dataclass_fields__ if k in kv})
+
+    @property
+    def position_bytes(self) -> int:
+        """Bytes one cached position takes: every layer's key and value row."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
 
     def names(self) -> list[tuple[str, str]]:
         """(past, present) tensor names: every layer's key, then every layer's value."""

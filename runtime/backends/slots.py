@@ -46,7 +46,7 @@ __all__ = ["SlotOps", "SlotDecoder", "kv_slot_bytes"]
 
 def kv_slot_bytes(kv: KVSpec, capacity: int) -> int:
     """Bytes of one slot's KV cache: every layer's key and value, ``capacity`` positions."""
-    return 2 * kv.num_layers * kv.num_kv_heads * capacity * kv.head_dim * np.dtype(kv.dtype).itemsize
+    return kv.position_bytes * capacity
 
 
 class SlotOps:
