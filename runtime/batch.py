@@ -105,6 +105,11 @@ class BatchStream:
         return self._seq.result
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens restored from the prefix cache instead of prefilled (0 until the prefill)."""
+        return int(self._seq.cached)
+
+    @property
     def waited_s(self) -> float:
         """Seconds between submit and the start of this sequence's prefill (0 until then)."""
         return max(0.0, self._seq.t0 - self._seq.t_submit) if self._seq.t0 else 0.0
@@ -377,7 +382,8 @@ class Scheduler:
             return
         ids = np.fromiter((s.token for s in run), np.int64, len(run))
         for s in run:
-            s.fed_ids.append(int(s.token))
+            if s.pc is not None:                       # the keys of its snapshot
+                s.fed_ids.append(int(s.token))
         t = time.perf_counter()
         try:
             logits = self.dec.decode(np.asarray(self.table[ids], dtype=self.dec.dtype))   # [B, V]

@@ -242,7 +242,7 @@ class _BatchedTurn:
 
     @property
     def cached(self) -> int:
-        return int(self.stream._seq.cached)
+        return self.stream.cached_tokens
 
     @property
     def prefilled(self) -> int:

@@ -262,6 +262,7 @@ class SlotDecoder(SlotOps, OrtDecoder):
         self.session.run_with_iobinding(io)
         return logits[:, 0]
 
+    # On the device these moves are queued on the arena's stream; ``_call`` syncs it before ORT reads the arena.
     def _place(self, s, at, S):
         a = self.arena
         a.ensure(int(self.lengths.max()), at + S)
@@ -269,7 +270,6 @@ class SlotDecoder(SlotOps, OrtDecoder):
             a.place(s, at, self._scratch[:, : a.kvh * S * a.hd].reshape(a.tensors, a.kvh, S, a.hd))
         else:
             a.place_from(s, at, self._scratch_ptr, S)
-            self.cuda.sync(self._stream)
 
     def _scatter(self, P):
         a = self.arena
@@ -279,12 +279,6 @@ class SlotDecoder(SlotOps, OrtDecoder):
             a.scatter(P, self._scratch[:, : B * a.kvh * a.hd].reshape(a.tensors, B * a.kvh, a.hd))
         else:
             self.decode_copies += a.scatter_from(P, self._scratch_ptr)
-            self.cuda.sync(self._stream)
-
-    def move(self, src: int, dst: int) -> None:
-        super().move(src, dst)
-        if self.device != "cpu":
-            self.cuda.sync(self._stream)
 
     def _read_slot(self, s, n):
         if self.device == "cpu":

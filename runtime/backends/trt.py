@@ -486,12 +486,12 @@ class TrtSlotDecoder(SlotOps):
         if not 1 <= C <= dec.plan_capacity:
             raise ContextError(f"capacity {C} is outside the 1..{dec.plan_capacity} tokens the engine's profiles "
                                "cover")
-        if -(-C // align) * align > dec.plan_capacity:
-            C = dec.plan_capacity // align * align
+        rows = -(-C // align) * align                                # what the arena's buckets reach
+        if rows > dec.plan_capacity:
+            C = rows = dec.plan_capacity // align * align
         self.capacity, self.slots, self.align = C, int(slots), align
-        self.extend_max = plan_extend(eng.profiles, kv, self.hidden_size, -(-C // align) * align, EXTEND_MAX,
-                                      names=io)
-        self.max_batch = plan_batch(eng.profiles, kv, self.hidden_size, -(-C // align) * align, names=io)
+        self.extend_max = plan_extend(eng.profiles, kv, self.hidden_size, rows, EXTEND_MAX, names=io)
+        self.max_batch = plan_batch(eng.profiles, kv, self.hidden_size, rows, names=io)
         if self.slots > self.max_batch:
             raise BackendError(f"{eng.path.name}'s profiles batch at most {self.max_batch} sequences per decode step, "
                                f"not {self.slots}: lower --max-batch, or re-export with --max-batch {self.slots} "
