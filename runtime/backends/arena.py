@@ -269,51 +269,45 @@ class DeviceArena(_Arena):
                                  "cudaMemcpyDeviceToDevice", self.stream)
             self.copied += self.tensors * self.kvh * w
 
-    def load_slot(self, slot: int, arrays: Sequence[np.ndarray], host: np.ndarray) -> None:
-        """Slot ``slot``'s first rows <- host ``arrays`` ([1, KVH, n, Hd] per tensor), staged through the pinned
-        ``host`` buffer (one tensor at a time)."""
+    def _download(self, start, blocks: int, rows: int, host: np.ndarray) -> list[np.ndarray]:
+        """Host copies [blocks, rows, Hd] of ``rows`` rows of ``blocks`` head blocks from ``start(j)`` of every
+        tensor, staged through the pinned ``host`` buffer (one tensor at a time)."""
+        out, w, n = [], rows * self.row, blocks * rows * self.hd
+        for j in range(self.tensors):
+            if w:
+                self.cuda.copy2d(host, w, start(j), self.bucket * self.row, w, blocks, "cudaMemcpyDeviceToHost",
+                                 self.stream)
+                self.cuda.sync(self.stream)
+            out.append(host.view(self.dtype)[:n].reshape(blocks, rows, self.hd).copy())
+        return out
+
+    def _upload(self, start, blocks: int, arrays: Sequence[np.ndarray], host: np.ndarray) -> None:
+        """``arrays`` (``blocks`` head blocks of n rows each, per tensor) -> rows 0..n-1 from ``start(j)``."""
         n = arrays[0].shape[2]
         w = n * self.row
         for j, a in enumerate(arrays):
             if w:
-                host.view(self.dtype)[: self.kvh * n * self.hd] = np.asarray(a).reshape(-1)
-                self.cuda.copy2d(self._slot_at(j, slot), self.bucket * self.row, host, w, w, self.kvh,
-                                 "cudaMemcpyHostToDevice", self.stream)
+                host.view(self.dtype)[: blocks * n * self.hd] = np.asarray(a).reshape(-1)
+                self.cuda.copy2d(start(j), self.bucket * self.row, host, w, w, blocks, "cudaMemcpyHostToDevice",
+                                 self.stream)
                 self.cuda.sync(self.stream)                         # the staging buffer is reused
-        self.copied += self.tensors * self.kvh * w
+
+    def load_slot(self, slot: int, arrays: Sequence[np.ndarray], host: np.ndarray) -> None:
+        """Slot ``slot``'s first rows <- host ``arrays`` ([1, KVH, n, Hd] per tensor), staged through the pinned
+        ``host`` buffer."""
+        self._upload(lambda j: self._slot_at(j, slot), self.kvh, arrays, host)
+        self.copied += self.tensors * self.kvh * arrays[0].shape[2] * self.row
 
     def read_slot(self, slot: int, rows: int, host: np.ndarray) -> list[np.ndarray]:
         """Host copies of ``slot``'s first ``rows`` rows, [1, KVH, rows, Hd] per tensor (``host``: pinned)."""
-        out, w = [], rows * self.row
-        for j in range(self.tensors):
-            if w:
-                self.cuda.copy2d(host, w, self._slot_at(j, slot), self.bucket * self.row, w, self.kvh,
-                                 "cudaMemcpyDeviceToHost", self.stream)
-                self.cuda.sync(self.stream)
-            n = self.kvh * rows * self.hd
-            out.append(host.view(self.dtype)[:n].reshape(1, self.kvh, rows, self.hd).copy())
-        return out
+        return [a[None] for a in self._download(lambda j: self._slot_at(j, slot), self.kvh, rows, host)]
 
     def read(self, length: int, host: np.ndarray) -> list[np.ndarray]:
         """Host copies of the first ``length`` rows; ``host`` is a pinned staging buffer of >= one tensor."""
-        out, w = [], length * self.row
-        for j in range(self.tensors):
-            if w:
-                self.cuda.copy2d(host, w, self.ptr(j), self.bucket * self.row, w, self.blocks,
-                                 "cudaMemcpyDeviceToHost", self.stream)
-                self.cuda.sync(self.stream)
-            n = self.blocks * length * self.hd
-            out.append(host.view(self.dtype)[:n].reshape(self.slots, self.kvh, length, self.hd).copy())
-        return out
+        return [a.reshape(self.slots, self.kvh, length, self.hd)
+                for a in self._download(self.ptr, self.blocks, length, host)]
 
     def load(self, arrays: Sequence[np.ndarray], host: np.ndarray) -> None:
-        n = arrays[0].shape[2]
         self.bucket = 0
-        self.ensure(0, max(n, 1))
-        w = n * self.row
-        for j, a in enumerate(arrays):
-            if w:
-                host.view(self.dtype)[: self.blocks * n * self.hd] = np.asarray(a).reshape(-1)
-                self.cuda.copy2d(self.ptr(j), self.bucket * self.row, host, w, w, self.blocks,
-                                 "cudaMemcpyHostToDevice", self.stream)
-                self.cuda.sync(self.stream)
+        self.ensure(0, max(arrays[0].shape[2], 1))
+        self._upload(self.ptr, self.blocks, arrays, host)
