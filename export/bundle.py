@@ -275,7 +275,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             from .decoder import export_decoder
             progress("exporting language model (decoder with KV cache)")
             frag = export_decoder(src.llava, tmp, dtype=tgt.precision, weights=src.weights, progress=progress,
-                                  quant=quant)
+                                  quant=quant, ort_fusions=tgt.build_engines == "never")
             graphs.update(frag["graphs"])
             extra = {k: v for k, v in frag.items() if k not in ("graphs", "files", "parity")}
             parity.extend(frag.get("parity", []))

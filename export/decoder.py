@@ -342,7 +342,7 @@ def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
 
 
 def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer=None, weights=None,
-                   progress=lambda msg: None, quant=None) -> dict:
+                   progress=lambda msg: None, quant=None, ort_fusions: bool = False) -> dict:
     """Write ``decoder.onnx`` (+ ``.data``) and ``embed_tokens.npy`` into ``out_dir``; check parity.
 
     ``llava_model`` is either a model held in memory or a meta-device skeleton whose tensors ``weights`` (a
@@ -358,7 +358,9 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     ``tokenizer`` (a transformers tokenizer) names the image token; by default it is loaded from the
     model's own folder. ``quant`` (a :class:`~safeclip.export.quant.QuantScheme`) quantises the linear layers'
     weights as they are streamed; the reference then runs with the same dequantised weights and the gate is
-    ``export/quant_parity.py``'s.
+    ``export/quant_parity.py``'s. ``ort_fusions`` (ONNX Runtime targets only) replaces each RMSNorm by ONNX
+    Runtime's fused operator (:mod:`~safeclip.export.ort_fusions`) before the parity gate runs; the manifest
+    records the count under ``fusions``.
     """
     torch = _torch()
     from .onnx import block_progress, onnx_from_meta_module, weight_progress
@@ -424,10 +426,19 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
 
     onnx_path = out / "decoder.onnx"
     progress("decoder: tracing (meta device)")
-    graph_pass = None
+    quant_pass, fusions = None, {}
     if quant is not None:
         from .quant import QuantPass
-        graph_pass = QuantPass(quant, weights.base.read, weights.fqns, wrapper_fqn)
+        quant_pass = QuantPass(quant, weights.base.read, weights.fqns, wrapper_fqn)
+
+    def graph_pass(model, jobs):
+        if ort_fusions:
+            from .ort_fusions import RMS_NORM_OP, fuse_rms_norm
+            fusions[RMS_NORM_OP] = n = fuse_rms_norm(model)
+            if n != 2 * layers + 1:                        # input + post-attention norm per layer, final norm
+                progress(f"decoder: {n} of {2 * layers + 1} RMSNorms fused (the others keep the traced form)")
+        return quant_pass(model, jobs) if quant_pass is not None else jobs
+
     with _ExportAttention(lm.config):
         files = onnx_from_meta_module(wrapper, sample, onnx_path, in_names, out_names, tensor,
                                       dynamic_shapes=dynamic, progress=tick, graph_pass=graph_pass)
@@ -452,8 +463,10 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
                     "past_key": PAST_KEY, "past_value": PAST_VALUE,
                     "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}}
     if quant is not None:
-        fused = graph_pass.fused if quant.fuse_shared_input else None
-        graph["quantization"] = {**quant.manifest(graph_pass.done, fused), "error": quant_report}
+        fused = quant_pass.fused if quant.fuse_shared_input else None
+        graph["quantization"] = {**quant.manifest(quant_pass.done, fused), "error": quant_report}
+    if fusions:
+        graph["fusions"] = fusions
     return {"graphs": {"decoder": graph},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
             "model": facts, "files": files, "parity": parity}
