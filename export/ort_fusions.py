@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .quant import replace_output
+
 __all__ = ["fuse_rms_norm", "RMS_NORM_OP"]
 
 RMS_NORM_OP = "SimplifiedLayerNormalization"
@@ -108,21 +110,14 @@ def fuse_rms_norm(model) -> int:
     graph = model.graph
     found = [m for m in (_match(n) for n in list(graph) if n.op_type == "Pow" and n.domain == "") if m]
     dropped = set()
-    for i, (x, w, eps, nodes, y) in enumerate(found):
+    for x, w, eps, nodes, _ in found:
         new = ir.Node("", RMS_NORM_OP, [x, w],
                       [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", eps), ir.AttrInt64("stash_type", 1)],
                       name=f"{nodes[-1].name or 'rms_norm'}_fused")
         graph.insert_before(nodes[0], new)
-        out = new.outputs[0]
-        name, y.name = y.name, None
-        out.name, out.shape, out.type = name, y.shape, y.type
-        y.replace_all_uses_with(out)
-        if y in graph.outputs:
-            graph.outputs[graph.outputs.index(y)] = out
-        for node in reversed(nodes):
-            for v in node.inputs:
-                if v is not None and v.is_initializer():
-                    dropped.add(v)
+        dropped.update(v for node in nodes for v in node.inputs if v is not None and v.is_initializer())
+        replace_output(graph, nodes[-1], new.outputs[0])
+        for node in reversed(nodes[:-1]):
             graph.remove(node, safe=True)
     for v in dropped:
         if v.const_value is not None and not list(v.uses()) and v not in graph.outputs and v.name in graph.initializers:

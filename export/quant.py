@@ -255,6 +255,17 @@ class DequantizedWeights:
         return self.base.nbytes(prefix)
 
 
+def replace_output(graph, node, out) -> None:
+    """``out`` takes the place (name, shape, uses, graph output) of ``node``'s output; ``node`` goes."""
+    y = node.outputs[0]
+    name, y.name = y.name, None
+    out.name, out.shape, out.type = name, y.shape, y.type
+    y.replace_all_uses_with(out)
+    if y in graph.outputs:                                               # a graph output keeps its name
+        graph.outputs[graph.outputs.index(y)] = out
+    graph.remove(node, safe=True)
+
+
 @dataclass
 class QuantPass:
     """The graph pass for :func:`~safeclip.export.onnx.onnx_from_meta_module`: every ``MatMul`` whose weight
@@ -361,18 +372,8 @@ class QuantPass:
         if y0.shape is not None:
             mm.outputs[0].shape = ir.Shape([*list(y0.shape)[:-1], sum(ns)])
         for node, out in zip(nodes, sp.outputs):
-            self._replace_output(graph, node, out)
+            replace_output(graph, node, out)
 
-    @staticmethod
-    def _replace_output(graph, node, out) -> None:
-        """``out`` takes the place (name, shape, uses, graph output) of ``node``'s output; ``node`` goes."""
-        y = node.outputs[0]
-        name, y.name = y.name, None
-        out.name, out.shape, out.type = name, y.shape, y.type
-        y.replace_all_uses_with(out)
-        if y in graph.outputs:                                           # a graph output keeps its name
-            graph.outputs[graph.outputs.index(y)] = out
-        graph.remove(node, safe=True)
 
     def _layout(self, k: int, n: int):
         import onnx_ir as ir
@@ -407,7 +408,7 @@ class QuantPass:
             dq = ir.Node("", "DequantizeLinear", [vals["packed"], vals["scales"]], attrs, name=f"{node.name}_DQ")
             new = [dq, ir.Node("", "MatMul", [x, dq.outputs[0]], name=f"{node.name}_Q{sch.bits}")]
         graph.insert_before(node, new)
-        self._replace_output(graph, node, new[-1].outputs[0])
+        replace_output(graph, node, new[-1].outputs[0])
 
     def _producer(self, fqns: tuple[str, ...], which: str, arrays: list[str], k: int, ns: list[int]):
         """The array ``which`` of the weights ``fqns`` (one, or a fused group concatenated along N), quantised

@@ -91,7 +91,8 @@ def export_one(ckpt: Path, out: Path, weights: str, block_size: int) -> None:
                           ort_fusions=True)                      # as the cpu target's bundle is exported
     files = [out / f for f in (frag["graphs"]["decoder"]["file"], frag["graphs"]["decoder"]["data"],
                                frag["embeddings"]["file"]) if f]
-    info = {"weights": weights, "exporter": exporter_digest(), "graphs": frag["graphs"], "embeddings": frag["embeddings"], "model": frag["model"],
+    info = {"weights": weights, "exporter": exporter_digest(), "graphs": frag["graphs"],
+            "embeddings": frag["embeddings"], "model": frag["model"],
             "export_s": time.perf_counter() - t0, "export_peak_rss_bytes": proc_status_bytes("VmHWM"),
             "bundle_bytes": sum(f.stat().st_size for f in files),
             "decoder_bytes": sum(f.stat().st_size for f in files[:-1]),
@@ -122,15 +123,11 @@ def ensure(work: Path, shape_name: str, block_size: int, rebuild: bool) -> dict:
     if rebuild or not (ckpt / "stamp.json").exists() or json.loads((ckpt / "stamp.json").read_text()) != stamp:
         _child("--_checkpoint", str(ckpt), "--shape", shape_name)
     infos = {}
+    digest = exporter_digest()
     for w in VARIANTS:
         out = work / (f"{shape_name}-{w}" + ("" if w == "fp32" else f"-b{block_size}"))
         meta = out / "bundle.json"
-        if meta.exists() and json.loads(meta.read_text()).get("exporter") != exporter_digest():
-            print(f"{out.name}: exported by other exporter sources; exporting again", file=sys.stderr)
-            rebuild_this = True
-        else:
-            rebuild_this = rebuild
-        if rebuild_this or not meta.exists():
+        if rebuild or not meta.exists() or json.loads(meta.read_text()).get("exporter") != digest:
             meta.unlink(missing_ok=True)
             _child("--_export", str(out), "--ckpt", str(ckpt), "--weights", w, "--block-size", str(block_size))
         infos[w] = {**json.loads(meta.read_text()), "dir": str(out)}
