@@ -342,7 +342,8 @@ def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
 
 
 def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer=None, weights=None,
-                   progress=lambda msg: None, quant=None, ort_fusions: bool = False) -> dict:
+                   progress=lambda msg: None, quant=None, ort_fusions: bool = False,
+                   split_max_bytes: int | None = None) -> dict:
     """Write ``decoder.onnx`` (+ ``.data``) and ``embed_tokens.npy`` into ``out_dir``; check parity.
 
     ``llava_model`` is either a model held in memory or a meta-device skeleton whose tensors ``weights`` (a
@@ -359,10 +360,15 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     model's own folder. ``quant`` (a :class:`~safeclip.export.quant.QuantScheme`) quantises the linear layers'
     weights as they are streamed; the reference then runs with the same dequantised weights and the gate is
     ``export/quant_parity.py``'s. ``ort_fusions`` (ONNX Runtime targets only) replaces each RMSNorm by ONNX
-    Runtime's fused operator (:mod:`~safeclip.export.ort_fusions`) before the parity gate runs; the manifest
-    records the count under ``fusions``.
+    Runtime's fused operator (:mod:`~safeclip.export.ort_fusions`) before the parity gate runs, and splits
+    float MatMul weights larger than ``split_max_bytes`` (default ``SPLIT_MAX_BYTES``, 64 MiB: the fp32
+    ``lm_head``) into column chunks so that ONNX Runtime's load-time prepacking never holds one of them twice;
+    the manifest records the counts under ``fusions`` and ``split_weights``.
     """
     torch = _torch()
+    if split_max_bytes is None:
+        from .ort_fusions import SPLIT_MAX_BYTES
+        split_max_bytes = SPLIT_MAX_BYTES
     from .onnx import block_progress, onnx_from_meta_module, weight_progress
     from .weights import Materialized, ModuleWeights, fqn_of_params, is_meta, meta_twin
 
@@ -426,7 +432,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
 
     onnx_path = out / "decoder.onnx"
     progress("decoder: tracing (meta device)")
-    quant_pass, fusions = None, {}
+    quant_pass, fusions, split = None, {}, {}
     if quant is not None:
         from .quant import QuantPass
         quant_pass = QuantPass(quant, weights.base.read, weights.fqns, wrapper_fqn)
@@ -437,7 +443,13 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
             fusions[RMS_NORM_OP] = n = fuse_rms_norm(model)
             if n != 2 * layers + 1:                        # input + post-attention norm per layer, final norm
                 progress(f"decoder: {n} of {2 * layers + 1} RMSNorms fused (the others keep the traced form)")
-        return quant_pass(model, jobs) if quant_pass is not None else jobs
+        if quant_pass is not None:
+            jobs = quant_pass(model, jobs)
+        if ort_fusions:                                    # float weights only: after the quantised ones are taken
+            from .ort_fusions import split_wide_weights
+            jobs, found = split_wide_weights(model, jobs, tensor, split_max_bytes, onnx_path.name)
+            split.update({wrapper_fqn.get(k, k): v for k, v in found.items()})
+        return jobs
 
     with _ExportAttention(lm.config):
         files = onnx_from_meta_module(wrapper, sample, onnx_path, in_names, out_names, tensor,
@@ -467,6 +479,8 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
         graph["quantization"] = {**quant.manifest(quant_pass.done, fused), "error": quant_report}
     if fusions:
         graph["fusions"] = fusions
+    if split:
+        graph["split_weights"] = split               # checkpoint FQN -> column chunks (ort_fusions.split_wide_weights)
     return {"graphs": {"decoder": graph},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
             "model": facts, "files": files, "parity": parity}

@@ -132,16 +132,7 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
             if callable(source):                               # a graph pass's array (e.g. packed int4)
                 t = _produced(path, init_name, value, source())
             else:
-                t = weights(source)
-                if t is None:
-                    raise ExportError(f"{path.name}: no weight for initializer '{source}'")
-                t = t.to(_TORCH_DTYPE[value.dtype])
-                if perm is not None:
-                    t = t.permute(*perm)
-                t = t.contiguous()
-                if list(t.shape) != [int(d) for d in value.shape]:
-                    raise ExportError(f"{path.name}: weight '{source}' has shape {list(t.shape)}, "
-                                      f"the graph expects {list(value.shape)}")
+                t = streamed_weight(path.name, weights, value, source, perm)
             buf = t if isinstance(t, memoryview) else _bytes_of(t)
             nbytes = buf.nbytes
             if nbytes >= ALIGN_MIN and f.tell() % ALIGN:
@@ -166,6 +157,23 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
     for p in files:
         os.chmod(p, 0o644)
     return files
+
+
+def streamed_weight(graph_name: str, weights, value, source: str, perm):
+    """The weight ``source`` as the initializer ``value`` holds it: read with ``weights(source)``, converted to
+    the value's dtype, permuted by ``perm`` (a folded ``Transpose``), contiguous, its shape checked. Graph
+    passes that write a weight in another form (e.g. split into column chunks) start from this."""
+    t = weights(source)
+    if t is None:
+        raise ExportError(f"{graph_name}: no weight for initializer '{source}'")
+    t = t.to(_TORCH_DTYPE[value.dtype])
+    if perm is not None:
+        t = t.permute(*perm)
+    t = t.contiguous()
+    if list(t.shape) != [int(d) for d in value.shape]:
+        raise ExportError(f"{graph_name}: weight '{source}' has shape {list(t.shape)}, "
+                          f"the graph expects {list(value.shape)}")
+    return t
 
 
 def _produced(path: Path, name: str, value, arr) -> memoryview:

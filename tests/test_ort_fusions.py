@@ -102,3 +102,98 @@ def test_cpu_bundle_decoder_has_every_norm_fused(demo_bundle):
     ops = [n.op_type for n in onnx.load(str(demo_bundle / dec["file"]), load_external_data=False).graph.node]
     assert ops.count(RMS_NORM_OP) == 2 * layers + 1 == dec["fusions"][RMS_NORM_OP]
     assert "Reciprocal" not in ops and "Pow" not in ops and "Sqrt" not in ops
+
+
+def _decoder_feeds(cfg, seq=5, seed=0):
+    rng = np.random.default_rng(seed)
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    feeds = {"inputs_embeds": rng.standard_normal((1, seq, cfg.hidden_size)).astype(np.float32),
+             "attention_mask": np.ones((1, seq), np.int64), "position_ids": np.arange(seq)[None]}
+    for i in range(cfg.num_hidden_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_key_value_heads, 0, hd), np.float32)
+    return feeds
+
+
+def _float_matmul_weights(path):
+    """{initializer name: bytes} of every MatMul weight that is an initializer, and the graph's nodes."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name: t for t in g.initializer}
+    sizes = {}
+    for n in g.node:
+        if n.op_type == "MatMul" and n.input[1] in inits:
+            t = inits[n.input[1]]
+            sizes[t.name] = int(np.prod(t.dims)) * 4
+    return sizes, list(g.node)
+
+
+def test_wide_weights_split_into_column_chunks_compute_the_same(demo_sources, tmp_path):
+    """A cpu decoder whose float MatMul weights exceed ``split_max_bytes`` holds them as column chunks (each
+    at most that size) joined by a Concat; it passes the exporter's parity gate and gives the outputs of the
+    unsplit graph. The default threshold (64 MiB) leaves the demo's small weights whole."""
+    from safeclip.export.decoder import export_decoder
+    from safeclip.export.ort_fusions import SPLIT_MAX_BYTES
+
+    cfg = demo_sources.llava.config.text_config
+    limit = 20000                                        # lm_head [64, 261] and gate/up [64, 160] fp32 exceed it
+    frags = {name: export_decoder(demo_sources.llava, tmp_path / name, dtype="float32", ort_fusions=True,
+                                  split_max_bytes=mb)
+             for name, mb in (("whole", None), ("split", limit))}
+    assert "split_weights" not in frags["whole"]["graphs"]["decoder"]
+    assert cfg.vocab_size * cfg.hidden_size * 4 < SPLIT_MAX_BYTES
+    split = frags["split"]["graphs"]["decoder"]["split_weights"]
+    layers = cfg.num_hidden_layers
+    # 64 fp32 rows: 20000 bytes hold 78 columns, 64 on the 64-column grid: 261 -> 4 x 64 + 5, 160 -> 64 + 64 + 32
+    assert split["lm_head.weight"] == 5 and {v for k, v in split.items() if k != "lm_head.weight"} == {3}
+    assert sorted(k.rsplit(".", 2)[-2] for k in split) == sorted(["gate_proj", "up_proj"] * layers + ["lm_head"])
+    sizes, nodes = _float_matmul_weights(tmp_path / "split" / "decoder.onnx")
+    # down_proj [160, 64]: its 64 columns are one grid step, so it stays whole
+    assert all(v <= limit for k, v in sizes.items() if "down_proj" not in k)
+    whole_sizes, whole_nodes = _float_matmul_weights(tmp_path / "whole" / "decoder.onnx")
+    assert sum(sizes.values()) == sum(whole_sizes.values())            # the same weights, cut into columns
+    cats = [n for n in nodes if n.op_type == "Concat" and n.name.endswith("_concat")]
+    assert len(cats) == len(split) and sum(len(n.input) for n in cats) == sum(split.values())
+    for frag in frags.values():                                          # the parity gate ran and passed
+        assert all(r.max_abs_err["logits"] <= r.atol["logits"] for r in frag["parity"])
+    feeds = _decoder_feeds(cfg)
+    outs = {name: ort.InferenceSession(str(tmp_path / name / "decoder.onnx"),
+                                       providers=["CPUExecutionProvider"]).run(None, feeds) for name in frags}
+    for a, b in zip(outs["split"], outs["whole"]):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-6 * max(1.0, float(np.abs(b).max()))
+
+
+def test_quantised_weights_are_not_split(demo_sources, tmp_path):
+    """Only float weights are split: a quantised lm_head (MatMulNBits) stays one node."""
+    from safeclip.export.decoder import export_decoder
+    from safeclip.export.quant import scheme_for
+    from safeclip.export.targets import target
+
+    sch = scheme_for("int4", target("cpu"), lm_head=True)
+    frag = export_decoder(demo_sources.llava, tmp_path, dtype="float32", quant=sch, ort_fusions=True,
+                          split_max_bytes=1000)
+    assert "split_weights" not in frag["graphs"]["decoder"]
+    sizes, nodes = _float_matmul_weights(tmp_path / "decoder.onnx")
+    assert sizes == {} and not [n for n in nodes if n.name.endswith("_concat")]
+
+
+def test_split_at_tinyllama_lm_head_geometry():
+    """[2048, 32000] fp32 (262 MB) at the default 64 MiB: four chunks of 8192, 8192, 8192 and 7424 columns whose
+    arrays, put side by side, are the weight; a Concat in the MatMul's place keeps the graph output's name."""
+    torch = pytest.importorskip("torch")
+    from safeclip.export.ort_fusions import split_wide_weights
+
+    x = ir.Value(name="x", shape=ir.Shape([1, 1, 2048]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name="w", shape=ir.Shape([2048, 32000]), type=ir.TensorType(ir.DataType.FLOAT))
+    mm = ir.Node("", "MatMul", [x, w], name="lm_head")
+    mm.outputs[0].name = "logits"
+    model = ir.Model(ir.Graph([x], [mm.outputs[0]], nodes=[mm], initializers=[w], opset_imports={"": 18}),
+                     ir_version=10)
+    weight = torch.randn(2048, 32000)
+    jobs, split = split_wide_weights(model, {"w": (w, "lm_head.weight", None)},
+                                     lambda name: weight if name == "lm_head.weight" else None)
+    assert split == {"lm_head.weight": 4} and "w" not in model.graph.initializers
+    assert [int(v[0].shape[1]) for v in jobs.values()] == [8192, 8192, 8192, 7424]
+    assert np.array_equal(np.concatenate([produce() for _, produce, _ in jobs.values()], axis=1), weight.numpy())
+    (out,) = model.graph.outputs
+    assert out.name == "logits" and out.producer().op_type == "Concat"
+    assert [n.op_type for n in model.graph] == ["MatMul"] * 4 + ["Concat"]
