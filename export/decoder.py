@@ -60,6 +60,7 @@ from safeclip.runtime.backends.base import KV_FORM, DecoderNames, KVSpec
 from safeclip.runtime.graph_spec import GraphSpec, decoder_spec
 from safeclip.runtime.tolerances import export_tolerance
 
+from .ort_fusions import SPLIT_MAX_BYTES
 from .parity import ParityError, compare, run_onnx
 
 __all__ = ["decoder_for_export", "export_decoder", "decoder_names", "ATOL"]
@@ -343,7 +344,7 @@ def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
 
 def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer=None, weights=None,
                    progress=lambda msg: None, quant=None, ort_fusions: bool = False,
-                   split_max_bytes: int | None = None) -> dict:
+                   split_max_bytes: int = SPLIT_MAX_BYTES) -> dict:
     """Write ``decoder.onnx`` (+ ``.data``) and ``embed_tokens.npy`` into ``out_dir``; check parity.
 
     ``llava_model`` is either a model held in memory or a meta-device skeleton whose tensors ``weights`` (a
@@ -366,9 +367,6 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     the manifest records the counts under ``fusions`` and ``split_weights``.
     """
     torch = _torch()
-    if split_max_bytes is None:
-        from .ort_fusions import SPLIT_MAX_BYTES
-        split_max_bytes = SPLIT_MAX_BYTES
     from .onnx import block_progress, onnx_from_meta_module, weight_progress
     from .weights import Materialized, ModuleWeights, fqn_of_params, is_meta, meta_twin
 

@@ -19,7 +19,7 @@ Supported (``safeclip-export --weights int8|int4``):
   onnxruntime's calibration-free ``HQQWeightOnlyQuantizer`` does work per tensor, but is not offered: measured
   on a [2048, 5632] weight (block 128, int4), its relative reconstruction error is 0.0975 against RTN's 0.1006
   with zero points (Gaussian weights) and 0.1406 against 0.1451 (Student-t, 4 degrees of freedom: heavy
-  tails), a 3% gain, for 17-18 s per matrix on this 2-core CPU (about 3 h for a 7B model, against seconds
+  tails), a 3% gain, for 16.7-18.5 s per matrix on this 2-core CPU (another job sharing it) (about 3 h for a 7B model, against seconds
   for RTN) and float zero points; rounding its zero points to the uint8 ones MatMulNBits packs loses the gain
   (0.1006, 0.1451).
 

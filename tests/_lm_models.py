@@ -44,3 +44,19 @@ def exported(num_kv_heads: int = 2, dtype: str = "float32") -> LM:
     bundle = _ROOT / f"bundle_kv{num_kv_heads}_{dtype}"
     frag = export_decoder(model, bundle, dtype=dtype, tokenizer=tok)
     return LM(llava_dir, model, tok, bundle, frag)
+
+
+def prefill_feeds(text_config, seq: int = 5, seed: int = 0) -> dict:
+    """ONNX Runtime feeds for an exported decoder's first call: ``seq`` random fp32 embeddings, an all-ones
+    mask, positions 0..seq-1 and an empty past for every layer."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cfg = text_config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    feeds = {"inputs_embeds": rng.standard_normal((1, seq, cfg.hidden_size)).astype(np.float32),
+             "attention_mask": np.ones((1, seq), np.int64), "position_ids": np.arange(seq)[None]}
+    for i in range(cfg.num_hidden_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_key_value_heads, 0, hd), np.float32)
+    return feeds

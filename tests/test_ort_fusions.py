@@ -104,17 +104,6 @@ def test_cpu_bundle_decoder_has_every_norm_fused(demo_bundle):
     assert "Reciprocal" not in ops and "Pow" not in ops and "Sqrt" not in ops
 
 
-def _decoder_feeds(cfg, seq=5, seed=0):
-    rng = np.random.default_rng(seed)
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    feeds = {"inputs_embeds": rng.standard_normal((1, seq, cfg.hidden_size)).astype(np.float32),
-             "attention_mask": np.ones((1, seq), np.int64), "position_ids": np.arange(seq)[None]}
-    for i in range(cfg.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_key_value_heads, 0, hd), np.float32)
-    return feeds
-
-
 def _float_matmul_weights(path):
     """{initializer name: bytes} of every MatMul weight that is an initializer, and the graph's nodes."""
     g = onnx.load(str(path), load_external_data=False).graph
@@ -138,7 +127,7 @@ def test_wide_weights_split_into_column_chunks_compute_the_same(demo_sources, tm
     limit = 20000                                        # lm_head [64, 261] and gate/up [64, 160] fp32 exceed it
     frags = {name: export_decoder(demo_sources.llava, tmp_path / name, dtype="float32", ort_fusions=True,
                                   split_max_bytes=mb)
-             for name, mb in (("whole", None), ("split", limit))}
+             for name, mb in (("whole", SPLIT_MAX_BYTES), ("split", limit))}
     assert "split_weights" not in frags["whole"]["graphs"]["decoder"]
     assert cfg.vocab_size * cfg.hidden_size * 4 < SPLIT_MAX_BYTES
     split = frags["split"]["graphs"]["decoder"]["split_weights"]
@@ -155,7 +144,9 @@ def test_wide_weights_split_into_column_chunks_compute_the_same(demo_sources, tm
     assert len(cats) == len(split) and sum(len(n.input) for n in cats) == sum(split.values())
     for frag in frags.values():                                          # the parity gate ran and passed
         assert all(r.max_abs_err["logits"] <= r.atol["logits"] for r in frag["parity"])
-    feeds = _decoder_feeds(cfg)
+    from _lm_models import prefill_feeds
+
+    feeds = prefill_feeds(cfg)
     outs = {name: ort.InferenceSession(str(tmp_path / name / "decoder.onnx"),
                                        providers=["CPUExecutionProvider"]).run(None, feeds) for name in frags}
     for a, b in zip(outs["split"], outs["whole"]):

@@ -155,15 +155,11 @@ def test_fused_int4_graph_has_fewer_nodes_and_computes_what_the_unfused_one_does
     assert hidden + 2 * kv in ns_f and 2 * inter in ns_f
     data = {k: (d / "decoder.onnx.data").stat().st_size for k, d in dirs.items()}
     assert data["fused"] == data["unfused"]                                   # the same bytes, packed together
-    rng = np.random.default_rng(0)
+    from _lm_models import prefill_feeds
+
     sess = {k: ort.InferenceSession(str(d / "decoder.onnx"), providers=["CPUExecutionProvider"])
             for k, d in dirs.items()}
-    hd = hidden // cfg.num_attention_heads
-    feeds = {"inputs_embeds": rng.standard_normal((1, 5, hidden)).astype(np.float32),
-             "attention_mask": np.ones((1, 5), np.int64), "position_ids": np.arange(5)[None]}
-    for i in range(layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_key_value_heads, 0, hd), np.float32)
+    feeds = prefill_feeds(cfg)
     outs = {k: s.run(None, feeds) for k, s in sess.items()}
     for a, b in zip(outs["fused"], outs["unfused"]):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max()))
