@@ -49,6 +49,7 @@ class _PybindEnum(enum.IntEnum):
 
 Err = cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1,
                                                   "cudaErrorMemoryAllocation": 2,
+                                                  "cudaErrorInsufficientDriver": 35,
                                                   "cudaErrorInvalidResourceHandle": 400})
 
 
@@ -69,9 +70,10 @@ class FakeCudart:
     class cudaMemcpyKind(enum.IntEnum):
         cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = range(4)
 
-    def __init__(self, gpu=(b"Orin\x00", 8, 7), limit_bytes=None):
+    def __init__(self, gpu=(b"Orin\x00", 8, 7), limit_bytes=None, versions=(12060, 12060)):
         self.blocks: dict[int, tuple[np.ndarray, int, str]] = {}
         self.gpu, self.limit = gpu, limit_bytes
+        self.versions = versions          # (driver, runtime) as CUDA encodes them: JetPack 6's 12.6 by default
         self.mallocs = self.frees = self.copies = 0
         self.streams: list[cudaStream_t] = []
 
@@ -202,14 +204,23 @@ class FakeCudart:
         return Err.cudaSuccess, max(0, total - used), total
 
     def cudaGetDeviceCount(self):
+        if self.versions[1] // 1000 > self.versions[0] // 1000:
+            return (Err.cudaErrorInsufficientDriver, 0)          # what a newer-major runtime gets from every call
         return (Err.cudaSuccess, 1)
+
+    def cudaDriverGetVersion(self):                              # the newest CUDA the driver serves (0: none)
+        return (Err.cudaSuccess, self.versions[0])
+
+    def cudaRuntimeGetVersion(self):                             # the runtime these bindings link
+        return (Err.cudaSuccess, self.versions[1])
 
     def cudaGetDeviceProperties(self, device):
         name, major, minor = self.gpu
         return (Err.cudaSuccess, types.SimpleNamespace(name=name, major=major, minor=minor))
 
     def cudaGetErrorString(self, error):
-        msgs = {1: b"invalid argument", 2: b"out of memory", 400: b"invalid resource handle"}
+        msgs = {1: b"invalid argument", 2: b"out of memory", 400: b"invalid resource handle",
+                35: b"CUDA driver version is insufficient for CUDA runtime version"}
         return (Err.cudaSuccess, msgs.get(int(error), b"unknown error"))
 
 

@@ -206,6 +206,7 @@ def test_device_key_through_cuda_python(with_trt, monkeypatch):
     state = {"count": (Err.cudaSuccess, 1)}
     runtime = types.SimpleNamespace(
         cudaGetDeviceCount=lambda: state["count"],
+        cudaDriverGetVersion=lambda: (Err.cudaSuccess, 12060), cudaRuntimeGetVersion=lambda: (Err.cudaSuccess, 12060),
         cudaGetDeviceProperties=lambda i: (Err.cudaSuccess,
                                            types.SimpleNamespace(name=b"Orin\x00\x00", major=8, minor=7)),
         cudaGetErrorString=lambda e: (Err.cudaSuccess, b"CUDA driver version is insufficient for CUDA runtime version"))

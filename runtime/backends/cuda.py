@@ -1,9 +1,17 @@
 """The few CUDA runtime calls the TensorRT backend needs, through NVIDIA's cuda-python bindings (no torch).
 
 Supported: ``cuda-python`` >= 12.6 (``from cuda.bindings import runtime``) and older releases
-(``from cuda import cudart``); on Jetson, the release matching the JetPack's CUDA (12.6 for JetPack 6,
-13.x for JetPack 7). Every binding returns ``(cudaError_t, *results)``; :meth:`CudaRuntime.call` turns a
-non-zero error into :class:`CudaError` with CUDA's own message.
+(``from cuda import cudart``); on Jetson, the release matching the JetPack's CUDA driver: cuda-python 12.x
+(``pip install 'safeclip-edge[jetpack6]'``, ``cuda-python>=12.6,<13``) for JetPack 6.1/6.2 (CUDA 12.6),
+13.x (``[jetpack7]``) for JetPack 7 (CUDA 13). cuda-python 13 links the CUDA 13 runtime, which a CUDA 12
+driver cannot serve (CUDA's compatibility goes one way: a driver runs runtimes of its own major version or
+older), so a plain ``pip install cuda-python`` on JetPack 6 gets a release whose every call fails with
+``cudaErrorInsufficientDriver``. :meth:`CudaRuntime.check_versions` compares ``cudaRuntimeGetVersion``
+(the runtime cuda-python links) with ``cudaDriverGetVersion`` (the newest CUDA the installed driver
+serves; 0 without a driver) before any device fact is read, and raises :class:`CudaError` with one line
+naming what to install; the backend choice (``pick.py``) and ``safeclip-build`` report it as it stands.
+Every binding returns ``(cudaError_t, *results)``; :meth:`CudaRuntime.call` turns a non-zero error into
+:class:`CudaError` with CUDA's own message.
 
 Copies: ``h2d``/``d2h``/``d2d`` (``cudaMemcpyAsync``) and :meth:`CudaRuntime.copy2d` (``cudaMemcpy2DAsync``,
 strided rows: the KV arena's per-head writes, ``arena.py``). Memory: :meth:`CudaRuntime.malloc` (device, ``cudaMalloc``: 256-byte aligned, as TensorRT's
@@ -25,7 +33,12 @@ CUDA_HINT = ("cuda-python is not installed: `pip install cuda-python` (NVIDIA's 
              "the release matching the JetPack's CUDA, e.g. cuda-python 12.6 for JetPack 6)")
 ALIGN = 256                      # cudaMalloc alignment; TensorRT: "The pointer must have at least 256-byte alignment"
 
-__all__ = ["CudaError", "CudaRuntime", "import_cudart", "CUDA_HINT", "ALIGN", "round_up"]
+# What to install for a driver of each CUDA major version (pyproject extras of the same names).
+CUDA_PYTHON_FOR_DRIVER = {12: ("cuda-python>=12.6,<13", "jetpack6", "JetPack 6.1/6.2"),
+                          13: ("cuda-python>=13,<14", "jetpack7", "JetPack 7")}
+
+__all__ = ["CudaError", "CudaRuntime", "import_cudart", "CUDA_HINT", "ALIGN", "round_up", "version_mismatch",
+           "CUDA_PYTHON_FOR_DRIVER"]
 
 
 class CudaError(BackendError):
@@ -44,6 +57,28 @@ def import_cudart():
         return cudart
     except ImportError as e:
         raise CudaError(CUDA_HINT) from e
+
+
+def _version(v: int) -> str:
+    return f"{int(v) // 1000}.{int(v) % 1000 // 10}"                 # CUDA encodes 12.6 as 12060
+
+
+def version_mismatch(driver: int, runtime: int) -> str | None:
+    """Why cuda-python's CUDA runtime (``runtime``, as ``cudaRuntimeGetVersion`` gives it) cannot work with this
+    driver (``driver``, as ``cudaDriverGetVersion``: 0 when none is installed), in one line; None when it can.
+    A driver serves runtimes of its own major version or older (CUDA's backward compatibility; a newer minor
+    release of the same major runs under CUDA's minor-version compatibility), never a newer major version."""
+    driver, runtime = int(driver), int(runtime)
+    if driver <= 0:
+        return (f"no CUDA driver found (cuda-python links the CUDA {_version(runtime)} runtime): on Jetson install "
+                "JetPack, elsewhere NVIDIA's driver")
+    if runtime // 1000 <= driver // 1000:
+        return None
+    major = driver // 1000
+    pin, extra, jetpack = CUDA_PYTHON_FOR_DRIVER.get(major, (f"cuda-python>={major},<{major + 1}", None, None))
+    fix = f"pip install '{pin}'" + (f" (safeclip-edge[{extra}], {jetpack})" if extra else "")
+    return (f"cuda-python links the CUDA {_version(runtime)} runtime but this machine's driver serves CUDA "
+            f"{_version(driver)} at most: {fix}")
 
 
 def round_up(n: int, to: int = ALIGN) -> int:
@@ -68,8 +103,18 @@ class CudaRuntime:
         return rest[0] if len(rest) == 1 else (rest or None)
 
     # -- device facts ------------------------------------------------------------------------------------
+    def check_versions(self) -> None:
+        """Raise :class:`CudaError` (one line, what to install) when cuda-python's CUDA runtime is newer than the
+        driver serves (:func:`version_mismatch`): a CUDA 13 cuda-python on JetPack 6's CUDA 12.6 driver."""
+        runtime = int(self.call("cudaRuntimeGetVersion"))
+        driver = int(self.call("cudaDriverGetVersion"))
+        why = version_mismatch(driver, runtime)
+        if why:
+            raise CudaError(why)
+
     def device_facts(self, index: int = 0) -> dict[str, str]:
-        """``{gpu_name, compute_capability}`` of CUDA device ``index``."""
+        """``{gpu_name, compute_capability}`` of CUDA device ``index`` (after :meth:`check_versions`)."""
+        self.check_versions()
         count = int(self.call("cudaGetDeviceCount"))
         if not 0 <= index < count:
             raise CudaError(f"CUDA device {index} not present ({count} found)")
