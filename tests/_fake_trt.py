@@ -499,5 +499,5 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
     trt.Runtime, trt.ICudaEngine, trt.IExecutionContext = Runtime, ICudaEngine, IExecutionContext
     from _fake_trt_build import builder_api
 
-    builder_api(trt, version, major, build_fails)
+    builder_api(trt, version, major, build_fails, cudart)
     return trt

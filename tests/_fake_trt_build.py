@@ -1,17 +1,74 @@
 """The builder half of the TensorRT stand-in (``_fake_trt.py``): Builder, OnnxParser, IBuilderConfig, profiles and
 timing caches, recording what the builder asked for in ``fake_*`` attributes. Split out to keep each file short;
-the same name rules apply (``tests/test_trt_api_names.py``)."""
+the same name rules apply (``tests/test_trt_api_names.py``). What real TensorRT would refuse, this refuses the
+same way (each rule with its source):
+
+* **The parser's operator rules.** ``parse_from_file`` returns False with one ``ParserError`` per problem
+  ``export/trt_check.py`` finds for this TensorRT version (the onnx-tensorrt ``docs/operators.md`` lists and the
+  Changelog/importer rules kept in ``export/trt_ops.json``: unsupported operators, opset range, build-time
+  constant inputs, DequantizeLinear's zero point zero/absent, INT4 block rules, ...). One copy of the rules.
+* **The parser owns the weights.** onnx-tensorrt keeps every initializer it imports in its ``WeightsContext``
+  until the parser is destroyed, and the network only points at them (TensorRT Python API docs for
+  ``OnnxParser``: the parser "must be kept alive" while the network is used). A build after the parser was
+  garbage-collected raises AssertionError here (on a GPU: a use-after-free).
+* **Tensor volume.** ``NvInfer.h`` (release/10.3 and release/11.x): "The volume of the tensor must be less than
+  2^31 elements". Every tensor of the network is sized at each profile's max shapes
+  (``_fake_trt_shapes.tensor_volumes``); one at or past the limit makes ``build_serialized_network`` log an
+  error and return None, as TensorRT does for a failed build.
+* **Build memory.** On a Jetson the CPU and GPU share DRAM, so what the build holds at its peak is the sum of
+  (a) the parser's host copy of the weights, (b) the engine's weights on the device, (c) the larger of the
+  timing phase's context memory (the largest profile's, ``_fake_trt_shapes.activation_bytes``) plus the
+  WORKSPACE pool limit when one is set, and the serialized plan (the weights again, unless the plan is
+  weight-stripped: ``BuilderFlag.STRIP_PLAN`` with ``REFIT`` or ``REFIT_IDENTICAL``). Past the stand-in
+  cudart's ``limit_bytes`` (less what it already holds) the build logs "Error Code 2: OutOfMemory" and returns
+  None. ``Builder.fake_peak_bytes`` records the peak of the last build.
+* **A plan the runtime loads.** The serialized plan is the JSON of ``_fake_trt.write_plan`` (``onnx``,
+  ``profiles``, ``perturb``) plus ``activation_bytes`` (per profile), ``weights_bytes``, ``stripped``, the
+  builder ``flags`` and ``tensorrt_version``, so build -> serialize -> deserialize -> run works end to end.
+* **Enum values** are the real ones per version (``NvInfer.h`` release/10.3 and release/11.x): ``BuilderFlag``
+  numbering changed in 11 (FP16/INT8 removed, STRIP_PLAN 19 -> 18), ``STRONGLY_TYPED`` is 1 in 10.3 and 0 in 11.
+"""
 from __future__ import annotations
 
+import json
+import weakref
+from pathlib import Path
+
 from _fake_trt import _PybindEnum
+from _fake_trt_shapes import LIMIT, activation_bytes, tensor_volumes
+
+# NvInfer.h `enum class BuilderFlag` (only the flags the stand-in offers).
+BUILDER_FLAGS = {10: {"FP16": 0, "INT8": 1, "REFIT": 4, "TF32": 6, "STRIP_PLAN": 19, "REFIT_IDENTICAL": 20},
+                 11: {"REFIT": 4, "TF32": 6, "STRIP_PLAN": 18, "REFIT_IDENTICAL": 19}}
+STRONGLY_TYPED = {10: 1, 11: 0}                  # NvInfer.h `enum class NetworkDefinitionCreationFlag`
 
 
-def builder_api(trt, version: str, major: int, build_fails: bool) -> None:
+def weights_bytes(onnx_path) -> int:
+    """Bytes of every initializer (inline or external) and Constant tensor, read from the graph's headers only."""
+    import onnx
+
+    from _fake_trt_shapes import _itembits
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute
+                                     if a.name == "value"]
+    total = 0
+    for t in tensors:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        total += -(-n * _itembits(t.data_type) // 8)
+    return total
+
+
+def builder_api(trt, version: str, major: int, build_fails: bool, cudart=None) -> None:
     """Builder, OnnxParser, IBuilderConfig, ... : records what the builder asked for (``fake_*`` attributes)."""
-    trt.NetworkDefinitionCreationFlag = _PybindEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
-    flags = {"TF32": 7, "REFIT": 3} | ({"FP16": 0, "INT8": 1} if major < 11 else {})   # 11 removed FP16/INT8
-    trt.BuilderFlag = _PybindEnum("BuilderFlag", flags)
+    gen = 11 if major >= 11 else 10
+    trt.NetworkDefinitionCreationFlag = _PybindEnum("NetworkDefinitionCreationFlag",
+                                                    {"STRONGLY_TYPED": STRONGLY_TYPED[gen]})
+    trt.BuilderFlag = _PybindEnum("BuilderFlag", BUILDER_FLAGS[gen])
     trt.MemoryPoolType = _PybindEnum("MemoryPoolType", {"WORKSPACE": 0})
+    target = ".".join(version.split(".")[:2])          # the parser rules of this TensorRT version
 
     class ITensor:
         def __init__(self, name, shape):
@@ -23,6 +80,7 @@ def builder_api(trt, version: str, major: int, build_fails: bool) -> None:
     class INetworkDefinition:
         def __init__(self, flags):
             self.fake_flags, self.fake_inputs = flags, []
+            self.fake_onnx, self.fake_owner = None, None         # the parsed file; weakref to the parser
 
         num_inputs = property(lambda self: len(self.fake_inputs))
 
@@ -45,12 +103,18 @@ def builder_api(trt, version: str, major: int, build_fails: bool) -> None:
         def parse_from_file(self, model):
             import onnx
 
-            m = onnx.load(model)
+            from safeclip.export.trt_check import check_onnx_for_tensorrt
+
+            m = onnx.load(model, load_external_data=False)
+            inits = {t.name for t in m.graph.initializer}
             for vi in m.graph.input:
+                if vi.name in inits:
+                    continue
                 dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
                 self._network.fake_inputs.append(ITensor(vi.name, dims))
-            self._errors = [ParserError(n.name, n.op_type, "unsupported operator") for n in m.graph.node
-                            if n.op_type == "Multinomial"]
+            self._errors = [ParserError(i.node, i.op_type, i.problem) for i in check_onnx_for_tensorrt(model, target)]
+            self._network.fake_onnx = str(Path(model).resolve())
+            self._network.fake_owner = weakref.ref(self)          # the weights live as long as the parser
             return not self._errors
 
         num_errors = property(lambda self: len(self._errors))
@@ -74,6 +138,9 @@ def builder_api(trt, version: str, major: int, build_fails: bool) -> None:
 
         def set_flag(self, flag):
             self.fake_flags.add(flag.name)
+
+        def get_flag(self, flag):
+            return flag.name in self.fake_flags
 
         def set_memory_pool_limit(self, pool, pool_size):
             self.fake_pools[pool.name] = pool_size
@@ -106,6 +173,7 @@ def builder_api(trt, version: str, major: int, build_fails: bool) -> None:
 
         def __init__(self, logger):
             self._logger = logger
+            self.fake_peak_bytes = 0
             Builder.fake_last = self
 
         def create_network(self, flags):
@@ -119,15 +187,47 @@ def builder_api(trt, version: str, major: int, build_fails: bool) -> None:
         def create_optimization_profile(self):
             return IOptimizationProfile()
 
+        def _error(self, msg):
+            self._logger.log(trt.ILogger.Severity.ERROR, msg)
+
         def build_serialized_network(self, network, config):
             if config.progress_monitor is not None:
                 config.progress_monitor.phase_start("Building engine", None, 2)
             if build_fails:
-                self._logger.log(trt.ILogger.Severity.ERROR, "out of workspace for layer mm")
+                self._error("out of workspace for layer mm")
                 return None
+            if network.fake_owner is None or network.fake_owner() is None:
+                raise AssertionError("build_serialized_network after the OnnxParser was destroyed: the network's "
+                                     "weights were freed with it (on a GPU: a use-after-free)")
+            profiles = [{n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in p.items()}
+                        for p in config.fake_profiles]
+            acts = []
+            for k, prof in enumerate(profiles or [{}]):
+                vol = tensor_volumes(network.fake_onnx, {n: tuple(s["max"]) for n, s in prof.items()})
+                big = [(n, v) for n, v in vol.items() if v >= LIMIT]
+                if big:
+                    n, v = max(big, key=lambda x: x[1])
+                    self._error(f"Error Code 4: API Usage Error (tensor '{n}' has volume {v} at profile {k}'s max "
+                                f"shapes; the volume of a tensor must be less than 2^31 elements)")
+                    return None
+                acts.append(activation_bytes(network.fake_onnx, prof))
+            w = weights_bytes(network.fake_onnx)
+            flags = set(config.fake_flags)
+            stripped = "STRIP_PLAN" in flags and bool({"REFIT", "REFIT_IDENTICAL"} & flags)
+            workspace = int(config.fake_pools.get("WORKSPACE", 0))
+            peak = w + w + max(max(acts) + workspace, 0 if stripped else w)
+            self.fake_peak_bytes = peak
+            if cudart is not None and getattr(cudart, "limit", None) is not None:
+                held = sum(b[1] for b in cudart.blocks.values())
+                if held + peak > cudart.limit:
+                    self._error(f"Error Code 2: OutOfMemory (Requested size was {peak} bytes; {cudart.limit - held} "
+                                "bytes free)")
+                    return None
             if config.fake_cache is not None and not config.fake_cache.fake_blob:
                 config.fake_cache = ITimingCache(b"cache:" + version.encode())
-            return bytearray(b"PLAN " + repr(sorted(config.fake_flags)).encode())
+            spec = {"onnx": network.fake_onnx, "profiles": profiles, "perturb": {}, "activation_bytes": acts,
+                    "weights_bytes": w, "stripped": stripped, "flags": sorted(flags), "tensorrt_version": version}
+            return bytearray(json.dumps(spec).encode())
 
     for cls in (ITensor, INetworkDefinition, ParserError, OnnxParser, ITimingCache, IBuilderConfig,
                 IOptimizationProfile, Builder):

@@ -8,6 +8,7 @@ With TensorRT and a GPU (``-m trt``): a real two-profile build of a small graph.
 from __future__ import annotations
 
 import enum
+import json
 import sys
 import types
 from pathlib import Path
@@ -112,8 +113,10 @@ def test_trt10_strongly_typed_build(with_trt, tmp_path):
     assert b.fake_network.fake_flags == 1 << 1                         # STRONGLY_TYPED requested at network creation
     assert b.fake_config.fake_flags == set() and b.fake_config.fake_pools == {"WORKSPACE": 1 << 28}
     assert b.fake_config.fake_profiles == [{"x": ((1, 4), (1, 4), (1, 4))}, {"x": ((1, 4), (4, 4), (8, 4))}]
-    assert plan_path.read_bytes() == b"PLAN []" and msgs == ["Building engine (2 steps)"]
-    assert rec["file"] == "m.plan" and rec["bytes"] == 7 and rec["precision"] == "strongly_typed"
+    spec = json.loads(plan_path.read_bytes())                          # the stand-in's plan: what it built
+    assert spec["flags"] == [] and spec["onnx"] == str(onnx_path.resolve()) and msgs == ["Building engine (2 steps)"]
+    assert spec["weights_bytes"] == 4 * 3 * 4 and len(spec["activation_bytes"]) == 2
+    assert rec["file"] == "m.plan" and rec["bytes"] == plan_path.stat().st_size and rec["precision"] == "strongly_typed"
     assert rec["profiles"][1] == {"x": {"min": [1, 4], "opt": [4, 4], "max": [8, 4]}}
     assert {k: rec[k] for k in DEVICE} == DEVICE
     assert cache.read_bytes() == b"cache:10.3.0.30+"
@@ -129,7 +132,7 @@ def test_trt10_fp16_flag_build(with_trt, tmp_path):
                            device=DEVICE)
     b = sys.modules["tensorrt"].Builder.fake_last
     assert b.fake_network.fake_flags == 0 and b.fake_config.fake_flags == {"FP16"}
-    assert (tmp_path / "m.plan").read_bytes() == b"PLAN ['FP16']"
+    assert json.loads((tmp_path / "m.plan").read_bytes())["flags"] == ["FP16"]
 
 
 def test_trt11_is_strongly_typed_only(with_trt, tmp_path):
@@ -162,7 +165,8 @@ def test_parser_errors_are_listed(with_trt, tmp_path):
     path = small_onnx(tmp_path / "bad.onnx", op="Multinomial")
     with pytest.raises(build.EngineBuildError) as e:
         build.engine_from_onnx(path, tmp_path / "bad.plan", PROFILES, device=DEVICE)
-    assert str(e.value) == "TensorRT could not parse bad.onnx: act (Multinomial): unsupported operator"
+    assert str(e.value) == ("TensorRT could not parse bad.onnx: act (Multinomial): not supported by TensorRT's ONNX "
+                            "parser (sampling must stay outside the graph)")      # export/trt_check.py's rules
 
 
 def test_profiles_must_fit_the_network(with_trt, tmp_path):
@@ -283,3 +287,88 @@ def test_standin_sizes_the_demo_decoder_attention(demo_decoder_parts):
     assert large >= heads * 256 * 256 * 4 and large > 16 * small    # quadratic in S: the scores dominate
     with pytest.raises(ValueError, match="not network inputs"):
         tensor_volumes(path, {"nope": (1,)})
+
+
+# -- the builder stand-in is as strict as TensorRT (tests/_fake_trt_build.py) ------------------------------
+
+def test_standin_builder_enums_are_the_real_ones(with_trt):
+    """NvInfer.h release/10.3 and release/11.x: BuilderFlag was renumbered in 11, STRONGLY_TYPED moved to 0."""
+    t10, t11 = with_trt("10.3.0.30"), fake_tensorrt(None, "11.4.0.106")
+    assert {f.name: int(f) for f in t10.BuilderFlag} == {"FP16": 0, "INT8": 1, "REFIT": 4, "TF32": 6,
+                                                        "STRIP_PLAN": 19, "REFIT_IDENTICAL": 20}
+    assert {f.name: int(f) for f in t11.BuilderFlag} == {"REFIT": 4, "TF32": 6, "STRIP_PLAN": 18, "REFIT_IDENTICAL": 19}
+    assert int(t10.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 1
+    assert int(t11.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0
+
+
+def test_standin_parser_applies_onnx_tensorrt_rules(with_trt, tmp_path):
+    """DequantizeLinear with a non-zero int8 zero point: TensorRT's parser accepts symmetric quantisation only."""
+    with_trt()
+    w = numpy_helper.from_array(np.ones((4, 3), np.int8), "wq")
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "s", "zp"], ["w"], name="dq", axis=1),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])],
+                          [w, numpy_helper.from_array(np.full(3, 0.1, np.float32), "s"),
+                           numpy_helper.from_array(np.array([0, 3, 0], np.int8), "zp")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "q.onnx")
+    with pytest.raises(build.EngineBuildError, match=r"could not parse q.onnx: dq \(DequantizeLinear\): .*zero"):
+        build.engine_from_onnx(tmp_path / "q.onnx", tmp_path / "q.plan", PROFILES, device=DEVICE)
+    assert not (tmp_path / "q.plan").exists()
+
+
+def test_standin_refuses_tensors_of_2_31_elements(with_trt, tmp_path):
+    """NvInfer.h: "The volume of the tensor must be less than 2^31 elements": x is [B, 4]; a profile whose max
+    B is 2^29 - 1 builds, one with 2^29 rows (x: exactly 2^31 elements) fails as TensorRT fails."""
+    with_trt()
+    path = small_onnx(tmp_path / "m.onnx")
+    ok = [{"x": {"min": [1, 4], "opt": [1, 4], "max": [(1 << 29) - 1, 4]}}]
+    build.engine_from_onnx(path, tmp_path / "ok.plan", ok, device=DEVICE)
+    big = [PROFILES[0], {"x": {"min": [1, 4], "opt": [1, 4], "max": [1 << 29, 4]}}]
+    with pytest.raises(build.EngineBuildError, match=r"tensor 'x' has volume 2147483648 at profile 1's max .*2\^31"):
+        build.engine_from_onnx(path, tmp_path / "big.plan", big, device=DEVICE)
+    assert not (tmp_path / "big.plan").exists()
+
+
+def test_standin_build_serialize_deserialize_run(monkeypatch, tmp_path):
+    """The plan the stand-in builder writes is one the stand-in runtime loads and runs (relu(x @ ones))."""
+    from _fake_trt import install_fakes
+    from safeclip.runtime.backends.trt import TrtVisionSession
+
+    install_fakes(monkeypatch, "10.3.0.30")
+    plan = tmp_path / "m.plan"
+    build.engine_from_onnx(small_onnx(tmp_path / "m.onnx"), plan, PROFILES, device=DEVICE)
+    s = TrtVisionSession(plan)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) - 6
+    y = s.run({"x": x})["y"]
+    assert np.array_equal(y, np.maximum(x @ np.ones((4, 3), np.float32), 0)), y
+    s.close()
+
+
+def test_standin_build_runs_out_of_memory_at_the_module_limit(monkeypatch, tmp_path):
+    """The build's peak (parser copy + engine weights + max(context memory + workspace, plan)) against the
+    stand-in cudart's limit: TensorRT logs OutOfMemory and returns None, the builder raises one line."""
+    from _fake_trt import install_fakes
+
+    path = small_onnx(tmp_path / "m.onnx")
+    trt, _ = install_fakes(monkeypatch, "10.3.0.30")
+    build.engine_from_onnx(path, tmp_path / "m.plan", PROFILES, device=DEVICE)
+    peak = trt.Builder.fake_last.fake_peak_bytes
+    spec = json.loads((tmp_path / "m.plan").read_bytes())
+    w, act = spec["weights_bytes"], max(spec["activation_bytes"])
+    assert peak == 2 * w + max(act, w) and act == 8 * 3 * 4           # h [8, 3] fp32 at the prefill max
+    trt, _ = install_fakes(monkeypatch, "10.3.0.30", limit_bytes=peak - 1)
+    with pytest.raises(build.EngineBuildError, match=r"failed to build the engine: Error Code 2: OutOfMemory"):
+        build.engine_from_onnx(path, tmp_path / "oom.plan", PROFILES, device=DEVICE)
+    assert not (tmp_path / "oom.plan").exists()
+
+
+def test_standin_build_needs_the_parser_alive(with_trt, tmp_path):
+    """onnx-tensorrt's parser owns the imported weights: building after it is gone is a use-after-free."""
+    trt = with_trt()
+    logger = build.make_logger(trt)
+    builder = trt.Builder(logger)
+    network, parser = build.network_from_onnx_path(builder, small_onnx(tmp_path / "m.onnx"), True, logger, trt)
+    del parser
+    with pytest.raises(AssertionError, match="after the OnnxParser was destroyed"):
+        build.engine_bytes_from_network(builder, network, profiles=PROFILES, logger=logger, trt=trt)
