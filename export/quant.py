@@ -37,9 +37,19 @@ Graph forms:
   pay a kernel launch and a thread-pool hand-off. Measured at TinyLlama shape (``scripts/profile_decode.py``,
   BENCHMARKS.md). The manifest lists the fused groups (``fused``).
 * TensorRT targets (``jetson``, ``datacenter``): ``DequantizeLinear`` (opset 21) feeding ``MatMul``, fp16
-  scales: int4 block-wise (``axis=0``, ``block_size``; TensorRT supports block quantisation for INT4 only) or
-  int8 per output channel (``axis=1``). The graph's opset becomes 21. Checked by ``trt_check`` (block rules in
-  ``trt_ops.json``).
+  scales, int4 block-wise (``axis=0``, ``block_size``; TensorRT supports block quantisation for INT4 only). The
+  graph's opset becomes 21. Checked by ``trt_check`` (block rules in ``trt_ops.json``). ``--weights int8`` is
+  refused there (:data:`TRT_INT8_REFUSAL`): NVIDIA documents weight-only quantization for INT4 only. TensorRT's
+  "Working with Quantized Types" (10.x and 11.0) lists "INT8 (signed 8-bit integer)" beside "INT4 (signed 4-bit
+  integer, weight-only quantization)"; its INT8 GEMMs are explicit quantization with both inputs quantized
+  (W8A8: a Q/DQ pair on the activation with a calibrated scale, which this calibration-free exporter does not
+  produce), NvInfer.h (release/10.3) allows block quantization "for DataType::kINT4 only", and no INT8
+  weight-only (W8A16) GEMM kernel is documented for sm_87: TensorRT-LLM ships its own plugin for exactly that
+  (``WeightOnlyQuantMatmulPlugin``). A per-channel INT8 ``DequantizeLinear -> MatMul`` with fp16 activations
+  therefore has no INT8 kernel to fuse into, and the memory saving in the engine is not something this project
+  can promise (the dequantised weight may be folded to fp16 at build time). The graph form itself (int8 per
+  output channel, ``axis=1``) is still checked by ``trt_check`` and produced by :func:`_int8_per_channel` for
+  the day it is measured on a device.
 
 Packing: onnxruntime's own quantizer, one tensor at a time. ``MatMulNBitsQuantizer`` walks a loaded
 ``ModelProto`` whose weights are all in memory (it reads each MatMul's initializer with ``get_initializer`` and
@@ -102,6 +112,12 @@ class QuantScheme:
         return d
 
 
+# One line: why --weights int8 is refused for TensorRT targets (module docstring, "TensorRT targets").
+TRT_INT8_REFUSAL = ("--weights int8 is not offered for --target {target}: TensorRT documents weight-only quantization "
+                    "for INT4 only (its INT8 GEMMs need calibrated INT8 activations too), so an int8 engine would not "
+                    "be known to keep int8 weights on Orin; use --weights int4 or the default fp16")
+
+
 def scheme_for(weights: str | None, target, block_size: int | None = None, symmetric: bool = True,
                method: str = "rtn", lm_head: bool = False) -> QuantScheme | None:
     """Validate a ``--weights`` request for ``target`` (a :class:`~safeclip.export.targets.Target`); None for
@@ -132,9 +148,8 @@ def scheme_for(weights: str | None, target, block_size: int | None = None, symme
     if trt and not symmetric:
         raise QuantError(f"--zero-point is not supported for --target {target.name}: TensorRT's "
                          "DequantizeLinear takes only zero zero-points (symmetric quantisation)")
-    if trt and bits == 8 and block_size is not None:
-        raise QuantError("TensorRT supports block quantisation for INT4 only: --weights int8 on a TensorRT "
-                         "target is per output channel; leave --block-size out")
+    if trt and bits == 8:
+        raise QuantError(TRT_INT8_REFUSAL.format(target=target.name))
     form = DQ if trt else MATMULNBITS
     per_channel = trt and bits == 8
     return QuantScheme(bits, None if per_channel else block_size, symmetric, method, form, target.precision,
