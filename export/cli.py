@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp16), or int8/int4 weight-only block quantisation of its linear layers")
     w.add_argument("--block-size", type=int, default=None, help="int8/int4: weights per scale along the input "
                    "dimension, 32, 64 or 128 (default: 128, or the largest that divides every layer); "
-                   "int8 on TensorRT targets is per output channel")
+                   "int8 is ONNX Runtime only (TensorRT targets: int4)")
     w.add_argument("--zero-point", action="store_true", help="int8/int4: asymmetric blocks with zero points "
                    "(ONNX Runtime targets only; default: symmetric)")
     w.add_argument("--quant-method", default="rtn", help="rtn: round to nearest (the only method here; awq and "

@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from safeclip.export.quant import (DQ, MATMULNBITS, QuantScheme, dequantize, quantize,  # noqa: E402
+from safeclip.export.quant import (DQ, MATMULNBITS, QuantError, QuantScheme, dequantize, quantize,  # noqa: E402
                                    scheme_for)
 from safeclip.export.targets import target  # noqa: E402
 
@@ -283,6 +283,8 @@ def _tree(path):
     (["--weights", "int4", "--quant-method", "awq"], "--quant-method awq is not available"),
     (["--weights", "int4", "--target", "jetson", "--zero-point"], "TensorRT's DequantizeLinear takes only zero"),
     (["--weights", "fp32", "--target", "jetson"], "does not match --target jetson"),
+    (["--weights", "int8", "--target", "jetson"], "--weights int8 is not offered for --target jetson: TensorRT documents "
+                                                  "weight-only quantization for INT4 only"),
     (["--weights", "int4", "--no-decoder"], "cannot go with --no-decoder"),
 ])
 def test_bad_quantisation_requests_fail_in_one_line_and_write_nothing(argv, message, int4_bundle, tmp_path, capsys):
@@ -325,3 +327,12 @@ def test_eval_quant_perplexity_equals_transformers_and_reports_agreement(demo_bu
     c = r["comparison"]
     assert c["images"] == 2 and c["verdict_agreement"] == 1.0 and 0.0 <= c["exact_agreement"] <= 1.0
     assert c["ppl_candidate"] > 0 and "perplexity" in capsys.readouterr().out
+
+
+def test_int8_is_refused_for_tensorrt_targets_only():
+    """Issue 22, 1.6: TensorRT documents weight-only quantization for INT4 only; int8 stays on ONNX Runtime."""
+    for name in ("jetson", "datacenter"):
+        with pytest.raises(QuantError, match=f"--weights int8 is not offered for --target {name}: .*--weights int4"):
+            scheme_for("int8", target(name))
+        assert scheme_for("int4", target(name)).bits == 4
+    assert scheme_for("int8", target("cpu")).bits == 8
