@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safeclip.runtime.gate import GATE_VARIANTS, POLICIES
 from safeclip.runtime.messages import one_line
+from safeclip.runtime.devices import MODULES
 from safeclip.runtime.views import VIEW_MODES
 
 from .targets import TARGETS
@@ -86,11 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
                       "or config.json) or, without --model, for the whole LLaVA family")
     plan.add_argument("--context", type=int, default=None, help="with --dry-run: context length (default: the "
                       "target's, at most the model's)")
+    dev = p.add_argument_group("device (jetson/datacenter targets)")
+    dev.add_argument("--device", default=None, metavar="{" + ",".join(MODULES) + "}",
+                     help="the Jetson Orin module the bundle is for: a bundle that cannot run there, or whose "
+                          "engines cannot be built there, is refused before any export work (export/device_memory.py)")
     return p
 
 
+def _memory_model(args) -> str:
+    """What the memory accounting reads for --model: a table name, or a folder holding config.json."""
+    from .memory import MODEL_IDS, MODELS
+
+    model = args.model
+    if model in ("demo", "demo-next"):
+        import tempfile
+        from .architectures import ARCHITECTURES
+        from .checkpoint import DEMOS
+        return str(ARCHITECTURES[DEMOS[model]].tiny_test_model(Path(tempfile.mkdtemp()))[0])
+    if model not in MODELS and model not in MODEL_IDS:
+        from .checkpoint import _resolve
+        return str(_resolve(model, "model")[0])
+    return model
+
+
+def check_device_fits(args):
+    """--device: the one-line refusal (DeviceFitError) before any long work; the accounting when it fits."""
+    from .device_memory import check_device
+    from .targets import target
+
+    tgt = target(args.target)
+    if tgt.build_engines == "never":
+        raise ValueError(f"--device names a Jetson module: it goes with --target jetson or datacenter, not "
+                         f"{args.target}")
+    return check_device(_memory_model(args), tgt, args.weights, args.device)
+
+
 def dry_run(args) -> int:
-    from .memory import MODEL_IDS, MODELS, dry_run_table, family_table
+    from .memory import dry_run_table, family_table
     from .targets import target
 
     tgt = target(args.target)
@@ -98,25 +131,27 @@ def dry_run(args) -> int:
     context = args.context or tgt.context
     if context < 1:
         raise ValueError("--context must be at least 1")
+    trt = tgt.build_engines != "never"
     if args.model == "demo" and "--model" not in (sys.argv[1:] if args.argv is None else args.argv):
         print(family_table(context, precision))
-    else:
-        model = args.model
-        if model in ("demo", "demo-next"):
-            import tempfile
-            from .architectures import ARCHITECTURES
-            from .checkpoint import DEMOS
-            model = str(ARCHITECTURES[DEMOS[model]].tiny_test_model(Path(tempfile.mkdtemp()))[0])
-        elif model not in MODELS and model not in MODEL_IDS:
-            from .checkpoint import _resolve
-            model = str(_resolve(model, "model")[0])
-        if args.context is None:                     # the target's context, at most the model's
-            from .memory import _TEXT_DEFAULTS, _config
-            _, cfg = _config(model)
-            t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
-            context = min(context, int(t["max_position_embeddings"]))
-        weights = args.weights if args.weights in ("int8", "int4") else None
-        print(dry_run_table(model, context, precision, weights))
+        if trt:
+            from .device_memory import trt_family_table
+            print(f"TensorRT ({tgt.name}): runs and builds per module\n\n" + trt_family_table(tgt))
+        return 0
+    model = _memory_model(args)
+    if args.context is None:                     # the target's context, at most the model's
+        from .memory import _TEXT_DEFAULTS, _config
+        _, cfg = _config(model)
+        t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+        context = min(context, int(t["max_position_embeddings"]))
+    weights = args.weights if args.weights in ("int8", "int4") else None
+    print(dry_run_table(model, context, precision, weights, offer_int8=not trt))
+    if trt:
+        from .device_memory import device_table
+        print(device_table(model, tgt, weights))
+    if args.device:
+        acc = check_device_fits(args)
+        print(f"{args.device}: fits ({acc.runtime_bytes / 2**30:.2f} GiB to run)")
     return 0
 
 
@@ -127,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         try:
             return dry_run(args)
+        except Exception as e:
+            print(f"safeclip-export: error: {one_line(e)}", file=sys.stderr)
+            return 1
+    if args.device:                          # refuse a plan the module cannot hold before any long work
+        try:
+            check_device_fits(args)
         except Exception as e:
             print(f"safeclip-export: error: {one_line(e)}", file=sys.stderr)
             return 1

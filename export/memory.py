@@ -277,13 +277,15 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def _variants(precision: str) -> list[tuple[str, str | None]]:
-    """(label, weights) columns: the graph precision's floats, then int8 and int4."""
+def _variants(precision: str, offer_int8: bool = True) -> list[tuple[str, str | None]]:
+    """(label, weights) columns: the graph precision's floats, then int8 (unless not offered: TensorRT targets,
+    ``export/quant.py``) and int4."""
     base = "fp16" if BYTES[str(precision).lower()] == 2 else "fp32"
-    return [(base, None), ("int8", "int8"), ("int4", "int4")]
+    return [(base, None)] + ([("int8", "int8")] if offer_int8 else []) + [("int4", "int4")]
 
 
-def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16", weights: str | None = None) -> str:
+def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16", weights: str | None = None,
+                  offer_int8: bool = True) -> str:
     """Markdown: the estimate's breakdown (``weights``: int8/int4 linear layers), then, for float, int8 and int4
     weights, fits / does not fit for every Orin module at ``context`` and the longest context each fits."""
     e = estimate(config_or_name, context, precision, weights)
@@ -303,7 +305,7 @@ def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16", we
             f"{_gib(e.vision_act_bytes)} |",
             f"| decoder activations at a {e.context}-token prefill (order of magnitude) | | {_gib(e.decoder_act_bytes)} |",
             f"| **total** | | **{_gib(e.total_bytes)}** |", ""]
-    variants = _variants(precision)
+    variants = _variants(precision, offer_int8)
     est = {label: estimate(config_or_name, context, precision, w) for label, w in variants}
     out += [f"Needed GiB at {context} tokens, and whether it fits:", "",
             "| module | usable GiB | " + " | ".join(f"{v} GiB | {v} fits" for v, _ in variants) + " |",
@@ -322,12 +324,11 @@ def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16", we
             f"the bundle and a peak of about {_gib(peak)} GiB of memory (weights are streamed from the checkpoint "
             "tensor by tensor; the parity check memory-maps the largest graph's weights)."]
     out += ["", f"Assumption: {USABLE_ASSUMPTION}",
-            f"int8/int4: weight-only, linear layers of the language model (int4: blocks of {QUANT_BLOCK}, int8: per "
-            "output channel as on TensorRT targets); embedding table, lm_head and vision tower at the graph "
-            "precision; KV cache unchanged.",
-            f"Building the engines on the device (safeclip-build) holds the parsed ONNX weights and the engine being "
-            f"built at once: about 2 x weights ({_gib(2 * e.weight_bytes)} GiB) plus the build workspace; add swap on the "
-            "device if that does not fit (engines must be built on the GPU model that runs them)."]
+            f"int8/int4: weight-only, linear layers of the language model (int4: blocks of {QUANT_BLOCK}"
+            + (", int8: one scale per output channel" if offer_int8 else "; int8 is not offered on TensorRT targets")
+            + "); embedding table, lm_head and vision tower at the graph precision; KV cache unchanged.",
+            "Building the engines on the device (safeclip-build): see the TensorRT section (export/device_memory.py) "
+            "for the build's peak per module."]
     return "\n".join(out) + "\n"
 
 
