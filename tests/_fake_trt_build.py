@@ -21,7 +21,10 @@ same way (each rule with its source):
   WORKSPACE pool limit when one is set, and the serialized plan (the weights again, unless the plan is
   weight-stripped: ``BuilderFlag.STRIP_PLAN`` with ``REFIT`` or ``REFIT_IDENTICAL``). Past the stand-in
   cudart's ``limit_bytes`` (less what it already holds) the build logs "Error Code 2: OutOfMemory" and returns
-  None. ``Builder.fake_peak_bytes`` records the peak of the last build.
+  None. ``Builder.fake_peak_bytes`` records the peak of the last build. A ``MemoryPoolType.TACTIC_DRAM`` limit
+  bounds what TensorRT itself allocates (all but the parser's copy; NvInfer.h: on embedded devices the pool
+  "includes all host memory required by TensorRT to build the network"); the stand-in applies no default
+  (real TensorRT: 75% of totalGlobalMem on embedded devices).
 * **A plan the runtime loads.** The serialized plan is the JSON of ``_fake_trt.write_plan`` (``onnx``,
   ``profiles``, ``perturb``) plus ``activation_bytes`` (per profile), ``weights_bytes``, ``stripped``, the
   builder ``flags`` and ``tensorrt_version``, so build -> serialize -> deserialize -> run works end to end.
@@ -67,7 +70,7 @@ def builder_api(trt, version: str, major: int, build_fails: bool, cudart=None) -
     trt.NetworkDefinitionCreationFlag = _PybindEnum("NetworkDefinitionCreationFlag",
                                                     {"STRONGLY_TYPED": STRONGLY_TYPED[gen]})
     trt.BuilderFlag = _PybindEnum("BuilderFlag", BUILDER_FLAGS[gen])
-    trt.MemoryPoolType = _PybindEnum("MemoryPoolType", {"WORKSPACE": 0})
+    trt.MemoryPoolType = _PybindEnum("MemoryPoolType", {"WORKSPACE": 0, "TACTIC_DRAM": 4})
     target = ".".join(version.split(".")[:2])          # the parser rules of this TensorRT version
 
     class ITensor:
@@ -215,8 +218,14 @@ def builder_api(trt, version: str, major: int, build_fails: bool, cudart=None) -
             flags = set(config.fake_flags)
             stripped = "STRIP_PLAN" in flags and bool({"REFIT", "REFIT_IDENTICAL"} & flags)
             workspace = int(config.fake_pools.get("WORKSPACE", 0))
-            peak = w + w + max(max(acts) + workspace, 0 if stripped else w)
+            own = w + max(max(acts) + workspace, 0 if stripped else w)      # what TensorRT itself allocates
+            peak = w + own                                                 # + the parser's copy
             self.fake_peak_bytes = peak
+            budget = config.fake_pools.get("TACTIC_DRAM")
+            if budget is not None and own > budget:
+                self._error(f"Error Code 2: OutOfMemory (the build needs {own} bytes, more than the TACTIC_DRAM "
+                            f"pool's {budget})")
+                return None
             if cudart is not None and getattr(cudart, "limit", None) is not None:
                 held = sum(b[1] for b in cudart.blocks.values())
                 if held + peak > cudart.limit:

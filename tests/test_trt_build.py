@@ -114,7 +114,9 @@ def test_trt10_strongly_typed_build(with_trt, tmp_path):
     assert b.fake_config.fake_flags == set() and b.fake_config.fake_pools == {"WORKSPACE": 1 << 28}
     assert b.fake_config.fake_profiles == [{"x": ((1, 4), (1, 4), (1, 4))}, {"x": ((1, 4), (4, 4), (8, 4))}]
     spec = json.loads(plan_path.read_bytes())                          # the stand-in's plan: what it built
-    assert spec["flags"] == [] and spec["onnx"] == str(onnx_path.resolve()) and msgs == ["Building engine (2 steps)"]
+    assert spec["flags"] == [] and spec["onnx"] == str(onnx_path.resolve()) and msgs[1:] == ["Building engine (2 steps)"]
+    assert msgs[0] == f"m.onnx: the build holds about {(3 * onnx_path.stat().st_size + (1 << 28)) / 2**30:.1f} GiB " \
+                      "at its peak (3 x 0.00 GiB of weights: parser copy, engine, plan + workspace)"   # no cuda-python
     assert spec["weights_bytes"] == 4 * 3 * 4 and len(spec["activation_bytes"]) == 2
     assert rec["file"] == "m.plan" and rec["bytes"] == plan_path.stat().st_size and rec["precision"] == "strongly_typed"
     assert rec["profiles"][1] == {"x": {"min": [1, 4], "opt": [4, 4], "max": [8, 4]}}
@@ -372,3 +374,37 @@ def test_standin_build_needs_the_parser_alive(with_trt, tmp_path):
     del parser
     with pytest.raises(AssertionError, match="after the OnnxParser was destroyed"):
         build.engine_bytes_from_network(builder, network, profiles=PROFILES, logger=logger, trt=trt)
+
+
+def test_build_releases_the_parser_before_writing_and_takes_a_tactic_budget(monkeypatch, tmp_path):
+    """The parser (and its copy of the weights) is gone while the plan is written; tactic_dram_bytes sets the
+    TACTIC_DRAM pool, which bounds what TensorRT itself allocates during the build."""
+    import gc
+
+    from _fake_trt import install_fakes
+
+    trt, _ = install_fakes(monkeypatch, "10.3.0.30")
+    alive = []
+    real_parser = trt.OnnxParser
+
+    class Parser(real_parser):
+        def __init__(self, *a):
+            super().__init__(*a)
+            alive.append(__import__("weakref").ref(self))
+
+    monkeypatch.setattr(trt, "OnnxParser", Parser)
+    seen = []
+    real_save = build.save_engine
+    monkeypatch.setattr(build, "save_engine", lambda data, path: (gc.collect(), seen.append(
+        [r() is not None for r in alive]), real_save(data, path))[-1])
+    path = small_onnx(tmp_path / "m.onnx")
+    msgs = []
+    build.engine_from_onnx(path, tmp_path / "m.plan", PROFILES, device=DEVICE, tactic_dram_bytes=1 << 20,
+                           progress=msgs.append)
+    assert seen == [[False]], "the parser was still alive while the plan was written"
+    assert trt.Builder.fake_last.fake_config.fake_pools == {"TACTIC_DRAM": 1 << 20}
+    assert msgs[0].endswith("GiB free now")                    # cudaMemGetInfo through the stand-in cudart
+    with pytest.raises(build.EngineBuildError, match="OutOfMemory .*TACTIC_DRAM"):
+        build.engine_from_onnx(path, tmp_path / "t.plan", PROFILES, device=DEVICE, tactic_dram_bytes=64)
+    with pytest.raises(ValueError, match="tactic_dram_bytes must be positive"):
+        build.engine_from_onnx(path, tmp_path / "t.plan", PROFILES, device=DEVICE, tactic_dram_bytes=0)

@@ -22,6 +22,27 @@ Several optimization profiles may be given (a decoder gets two: prefill and deco
 and saved after the build. Engines only run with the TensorRT version and GPU that built them, so a
 build records :func:`device_key`, and :func:`plan_cache_key` names a cached plan by everything that shapes it.
 
+Memory (issue 22, 1.4; figures per Orin module in ``export/device_memory.py``). A build holds, at its peak, the
+ONNX parser's host copy of every initializer (onnx-tensorrt's ``WeightsContext`` owns the weights it imports until
+the parser is destroyed, and the network only points at them, so the parser must live until the build is done),
+the engine's weights on the device, and at the end the serialized plan (the weights once more): about 3 x the
+weights for an fp16 7B decoder. What this module does about it:
+
+* ``parse_from_file`` (not ``parse`` of the file's bytes, which would hold the serialized model too);
+* the parser, network and builder are released as soon as ``build_serialized_network`` returns, before the plan
+  is written: only the plan is alive while it goes to disk;
+* ``tactic_dram_bytes`` sets ``MemoryPoolType.TACTIC_DRAM``, the build's own memory budget. NvInfer.h (10.3 and
+  11.x): "On embedded devices, where host and device memory are unified, this includes all host memory required
+  by TensorRT to build the network ... This defaults to 75% of totalGlobalMem ... when
+  cudaGetDeviceProperties.embedded is true": on an 8 GB module that is about 5.5 GiB, which a build that would fit
+  the free memory can exceed; ``safeclip-build`` leaves the default unless told;
+* before building, :func:`build_memory_note` says what the build will hold against the memory free now.
+
+Not used: weight-stripped plans (``BuilderFlag.STRIP_PLAN`` + ``REFIT_IDENTICAL``, 10.0+) would drop the plan's
+copy of the weights (and the bundle's second copy on disk), but the runtime would then have to refit every engine
+from the bundle's ONNX weights (``OnnxParserRefitter``) before use, which ``trt.py`` does not do; weight streaming
+(``WEIGHT_STREAMING``) moves weights between host and device memory, which are the same DRAM on a Jetson.
+
 ``tensorrt`` and ``cuda-python`` are imported lazily; without them the functions raise
 ``TensorRTUnavailable`` (``trt.py``) with an install hint.
 """
@@ -42,7 +63,8 @@ PRECISIONS = ("strongly_typed", "fp16")
 
 __all__ = ["EngineBuildError", "ProfileError", "TensorRTUnavailable", "PRECISIONS", "validate_profiles",
            "profiles_for", "check_profiles_cover_network", "network_from_onnx_path", "engine_bytes_from_network",
-           "save_engine", "engine_from_onnx", "device_key", "plan_cache_key", "import_tensorrt", "tensorrt_major"]
+           "save_engine", "engine_from_onnx", "device_key", "plan_cache_key", "import_tensorrt", "tensorrt_major",
+           "graph_weight_bytes", "build_memory_note"]
 
 
 class EngineBuildError(RuntimeError):
@@ -218,7 +240,8 @@ def _set_precision(trt, network, config, precision: str) -> None:
 def engine_bytes_from_network(builder, network, *, profiles: Mapping | Sequence[Mapping] = (),
                               precision: str = "strongly_typed", workspace_bytes: int | None = None,
                               timing_cache: str | Path | None = None, logger=None,
-                              progress: Callable[[str], None] | None = None, trt=None):
+                              progress: Callable[[str], None] | None = None, trt=None,
+                              tactic_dram_bytes: int | None = None):
     """Build a serialized engine; returns it as a bytes-like object (TensorRT's ``IHostMemory``, not copied:
     a 7B decoder's plan is many GB on a board whose CPU and GPU share memory).
 
@@ -231,6 +254,10 @@ def engine_bytes_from_network(builder, network, *, profiles: Mapping | Sequence[
         if int(workspace_bytes) <= 0:
             raise ValueError(f"workspace_bytes must be positive, got {workspace_bytes}")
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if tactic_dram_bytes is not None:                 # the build's own memory budget (module docstring)
+        if int(tactic_dram_bytes) <= 0:
+            raise ValueError(f"tactic_dram_bytes must be positive, got {tactic_dram_bytes}")
+        config.set_memory_pool_limit(trt.MemoryPoolType.TACTIC_DRAM, int(tactic_dram_bytes))
     plist = validate_profiles(profiles)
     check_profiles_cover_network(network, plist)
     for p in profiles_for(builder, plist):
@@ -268,7 +295,7 @@ def save_engine(data, path: str | Path) -> Path:
 def engine_from_onnx(onnx_path: str | Path, plan_path: str | Path, profiles: Mapping | Sequence[Mapping],
                      precision: str = "strongly_typed", workspace_bytes: int | None = None,
                      timing_cache: str | Path | None = None, progress: Callable[[str], None] | None = None,
-                     device: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     device: Mapping[str, Any] | None = None, tactic_dram_bytes: int | None = None) -> dict[str, Any]:
     """Parse, build and save; returns the plan record for the manifest (device facts, profiles, precision).
 
     ``device`` defaults to :func:`device_key` (needs cuda-python).
@@ -284,17 +311,42 @@ def engine_from_onnx(onnx_path: str | Path, plan_path: str | Path, profiles: Map
     except Exception as e:  # pybind raises TypeError when the factory returns null (no GPU / driver)
         errors = "; ".join(logger.errors[-3:]) or str(e)
         raise TensorRTUnavailable(f"TensorRT could not create a builder (is a CUDA GPU usable?): {errors}") from e
+    if progress is not None:
+        progress(build_memory_note(onnx_path, workspace_bytes))
     network, parser = network_from_onnx_path(builder, onnx_path, precision == "strongly_typed", logger, trt)
     data = engine_bytes_from_network(builder, network, profiles=plist, precision=precision,
                                      workspace_bytes=workspace_bytes, timing_cache=timing_cache, logger=logger,
-                                     progress=progress, trt=trt)
-    del parser   # the weights it owned are in the plan now
+                                     progress=progress, trt=trt, tactic_dram_bytes=tactic_dram_bytes)
+    del parser, network, builder   # the parser's copy of the weights goes before the plan is written
     save_engine(data, plan_path)
     return {"file": Path(plan_path).name, "bytes": memoryview(data).nbytes,
             "sha256": hashlib.sha256(memoryview(data)).hexdigest(),
             "precision": precision, "workspace_bytes": workspace_bytes,
             "profiles": [{n: {k: list(v) for k, v in s.items()} for n, s in p.items()} for p in plist],
             **_device_fields(device)}
+
+
+def graph_weight_bytes(onnx_path: str | Path) -> int:
+    """Bytes of an ONNX graph with its external data (``<name>.data`` beside it, as the exporter writes it): the
+    weights the parser will copy, read from file sizes (the runtime has no ``onnx`` package)."""
+    p = Path(onnx_path)
+    data = p.parent / (p.name + ".data")
+    return p.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def build_memory_note(onnx_path: str | Path, workspace_bytes: int | None = None, cuda: CudaRuntime | None = None) -> str:
+    """One line: what building ``onnx_path`` holds at its peak (parser copy + engine weights + plan, plus the
+    workspace) against the memory free now (``cudaMemGetInfo``; on a Jetson the shared DRAM, page cache not
+    counted as free, so the line informs rather than refuses)."""
+    w = graph_weight_bytes(onnx_path)
+    need = 3 * w + int(workspace_bytes or 0)
+    line = f"{Path(onnx_path).name}: the build holds about {need / 2**30:.1f} GiB at its peak (3 x {w / 2**30:.2f} GiB " \
+           "of weights: parser copy, engine, plan" + (" + workspace" if workspace_bytes else "") + ")"
+    try:
+        free, _ = (cuda or CudaRuntime()).mem_info()
+    except CudaError:
+        return line
+    return line + f"; {free / 2**30:.1f} GiB free now" + ("" if free >= need else ": add swap if the build fails")
 
 
 # -- device identity -----------------------------------------------------------------------------------
