@@ -81,6 +81,12 @@ class TrtMemory:
     def build_device_bytes(self) -> int:
         return max(self._build(g)[1] for g in self.graph_weights)
 
+    @property
+    def build_trt_bytes(self) -> int:
+        """What TensorRT itself allocates during the largest build (all but the parser's copy): the
+        ``MemoryPoolType.TACTIC_DRAM`` budget must hold it."""
+        return max(self._build(g)[0] - self.graph_weights[g] for g in self.graph_weights)
+
 
 def call_context_bytes(text: Mapping, batch: int, seq: int, past: int, b: int) -> int:
     """Context memory of one decoder call at batch ``batch``, ``seq`` new tokens on ``past`` cached ones, with
@@ -157,12 +163,22 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
+# NvInfer.h (10.3, 11.x), MemoryPoolType::kTACTIC_DRAM: "On embedded devices, where host and device memory are
+# unified, this includes all host memory required by TensorRT to build the network ... This defaults to 75% of
+# totalGlobalMem". totalGlobalMem is taken as the module's DRAM (an upper bound: the OS sees a little less).
+TACTIC_DRAM_DEFAULT = 0.75
+
+
 def _cell(acc: TrtMemory, m: OrinModule) -> str:
     u = m.usable_bytes
     if acc.runtime_bytes > u or acc.build_device_bytes > u:
         return "no"
-    swap = acc.build_peak_bytes - u
-    return "yes" if swap <= 0 else f"yes (build: {_gib(swap)} GiB swap)"
+    notes = []
+    if acc.build_peak_bytes > u:
+        notes.append(f"{_gib(acc.build_peak_bytes - u)} GiB swap")
+    if acc.build_trt_bytes > TACTIC_DRAM_DEFAULT * m.dram_gib * GiB:
+        notes.append(f"TACTIC_DRAM {_gib(acc.build_trt_bytes)} GiB")
+    return "yes" if not notes else f"yes (build: {', '.join(notes)})"
 
 
 def device_table(config_or_name: Any, target: Target, weights: str | None = None) -> str:
@@ -183,8 +199,10 @@ def device_table(config_or_name: Any, target: Target, weights: str | None = None
             "|---|---:|" + "---|" * len(accs)]
     for m in MODULES.values():
         out.append(f"| {m.name} | {_gib(m.usable_bytes)} | " + " | ".join(_cell(a, m) for a in accs) + " |")
-    out += ["", f"{NOT_OFFERED}. Build swap: the parser's host copy of the weights and the serialized plan can be "
-            "swapped out; the GPU's share cannot (export/device_memory.py)."]
+    out += ["", f"{NOT_OFFERED}. Build notes: swap for the parser's host copy of the weights and the serialized "
+            "plan (the GPU's share cannot be swapped); TACTIC_DRAM: TensorRT's own build allocations exceed its "
+            "default budget on embedded devices (75% of the memory), raise it with trt_build's tactic_dram_bytes "
+            "(export/device_memory.py)."]
     return "\n".join(out) + "\n"
 
 

@@ -115,3 +115,13 @@ def test_export_refuses_a_module_it_cannot_fit_before_any_work(tmp_path, capsys,
                      "--device", "agx-orin-32gb"]) == 0
     out_text = capsys.readouterr().out
     assert "agx-orin-32gb: fits" in out_text and "int8 fits" not in out_text and "int4 fits" in out_text
+
+
+def test_readme_table_is_the_accounting():
+    """README's TensorRT memory table is `safeclip-export --dry-run --target jetson`'s TensorRT part, unedited."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = trt_family_table(JETSON)
+    assert table.strip() in readme, "README's table is stale: paste `safeclip-export --dry-run --target jetson`"
+    assert "TACTIC_DRAM" in device_table("llava-1.5-7b", JETSON).split("| AGX Orin 32GB |")[1].splitlines()[0]
