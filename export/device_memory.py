@@ -41,10 +41,11 @@ from .memory import _TEXT_DEFAULTS, BYTES, _config, estimate
 from .targets import Target
 
 __all__ = ["DeviceFitError", "TrtMemory", "call_context_bytes", "trt_memory", "check_device", "device_table",
-           "trt_family_table", "TABLE_MODELS"]
+           "trt_family_table", "TABLE_MODELS", "VOLUME_LIMIT"]
 
 TABLE_MODELS = ("llava-1.5-7b", "llava-1.5-13b", "llava-v1.6-mistral-7b")
 NOT_OFFERED = "int8 (not offered on TensorRT: export/quant.py)"
+VOLUME_LIMIT = 1 << 31           # NvInfer.h (10.3, 11.x): "The volume of the tensor must be less than 2^31 elements"
 
 
 class DeviceFitError(ValueError):
@@ -63,6 +64,8 @@ class TrtMemory:
     decoder_context_profile: str     # the profile whose context is largest, with its max (B, S, P)
     graph_weights: dict              # vision_gate / decoder: bytes of each engine's weights
     workspace_bytes: int
+    largest_scores: int = 0          # elements of the largest attention-score tensor B x H x S x (P+S)
+    largest_scores_profile: str = ""
 
     @property
     def runtime_bytes(self) -> int:
@@ -101,23 +104,26 @@ def call_context_bytes(text: Mapping, batch: int, seq: int, past: int, b: int) -
     return scores + kv + states + 4 * batch * int(text["vocab_size"])
 
 
-def _decoder_context(text: Mapping, target: Target, context: int, b: int) -> tuple[int, str]:
+def _decoder_context(text: Mapping, target: Target, context: int, b: int) -> tuple[int, str, int, str]:
     heads, hidden, L = int(text["num_attention_heads"]), int(text["hidden_size"]), int(text["num_hidden_layers"])
     kvh = int(text.get("num_key_value_heads") or heads)
     hd = int(text.get("head_dim") or hidden // heads)
     kv = KVSpec(L, kvh, hd, "float16" if b == 2 else "float32")
     names = DecoderNames()
     profiles = target.decoder_profiles(hidden, L, kvh, hd, context, kv=kv, names=names)
-    best, label = 0, ""
+    from .targets import DECODER_PROFILE_NAMES
+
+    best, label, scores, where = 0, "", 0, ""
     for k, prof in enumerate(profiles):
         B, S, _ = prof[names.inputs_embeds]["max"]
         P = prof[kv.past_key.format(i=0)]["max"][2]
+        name = DECODER_PROFILE_NAMES[k] if k < len(DECODER_PROFILE_NAMES) else f"profile {k}"
         n = call_context_bytes(text, B, S, P, b)
         if n > best:
-            from .targets import DECODER_PROFILE_NAMES
-            name = DECODER_PROFILE_NAMES[k] if k < len(DECODER_PROFILE_NAMES) else f"profile {k}"
             best, label = n, f"{name} (B={B}, S={S}, past={P})"
-    return best, label
+        if B * heads * S * (P + S) > scores:
+            scores, where = B * heads * S * (P + S), f"{name} (B={B}, S={S}, past={P})"
+    return best, label, scores, where
 
 
 def trt_memory(config_or_name: Any, target: Target, weights: str | None = None,
@@ -134,12 +140,12 @@ def trt_memory(config_or_name: Any, target: Target, weights: str | None = None,
     precision = "fp16" if target.precision == "float16" else "fp32"
     b = BYTES[precision]
     e = estimate(cfg, ctx, precision, None if weights in (None, "fp16", "fp32") else weights)
-    dec_ctx, label = _decoder_context(t, target, ctx, b)
+    dec_ctx, label, scores, where = _decoder_context(t, target, ctx, b)
     embed = int(t["vocab_size"]) * int(t["hidden_size"]) * b              # host table, not in the decoder graph
     graphs = {"vision_gate": (e.params["vision_tower"] + e.params["gate_head"] + e.params["projector"]) * b,
               "decoder": e.lm_weight_bytes - embed}
     return TrtMemory(name, e.weights, ctx, e.weight_bytes, e.kv_bytes, e.vision_act_bytes, dec_ctx, label, graphs,
-                     int(target.workspace_bytes))
+                     int(target.workspace_bytes), scores, where)
 
 
 def check_device(config_or_name: Any, target: Target, weights: str | None, device: str) -> TrtMemory:
@@ -147,6 +153,10 @@ def check_device(config_or_name: Any, target: Target, weights: str | None, devic
     built there (the GPU's share of the build); returns the accounting otherwise."""
     m = find_module(device)
     acc = trt_memory(config_or_name, target, weights)
+    if acc.largest_scores >= VOLUME_LIMIT:
+        raise DeviceFitError(f"{acc.name}: the {acc.largest_scores_profile} profile's attention scores have "
+                             f"{acc.largest_scores} elements; TensorRT refuses tensors of 2^31 or more (NvInfer.h), so "
+                             f"no engine builds for --target {target.name} at {acc.context} tokens")
     u = m.usable_bytes
     fix = ("use --weights int4 or a larger module" if acc.weights != "int4" else "use a larger module") + \
         " (safeclip-export --dry-run --target " + target.name + " lists what fits where)"
@@ -171,6 +181,8 @@ TACTIC_DRAM_DEFAULT = 0.75
 
 def _cell(acc: TrtMemory, m: OrinModule) -> str:
     u = m.usable_bytes
+    if acc.largest_scores >= VOLUME_LIMIT:
+        return "no (2^31)"
     if acc.runtime_bytes > u or acc.build_device_bytes > u:
         return "no"
     notes = []
@@ -195,6 +207,8 @@ def device_table(config_or_name: Any, target: Target, weights: str | None = None
             ("**to run**", "runtime_bytes"), ("device build peak (2 x W + max(context + workspace, W))", "build_peak_bytes"),
             ("of which on the GPU (W + context + workspace)", "build_device_bytes")]
     out += [f"| {label} | " + " | ".join(_gib(getattr(a, key)) for a in accs) + " |" for label, key in rows]
+    out += ["", f"Largest attention-score tensor: {a0.largest_scores:,} elements at the {a0.largest_scores_profile} "
+            f"profile (TensorRT refuses 2^31 = {VOLUME_LIMIT:,} or more)."]
     out += ["", "| module | usable GiB | " + " | ".join(f"{a.weights}: runs and builds" for a in accs) + " |",
             "|---|---:|" + "---|" * len(accs)]
     for m in MODULES.values():
@@ -218,7 +232,9 @@ def trt_family_table(target: Target, models=TABLE_MODELS) -> str:
             out.append(f"| {name} | {w} | {_gib(a.runtime_bytes)} | {_gib(a.build_peak_bytes)} "
                        f"({_gib(a.build_device_bytes)}) | " + " | ".join(_cell(a, m) for m in mods) + " |")
     a = trt_memory(models[0], target)
-    out += ["", f"Context {a.context} tokens (the {target.name} target's, at most the model's); decoder context memory "
+    out += ["", "'no (2^31)': an attention-score tensor of the largest profile reaches 2^31 elements, which "
+            "TensorRT refuses (NvInfer.h), whatever the module.",
+            f"Context {a.context} tokens (the {target.name} target's, at most the model's); decoder context memory "
             f"from its largest profile ({a.decoder_context_profile}); workspace {_gib(target.workspace_bytes)} GiB; "
             f"{NOT_OFFERED}."]
     return "\n".join(out) + "\n"

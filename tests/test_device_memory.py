@@ -125,3 +125,17 @@ def test_readme_table_is_the_accounting():
     table = trt_family_table(JETSON)
     assert table.strip() in readme, "README's table is stale: paste `safeclip-export --dry-run --target jetson`"
     assert "TACTIC_DRAM" in device_table("llava-1.5-7b", JETSON).split("| AGX Orin 32GB |")[1].splitlines()[0]
+
+
+def test_a_profile_past_tensorrts_volume_limit_is_refused_on_every_module():
+    """datacenter plans prefill up to 8192 tokens: llava-v1.6-mistral-7b's scores are 32 x 8192^2 = 2^31 elements,
+    which TensorRT refuses (NvInfer.h), so no module gets it; llava-1.5 is capped at its 4096 positions."""
+    dc = TARGETS["datacenter"]
+    a = trt_memory("llava-v1.6-mistral-7b", dc, "int4")
+    assert a.largest_scores == 32 * 8192 * 8192 == 1 << 31 and a.largest_scores_profile.startswith("prefill")
+    with pytest.raises(DeviceFitError, match=r"attention scores have 2147483648 elements; TensorRT refuses tensors "
+                                             r"of 2\^31 or more"):
+        check_device("llava-v1.6-mistral-7b", dc, "int4", "agx-orin-64gb")
+    row = next(ln for ln in trt_family_table(dc).splitlines() if ln.startswith("| llava-v1.6-mistral-7b | int4 |"))
+    assert row.count("no (2^31)") == len(MODULES)
+    assert trt_memory("llava-1.5-7b", dc).largest_scores == 32 * 4096 * 4096
