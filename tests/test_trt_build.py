@@ -249,3 +249,36 @@ def test_real_device_key():
     key = build.device_key()
     major, minor = key["compute_capability"].split(".")
     assert int(major) >= 5 and minor.isdigit() and key["gpu_name"]
+
+
+# -- the stand-in's tensor sizes (tests/_fake_trt_shapes.py) ---------------------------------------------
+
+def test_standin_sizes_the_demo_decoder_attention(demo_decoder_parts):
+    """Shape inference on the demo decoder (loaded without its weights) finds the attention scores
+    [B, H, S, P+S] (the graph groups query heads per KV head: [B, KVH, H/KVH*S, P+S], the same volume), and the
+    stand-in's context memory grows with the profile's max as the scores do."""
+    from _fake_trt_shapes import LIMIT, activation_bytes, tensor_volumes
+    from safeclip.runtime.graph_spec import decoder_spec
+
+    m, kv, table = demo_decoder_parts
+    path, hidden = m.path("decoder.onnx"), table.shape[1]
+    heads = hidden // kv.head_dim
+    B, S, P = 2, 7, 5
+    spec = decoder_spec(hidden, None, kv)
+    vol = tensor_volumes(path, spec.shapes(batch=B, seq=S, past=P))
+    import onnx
+    g = onnx.load(str(path), load_external_data=False).graph
+    scores = [n.output[0] for n in g.node if n.op_type == "Softmax"]
+    assert len(scores) == kv.num_layers and all(vol[s] == B * heads * S * (P + S) for s in scores), \
+        {s: vol[s] for s in scores}
+    assert vol["logits"] == B * 1 * table.shape[0] and vol[kv.present_key.format(i=0)] == B * kv.num_kv_heads * S * kv.head_dim
+    assert not {t.name for t in g.initializer} & set(vol) and max(vol.values()) < LIMIT
+
+    def prof(seq):
+        return spec.profile(*[{"batch": 1, "seq": seq, "past": 0}] * 3)
+
+    small, large = activation_bytes(path, prof(16)), activation_bytes(path, prof(256))
+    assert small >= heads * 16 * 16 * 4                     # one layer's fp32 scores are alive at the softmax
+    assert large >= heads * 256 * 256 * 4 and large > 16 * small    # quadratic in S: the scores dominate
+    with pytest.raises(ValueError, match="not network inputs"):
+        tensor_volumes(path, {"nope": (1,)})
