@@ -70,10 +70,11 @@ class FakeCudart:
     class cudaMemcpyKind(enum.IntEnum):
         cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = range(4)
 
-    def __init__(self, gpu=(b"Orin\x00", 8, 7), limit_bytes=None, versions=(12060, 12060)):
+    def __init__(self, gpu=(b"Orin\x00", 8, 7), limit_bytes=None, versions=(12060, 12060), sms=8):
         self.blocks: dict[int, tuple[np.ndarray, int, str]] = {}
         self.gpu, self.limit = gpu, limit_bytes
         self.versions = versions          # (driver, runtime) as CUDA encodes them: JetPack 6's 12.6 by default
+        self.sms = sms                    # multiProcessorCount (runtime/devices.py tells Orin modules apart by it)
         self.mallocs = self.frees = self.copies = 0
         self.streams: list[cudaStream_t] = []
 
@@ -216,7 +217,9 @@ class FakeCudart:
 
     def cudaGetDeviceProperties(self, device):
         name, major, minor = self.gpu
-        return (Err.cudaSuccess, types.SimpleNamespace(name=name, major=major, minor=minor))
+        total = self.limit if self.limit is not None else 8 << 30       # an 8 GB Orin (NX/Nano: 8 SMs) by default
+        return (Err.cudaSuccess, types.SimpleNamespace(name=name, major=major, minor=minor, multiProcessorCount=self.sms,
+                                                       totalGlobalMem=total, integrated=1))
 
     def cudaGetErrorString(self, error):
         msgs = {1: b"invalid argument", 2: b"out of memory", 400: b"invalid resource handle",

@@ -72,3 +72,12 @@ def test_extras_name_cuda_python_per_jetpack():
     readme = (ROOT / "README.md").read_text()
     assert "'cuda-python>=12'" not in readme
     assert "cuda-python>=12.6,<13" in readme and "cuda-python>=13,<14" in readme
+
+
+def test_standin_device_properties_name_an_orin_module():
+    """FakeCudart reports what runtime/devices.identify reads: SM count and total memory (AGX Orin 32GB here)."""
+    from safeclip.runtime.devices import identify
+
+    _, prop = FakeCudart(limit_bytes=int(30.6 * 2**30), sms=14).cudaGetDeviceProperties(0)
+    assert prop.integrated == 1 and [m.key for m in identify(prop.multiProcessorCount, prop.totalGlobalMem)] == \
+        ["agx-orin-32gb"]
