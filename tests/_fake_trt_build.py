@@ -227,7 +227,8 @@ def builder_api(trt, version: str, major: int, build_fails: bool, cudart=None) -
                             f"pool's {budget})")
                 return None
             if cudart is not None and getattr(cudart, "limit", None) is not None:
-                held = sum(b[1] for b in cudart.blocks.values())
+                held = cudart.used()                                    # allocations and TensorRT's reservations
+                cudart.peak = max(cudart.peak, held + peak)
                 if held + peak > cudart.limit:
                     self._error(f"Error Code 2: OutOfMemory (Requested size was {peak} bytes; {cudart.limit - held} "
                                 "bytes free)")

@@ -71,7 +71,11 @@ def _inferred(onnx_path, input_shapes: dict):
     del g.initializer[:]
     g.initializer.extend(keep)
     g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in ext)
-    return SymbolicShapeInference.infer_shapes(model, auto_merge=False), ext_names
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=False), ext_names
+    except Exception:       # ORT's symbolic inference stops on some graphs (the vision tower's MatMul after a Where)
+        from onnx import shape_inference
+        return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True), ext_names
 
 
 def _typed_shapes(model) -> dict[str, tuple[int, tuple[int, ...]]]:

@@ -78,6 +78,5 @@ def test_standin_device_properties_name_an_orin_module():
     """FakeCudart reports what runtime/devices.identify reads: SM count and total memory (AGX Orin 32GB here)."""
     from safeclip.runtime.devices import identify
 
-    _, prop = FakeCudart(limit_bytes=int(30.6 * 2**30), sms=14).cudaGetDeviceProperties(0)
-    assert prop.integrated == 1 and [m.key for m in identify(prop.multiProcessorCount, prop.totalGlobalMem)] == \
-        ["agx-orin-32gb"]
+    _, prop = FakeCudart(sm_count=14, total_bytes=int(30.6 * 2**30)).cudaGetDeviceProperties(0)
+    assert [m.key for m in identify(prop.multiProcessorCount, prop.totalGlobalMem)] == ["agx-orin-32gb"]

@@ -25,7 +25,8 @@ from safeclip.runtime.backends import trt_build as build  # noqa: E402
 TRT_SKIP = "tensorrt not installed (cannot be installed here: no NVIDIA index)"
 PROFILES = [{"x": {"min": [1, 4], "opt": [1, 4], "max": [1, 4]}},          # decode-like: batch 1
             {"x": {"min": [1, 4], "opt": [4, 4], "max": [8, 4]}}]          # prefill-like: up to 8
-DEVICE = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
+DEVICE = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7", "sm_count": "16",
+          "memory_class_gib": "64"}
 
 
 def small_onnx(path: Path, op: str = "Relu", batch="B") -> Path:
@@ -85,11 +86,12 @@ def test_plan_cache_key_changes_with_every_fact():
     assert key == build.plan_cache_key(**base) and len(key) == 64
     variants = [dict(onnx_sha256="cd" * 32), dict(precision="fp16"), dict(profiles=PROFILES[:1]),
                 dict(device={**DEVICE, "tensorrt_version": "10.3.0.26"}), dict(device={**DEVICE, "gpu_name": "Thor"}),
-                dict(device={**DEVICE, "compute_capability": "11.0"}), dict(workspace_bytes=1 << 30)]
+                dict(device={**DEVICE, "compute_capability": "11.0"}), dict(device={**DEVICE, "sm_count": "8"}),
+                dict(device={**DEVICE, "memory_class_gib": "16"}), dict(workspace_bytes=1 << 30)]
     keys = {build.plan_cache_key(**{**base, **v}) for v in variants}
     assert len(keys) == len(variants) and key not in keys
     with pytest.raises(ValueError, match="lack \\['gpu_name'\\]"):
-        build.plan_cache_key(**{**base, "device": {"tensorrt_version": "10.3", "compute_capability": "8.7"}})
+        build.plan_cache_key(**{**base, "device": {k: v for k, v in DEVICE.items() if k != "gpu_name"}})
 
 
 def test_save_engine_is_atomic(tmp_path):
@@ -214,14 +216,17 @@ def test_device_key_through_cuda_python(with_trt, monkeypatch):
         cudaGetDeviceCount=lambda: state["count"],
         cudaDriverGetVersion=lambda: (Err.cudaSuccess, 12060), cudaRuntimeGetVersion=lambda: (Err.cudaSuccess, 12060),
         cudaGetDeviceProperties=lambda i: (Err.cudaSuccess,
-                                           types.SimpleNamespace(name=b"Orin\x00\x00", major=8, minor=7)),
+                                           types.SimpleNamespace(name=b"Orin\x00\x00", major=8, minor=7,
+                                                                 multiProcessorCount=8,      # an Orin NX 16GB
+                                                                 totalGlobalMem=15_600_000_000)),
         cudaGetErrorString=lambda e: (Err.cudaSuccess, b"CUDA driver version is insufficient for CUDA runtime version"))
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     bindings.runtime, cuda.bindings = runtime, bindings
     monkeypatch.setitem(sys.modules, "cuda", cuda)
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
-    assert build.device_key() == {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
+    assert build.device_key() == {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7",
+                                  "sm_count": "8", "memory_class_gib": "16"}
     with pytest.raises(build.TensorRTUnavailable, match="CUDA device 1 not present"):
         build.device_key(1)
     state["count"] = (Err.cudaErrorInsufficientDriver, None)    # cuda-bindings 12.9 on a machine without a driver
