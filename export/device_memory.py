@@ -18,7 +18,10 @@ For a LLaVA config (a name in ``memory.MODELS``, a config dict or ``config.json`
   ``build_serialized_network`` ends by serialising the plan (the weights once more) while the engine exists:
   2 x W + max(context + workspace, W) for an engine with W bytes of weights. The part that cannot be swapped
   out is what the GPU holds: W + context + workspace (the parser's copy and the plan are ordinary host memory,
-  which swap can take on a Jetson). A weight-stripped plan (``BuilderFlag.STRIP_PLAN`` with ``REFIT_IDENTICAL``,
+  which swap can take on a Jetson). TensorRT's own share (all but the parser's copy) must fit its
+  ``TACTIC_DRAM`` pool, 75% of the memory by default on embedded devices (:data:`TACTIC_DRAM_DEFAULT`; the
+  builder takes a larger one), and a module whose usable memory is below that share is counted as unable to
+  build (swap does not help a budget measured against the device's memory). A weight-stripped plan (``BuilderFlag.STRIP_PLAN`` with ``REFIT_IDENTICAL``,
   TensorRT 10.0+) would drop the last W, but needs the runtime to refit the engine from the bundle's weights
   (``OnnxParserRefitter``), which it does not do yet: not counted as available.
 
@@ -38,14 +41,13 @@ from safeclip.runtime.backends.base import DecoderNames, KVSpec
 from safeclip.runtime.devices import MODULES, GiB, OrinModule, module as find_module
 
 from .memory import _TEXT_DEFAULTS, BYTES, _config, estimate
-from .targets import Target
+from .targets import VOLUME_LIMIT, Target       # NvInfer.h: a tensor's volume must be below 2^31 elements
 
 __all__ = ["DeviceFitError", "TrtMemory", "call_context_bytes", "trt_memory", "check_device", "device_table",
            "trt_family_table", "TABLE_MODELS", "VOLUME_LIMIT"]
 
 TABLE_MODELS = ("llava-1.5-7b", "llava-1.5-13b", "llava-v1.6-mistral-7b")
 NOT_OFFERED = "int8 (not offered on TensorRT: export/quant.py)"
-VOLUME_LIMIT = 1 << 31           # NvInfer.h (10.3, 11.x): "The volume of the tensor must be less than 2^31 elements"
 
 
 class DeviceFitError(ValueError):
@@ -110,7 +112,7 @@ def _decoder_context(text: Mapping, target: Target, context: int, b: int) -> tup
     hd = int(text.get("head_dim") or hidden // heads)
     kv = KVSpec(L, kvh, hd, "float16" if b == 2 else "float32")
     names = DecoderNames()
-    profiles = target.decoder_profiles(hidden, L, kvh, hd, context, kv=kv, names=names)
+    profiles = target.decoder_profiles(hidden, L, kvh, hd, context, kv=kv, names=names, num_heads=heads)
     from .targets import DECODER_PROFILE_NAMES
 
     best, label, scores, where = 0, "", 0, ""
@@ -163,9 +165,10 @@ def check_device(config_or_name: Any, target: Target, weights: str | None, devic
     if acc.runtime_bytes > u:
         raise DeviceFitError(f"{acc.name} ({acc.weights} weights, {acc.context} tokens) needs {_gib(acc.runtime_bytes)} "
                              f"GiB to run, {m.name} has {_gib(u)} GiB usable: {fix}")
-    if acc.build_device_bytes > u:
+    if acc.build_device_bytes > u or acc.build_trt_bytes > u:
+        need = max(acc.build_device_bytes, acc.build_trt_bytes)
         raise DeviceFitError(f"{acc.name} ({acc.weights} weights) fits {m.name} to run, but building its engines "
-                             f"there needs {_gib(acc.build_device_bytes)} GiB on the GPU ({_gib(u)} GiB usable): {fix}")
+                             f"there needs {_gib(need)} GiB of TensorRT's own memory ({_gib(u)} GiB usable): {fix}")
     return acc
 
 
@@ -183,7 +186,7 @@ def _cell(acc: TrtMemory, m: OrinModule) -> str:
     u = m.usable_bytes
     if acc.largest_scores >= VOLUME_LIMIT:
         return "no (2^31)"
-    if acc.runtime_bytes > u or acc.build_device_bytes > u:
+    if acc.runtime_bytes > u or acc.build_device_bytes > u or acc.build_trt_bytes > u:
         return "no"
     notes = []
     if acc.build_peak_bytes > u:

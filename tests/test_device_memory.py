@@ -30,41 +30,32 @@ def test_modules_and_identification():
 
 
 def test_llava_7b_fp16_by_hand():
-    """llava-1.5-7b on jetson at 4096 tokens: the largest profile is the 4096-token prefill."""
+    """llava-1.5-7b on jetson at 4096 tokens: prompts are prefilled in chunks of 512, so the largest call is an
+    extension of 512 tokens on a past of 4096."""
     a = trt_memory("llava-1.5-7b", JETSON)
     t = MODELS["llava-1.5-7b"]["text_config"]
-    # scores 32 heads x 4096 x 4096 at 8 + 2 bytes; keys and values 2 x 4096 x 32 x 128 x 2; states
-    # 4096 x (4 x 4096 + 2 x 11008) x 2; logits 4 x 32064
-    ctx = 32 * 4096 * 4096 * 10 + 2 * 4096 * 32 * 128 * 2 + 4096 * (4 * 4096 + 2 * 11008) * 2 + 4 * 32064
-    assert call_context_bytes(t, 1, 4096, 0, 2) == ctx == a.decoder_context_bytes
-    assert a.decoder_context_profile == "prefill (B=1, S=4096, past=0)" and a.kv_bytes == 2 * GiB
+    # scores 32 heads x 512 x 4608 at 8 + 2 bytes; keys and values 2 x 4608 x 32 x 128 x 2; states
+    # 512 x (4 x 4096 + 2 x 11008) x 2; logits 4 x 32064
+    ctx = 32 * 512 * 4608 * 10 + 2 * 4608 * 32 * 128 * 2 + 512 * (4 * 4096 + 2 * 11008) * 2 + 4 * 32064
+    assert call_context_bytes(t, 1, 512, 4096, 2) == ctx == a.decoder_context_bytes
+    assert a.decoder_context_profile == "extend (B=1, S=512, past=4096)" and a.kv_bytes == 2 * GiB
     w = a.graph_weights["decoder"]
     assert w == 2 * (6_738_939_904 - 32064 * 4096)                   # the language model less its host table
     assert a.build_peak_bytes == 2 * w + max(ctx + 2 * GiB, w) and a.build_device_bytes == w + ctx + 2 * GiB
+    assert a.build_trt_bytes == w + max(ctx + 2 * GiB, w)
     assert a.runtime_bytes == a.weight_bytes + a.kv_bytes + a.vision_context_bytes + ctx
     with pytest.raises(ValueError, match="--weights int8 is not offered for TensorRT targets"):
         trt_memory("llava-1.5-7b", JETSON, "int8")
 
 
-def test_context_memory_follows_the_targets_profiles(monkeypatch):
-    """Computed from Target.decoder_profiles' output: a prefill profile capped at a 512-token chunk (what chunked
-    prefill does) makes the extend profile (512 tokens on a 4096 past) the largest, with its own figure."""
-    real = Target.decoder_profiles
-
-    def chunked(self, *a, **kw):
-        out = real(self, *a, **kw)
-        for name, p in out[0].items():
-            if len(p["max"]) >= 2 and name in ("inputs_embeds", "position_ids", "attention_mask"):
-                p["max"][1] = min(p["max"][1], 512)
-                p["opt"][1] = min(p["opt"][1], 512)
-        return out
-
-    before = trt_memory("llava-1.5-7b", JETSON)
-    monkeypatch.setattr(Target, "decoder_profiles", chunked)
-    after = trt_memory("llava-1.5-7b", JETSON)
+def test_context_memory_follows_the_targets_profiles():
+    """Computed from Target.decoder_profiles' output: without chunking (a 4096-token prefill profile) the prefill
+    is the largest call, about 4.8x the chunked target's largest."""
+    chunked = trt_memory("llava-1.5-7b", JETSON)
+    whole = trt_memory("llava-1.5-7b", dataclasses.replace(JETSON, prefill_chunk=4096))
     t = MODELS["llava-1.5-7b"]["text_config"]
-    assert after.decoder_context_profile == "extend (B=1, S=512, past=4096)"
-    assert after.decoder_context_bytes == call_context_bytes(t, 1, 512, 4096, 2) < before.decoder_context_bytes / 4
+    assert whole.decoder_context_profile == "prefill (B=1, S=4096, past=0)"
+    assert whole.decoder_context_bytes == call_context_bytes(t, 1, 4096, 0, 2) > 4 * chunked.decoder_context_bytes
 
 
 def test_context_model_bounds_the_standins_liveness_walk(demo_decoder_parts):
@@ -93,7 +84,7 @@ def test_tables_and_refusals():
     fam = trt_family_table(JETSON)
     assert all(f"| {n} | {w} |" in fam for n in ("llava-1.5-7b", "llava-1.5-13b", "llava-v1.6-mistral-7b")
                for w in ("fp16", "int4"))
-    with pytest.raises(DeviceFitError, match=r"^llava-1.5-13b \(fp16 weights, 4096 tokens\) needs 3\d\.\d\d GiB to "
+    with pytest.raises(DeviceFitError, match=r"^llava-1.5-13b \(fp16 weights, 4096 tokens\) needs \d\d\.\d\d GiB to "
                                              r"run, Orin NX 16GB has 14.00 GiB usable: use --weights int4"):
         check_device("llava-1.5-13b", JETSON, None, "orin-nx-16gb")
     assert check_device("llava-1.5-7b", JETSON, "int4", "agx-orin-32gb").weights == "int4"
@@ -127,10 +118,21 @@ def test_readme_table_is_the_accounting():
     assert "TACTIC_DRAM" in device_table("llava-1.5-7b", JETSON).split("| AGX Orin 32GB |")[1].splitlines()[0]
 
 
-def test_a_profile_past_tensorrts_volume_limit_is_refused_on_every_module():
-    """datacenter plans prefill up to 8192 tokens: llava-v1.6-mistral-7b's scores are 32 x 8192^2 = 2^31 elements,
-    which TensorRT refuses (NvInfer.h), so no module gets it; llava-1.5 is capped at its 4096 positions."""
+def test_a_profile_past_tensorrts_volume_limit_is_refused_on_every_module(monkeypatch):
+    """A decoder profile whose attention scores reach 2^31 elements (llava-v1.6-mistral-7b prefilling 8192 tokens
+    at once, as datacenter planned before chunked prefill) builds nowhere: TensorRT refuses the tensor (NvInfer.h),
+    so every module reads 'no (2^31)' and --device refuses in one line. The targets' own profiles stay below."""
     dc = TARGETS["datacenter"]
+    assert trt_memory("llava-v1.6-mistral-7b", dc, "int4").largest_scores < 1 << 31
+    real = Target.decoder_profiles
+
+    def unchunked(self, hidden, *a, **kw):
+        out = real(self, hidden, *a, **kw)
+        for name in ("inputs_embeds", "position_ids", "attention_mask"):
+            out[0][name]["max"][1] = 8192
+        return out
+
+    monkeypatch.setattr(Target, "decoder_profiles", unchunked)
     a = trt_memory("llava-v1.6-mistral-7b", dc, "int4")
     assert a.largest_scores == 32 * 8192 * 8192 == 1 << 31 and a.largest_scores_profile.startswith("prefill")
     with pytest.raises(DeviceFitError, match=r"attention scores have 2147483648 elements; TensorRT refuses tensors "
@@ -138,4 +140,3 @@ def test_a_profile_past_tensorrts_volume_limit_is_refused_on_every_module():
         check_device("llava-v1.6-mistral-7b", dc, "int4", "agx-orin-64gb")
     row = next(ln for ln in trt_family_table(dc).splitlines() if ln.startswith("| llava-v1.6-mistral-7b | int4 |"))
     assert row.count("no (2^31)") == len(MODULES)
-    assert trt_memory("llava-1.5-7b", dc).largest_scores == 32 * 4096 * 4096
