@@ -147,7 +147,8 @@ def trusted_keys(extra: Iterable[str | os.PathLike] | str | os.PathLike | Truste
         if not p.exists():
             raise SigningError(f"trusted key {p} does not exist")
         for f in _key_files(p):
-            found[key_id(raw := _public_key_from_pem(_read_key_file(f), str(f)))] = raw
+            raw = _public_key_from_pem(_read_key_file(f), str(f))
+            found[key_id(raw)] = raw
         sources.append(str(p))
     return TrustedKeys(found, tuple(sources)) if sources else None
 
