@@ -66,17 +66,26 @@ class VerifyCache:
     """sha256 digests keyed on (realpath, dev, inode, size, mtime_ns, ctime_ns), each entry HMAC'd (module doc)."""
 
     def __init__(self, base: Path | None = None) -> None:
-        base = cache_dir() if base is None else Path(base)
-        self.path = base / ENTRIES
-        self.secret = _secret(base)
+        self.base = cache_dir() if base is None else Path(base)
+        self.path = self.base / ENTRIES
         self.entries: dict = {}
-        if self.secret is not None:
-            try:
-                loaded = json.loads(self.path.read_text())
-                self.entries = loaded if isinstance(loaded, dict) else {}
-            except (OSError, ValueError, RecursionError):
-                self.entries = {}
         self.dirty = False
+        self._secret: bytes | None = None
+        self._opened = False
+
+    @property
+    def secret(self) -> bytes | None:
+        """Read (or create) the secret and the entries on first use: a bundle of small files touches nothing."""
+        if not self._opened:
+            self._opened = True
+            self._secret = _secret(self.base)
+            if self._secret is not None:
+                try:
+                    loaded = json.loads(self.path.read_text())
+                    self.entries = loaded if isinstance(loaded, dict) else {}
+                except (OSError, ValueError, RecursionError):
+                    self.entries = {}
+        return self._secret
 
     @property
     def usable(self) -> bool:
@@ -112,7 +121,8 @@ class VerifyCache:
             return
         from .manifest import atomic_write_text
         try:
-            atomic_write_text(self.path, json.dumps(self.entries))
+            kept = {k: v for k, v in self.entries.items() if isinstance(v, dict)}   # older unauthenticated ones go
+            atomic_write_text(self.path, json.dumps(kept))
             os.chmod(self.path, 0o600)
         except OSError:
             pass                     # a read-only cache folder only costs a re-hash next time
