@@ -263,7 +263,8 @@ class Manifest:
     @property
     def signed_by(self) -> str | None:
         """The key id of the bundle's signature (verified against the trusted keys when any were set)."""
-        return (self.data.get("signature") or {}).get("key_id")
+        sig = self.data.get("signature")
+        return sig.get("key_id") if isinstance(sig, dict) else None
 
     def file_bytes(self, names) -> int:
         """Bytes on disk of the named bundle files (a graph and its external data, say)."""
