@@ -355,7 +355,7 @@ def verify_files(root: Path, files: dict, full_verify: bool = False) -> dict[str
         if digest != entry["sha256"]:
             raise BundleError(f"bundle is tampered: sha256 of '{name}' does not match the manifest")
     if cache:
-        cache.save()
+        cache.save(atomic_write_text)
     return cached
 
 

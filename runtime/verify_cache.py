@@ -116,10 +116,10 @@ class VerifyCache:
         self.entries[key] = {"sha256": digest, "hmac": self._mac(key, digest)}
         self.dirty = True
 
-    def save(self) -> None:
+    def save(self, atomic_write_text) -> None:
+        """Write the entries with ``atomic_write_text`` (``manifest.py``'s, passed in: no import cycle)."""
         if not self.dirty or self.secret is None:
             return
-        from .manifest import atomic_write_text
         try:
             kept = {k: v for k, v in self.entries.items() if isinstance(v, dict)}   # older unauthenticated ones go
             atomic_write_text(self.path, json.dumps(kept))
