@@ -389,7 +389,13 @@ def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: boo
     """Read and verify a bundle's manifest and files. Raises :class:`BundleError` with a one-line reason.
     ``trusted_keys`` (PEM paths or a ``signing.TrustedKeys``) adds to ``$SAFECLIP_TRUSTED_KEYS``: with any
     trusted key, the manifest must be signed by one of them."""
-    root = Path(bundle_dir)
+    try:
+        return _load_manifest(Path(bundle_dir), full_verify, verify, trusted_keys)
+    except RecursionError:          # JSON nested just under the parser's limit, then walked deeper (digest, views)
+        raise BundleError(f"{bundle_dir}: manifest nests too deeply (RecursionError)") from None
+
+
+def _load_manifest(root: Path, full_verify: bool, verify: bool, trusted_keys) -> Manifest:
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle folder")
     mpath = root / MANIFEST

@@ -7,8 +7,10 @@
         print(piece, end="")
     s.result                                                      # the Answer, once the stream is done
 
-Loading verifies the manifest and every file (see ``manifest.py``) and then checks that the vision graph
-really emits the gate output with one probability per manifest class; anything else refuses to serve.
+Loading verifies the manifest and every file (see ``manifest.py``; with trusted keys, its signature), then
+checks that the vision graph really emits the gate output with one probability per manifest class and runs
+the gate's known-answer self-test on the session that will serve (``selftest.py``); anything else refuses to
+serve.
 
 Policies for a flagged image (default from the manifest; a call's ``policy=`` overrides it; the server fixes one):
 ``instruct`` inserts the safety instruction right after the image, before the user's text (a clean image
