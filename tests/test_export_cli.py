@@ -23,7 +23,7 @@ def _err(capsys):
     (["--threshold", "1.5"], "--threshold must be in [0, 1)"),
     (["--threshold", "1.0"], "1 would never flag"),
     (["--sign-key", "/nonexistent.pem"], "cannot open key"),
-    (["--max-batch", "4"], "--max-batch sizes the TensorRT decode-batch profile: it goes with --target jetson"),
+    (["--max-batch", "4"], "--max-batch sizes the TensorRT decode profile: it goes with --target jetson"),
     (["--max-batch", "0", "--target", "jetson"], "--max-batch must be 1..256, got 0"),
     (["--max-batch", "300", "--target", "datacenter"], "--max-batch must be 1..256, got 300"),
 ])
