@@ -460,3 +460,20 @@ def test_calibrating_a_signed_bundle_needs_a_key_and_re_signs(vision_bundle, tmp
     assert cli.calibrate_main(argv[:-2] + ["--trusted-key", str(opub), "--sign-key", str(opriv)]) == 2
     assert "the gate would never flag; nothing written" in capsys.readouterr().err
     assert load_manifest(b, trusted_keys=[opub]).gate["threshold"] == 0.42
+
+
+def test_ray_scan_workers_get_the_trusted_keys_themselves(vision_bundle, tmp_path, keys):
+    """Ray actors may run where the PEM paths do not exist: the driver reads the keys and hands them over."""
+    from safeclip.runtime.scan_ray import GateWorker
+    from safeclip.runtime.signing import trusted_keys
+
+    priv, pub = keys["publisher"]
+    tk = trusted_keys([pub])
+    import pickle
+    tk = pickle.loads(pickle.dumps(tk))                                 # what Ray ships to an actor
+    with pytest.raises(BundleError, match="bundle is not signed, and trusted keys are set"):
+        GateWorker(str(vision_bundle), trusted_keys=tk)
+    b = copy_bundle(vision_bundle, tmp_path / "b")
+    _reseal(b, lambda d: None, sign_key=priv)
+    pub.unlink()                                                        # the key file is gone: the keys travel
+    assert GateWorker(str(b), trusted_keys=tk).pipe.manifest.signed_by == next(iter(tk.keys))
