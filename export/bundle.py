@@ -54,6 +54,7 @@ class ExportOptions:
     quant_method: str = "rtn"
     quantize_lm_head: bool = False
     max_batch: int | None = None                 # TensorRT targets: decode profile size (None: the target's)
+    sign_key: Path | None = None                 # Ed25519 private key (PEM): sign the manifest (runtime/signing.py)
     text_embeds_override: object = None          # tests: a controlled gate ([S, E] tensor)
 
 
@@ -207,6 +208,22 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     return graph, result
 
 
+def gate_self_test(folder: Path, vgraph: dict) -> dict:
+    """``gate.self_test``: the exported vision+gate graph's answers on the fixed probes, from ONNX Runtime (CPU),
+    which every load compares with the serving backend's (``runtime/selftest.py``)."""
+    from safeclip.runtime.backends.ort import make_session
+    from safeclip.runtime.selftest import record
+
+    names = VisionNames(**(vgraph.get("names") or {}))
+    sess = make_session(folder / vgraph["file"], "cpu")
+
+    def run(pv):                                                   # pixel_values [1, 3, S, S]
+        out = sess.run({names.pixel_values: pv})
+        return out[names.image_features], out[names.class_probs]
+
+    return record(run, int(vgraph["inputs"][names.pixel_values]["shape"][-1]), vgraph.get("precision", "float32"))
+
+
 def _tokenizer_and_prompt(src, tmp: Path) -> tuple[dict, dict]:
     """The tokenizer file and the chat template, proven to render on the device as transformers renders it
     (:func:`~safeclip.export.templates.check_template`; a template that does not is refused, naming its file)."""
@@ -237,8 +254,12 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         raise ValueError(f"unknown view aggregation '{opts.views}' (supported: {', '.join(VIEW_MODES)})")
     if opts.policy not in POLICIES:
         raise ValueError(f"unknown policy '{opts.policy}' (supported: {', '.join(POLICIES)})")
-    if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:
-        raise ValueError(f"--threshold must be in [0, 1], got {opts.threshold}")
+    if opts.threshold is not None and not 0.0 <= opts.threshold < 1.0:
+        raise ValueError(f"--threshold must be in [0, 1) (1 would never flag), got {opts.threshold}")
+    sign_key = None
+    if opts.sign_key is not None:                  # before any long work: a bad key fails at once
+        from safeclip.runtime.signing import load_signing_key
+        sign_key = load_signing_key(opts.sign_key)
     from .targets import target as target_preset
     tgt = target_preset(opts.target)
     if opts.max_batch is not None:
@@ -270,6 +291,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
                                              precision=tgt.precision, release=True, progress=progress)
         parity = [vparity]
         graphs = {"vision_gate": vgraph}
+        progress("recording the gate's self-test answers (runtime/selftest.py)")
+        self_test = gate_self_test(tmp, vgraph)
         extra: dict = {}
         if opts.with_decoder:
             from .decoder import export_decoder
@@ -326,6 +349,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
                                 "source": dset.source, "description": dset.description,
                                 "sentences": {c: list(s) for c, s in zip(dset.classes, dset.sentences)}},
                 "history": [],
+                "self_test": self_test,
             },
             "tokenizer": tok_entry,
             "prompt": prompt,
@@ -336,7 +360,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
                       "plan": build_plan(tgt, graphs, extra.get("model", {}), preprocess, opts.max_batch),
                       "engines": {}},
         }
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, sign_key=sign_key)
         _swap_into_place(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

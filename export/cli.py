@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "with safeclip-build), datacenter (fp16, engines built now when TensorRT is present)")
     out.add_argument("--out", type=Path, default=None, help="bundle folder (default: engines/<name>)")
     out.add_argument("--no-decoder", action="store_true", help="export the vision+gate graph only")
+    out.add_argument("--sign-key", type=Path, default=None, metavar="KEY.pem",
+                     help="sign the bundle with this Ed25519 private key (openssl genpkey -algorithm ed25519); "
+                          "devices that trust its public key (SAFECLIP_TRUSTED_KEYS, --trusted-key) refuse anything "
+                          "else")
     out.add_argument("--max-batch", type=int, default=None, help="jetson/datacenter: the most sequences one batched "
                      "decode step takes in the TensorRT engine (its decode profile; default: jetson 4, "
                      "datacenter 16; 1 = none); safeclip-serve --max-batch runs at most this")
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                                              weights=args.weights, block_size=args.block_size,
                                              max_batch=args.max_batch,
                                              symmetric=not args.zero_point, quant_method=args.quant_method,
-                                             quantize_lm_head=args.quantize_lm_head),
+                                             quantize_lm_head=args.quantize_lm_head, sign_key=args.sign_key),
                                progress=progress)
     except KeyboardInterrupt:
         print("safeclip-export: interrupted; nothing was written", file=sys.stderr)
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "datacenter":          # build TensorRT engines at once where TensorRT and a GPU are here
         try:
             from safeclip.runtime.build import maybe_build_engines
-            outcome = maybe_build_engines(report.bundle, progress)
+            outcome = maybe_build_engines(report.bundle, progress, sign_key=args.sign_key)
             print(f"engines {outcome.message}", file=sys.stderr)
         except Exception as e:
             print(f"safeclip-export: error: engine build failed (the ONNX bundle is complete): {one_line(e)}",

@@ -18,6 +18,14 @@ name, compute capability, precision, profiles, size and sha256; the plan files j
 manifest is re-sealed atomically. An engine whose record matches this device, the graph and the build
 settings (``cache_key``) is kept unless ``--force``.
 
+Signed bundles (``signing.py``): rewriting the manifest invalidates the publisher's signature, so a signed bundle
+is built only with ``--sign-key DEVICE.pem``, a device key whose public half the device trusts (in
+``SAFECLIP_TRUSTED_KEYS`` beside the publisher's). The chain of trust: ``safeclip-build`` first verifies the
+publisher's signature against the trusted keys (with ``--trusted-key`` or ``SAFECLIP_TRUSTED_KEYS`` set), and every
+input file's hash; it then adds the plans, re-signs the whole manifest with the device key and records the
+publisher's key id in ``build.signed_from``. The device key vouches only for what this device built on top of what
+the publisher signed; keep it readable only by the user who builds (``chmod 600``).
+
 Plans are built under temporary names and moved into place together just before the manifest is
 rewritten; a crash in that instant leaves plans that do not match the manifest, which loading reports
 and a re-run of ``safeclip-build`` repairs.
@@ -39,6 +47,7 @@ from .backends.base import BackendError
 from .backends.ort import OrtDecoder, make_session
 from .manifest import BundleError, Manifest, load_manifest, sha256_file, verify_files, write_manifest
 from .messages import one_line
+from .signing import TRUSTED_KEY_HELP
 from .tolerances import engine_tolerance
 
 GRAPH_PRECISION = {"float16": "strongly_typed", "float32": "strongly_typed"}
@@ -143,7 +152,7 @@ def engine_parity(name: str, plan_path: Path, manifest: dict, root: Path, device
 def build_engines(bundle: str | Path, *, timing_cache: str | Path | None = None, force: bool = False,
                   parity: bool = True, progress: Callable[[str], None] = lambda s: None,
                   build_engine: Callable | None = None, device: dict | None = None,
-                  check_parity: Callable | None = None) -> BuildReport:
+                  check_parity: Callable | None = None, sign_key=None, trusted_keys=None) -> BuildReport:
     """Build every planned engine of ``bundle`` on this device and re-seal its manifest (module docstring).
 
     ``build_engine`` (default ``trt_build.engine_from_onnx``), ``device`` (default
@@ -151,8 +160,14 @@ def build_engines(bundle: str | Path, *, timing_cache: str | Path | None = None,
     parameters so the bookkeeping can be tested without a GPU.
     """
     t0 = time.perf_counter()
-    m = load_manifest(bundle, verify=False)                       # integrity and schema now, files below
+    m = load_manifest(bundle, verify=False, trusted_keys=trusted_keys)   # integrity, signature, schema; files below
     root, data = m.root, dict(m.data)
+    if sign_key is not None:
+        from .signing import load_signing_key
+        sign_key = sign_key if hasattr(sign_key, "private") else load_signing_key(sign_key)
+    elif m.signed_by:
+        raise BuildError(f"{root}: the bundle is signed and adding engines rewrites its manifest: give --sign-key "
+                         "DEVICE_KEY.pem (a key this device trusts) to re-sign it")
     build = dict(data.get("build") or {})
     plan = build.get("plan") or {}
     plans = {f"{g}.plan" for g in plan}
@@ -214,7 +229,9 @@ def build_engines(bundle: str | Path, *, timing_cache: str | Path | None = None,
             tmp.unlink(missing_ok=True)
     if report.built:
         data["files"], data["build"] = files, {**build, "engines": engines}
-        write_manifest(root, data)
+        if m.signed_by:
+            data["build"]["signed_from"] = m.signed_by             # the publisher key the device key builds on
+        write_manifest(root, data, sign_key=sign_key)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -252,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT timing cache file: read if present, written after the build (speeds up rebuilds)")
     p.add_argument("--force", action="store_true", help="rebuild engines even when they are up to date")
     p.add_argument("--no-parity", action="store_true", help="skip the engine vs ONNX Runtime check")
+    p.add_argument("--sign-key", type=Path, default=None, metavar="DEVICE_KEY.pem",
+                   help="re-sign the manifest with this Ed25519 key after adding engines (needed for signed bundles)")
+    p.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PEM",
+                   help=TRUSTED_KEY_HELP)
     return p
 
 
@@ -264,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = build_engines(args.bundle, timing_cache=args.timing_cache, force=args.force,
-                               parity=not args.no_parity, progress=progress)
+                               parity=not args.no_parity, progress=progress, sign_key=args.sign_key,
+                               trusted_keys=args.trusted_key)
     except KeyboardInterrupt:
         print("safeclip-build: interrupted; the manifest was not changed", file=sys.stderr)
         return 130

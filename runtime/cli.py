@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .messages import one_line
+from .signing import TRUSTED_KEY_HELP
 from .scan import IMAGE_EXTS, iter_images  # noqa: F401  (they live in scan.py; re-exported here)
 
 
@@ -32,6 +33,7 @@ def scan_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="with --labels: write the DSR/FPR threshold sweep as a PNG")
     p.add_argument("--threshold", type=float, help="override the bundle's threshold for this scan")
     p.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
+    p.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PEM", help=TRUSTED_KEY_HELP)
     o = p.add_argument_group("output (scan_out: resumable, each image once, OUT appears only when complete)")
     o.add_argument("--output", metavar="OUT", help="write Parquet rows: OUT.parquet = one file, else a folder of "
                    "parts; an interrupted job run again resumes")
@@ -74,6 +76,9 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--descriptors-out", type=Path, help="also write the descriptor set with this threshold as "
                                                         "its default_threshold to FILE")
     p.add_argument("--dry-run", action="store_true", help="print the choice, change nothing")
+    p.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PEM", help=TRUSTED_KEY_HELP)
+    p.add_argument("--sign-key", type=Path, default=None, metavar="KEY.pem",
+                   help="re-sign the manifest with this Ed25519 key (needed to change a signed bundle)")
     return p
 
 
@@ -106,18 +111,28 @@ def calibrate_main(argv: list[str] | None = None) -> int:
 
     pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"
     try:
-        pipe = Pipeline.load(args.bundle)
+        if args.sign_key is not None:
+            from .signing import load_signing_key
+            args.sign_key = load_signing_key(args.sign_key)           # a bad key fails before any gating
+        pipe = Pipeline.load(args.bundle, trusted_keys=args.trusted_key)
+        if pipe.manifest.signed_by and args.sign_key is None and not args.dry_run:
+            raise ValueError("the bundle is signed and a new threshold rewrites its manifest: give --sign-key KEY.pem "
+                             "(a key the devices trust) to re-sign it, or --dry-run")
         labels = read_labels(args.labels, pipe.classes, pipe.safe_classes)
         choice, before = _calibrated(pipe, labels, args.max_fpr)
         alt = None
         if args.compare:
-            other = Pipeline.load(args.compare)
+            other = Pipeline.load(args.compare, trusted_keys=args.trusted_key)
             alt = (other.manifest.gate_config.variant, *_calibrated(other, read_labels(
                 args.labels, other.classes, other.safe_classes), args.max_fpr))
     except (BundleError, LabelsError, CalibrationError, RuntimeError, ValueError, OSError) as e:
         print(f"safeclip-calibrate: error: {one_line(e)}", file=sys.stderr)
         return 2
     old = pipe.threshold
+    if choice["threshold"] >= 1.0:       # the rule is p > threshold: a bundle with 1 would never flag (and not load)
+        print(f"safeclip-calibrate: error: no threshold below 1 catches any labelled toxic image within FPR "
+              f"{pct(args.max_fpr)}: the gate would never flag; nothing written", file=sys.stderr)
+        return 2
     variant = pipe.manifest.gate_config.variant
     print(f"gate {variant}: {choice['n_toxic']} toxic / {choice['n_safe']} safe labelled images")
     print(f"  current threshold {old:g}: DSR {pct(before['dsr'])}, FPR {pct(before['fpr'])}")
@@ -134,7 +149,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     import datetime
     import hashlib
 
-    m = load_manifest(args.bundle)         # re-verify right before writing
+    m = load_manifest(args.bundle, trusted_keys=args.trusted_key)         # re-verify right before writing
     data = dict(m.data)
     gate = dict(data["gate"])
     gate["history"] = list(gate.get("history", [])) + [{
@@ -144,7 +159,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         "n_safe": choice["n_safe"], "n_toxic": choice["n_toxic"], "dsr": choice["dsr"], "fpr": choice["fpr"]}]
     gate["threshold"] = float(choice["threshold"])
     data["gate"] = gate
-    write_manifest(args.bundle, data)
+    write_manifest(args.bundle, data, sign_key=args.sign_key)
     print(f"wrote threshold {old:g} -> {choice['threshold']:.6g} into {args.bundle / 'manifest.json'}")
     if args.descriptors_out:
         from safeclip.descriptors import DescriptorSet

@@ -145,9 +145,15 @@ class GateConfig:
             raise ContractError("gate.classes must list at least two class names")
         if not isinstance(safe, list) or not safe or any(s not in classes for s in safe):
             raise ContractError("gate.safe_classes must name classes of gate.classes")
+        if len(set(classes)) != len(classes):
+            raise ContractError("gate.classes names a class twice")
+        if set(safe) >= set(classes):              # every class safe: nothing could ever be flagged
+            raise ContractError("gate.safe_classes covers every class: the gate could never flag an image")
         t = gate.get("threshold")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-            raise ContractError(f"gate.threshold must be a number in [0, 1], got {t!r}")
+        # the rule is p > threshold with p <= 1: a threshold of 1 (or more) never fires, so it is refused
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
+            raise ContractError(f"gate.threshold must be a number in [0, 1), got {t!r} "
+                                "(the gate flags p > threshold: 1 would never fire)")
         policy, views = gate.get("policy", "instruct"), gate.get("views", "any")
         if policy not in POLICIES:
             raise ContractError(f"gate.policy '{policy}' is not one of {', '.join(POLICIES)}")

@@ -1,16 +1,26 @@
-"""The bundle manifest: schema, integrity, file verification. Written once here; the exporter imports it.
+"""The bundle manifest: schema, integrity, signature, file verification. Written once here; the exporter imports it.
 
 A bundle is a folder holding ``manifest.json`` and the files it lists. Loading verifies, and refuses with
 a one-line :class:`BundleError`:
 
+* ``manifest.json`` is a regular file inside the bundle (a FIFO, a device or a symlink leading out of the
+  folder is refused without blocking), of at most 64 MiB;
 * the schema version is one this runtime knows;
 * the manifest's own ``integrity`` digest (sha256 of its canonical JSON without that field) matches, so an
-  edited threshold, class list or policy is caught;
-* every listed file exists with the recorded size and sha256 (large files may be checked through a cache
-  keyed on path, size, mtime and inode; ``full_verify=True`` or ``SAFECLIP_VERIFY=full`` hashes all);
-* the gate section is complete and consistent with the vision graph's declared outputs, and every typed
-  view of ``contract.py`` builds: gate policy and view mode are known ones, the graphs' tensor names and
-  the KV layout name declared tensors, the model facts generation needs are there.
+  edited threshold, class list or policy is caught -- by accident only: anyone can recompute it;
+* with trusted keys (``$SAFECLIP_TRUSTED_KEYS``, ``trusted_keys=``; ``signing.py``), an Ed25519 signature by one
+  of them over the manifest: this is what stops a deliberate edit (unsigned or badly signed: refused);
+* gate sanity, signed or not: threshold in [0, 1) (the rule is ``p > threshold``, so 1 never fires), at least one
+  unsafe class, a class list as wide as the vision graph's gate output;
+* every file the runtime opens (graphs and their data, tokenizer, embedding table, anyres newline, engine plans)
+  is listed in ``files`` with its size and sha256, by a plain relative name that stays inside the bundle;
+* every listed file is a regular file inside the bundle with the recorded size and sha256 (large files may be
+  checked through the HMAC'd cache of ``verify_cache.py``; ``full_verify=True`` or ``SAFECLIP_VERIFY=full``
+  hashes all);
+* every typed view of ``contract.py`` builds: gate policy and view mode are known ones, the graphs' tensor
+  names and the KV layout name declared tensors, the model facts generation needs are there.
+
+``Pipeline.load`` then runs the gate's known-answer self-test (``selftest.py``) on the opened backend.
 
 The runtime reads a manifest only through :class:`Manifest`'s typed properties (``vision``, ``decoder``,
 ``gate_config``, ``model_facts``, ``files``, ``engines``, ...); ``data`` stays for the tools that rewrite
@@ -21,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,15 +41,19 @@ from typing import Any
 from .backends.base import DecoderNames, VisionNames
 from .contract import (ContractError, DecoderGraph, GateConfig, ModelFacts, VisionGraph, WeightQuantization,
                        matmulnbits_available)
+from .signing import SigningError, TrustedKeys, load_signing_key, sign, trusted_keys
+from .verify_cache import VerifyCache
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 GATE_OUTPUT = VisionNames.class_probs            # the default names (bundles name their own: graphs.*.names)
 FEATURES_OUTPUT = VisionNames.image_features
 CACHE_MIN_BYTES = 16 << 20          # files at least this big may be verified through the cache
+MAX_MANIFEST_BYTES = 64 << 20
 
 __all__ = ["BundleError", "Manifest", "DecoderNames", "VisionNames", "load_manifest", "write_manifest", "sha256_file", "integrity_of",
-           "SCHEMA_VERSION", "MANIFEST", "GATE_OUTPUT", "FEATURES_OUTPUT", "atomic_write_text", "atomic_write_bytes"]
+           "SCHEMA_VERSION", "MANIFEST", "GATE_OUTPUT", "FEATURES_OUTPUT", "atomic_write_text", "atomic_write_bytes",
+           "signing_payload", "open_in_bundle", "referenced_files"]
 
 
 class BundleError(Exception):
@@ -53,12 +68,49 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _sha256_fd(fd: int, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while block := os.read(fd, chunk):
+        h.update(block)
+    return h.hexdigest()
+
+
+def open_in_bundle(root: Path, name: str) -> tuple[int, os.stat_result]:
+    """(fd, fstat) of bundle file ``name``, read-only: a plain relative name whose real path stays inside the
+    bundle's real path, opened with O_NONBLOCK (a FIFO is not waited on) and refused unless it is a regular file.
+    Raises BundleError; the caller closes the fd."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise BundleError(f"manifest: file name {name!r} leaves the bundle")
+    top = os.path.realpath(root)
+    path = os.path.join(top, name)
+    real = os.path.realpath(path)
+    if os.path.commonpath([top, real]) != top:
+        raise BundleError(f"{root}: '{name}' is a link leading out of the bundle")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise BundleError(f"bundle is incomplete: '{name}' is missing") from None
+    except OSError as e:
+        raise BundleError(f"{root}: cannot open '{name}' ({e.strerror or type(e).__name__})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise BundleError(f"{root}: '{name}' is not a regular file")
+    return fd, st
+
+
 def _canonical(d: dict) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def integrity_of(manifest: dict) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "integrity"})).hexdigest()
+
+
+def signing_payload(manifest: dict) -> bytes:
+    """What a bundle signature covers: the canonical manifest without ``integrity`` and ``signature``."""
+    return _canonical({k: v for k, v in manifest.items() if k not in ("integrity", "signature")})
 
 
 def atomic_write_bytes(path: str | Path, data) -> None:
@@ -86,10 +138,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_manifest(bundle_dir: Path, manifest: dict) -> dict:
-    """Seal (integrity digest) and write ``manifest.json`` atomically; returns the sealed dict."""
+def write_manifest(bundle_dir: Path, manifest: dict, sign_key=None) -> dict:
+    """Seal (integrity digest) and write ``manifest.json`` atomically; returns the sealed dict. ``sign_key`` (a
+    PEM path or a loaded ``signing.SigningKey``) signs it; without one, any old signature is dropped (it would
+    not match the new content)."""
     manifest = dict(manifest)
+    manifest.pop("signature", None)
     manifest["schema_version"] = manifest.get("schema_version", SCHEMA_VERSION)
+    if sign_key is not None:
+        if not hasattr(sign_key, "private"):
+            sign_key = load_signing_key(sign_key)
+        manifest["signature"] = sign(signing_payload(manifest), sign_key)
     manifest["integrity"] = integrity_of(manifest)
     atomic_write_text(Path(bundle_dir) / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
@@ -201,6 +260,12 @@ class Manifest:
     def created(self) -> Any:
         return self.data.get("created")
 
+    @property
+    def signed_by(self) -> str | None:
+        """The key id of the bundle's signature (verified against the trusted keys when any were set)."""
+        sig = self.data.get("signature")
+        return sig.get("key_id") if isinstance(sig, dict) else None
+
     def file_bytes(self, names) -> int:
         """Bytes on disk of the named bundle files (a graph and its external data, say)."""
         return sum(self.path(f).stat().st_size for f in names if f)
@@ -234,88 +299,107 @@ def _check_gate(m: dict) -> None:
         raise BundleError("vision_gate graph's class_probs width differs from gate.classes")
 
 
-class _VerifyCache:
-    """sha256 results keyed on (realpath, size, mtime_ns, inode): a file unchanged on disk is not rehashed."""
+def referenced_files(m: dict) -> list[tuple[str, str]]:
+    """(where, name) of every bundle file the runtime opens by a name the manifest gives."""
+    out = []
+    for gname, g in (m.get("graphs") or {}).items():
+        if isinstance(g, dict):
+            out += [(f"graphs.{gname}.{k}", g[k]) for k in ("file", "data", "image_newline") if g.get(k)]
+    for section in ("tokenizer", "embeddings"):
+        if isinstance(m.get(section), dict) and "file" in m[section]:
+            out.append((f"{section}.file", m[section]["file"]))
+    engines = ((m.get("build") or {}).get("engines") or {}) if isinstance(m.get("build"), dict) else {}
+    for gname, rec in engines.items() if isinstance(engines, dict) else ():
+        if isinstance(rec, dict) and rec.get("file"):
+            out.append((f"build.engines.{gname}.file", rec["file"]))
+    return out
 
-    def __init__(self) -> None:
-        base = os.environ.get("SAFECLIP_CACHE_DIR") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "safeclip")
-        self.path = Path(base) / "verified.json"
-        try:
-            self.entries = json.loads(self.path.read_text())
-            if not isinstance(self.entries, dict):
-                self.entries = {}
-        except (OSError, ValueError):
-            self.entries = {}
-        self.dirty = False
 
-    @staticmethod
-    def key(p: Path, st: os.stat_result) -> str:
-        return f"{os.path.realpath(p)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-
-    def get(self, p: Path, st: os.stat_result) -> str | None:
-        return self.entries.get(self.key(p, st))
-
-    def put(self, p: Path, st: os.stat_result, digest: str) -> None:
-        self.entries[self.key(p, st)] = digest
-        self.dirty = True
-
-    def save(self) -> None:
-        if not self.dirty:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps(self.entries))
-        except OSError:
-            pass                     # a read-only home only costs a re-hash next time
+def _check_referenced(m: dict) -> None:
+    files = m["files"]
+    for where, name in referenced_files(m):
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"manifest: {where} {name!r} leaves the bundle")
+        if name not in files:
+            raise BundleError(f"manifest: {where} '{name}' is not hashed in files")
 
 
 def verify_files(root: Path, files: dict, full_verify: bool = False) -> dict[str, bool]:
-    """Check size and sha256 of every listed file; returns {name: came_from_cache}."""
+    """Check size and sha256 of every listed file (each a regular file inside the bundle, opened once and hashed
+    through that descriptor); returns {name: came_from_cache}."""
     if not isinstance(files, dict) or not files:
         raise BundleError("manifest lists no files")
     full_verify = full_verify or os.environ.get("SAFECLIP_VERIFY", "").lower() == "full"
-    cache = None if full_verify else _VerifyCache()
+    cache = None if full_verify else VerifyCache()
     cached: dict[str, bool] = {}
     for name, entry in files.items():
         _require(entry, ["sha256", "size"], f"files.{name}")
-        p = root / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"manifest: file name '{name}' leaves the bundle")
+        fd, st = open_in_bundle(root, name)
         try:
-            st = p.stat()
-        except OSError:
-            raise BundleError(f"bundle is incomplete: '{name}' is missing") from None
-        if st.st_size != entry["size"]:
-            raise BundleError(f"bundle is tampered or truncated: '{name}' is {st.st_size} bytes, "
-                              f"manifest says {entry['size']}")
-        digest = cache.get(p, st) if (cache and st.st_size >= CACHE_MIN_BYTES) else None
-        cached[name] = digest is not None
-        if digest is None:
-            digest = sha256_file(p)
-            if cache and st.st_size >= CACHE_MIN_BYTES and digest == entry["sha256"]:
-                cache.put(p, st, digest)
+            if st.st_size != entry["size"]:
+                raise BundleError(f"bundle is tampered or truncated: '{name}' is {st.st_size} bytes, "
+                                  f"manifest says {entry['size']}")
+            use = cache is not None and st.st_size >= CACHE_MIN_BYTES
+            p = root / name
+            digest = cache.get(p, st) if use else None
+            cached[name] = digest is not None
+            if digest is None:
+                try:
+                    digest = _sha256_fd(fd)
+                except OSError as e:
+                    raise BundleError(f"{root}: cannot read '{name}' ({e.strerror or type(e).__name__})") from None
+                if use and digest == entry["sha256"] and _same(st, os.fstat(fd)):
+                    cache.put(p, st, digest)
+        finally:
+            os.close(fd)
         if digest != entry["sha256"]:
             raise BundleError(f"bundle is tampered: sha256 of '{name}' does not match the manifest")
     if cache:
-        cache.save()
+        cache.save(atomic_write_text)
     return cached
 
 
-def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: bool = True) -> Manifest:
-    """Read and verify a bundle's manifest and files. Raises :class:`BundleError` with a one-line reason."""
-    root = Path(bundle_dir)
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    """Unchanged while it was hashed (size, mtime, ctime): only then may the digest be cached."""
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
+def _read_manifest(root: Path) -> dict:
     mpath = root / MANIFEST
-    if not root.is_dir():
-        raise BundleError(f"{root}: no such bundle folder")
+    if not os.path.lexists(mpath):
+        raise BundleError(f"{root}: not a bundle (no {MANIFEST})")
+    fd, st = open_in_bundle(root, MANIFEST)
     try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{root}: not a bundle (no {MANIFEST})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{mpath}: {st.st_size} bytes is too big for a manifest")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        m = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BundleError(f"{mpath}: unreadable manifest ({type(e).__name__})") from None
+    finally:
+        os.close(fd)
     if not isinstance(m, dict):
         raise BundleError(f"{mpath}: manifest is not a JSON object")
+    return m
+
+
+def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: bool = True,
+                  trusted_keys: "TrustedKeys | list | str | Path | None" = None) -> Manifest:
+    """Read and verify a bundle's manifest and files. Raises :class:`BundleError` with a one-line reason.
+    ``trusted_keys`` (PEM paths or a ``signing.TrustedKeys``) adds to ``$SAFECLIP_TRUSTED_KEYS``: with any
+    trusted key, the manifest must be signed by one of them."""
+    try:
+        return _load_manifest(Path(bundle_dir), full_verify, verify, trusted_keys)
+    except RecursionError:          # JSON nested just under the parser's limit, then walked deeper (digest, views)
+        raise BundleError(f"{bundle_dir}: manifest nests too deeply (RecursionError)") from None
+
+
+def _load_manifest(root: Path, full_verify: bool, verify: bool, trusted_keys) -> Manifest:
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle folder")
+    mpath = root / MANIFEST
+    m = _read_manifest(root)
     sv = m.get("schema_version")
     if sv != SCHEMA_VERSION:
         raise BundleError(f"{mpath}: unknown schema version {sv!r} (this runtime reads {SCHEMA_VERSION}); "
@@ -323,13 +407,19 @@ def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: boo
     if m.get("integrity") != integrity_of(m):
         raise BundleError(f"{mpath}: manifest integrity check failed (edited by hand or corrupted); "
                           "use safeclip-calibrate to change thresholds")
+    try:
+        keys = _trusted(trusted_keys)
+        if keys is not None:
+            keys.verify(signing_payload(m), m.get("signature"))
+    except SigningError as e:
+        raise BundleError(f"{mpath}: {e}") from None
     _check_gate(m)
     _require(m, ["name", "target", "files", "graphs", "preprocess"], "manifest")
+    if not isinstance(m["files"], dict):
+        raise BundleError("manifest: 'files' must be an object")
     for gname, g in m["graphs"].items():
         _require(g, ["file", "inputs", "outputs"], f"graphs.{gname}")
-        for f in [g["file"], *([g["data"]] if g.get("data") else [])]:
-            if f not in m["files"]:
-                raise BundleError(f"manifest: graph '{gname}' file '{f}' is not hashed in files")
+    _check_referenced(m)
     manifest = Manifest(root=root, data=m)
     for view in ("vision", "gate_config",
                  *(("decoder", "model_facts", "decoder_quantization") if "decoder" in m["graphs"] else ())):
@@ -337,3 +427,7 @@ def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: boo
     if verify:
         verify_files(root, m["files"], full_verify=full_verify)
     return manifest
+
+
+def _trusted(given) -> TrustedKeys | None:
+    return trusted_keys(given)

@@ -7,8 +7,10 @@
         print(piece, end="")
     s.result                                                      # the Answer, once the stream is done
 
-Loading verifies the manifest and every file (see ``manifest.py``) and then checks that the vision graph
-really emits the gate output with one probability per manifest class; anything else refuses to serve.
+Loading verifies the manifest and every file (see ``manifest.py``; with trusted keys, its signature), then
+checks that the vision graph really emits the gate output with one probability per manifest class and runs
+the gate's known-answer self-test on the session that will serve (``selftest.py``); anything else refuses to
+serve.
 
 Policies for a flagged image (default from the manifest; a call's ``policy=`` overrides it; the server fixes one):
 ``instruct`` inserts the safety instruction right after the image, before the user's text (a clean image
@@ -114,13 +116,24 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, backend: str = "auto", full_verify: bool = False,
-             threads: int | None = None, context: int | None = None, language_model: bool = True) -> "Pipeline":
+             threads: int | None = None, context: int | None = None, language_model: bool = True,
+             trusted_keys=None) -> "Pipeline":
         """Verify and open a bundle. ``context`` caps the KV cache (default: the model's context length).
         ``language_model=False`` opens the vision+gate graph only (``safeclip-scan``): the decoder, tokenizer
-        and embedding table are never loaded, and ``stream``/``generate`` raise ``GenerationUnavailable``."""
+        and embedding table are never loaded, and ``stream``/``generate`` raise ``GenerationUnavailable``.
+        ``trusted_keys`` (PEM paths, or a ``signing.TrustedKeys``) adds to ``$SAFECLIP_TRUSTED_KEYS``: with any
+        trusted key the bundle must be signed by one (``manifest.load_manifest``). The gate's known-answer
+        self-test (``selftest.py``) runs on the opened vision session before anything is served."""
+        try:
+            return cls._load(bundle_dir, backend, full_verify, threads, context, language_model, trusted_keys)
+        except (RecursionError, PermissionError) as e:   # a hostile manifest or folder: still one line
+            raise BundleError(f"{bundle_dir}: cannot load bundle ({type(e).__name__}: {one_line(e)})") from None
+
+    @classmethod
+    def _load(cls, bundle_dir, backend, full_verify, threads, context, language_model, trusted_keys) -> "Pipeline":
         from .backends.pick import choose_backend, open_vision
 
-        m = load_manifest(bundle_dir, full_verify=full_verify)
+        m = load_manifest(bundle_dir, full_verify=full_verify, trusted_keys=trusted_keys)
         choice = choose_backend(m, backend)          # choice.notes: why faster backends were passed over
         vision = open_vision(m, choice.name, threads)
         names, n_classes = m.vision.names, len(m.gate_config.classes)
@@ -130,6 +143,7 @@ class Pipeline:
         if shape[-1] != n_classes:
             raise BundleError(f"{m.root}: vision graph's gate width {shape[-1]} differs from the manifest's "
                               f"{n_classes} classes")
+        _self_test(m, vision)
         if context is None:            # the export target's default KV capacity (same for every backend)
             context = m.default_context
         lm = (_load_language_model(m, choice.name, context, threads)
@@ -294,6 +308,25 @@ class Pipeline:
         for _ in s:
             pass
         return s.result
+
+
+def _self_test(m: Manifest, vision) -> None:
+    """The gate's known-answer test on the session that will serve (``selftest.py``); refuses on a mismatch."""
+    from .selftest import SelfTestError, check
+
+    names = m.vision.names
+    size = m.vision.inputs[names.pixel_values].shape[-1]
+
+    def run(pv: np.ndarray):                                      # pixel_values [1, 3, S, S]
+        out = vision.run({names.pixel_values: pv})
+        return out[names.image_features], out[names.class_probs]
+
+    try:
+        if not isinstance(size, int):
+            raise SelfTestError(f"the vision graph's input size {size!r} is not fixed")
+        check(m.gate.get("self_test"), run, size)
+    except SelfTestError as e:
+        raise BundleError(f"{m.root}: {e}") from None
 
 
 def _load_language_model(m: Manifest, backend: str, context: int | None, threads: int | None) -> _LanguageModel:

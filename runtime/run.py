@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .gate import POLICIES
 from .messages import one_line
+from .signing import TRUSTED_KEY_HELP
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def run_parser() -> argparse.ArgumentParser:
     o.add_argument("--backend", default="auto", help="auto (default: tensorrt, then onnxruntime-cuda, then "
                    "onnxruntime-cpu), tensorrt, onnxruntime-cuda or onnxruntime-cpu")
     o.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
+    o.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PEM", help=TRUSTED_KEY_HELP)
     return p
 
 
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import Pipeline
 
     try:
-        pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify, context=args.context)
+        pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify, context=args.context,
+                             trusted_keys=args.trusted_key)
         stream = pipe.stream(str(args.image) if args.image else None, args.prompt, policy=args.policy,
                              instruction=args.instruction, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -56,13 +56,13 @@ def run_scan(args) -> int:
         return _err("--cpus-per-worker must be positive and --gpus-per-worker not negative")
     try:
         if args.ray:
-            m = load_manifest(args.bundle, full_verify=args.full_verify)
+            m = load_manifest(args.bundle, full_verify=args.full_verify, trusted_keys=args.trusted_key)
             g = m.gate_config
             gate = pipe = GateInfo(m, list(g.classes), list(g.safe_classes), g.threshold)
         else:
             from .pipeline import Pipeline
             pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify,
-                                 threads=args.threads, language_model=False)
+                                 threads=args.threads, language_model=False, trusted_keys=args.trusted_key)
             gate = pipe
     except (BundleError, OSError, RuntimeError) as e:
         return _err(one_line(e))
@@ -160,13 +160,15 @@ def _scan_local(args, pipe, items: list, out) -> None:
 
 def _scan_ray(args, gate, items: list, out) -> None:
     from .scan_ray import ray_rows
+    from .signing import trusted_keys                # read here; the actors get the keys, not paths
 
     buf = []
     try:
         for rows in ray_rows(args.bundle, items, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                              gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size,
                              threshold=args.threshold, backend=args.backend, address=args.ray_address,
-                             allow_private_hosts=args.allow_private_hosts):
+                             allow_private_hosts=args.allow_private_hosts,
+                             trusted_keys=trusted_keys(args.trusted_key)):
             buf.extend(rows)
             if len(buf) >= args.part_rows:
                 out.write(buf)

@@ -29,11 +29,12 @@ class GateWorker:
     """A Ray Data actor: one vision+gate session, ``__call__(items: pyarrow.Table) -> rows: pyarrow.Table``."""
 
     def __init__(self, bundle: str, threshold: float | None = None, threads: int | None = None,
-                 backend: str = "auto", allow_private_hosts: bool = False):
+                 backend: str = "auto", allow_private_hosts: bool = False, trusted_keys=None):
         from .pipeline import Pipeline
         from .scan import ItemReader
 
-        self.pipe = Pipeline.load(bundle, backend=backend, threads=threads, language_model=False)
+        self.pipe = Pipeline.load(bundle, backend=backend, threads=threads, language_model=False,
+                                  trusted_keys=trusted_keys)
         if threshold is not None:
             self.pipe.threshold = threshold
         self.reader = ItemReader(allow_private_hosts)
@@ -51,7 +52,7 @@ class GateWorker:
 def ray_rows(bundle: str | Path, items: list[dict], *, workers: int = 1, cpus_per_worker: float = 1.0,
              gpus_per_worker: float = 0.0, batch_size: int = 16, threshold: float | None = None,
              backend: str = "auto", address: str | None = None, allow_private_hosts: bool = False,
-             progress: bool = False, worker: type = GateWorker):
+             progress: bool = False, worker: type = GateWorker, trusted_keys=None):
     """Yield lists of result rows (``scan_out.make_row`` dicts) for ``items``, gated on Ray. ``worker``: the
     actor class (a ``GateWorker`` subclass; ``scripts/bench_scan.py`` times batches with one)."""
     try:
@@ -74,7 +75,8 @@ def ray_rows(bundle: str | Path, items: list[dict], *, workers: int = 1, cpus_pe
     ds = ds.map_batches(worker, batch_format="pyarrow", batch_size=batch_size,
                         fn_constructor_kwargs=dict(bundle=str(Path(bundle).resolve()), threshold=threshold,
                                                    threads=threads, backend=backend,
-                                                   allow_private_hosts=allow_private_hosts),
+                                                   allow_private_hosts=allow_private_hosts,
+                                                   trusted_keys=trusted_keys),
                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
                         num_gpus=gpus_per_worker or None)
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

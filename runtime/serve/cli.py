@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..gate import POLICIES
 from ..messages import one_line
+from ..signing import TRUSTED_KEY_HELP
 
 # --max-batch by export target (BENCHMARKS.md "Continuous batching"): cpu decodes up to 4 together (a step of 4
 # costs 1.3x a step of 1 at TinyLlama-1.1B shape: 3.1x the tokens/s; 8 give 4.7x at 1.7x the step, but twice
@@ -84,6 +85,7 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all)")
     m.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
     m.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
+    m.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PEM", help=TRUSTED_KEY_HELP)
     r = p.add_argument_group("ray (the [ray] extra; ray_app.py)")
     r.add_argument("--ray", action="store_true", help="serve N replicas behind Ray Serve instead of one process")
     r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify, threads=args.threads,
-                             context=args.context)
+                             context=args.context, trusted_keys=args.trusted_key)
         app = create_app(pipe, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2 ** 20),
                          max_pixels=args.max_pixels, max_queue=args.max_queue,
                          allow_remote_images=args.allow_remote_images, policy=args.policy,

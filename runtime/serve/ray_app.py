@@ -33,7 +33,7 @@ import inspect
 
 from ray import serve
 
-PIPELINE_KEYS = ("backend", "threads", "context")
+PIPELINE_KEYS = ("backend", "threads", "context", "trusted_keys")   # trusted_keys: PEM paths or a TrustedKeys
 DEPLOYMENT_KEYS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
                    "max_ongoing_requests", "cpus_per_replica", "gpus_per_replica")
 
@@ -185,7 +185,13 @@ def ray_main(a) -> int:
 
     from ..messages import one_line
 
-    args = {"bundle": str(a.bundle), "num_replicas": a.replicas, "min_replicas": a.min_replicas,
+    from ..signing import SigningError, trusted_keys
+    try:                                 # the driver reads the keys; replicas get the keys themselves, not paths
+        keys = trusted_keys(getattr(a, "trusted_key", None))
+    except SigningError as e:
+        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    args = {"bundle": str(a.bundle), "trusted_keys": keys, "num_replicas": a.replicas, "min_replicas": a.min_replicas,
             "max_replicas": a.max_replicas, "target_ongoing_requests": a.target_ongoing_requests,
             "max_ongoing_requests": a.max_ongoing_requests, "cpus_per_replica": a.cpus_per_replica,
             "gpus_per_replica": a.gpus_per_replica, "backend": a.backend, "threads": a.threads,
@@ -198,7 +204,7 @@ def ray_main(a) -> int:
     try:
         build_app(args)                              # option and bundle errors before Ray starts
         from ..manifest import load_manifest
-        if load_manifest(a.bundle).decoder is None:
+        if load_manifest(a.bundle, trusted_keys=keys).decoder is None:
             raise ValueError(f"{a.bundle}: bundle has no language model (exported with --no-decoder); "
                              "safeclip-serve needs one")
     except Exception as e:
