@@ -58,7 +58,7 @@ def test_backend_choice_and_safeclip_build_say_what_to_install(monkeypatch, caps
         choose_backend(m, "tensorrt", probe=OrtProbe())
     import safeclip.runtime.build as build_cli
     monkeypatch.setattr(build_cli, "load_manifest", lambda *a, **k: type("M", (), {
-        "root": tmp_path, "data": {"files": {}, "build": {"plan": {"decoder": {}}}}})())
+        "root": tmp_path, "signed_by": None, "data": {"files": {}, "build": {"plan": {"decoder": {}}}}})())
     monkeypatch.setattr(build_cli, "verify_files", lambda *a, **k: None)
     assert build_cli.main(["--bundle", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
