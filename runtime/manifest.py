@@ -306,6 +306,9 @@ def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: boo
     """Read and verify a bundle's manifest and files. Raises :class:`BundleError` with a one-line reason."""
     root = Path(bundle_dir)
     mpath = root / MANIFEST
+    if root.is_file():               # e.g. engines/demo/manifest.json: the bundle is the folder around it
+        raise BundleError(f"{root} is a file, not a bundle folder: give the folder that holds {MANIFEST} "
+                          f"({root.parent if root.name == MANIFEST else 'engines/<name>'})")
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle folder")
     try:

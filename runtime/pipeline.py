@@ -121,6 +121,11 @@ class Pipeline:
         from .backends.pick import choose_backend, open_vision
 
         m = load_manifest(bundle_dir, full_verify=full_verify)
+        if context is not None and m.decoder is not None and language_model \
+                and int(context) > m.model_facts.context_length:
+            # asked for explicitly: refused rather than silently cut to what the model's positions cover
+            raise ContextError(f"context {context} is more than the model's context length "
+                               f"{m.model_facts.context_length}: ask for at most that")
         choice = choose_backend(m, backend)          # choice.notes: why faster backends were passed over
         vision = open_vision(m, choice.name, threads)
         names, n_classes = m.vision.names, len(m.gate_config.classes)
