@@ -98,7 +98,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    "in Ray's queue (default %(default)d)")
     r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
     r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's log on stderr: start-up, access and error lines (default %(default)s)")
     return p
 
 
