@@ -115,7 +115,8 @@ class Pipeline:
     @classmethod
     def load(cls, bundle_dir: str | Path, backend: str = "auto", full_verify: bool = False,
              threads: int | None = None, context: int | None = None, language_model: bool = True) -> "Pipeline":
-        """Verify and open a bundle. ``context`` caps the KV cache (default: the model's context length).
+        """Verify and open a bundle. ``context`` caps the KV cache (default: the export target's, at most the
+        model's context length; an explicit one above the model's is refused with ``ContextError``).
         ``language_model=False`` opens the vision+gate graph only (``safeclip-scan``): the decoder, tokenizer
         and embedding table are never loaded, and ``stream``/``generate`` raise ``GenerationUnavailable``."""
         from .backends.pick import choose_backend, open_vision
