@@ -127,8 +127,9 @@ def _layout(d) -> dict:
         const box = (id) => { const r = document.getElementById(id).getBoundingClientRect();
                               return [r.left, r.top, r.right, r.bottom]; };
         const ids = ['question', 'ask-button', 'reset-button', 'answer-card', 'banner'];
-        const side = document.querySelector('.side');
+        const side = document.querySelector('.side'), main = document.querySelector('main');
         return {w: innerWidth, h: innerHeight, sw: document.documentElement.scrollWidth,
+                main_scrolls: main.scrollHeight - main.clientHeight > 1,
                 side_clipped: side.scrollHeight - side.clientHeight > 1 ? side.scrollHeight - side.clientHeight : 0,
                 sh: document.documentElement.scrollHeight, boxes: Object.fromEntries(ids.map((i) => [i, box(i)]))};""")
 
@@ -243,7 +244,7 @@ def test_kiosk_each_turn_once_and_the_controls_in_view(browser, bundle, test_ima
             assert d.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             w, h, boxes = lay["w"], lay["h"], lay["boxes"]
             assert lay["sw"] <= w and lay["sh"] <= h, lay              # the page itself never scrolls
-            assert not lay["side_clipped"], lay                          # picture and question: nothing cut
+            assert not lay["side_clipped"] and not lay["main_scrolls"], lay   # nothing cut, nothing to scroll
             for name in ("question", "ask-button", "reset-button", "banner"):
                 left, top, right, bottom = boxes[name]
                 assert right > left and bottom > top, (name, lay)
