@@ -63,7 +63,8 @@ def _check_args(a) -> str | None:
         return "--stream and --json cannot be combined (--json prints one object when the answer is complete)"
     sampling = [f for f, v in (("--top-k", a.top_k), ("--top-p", a.top_p), ("--seed", a.seed)) if v is not None]
     if sampling and a.temperature == 0:
-        return f"{', '.join(sampling)} only apply when sampling: add --temperature > 0 (0 is greedy)"
+        verb = "applies" if len(sampling) == 1 else "apply"
+        return f"{', '.join(sampling)} only {verb} when sampling: add --temperature > 0 (0 is greedy)"
     if a.instruction is not None and a.policy not in (None, "instruct"):
         return f"--instruction is the instruct policy's text; --policy {a.policy} would not use it"
     return None

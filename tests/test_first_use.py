@@ -32,7 +32,7 @@ def _one_error_line(err: str, prog: str) -> str:
     (["--stream", "--json"], "--stream and --json cannot be combined"),
     (["--policy", "refuse", "--instruction", "Be careful about {category}."], "--policy refuse would not use it"),
     (["--policy", "annotate", "--instruction", "x"], "--policy annotate would not use it"),
-    (["--top-k", "5"], "--top-k only apply when sampling: add --temperature > 0"),
+    (["--top-k", "5"], "--top-k only applies when sampling: add --temperature > 0"),
     (["--top-p", "0.9", "--seed", "3"], "--top-p, --seed only apply when sampling"),
 ])
 def test_run_refuses_options_it_would_ignore(controlled_bundle, test_images, capsys, extra, needle):
