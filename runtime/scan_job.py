@@ -36,7 +36,7 @@ class GateInfo:
 
 def _err(msg: str) -> int:
     print(f"safeclip-scan: error: {msg}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def _batches(items: list, n: int):
