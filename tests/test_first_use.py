@@ -42,6 +42,23 @@ def test_run_refuses_options_it_would_ignore(controlled_bundle, test_images, cap
     assert rc == 2 and out == "" and needle in _one_error_line(err, "safeclip-run")
 
 
+def test_run_refuses_an_instruction_the_bundles_own_policy_would_not_use(controlled_bundle, test_images, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    from safeclip.runtime.manifest import load_manifest, write_manifest
+    b = shutil.copytree(controlled_bundle, tmp_path / "refusing")
+    data = dict(load_manifest(b).data)
+    data["gate"] = {**data["gate"], "policy": "refuse"}
+    write_manifest(b, data)
+    argv = ["--bundle", str(b), "--image", str(test_images / "red.png"), "--prompt", "What?", "--instruction", "x"]
+    assert run_cli.main(argv) == 2
+    assert "this bundle's policy is refuse (add --policy instruct)" in _one_error_line(capsys.readouterr().err,
+                                                                                        "safeclip-run")
+    assert run_cli.main(argv + ["--policy", "instruct", "--max-new-tokens", "2"]) == 0       # then it is used
+    assert "[gate: flagged gun (" in capsys.readouterr().err
+
+
 def test_run_sampling_options_with_temperature_are_taken(controlled_bundle, capsys):
     argv = ["--bundle", str(controlled_bundle), "--prompt", "Hi", "--max-new-tokens", "6", "--temperature", "1.5",
             "--top-k", "50", "--seed", "7", "--json"]
