@@ -49,6 +49,17 @@ class Progress:
             self.stream.write(self.line(now) + "\n")
             self.stream.flush()
 
+    def write(self, text: str, file=None) -> None:
+        """A result line for stdout: with a bar on the terminal, tqdm lifts the bar off, prints and redraws it,
+        so JSON lines and the bar never share a line."""
+        file = file if file is not None else sys.stdout
+        if self.bar is not None:
+            from tqdm import tqdm
+            tqdm.write(text, file=file)
+        else:
+            file.write(text + "\n")
+        file.flush()
+
     def line(self, now: float | None = None) -> str:
         dt = max((self.clock() if now is None else now) - self.t0, 1e-9)
         rate = self.done / dt

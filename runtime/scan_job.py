@@ -152,7 +152,7 @@ def _scan_to_stdout(pipe, items: list, batch_size: int, allow_private_hosts: boo
     for batch in _batches(items, batch_size):
         new = []
         for it, (v, e) in zip(batch, gate_items(pipe, batch, reader)):
-            print(json.dumps(json_record(it, v, e)), flush=True)
+            progress.write(json.dumps(json_record(it, v, e)))
             new.append(make_row(it, v, e))
         rows.extend(new)
         _tick(progress, new)

@@ -180,6 +180,13 @@ def test_progress_is_a_tqdm_bar_on_a_terminal_and_quiet_between_plain_lines():
     p.close()
     assert p.bar is None and "safeclip-scan:" in tty.getvalue() and "image/s" in tty.getvalue()
     assert "\r" in tty.getvalue()
+    out, tty = io.StringIO(), Tty()              # result lines while a bar is up: whole lines on stdout
+    p = progress.Progress(3, "safeclip-scan", stream=tty)
+    for i in range(3):
+        p.write(f'{{"n": {i}}}', file=out)
+        p.add(1)
+    p.close()
+    assert out.getvalue() == '{"n": 0}\n{"n": 1}\n{"n": 2}\n' and "{" not in tty.getvalue()
     clock = iter([0.0, 1.0, 11.0, 12.0]).__next__                          # made at 0; adds at 1, 11 and 12 s
     log = io.StringIO()
     p = progress.Progress(30, "safeclip-scan", stream=log, clock=clock)
