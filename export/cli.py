@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dry-run", action="store_true", help="export nothing: print the memory needed (weights, KV "
                       "cache, activations) against every Jetson Orin module, for --model (a known name, a folder, "
                       "or config.json) or, without --model, for the whole LLaVA family")
-    plan.add_argument("--context", type=int, default=None, help="with --dry-run: context length (default: the "
-                      "target's, at most the model's)")
+    plan.add_argument("--context", type=int, default=None, help="with --dry-run only: context length to plan for "
+                      "(default: the target's, at most the model's); an export keeps the model's context, and "
+                      "safeclip-run/-serve --context cap the KV cache on the device")
     dev = p.add_argument_group("device (jetson/datacenter targets)")
     dev.add_argument("--device", default=None, metavar="{" + ",".join(MODULES) + "}",
                      help="the Jetson Orin module the bundle is for: a bundle that cannot run there, or whose "
@@ -162,6 +163,10 @@ def dry_run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.context is not None and not args.dry_run:      # refused, not dropped: an export has no such knob
+        print("safeclip-export: error: --context only plans (with --dry-run); an export keeps the model's context: "
+              "cap the KV cache on the device with safeclip-run/safeclip-serve --context", file=sys.stderr)
+        return 2
     _quiet_libraries()
     if args.dry_run:
         try:

@@ -16,9 +16,22 @@ import json
 import sys
 from pathlib import Path
 
+from .backends.pick import BACKEND_CHOICES, BACKEND_HELP
 from .messages import one_line
 from .signing import TRUSTED_KEY_HELP
 from .scan import IMAGE_EXTS, iter_images  # noqa: F401  (they live in scan.py; re-exported here)
+
+
+class _DeprecatedFlag(argparse.Action):
+    """A flag's old name: it still works (scripts keep running) and says on stderr which name replaces it."""
+
+    def __init__(self, option_strings, dest, new: str, **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, True)
 
 
 def scan_parser() -> argparse.ArgumentParser:
@@ -42,10 +55,13 @@ def scan_parser() -> argparse.ArgumentParser:
     o.add_argument("--part-rows", type=int, default=4096, help="rows per output part (default %(default)d)")
     r = p.add_argument_group("execution")
     r.add_argument("--batch-size", type=int, default=16, help="images per vision-graph run (default %(default)d)")
-    r.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
+    r.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     r.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (local scan)")
-    r.add_argument("--allow-private-hosts", action="store_true", help="URL items: also fetch from loopback and "
-                   "private addresses (refused by default)")
+    # one name with safeclip-serve's flag; the old --allow-private-hosts still works and warns
+    r.add_argument("--allow-private-image-hosts", dest="allow_private_hosts", action="store_true",
+                   help="URL items: also fetch from loopback and private addresses (refused by default)")
+    r.add_argument("--allow-private-hosts", dest="allow_private_hosts", action=_DeprecatedFlag,
+                   new="--allow-private-image-hosts", default=False, help=argparse.SUPPRESS)
     r.add_argument("--ray", action="store_true", help="gate on Ray Data (needs the [ray] extra and --output)")
     r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a "
                    "local Ray)")
@@ -69,10 +85,14 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safeclip-calibrate", description="Choose the gate threshold that maximises "
                                 "the defense success rate under a false-positive bound, on your labelled images, "
                                 "and write it into the bundle (re-sealed atomically, old value kept in history).")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--labels", required=True, type=Path, help="CSV with columns path,label")
-    p.add_argument("--max-fpr", required=True, type=float, help="largest false-positive rate allowed, e.g. 0.03")
-    p.add_argument("--compare", type=Path, help="a bundle of the other gate variant: report its calibrated result")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder (engines/<name>) whose threshold "
+                   "is calibrated and written")
+    p.add_argument("--labels", required=True, type=Path, help="CSV with columns path,label; an image that cannot "
+                   "be read is skipped and reported")
+    p.add_argument("--max-fpr", required=True, type=float, help="largest false-positive rate allowed, in (0, 1], "
+                   "e.g. 0.03")
+    p.add_argument("--compare", type=Path, help="a bundle of the other gate variant (--gate at export): report "
+                   "its calibrated result; a bundle of the same variant is refused")
     p.add_argument("--descriptors-out", type=Path, help="also write the descriptor set with this threshold as "
                                                         "its default_threshold to FILE")
     p.add_argument("--dry-run", action="store_true", help="print the choice, change nothing")
@@ -83,14 +103,25 @@ def calibrate_parser() -> argparse.ArgumentParser:
 
 
 def _gate_labelled(pipe, labels: dict[str, str]) -> list[dict]:
-    records = []
+    """Each labelled image's record; one that cannot be read is skipped with a line on stderr (as scan does)."""
+    from .image import ImageError
+
+    records, skipped = [], 0
     for path, label in labels.items():
         try:
             v = pipe.gate(path)
-        except Exception as e:
-            raise RuntimeError(f"{path}: {one_line(e)}") from None
+        except (ImageError, OSError) as e:
+            msg = one_line(e)          # an image error names its file already
+            print(f"safeclip-calibrate: skipped {msg if path in msg else f'{path}: {msg}'}", file=sys.stderr)
+            skipped += 1
+            continue
         records.append({"path": path, "label": label, **v.to_json(),
                         "probs": [v.probs[c] for c in pipe.classes] if v.probs else None})
+    if skipped:
+        print(f"safeclip-calibrate: skipped {skipped} of {len(labels)} labelled images that cannot be read",
+              file=sys.stderr)
+    if not records:
+        raise RuntimeError(f"none of the {len(labels)} labelled images could be read")
     return records
 
 
@@ -105,6 +136,9 @@ def _calibrated(pipe, labels, max_fpr):
 
 def calibrate_main(argv: list[str] | None = None) -> int:
     args = calibrate_parser().parse_args(argv)
+    if not 0.0 < args.max_fpr <= 1.0:
+        print("safeclip-calibrate: error: --max-fpr must be in (0, 1]", file=sys.stderr)
+        return 2
     from .manifest import BundleError, load_manifest, write_manifest
     from .metrics import CalibrationError, LabelsError, read_labels
     from .pipeline import Pipeline
@@ -114,7 +148,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         if args.sign_key is not None:
             from .signing import load_signing_key
             args.sign_key = load_signing_key(args.sign_key)           # a bad key fails before any gating
-        pipe = Pipeline.load(args.bundle, trusted_keys=args.trusted_key)
+        pipe = Pipeline.load(args.bundle, language_model=False, trusted_keys=args.trusted_key)   # the gate only
         if pipe.manifest.signed_by and args.sign_key is None and not args.dry_run:
             raise ValueError("the bundle is signed and a new threshold rewrites its manifest: give --sign-key KEY.pem "
                              "(a key the devices trust) to re-sign it, or --dry-run")
@@ -122,7 +156,11 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         choice, before = _calibrated(pipe, labels, args.max_fpr)
         alt = None
         if args.compare:
-            other = Pipeline.load(args.compare, trusted_keys=args.trusted_key)
+            other = Pipeline.load(args.compare, language_model=False, trusted_keys=args.trusted_key)
+            if other.manifest.gate_config.variant == pipe.manifest.gate_config.variant:
+                raise ValueError(f"--compare {args.compare}: its gate variant is "
+                                 f"'{other.manifest.gate_config.variant}', the same as --bundle's; compare with a "
+                                 "bundle exported with the other --gate")
             alt = (other.manifest.gate_config.variant, *_calibrated(other, read_labels(
                 args.labels, other.classes, other.safe_classes), args.max_fpr))
     except (BundleError, LabelsError, CalibrationError, RuntimeError, ValueError, OSError) as e:

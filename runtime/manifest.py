@@ -366,6 +366,11 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
 
 def _read_manifest(root: Path) -> dict:
     mpath = root / MANIFEST
+    if root.is_file():               # e.g. engines/demo/manifest.json: the bundle is the folder around it
+        raise BundleError(f"{root} is a file, not a bundle folder: give the folder that holds {MANIFEST} "
+                          f"({root.parent if root.name == MANIFEST else 'engines/<name>'})")
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle folder")
     if not os.path.lexists(mpath):
         raise BundleError(f"{root}: not a bundle (no {MANIFEST})")
     fd, st = open_in_bundle(root, MANIFEST)

@@ -118,7 +118,8 @@ class Pipeline:
     def load(cls, bundle_dir: str | Path, backend: str = "auto", full_verify: bool = False,
              threads: int | None = None, context: int | None = None, language_model: bool = True,
              trusted_keys=None) -> "Pipeline":
-        """Verify and open a bundle. ``context`` caps the KV cache (default: the model's context length).
+        """Verify and open a bundle. ``context`` caps the KV cache (default: the export target's, at most the
+        model's context length; an explicit one above the model's is refused with ``ContextError``).
         ``language_model=False`` opens the vision+gate graph only (``safeclip-scan``): the decoder, tokenizer
         and embedding table are never loaded, and ``stream``/``generate`` raise ``GenerationUnavailable``.
         ``trusted_keys`` (PEM paths, or a ``signing.TrustedKeys``) adds to ``$SAFECLIP_TRUSTED_KEYS``: with any
@@ -134,6 +135,11 @@ class Pipeline:
         from .backends.pick import choose_backend, open_vision
 
         m = load_manifest(bundle_dir, full_verify=full_verify, trusted_keys=trusted_keys)
+        if context is not None and m.decoder is not None and language_model \
+                and int(context) > m.model_facts.context_length:
+            # asked for explicitly: refused rather than silently cut to what the model's positions cover
+            raise ContextError(f"context {context} is more than the model's context length "
+                               f"{m.model_facts.context_length}: ask for at most that")
         choice = choose_backend(m, backend)          # choice.notes: why faster backends were passed over
         vision = open_vision(m, choice.name, threads)
         names, n_classes = m.vision.names, len(m.gate_config.classes)

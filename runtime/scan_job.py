@@ -5,9 +5,12 @@ Without ``--output`` the scan prints one JSON object per image on stdout as it a
 rows go to Parquet (``scan_out``: resumable, exactly once, ``OUT`` appears only when complete) and stdout
 stays quiet; ``--ray`` gates on Ray Data (``scan_ray``) with the same rows and the same output. An ``OUT``
 that is already complete is not scanned again: its rows feed ``--labels`` and ``--safe-out`` directly.
-``--safe-out FILE`` writes the safe subset (``scan_out.write_safe``). Exit status: 0 when some image was
-gated, 1 when none could be (or the job stopped before finishing), 2 for a usage or input error, 130 when
-interrupted (the rows written so far stay; the same command resumes).
+``--safe-out FILE`` writes the safe subset (``scan_out.write_safe``). Progress goes to stderr as items finish
+(``progress.Progress``: a tqdm bar on a terminal, a plain line every 10 s otherwise). Exit status
+(``EXIT_*``; README "safeclip-scan"): 0 every item was gated; 3 the scan finished but some items could not
+be gated (each reported with its error, counted apart in the summary); 1 the job stopped before finishing,
+or there was nothing to gate; 2 a usage or input error; 130 interrupted (the rows written so far stay; the
+same command resumes).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ import time
 from dataclasses import dataclass
 
 from .messages import one_line
+from .progress import Progress, plural
+
+EXIT_OK, EXIT_STOPPED, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
 
 
 @dataclass
@@ -30,7 +36,7 @@ class GateInfo:
 
 def _err(msg: str) -> int:
     print(f"safeclip-scan: error: {msg}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def _batches(items: list, n: int):
@@ -101,11 +107,12 @@ def run_scan(args) -> int:
         print(f"safeclip-scan: resuming {args.output}: {len(items) - len(todo)} of {len(items)} items already "
               "written", file=sys.stderr)
     t0 = time.perf_counter()
+    progress = Progress(len(todo), "safeclip-scan")
     try:
         if out is None:
-            rows = _scan_to_stdout(pipe, todo, args.batch_size, args.allow_private_hosts)
+            rows = _scan_to_stdout(pipe, todo, args.batch_size, args.allow_private_hosts, progress)
         else:
-            (_scan_ray if args.ray else _scan_local)(args, pipe, todo, out)
+            (_scan_ray if args.ray else _scan_local)(args, pipe, todo, out, progress)
             out.finish([(it["source"], it["key"]) for it in items])
             rows = read_rows(args.output)
     except KeyboardInterrupt:
@@ -122,34 +129,47 @@ def run_scan(args) -> int:
             out.close()
         print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        progress.close()
     dt = time.perf_counter() - t0
-    if todo:
-        print(f"safeclip-scan: gated {len(todo)} images in {dt:.1f} s ({len(todo) / max(dt, 1e-9):.1f} images/s)"
+    if todo:                            # this run's items; _finish counts every row of the output
+        failed = f"; {progress.failed} failed" if progress.failed else ""
+        print(f"safeclip-scan: gated {len(todo) - progress.failed} of {plural(len(todo), 'item')} in {dt:.1f} s "
+              f"({len(todo) / max(dt, 1e-9):.1f} items/s){failed}"
               + (f"; wrote {args.output}" if out is not None else ""), file=sys.stderr)
     return _finish(args, gate, rows, labels)
 
 
-def _scan_to_stdout(pipe, items: list, batch_size: int, allow_private_hosts: bool) -> list[dict]:
+def _tick(progress, rows: list[dict]) -> None:
+    progress.add(len(rows), sum(r["error"] is not None for r in rows))
+
+
+def _scan_to_stdout(pipe, items: list, batch_size: int, allow_private_hosts: bool, progress) -> list[dict]:
     from .scan import ItemReader, gate_items, json_record
     from .scan_out import make_row
 
     reader, rows = ItemReader(allow_private_hosts=allow_private_hosts), []
     for batch in _batches(items, batch_size):
+        new = []
         for it, (v, e) in zip(batch, gate_items(pipe, batch, reader)):
-            print(json.dumps(json_record(it, v, e)), flush=True)
-            rows.append(make_row(it, v, e))
+            progress.write(json.dumps(json_record(it, v, e)))
+            new.append(make_row(it, v, e))
+        rows.extend(new)
+        _tick(progress, new)
     reader.close()
     return rows
 
 
-def _scan_local(args, pipe, items: list, out) -> None:
+def _scan_local(args, pipe, items: list, out, progress) -> None:
     from .scan import ItemReader, gate_items
     from .scan_out import make_row
 
     reader, buf = ItemReader(allow_private_hosts=args.allow_private_hosts), []
     try:
         for batch in _batches(items, args.batch_size):
-            buf.extend(make_row(it, v, e) for it, (v, e) in zip(batch, gate_items(pipe, batch, reader)))
+            new = [make_row(it, v, e) for it, (v, e) in zip(batch, gate_items(pipe, batch, reader))]
+            buf.extend(new)
+            _tick(progress, new)
             if len(buf) >= args.part_rows:
                 out.write(buf)
                 buf = []
@@ -158,7 +178,7 @@ def _scan_local(args, pipe, items: list, out) -> None:
         reader.close()
 
 
-def _scan_ray(args, gate, items: list, out) -> None:
+def _scan_ray(args, gate, items: list, out, progress) -> None:
     from .scan_ray import ray_rows
     from .signing import trusted_keys                # read here; the actors get the keys, not paths
 
@@ -170,6 +190,7 @@ def _scan_ray(args, gate, items: list, out) -> None:
                              allow_private_hosts=args.allow_private_hosts,
                              trusted_keys=trusted_keys(args.trusted_key)):
             buf.extend(rows)
+            _tick(progress, rows)
             if len(buf) >= args.part_rows:
                 out.write(buf)
                 buf = []
@@ -183,8 +204,9 @@ def _finish(args, gate, rows: list[dict], labels) -> int:
     n = len(rows)
     n_err = sum(r["error"] is not None for r in rows)
     n_flag = sum(bool(r["flagged"]) for r in rows)
-    print(f"safeclip-scan: {n} images, {n_flag} flagged, {n_err} errors (threshold {gate.threshold:g})",
-          file=sys.stderr)
+    print(f"safeclip-scan: {plural(n, 'item')}: {n - n_err} gated ({n_flag} flagged), {n_err} failed "
+          f"(threshold {gate.threshold:g})", file=sys.stderr)
+    code = EXIT_OK if n and not n_err else EXIT_SOME_FAILED if n else EXIT_STOPPED
     if args.safe_out:
         k = write_safe(rows, args.safe_out)
         print(f"safeclip-scan: wrote the {k} safe images to {args.safe_out}", file=sys.stderr)
@@ -201,8 +223,8 @@ def _finish(args, gate, rows: list[dict], labels) -> int:
                            probs=[float("nan") if probs.get(c) is None else probs[c] for c in gate.classes]
                            if probs else None)
             records.append(rec)
-        return report_labels(args, gate, records, labels)
-    return 0 if n and n_err < n else 1
+        return report_labels(args, gate, records, labels) or code
+    return code
 
 
 def report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> int:

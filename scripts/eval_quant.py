@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="Describe the image in one sentence.")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--backend", default="auto")
+    from safeclip.runtime.backends.pick import BACKEND_CHOICES, BACKEND_HELP
+    ap.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.text is None and not args.images:

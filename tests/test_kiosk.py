@@ -9,8 +9,16 @@ Oracle: the same bundle's Pipeline called directly (greedy, so the page must sho
 pieces as it streams). Screenshots are kept as artefacts in
 ``$SAFECLIP_ARTIFACTS_DIR`` (default ``test-artifacts/`` at the repository root).
 
+Each turn stands on the page once (earlier turns in the history, the latest below it: no answer twice after a
+question and a follow-up), and the page fits a kiosk's screen: at 800x1280 portrait and 1280x800 landscape the
+question box and the buttons stay in view after a flagged picture, an answer and a follow-up (screenshots
+``kiosk-portrait.png`` and ``kiosk-landscape.png``).
+
 Needs ``selenium`` and a chromium + chromedriver pair (``apt-get install chromium chromium-driver``); skips
 with the reason when one is missing. ``SAFECLIP_CHROMIUM`` / ``SAFECLIP_CHROMEDRIVER`` name other binaries.
+The driver is Debian's ``/usr/bin/chromedriver`` started directly, with ``SE_AVOID_STATS=true``: Selenium's
+manager (which would download drivers and send usage statistics) must never run, and the fixture fails if it
+is called.
 """
 from __future__ import annotations
 
@@ -41,23 +49,31 @@ def _binary(env: str, *names: str) -> str | None:
     return None
 
 
+def _no_selenium_manager(*_a, **_k):
+    raise AssertionError("Selenium's manager was called: it must not reach the network; use the system chromedriver")
+
+
 @pytest.fixture(scope="module")
 def browser():
     chromium = _binary("SAFECLIP_CHROMIUM", "chromium", "chromium-browser", "google-chrome")
-    driver_bin = _binary("SAFECLIP_CHROMEDRIVER", "chromedriver", "/usr/lib/chromium/chromedriver")
+    driver_bin = _binary("SAFECLIP_CHROMEDRIVER", "/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
     if not chromium or not driver_bin:
         pytest.skip("no headless browser: install chromium and chromium-driver (Debian) to run the kiosk test")
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
               "--window-size=1080,1920", "--force-device-scale-factor=1", "--lang=en-US"):
         opts.add_argument(a)
-    d = webdriver.Chrome(service=Service(driver_bin), options=opts)
-    d.set_page_load_timeout(30)
-    yield d
-    d.quit()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SE_AVOID_STATS", "true")
+        mp.setattr(SeleniumManager, "binary_paths", _no_selenium_manager)
+        d = webdriver.Chrome(service=Service(driver_bin), options=opts)
+        d.set_page_load_timeout(30)
+        yield d
+        d.quit()
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +113,25 @@ def _ask(d, question: str, picture: Path | None, start_over: bool = True) -> dic
                 finish: a.dataset.finish || null, banner: !b.hidden, category: b.dataset.category || null,
                 bannerText: b.textContent.replace(/\\s+/g, ' '), error: document.getElementById('error').hidden ? null :
                 document.getElementById('error').textContent,
-                turns: Number(document.getElementById('history').dataset.turns)};""") | {"state": state}
+                turns: Number(document.getElementById('history').dataset.turns),
+                page: document.body.innerText};""") | {"state": state}
+
+
+def _times_on_page(page: str, text: str) -> int:
+    return page.count(text.strip())
+
+
+def _layout(d) -> dict:
+    """Where the controls a person needs are, in viewport pixels, and whether the page scrolls at all."""
+    return d.execute_script("""
+        const box = (id) => { const r = document.getElementById(id).getBoundingClientRect();
+                              return [r.left, r.top, r.right, r.bottom]; };
+        const ids = ['question', 'ask-button', 'reset-button', 'answer-card', 'banner'];
+        const side = document.querySelector('.side'), main = document.querySelector('main');
+        return {w: innerWidth, h: innerHeight, sw: document.documentElement.scrollWidth,
+                main_scrolls: main.scrollHeight - main.clientHeight > 1,
+                side_clipped: side.scrollHeight - side.clientHeight > 1 ? side.scrollHeight - side.clientHeight : 0,
+                sh: document.documentElement.scrollHeight, boxes: Object.fromEntries(ids.map((i) => [i, box(i)]))};""")
 
 
 def test_kiosk_page_end_to_end(browser, kiosk, bundle, test_images):
@@ -179,3 +213,43 @@ def test_kiosk_follow_up_start_over_and_the_banner_for_the_whole_conversation(br
         got = _ask(d, "Hi", None, start_over=False)
         assert got["turns"] == 1 and not got["banner"]
         assert got["text"] == "".join(oracle.stream(None, "Hi", max_new_tokens=N))
+
+
+@pytest.mark.parametrize("shape, width, height", [("portrait", 800, 1280), ("landscape", 1280, 800)])
+def test_kiosk_each_turn_once_and_the_controls_in_view(browser, bundle, test_images, shape, width, height):
+    """A flagged picture, a question and a follow-up: every answer (and question) stands on the page once, and
+    the question box, Ask and Start over are inside the window, which does not scroll; the answer card is in
+    view below the banner. The screenshot is kept for a person to look at."""
+    red, q, follow = test_images / "red.png", "What is in the picture?", "And the colours?"
+    d = browser
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
+                                                             "deviceScaleFactor": 1, "mobile": False})
+    try:
+        with ServerThread(create_app(Pipeline.load(bundle), policy="instruct", default_max_tokens=N)) as s:
+            d.get(s.url + "/")
+            assert d.execute_script("return [innerWidth, innerHeight]") == [width, height]
+            first = _ask(d, q, red)
+            second = _ask(d, follow, None, start_over=False)
+            assert first["banner"] and second["banner"] and second["turns"] == 2
+            a1, a2 = first["text"].strip(), second["text"].strip()
+            assert len(a1) >= 4 and len(a2) >= 4 and a1 not in a2 and a2 not in a1, (a1, a2)   # a fair test
+            page = second["page"]
+            assert _times_on_page(page, a1) == 1, page
+            assert _times_on_page(page, a2) == 1, page
+            assert _times_on_page(page, q) == 1 and _times_on_page(page, follow) == 1, page
+
+            lay = _layout(d)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shot = ARTIFACTS / f"kiosk-{shape}.png"
+            assert d.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            w, h, boxes = lay["w"], lay["h"], lay["boxes"]
+            assert lay["sw"] <= w and lay["sh"] <= h, lay              # the page itself never scrolls
+            assert not lay["side_clipped"] and not lay["main_scrolls"], lay   # nothing cut, nothing to scroll
+            for name in ("question", "ask-button", "reset-button", "banner"):
+                left, top, right, bottom = boxes[name]
+                assert right > left and bottom > top, (name, lay)
+                assert 0 <= left and right <= w and 0 <= top and bottom <= h, (name, lay)
+            left, top, right, bottom = boxes["answer-card"]
+            assert top < h - 120 and bottom <= h and right <= w, lay   # the answer is on screen too
+    finally:
+        d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

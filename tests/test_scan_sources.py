@@ -31,20 +31,20 @@ def test_every_source_kind_to_parquet_with_error_rows_and_safe_subset(controlled
     rc = cli.scan_main(["--bundle", str(controlled_bundle), *sources, "--output", str(out), "--batch-size", "3",
                         "--safe-out", str(safe_txt)])
     cap = capsys.readouterr()
-    assert rc == 0 and cap.out == ""               # with --output stdout stays quiet
+    assert rc == 3 and cap.out == ""               # error rows: exit 3 (README); --output keeps stdout quiet
     assert not out.with_name(out.name + ".partial").exists()
     rows = pq.read_table(out).to_pylist()
     check_rows(rows, truth, image_of, oracle)
     assert [(r["source"], r["key"]) for r in rows] == [(i["source"], i["key"]) for i in scan.list_items(sources)]
     n_err = sum(t == "error" for t in truth.values())
     n_gun = sum(t == "gun" for t in truth.values())
-    assert f"{len(truth)} images, {n_gun} flagged, {n_err} errors" in cap.err
+    assert f"{len(truth)} items: {len(truth) - n_err} gated ({n_gun} flagged), {n_err} failed" in cap.err
     safe = [r for r in rows if r["flagged"] is False]
     assert safe_txt.read_text().splitlines() == [scan.display_name(r) for r in safe]
     assert any("#" in line for line in safe_txt.read_text().splitlines())        # shard members as shard#key
     # the same output again: complete already, nothing gated; the safe subset as Parquet from its rows
     assert cli.scan_main(["--bundle", str(controlled_bundle), *sources, "--output", str(out),
-                          "--safe-out", str(safe_pq)]) == 0
+                          "--safe-out", str(safe_pq)]) == 3
     assert "complete already" in capsys.readouterr().err
     assert pq.read_table(safe_pq).column("key").to_pylist() == [r["key"] for r in safe]
     # a finished output of another threshold is not taken for this job's
@@ -55,7 +55,7 @@ def test_every_source_kind_to_parquet_with_error_rows_and_safe_subset(controlled
 
 def test_stdout_json_lines_cover_shards_too(controlled_bundle, data, capsys):
     sources, truth, _ = data
-    assert cli.scan_main(["--bundle", str(controlled_bundle), *sources[2:]]) == 0
+    assert cli.scan_main(["--bundle", str(controlled_bundle), *sources[2:]]) == 3       # with error items
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(recs) == sum(k[0] in sources[2:] for k in truth)
     assert {r["path"].rsplit("#", 1)[-1] for r in recs if "error" in r} == {"bad", "s2"}
@@ -93,7 +93,7 @@ def test_interrupted_job_resumes_and_writes_each_image_once(controlled_bundle, d
         return real(pipe, items, reader)
 
     monkeypatch.setattr(scan, "gate_items", counting)
-    assert cli.scan_main(argv) == 0
+    assert cli.scan_main(argv) == 3                 # finished; the error items make it 3
     assert f"4 of {len(truth)} items already written" in capsys.readouterr().err
     assert len(gated) == len(truth) - 4 and len({(i["source"], i["key"]) for i in gated}) == len(gated)
     assert out.is_dir() and (out / "_SUCCESS").exists() and not partial.exists()
@@ -112,9 +112,9 @@ def test_labels_on_a_finished_output(controlled_bundle, data, tmp_path, capsys):
                 w.writerow([f"{src}/{key}", "gun" if t == "gun" else "safe"])
     out, report = tmp_path / "s.parquet", tmp_path / "r.json"
     base = ["--bundle", str(controlled_bundle), sources[0], "--output", str(out)]
-    assert cli.scan_main(base) == 0
+    assert cli.scan_main(base) == 3                 # the folder holds a broken image
     capsys.readouterr()
-    assert cli.scan_main(base + ["--labels", str(labels), "--report", str(report)]) == 0
+    assert cli.scan_main(base + ["--labels", str(labels), "--report", str(report)]) == 3
     err = capsys.readouterr().err
     assert "complete already" in err and "DSR 100.0%" in err and "FPR 0.0%" in err
     m = json.loads(report.read_text())["metrics"]
@@ -141,7 +141,8 @@ def test_bad_sources_and_options_are_one_line_errors(controlled_bundle, tmp_path
 
 def test_url_items_are_fetched_only_from_allowed_hosts(controlled_bundle, oracle, test_images, tmp_path, capsys):
     """A file list of http URLs (a loopback server here): private and loopback hosts are refused unless
-    --allow-private-hosts, as the server's remote images are; then the verdict is the file's own."""
+    --allow-private-image-hosts (the server's flag; the old --allow-private-hosts still works and warns), as
+    the server's remote images are; then the verdict is the file's own."""
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -153,13 +154,14 @@ def test_url_items_are_fetched_only_from_allowed_hosts(controlled_bundle, oracle
         lst = tmp_path / "urls.txt"
         lst.write_text(f"{base}/red.png\n{base}/blue.jpg\n{base}/missing.png\n")
         argv = ["--bundle", str(controlled_bundle), str(lst)]
-        assert cli.scan_main(argv) == 1                                    # every URL refused: no image gated
+        assert cli.scan_main(argv) == 3                                    # every URL refused: none gated
         recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert len(recs) == 3 and all("error" in r for r in recs)
-        assert cli.scan_main(argv + ["--allow-private-hosts"]) == 0         # JSON lines: fetched this time
+        assert cli.scan_main(argv + ["--allow-private-image-hosts"]) == 3   # fetched this time; missing.png fails
         recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert [("error" in r) for r in recs] == [False, False, True] and recs[0]["flagged"]
-        assert cli.scan_main(argv + ["--allow-private-hosts", "--output", str(tmp_path / "u.parquet")]) == 0
+        assert cli.scan_main(argv + ["--allow-private-hosts", "--output", str(tmp_path / "u.parquet")]) == 3
+        assert "--allow-private-hosts is deprecated: use --allow-private-image-hosts" in capsys.readouterr().err
         rows = {r["key"].rsplit("/", 1)[-1]: r for r in pq.read_table(tmp_path / "u.parquet").to_pylist()}
     finally:
         httpd.shutdown()

@@ -25,6 +25,11 @@ from .base import BackendError
 from .trt_plan import PlanMismatchError, check_plan_compatible
 
 BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+# What every command's --backend takes (safeclip-run, -scan, -serve): one list, so their help and their
+# refusals agree. The short aliases below stay for the Python API only.
+BACKEND_CHOICES = ("auto", *BACKENDS)
+BACKEND_HELP = ("auto (default: the first of tensorrt, onnxruntime-cuda, onnxruntime-cpu that can run here), "
+                "or one of them")
 ORT_DEVICE = {"onnxruntime-cuda": "cuda", "onnxruntime-cpu": "cpu"}
 _ALIASES = {"auto": "auto", "tensorrt": "tensorrt", "trt": "tensorrt", "onnxruntime-cuda": "onnxruntime-cuda",
             "onnxruntime-gpu": "onnxruntime-cuda", "cuda": "onnxruntime-cuda", "onnxruntime-cpu": "onnxruntime-cpu",
@@ -33,7 +38,7 @@ _DROPPED = {"onnxruntime-tensorrt": "onnxruntime-tensorrt is not supported (ONNX
             "rebuild its engines whenever the KV length grows): use tensorrt, with engines from safeclip-build, "
             "or onnxruntime-cuda"}
 
-__all__ = ["BACKENDS", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "open_vision", "open_decoder", "slot_decoder"]
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "BACKEND_HELP", "ORT_DEVICE", "BackendChoice", "Probe", "choose_backend", "open_vision", "open_decoder", "slot_decoder"]
 
 
 class Probe:
@@ -89,7 +94,7 @@ def choose_backend(manifest, requested: str = "auto", probe: Probe | None = None
         raise BackendError(_DROPPED[str(requested).lower()])
     want = _ALIASES.get(str(requested).lower())
     if want is None:
-        raise BackendError(f"unknown backend '{requested}' (supported: auto, {', '.join(BACKENDS)})")
+        raise BackendError(f"unknown backend '{requested}' (supported: {', '.join(BACKEND_CHOICES)})")
     root = str(getattr(manifest, "root", "DIR"))
     m = manifest if isinstance(manifest, Manifest) else Manifest(Path(root), dict(manifest))
     probe = probe or Probe()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import socket
 import sys
 from pathlib import Path
 
+from ..backends.pick import BACKEND_CHOICES, BACKEND_HELP
 from ..gate import POLICIES
 from ..messages import one_line
 from ..signing import TRUSTED_KEY_HELP
@@ -83,7 +85,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    f"by target, {DEFAULT_MAX_BATCH}, at most what fits the memory and a TensorRT engine's "
                    "decode profile)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all)")
-    m.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
+    m.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     m.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
     m.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PEM", help=TRUSTED_KEY_HELP)
     r = p.add_argument_group("ray (the [ray] extra; ray_app.py)")
@@ -98,7 +100,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    "in Ray's queue (default %(default)d)")
     r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
     r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's log on stderr: start-up, access and error lines (default %(default)s)")
     return p
 
 
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return ray_main(args)
     from ..pipeline import Pipeline
     from .app import create_app
-    from .server import make_server
+    from .server import log_line, make_server
 
     try:
         pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify, threads=args.threads,
@@ -198,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"safeclip-serve: serving {pipe.manifest.name} ({pipe.backend}) on http://{shown}:{port}/ "
-          f"(policy {args.policy or pipe.policy}{', API key required' if args.api_key else ''})",
+    # printed whatever --log-level says (it names the address), in the log's one format (server.log_line)
+    print(log_line(f"serving {pipe.manifest.name} ({pipe.backend}) on http://{shown}:{port}/ (policy "
+                   f"{args.policy or pipe.policy}{', API key required' if args.api_key else ''})"),
           file=sys.stderr, flush=True)
     if not _is_loopback(args.host) and not args.api_key:
-        print("safeclip-serve: warning: listening beyond this machine without --api-key: anyone on the network "
-              "can use the model", file=sys.stderr, flush=True)
+        print(log_line("listening beyond this machine without --api-key: anyone on the network can use the model",
+                       logging.WARNING), file=sys.stderr, flush=True)
     server = make_server(app, max_requests=args.max_connections, header_timeout_s=args.header_timeout,
                          shutdown_deadline_s=args.shutdown_timeout, log_level=args.log_level)
     try:

@@ -12,18 +12,57 @@
   queued requests 503 with ``Retry-After`` and lets the running one go on for ``shutdown_deadline_s``, then
   cuts it with an OpenAI error (a stream: an error event and ``[DONE]``). uvicorn's own cancellation, which
   would log tracebacks, comes only 5 s after that deadline.
+- **One log**: start-up lines (``serve/cli.py``), uvicorn's own lines and the access lines go to stderr in one
+  format, ``safeclip-serve: [warning: |error: ]MESSAGE`` (:func:`log_line`, :data:`LOG_CONFIG`); uvicorn's
+  default would put access lines on stdout with a different prefix.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import uvicorn
+from uvicorn.logging import AccessFormatter
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .request import error_body
 
 RETRY_AFTER_S = 1
+PROG = "safeclip-serve"
+
+
+def log_line(message: str, level: int = logging.INFO) -> str:
+    """The server's one log format; warnings and errors name their level, as the command's own messages do."""
+    tag = "" if level < logging.WARNING else logging.getLevelName(level).lower() + ": "
+    return f"{PROG}: {tag}{message}"
+
+
+class LineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = log_line(record.getMessage(), record.levelno)
+        return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+class AccessLineFormatter(AccessFormatter):
+    """uvicorn's access fields (client, request line, status) in :func:`log_line`'s format."""
+
+    def __init__(self):
+        super().__init__(fmt='%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return log_line(super().format(record), record.levelno)
+
+
+LOG_CONFIG = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"line": {"()": LineFormatter}, "access": {"()": AccessLineFormatter}},
+    "handlers": {name: {"formatter": name, "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+                 for name in ("line", "access")},
+    "loggers": {"uvicorn": {"handlers": ["line"], "level": "INFO", "propagate": False},
+                "uvicorn.error": {"level": "INFO"},
+                "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False}},
+}
 
 
 def _raw_error(status: int, reason: bytes, message: str, code: str, retry_after: int | None = None) -> bytes:
@@ -132,6 +171,7 @@ def make_server(app, *, max_requests: int = 64, header_timeout_s: float = 10.0, 
         if not v > 0:
             raise ValueError(f"{name} must be positive, got {v!r}")
     protocol = guarded_protocol(header_timeout_s, max(4 * max_requests, max_requests + 256))
+    config.setdefault("log_config", LOG_CONFIG)
     cfg = uvicorn.Config(RequestLimit(app, max_requests), http=protocol, log_level=log_level,
                          timeout_keep_alive=5, timeout_graceful_shutdown=math.ceil(shutdown_deadline_s) + 5,
                          server_header=False, **config)

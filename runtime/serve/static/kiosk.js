@@ -2,7 +2,11 @@
 // A conversation: follow-up questions are about the same picture (the page keeps the history and sends it
 // whole, the server is stateless); a new picture, "No picture" or "Start over" begins a new one; a flagged
 // picture's banner stays for the whole conversation. No framework, no network but this server.
-// State for tests and styling: body[data-state] = idle | busy | done | error; #history[data-turns].
+// Each turn is shown once: earlier turns in #history, the latest question and answer in #asked and #answer
+// (the answer in large type); asking again moves that turn into the history. The page never scrolls (the
+// question box and buttons stay in view, kiosk.css); the answer card scrolls to the newest text.
+// State for tests and styling: body[data-state] = idle | busy | done | error; #history[data-turns] = the
+// conversation's finished turns (the history's items plus the one shown below it).
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
@@ -14,6 +18,7 @@
   let picture = null;                          // data: URI sent to the server
   let messages = [];                           // the conversation so far: user and assistant messages
   let flagged = null;                          // the banner's verdict, kept for the whole conversation
+  let shown = null;                            // the finished turn in #asked/#answer: {question, answer}
   let controller = null;                       // AbortController of the request in flight
   let idleTimer = null;
 
@@ -90,6 +95,7 @@
   function newConversation() {
     messages = [];
     flagged = null;
+    shown = null;
     $("history").replaceChildren();
     $("history").dataset.turns = "0";
     $("banner").hidden = true;
@@ -97,16 +103,24 @@
     clearAnswer();
   }
 
+  function speaker(who, text) {
+    const b = document.createElement("strong");
+    b.textContent = who + ": ";
+    return [b, document.createTextNode(text)];
+  }
+
+  // The turn shown below the history joins it (when a follow-up is asked): it is then on the page once.
   function addTurn(question, answer) {
     for (const [who, text] of [["You", question], ["Assistant", answer]]) {
       const li = document.createElement("li");
-      const b = document.createElement("strong");
-      b.textContent = who + ": ";
-      li.append(b, document.createTextNode(text));
+      li.append(...speaker(who, text));
       $("history").appendChild(li);
     }
-    $("history").dataset.turns = String(messages.length / 2);
-    $("question").placeholder = "Ask a follow-up question about the same picture";
+  }
+
+  function scrollAnswer() {
+    const card = $("answer-card");
+    card.scrollTop = card.scrollHeight;
   }
 
   function removePicture() {
@@ -119,6 +133,8 @@
   }
 
   function clearAnswer() {
+    $("asked").replaceChildren();
+    $("asked").hidden = true;
     $("answer").textContent = "";
     $("answer").dataset.chunks = "0";
     delete $("answer").dataset.finish;
@@ -167,13 +183,13 @@
     $("banner").dataset.category = gate.category || "";
     $("banner").dataset.action = gate.action || "";
     $("banner").hidden = false;
-    $("banner").scrollIntoView({ block: "start" });
   }
 
   function appendText(text) {
     const a = $("answer");
     a.appendChild(document.createTextNode(text));
     a.dataset.chunks = String(Number(a.dataset.chunks) + 1);
+    scrollAnswer();
   }
 
   // Server-sent events from a fetch body: "data: {...}\n\n" blocks, ended by "data: [DONE]".
@@ -202,7 +218,10 @@
     const question = $("question").value.trim();
     if (!question) { showError("Please type a question first."); return; }
     if (controller) return;
+    if (shown) { addTurn(shown.question, shown.answer); shown = null; }
     clearAnswer();
+    $("asked").append(...speaker("You", question));
+    $("asked").hidden = false;
     setState("busy");
     $("status").textContent = picture ? "Looking at the picture…" : "Thinking…";
     $("ask-button").disabled = true;
@@ -211,7 +230,7 @@
     if (picture && !messages.length) content.push({ type: "image_url", image_url: { url: picture } });
     const turn = { role: "user", content };
     controller = new AbortController();
-    $("answer-card").scrollIntoView({ block: "nearest" });
+    scrollAnswer();
     try {
       const resp = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(), signal: controller.signal,
@@ -243,9 +262,12 @@
       }
       if (!$("answer").textContent) $("status").textContent = "(no answer)";
       messages.push(turn, { role: "assistant", content: $("answer").textContent });
-      addTurn(question, $("answer").textContent);
+      shown = { question, answer: $("answer").textContent };
+      $("history").dataset.turns = String(messages.length / 2);
+      $("question").placeholder = "Ask a follow-up question about the same picture";
       $("question").value = "";
       setState("done");
+      scrollAnswer();
     } catch (e) {
       if (e.name === "AbortError") { $("status").textContent = "Stopped."; setState("done"); }
       else showError("The assistant cannot be reached. Please try again.");
