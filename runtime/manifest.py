@@ -401,8 +401,6 @@ def load_manifest(bundle_dir: str | Path, full_verify: bool = False, verify: boo
 
 
 def _load_manifest(root: Path, full_verify: bool, verify: bool, trusted_keys) -> Manifest:
-    if not root.is_dir():
-        raise BundleError(f"{root}: no such bundle folder")
     mpath = root / MANIFEST
     m = _read_manifest(root)
     sv = m.get("schema_version")
