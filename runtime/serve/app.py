@@ -63,7 +63,7 @@ from ..image import ImageError, load_image
 from ..prompt import PromptError
 from .cors import CORSAndOptions
 from .hosts import HostCheck
-from .intake import Intake
+from .intake import Intake, ReleaseAfter
 from .fetch import fetch_image
 from .slot import Busy, Disconnected, Slot
 from ..prefix_cache import PrefixCache
@@ -144,7 +144,8 @@ class _Server:
         self.stop_deadline = float("inf")           # time.monotonic() when a running request is cut
         self.prefix_cache = PrefixCache(limits["prefix_cache_bytes"])
         self.tokens = {"prefilled": 0, "cached": 0}
-        self.intake = Intake(limits["max_body_bytes"], limits["body_timeout_s"], limits["body_budget_bytes"])
+        self.intake = Intake(limits["max_body_bytes"], limits["body_timeout_s"], limits["body_budget_bytes"],
+                             wait_s=limits["queue_timeout_s"])
 
     def begin_shutdown(self, deadline_s: float) -> None:
         """Stop taking work: queued requests get 503 now, the running one may go on for ``deadline_s``."""
@@ -305,6 +306,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     app = FastAPI(title="safeclip-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.safeclip = srv
+    app.add_middleware(ReleaseAfter)                       # innermost: the request's memory budget, given back
     app.add_middleware(CORSAndOptions, origins=tuple(cors_origins))
     app.add_middleware(HostCheck, allowed_hosts=tuple(allowed_hosts), cors_origins=tuple(cors_origins))  # outermost
 

@@ -13,10 +13,7 @@
   once its body is complete and parsed (the app calls ``scope["safeclip.admit"]``; ``intake.py`` bounds the
   upload itself by rate, deadline and memory), so 64 uploads at 1 byte/s hold nothing; ``/health``, the page,
   ``/static`` and ``/v1/models`` never count and never queue behind generation.
-- **Memory**: glibc raises its mmap threshold each time a large block is freed, after which multi-MB request
-  bodies come from the heap and stay resident when freed (64 concurrent 14.7 MB bodies left 2.1-2.4 GiB).
-  ``bound_heap`` fixes the threshold at 1 MiB (large buffers are mmapped and go back to the system when freed)
-  and caps malloc arenas at 4; a no-op off glibc.
+- **Memory**: ``intake.bound_heap`` (glibc's mmap threshold fixed, arenas capped; see ``intake.py``).
 - **Graceful shutdown** (SIGTERM, SIGINT): uvicorn stops accepting; the app's ``begin_shutdown`` answers the
   queued requests 503 with ``Retry-After`` and lets the running one go on for ``shutdown_deadline_s``, then
   cuts it with an OpenAI error (a stream: an error event and ``[DONE]``). uvicorn's own cancellation, which
@@ -24,14 +21,13 @@
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import sys
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .intake import bound_heap
 from .request import error_body
 
 RETRY_AFTER_S = 1
@@ -144,19 +140,6 @@ class RequestLimit:
         finally:
             if held:
                 self.active -= 1
-
-
-def bound_heap() -> bool:
-    """glibc only: a fixed 1 MiB mmap threshold and at most 4 arenas (see the module docstring); False elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_mmap_threshold, m_arena_max = -3, -8                              # malloc.h
-    return bool(mallopt(m_mmap_threshold, 1 << 20)) and bool(mallopt(m_arena_max, 4))
 
 
 class SafeclipServer(uvicorn.Server):
