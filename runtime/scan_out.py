@@ -21,7 +21,8 @@ It keeps the job description (the file's schema metadata ``safeclip_job``, or th
 a complete ``OUT`` is reused (``--labels``, ``--safe-out``) only by the same job.
 
 ``write_safe`` writes the safe subset (no error, not flagged) as a file list (one path a line; shard members
-as ``shard#key``) or, for a ``.parquet`` name, as Parquet rows (source, key, path, category, score).
+as ``shard#key``) or, for a ``.parquet`` name, as Parquet rows (source, key, path, category, score, sha256: of
+the bytes gated, so a pipeline can check what it loads).
 """
 from __future__ import annotations
 
@@ -243,10 +244,11 @@ def write_safe(rows: list[dict], path: str | Path) -> int:
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         pa, pq = _pa()
-        t = pa.Table.from_pylist([{k: r[k] for k in ("source", "key", "path", "category", "score")} for r in safe],
+        cols = ("source", "key", "path", "category", "score", "sha256")
+        t = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in safe],
                                  schema=pa.schema([("source", pa.string()), ("key", pa.string()),
                                                    ("path", pa.string()), ("category", pa.string()),
-                                                   ("score", pa.float64())]))
+                                                   ("score", pa.float64()), ("sha256", pa.string())]))
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         pq.write_table(t, tmp)
         os.replace(tmp, path)

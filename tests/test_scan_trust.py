@@ -1,6 +1,7 @@
 """safeclip-scan for a fine-tuning pipeline (issue 23 §4): a resumed scan gates again what changed and drops what
 is gone, ``--safe-out`` never lists an image whose current content was not gated, FIFO sources are refused
 without hanging, and an unwritable ``--safe-out`` is one line and exit 1."""
+import hashlib
 import os
 import shutil
 import subprocess
@@ -72,6 +73,11 @@ def test_resumed_scan_regates_changed_files_and_drops_gone_ones(controlled_bundl
     assert rows["a_clean_0.png"]["flagged"] is True and rows["a_clean_0.png"]["category"] == "gun"
     listed = safe.read_text().splitlines()
     assert listed == [str(imgs / "a_clean_2.png")]
+    safe_pq = tmp_path / "safe.parquet"                     # the Parquet subset names the bytes gated
+    assert cli.scan_main(argv[:-1] + [str(safe_pq)]) == 0
+    got = pq.read_table(safe_pq).to_pylist()
+    assert [(r["key"], r["sha256"]) for r in got] == [
+        ("a_clean_2.png", hashlib.sha256((imgs / "a_clean_2.png").read_bytes()).hexdigest())]
 
 
 def test_safe_out_leaves_out_images_changed_after_the_scan(controlled_bundle, test_images, tmp_path, capsys):
