@@ -54,7 +54,7 @@ class ExportOptions:
     symmetric: bool = True
     quant_method: str = "rtn"
     quantize_lm_head: bool = False
-    max_batch: int | None = None                 # TensorRT targets: decode-batch profile size (None: the target's)
+    max_batch: int | None = None                 # TensorRT targets: decode profile size (None: the target's)
     text_embeds_override: object = None          # tests: a controlled gate ([S, E] tensor)
 
 
@@ -245,7 +245,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     if opts.max_batch is not None:
         from .targets import MAX_BATCH_LIMIT
         if tgt.build_engines == "never":
-            raise ValueError(f"--max-batch sizes the TensorRT decode-batch profile: it goes with --target jetson or "
+            raise ValueError(f"--max-batch sizes the TensorRT decode profile: it goes with --target jetson or "
                              f"datacenter (the {opts.target} target batches any number of sequences)")
         if isinstance(opts.max_batch, bool) or not 1 <= int(opts.max_batch) <= MAX_BATCH_LIMIT:
             raise ValueError(f"--max-batch must be 1..{MAX_BATCH_LIMIT}, got {opts.max_batch}")
@@ -363,7 +363,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
 
 def build_plan(tgt, graphs: dict, model: dict, preprocess: dict | None = None, max_batch: int | None = None) -> dict:
     """What ``safeclip-build`` does on the device: per graph, its optimisation profiles, precision, workspace
-    (``max_batch``: the decoder's decode-batch profile, default the target's)."""
+    (``max_batch``: the decoder's decode profile, default the target's)."""
     if tgt.build_engines == "never":
         return {}
     vg = graphs["vision_gate"]

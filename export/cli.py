@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, default=None, help="bundle folder (default: engines/<name>)")
     out.add_argument("--no-decoder", action="store_true", help="export the vision+gate graph only")
     out.add_argument("--max-batch", type=int, default=None, help="jetson/datacenter: the most sequences one batched "
-                     "decode step takes in the TensorRT engine (its decode-batch profile; default: jetson 4, "
+                     "decode step takes in the TensorRT engine (its decode profile; default: jetson 4, "
                      "datacenter 16; 1 = none); safeclip-serve --max-batch runs at most this")
     w = p.add_argument_group("weights (language model; the vision tower keeps the target's precision)")
     w.add_argument("--weights", default=None, metavar="{fp32,fp16,int8,int4}",

@@ -146,7 +146,7 @@ class Pipeline:
                         prefill_chunk: int | None = None):
         """Generate through a ``batch.Scheduler``: up to ``max_batch`` requests decode together (a
         slot decoder sharing the decoder's weights: ``backends.slots.SlotDecoder`` on ONNX Runtime's session, CPU
-        or CUDA; ``backends.trt.TrtSlotDecoder`` on the TensorRT plan and context, whose decode-batch profile
+        or CUDA; ``backends.trt.TrtSlotDecoder`` on the TensorRT plan and context, whose decode profile
         must cover ``max_batch``; one KV slot per sequence, each the decoder's capacity). :meth:`stream` then
         queues each request (``batch.QueueFull`` past ``max_waiting``). Returns the scheduler."""
         from .backends.pick import slot_decoder

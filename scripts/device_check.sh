@@ -407,5 +407,12 @@ print("\n" + text)
                                                      "skipped": skipped}, indent=2))
 EOF
 rc=$?
+# The tests marked cuda (CUDA provider vs CPU arena, batched slots on the device, ...) on this GPU: the CPU runs
+# pass them under copy-at-bind semantics (tests/_ort_binding.py); here the real provider decides.
+if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+    say "pytest -m cuda (real CUDA provider)"
+    timeout 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_kv_arena.py tests/test_batch_gpu.py \
+        tests/test_generate.py 2>&1 | tail -15 | tee "$RESULTS/pytest_cuda.txt"
+fi
 say "done (exit $rc); results in $RESULTS"
 exit $rc

@@ -69,20 +69,43 @@ class FakeCudart:
     class cudaMemcpyKind(enum.IntEnum):
         cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = range(4)
 
-    def __init__(self, gpu=(b"Orin\x00", 8, 7), limit_bytes=None):
+    def __init__(self, gpu=(b"Orin\x00", 8, 7), limit_bytes=None, sm_count=16, total_bytes=64 << 30):
         self.blocks: dict[int, tuple[np.ndarray, int, str]] = {}
         self.gpu, self.limit = gpu, limit_bytes
+        self.sm_count, self.total_bytes = sm_count, total_bytes     # an AGX Orin 64GB by default
         self.mallocs = self.frees = self.copies = 0
         self.streams: list[cudaStream_t] = []
+        self.reserved: dict[int, int] = {}             # TensorRT's own device memory (weights, activations): token -> bytes
+        self.peak = 0                                  # most device + reserved bytes held at once
+
+    def used(self) -> int:
+        return sum(b[1] for b in self.blocks.values()) + sum(self.reserved.values())
+
+    def reserve(self, n) -> int | None:
+        """TensorRT's own device memory (an engine's weights, a context's activations): counted against the limit
+        like cudaMalloc'd blocks, never read or written by copies; None when it does not fit (out of memory)."""
+        n = int(n)
+        if self.limit is not None and self.used() + n > self.limit:
+            return None
+        token = 0x7000_0000_0000 + 256 * (len(self.reserved) + 1 + max(self.reserved, default=0) % (1 << 20))
+        while token in self.reserved:
+            token += 256
+        self.reserved[token] = n
+        self.peak = max(self.peak, self.used())
+        return token
+
+    def unreserve(self, token) -> None:
+        self.reserved.pop(token, None)
 
     # memory
     def _alloc(self, n, kind):
-        if self.limit is not None and sum(b[1] for b in self.blocks.values()) + n > self.limit:
+        if self.limit is not None and self.used() + n > self.limit:
             return (Err.cudaErrorMemoryAllocation, 0)
         buf = np.full(n + 256, GARBAGE, np.uint8)
         addr = -(-buf.ctypes.data // 256) * 256
         self.blocks[addr] = (buf, n, kind)
         self.mallocs += 1
+        self.peak = max(self.peak, self.used())
         return (Err.cudaSuccess, addr)
 
     def cudaMalloc(self, size):
@@ -197,16 +220,17 @@ class FakeCudart:
 
     # device facts
     def cudaMemGetInfo(self):
-        used = sum(b[1] for b in self.blocks.values())              # the limit counts every block
-        total = self.limit if self.limit is not None else 8 << 30
-        return Err.cudaSuccess, max(0, total - used), total
+        total = self.limit if self.limit is not None else 8 << 30  # the limit counts every block and reservation
+        return Err.cudaSuccess, max(0, total - self.used()), total
 
     def cudaGetDeviceCount(self):
         return (Err.cudaSuccess, 1)
 
     def cudaGetDeviceProperties(self, device):
         name, major, minor = self.gpu
-        return (Err.cudaSuccess, types.SimpleNamespace(name=name, major=major, minor=minor))
+        return (Err.cudaSuccess, types.SimpleNamespace(name=name, major=major, minor=minor,
+                                                       multiProcessorCount=self.sm_count,
+                                                       totalGlobalMem=self.total_bytes))
 
     def cudaGetErrorString(self, error):
         msgs = {1: b"invalid argument", 2: b"out of memory", 400: b"invalid resource handle"}
@@ -283,11 +307,41 @@ def install_fakes(monkeypatch, version: str = "10.3.0.30", **cudart_kw):
     return trt, rt
 
 
-def write_plan(onnx_path, plan_path, profiles, perturb=None) -> Path:
-    """A fake plan: JSON naming the ONNX graph and the optimization profiles; ``perturb`` {output: delta}."""
+def write_plan(onnx_path, plan_path, profiles, perturb=None, activation_bytes=None, weights_bytes=None) -> Path:
+    """A fake plan: JSON naming the ONNX graph and the optimization profiles; ``perturb`` {output: delta}.
+    ``activation_bytes`` (one per profile) and ``weights_bytes`` default to what the graph makes of them
+    (:func:`plan_memory`)."""
     spec = {"onnx": str(Path(onnx_path).resolve()), "profiles": profiles, "perturb": dict(perturb or {})}
+    if activation_bytes is not None:
+        spec["activation_bytes"] = [int(b) for b in activation_bytes]
+    if weights_bytes is not None:
+        spec["weights_bytes"] = int(weights_bytes)
     Path(plan_path).write_text(json.dumps(spec))
     return Path(plan_path)
+
+
+_MEMORY: dict = {}
+
+
+def plan_memory(onnx_path, profiles) -> tuple[list[int], int]:
+    """(context memory per profile, weight bytes) of a graph: the stand-in's model of what TensorRT allocates on
+    the device (``_fake_trt_shapes.activation_bytes``: live intermediates at each profile's max shapes; weights:
+    every initializer's bytes, external data included). Cached per graph file and profiles."""
+    import onnx
+
+    from _fake_trt_shapes import activation_bytes
+
+    path = Path(onnx_path)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, json.dumps(profiles, sort_keys=True))
+    if key not in _MEMORY:
+        model = onnx.load(str(path), load_external_data=False)
+        weights = 0
+        for t in model.graph.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            weights += int(ext.get("length", 0)) if t.data_location == onnx.TensorProto.EXTERNAL else \
+                len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+        _MEMORY[key] = ([activation_bytes(path, p) for p in (profiles or [{}])], weights)
+    return _MEMORY[key]
 
 
 def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", build_fails: bool = False):
@@ -295,7 +349,7 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     major = int(version.split(".")[0])
-    stats = {"contexts": 0, "executions": 0, "profile_switches": 0, "deserialized": 0}
+    stats = {"contexts": 0, "executions": 0, "profile_switches": 0, "deserialized": 0, "context_memory": 0}
     trt.fake_stats, trt.fake_faults = stats, set()          # e.g. {"execute_async_v3"}: that call fails
 
     def fails(name):
@@ -333,6 +387,11 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
         pass
 
     trt.ILogger, trt.Logger, trt.IProgressMonitor = ILogger, Logger, IProgressMonitor
+    # NvInferRuntime.h (10.3 and 11.x): kSTATIC = 0, kON_PROFILE_CHANGE = 1, kUSER_MANAGED = 2
+    trt.ExecutionContextAllocationStrategy = Strategy = _PybindEnum(
+        "ExecutionContextAllocationStrategy", {"STATIC": 0, "ON_PROFILE_CHANGE": 1, "USER_MANAGED": 2})
+    reserve = getattr(cudart, "reserve", lambda n: 0)          # RealCudaBacking: no accounting on a real GPU
+    unreserve = getattr(cudart, "unreserve", lambda token: None)
 
     # -- runtime -----------------------------------------------------------------------------------------
     class ICudaEngine:
@@ -342,6 +401,10 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
             model = onnx.load(spec["onnx"], load_external_data=False)
             self._onnx, self._ort = spec["onnx"], None              # ONNX Runtime session, made on first use
             self._profiles, self._perturb = spec["profiles"], spec.get("perturb") or {}
+            act, weights = plan_memory(spec["onnx"], self._profiles) \
+                if "activation_bytes" not in spec or "weights_bytes" not in spec else (None, None)
+            self._act = [int(b) for b in spec.get("activation_bytes", act)]
+            self._weights = int(spec.get("weights_bytes", weights))
             self._tensors = {}                                  # name -> (mode, dtype, dims as ints or symbols)
             io = ((trt.TensorIOMode.INPUT, model.graph.input), (trt.TensorIOMode.OUTPUT, model.graph.output))
             for mode, vis in io:
@@ -370,24 +433,63 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
             p = self._profiles[profile_index][name]
             return [list(p["min"]), list(p["opt"]), list(p["max"])]
 
-        def create_execution_context(self):
+        # context memory (NvInferRuntime.h): per profile, and the maximum over all (what kSTATIC allocates)
+        def get_device_memory_size_for_profile_v2(self, profile_index):
+            return self._act[profile_index]
+
+        device_memory_size_v2 = property(lambda self: max(self._act))
+
+        def create_execution_context(self, strategy=Strategy.STATIC):
             if fails("create_execution_context"):
                 return None                                     # TensorRT: out of device memory
+            need = {Strategy.STATIC: self.device_memory_size_v2, Strategy.ON_PROFILE_CHANGE: self._act[0],
+                    Strategy.USER_MANAGED: 0}[Strategy(int(strategy))]
+            token = reserve(need)
+            if token is None:
+                return None                                     # the bindings return None when the C++ call fails
             stats["contexts"] += 1
-            return IExecutionContext(self)
+            return IExecutionContext(self, Strategy(int(strategy)), token, need)
+
+        def __del__(self):
+            unreserve(getattr(self, "_token", None))
 
     class IExecutionContext:
-        def __init__(self, engine):
+        def __init__(self, engine, strategy, token, held):
             self._e, self._profile, self._shapes, self._addr = engine, 0, {}, {}
+            self._strategy, self._token, self._held = strategy, token, held      # context memory held now
+            self._user_mem = None                                               # USER_MANAGED: (address, size)
+            stats["context_memory"] = held
 
         def set_optimization_profile_async(self, profile_index, stream_handle):
+            # pyCore.cpp (10.3 to 11.1): PY_ASSERT_RUNTIME_ERROR(setOptimizationProfileAsync(...), "Error in set
+            # optimization profile async."): a failure raises RuntimeError; it never returns False
             k = profile_index
             if fails("set_optimization_profile_async") or not 0 <= k < len(self._e._profiles) or \
                     cudart.stream(stream_handle) is None:
-                return False
+                raise RuntimeError("Error in set optimization profile async.")
+            if self._strategy == Strategy.ON_PROFILE_CHANGE and k != self._profile:
+                unreserve(self._token)                           # "reallocate for a profile when it's selected"
+                self._token, self._held = reserve(self._e._act[k]), self._e._act[k]
+                stats["context_memory"] = self._held
+                if self._token is None:
+                    self._held = 0
+                    raise RuntimeError("Error in set optimization profile async.")
             self._profile, self._shapes = k, {}                # switching invalidates the input shapes
             stats["profile_switches"] += 1
             return True
+
+        def update_device_memory_size_for_shapes(self):
+            return self._e._act[self._profile]                 # the stand-in sizes a profile by its max shapes
+
+        def set_device_memory(self, memory, size):
+            if self._strategy != Strategy.USER_MANAGED:
+                raise RuntimeError("set_device_memory needs a context created with USER_MANAGED")
+            cudart.region(int(memory), max(int(size), 1), "device")
+            self._user_mem = (int(memory), int(size))
+
+        def __del__(self):
+            unreserve(getattr(self, "_token", None))
+            stats["context_memory"] = 0
 
         def set_input_shape(self, name, shape):
             n = name
@@ -437,6 +539,15 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
             if fails("execute_async_v3") or stream is None or any(n not in self._addr for n in tensors) or \
                     any(n not in self._shapes for n, t in tensors.items() if t[0] == trt.TensorIOMode.INPUT):
                 return False                                     # TensorRT logs the missing binding
+            if self._strategy == Strategy.USER_MANAGED and (self._user_mem is None or
+                                                            self._user_mem[1] < self._e._act[self._profile]):
+                return False                                     # no (or too little) user-managed context memory
+            named = {}                                           # NvInfer.h ITensor::setDimensionName: "Dimensions
+            for n, (mode, _, dims) in tensors.items():           # with the same non-empty name must be equal at
+                if mode == trt.TensorIOMode.INPUT:               # runtime" (onnx-tensorrt names them by dim_param)
+                    for d, v in zip(dims, self._shapes[n]):
+                        if isinstance(d, str) and named.setdefault(d, v) != v:
+                            return False
             spans = {}                                           # name -> (address, bytes, shape, numpy dtype)
             for n, (mode, dt, _) in tensors.items():
                 shape = self.get_tensor_shape(n)
@@ -482,8 +593,12 @@ def fake_tensorrt(cudart: FakeCudart | None = None, version: str = "10.3.0.30", 
                 spec = json.loads(bytes(memoryview(serialized_engine)).decode())
             except (UnicodeDecodeError, ValueError):
                 return None                                       # TensorRT logs "Serialization assertion failed"
+            engine = ICudaEngine(spec)
+            engine._token = reserve(engine._weights)             # the engine's weights live in device memory
+            if engine._token is None:
+                return None                                       # TensorRT logs the failed allocation
             stats["deserialized"] += 1
-            return ICudaEngine(spec)
+            return engine
 
     trt.Runtime, trt.ICudaEngine, trt.IExecutionContext = Runtime, ICudaEngine, IExecutionContext
     from _fake_trt_build import builder_api

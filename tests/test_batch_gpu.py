@@ -132,7 +132,7 @@ def test_tensorrt_batched_steps_equal_each_sequence_alone(trt_env):
         before = dec.decode_copies
         logits = dec.decode(table[tokens]).copy()
         assert dec.decode_copies - before == T * 3                      # three lengths: one copy per tensor each
-        assert dec.c.profile == 3                                       # the decode-batch profile
+        assert dec.c.profile == 1                                       # the one decode profile
         for i, s in enumerate(solo):
             np.testing.assert_allclose(logits[i], s.decode_one_token(table[tokens[i]]), atol=1e-5, rtol=0)
         tokens = [int(np.argmax(row)) for row in logits]
@@ -154,8 +154,11 @@ def test_tensorrt_batched_steps_equal_each_sequence_alone(trt_env):
     logits = dec.decode(table[toks])
     for row, s, t in zip(logits, (solo[2], solo[1], ref_new), toks):
         np.testing.assert_allclose(row, s.decode_one_token(table[t]), atol=1e-5, rtol=0)
-    B1 = dec.decode(table[[toks[0]]])                                   # one sequence: the batch-1 decode profile
-    assert dec.c.profile == 1 and B1.shape == (1, dec.vocab_size)
+    switches = trt.fake_stats["profile_switches"]
+    B1 = dec.decode(table[[toks[0]]])                                   # one sequence: the same decode profile
+    B2 = dec.decode(table[toks[:2]])                                    # and two again: no switch either way
+    assert dec.c.profile == 1 and B1.shape == (1, dec.vocab_size) and B2.shape == (2, dec.vocab_size)
+    assert trt.fake_stats["profile_switches"] == switches
     dec.close()
 
 

@@ -145,5 +145,5 @@ def test_graph_specs_are_what_the_bundle_declares_and_the_graphs_take(controlled
     pre, step, ext, *_ = TARGETS["jetson"].decoder_profiles(hidden, dec.kv.num_layers, dec.kv.num_kv_heads,
                                                         dec.kv.head_dim, 2048)
     assert set(pre) == set(dspec.input_names) == set(ext)
-    assert step[dec.names.attention_mask] == {"min": [1, 1], "opt": [1, 1025], "max": [1, 2049]}   # bucket + 1
+    assert step[dec.names.attention_mask] == {"min": [1, 1], "opt": [1, 1025], "max": [4, 2049]}   # bucket + 1, B 1..4
     assert ext[dec.names.attention_mask] == {"min": [1, 3], "opt": [1, 1088], "max": [1, 2048 + 512]}

@@ -21,7 +21,7 @@ def _err(capsys):
     (["--model", "some-org/not-cached-model"], "not available locally"),
     (["--descriptors", "/nonexistent.json"], "no such descriptor file"),
     (["--threshold", "1.5"], "--threshold must be in [0, 1]"),
-    (["--max-batch", "4"], "--max-batch sizes the TensorRT decode-batch profile: it goes with --target jetson"),
+    (["--max-batch", "4"], "--max-batch sizes the TensorRT decode profile: it goes with --target jetson"),
     (["--max-batch", "0", "--target", "jetson"], "--max-batch must be 1..256, got 0"),
     (["--max-batch", "300", "--target", "datacenter"], "--max-batch must be 1..256, got 300"),
 ])

@@ -110,7 +110,7 @@ def test_backend_and_builder_spell_only_real_names():
     assert sorted(used - TRT10_ONLY - trt11) == [], "not in the TensorRT 11.4 bindings"
     assert TRT10_ONLY.isdisjoint(trt11), "TensorRT 11 has these after all: the builder's version gate is stale"
     assert {"cudaMalloc", "cudaMemcpyAsync", "cudaMemcpyHostToDevice", "cudaGetDeviceProperties"} <= cuda_calls
-    assert props == {"name", "major", "minor"}, props
+    assert props == {"name", "major", "minor", "multiProcessorCount", "totalGlobalMem"}, props
     for lst in CUDA:
         assert sorted((cuda_calls | props) - names(lst)) == [], f"not in {lst}.json"
 

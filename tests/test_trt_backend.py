@@ -22,13 +22,14 @@ from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import BackendError, make_session
 from safeclip.runtime.backends.pick import Probe, choose_backend, open_decoder, open_vision
 from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession, decoder_shapes, plan_capacity
-from safeclip.runtime.backends.trt_plan import plan_extend
+from safeclip.runtime.backends.trt_plan import plan_extend, plan_prefill
 from safeclip.runtime.backends.trt_plan import PlanMismatchError, select_profile
 from safeclip.runtime.backends.base import ContextError, KVSpec
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.manifest import load_manifest
 
-ORIN = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
+ORIN = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7", "sm_count": "16",
+        "memory_class_gib": "64"}
 TRT_SKIP = "tensorrt not installed (cannot be installed here: no NVIDIA index)"
 
 
@@ -126,14 +127,18 @@ def test_profile_choice_prefill_vs_decode():
     from safeclip.export.targets import TARGETS
     profiles = TARGETS["jetson"].decoder_profiles(64, 2, 2, 16, 2048)
     assert plan_capacity(profiles, KV, 64) == 2048
-    for S in (2, 100, 640, 2048):                                   # a prompt: the prefill profile
+    for S in (2, 100, 512):                                         # a prompt's first chunk: the prefill profile
         assert select_profile(profiles, decoder_shapes(KV, 64, 0, S)) == 0
+    assert plan_prefill(profiles, KV, 64) == 512                    # longer prompts go on in extensions
+    with pytest.raises(Exception, match="no optimization profile covers"):
+        select_profile(profiles, decoder_shapes(KV, 64, 0, 513))
     for P in (1, 639, 1024, 2047, 2048):                            # one token on a bucket: the decode profile
         assert select_profile(profiles, decoder_shapes(KV, 64, P, 1)) == 1
     for P, S in ((1, 2), (16, 64), (2048, 512)):                    # a follow-up turn: the extend profile
         assert select_profile(profiles, decoder_shapes(KV, 64, P, S)) == 2
     assert plan_capacity(profiles[:1], KV, 64) == 1                 # prefill profile alone: no decode past 0
-    assert plan_capacity(profiles[1:2], KV, 64) == 1                # decode profile alone: one-token prompts only
+    assert plan_capacity(profiles[1:2], KV, 64) == 2048             # decode profile alone: prompts token by token
+    assert plan_prefill(profiles[1:2], KV, 64) == 1
     assert plan_extend(profiles, KV, 64, 2048, 512) == 512 and plan_extend(profiles[:2], KV, 64, 2048, 512) == 1
     assert plan_extend(profiles, KV, 64, 2048, 100) == 100          # the runtime's own limit
 
@@ -327,8 +332,8 @@ def test_build_records_engines_and_reseals(fakes, jetson_bundle):
         assert sorted(par) == sorted(outs), par
         for k in outs:
             assert par[k] == pytest.approx(DRIFT[k], rel=1e-3), f"{g} {k}: parity {par[k]} vs drift {DRIFT[k]}"
-    assert eng["decoder"]["profile_names"] == ["prefill", "decode", "extend", "decode-batch"]
-    assert len(eng["decoder"]["profiles"]) == 4
+    assert eng["decoder"]["profile_names"] == ["prefill", "decode", "extend"]
+    assert len(eng["decoder"]["profiles"]) == 3
     assert not list(jetson_bundle.glob(".*.building"))
     assert choose_backend(m, probe=FakeProbe()).name == "tensorrt"
     # the runtime loads what was built

@@ -24,7 +24,8 @@ from safeclip.runtime.backends import trt_build as build  # noqa: E402
 TRT_SKIP = "tensorrt not installed (cannot be installed here: no NVIDIA index)"
 PROFILES = [{"x": {"min": [1, 4], "opt": [1, 4], "max": [1, 4]}},          # decode-like: batch 1
             {"x": {"min": [1, 4], "opt": [4, 4], "max": [8, 4]}}]          # prefill-like: up to 8
-DEVICE = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
+DEVICE = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7", "sm_count": "16",
+          "memory_class_gib": "64"}
 
 
 def small_onnx(path: Path, op: str = "Relu", batch="B") -> Path:
@@ -84,11 +85,12 @@ def test_plan_cache_key_changes_with_every_fact():
     assert key == build.plan_cache_key(**base) and len(key) == 64
     variants = [dict(onnx_sha256="cd" * 32), dict(precision="fp16"), dict(profiles=PROFILES[:1]),
                 dict(device={**DEVICE, "tensorrt_version": "10.3.0.26"}), dict(device={**DEVICE, "gpu_name": "Thor"}),
-                dict(device={**DEVICE, "compute_capability": "11.0"}), dict(workspace_bytes=1 << 30)]
+                dict(device={**DEVICE, "compute_capability": "11.0"}), dict(device={**DEVICE, "sm_count": "8"}),
+                dict(device={**DEVICE, "memory_class_gib": "16"}), dict(workspace_bytes=1 << 30)]
     keys = {build.plan_cache_key(**{**base, **v}) for v in variants}
     assert len(keys) == len(variants) and key not in keys
     with pytest.raises(ValueError, match="lack \\['gpu_name'\\]"):
-        build.plan_cache_key(**{**base, "device": {"tensorrt_version": "10.3", "compute_capability": "8.7"}})
+        build.plan_cache_key(**{**base, "device": {k: v for k, v in DEVICE.items() if k != "gpu_name"}})
 
 
 def test_save_engine_is_atomic(tmp_path):
@@ -207,14 +209,17 @@ def test_device_key_through_cuda_python(with_trt, monkeypatch):
     runtime = types.SimpleNamespace(
         cudaGetDeviceCount=lambda: state["count"],
         cudaGetDeviceProperties=lambda i: (Err.cudaSuccess,
-                                           types.SimpleNamespace(name=b"Orin\x00\x00", major=8, minor=7)),
+                                           types.SimpleNamespace(name=b"Orin\x00\x00", major=8, minor=7,
+                                                                 multiProcessorCount=8,      # an Orin NX 16GB
+                                                                 totalGlobalMem=15_600_000_000)),
         cudaGetErrorString=lambda e: (Err.cudaSuccess, b"CUDA driver version is insufficient for CUDA runtime version"))
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     bindings.runtime, cuda.bindings = runtime, bindings
     monkeypatch.setitem(sys.modules, "cuda", cuda)
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
-    assert build.device_key() == {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
+    assert build.device_key() == {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7",
+                                  "sm_count": "8", "memory_class_gib": "16"}
     with pytest.raises(build.TensorRTUnavailable, match="CUDA device 1 not present"):
         build.device_key(1)
     state["count"] = (Err.cudaErrorInsufficientDriver, None)    # cuda-bindings 12.9 on a machine without a driver
@@ -249,3 +254,36 @@ def test_real_device_key():
     key = build.device_key()
     major, minor = key["compute_capability"].split(".")
     assert int(major) >= 5 and minor.isdigit() and key["gpu_name"]
+
+
+# -- the stand-in's tensor sizes (tests/_fake_trt_shapes.py) ---------------------------------------------
+
+def test_standin_sizes_the_demo_decoder_attention(demo_decoder_parts):
+    """Shape inference on the demo decoder (loaded without its weights) finds the attention scores
+    [B, H, S, P+S] (the graph groups query heads per KV head: [B, KVH, H/KVH*S, P+S], the same volume), and the
+    stand-in's context memory grows with the profile's max as the scores do."""
+    from _fake_trt_shapes import LIMIT, activation_bytes, tensor_volumes
+    from safeclip.runtime.graph_spec import decoder_spec
+
+    m, kv, table = demo_decoder_parts
+    path, hidden = m.path("decoder.onnx"), table.shape[1]
+    heads = hidden // kv.head_dim
+    B, S, P = 2, 7, 5
+    spec = decoder_spec(hidden, None, kv)
+    vol = tensor_volumes(path, spec.shapes(batch=B, seq=S, past=P))
+    import onnx
+    g = onnx.load(str(path), load_external_data=False).graph
+    scores = [n.output[0] for n in g.node if n.op_type == "Softmax"]
+    assert len(scores) == kv.num_layers and all(vol[s] == B * heads * S * (P + S) for s in scores), \
+        {s: vol[s] for s in scores}
+    assert vol["logits"] == B * 1 * table.shape[0] and vol[kv.present_key.format(i=0)] == B * kv.num_kv_heads * S * kv.head_dim
+    assert not {t.name for t in g.initializer} & set(vol) and max(vol.values()) < LIMIT
+
+    def prof(seq):
+        return spec.profile(*[{"batch": 1, "seq": seq, "past": 0}] * 3)
+
+    small, large = activation_bytes(path, prof(16)), activation_bytes(path, prof(256))
+    assert small >= heads * 16 * 16 * 4                     # one layer's fp32 scores are alive at the softmax
+    assert large >= heads * 256 * 256 * 4 and large > 16 * small    # quadratic in S: the scores dominate
+    with pytest.raises(ValueError, match="not network inputs"):
+        tensor_volumes(path, {"nope": (1,)})

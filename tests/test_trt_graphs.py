@@ -46,12 +46,12 @@ def test_exported_graphs_pass_the_tensorrt_parser_check(bundles, target, graph, 
         assert issues == []
 
 
-def test_the_manifest_plans_the_decode_batch_profile_export_was_given(bundles):
+def test_the_manifest_plans_the_decode_profile_export_was_given(bundles):
     from safeclip.runtime.backends.trt_plan import plan_batch
     from safeclip.runtime.manifest import load_manifest
 
     m = load_manifest(bundles["jetson"])
     plan = m.build_plan["decoder"]
-    assert plan["profile_names"] == ["prefill", "decode", "extend", "decode-batch"]
+    assert plan["profile_names"] == ["prefill", "decode", "extend"]
     kv, hidden = m.decoder.kv, m.decoder.inputs[m.decoder.names.inputs_embeds].shape[-1]
     assert plan_batch(plan["profiles"], kv, hidden, m.build["context"]) == 6       # --max-batch 6

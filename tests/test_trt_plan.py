@@ -11,7 +11,8 @@ from safeclip.runtime.backends.ort import BackendError
 from safeclip.runtime.backends.trt_plan import (
     PlanMismatchError, ProfileSelectionError, check_plan_compatible, select_profile)
 
-ORIN = {"tensorrt_version": "10.3.0.30", "compute_capability": "8.7", "gpu_name": "Orin"}
+ORIN = {"tensorrt_version": "10.3.0.30", "compute_capability": "8.7", "gpu_name": "Orin", "sm_count": "16",
+        "memory_class_gib": "64"}                               # an AGX Orin 64GB
 
 
 def plan(**over):
@@ -28,6 +29,9 @@ def test_same_device_passes():
     ("tensorrt_version", "10.16.0.72", "TensorRT 10.16.0.72 (plan)"),
     ("compute_capability", "9.0", "compute capability 9.0 (plan) vs 8.7"),
     ("gpu_name", "NVIDIA H100 80GB HBM3", "GPU NVIDIA H100 80GB HBM3 (plan) vs Orin"),
+    # every Orin module's GPU is "Orin" 8.7: an Orin NX 16GB plan (8 SMs) on an AGX Orin 64GB (16 SMs)
+    ("sm_count", "8", "SMs 8 (plan) vs 16"),
+    ("memory_class_gib", "16", "memory class (GiB) 16 (plan) vs 64"),
 ])
 def test_mismatch_refused_with_rebuild_command(key, value, label):
     with pytest.raises(PlanMismatchError) as e:
@@ -39,14 +43,17 @@ def test_mismatch_refused_with_rebuild_command(key, value, label):
 
 
 def test_every_difference_is_listed_and_missing_facts_refused():
-    other = {"tensorrt_version": "11.4.0.106", "compute_capability": "10.0", "gpu_name": "B200"}
+    other = {"tensorrt_version": "11.4.0.106", "compute_capability": "10.0", "gpu_name": "B200", "sm_count": "148",
+             "memory_class_gib": "256"}
     with pytest.raises(PlanMismatchError) as e:
         check_plan_compatible(plan(**other), ORIN)
-    assert str(e.value).count(" (plan) vs ") == 3
+    assert str(e.value).count(" (plan) vs ") == 5
+    with pytest.raises(PlanMismatchError, match="does not record sm_count, memory_class_gib"):
+        check_plan_compatible({k: v for k, v in plan().items() if k not in ("sm_count", "memory_class_gib")}, ORIN)
     with pytest.raises(PlanMismatchError, match="does not record gpu_name.*safeclip-build --bundle DIR"):
         check_plan_compatible({k: v for k, v in plan().items() if k != "gpu_name"}, ORIN)
     with pytest.raises(ValueError, match="device facts lack 'gpu_name'"):
-        check_plan_compatible(plan(), {"tensorrt_version": "10.3.0.30", "compute_capability": "8.7"})
+        check_plan_compatible(plan(), {k: v for k, v in ORIN.items() if k != "gpu_name"})
 
 
 # two decoder profiles over input_ids [batch, seq] and the cache length, as the exporter writes them

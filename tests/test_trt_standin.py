@@ -101,7 +101,9 @@ def test_execute_refuses_overlapping_bindings_and_returns_false_for_missing_ones
     with pytest.raises(AssertionError, match="output 'y' .* overlaps 'x'.*the kernels would overwrite what they read"):
         ctx.execute_async_v3(int(s))
     assert ctx.set_tensor_address("y", a + 256) and ctx.execute_async_v3(int(s))
-    assert ctx.set_optimization_profile_async(0, int(s)) and not ctx.set_optimization_profile_async(1, int(s))
+    assert ctx.set_optimization_profile_async(0, int(s))
+    with pytest.raises(RuntimeError, match="Error in set optimization profile async"):   # raised, not False
+        ctx.set_optimization_profile_async(1, int(s))                # (pyCore.cpp, TensorRT 10.3 to 11.1)
     assert not ctx.execute_async_v3(int(s))                          # the switch forgot x's shape
     cuda.release()
 
@@ -179,3 +181,65 @@ def test_decoder_results_are_stream_ordered(fakes, decoder_plan):
             f"decode step {step + 1}: logits differ from OrtDecoder by {np.abs(a - b).max():.3g}"
     assert not any(s.pending for s in rt.streams), "work left queued on a stream after a call returned"
     dec.close()
+
+
+def test_named_dimensions_must_agree_at_execution(fakes, tmp_path):
+    """NvInfer.h ``ITensor::setDimensionName``: "Dimensions with the same non-empty name must be equal at runtime"
+    (onnx-tensorrt names them by the ONNX ``dim_param``): two inputs sharing "batch" with different values fail."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    trt, rt = fakes
+    cuda = CudaRuntime(rt)
+    g = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "two",
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in "ab"],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "two.onnx")
+    prof = [{n: {"min": [1, 4], "opt": [2, 4], "max": [4, 4]} for n in "ab"}]
+    plan = write_plan(tmp_path / "two.onnx", tmp_path / "two.plan", prof)
+    ctx = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes()) \
+        .create_execution_context()
+    s, buf = cuda.stream(), cuda.malloc(3 * 256)
+    for i, n in enumerate("aby"):
+        assert ctx.set_tensor_address(n, buf + 256 * i)
+    assert ctx.set_input_shape("a", (2, 4)) and ctx.set_input_shape("b", (3, 4))    # each inside the profile
+    assert not ctx.execute_async_v3(int(s))                                          # but "batch" disagrees
+    assert ctx.set_input_shape("b", (2, 4)) and ctx.execute_async_v3(int(s))
+    cuda.sync(s)
+    cuda.release()
+
+
+def test_device_memory_counts_weights_and_context_memory_by_strategy(fakes, tmp_path):
+    """An engine's weights and its context's activation memory live in device memory (on a Jetson, the shared
+    DRAM): deserializing past the limit returns None, and each allocation strategy holds what TensorRT's does."""
+    trt, rt = fakes
+    S = trt.ExecutionContextAllocationStrategy
+    assert (int(S.STATIC), int(S.ON_PROFILE_CHANGE), int(S.USER_MANAGED)) == (0, 1, 2)   # NvInferRuntime.h
+    prof = [{"x": {"min": [1, 4], "opt": [1, 4], "max": [1, 4]}}, {"x": {"min": [1, 4], "opt": [4, 4], "max": [4, 4]}}]
+    small_plan(tmp_path)
+    plan = write_plan(tmp_path / "small.onnx", tmp_path / "mem.plan", prof, activation_bytes=[1000, 5000],
+                      weights_bytes=1 << 20)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    rt.limit = (1 << 20) - 1
+    assert runtime.deserialize_cuda_engine(plan.read_bytes()) is None          # the weights do not fit
+    rt.limit = None
+    eng = runtime.deserialize_cuda_engine(plan.read_bytes())
+    assert sum(rt.reserved.values()) == 1 << 20
+    assert (eng.get_device_memory_size_for_profile_v2(0), eng.device_memory_size_v2) == (1000, 5000)
+    static = eng.create_execution_context()                                     # the default: the maximum, always
+    assert sum(rt.reserved.values()) == (1 << 20) + 5000
+    del static
+    ctx = eng.create_execution_context(S.ON_PROFILE_CHANGE)
+    assert sum(rt.reserved.values()) == (1 << 20) + 1000
+    s = rt.cudaStreamCreate()[1]
+    ctx.set_optimization_profile_async(1, int(s))
+    assert sum(rt.reserved.values()) == (1 << 20) + 5000
+    ctx.set_optimization_profile_async(0, int(s))
+    assert sum(rt.reserved.values()) == (1 << 20) + 1000
+    rt.limit = rt.used() + 3000                                                  # profile 1 no longer fits
+    with pytest.raises(RuntimeError, match="Error in set optimization profile async"):
+        ctx.set_optimization_profile_async(1, int(s))
+    rt.limit = None
+    del ctx
+    user = eng.create_execution_context(S.USER_MANAGED)
+    assert sum(rt.reserved.values()) == 1 << 20 and user.update_device_memory_size_for_shapes() == 1000

@@ -69,13 +69,23 @@ class CudaRuntime:
 
     # -- device facts ------------------------------------------------------------------------------------
     def device_facts(self, index: int = 0) -> dict[str, str]:
-        """``{gpu_name, compute_capability}`` of CUDA device ``index``."""
+        """``{gpu_name, compute_capability, sm_count, memory_class_gib}`` of CUDA device ``index``.
+
+        Every Jetson Orin module calls its GPU "Orin" with compute capability 8.7, so the name alone would let
+        a plan move between modules TensorRT tuned it apart for. The SM count (AGX Orin 64GB: 16, AGX Orin
+        32GB: 14, Orin NX 16GB/8GB and Orin Nano 8GB: 8, Orin Nano 4GB: 4) and the memory class (the device's
+        total memory rounded up to a power of two GiB: 64, 32, 16, 8, 4; what the kernel keeps back moves the
+        exact figure between releases, the class stays) tell them apart. Orin NX 8GB and Orin Nano 8GB share
+        both (8 SMs, 8 GiB) and differ in clocks, which a power mode changes, so they are not told apart."""
         count = int(self.call("cudaGetDeviceCount"))
         if not 0 <= index < count:
             raise CudaError(f"CUDA device {index} not present ({count} found)")
         prop = self.call("cudaGetDeviceProperties", index)
         name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-        return {"gpu_name": name.split("\x00")[0].strip(), "compute_capability": f"{int(prop.major)}.{int(prop.minor)}"}
+        total = max(int(prop.totalGlobalMem), 1)
+        return {"gpu_name": name.split("\x00")[0].strip(), "compute_capability": f"{int(prop.major)}.{int(prop.minor)}",
+                "sm_count": str(int(prop.multiProcessorCount)),
+                "memory_class_gib": str(1 << max(0, (-(-total // (1 << 30)) - 1).bit_length()))}
 
     def mem_info(self) -> tuple[int, int]:
         """(free, total) bytes of the current device (``cudaMemGetInfo``; on a Jetson, the shared DRAM)."""

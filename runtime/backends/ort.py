@@ -11,9 +11,10 @@ the rows beyond the valid length masked out, and returns only the call's new row
 prefill binds those outputs straight into the arena, later calls into a small scratch whose rows are then
 copied to their place (2L*KVH*S*Hd elements per call instead of the whole cache). IOBinding binds every
 input and output to preallocated memory: nothing is allocated per step, and ORT writes the logits into a
-preallocated [1, 1, V] buffer. The 2L KV inputs and outputs and the mask keep their addresses and shapes
-while the bucket, the call's length and the prefill/decode kind stay the same, so a decode step rebinds only
-the token embedding and the position (binding all 4L+3 took ~0.4 ms per step at TinyLlama shape). Bundles
+preallocated [1, 1, V] buffer. The 2L KV inputs and outputs keep their addresses and shapes while the
+bucket, the call's length and the prefill/decode kind stay the same, so a decode step rebinds only its three
+host inputs (embedding, mask, position; binding all 4L+3 took ~0.4 ms per step at TinyLlama shape). Host inputs
+are rebound on every call because a GPU provider copies them at bind time (``_bind``). Bundles
 whose decoder returns past + new (written before this design) are
 refused when the manifest is read (``contract.py``): re-export them.
 """
@@ -157,7 +158,7 @@ class OrtDecoder:
         self._token = np.zeros((1, 1, self.hidden_size), self.dtype)       # one token's embedding [1, 1, D]
         self._io = self.session.io_binding()
         self._io.bind_output(names.logits, "cpu", 0, self.dtype, list(self._logits.shape), self._logits.ctypes.data)
-        self._bound = None                            # (bucket, S, mask length, prefill) of the KV/mask bindings
+        self._bound = None                            # (bucket, S, prefill) of the KV bindings
         self.weights_bytes = weights_bytes
         self.length = 0
 
@@ -239,12 +240,15 @@ class OrtDecoder:
         else:
             Lb, out = a.bucket, self._scratch_ptr
         m = a.mask(self._mask[0], P, S)
+        # Host inputs are bound on every call, after their last edit: a GPU provider copies a host input to the
+        # device when it is bound (onnxruntime IOBinding.cc, CopyOneInputAcrossDevices), so a mask bound once and
+        # edited in place later would be read stale there (the CPU provider aliases it, which hid this).
         io.bind_input(n.inputs_embeds, "cpu", 0, dt, [1, S, self.hidden_size], x.ctypes.data)
         io.bind_input(n.position_ids, "cpu", 0, np.int64, [1, S], self._pos.ctypes.data + 8 * P)
-        key = (Lb, S, m, P == 0)
-        if key == self._bound:                       # same shapes and addresses as the last call: bindings hold
-            return S
         io.bind_input(n.attention_mask, "cpu", 0, np.int64, [1, m], self._mask.ctypes.data)
+        key = (Lb, S, P == 0)
+        if key == self._bound:                       # same KV shapes and addresses as the last call: they hold
+            return S
         H, D = self.kv.num_kv_heads, self.kv.head_dim
         for j, (past, new) in enumerate(self._names):
             io.bind_input(past, dev, 0, dt, [1, H, Lb, D], a.ptr(j))              # [1, KVH, Lb, Hd]

@@ -23,8 +23,8 @@ Why B = the running sequences rather than all slots with the idle ones masked: a
 (``scripts/bench_serve.py --steps``; at the TinyLlama-1.1B shape on 2 CPU cores a B = 8 step took 1.7x a
 B = 1 step, BENCHMARKS.md), so computing idle rows would slow every step of a partly full batch (one running
 sequence would pay the B = 8 step), while compaction costs one copy of a sequence's rows when it leaves.
-On TensorRT this needs a profile over batch 2..N for the one-token step (``export/targets.py``'s
-``decode-batch`` profile); prefill and extension stay at batch 1 in their own profiles.
+On TensorRT the one-token step of 1..N sequences runs in one profile (``export/targets.py``'s ``decode``, batch
+1..N: a batch that grows or shrinks never switches profiles); prefill and extension stay at batch 1 in their own.
 
 Memory: slots x 2L x KVH x C x Hd in the cache dtype (:func:`kv_slot_bytes` per slot), plus one slot of
 scratch. The bucket is shared: every slot's attention reads Lb >= the longest running sequence's rows
@@ -113,12 +113,18 @@ class SlotOps:
         return x
 
     # -- slots -----------------------------------------------------------------------------------------------
+    prefill_max: int | None = None      # most tokens one prefill call takes (TensorRT's prefill profile); None: all
+
     def prefill(self, slot: int, inputs_embeds) -> np.ndarray:
-        """Run a prompt [S, D] alone into the empty ``slot``; returns the last logits [V] (a copy)."""
+        """Run a prompt [S, D] alone into the empty ``slot``; returns the last logits [V] (a copy). A prompt
+        longer than ``prefill_max`` goes on in extensions (chunked prefill)."""
         s, x = self._check_slot(slot), self._embeds(inputs_embeds)
         S = x.shape[1]
         if S > self.capacity:
             raise ContextError(f"{S} new tokens exceed the cache capacity {self.capacity}")
+        if self.prefill_max and S > self.prefill_max:
+            self.prefill(s, x[:, :self.prefill_max])
+            return self.extend(s, x[:, self.prefill_max:])
         self.lengths[s] = 0
         mask = self._bmask[:S].reshape(1, S)
         mask[:] = 1

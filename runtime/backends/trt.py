@@ -43,7 +43,7 @@ from .base import BackendError, ContextError, DecoderNames, truncation
 from .cuda import CudaRuntime, round_up
 from .slots import SlotOps
 from .trt_plan import (ProfileSelectionError, check_plan_compatible, decoder_shapes, plan_batch, plan_capacity,
-                       plan_extend, select_profile)
+                       plan_extend, plan_prefill, select_profile)
 
 TRT_HINT = ("TensorRT is not installed: on Jetson use the JetPack's system package (python3-libnvinfer); "
             "elsewhere pip install tensorrt-cu12 (or -cu13), whose libraries download from NVIDIA's index "
@@ -67,7 +67,8 @@ def import_tensorrt():
 
 
 def this_device(trt=None, cuda: CudaRuntime | None = None, index: int = 0) -> dict[str, str]:
-    """``{tensorrt_version, gpu_name, compute_capability}`` of this machine, as plans record them."""
+    """``{tensorrt_version, gpu_name, compute_capability, sm_count, memory_class_gib}`` of this machine, as plans
+    record them (``trt_plan.DEVICE_FIELDS``)."""
     trt = trt or import_tensorrt()
     cuda = cuda or CudaRuntime()
     return {"tensorrt_version": str(trt.__version__), **cuda.device_facts(index)}
@@ -116,21 +117,42 @@ class _Engine:
 
 
 class _Context:
-    """One execution context on one stream; remembers the active profile."""
+    """One execution context on one stream; remembers the active profile. Shared by a :class:`TrtDecoder` and
+    the :class:`TrtSlotDecoder` made on it (``users`` counts them): the last one to close destroys it.
+
+    Activation memory is ``ON_PROFILE_CHANGE`` (``ExecutionContextAllocationStrategy``, TensorRT 10.0+): TensorRT
+    holds the active profile's, reallocated when the profile changes, instead of the default ``STATIC`` maximum
+    over every profile for the context's life (a prefill chunk's attention scores are hundreds of MB that a
+    decode step never needs; on a Jetson that memory is the shared DRAM)."""
+
+    STRATEGY = "ON_PROFILE_CHANGE"
 
     def __init__(self, eng: _Engine, cuda: CudaRuntime):
         self.eng, self.cuda = eng, cuda
-        self.ctx = eng.engine.create_execution_context()
+        strategy = getattr(eng.trt.ExecutionContextAllocationStrategy, self.STRATEGY)
+        self.ctx = eng.engine.create_execution_context(strategy)
         if self.ctx is None:
             raise BackendError(f"TensorRT could not create an execution context for {eng.path.name} (out of memory?)")
         self.stream = cuda.stream()
         self.profile = 0                                  # a new context starts on profile 0
         self.lock = threading.RLock()                     # a TrtDecoder and its TrtSlotDecoder share the context
+        self.users = 1
+
+    def release(self) -> None:
+        """One user less; the last one waits for the stream, then destroys the context and the stream."""
+        self.users -= 1
+        if self.users == 0:
+            self.cuda.sync(self.stream)
+            del self.ctx
+            self.cuda.destroy_stream(self.stream)
 
     def use_profile(self, k: int) -> None:
         if k != self.profile:
-            if not self.ctx.set_optimization_profile_async(k, int(self.stream)):
-                raise BackendError(f"TensorRT refused to switch {self.eng.path.name} to profile {k}")
+            try:        # the bindings raise RuntimeError on failure, never return False (pyCore.cpp, 10.3 to 11.1)
+                self.ctx.set_optimization_profile_async(k, int(self.stream))
+            except RuntimeError as e:
+                raise BackendError(f"TensorRT refused to switch {self.eng.path.name} to profile {k} ({e}; out of "
+                                   "device memory for the profile's activations?)") from None
             self.profile = k
 
     def shape(self, name: str, shape: Sequence[int]) -> None:
@@ -234,12 +256,12 @@ class TrtVisionSession:
 
 
 def _close(obj) -> None:
+    """Free ``obj``'s buffers and its share of the execution context (idempotent)."""
     try:
         c = obj.__dict__.pop("c", None)
         if c is not None:
             obj.cuda.sync(c.stream)
-            del c.ctx
-            obj.cuda.destroy_stream(c.stream)
+            c.release()
         obj.__dict__.pop("eng", None)
         obj.cuda.release()
     except Exception:
@@ -296,6 +318,7 @@ class TrtDecoder:
                                "export with a larger target context and rebuild")
         self.plan_capacity = limit
         self.capacity = C = int(capacity or min(limit, context_length or limit))
+        self.prefill_max = min(C, plan_prefill(eng.profiles, kv, self.hidden_size, names=io))   # one prefill call
         self.extend_max = E = plan_extend(eng.profiles, kv, self.hidden_size, C, EXTEND_MAX, names=io)
         self.max_batch = plan_batch(eng.profiles, kv, self.hidden_size, C, names=io)   # TrtSlotDecoder's limit
         self.c = _Context(eng, cuda)
@@ -387,13 +410,25 @@ class TrtDecoder:
         return x
 
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        """Run the prompt [S, D] (or [1, S, D]) on an empty cache; returns the last logits [V] (a view)."""
+        """Run the prompt [S, D] (or [1, S, D]) on an empty cache; returns the last logits [V] (a view). A prompt
+        longer than the prefill profile takes (``prefill_max``) goes on in extensions (chunked prefill)."""
         x = self._stage_rows(inputs_embeds, "prompt embeddings")
         if x.shape[0] > self.capacity:
             raise ContextError(f"prompt of {x.shape[0]} tokens exceeds the cache capacity {self.capacity}")
         self.reset()
-        self._stage[: x.size] = x.reshape(-1)                     # cast to the graph's dtype while staging
-        return self._run(x.shape[0])
+        return self._feed(x)
+
+    def _feed(self, x: np.ndarray) -> np.ndarray:
+        """Append ``x`` [S, D] in calls the profiles take: a first chunk of up to ``prefill_max`` tokens on an
+        empty cache, then chunks of up to ``extend_max`` (one-token steps when the plan has no extend profile)."""
+        i = 0
+        while i < x.shape[0]:
+            step = self.prefill_max if self.length == 0 else self.extend_max
+            chunk = x[i:i + step]
+            self._stage[: chunk.size] = chunk.reshape(-1)             # cast to the graph's dtype while staging
+            logits = self._run(chunk.shape[0])
+            i += step
+        return logits
 
     def decode_one_token(self, token_embeds: np.ndarray) -> np.ndarray:
         """Append one token's embedding [D] to the cache; returns the next logits [V] (a view)."""
@@ -419,12 +454,7 @@ class TrtDecoder:
         if self.length + x.shape[0] > self.capacity:
             raise ContextError(f"{self.length} cached + {x.shape[0]} new tokens exceed the cache capacity "
                                f"{self.capacity}")
-        step = x.shape[0] if self.length == 0 else self.extend_max
-        for i in range(0, x.shape[0], step):
-            chunk = x[i:i + step]
-            self._stage[: chunk.size] = chunk.reshape(-1)
-            logits = self._run(chunk.shape[0])
-        return logits
+        return self._feed(x)
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` cached positions: O(1), the rows beyond become masked bucket rows."""
@@ -455,9 +485,10 @@ class TrtDecoder:
 
 class TrtSlotDecoder(SlotOps):
     """``slots`` sequences in one device KV arena on a :class:`TrtDecoder`'s plan and execution context (its
-    weights and activation memory are shared, its calls serialised by the context's lock): the batched decoder
-    ``batch.Scheduler`` drives (``slots.py``). A decode step of B sequences runs in the plan's
-    ``decode-batch`` profile (batch 2..N, ``export/targets.py``); prefill and extension of one slot in the
+    weights and activation memory are shared, its calls serialised by the context's lock; closing either one
+    leaves the context to the other): the batched decoder ``batch.Scheduler`` drives (``slots.py``). A decode
+    step of 1..N sequences runs in the plan's one ``decode`` profile (batch 1..N, ``export/targets.py``), so the
+    batch size never switches profiles; prefill (in chunks of ``prefill_max``) and extension of one slot in the
     prefill/extend profiles at batch 1. ``slots`` above what the profiles cover (:func:`plan_batch`) is refused
     with the re-export command.
 
@@ -491,6 +522,7 @@ class TrtSlotDecoder(SlotOps):
             C = rows = dec.plan_capacity // align * align
         self.capacity, self.slots, self.align = C, int(slots), align
         self.extend_max = plan_extend(eng.profiles, kv, self.hidden_size, rows, EXTEND_MAX, names=io)
+        self.prefill_max = min(C, plan_prefill(eng.profiles, kv, self.hidden_size, names=io))
         self.max_batch = plan_batch(eng.profiles, kv, self.hidden_size, rows, names=io)
         if self.slots > self.max_batch:
             raise BackendError(f"{eng.path.name}'s profiles batch at most {self.max_batch} sequences per decode step, "
@@ -513,6 +545,8 @@ class TrtSlotDecoder(SlotOps):
         self._d_logits = cuda.malloc(self.slots * self.vocab_size * logits_t.itemsize)  # [B, 1, V]
         self._logits = cuda.host_array(self.slots * self.vocab_size, logits_t)
         self._host = cuda.host_array(H * self.arena.capacity * Hd, kv_dtype)          # pinned: slot_read
+        self.c.users += 1                                            # the context outlives whichever closes first
+        self._holds_context = True
 
     @classmethod
     def sharing(cls, dec: TrtDecoder, slots: int, capacity: int | None = None) -> "TrtSlotDecoder":
@@ -571,11 +605,14 @@ class TrtSlotDecoder(SlotOps):
             self.arena.load_slot(s, arrays, self._host)
 
     def close(self) -> None:
+        """Free this decoder's buffers and its share of the context (idempotent)."""
         cuda = self.__dict__.pop("cuda", None)
         if cuda is not None:
             try:
                 cuda.sync(self.c.stream)
                 cuda.release()
+                if self.__dict__.pop("_holds_context", False):
+                    self.c.release()
             except Exception:
                 pass                        # interpreter shutdown or a dead context
 

@@ -5,12 +5,13 @@
   compatible only with the version of TensorRT used to build them"; version-compatible builds are not
   used here because they can be slower), so the full recorded version string must match, build number
   included. They are not portable across GPU architectures either, and NVIDIA advises building on the
-  exact GPU model, so compute capability and GPU name must match too. The error names the rebuild
-  command.
-* :func:`plan_capacity` and :func:`plan_extend`: what a decoder plan's profiles cover, given the shapes the
-  runtime binds (``arena.py``): a prefill of S = 1..C tokens on past 0; one-token steps whose past is the
-  arena's bucket, any length 0..C (a bucket is at least the cached length and at most the capacity); and
-  extensions of S >= 2 tokens on a bucket of 1..C rows (chunked at :func:`plan_extend` tokens).
+  exact GPU model, so compute capability, GPU name, SM count and memory class must match too (every Orin
+  module's GPU is "Orin" 8.7; ``cuda.CudaRuntime.device_facts``). The error names the rebuild command.
+* :func:`plan_prefill`, :func:`plan_capacity` and :func:`plan_extend`: what a decoder plan's profiles cover,
+  given the shapes the runtime binds (``arena.py``): a prefill of S = 1..chunk tokens on past 0 (a longer prompt
+  goes on in extensions: chunked prefill, ``export/targets.py``); one-token steps whose past is the arena's
+  bucket, any length 0..C (a bucket is at least the cached length and at most the capacity); and extensions
+  of S >= 2 tokens on a bucket of 1..C rows (chunked at :func:`plan_extend` tokens).
 * :func:`plan_batch`: how many sequences one batched decode step may take (``slots.py``): the largest N such
   that a one-token step of every batch 1..N on every bucket of 0..C rows lies in some profile.
 * :func:`select_profile` picks the optimization profile for the shapes of one call: among the profiles
@@ -25,10 +26,10 @@ from .base import BackendError, DecoderNames
 from ..graph_spec import decoder_spec
 
 REBUILD = "safeclip-build --bundle {bundle}"
-DEVICE_FIELDS = ("tensorrt_version", "compute_capability", "gpu_name")
+DEVICE_FIELDS = ("tensorrt_version", "compute_capability", "gpu_name", "sm_count", "memory_class_gib")
 
 __all__ = ["PlanMismatchError", "ProfileSelectionError", "check_plan_compatible", "select_profile", "REBUILD",
-           "decoder_shapes", "plan_capacity", "plan_extend", "plan_batch"]
+           "decoder_shapes", "plan_prefill", "plan_capacity", "plan_extend", "plan_batch"]
 
 
 class PlanMismatchError(BackendError):
@@ -54,7 +55,8 @@ def check_plan_compatible(plan_record: Mapping[str, Any], device: Mapping[str, A
     if missing:
         raise PlanMismatchError(f"{name} does not record {', '.join(missing)}; rebuild it on this device: {rebuild}")
     diffs = []
-    labels = {"tensorrt_version": "TensorRT", "compute_capability": "compute capability", "gpu_name": "GPU"}
+    labels = {"tensorrt_version": "TensorRT", "compute_capability": "compute capability", "gpu_name": "GPU",
+              "sm_count": "SMs", "memory_class_gib": "memory class (GiB)"}
     for key in DEVICE_FIELDS:
         built, here = str(plan_record[key]).strip(), str(device[key]).strip()
         if built != here:
@@ -102,15 +104,25 @@ def _fits(kv, hidden, batch, names):
     return fits
 
 
+def plan_prefill(profiles: Sequence[Mapping], kv, hidden: int, batch: int = 1,
+                 names: DecoderNames = DecoderNames()) -> int:
+    """The most tokens one prefill call (past 0) takes: every S = 1..that lies in some profile (0 when not
+    even one token does). Longer prompts continue through extensions (chunked prefill)."""
+    fits = _fits(kv, hidden, batch, names)
+    return max(0, _covered_to([_interval(p, lambda x: fits(p, 0, x)) for p in profiles], 1))
+
+
 def plan_capacity(profiles: Sequence[Mapping], kv, hidden: int, batch: int = 1,
                   names: DecoderNames = DecoderNames()) -> int:
-    """The largest capacity C for which every prefill (past 0, 1..C tokens) and every one-token step on a
-    bucket of 0..C rows lies in some profile (C = 1 needs no step beyond past 0); 0 when even a one-token
-    prompt is not covered."""
+    """The largest capacity C for which a prompt of any length 1..C can be run and then decoded: a prefill of
+    at least one token (:func:`plan_prefill`; longer prompts go on in extensions, which one-token steps can
+    always make) and a one-token step on every bucket of 0..C rows (C = 1 needs no step beyond past 0); 0 when
+    even a one-token prompt is not covered."""
+    if plan_prefill(profiles, kv, hidden, batch, names) < 1:
+        return 0
     fits = _fits(kv, hidden, batch, names)
-    prefill = _covered_to([_interval(p, lambda x: fits(p, 0, x)) for p in profiles], 1)
     decode = _covered_to([_interval(p, lambda x: fits(p, x, 1)) for p in profiles], 0)
-    return max(0, min(prefill, decode if decode >= 1 else decode + 1))
+    return max(0, decode if decode >= 1 else decode + 1)
 
 
 def plan_extend(profiles: Sequence[Mapping], kv, hidden: int, capacity: int, limit: int,

@@ -22,7 +22,7 @@ from ..messages import one_line
 # --max-batch by export target (BENCHMARKS.md "Continuous batching"): cpu decodes up to 4 together (a step of 4
 # costs 1.3x a step of 1 at TinyLlama-1.1B shape: 3.1x the tokens/s; 8 give 4.7x at 1.7x the step, but twice
 # the KV slots: 0.7 GB at TinyLlama/2048, 34 GB at a 7B/4096 fp32), lowered to what fits the memory. datacenter
-# GPUs decode 8 together (a memory-bound step reads the weights once for all of them; the engine's decode-batch
+# GPUs decode 8 together (a memory-bound step reads the weights once for all of them; the engine's decode
 # profile takes 16). jetson serves one at a time by default: a kiosk has one user, and each slot costs shared
 # DRAM (2 GiB for a 7B at 4096 tokens); its engine takes 4 (--max-batch 4). Never more than the engine covers.
 DEFAULT_MAX_BATCH = {"cpu": 4, "jetson": 1, "datacenter": 8}
@@ -83,7 +83,7 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-batch", type=int, default=None,
                    help="requests decoded together, each with its own KV slot of --context positions (default: "
                    f"by target, {DEFAULT_MAX_BATCH}, at most what fits the memory and a TensorRT engine's "
-                   "decode-batch profile)")
+                   "decode profile)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all)")
     m.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
     m.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
@@ -129,7 +129,7 @@ def _check_args(a) -> str | None:
 
 def default_max_batch(pipe, asked: int | None) -> int:
     """``--max-batch``, else the target's default (``DEFAULT_MAX_BATCH``), at most the KV slots that fit the
-    memory and what a TensorRT engine's decode-batch profile covers (``TrtDecoder.max_batch``)."""
+    memory and what a TensorRT engine's decode profile covers (``TrtDecoder.max_batch``)."""
     if asked is not None:
         return asked
     from .batching import slots_that_fit
