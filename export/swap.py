@@ -50,7 +50,8 @@ class BundleBusyError(RuntimeError):
 
 
 def _test_point(point: str) -> None:
-    for var, sig in (("SAFECLIP_EXPORT_TEST_STOP_AT", signal.SIGSTOP), ("SAFECLIP_EXPORT_TEST_KILL_AT", signal.SIGKILL)):
+    for var, sig in (("SAFECLIP_EXPORT_TEST_STOP_AT", signal.SIGSTOP),
+                     ("SAFECLIP_EXPORT_TEST_KILL_AT", signal.SIGKILL)):
         if os.environ.get(var) == point:
             os.kill(os.getpid(), sig)
 
@@ -187,7 +188,8 @@ class OutputSlot:
         if self._fd is None:
             return
         j = _journal(self._fd)
-        if clean and not any(p is not None and os.path.lexists(p) for p in map(self._ours, (j.get("tmp"), j.get("old")))):
+        left = [p for p in (self._ours(j.get("tmp")), self._ours(j.get("old"))) if p is not None and os.path.lexists(p)]
+        if clean and not left:
             self.lock.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None

@@ -14,8 +14,8 @@ per output at a time). A rerun of an interrupted job reads the parts, skips the 
 the rest; rows for an item already written (a batch retried after a worker died) are dropped, so no item is
 written twice. Before it resumes, the driver checks every row written against the files as they are now
 (``scan.unchanged``) and ``drop`` removes from the parts the rows of items gone from the listing and of items
-whose content changed, which are then gated again. When every listed item has its row, the job finishes: ``OUT`` ending in ``.parquet`` becomes
-one file (rows in listing order) written under a temporary name and renamed; any other ``OUT`` is the parts
+whose content changed, which are then gated again. When every listed item has its row, the job finishes:
+``OUT`` ending in ``.parquet`` becomes one file (rows in listing order) written under a temporary name and renamed; any other ``OUT`` is the parts
 folder itself, renamed from ``OUT.partial`` (with a ``_SUCCESS`` file). ``OUT`` therefore exists only complete.
 It keeps the job description (the file's schema metadata ``safeclip_job``, or the folder's ``_job.json``):
 a complete ``OUT`` is reused (``--labels``, ``--safe-out``) only by the same job.

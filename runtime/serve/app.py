@@ -15,9 +15,10 @@ unless ``policy=`` overrides it); clients cannot weaken it per request.
 
 Limits, each answered with a 4xx in OpenAI's error format (``{"error": {message, type, code, param}}``),
 never a 500 or a hang: body size (413), body read time and rate (408; ``intake.py``, which also bounds the
-bytes of bodies held at once), ``Host``/``Origin`` against DNS rebinding (403; ``hosts.py``), content type (415), malformed JSON and unknown
-fields (400), image bytes/format/pixels (400 ``invalid_image``), prompt length and context (400
-``context_length_exceeded``), ``max_tokens`` (400), remote image URLs (400 unless allowed), missing or wrong
+bytes of bodies held at once), ``Host``/``Origin`` against DNS rebinding (403; ``hosts.py``), content type
+(415), malformed JSON and unknown fields (400), image bytes/format/pixels (400 ``invalid_image``), prompt
+length and context (400 ``context_length_exceeded``), ``max_tokens`` (400), remote image URLs (400 unless
+allowed), missing or wrong
 key (401). One model runs one request at a time (``slot.Slot``): at most ``max_queue`` further requests wait, in
 arrival order; a full queue or a wait longer than ``queue_timeout_s`` answers 503 with ``Retry-After``. With
 ``max_batch`` > 1, up to that many decode together instead (``batching.py``: continuous batching).

@@ -48,8 +48,7 @@ def guarded_protocol(header_timeout_s: float, max_open: int) -> type:
     class GuardedH11Protocol(H11Protocol):
         _header_timer = None
         _armed_cycle = None
-
-        _idle_since = 0.0
+        _idle_since = 0.0                           # loop time when it last began waiting for headers
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
