@@ -11,6 +11,7 @@ import concurrent.futures
 import io
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -62,9 +63,11 @@ def test_slow_uploads_and_idle_connections_do_not_starve_health_page_or_api(bund
                         pass
         threading.Thread(target=drip, daemon=True).start()
         try:
-            time.sleep(1.0)
+            time.sleep(0.5)
             worst, statuses = {}, []
-            for _ in range(3):                      # while all 384 are open (the slow ones inside their grace)
+            for i in range(3):                      # while all 384 are open (the slow ones inside their grace)
+                if i == 1:                          # a round done with every upload still held, none answered
+                    assert not select.select(uploads, [], [], 0)[0], "an upload was answered too early"
                 for name, call in (("health", lambda: raw(s.url, "GET", "/health", headers={}, timeout=5)),
                                    ("page", lambda: raw(s.url, "GET", "/", headers={}, timeout=5)),
                                    ("api", lambda: raw(s.url, "POST", "/v1/chat/completions",
@@ -74,7 +77,6 @@ def test_slow_uploads_and_idle_connections_do_not_starve_health_page_or_api(bund
                     statuses.append((name, status))
                     worst[name] = max(worst.get(name, 0.0), time.monotonic() - t)
             assert all(st == 200 for _, st in statuses), statuses
-            assert time.monotonic() - t0 < 5.0          # measured inside the slow uploads' 5 s grace
             # the uploads are cut for their rate once the grace is over, each with a 408
             cut = 0
             for u in uploads:
