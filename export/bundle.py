@@ -2,7 +2,9 @@
 
 An interrupted export leaves no half bundle: everything is written under ``.<name>.tmp-*`` beside the
 destination, and only a complete, sealed folder is moved into place (an existing bundle is replaced only
-once the new one is complete; a folder that is not a bundle is never overwritten).
+once the new one is complete, in one atomic exchange; a folder that is not a bundle is never overwritten).
+One export per destination at a time; leftovers of an export killed with SIGKILL are cleaned by the next one
+(``swap.py``).
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import os
 import platform
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -279,7 +280,14 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
     if out.exists() and not (out / MANIFEST).is_file():
         raise BundleExistsError(f"{out} exists and is not a bundle; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    from .swap import OutputSlot
+    slot = OutputSlot.acquire(out)               # one export per --out; cleans what a killed export left
+    for note in slot.recovered:
+        progress(note)
+    if out.exists() and not (out / MANIFEST).is_file():
+        slot.release()
+        raise BundleExistsError(f"{out} exists and is not a bundle; choose another --out")
+    tmp = slot.new_tmp()
     try:
         progress("loading checkpoints")
         src = open_sources(opts.model, opts.clip, tmp / "_work", vision_tower=opts.vision_tower)
@@ -361,7 +369,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
                       "engines": {}},
         }
         write_manifest(tmp, manifest, sign_key=sign_key)
-        _swap_into_place(tmp, out)
+        slot.put_in_place(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -371,6 +379,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             raise DiskFullError(f"no space left on the disk of {out.parent.resolve()} while writing the bundle"
                                 f"{hint}; nothing was written, an existing {out.name} is untouched") from None
         raise
+    finally:
+        slot.release()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return ExportReport(out, parity, time.perf_counter() - t0, peak)
 
@@ -400,17 +410,6 @@ def build_plan(tgt, graphs: dict, model: dict, preprocess: dict | None = None, m
         plan["decoder"] = {"profiles": profiles, "precision": tgt.precision, "workspace_bytes": tgt.workspace_bytes,
                            "profile_names": list(DECODER_PROFILE_NAMES[:len(profiles)])}
     return plan
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    os.chmod(tmp, 0o755)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _version() -> str:

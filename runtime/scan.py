@@ -24,10 +24,19 @@ becomes a verdict through ``gate.verdict_from_probs``, the rule the pipeline its
 (anyres) bundles are gated one image at a time through ``Pipeline.gate`` (their views aggregate per image);
 a batch the graph refuses (a TensorRT profile smaller than the batch) is retried one image at a time. An
 image that cannot be read or decoded gives an error result, never an exception.
+
+Provenance (what makes a resumed scan and ``--safe-out`` trustworthy): ``gate_items`` gates the very bytes it
+read and records in each item their sha256 and the identity of the file that held them (the image file, or the
+Parquet/tar shard: device, inode, size, mtime and ctime in ns, read with ``fstat`` on the open file; ctime cannot
+be set back by an unprivileged edit). ``unchanged`` tells whether an item still holds what was gated: same
+identity, or else the same sha256 when its bytes are read again. Every file is opened without blocking and
+refused unless it is a regular file (a FIFO given as a list, shard or image would otherwise hang the scan).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -63,6 +72,58 @@ class SourceError(ValueError):
     """A SOURCE that cannot be listed: missing, unreadable list or shard, a Parquet shard without image column."""
 
 
+def open_regular(path) -> "io.BufferedReader":
+    """``path`` opened for reading, refused with OSError unless it is a regular file; never blocks on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"not a regular file (a FIFO, device or socket): {os.fsdecode(path)}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def file_identity(st: os.stat_result) -> str:
+    """What an in-place edit changes even when it restores the mtime: ctime (plus device, inode, size, mtime)."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def holder_of(item: dict) -> str | None:
+    """The local file holding an item's bytes (the image, or its shard); None for a URL."""
+    if item["kind"] == "url":
+        return None
+    return (item["path"] or item["loc"]) if item["kind"] == "file" else item["source"]
+
+
+def current_identity(item: dict) -> str | None:
+    """The identity of the item's holder now (None: a URL, or the file is gone or unreadable)."""
+    holder = holder_of(item)
+    try:
+        return None if holder is None else file_identity(os.stat(holder))
+    except OSError:
+        return None
+
+
+def unchanged(row: dict, item: dict, reader: "ItemReader") -> bool:
+    """Whether ``item`` still holds what ``row`` recorded as gated (see the module docstring); a URL's content
+    cannot be checked again and counts as unchanged."""
+    if item["kind"] == "url":
+        return True
+    now = current_identity(item)
+    if now == row.get("stat"):
+        return True
+    if now is None or row.get("sha256") is None:
+        return False
+    try:
+        data, _ = reader.read_bytes(item)
+    except Exception:
+        return False
+    return hashlib.sha256(data).hexdigest() == row["sha256"]
+
+
 def _item(source, key, path=None, kind="file", loc=None) -> dict:
     return {"source": str(source), "key": str(key), "path": None if path is None else str(path), "kind": kind,
             "loc": "" if loc is None else str(loc)}
@@ -92,7 +153,8 @@ def list_items(sources: list[str]):
 
 def _list_file(p: Path):
     try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
+        with open_regular(p) as f:
+            lines = f.read().decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"{p}: cannot read the file list ({one_line(e)})") from None
     for line in lines:
@@ -131,11 +193,12 @@ def parquet_columns(names: list[str]) -> tuple[str, str, str | None]:
 def _list_parquet(p: Path):
     pq = _pq()
     try:
-        f = pq.ParquetFile(p)
-        kind, col, key = parquet_columns(f.schema_arrow.names)
-        wanted = [c for c in (col if kind != "parquet" else None, key) if c]
-        table = f.read(columns=wanted) if wanted else None
-        n = f.metadata.num_rows
+        with open_regular(p) as fp:
+            f = pq.ParquetFile(fp)
+            kind, col, key = parquet_columns(f.schema_arrow.names)
+            wanted = [c for c in (col if kind != "parquet" else None, key) if c]
+            table = f.read(columns=wanted) if wanted else None
+            n = f.metadata.num_rows
     except SourceError as e:
         raise SourceError(f"{p}: {e}") from None
     except Exception as e:
@@ -163,7 +226,7 @@ def _sample_key(name: str) -> tuple[str, str]:
 def _list_tar(p: Path):
     seen: dict[str, str | None] = {}
     try:
-        with tarfile.open(p) as t:
+        with open_regular(p) as fp, tarfile.open(fileobj=fp) as t:
             for m in t:
                 if not m.isfile():
                     continue
@@ -180,45 +243,51 @@ def _list_tar(p: Path):
 
 
 class ItemReader:
-    """Reads an item's image (a path or bytes), keeping the last Parquet/tar shard open; not thread-safe."""
+    """Reads an item's image bytes, keeping the last Parquet/tar shard open; not thread-safe."""
 
     def __init__(self, allow_private_hosts: bool = False, fetch_timeout_s: float = 30.0):
         self.allow_private, self.fetch_timeout_s = allow_private_hosts, fetch_timeout_s
-        self._shard: tuple[str, object] | None = None
+        self._shard: tuple[str, object, str] | None = None
 
-    def read(self, item: dict):
+    def read(self, item: dict) -> bytes:
+        return self.read_bytes(item)[0]
+
+    def read_bytes(self, item: dict) -> tuple[bytes, str | None]:
+        """(the item's bytes, the identity of the file that held them, None for a URL)."""
         kind, loc = item["kind"], item["loc"]
         if kind == "file":
             if not loc and not item["path"]:
                 raise ValueError("no path")
-            return Path(item["path"] or loc)
+            with open_regular(item["path"] or loc) as f:
+                ident = file_identity(os.fstat(f.fileno()))
+                return f.read(), ident
         if kind == "url":
             from .serve.fetch import fetch_image
             return fetch_image(loc, max_bytes=MAX_FETCH_BYTES, timeout_s=self.fetch_timeout_s,
-                               allow_private=self.allow_private)
+                               allow_private=self.allow_private), None
         if kind == "tar":
             if not loc:
                 raise ValueError("the sample has no image member")
-            t = self._open(item["source"], lambda s: tarfile.open(s))
+            t, ident = self._open(item["source"], _open_tar)
             f = t.extractfile(loc)
             if f is None:
                 raise ValueError(f"tar member '{loc}' is not a file")
-            return f.read()
+            return f.read(), ident
         if kind == "parquet":
-            col = self._open(item["source"], _read_image_column)
+            col, ident = self._open(item["source"], _read_image_column)
             v = col[int(loc)]
             if isinstance(v, dict):
                 v = v.get("bytes")
             if not v:
                 raise ValueError("empty image cell")
-            return bytes(v)
+            return bytes(v), ident
         raise ValueError(f"unknown item kind '{kind}'")
 
     def _open(self, source: str, opener):
         if self._shard is None or self._shard[0] != source:
             self.close()
-            self._shard = (source, opener(source))
-        return self._shard[1]
+            self._shard = (source, *opener(source))
+        return self._shard[1], self._shard[2]
 
     def close(self) -> None:
         if self._shard is not None and hasattr(self._shard[1], "close"):
@@ -226,20 +295,50 @@ class ItemReader:
         self._shard = None
 
 
-def _read_image_column(source: str) -> list:
+class _TarShard:
+    """A tar shard opened through :func:`open_regular` (``tarfile`` does not close a file object it was given)."""
+
+    def __init__(self, source: str):
+        self.fp = open_regular(source)
+        try:
+            self.ident = file_identity(os.fstat(self.fp.fileno()))
+            self.tar = tarfile.open(fileobj=self.fp)
+        except BaseException:
+            self.fp.close()
+            raise
+
+    def extractfile(self, member: str):
+        return self.tar.extractfile(member)
+
+    def close(self) -> None:
+        self.tar.close()
+        self.fp.close()
+
+
+def _open_tar(source: str):
+    shard = _TarShard(source)
+    return shard, shard.ident
+
+
+def _read_image_column(source: str) -> tuple[list, str]:
     pq = _pq()
-    f = pq.ParquetFile(source)
-    _, col, _ = parquet_columns(f.schema_arrow.names)
-    return f.read(columns=[col]).column(col).to_pylist()
+    with open_regular(source) as fp:
+        ident = file_identity(os.fstat(fp.fileno()))
+        f = pq.ParquetFile(fp)
+        _, col, _ = parquet_columns(f.schema_arrow.names)
+        return f.read(columns=[col]).column(col).to_pylist(), ident
 
 
 def gate_items(pipe, items: list[dict], reader: ItemReader) -> list[tuple[Verdict | None, str | None]]:
-    """(verdict, None) or (None, error message) for each item, in order (see the module docstring)."""
+    """(verdict, None) or (None, error message) for each item, in order (see the module docstring). Each item
+    gets ``sha256`` (of the bytes gated) and ``stat`` (its holder's identity when read), None when unread."""
     out: list = [None] * len(items)
     ready: list[tuple[int, np.ndarray]] = []
     for i, it in enumerate(items):
+        it["sha256"] = it["stat"] = None
         try:
-            image = reader.read(it)
+            image, it["stat"] = reader.read_bytes(it)
+            it["sha256"] = hashlib.sha256(image).hexdigest()
             if pipe.anyres is not None:
                 v = pipe.gate(image)
                 out[i] = (_no_latency(v), None)

@@ -5,12 +5,15 @@ Without ``--output`` the scan prints one JSON object per image on stdout as it a
 rows go to Parquet (``scan_out``: resumable, exactly once, ``OUT`` appears only when complete) and stdout
 stays quiet; ``--ray`` gates on Ray Data (``scan_ray``) with the same rows and the same output. An ``OUT``
 that is already complete is not scanned again: its rows feed ``--labels`` and ``--safe-out`` directly.
-``--safe-out FILE`` writes the safe subset (``scan_out.write_safe``). Progress goes to stderr as items finish
-(``progress.Progress``: a tqdm bar on a terminal, a plain line every 10 s otherwise). Exit status
-(``EXIT_*``; README "safeclip-scan"): 0 every item was gated; 3 the scan finished but some items could not
-be gated (each reported with its error, counted apart in the summary); 1 the job stopped before finishing,
-or there was nothing to gate; 2 a usage or input error; 130 interrupted (the rows written so far stay; the
-same command resumes).
+``--safe-out FILE`` writes the safe subset (``scan_out.write_safe``): only items still listed whose content is
+what was gated (``scan.unchanged``); an image changed or gone since is left out and counted on stderr. A
+resumed ``--output`` first drops the rows of items gone from the listing and gates again those whose content
+changed. A ``--safe-out`` folder that cannot be written is one line and exit 1, checked before any gating.
+Progress goes to stderr as items finish (``progress.Progress``: a tqdm bar on a terminal, a plain line every
+10 s otherwise). Exit status (``EXIT_*``; README "safeclip-scan"): 0 every item was gated; 3 the scan finished
+but some items could not be gated (each reported with its error, counted apart in the summary); 1 the job
+stopped before finishing, or there was nothing to gate; 2 a usage or input error; 130 interrupted (the rows
+written so far stay; the same command resumes).
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ def run_scan(args) -> int:
             return _err(f"--{name.replace('_', '-')} must be at least 1")
     if args.cpus_per_worker <= 0 or args.gpus_per_worker < 0:
         return _err("--cpus-per-worker must be positive and --gpus-per-worker not negative")
+    if args.safe_out and (problem := _unwritable(args.safe_out)):
+        print(f"safeclip-scan: error: --safe-out {args.safe_out}: {problem}", file=sys.stderr)
+        return 1
     try:
         if args.ray:
             m = load_manifest(args.bundle, full_verify=args.full_verify, trusted_keys=args.trusted_key)
@@ -85,7 +91,7 @@ def run_scan(args) -> int:
     out = None
     if args.output:
         job = {"bundle": gate.manifest.data.get("integrity"), "bundle_name": gate.manifest.name,
-               "threshold": float(gate.threshold)}
+               "threshold": float(gate.threshold), "rows": ROWS_VERSION}
         out = ScanOutput(args.output, job, gate.classes)
     if out is not None and out.complete:
         try:
@@ -96,12 +102,20 @@ def run_scan(args) -> int:
         except Exception as e:
             return _err(f"{args.output}: cannot read ({one_line(e)})")
         print(f"safeclip-scan: {args.output} is complete already: nothing to scan", file=sys.stderr)
-        return _finish(args, gate, rows, labels)
+        try:
+            items = list(list_items(args.paths)) if args.safe_out else []
+        except SourceError as e:
+            return _err(one_line(e))
+        return _finish(args, gate, rows, labels, items)
     try:
         items = list(list_items(args.paths))
-        done = out.open() if out is not None else set()
+        if out is not None:
+            _drop_stale(out, out.open(), items, args.allow_private_hosts)
+        done = out.done if out is not None else set()
     except (SourceError, OutputError) as e:
         return _err(one_line(e))
+    except OSError as e:
+        return _err(f"{args.output}: cannot update the partial output ({one_line(e)})")
     todo = [it for it in items if (it["source"], it["key"]) not in done]
     if out is not None and done:
         print(f"safeclip-scan: resuming {args.output}: {len(items) - len(todo)} of {len(items)} items already "
@@ -137,7 +151,65 @@ def run_scan(args) -> int:
         print(f"safeclip-scan: gated {len(todo) - progress.failed} of {plural(len(todo), 'item')} in {dt:.1f} s "
               f"({len(todo) / max(dt, 1e-9):.1f} items/s){failed}"
               + (f"; wrote {args.output}" if out is not None else ""), file=sys.stderr)
-    return _finish(args, gate, rows, labels)
+    return _finish(args, gate, rows, labels, items)
+
+
+ROWS_VERSION = 2                     # rows carry sha256 + stat (scan_out); older partial outputs are not mixed in
+
+
+def _unwritable(path: str) -> str | None:
+    """Why a new file cannot be created beside ``path`` (tried: a permission check is wrong for root), or None."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(path).parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".probe", dir=folder)
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror or one_line(e)})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _drop_stale(out, written: dict, items: list[dict], allow_private_hosts: bool) -> None:
+    """Before resuming: drop the rows of items no longer listed, and of items whose content is not what was
+    gated (they are gated again)."""
+    from .scan import ItemReader, unchanged
+
+    listed = {(it["source"], it["key"]): it for it in items}
+    reader = ItemReader(allow_private_hosts=allow_private_hosts)
+    try:
+        gone = {i for i in written if i not in listed}
+        changed = {i for i, r in written.items() if i in listed and not unchanged(r, listed[i], reader)}
+    finally:
+        reader.close()
+    if gone or changed:
+        out.drop(gone | changed)
+        print(f"safeclip-scan: {len(gone)} rows of items no longer listed dropped; {len(changed)} items changed "
+              "since they were gated: gating them again", file=sys.stderr)
+
+
+def _current_safe(rows: list[dict], items: list[dict], allow_private_hosts: bool) -> tuple[list[dict], int]:
+    """The rows ``--safe-out`` may list: safe, still listed, content unchanged; and how many safe rows were not."""
+    from .scan import ItemReader, unchanged
+
+    listed = {(it["source"], it["key"]): it for it in items}
+    reader = ItemReader(allow_private_hosts=allow_private_hosts)
+    keep, left_out = [], 0
+    try:
+        for r in rows:
+            if r["error"] is not None or r["flagged"] is not False:
+                continue
+            it = listed.get((r["source"], r["key"]))
+            if it is not None and unchanged(r, it, reader):
+                keep.append(r)
+            else:
+                left_out += 1
+    finally:
+        reader.close()
+    return keep, left_out
 
 
 def _tick(progress, rows: list[dict]) -> None:
@@ -198,7 +270,7 @@ def _scan_ray(args, gate, items: list, out, progress) -> None:
         out.write(buf)
 
 
-def _finish(args, gate, rows: list[dict], labels) -> int:
+def _finish(args, gate, rows: list[dict], labels, items: list[dict]) -> int:
     from .scan_out import write_safe
 
     n = len(rows)
@@ -208,7 +280,15 @@ def _finish(args, gate, rows: list[dict], labels) -> int:
           f"(threshold {gate.threshold:g})", file=sys.stderr)
     code = EXIT_OK if n and not n_err else EXIT_SOME_FAILED if n else EXIT_STOPPED
     if args.safe_out:
-        k = write_safe(rows, args.safe_out)
+        safe, left_out = _current_safe(rows, items, args.allow_private_hosts)
+        if left_out:
+            print(f"safeclip-scan: {left_out} images gated safe have changed or are gone since: left out of "
+                  f"{args.safe_out} (scan them again)", file=sys.stderr)
+        try:
+            k = write_safe(safe, args.safe_out)
+        except OSError as e:
+            print(f"safeclip-scan: error: cannot write --safe-out {args.safe_out} ({one_line(e)})", file=sys.stderr)
+            return 1
         print(f"safeclip-scan: wrote the {k} safe images to {args.safe_out}", file=sys.stderr)
     if labels is not None:
         from .scan import display_name

@@ -3,21 +3,26 @@
 One row per item: ``source``, ``key``, ``path`` (null for shard members), ``flagged``, ``category``,
 ``score`` (null when not finite), ``probs`` (a struct, one float64 field per manifest class, in order:
 exact scores, for threshold sweeps), ``reason`` (set when the gate failed closed), ``error`` (set, and the
-verdict columns null, when the image could not be read). ``(source, key)`` identifies an item.
+verdict columns null, when the image could not be read), ``sha256`` (of the bytes gated) and ``stat`` (the
+identity of the file that held them, ``scan.file_identity``; both null when nothing was read).
+``(source, key)`` identifies an item.
 
 While a job runs, rows go to ``OUT.partial/`` in parts (``part-NNNNNN-<id>.parquet``, each written under a
 temporary name and renamed, so a part is whole or absent), next to ``_job.json`` (the bundle's integrity
 digest and the threshold: a rerun with another bundle or threshold refuses to mix rows) and a lock (one job
 per output at a time). A rerun of an interrupted job reads the parts, skips the items they hold, and writes
 the rest; rows for an item already written (a batch retried after a worker died) are dropped, so no item is
-written twice. When every listed item has its row, the job finishes: ``OUT`` ending in ``.parquet`` becomes
-one file (rows in listing order) written under a temporary name and renamed; any other ``OUT`` is the parts
+written twice. Before it resumes, the driver checks every row written against the files as they are now
+(``scan.unchanged``) and ``drop`` removes from the parts the rows of items gone from the listing and of items
+whose content changed, which are then gated again. When every listed item has its row, the job finishes:
+``OUT`` ending in ``.parquet`` becomes one file (rows in listing order) written under a temporary name and renamed; any other ``OUT`` is the parts
 folder itself, renamed from ``OUT.partial`` (with a ``_SUCCESS`` file). ``OUT`` therefore exists only complete.
 It keeps the job description (the file's schema metadata ``safeclip_job``, or the folder's ``_job.json``):
 a complete ``OUT`` is reused (``--labels``, ``--safe-out``) only by the same job.
 
 ``write_safe`` writes the safe subset (no error, not flagged) as a file list (one path a line; shard members
-as ``shard#key``) or, for a ``.parquet`` name, as Parquet rows (source, key, path, category, score).
+as ``shard#key``) or, for a ``.parquet`` name, as Parquet rows (source, key, path, category, score, sha256: of
+the bytes gated, so a pipeline can check what it loads).
 """
 from __future__ import annotations
 
@@ -50,7 +55,8 @@ def schema(classes: list[str]):
     return pa.schema([("source", pa.string()), ("key", pa.string()), ("path", pa.string()),
                       ("flagged", pa.bool_()), ("category", pa.string()), ("score", pa.float64()),
                       ("probs", pa.struct([(c, pa.float64()) for c in classes])),
-                      ("reason", pa.string()), ("error", pa.string())])
+                      ("reason", pa.string()), ("error", pa.string()), ("sha256", pa.string()),
+                      ("stat", pa.string())])
 
 
 def _finite(x):
@@ -59,7 +65,8 @@ def _finite(x):
 
 def make_row(item: dict, verdict, error: str | None) -> dict:
     row = {"source": item["source"], "key": item["key"], "path": item["path"], "flagged": None, "category": None,
-           "score": None, "probs": None, "reason": None, "error": error}
+           "score": None, "probs": None, "reason": None, "error": error, "sha256": item.get("sha256"),
+           "stat": item.get("stat")}
     if verdict is not None:
         row.update(flagged=bool(verdict.flagged), category=verdict.category, score=_finite(verdict.score),
                    probs={c: _finite(p) for c, p in verdict.probs.items()} or None, reason=verdict.reason or None)
@@ -83,6 +90,7 @@ class ScanOutput:
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.job, self.classes = job, list(classes)
         self.done: set[tuple[str, str]] = set()
+        self.written: dict[tuple[str, str], dict] = {}      # id -> {"sha256", "stat"} of the row in the parts
         self._lock_fd: int | None = None
         self._seq = 0
 
@@ -104,8 +112,9 @@ class ScanOutput:
             diff = ", ".join(k for k in sorted(set(old) | set(self.job)) if old.get(k) != self.job.get(k))
             raise OutputError(f"{self.out} holds the rows of another job (differs in: {diff})")
 
-    def open(self) -> set[tuple[str, str]]:
-        """Create or reopen ``OUT.partial``; returns the ids already written there."""
+    def open(self) -> dict[tuple[str, str], dict]:
+        """Create or reopen ``OUT.partial``; returns the ids already written there, each with the ``sha256`` and
+        ``stat`` its row recorded."""
         _pa()
         try:
             self.partial.mkdir(parents=True, exist_ok=True)
@@ -130,9 +139,34 @@ class ScanOutput:
             atomic_write_text(meta, json.dumps(self.job, indent=1, sort_keys=True) + "\n")
         for part in self._parts():
             self._seq = max(self._seq, int(part.name.split("-")[1]) + 1)
-            t = _pa()[1].read_table(part, columns=["source", "key"])
-            self.done.update(zip(t.column("source").to_pylist(), t.column("key").to_pylist()))
-        return set(self.done)
+            t = _pa()[1].read_table(part, columns=["source", "key", "sha256", "stat"])
+            for r in t.to_pylist():
+                self.written[item_id(r)] = {"sha256": r["sha256"], "stat": r["stat"]}
+        self.done = set(self.written)
+        return dict(self.written)
+
+    def drop(self, ids: set[tuple[str, str]]) -> None:
+        """Remove the rows of ``ids`` from the parts (each part rewritten atomically, or deleted when emptied)."""
+        ids = set(ids) & self.done
+        if not ids:
+            return
+        pa, pq = _pa()
+        for part in self._parts():
+            t = pq.read_table(part, schema=schema(self.classes))
+            keep = [item_id(r) not in ids for r in t.select(["source", "key"]).to_pylist()]
+            if all(keep):
+                continue
+            if not any(keep):
+                part.unlink()
+                continue
+            tmp = self.partial / f".{part.name}.tmp"
+            pq.write_table(t.filter(pa.array(keep)), tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, part)
+        self.done -= ids
+        for i in ids:
+            self.written.pop(i, None)
 
     def _parts(self) -> list[Path]:
         return sorted(self.partial.glob("part-*.parquet"))
@@ -170,7 +204,8 @@ class ScanOutput:
             table = pa.concat_tables(parts) if parts else rows_table([], self.classes)
             order = {i: n for n, i in enumerate(expected)}
             ids = zip(table.column("source").to_pylist(), table.column("key").to_pylist())
-            idx = sorted(range(table.num_rows), key=lambda n, ids=list(ids): order.get(ids[n], len(order)))
+            ids = list(ids)
+            idx = sorted((n for n in range(table.num_rows) if ids[n] in order), key=lambda n: order[ids[n]])
             table = table.take(pa.array(idx, type=pa.int64()))
             table = table.replace_schema_metadata({"safeclip_job": json.dumps(self.job, sort_keys=True)})
             tmp = self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -209,10 +244,11 @@ def write_safe(rows: list[dict], path: str | Path) -> int:
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         pa, pq = _pa()
-        t = pa.Table.from_pylist([{k: r[k] for k in ("source", "key", "path", "category", "score")} for r in safe],
+        cols = ("source", "key", "path", "category", "score", "sha256")
+        t = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in safe],
                                  schema=pa.schema([("source", pa.string()), ("key", pa.string()),
                                                    ("path", pa.string()), ("category", pa.string()),
-                                                   ("score", pa.float64())]))
+                                                   ("score", pa.float64()), ("sha256", pa.string())]))
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         pq.write_table(t, tmp)
         os.replace(tmp, path)

@@ -229,7 +229,7 @@ def test_routes_methods_and_page(server):
 
 def test_truncated_and_slow_bodies_do_not_hang(server):
     host, port = "127.0.0.1", server.port
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n{\"messages\":")
     with socket.create_connection((host, port), timeout=10) as s:       # half a body, then silence
         s.sendall(head)

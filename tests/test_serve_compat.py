@@ -128,9 +128,10 @@ def test_legacy_completions_cors_options_and_head(server, bundle):
         status, headers, body = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q)},
                                     headers={**JSON, "Origin": page})
         assert status == 200 and headers["access-control-allow-origin"] == page and headers["vary"] == "Origin"
-        status, headers, _ = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q)},
-                                 headers={**JSON, "Origin": "http://evil.example"})
-        assert status == 200 and "access-control-allow-origin" not in headers
+        status, headers, err = raw(s.url, "POST", "/v1/chat/completions", {"messages": user(Q)},
+                                   headers={**JSON, "Origin": "http://evil.example"})       # hosts.py: refused
+        assert status == 403 and "access-control-allow-origin" not in headers
+        assert err["error"]["code"] == "origin_not_allowed"
         status, headers, _ = raw(s.url, "OPTIONS", "/v1/models", headers={
             "Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
         assert status == 204 and "access-control-allow-origin" not in headers

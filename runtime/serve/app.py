@@ -14,9 +14,11 @@ is prefilled only after its longest common prefix with a snapshot; its stats are
 unless ``policy=`` overrides it); clients cannot weaken it per request.
 
 Limits, each answered with a 4xx in OpenAI's error format (``{"error": {message, type, code, param}}``),
-never a 500 or a hang: body size (413), body read time (408), content type (415), malformed JSON and unknown
-fields (400), image bytes/format/pixels (400 ``invalid_image``), prompt length and context (400
-``context_length_exceeded``), ``max_tokens`` (400), remote image URLs (400 unless allowed), missing or wrong
+never a 500 or a hang: body size (413), body read time and rate (408; ``intake.py``, which also bounds the
+bytes of bodies held at once), ``Host``/``Origin`` against DNS rebinding (403; ``hosts.py``), content type
+(415), malformed JSON and unknown fields (400), image bytes/format/pixels (400 ``invalid_image``), prompt
+length and context (400 ``context_length_exceeded``), ``max_tokens`` (400), remote image URLs (400 unless
+allowed), missing or wrong
 key (401). One model runs one request at a time (``slot.Slot``): at most ``max_queue`` further requests wait, in
 arrival order; a full queue or a wait longer than ``queue_timeout_s`` answers 503 with ``Retry-After``. With
 ``max_batch`` > 1, up to that many decode together instead (``batching.py``: continuous batching).
@@ -55,13 +57,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from ..gate import POLICIES
 from ..backends.base import ContextError
 from ..image import ImageError, load_image
 from ..prompt import PromptError
 from .cors import CORSAndOptions
+from .hosts import HostCheck
+from .intake import Intake, ReleaseAfter
 from .fetch import fetch_image
 from .slot import Busy, Disconnected, Slot
 from ..prefix_cache import PrefixCache
@@ -142,6 +145,8 @@ class _Server:
         self.stop_deadline = float("inf")           # time.monotonic() when a running request is cut
         self.prefix_cache = PrefixCache(limits["prefix_cache_bytes"])
         self.tokens = {"prefilled": 0, "cached": 0}
+        self.intake = Intake(limits["max_body_bytes"], limits["body_timeout_s"], limits["body_budget_bytes"],
+                             wait_s=limits["queue_timeout_s"])
 
     def begin_shutdown(self, deadline_s: float) -> None:
         """Stop taking work: queued requests get 503 now, the running one may go on for ``deadline_s``."""
@@ -165,35 +170,11 @@ class _Server:
             raise RequestError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                "invalid_api_key")
 
-    async def read_body(self, request: Request) -> bytes:
+    def check_content_type(self, request: Request) -> None:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise RequestError(415, f"content type must be application/json, got '{ctype or 'none'}'",
                                "unsupported_media_type")
-        limit = self.limits["max_body_bytes"]
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise RequestError(413 if declared.isdigit() else 400,
-                               f"request body of {declared} bytes exceeds the limit of {limit} bytes"
-                               if declared.isdigit() else "invalid Content-Length", "request_too_large")
-
-        async def collect() -> bytes:
-            parts, n = [], 0
-            async for chunk in request.stream():
-                n += len(chunk)
-                if n > limit:
-                    raise RequestError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
-                parts.append(chunk)
-            return b"".join(parts)
-
-        try:
-            return await asyncio.wait_for(collect(), self.limits["body_timeout_s"])
-        except ClientDisconnect:
-            raise RequestError(400, "the client disconnected before the body was complete",
-                               "client_disconnected") from None
-        except asyncio.TimeoutError:
-            raise RequestError(408, f"the request body did not arrive within {self.limits['body_timeout_s']:.0f} s",
-                               "request_timeout") from None
 
     def fetch_remote(self, url: str) -> bytes:
         """Only with allow_remote_images: GET an http(s) image, bounded in total time, size and addresses."""
@@ -288,9 +269,11 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                queue_timeout_s: float = DEFAULTS["queue_timeout_s"],
                body_timeout_s: float = DEFAULTS["body_timeout_s"], fetch_timeout_s: float = DEFAULTS["fetch_timeout_s"],
                allow_private_image_hosts: bool = False, cors_origins: tuple[str, ...] | list[str] = (),
-               prefix_cache_mb: float = DEFAULTS["prefix_cache_mb"], max_batch: int = 1) -> FastAPI:
+               prefix_cache_mb: float = DEFAULTS["prefix_cache_mb"], max_batch: int = 1,
+               allowed_hosts: tuple[str, ...] | list[str] = (), body_budget_mb: float | None = None) -> FastAPI:
     """The FastAPI app serving ``pipeline`` (which must have a language model); ``max_batch`` > 1 decodes that
-    many requests together (``batching.py``)."""
+    many requests together (``batching.py``); ``allowed_hosts``: host names accepted besides loopback ones
+    (``hosts.py``); ``body_budget_mb``: request bodies held at once (``intake.py``; default 4 x the largest)."""
     if not pipeline.has_language_model:
         raise ValueError(f"{pipeline.manifest.root}: bundle has no language model (exported with --no-decoder); "
                          "safeclip-serve needs one")
@@ -309,7 +292,8 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     limits = dict(max_body_bytes=max_body_bytes, max_pixels=max_pixels, max_queue=max_queue, max_tokens=max_tokens,
                   default_max_tokens=default_max_tokens, max_prompt_chars=max_prompt_chars,
                   queue_timeout_s=float(queue_timeout_s), body_timeout_s=float(body_timeout_s),
-                  fetch_timeout_s=float(fetch_timeout_s), prefix_cache_bytes=int(prefix_cache_mb * 2 ** 20))
+                  fetch_timeout_s=float(fetch_timeout_s), prefix_cache_bytes=int(prefix_cache_mb * 2 ** 20),
+                  body_budget_bytes=int(body_budget_mb * 2 ** 20) if body_budget_mb else 4 * max_body_bytes)
     srv = _Server(pipeline, api_key=api_key, policy=policy, allow_remote_images=allow_remote_images,
                   allow_private_image_hosts=allow_private_image_hosts, limits=limits)
     batching.setup(srv, max_batch)
@@ -323,7 +307,9 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     app = FastAPI(title="safeclip-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.safeclip = srv
+    app.add_middleware(ReleaseAfter)                       # innermost: the request's memory budget, given back
     app.add_middleware(CORSAndOptions, origins=tuple(cors_origins))
+    app.add_middleware(HostCheck, allowed_hosts=tuple(allowed_hosts), cors_origins=tuple(cors_origins))  # outermost
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):
@@ -379,10 +365,13 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
         if srv.stopping:
             return _error(503, _STOPPING, "server_shutting_down", headers={"Retry-After": str(srv.stop_retry_after())})
         srv.check_auth(request)
-        body = await srv.read_body(request)
-        req = await anyio.to_thread.run_sync(lambda: parse_chat_request(      # MBs of JSON + base64: off the loop
+        srv.check_content_type(request)
+        req = await srv.intake.parsed(request, lambda body: parse_chat_request(     # MBs of JSON + base64: off
             parse_json_body(body), allow_remote_images=srv.allow_remote, max_prompt_chars=max_prompt_chars,
             max_tokens_limit=max_tokens))
+        admit = request.scope.get("safeclip.admit")       # server.RequestLimit: a generation slot, body complete
+        if admit is not None and (full := admit()) is not None:
+            return _error(503, full, "too_many_connections", headers={"Retry-After": "1"})
         if req.model is not None and req.model not in srv.model_ids:
             raise RequestError(404, f"model '{req.model}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")

@@ -51,8 +51,11 @@ def serve_parser() -> argparse.ArgumentParser:
     n.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://kiosk.local:3000, or *) call the API; repeat for "
                    "more (default: none, no CORS headers)")
-    n.add_argument("--max-connections", type=int, default=64, help="requests in flight before the server "
-                   "answers 503 (default 64)")
+    n.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may use besides loopback ones (e.g. kiosk.local); repeat for more. "
+                   "A loopback server refuses any other Host header (DNS rebinding); see README")
+    n.add_argument("--max-connections", type=int, default=64, help="generation requests in flight (counted "
+                   "once their body is complete) before the server answers 503 (default 64)")
     n.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send its request headers (default %(default)g)")
     n.add_argument("--shutdown-timeout", type=float, default=10.0,
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_prompt_chars=args.max_prompt_chars, queue_timeout_s=args.queue_timeout,
                          fetch_timeout_s=args.fetch_timeout, allow_private_image_hosts=args.allow_private_image_hosts,
                          cors_origins=args.cors_origin, prefix_cache_mb=args.prefix_cache_mb,
+                         allowed_hosts=args.allowed_host,
                          max_batch=default_max_batch(pipe, args.max_batch))
     except Exception as e:                 # library errors are typed one-liners; never show a traceback
         print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)

@@ -10,8 +10,11 @@ bounded:
   body is read in pieces and abandoned as soon as it passes the limit;
 - **addresses**: the host is resolved once and the connection goes to that address (no second lookup to
   rebind); loopback, private, link-local (cloud metadata), multicast and reserved addresses are refused
-  unless ``allow_private`` (``--allow-private-image-hosts``); every redirect target is checked the same way,
-  at most :data:`MAX_REDIRECTS` of them, and only to ``http(s)``.
+  unless ``allow_private`` (``--allow-private-image-hosts``), and so is an IPv6 address that carries such an
+  IPv4 address inside it: ``ipaddress``'s IPv4-mapped and 6to4 views, Teredo (always), NAT64 (``64:ff9b::/96``; the
+  local-use ``64:ff9b:1::/48`` always), IPv4-compatible ``::a.b.c.d`` and IPv4-translated ``::ffff:0:a.b.c.d``
+  (each reaches the IPv4 host through a translator or the kernel); every redirect target is checked the same
+  way, at most :data:`MAX_REDIRECTS` of them, and only to ``http(s)``.
 
 Every problem raises :class:`~.request.RequestError` (400 ``remote_image_refused`` / ``invalid_image``, 413
 ``request_too_large``).
@@ -36,10 +39,26 @@ def _refuse(message: str, code: str = "invalid_image", status: int = 400) -> Req
     return RequestError(status, message, code, PARAM)
 
 
+_V4_IN_LOW_32 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
+_NEVER = ipaddress.ip_network("64:ff9b:1::/48")          # local-use NAT64 (RFC 8215): IPv4 at prefix-dependent bits
+
+
+def _embedded_ipv4(a: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 address leads to (see the module docstring)."""
+    views = [a.ipv4_mapped, a.sixtofour, *(a.teredo or ())]
+    if any(a in net for net in _V4_IN_LOW_32):
+        views.append(ipaddress.IPv4Address(int(a) & 0xFFFFFFFF))
+    return [v for v in views if v is not None]
+
+
 def _address_ok(ip: str) -> bool:
     a = ipaddress.ip_address(ip.split("%")[0])
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        a = a.ipv4_mapped
+    if isinstance(a, ipaddress.IPv6Address):
+        if a in _NEVER or a.teredo is not None:      # Teredo tunnels to its embedded client: never an image host
+            return False
+        inner = _embedded_ipv4(a)
+        if inner:                                   # judged by where it leads (::ffff:8.8.8.8 is fine)
+            return all(v.is_global and not v.is_multicast for v in inner)
     return a.is_global and not a.is_multicast
 
 

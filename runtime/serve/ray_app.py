@@ -125,7 +125,7 @@ def _convert(key: str, value):
         raise ValueError(f"{key} must be a number, got {value!r}") from None
     if key in bools:
         return value.strip().lower() in ("1", "true", "yes", "on")
-    if key == "cors_origins":
+    if key in ("cors_origins", "allowed_hosts"):
         return tuple(v for v in value.split(",") if v)
     return value
 
@@ -200,7 +200,8 @@ def ray_main(a) -> int:
             "allow_remote_images": a.allow_remote_images, "max_tokens": a.max_tokens,
             "default_max_tokens": min(a.default_max_tokens, a.max_tokens), "max_prompt_chars": a.max_prompt_chars,
             "queue_timeout_s": a.queue_timeout, "fetch_timeout_s": a.fetch_timeout,
-            "allow_private_image_hosts": a.allow_private_image_hosts, "cors_origins": tuple(a.cors_origin)}
+            "allow_private_image_hosts": a.allow_private_image_hosts, "cors_origins": tuple(a.cors_origin),
+            "allowed_hosts": tuple(a.allowed_host)}
     try:
         build_app(args)                              # option and bundle errors before Ray starts
         from ..manifest import load_manifest

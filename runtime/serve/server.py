@@ -3,11 +3,17 @@
 - **Slow headers (slowloris)**: a connection whose request headers are not complete ``header_timeout_s``
   after it opened (or after its previous answer) gets a 408 and is closed. Open connections do not count
   against the request limit, so even a crowd of them cannot keep ``/health``, the page or the API from
-  answering; only past ``max_open`` open connections (4 x ``max_requests``, at least +256) is a new one
-  answered 503 at once.
-- **Request limit**: at most ``max_requests`` requests in flight (the ``--max-connections`` flag); more get
-  503 in OpenAI's error shape with ``Retry-After`` (uvicorn's own limit counts idle connections and answers
-  in plain text, so it is off).
+  answering. Past ``max_open`` open connections (4 x ``max_requests``, at least +256) a new connection
+  takes the place of the oldest idle one (no request in progress: waiting for its headers, or kept alive
+  between requests), as nginx does with its keep-alive connections; only when none is idle is the new one
+  answered 503 at once. So ~320 idle connections cannot lock ``/health`` out.
+- **Request limit**: at most ``max_requests`` generation requests (``POST /v1/chat/completions``) in flight
+  (the ``--max-connections`` flag); more get 503 in OpenAI's error shape with ``Retry-After`` (uvicorn's own
+  limit counts idle connections and answers in plain text, so it is off). A request takes its place only
+  once its body is complete and parsed (the app calls ``scope["safeclip.admit"]``; ``intake.py`` bounds the
+  upload itself by rate, deadline and memory), so 64 uploads at 1 byte/s hold nothing; ``/health``, the page,
+  ``/static`` and ``/v1/models`` never count and never queue behind generation.
+- **Memory**: ``intake.bound_heap`` (glibc's mmap threshold fixed, arenas capped; see ``intake.py``).
 - **Graceful shutdown** (SIGTERM, SIGINT): uvicorn stops accepting; the app's ``begin_shutdown`` answers the
   queued requests 503 with ``Retry-After`` and lets the running one go on for ``shutdown_deadline_s``, then
   cuts it with an OpenAI error (a stream: an error event and ``[DONE]``). uvicorn's own cancellation, which
@@ -26,6 +32,7 @@ import uvicorn
 from uvicorn.logging import AccessFormatter
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .intake import bound_heap
 from .request import error_body
 
 RETRY_AFTER_S = 1
@@ -80,19 +87,34 @@ def guarded_protocol(header_timeout_s: float, max_open: int) -> type:
     class GuardedH11Protocol(H11Protocol):
         _header_timer = None
         _armed_cycle = None
+        _idle_since = 0.0                           # loop time when it last began waiting for headers
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            if len(self.connections) > max_open:
+            if len(self.connections) > max_open and not self._evict_idle():
                 transport.write(_raw_error(503, b"Service Unavailable", f"more than {max_open} open connections; "
                                            "try again shortly", "too_many_connections", RETRY_AFTER_S))
                 transport.close()
                 return
             self._arm()
 
+        def _evict_idle(self) -> bool:
+            """Close the longest-idle other connection (no request in progress) to make room; False if none."""
+            idle = [c for c in self.connections if c is not self and getattr(c, "_header_timer", None) is not None
+                    and not c.transport.is_closing()]
+            if not idle:
+                return False
+            victim = min(idle, key=lambda c: c._idle_since)
+            victim._disarm()
+            victim.transport.write(_raw_error(408, b"Request Timeout", "idle connection closed to make room for "
+                                              "another", "request_timeout"))
+            victim.transport.close()
+            return True
+
         def _arm(self) -> None:
             self._disarm()
             self._armed_cycle = self.cycle
+            self._idle_since = self.loop.time()
             self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
 
         def _disarm(self) -> None:
@@ -125,30 +147,37 @@ def guarded_protocol(header_timeout_s: float, max_open: int) -> type:
     return GuardedH11Protocol
 
 
+GENERATION = ("POST", "/v1/chat/completions")        # the only route that holds the model
+
+
 class RequestLimit:
-    """ASGI middleware: at most ``max_requests`` HTTP requests in flight, then 503 + ``Retry-After``."""
+    """ASGI middleware: at most ``max_requests`` generation requests in flight, each counted from the moment its
+    body is complete (the app calls ``scope["safeclip.admit"]()``: None when admitted, else the 503 message)."""
 
     def __init__(self, app, max_requests: int):
         self.app, self.max_requests, self.active = app, max_requests, 0
         self.state = getattr(app, "state", None)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["method"], scope["path"]) != GENERATION:
             return await self.app(scope, receive, send)
-        if self.active >= self.max_requests:
-            body = json.dumps(error_body(503, f"{self.active} requests are in flight, the most this server "
-                                         "takes; try again shortly", "too_many_connections")).encode()
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"retry-after", str(RETRY_AFTER_S).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        self.active += 1
+        held = False
+
+        def admit() -> str | None:
+            nonlocal held
+            if held:
+                return None
+            if self.active >= self.max_requests:
+                return (f"{self.active} requests are in flight, the most this server takes; try again shortly")
+            self.active += 1
+            held = True
+            return None
+
         try:
-            await self.app(scope, receive, send)
+            await self.app({**scope, "safeclip.admit": admit}, receive, send)
         finally:
-            self.active -= 1
+            if held:
+                self.active -= 1
 
 
 class SafeclipServer(uvicorn.Server):
@@ -172,6 +201,7 @@ def make_server(app, *, max_requests: int = 64, header_timeout_s: float = 10.0, 
             raise ValueError(f"{name} must be positive, got {v!r}")
     protocol = guarded_protocol(header_timeout_s, max(4 * max_requests, max_requests + 256))
     config.setdefault("log_config", LOG_CONFIG)
+    bound_heap()
     cfg = uvicorn.Config(RequestLimit(app, max_requests), http=protocol, log_level=log_level,
                          timeout_keep_alive=5, timeout_graceful_shutdown=math.ceil(shutdown_deadline_s) + 5,
                          server_header=False, **config)
