@@ -93,3 +93,18 @@ def check_rows(rows, truth, image_of, oracle):
         assert list(r["probs"]) == oracle.classes
         assert list(r["probs"].values()) == pytest.approx([v.probs[c] for c in oracle.classes], abs=1e-5)
         assert r["flagged"] == (t == "gun") and (t != "gun" or r["category"] == "gun")
+
+
+def interrupt_on_second_batch(monkeypatch, scan):
+    """Make ``scan.gate_items`` raise KeyboardInterrupt on its second call (a scan stopped midway: the first
+    batch's rows are written); returns the real function, to put back for the resume."""
+    real, calls = scan.gate_items, []
+
+    def dies_on_second(pipe, items, reader):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(pipe, items, reader)
+
+    monkeypatch.setattr(scan, "gate_items", dies_on_second)
+    return real

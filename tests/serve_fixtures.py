@@ -166,6 +166,18 @@ def start_raw(port: int, body: dict) -> socket.socket:
     return s
 
 
+def drip(socks: list, stop: threading.Event, byte: bytes = b"a") -> None:
+    """Send ``byte`` on every socket of ``socks`` once a second until ``stop`` (a slow client), in a thread."""
+    def run():
+        while not stop.wait(1.0):
+            for s in socks:
+                try:
+                    s.sendall(byte)
+                except OSError:
+                    pass
+    threading.Thread(target=run, daemon=True).start()
+
+
 def read_until(s: socket.socket, marker: bytes) -> bytes:
     buf = b""
     while marker not in buf:

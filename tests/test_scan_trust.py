@@ -16,7 +16,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from safeclip.runtime import cli, scan  # noqa: E402
 
-from scan_data import _noisy  # noqa: E402
+from scan_data import _noisy, interrupt_on_second_batch  # noqa: E402
 
 
 def _folder(root, test_images, n=3):
@@ -44,15 +44,7 @@ def test_resumed_scan_regates_changed_files_and_drops_gone_ones(controlled_bundl
     out, safe = tmp_path / "scan.parquet", tmp_path / "safe.txt"
     argv = ["--bundle", str(controlled_bundle), str(imgs), "--output", str(out), "--batch-size", "2",
             "--part-rows", "2", "--safe-out", str(safe)]
-    real, calls = scan.gate_items, []
-
-    def dies_on_second(pipe, items, reader):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(pipe, items, reader)
-
-    monkeypatch.setattr(scan, "gate_items", dies_on_second)
+    real = interrupt_on_second_batch(monkeypatch, scan)
     assert cli.scan_main(argv) == 130                       # a_clean_0 and a_clean_1 gated (safe) and written
     capsys.readouterr()
     _swap_content_keep_mtime(imgs / "a_clean_0.png", imgs / "z_gun_0.png")   # now a flagged image

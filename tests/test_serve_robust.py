@@ -26,7 +26,7 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 from safeclip.runtime.serve import create_app  # noqa: E402
 from serve_fixtures import bundle  # noqa: E402,F401 (fixtures)
-from serve_fixtures import (Q, ServerThread, SlowPipeline, client, health, raw, start_raw, user,  # noqa: E402
+from serve_fixtures import (Q, ServerThread, SlowPipeline, client, drip, health, raw, start_raw, user,  # noqa: E402
                             wait_until)
 
 ATTACKERS = 70
@@ -39,15 +39,7 @@ def _slowloris(port: int, n: int, stop: threading.Event) -> list[socket.socket]:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         socks.append(s)
-
-    def drip():
-        while not stop.wait(1.0):
-            for s in socks:
-                try:
-                    s.sendall(b"a")
-                except OSError:
-                    pass
-    threading.Thread(target=drip, daemon=True).start()
+    drip(socks, stop)
     return socks
 
 

@@ -29,7 +29,7 @@ from safeclip.runtime.serve import create_app  # noqa: E402
 from safeclip.runtime.serve.fetch import _address_ok, fetch_image  # noqa: E402
 from safeclip.runtime.serve.request import RequestError  # noqa: E402
 from serve_fixtures import bundle  # noqa: E402,F401 (fixtures)
-from serve_fixtures import Q, ServerThread, raw, user  # noqa: E402
+from serve_fixtures import Q, ServerThread, drip, raw, user  # noqa: E402
 
 SLOW_UPLOADS, IDLE = 64, 320
 
@@ -53,15 +53,7 @@ def test_slow_uploads_and_idle_connections_do_not_starve_health_page_or_api(bund
         uploads = _connect(s.port, SLOW_UPLOADS, head)
         idle = _connect(s.port, IDLE, b"")
         stop = threading.Event()
-
-        def drip():                                 # 1 byte/s on every upload
-            while not stop.wait(1.0):
-                for u in uploads:
-                    try:
-                        u.sendall(b" ")
-                    except OSError:
-                        pass
-        threading.Thread(target=drip, daemon=True).start()
+        drip(uploads, stop, b" ")                   # 1 byte/s on every upload
         try:
             time.sleep(0.5)
             worst, statuses = {}, []
