@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from safeclip.runtime.messages import one_line
+from safeclip.runtime.error_text import one_line
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from safeclip.runtime.gate import GATE_VARIANTS, POLICIES
-from safeclip.runtime.messages import one_line
+from safeclip.runtime.error_text import one_line
 from safeclip.runtime.devices import MODULES
 from safeclip.runtime.views import VIEW_MODES
 

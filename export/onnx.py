@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from safeclip.runtime.messages import one_line
+from safeclip.runtime.error_text import one_line
 
 OPSET = 18
 

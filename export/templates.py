@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safeclip.runtime.messages import one_line
+from safeclip.runtime.error_text import one_line
 from safeclip.runtime.prompt import PromptError, render_messages
 
 __all__ = ["TemplateError", "chat_template_from_checkpoint", "check_template", "PROBES"]

@@ -46,7 +46,7 @@ from .backends import trt_build
 from .backends.base import BackendError
 from .backends.ort import OrtDecoder, make_session
 from .manifest import BundleError, Manifest, load_manifest, sha256_file, verify_files, write_manifest
-from .messages import one_line
+from .error_text import one_line
 from .signing import TRUSTED_KEY_HELP
 from .tolerances import engine_tolerance
 

@@ -36,7 +36,7 @@ turn of the conversation is refused too (the language model never sees a refused
 Context: when history plus the new turn do not fit the decoder's capacity, :class:`ContextError` is raised
 before any vision or language-model work; history is never truncated silently (``reset()`` starts over).
 
-Batching: with ``Pipeline.enable_batching`` a turn is decoded by the pipeline's ``batch.Scheduler`` with the
+Batching: with ``Pipeline.enable_batching`` a turn is decoded by the pipeline's ``scheduler.Scheduler`` with the
 other requests, in its own KV slot: the decoder's one-sequence cache is not used, but the ``prefix_cache`` is
 (the scheduler restores the longest snapshotted prefix into the slot and snapshots the finished turn).
 
@@ -233,9 +233,9 @@ class _ChatLease:
 
 
 class _BatchedTurn:
-    """A turn decoded by the pipeline's ``batch.Scheduler`` (``Pipeline.enable_batching``) in its own KV slot:
+    """A turn decoded by the pipeline's ``scheduler.Scheduler`` (``Pipeline.enable_batching``) in its own KV slot:
     the scheduler restores the longest prefix the chat's prefix cache holds of it and snapshots the finished
-    turn there itself (``batch.py``), so there is nothing to snapshot here."""
+    turn there itself (``scheduler.py``), so there is nothing to snapshot here."""
 
     def __init__(self, stream, prompt_tokens: int):
         self.stream, self.prompt_tokens = stream, int(prompt_tokens)
@@ -449,7 +449,7 @@ class Chat:
         embeds = embed_prompt(lm.table, ids, lm.image_token_id, feats, dtype=lm.decoder.dtype)      # [S, D]
         kw = dict(tokenizer=lm.tokenizer, max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids,
                   stop_strings=list(stop), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        if pipe.scheduler is not None:                   # batch.py: the turn joins the running batch
+        if pipe.scheduler is not None:                   # scheduler.py: the turn joins the running batch
             stream = pipe.scheduler.submit(embeds, prefix_keys=keys, prefix_cache=self.prefix_cache, **kw)
             lease = _BatchedTurn(stream, ids.size)
         else:

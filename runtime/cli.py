@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .backends.pick import BACKEND_CHOICES, BACKEND_HELP
-from .messages import one_line
+from .error_text import one_line
 from .signing import TRUSTED_KEY_HELP
 from .scan import IMAGE_EXTS, iter_images  # noqa: F401  (they live in scan.py; re-exported here)
 

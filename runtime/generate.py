@@ -193,7 +193,7 @@ class Progress:
 
     :meth:`feed` takes each picked token and returns the text it releases (text that may start a stop string
     is held back); ``reason`` is set once the sequence is done ("eos" | "stop" | "length" | "context").
-    Shared by :class:`TextStream` (one sequence) and ``batch.Scheduler`` (many), so both end sequences alike.
+    Shared by :class:`TextStream` (one sequence) and ``scheduler.Scheduler`` (many), so both end sequences alike.
     """
 
     def __init__(self, tokenizer, budget: int, clamped: bool, eos: frozenset[int], stops: Sequence[str]):

@@ -42,7 +42,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from .messages import one_line
+from .error_text import one_line
 
 MAX_PIXELS = 40_000_000
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")

@@ -32,7 +32,7 @@ from .backends.base import ContextError
 from .gate import DEFAULT_INSTRUCTION, DEFAULT_REFUSAL, POLICIES, Verdict, verdict_from_probs
 from .image import MAX_PIXELS, load_image, preprocess
 from .manifest import BundleError, Manifest, load_manifest
-from .messages import one_line
+from .error_text import one_line
 
 
 class _DecoderLease:
@@ -99,7 +99,7 @@ class Pipeline:
         self.backend_notes: list[str] = []
         self.image_cache_bytes = 256 << 20            # conversations' image features + verdicts (chat.ImageCache)
         self._image_cache = None
-        self.scheduler = None                         # batch.Scheduler once enable_batching ran
+        self.scheduler = None                         # scheduler.Scheduler once enable_batching ran
         g, self.names = manifest.gate_config, manifest.vision.names      # validated when the bundle loaded
         self.classes: list[str] = list(g.classes)
         self.safe_classes: list[str] = list(g.safe_classes)
@@ -164,13 +164,13 @@ class Pipeline:
 
     def enable_batching(self, max_batch: int, *, max_waiting: int | None = None,
                         prefill_chunk: int | None = None):
-        """Generate through a ``batch.Scheduler``: up to ``max_batch`` requests decode together (a
+        """Generate through a ``scheduler.Scheduler``: up to ``max_batch`` requests decode together (a
         slot decoder sharing the decoder's weights: ``backends.slots.SlotDecoder`` on ONNX Runtime's session, CPU
         or CUDA; ``backends.trt.TrtSlotDecoder`` on the TensorRT plan and context, whose decode profile
         must cover ``max_batch``; one KV slot per sequence, each the decoder's capacity). :meth:`stream` then
-        queues each request (``batch.QueueFull`` past ``max_waiting``). Returns the scheduler."""
+        queues each request (``scheduler.QueueFull`` past ``max_waiting``). Returns the scheduler."""
         from .backends.pick import slot_decoder
-        from .batch import Scheduler
+        from .scheduler import Scheduler
 
         if self._lm is None:
             raise GenerationUnavailable(f"{self.manifest.root}: bundle has no language model to batch")
@@ -302,7 +302,7 @@ class Pipeline:
                               dtype=lm.decoder.dtype)                          # [S, D]
         kw = dict(tokenizer=lm.tokenizer, max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids,
                   stop_strings=list(stop), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        text = (self.scheduler.submit(embeds, **kw) if self.scheduler is not None   # batch.py: joins the batch
+        text = (self.scheduler.submit(embeds, **kw) if self.scheduler is not None   # scheduler.py: joins the batch
                 else TextStream(_DecoderLease(self), lm.table, embeds, **kw))
         action = "instructed" if instr else "annotated" if flagged else "generated"
         return AnswerStream(self, verdict=verdict, policy=policy, action=action, timings=timings, t0=t0,

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .messages import one_line
+from .error_text import one_line
 
 __all__ = ["PromptError", "render", "render_messages", "tokenize", "build_messages"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .backends.pick import BACKEND_CHOICES, BACKEND_HELP
 from .gate import POLICIES
-from .messages import one_line
+from .error_text import one_line
 from .signing import TRUSTED_KEY_HELP
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .gate import Verdict, verdict_from_probs
-from .messages import one_line
+from .error_text import one_line
 
 LIST_EXTS = {".txt", ".lst", ".list"}
 BYTES_COLUMNS = ("image", "bytes", "jpg", "png", "img")

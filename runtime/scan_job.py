@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .messages import one_line
+from .error_text import one_line
 from .progress import Progress, plural
 
 EXIT_OK, EXIT_STOPPED, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3

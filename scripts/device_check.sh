@@ -133,7 +133,7 @@ from safeclip.runtime.gate import verdict_from_probs
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.generate import embed_prompt
 from safeclip.runtime.manifest import load_manifest
-from safeclip.runtime.messages import one_line
+from safeclip.runtime.error_text import one_line
 
 NEW_TOKENS, REPEATS = 16, 5
 rows, skipped = [], []
@@ -411,7 +411,7 @@ rc=$?
 # pass them under copy-at-bind semantics (tests/_ort_binding.py); here the real provider decides.
 if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
     say "pytest -m cuda (real CUDA provider)"
-    timeout 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_kv_arena.py tests/test_batch_gpu.py \
+    timeout 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_kv_arena.py tests/test_scheduler_gpu.py \
         tests/test_generate.py 2>&1 | tail -15 | tee "$RESULTS/pytest_cuda.txt"
 fi
 say "done (exit $rc); results in $RESULTS"

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..messages import one_line
+from ..error_text import one_line
 from .arena import EXTEND_MAX, DeviceArena, HostArena, check_kv_arrays
 from .base import BackendError, ContextError, DecoderNames, KVSpec, truncation
 

@@ -1,4 +1,4 @@
-"""Many sequences in one KV arena: what ``batch.Scheduler`` drives. :class:`SlotDecoder` (ONNX Runtime, CPU
+"""Many sequences in one KV arena: what ``scheduler.Scheduler`` drives. :class:`SlotDecoder` (ONNX Runtime, CPU
 and CUDA providers) here, ``trt.TrtSlotDecoder`` (TensorRT) on the same :class:`SlotOps`; ``pick.slot_decoder`` picks the one for a decoder.
 
 The arena (``arena.py``) gets a slot dimension: tensor j is [slots, KVH, Lb, Hd], packed for one bucket Lb

@@ -486,7 +486,7 @@ class TrtDecoder:
 class TrtSlotDecoder(SlotOps):
     """``slots`` sequences in one device KV arena on a :class:`TrtDecoder`'s plan and execution context (its
     weights and activation memory are shared, its calls serialised by the context's lock; closing either one
-    leaves the context to the other): the batched decoder ``batch.Scheduler`` drives (``slots.py``). A decode
+    leaves the context to the other): the batched decoder ``scheduler.Scheduler`` drives (``slots.py``). A decode
     step of 1..N sequences runs in the plan's one ``decode`` profile (batch 1..N, ``export/targets.py``), so the
     batch size never switches profiles; prefill (in chunks of ``prefill_max``) and extension of one slot in the
     prefill/extend profiles at batch 1. ``slots`` above what the profiles cover (:func:`plan_batch`) is refused

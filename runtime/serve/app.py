@@ -66,11 +66,11 @@ from .cors import CORSAndOptions
 from .hosts import HostCheck
 from .intake import Intake, ReleaseAfter
 from .fetch import fetch_image
-from .slot import Busy, Disconnected, Slot
+from .admission import Busy, Disconnected, Slot
 from ..prefix_cache import PrefixCache
 from .conversation import images_json, start_chat
 from . import batching
-from ..batch import QueueFull
+from ..scheduler import QueueFull
 from .request import DEFAULTS, ChatRequest, RequestError, error_body, parse_chat_request, parse_json_body
 
 log = logging.getLogger("safeclip.serve")

@@ -1,10 +1,10 @@
-"""The server with continuous batching (``--max-batch N`` > 1): requests join ``batch.Scheduler``'s batch.
+"""The server with continuous batching (``--max-batch N`` > 1): requests join ``scheduler.Scheduler``'s batch.
 
 With ``max_batch`` 1 the server keeps ``slot.Slot`` (one request at a time, ``max_queue`` waiting). With more:
 
 * the scheduler's waiting list is the queue: a request is gated and its prompt prepared on the model thread,
   then submitted; when ``max_queue`` requests already wait it is answered 503 with ``Retry-After``
-  (``batch.QueueFull``). A refused image (policy ``refuse``) never reaches the scheduler. The queue timeout
+  (``scheduler.QueueFull``). A refused image (policy ``refuse``) never reaches the scheduler. The queue timeout
   does not apply (a batched request starts as soon as a slot frees; its response may already be streaming).
 * each request waits for its text pieces on its own thread (:data:`BatchJob`'s pool, one per running or
   waiting request), never on the model thread, so a slow client stalls nobody; a client that disconnects

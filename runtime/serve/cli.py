@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..backends.pick import BACKEND_CHOICES, BACKEND_HELP
 from ..gate import POLICIES
-from ..messages import one_line
+from ..error_text import one_line
 from ..signing import TRUSTED_KEY_HELP
 
 # --max-batch by export target (BENCHMARKS.md "Continuous batching"): cpu decodes up to 4 together (a step of 4

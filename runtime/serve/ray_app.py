@@ -183,7 +183,7 @@ def ray_main(a) -> int:
     """``safeclip-serve --ray``: ``a`` is ``cli.serve_parser()``'s namespace."""
     import sys
 
-    from ..messages import one_line
+    from ..error_text import one_line
 
     from ..signing import SigningError, trusted_keys
     try:                                 # the driver reads the keys; replicas get the keys themselves, not paths

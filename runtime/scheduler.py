@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .generate import GenerationResult, Progress, budget, picker, timings
-from .messages import one_line
+from .error_text import one_line
 
 __all__ = ["Scheduler", "BatchStream", "QueueFull", "SequenceError"]
 

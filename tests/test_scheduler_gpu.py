@@ -22,7 +22,7 @@ from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.backends.pick import slot_decoder as sharing
 from safeclip.runtime.backends.slots import SlotDecoder, kv_slot_bytes
-from safeclip.runtime.batch import Scheduler
+from safeclip.runtime.scheduler import Scheduler
 from safeclip.runtime.manifest import load_manifest
 
 CAP = 64

@@ -1,4 +1,4 @@
-"""Continuous batching (runtime/batch.py over backends/slots.py) on the demo model.
+"""Continuous batching (runtime/scheduler.py over backends/slots.py) on the demo model.
 
 Oracle: each sequence generated alone by the one-sequence path (``generate.generate`` on an ``OrtDecoder``):
 batched greedy output must be token-exact, batched sampling with a seed must give the same tokens as that
@@ -17,7 +17,7 @@ from safeclip.runtime import generate as G
 from safeclip.runtime.backends.base import ContextError
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.backends.slots import SlotDecoder, kv_slot_bytes
-from safeclip.runtime.batch import QueueFull, Scheduler, SequenceError
+from safeclip.runtime.scheduler import QueueFull, Scheduler, SequenceError
 from safeclip.runtime.pipeline import Pipeline
 
 CAP = 96
