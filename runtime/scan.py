@@ -262,7 +262,7 @@ class ItemReader:
                 ident = file_identity(os.fstat(f.fileno()))
                 return f.read(), ident
         if kind == "url":
-            from .serve.fetch import fetch_image
+            from .fetch import fetch_image
             return fetch_image(loc, max_bytes=MAX_FETCH_BYTES, timeout_s=self.fetch_timeout_s,
                                allow_private=self.allow_private), None
         if kind == "tar":

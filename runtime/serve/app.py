@@ -60,12 +60,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..gate import POLICIES
 from ..backends.base import ContextError
+from ..fetch import FetchError, fetch_image
 from ..image import ImageError, load_image
 from ..prompt import PromptError
 from .cors import CORSAndOptions
 from .hosts import HostCheck
 from .intake import Intake, ReleaseAfter
-from .fetch import fetch_image
 from .admission import Busy, Disconnected, Slot
 from ..prefix_cache import PrefixCache
 from .conversation import images_json, start_chat
@@ -79,6 +79,8 @@ _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; scrip
         "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 _END = object()
 _STOPPING = "the server is shutting down; try again shortly"
+# fetch.FetchError.kind -> (HTTP status, OpenAI error code); any other kind: 400 invalid_image
+_FETCH_ERRORS = {"refused": (400, "remote_image_refused"), "too_large": (413, "request_too_large")}
 
 
 def _error(status: int, message: str, code: str | None = None, param: str | None = None,
@@ -177,9 +179,14 @@ class _Server:
                                "unsupported_media_type")
 
     def fetch_remote(self, url: str) -> bytes:
-        """Only with allow_remote_images: GET an http(s) image, bounded in total time, size and addresses."""
-        return fetch_image(url, max_bytes=self.limits["max_body_bytes"], timeout_s=self.limits["fetch_timeout_s"],
-                           allow_private=self.allow_private)
+        """Only with allow_remote_images: GET an http(s) image, bounded in total time, size and addresses; a
+        ``FetchError`` becomes the client's error (400 ``remote_image_refused`` / ``invalid_image``, 413)."""
+        try:
+            return fetch_image(url, max_bytes=self.limits["max_body_bytes"],
+                               timeout_s=self.limits["fetch_timeout_s"], allow_private=self.allow_private)
+        except FetchError as e:
+            status, code = _FETCH_ERRORS.get(e.kind, (400, "invalid_image"))
+            raise RequestError(status, str(e), code, "messages.content.image_url") from None
 
     async def decode_image(self, source: bytes | str):
         if self.decode_sem is None:

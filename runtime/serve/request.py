@@ -7,7 +7,7 @@ ending with a user message). A user message's ``content`` is a string or a list 
 An image with no text is asked :data:`IMAGE_ONLY_QUESTION` (the pipeline refuses an empty prompt).
 Images come inline as base64 ``data:`` URIs; ``http(s)`` URLs only when the server allows remote images
 (refused by default: an offline kiosk must not fetch the network, and a server that fetches what a client
-names is an SSRF hole; see ``fetch.py``); other schemes never.
+names is an SSRF hole; see ``runtime/fetch.py``); other schemes never.
 
 Sampling fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (default 0 = greedy, unlike
 OpenAI's 1: a kiosk wants the same answer twice), ``top_p``, ``seed``, ``stop``, ``stream``,

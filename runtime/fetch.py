@@ -1,7 +1,8 @@
-"""Fetching an ``http(s)`` image URL, only when the server runs with ``--allow-remote-images``.
+"""Fetching an ``http(s)`` image URL, bounded: ``safeclip-serve --allow-remote-images`` and ``safeclip-scan``'s
+URL items both fetch through :func:`fetch_image`.
 
-A server that fetches what a client names is an SSRF hole and a way to tie up its threads, so every fetch is
-bounded:
+A program that fetches what someone else names is an SSRF hole and a way to tie up its threads, so every fetch
+is bounded:
 
 - **total time**: one deadline for connect, headers, redirects and body together (a watchdog shuts the socket
   at the deadline, so a server trickling one byte at a time cannot stretch it; ``getaddrinfo`` itself is the
@@ -16,8 +17,8 @@ bounded:
   (each reaches the IPv4 host through a translator or the kernel); every redirect target is checked the same
   way, at most :data:`MAX_REDIRECTS` of them, and only to ``http(s)``.
 
-Every problem raises :class:`~.request.RequestError` (400 ``remote_image_refused`` / ``invalid_image``, 413
-``request_too_large``).
+Every problem raises :class:`FetchError` (one line; its ``kind`` says which: ``refused``, ``too_large`` or
+``failed``); the server maps it to its HTTP error, scan to an error row. Standard library only.
 """
 from __future__ import annotations
 
@@ -29,14 +30,17 @@ import threading
 import time
 import urllib.parse
 
-from .request import RequestError
-
 MAX_REDIRECTS = 3
-PARAM = "messages.content.image_url"
 
 
-def _refuse(message: str, code: str = "invalid_image", status: int = 400) -> RequestError:
-    return RequestError(status, message, code, PARAM)
+class FetchError(ValueError):
+    """An image URL that was not fetched. ``kind``: ``refused`` (a loopback or private host while those are not
+    allowed), ``too_large`` (over ``max_bytes``), ``failed`` (anything else: a bad URL, no answer in time, an
+    HTTP error, too many redirects)."""
+
+    def __init__(self, message: str, kind: str = "failed"):
+        super().__init__(message)
+        self.kind = kind
 
 
 _V4_IN_LOW_32 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
@@ -66,13 +70,13 @@ def _resolve(host: str, port: int, allow_private: bool) -> str:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise _refuse(f"cannot fetch the image URL (cannot resolve '{host[:60]}': {e})") from None
+        raise FetchError(f"cannot fetch the image URL (cannot resolve '{host[:60]}': {e})") from None
     addrs = [info[4][0] for info in infos]
     if not allow_private:
         bad = [a for a in addrs if not _address_ok(a)]
         if bad:
-            raise _refuse(f"image URL host '{host[:60]}' is a loopback or private address ({bad[0]}); refused "
-                          "(start the server with --allow-private-image-hosts to allow it)", "remote_image_refused")
+            raise FetchError(f"image URL host '{host[:60]}' is a loopback or private address ({bad[0]}); refused "
+                          "(--allow-private-image-hosts allows it)", "refused")
     return addrs[0]
 
 
@@ -95,11 +99,11 @@ def fetch_image(url: str, *, max_bytes: int, timeout_s: float, allow_private: bo
         parts = urllib.parse.urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
-            raise _refuse(f"image URL must be http(s) with a host, got '{url[:60]}'")
+            raise FetchError(f"image URL must be http(s) with a host, got '{url[:60]}'")
         try:
             port = parts.port or (443 if scheme == "https" else 80)
         except ValueError:
-            raise _refuse("image URL has an invalid port") from None
+            raise FetchError("image URL has an invalid port") from None
         ip = _resolve(parts.hostname, port, allow_private)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -122,18 +126,18 @@ def fetch_image(url: str, *, max_bytes: int, timeout_s: float, allow_private: bo
         try:
             path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
             host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-            conn.request("GET", path, headers={"Host": host, "User-Agent": "safeclip-serve",
+            conn.request("GET", path, headers={"Host": host, "User-Agent": "safeclip-edge",
                                                "Accept": "image/*"})
             r = conn.getresponse()
             if r.status in (301, 302, 303, 307, 308) and r.getheader("Location"):
                 url = urllib.parse.urljoin(url, r.getheader("Location"))
                 continue
             if r.status != 200:
-                raise _refuse(f"cannot fetch the image URL (HTTP {r.status} {r.reason[:40]})")
+                raise FetchError(f"cannot fetch the image URL (HTTP {r.status} {r.reason[:40]})")
             declared = r.getheader("Content-Length")
             if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-                raise _refuse(f"the remote image of {int(declared)} bytes exceeds {max_bytes} bytes",
-                              "request_too_large", 413)
+                raise FetchError(f"the remote image of {int(declared)} bytes exceeds {max_bytes} bytes",
+                                 "too_large")
             parts_read, n = [], 0
             while True:
                 piece = r.read1(65536)
@@ -141,23 +145,23 @@ def fetch_image(url: str, *, max_bytes: int, timeout_s: float, allow_private: bo
                     break
                 n += len(piece)
                 if n > max_bytes:
-                    raise _refuse(f"the remote image exceeds {max_bytes} bytes", "request_too_large", 413)
+                    raise FetchError(f"the remote image exceeds {max_bytes} bytes", "too_large")
                 if time.monotonic() > deadline:
                     raise TimeoutError()
                 parts_read.append(piece)
             if expired.is_set():
                 raise TimeoutError()
             return b"".join(parts_read)
-        except RequestError:
+        except FetchError:
             raise
         except Exception as e:                  # socket, TLS and http.client errors: many types
             if expired.is_set() or isinstance(e, TimeoutError):
-                raise _refuse(f"the image URL did not answer within {timeout_s:g} s") from None
-            raise _refuse(f"cannot fetch the image URL ({' '.join(str(e).split())[:120] or type(e).__name__})") \
+                raise FetchError(f"the image URL did not answer within {timeout_s:g} s") from None
+            raise FetchError(f"cannot fetch the image URL ({' '.join(str(e).split())[:120] or type(e).__name__})") \
                 from None
         finally:
             watchdog.cancel()
             conn.close()
     if time.monotonic() >= deadline:
-        raise _refuse(f"the image URL did not answer within {timeout_s:g} s")
-    raise _refuse(f"the image URL redirected more than {MAX_REDIRECTS} times")
+        raise FetchError(f"the image URL did not answer within {timeout_s:g} s")
+    raise FetchError(f"the image URL redirected more than {MAX_REDIRECTS} times")
