@@ -9,9 +9,9 @@ then, each run on CPU with one ONNX Runtime thread per worker so the workers do 
 
 * ``per-image``: the scan as it was before batching (``Pipeline.gate`` one image at a time): the reference
   verdicts, and images/s;
-* ``local``: ``scan.gate_items`` in batches of ``--batch-size`` in this process (what ``safeclip-scan
+* ``local``: ``gating.gate_items`` in batches of ``--batch-size`` in this process (what ``safeclip-scan
   --output`` runs without ``--ray``);
-* ``ray-1``, ``ray-2``: ``scan_ray.ray_rows`` on a local Ray (``num_cpus=2``) with 1 and 2 actors of 1 CPU
+* ``ray-1``, ``ray-2``: ``ray_workers.ray_rows`` on a local Ray (``num_cpus=2``) with 1 and 2 actors of 1 CPU
   each. ``total`` counts from submitting the job to its last row at the driver (Ray Data start, actor start
   and bundle load included); ``steady`` counts from the first batch's start to the last batch's end on the
   workers (each batch stamps its wall-clock span), the rate a long job runs at once its actors are up.
@@ -68,7 +68,8 @@ def per_image(bundle: str, paths: list[Path]) -> dict:
 
 def local(bundle: str, items: list[dict], batch: int) -> dict:
     from safeclip.runtime.pipeline import Pipeline
-    from safeclip.runtime.scan import ItemReader, gate_items
+    from safeclip.runtime.scan.gating import gate_items
+    from safeclip.runtime.scan.sources import ItemReader
 
     pipe = Pipeline.load(bundle, threads=1, language_model=False)
     reader = ItemReader()
@@ -87,7 +88,7 @@ def local(bundle: str, items: list[dict], batch: int) -> dict:
 def timed_worker():
     """A GateWorker that stamps each batch's rows with its wall-clock start and end (this class is defined in
     ``__main__``, so Ray ships it by value) in an extra ``bench`` column the driver strips again."""
-    from safeclip.runtime.scan_ray import GateWorker
+    from safeclip.runtime.scan.ray_workers import GateWorker
 
     class TimedWorker(GateWorker):
         def __call__(self, batch):
@@ -101,7 +102,7 @@ def timed_worker():
 
 
 def on_ray(bundle: str, items: list[dict], workers: int, batch: int) -> dict:
-    from safeclip.runtime.scan_ray import ray_rows
+    from safeclip.runtime.scan.ray_workers import ray_rows
 
     t0 = time.perf_counter()
     out, stamps = {}, set()
@@ -128,7 +129,7 @@ def compare(ref: dict, got: dict) -> dict:
 
 def bench_bundle(bundle: str, n: int, size: int, batch: int, work: Path) -> dict:
     from safeclip.runtime.manifest import load_manifest
-    from safeclip.runtime.scan import list_items
+    from safeclip.runtime.scan.sources import list_items
 
     m = load_manifest(bundle)
     folder = work / f"images-{m.name}"

@@ -131,16 +131,43 @@ def controlled_bundle(tmp_path_factory, demo_sources, test_images, cache_dir) ->
     return export_bundle(ExportOptions(model="demo", out=out, text_embeds_override=te)).bundle
 
 
+def crash_once_hook(key: str, marker: str):
+    """A Ray ``worker_process_setup_hook`` (Ray's own seam: it runs in every worker process as it starts) that
+    wraps ``safeclip.runtime.scan.gating.gate_items`` there: the first worker to meet an item keyed ``key``
+    creates the file ``marker`` and dies (``os._exit``), so Ray's actor restart and task retry are exercised
+    (tests/test_scan_ray.py). A nested function: Ray's cloudpickle ships it by value, so the workers need not
+    import this file; the driver's own scan is untouched."""
+    def install() -> None:
+        from safeclip.runtime.scan import gating
+
+        real = gating.gate_items
+
+        def gate_items(pipe, items, reader):
+            if any(it["key"] == key for it in items):
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:                  # died once already: gate it this time
+                    pass
+                else:
+                    os.close(fd)
+                    os._exit(17)
+            return real(pipe, items, reader)
+
+        gating.gate_items = gate_items
+
+    return install
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One small local Ray runtime for the session's Ray tests (test_scan_ray.py, test_serve_ray.py), shut down at
-    the end. Its workers carry SAFECLIP_SCAN_TEST_CRASH (scan.crash_hook_for_tests): the first worker to meet an
-    item keyed ``crash_me.png`` dies once."""
+    the end. Its workers run ``crash_once_hook``: the first worker to meet an item keyed ``crash_me.png`` dies
+    once (the fixture's value is the marker file it leaves)."""
     ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip install -e '.[ray]')")
     marker = tmp_path_factory.mktemp("ray") / "crashed"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"SAFECLIP_SCAN_TEST_CRASH": f"crash_me.png:{marker}"}})
+             runtime_env={"worker_process_setup_hook": crash_once_hook("crash_me.png", str(marker))})
     try:
         yield marker
     finally:

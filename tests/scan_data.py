@@ -95,10 +95,10 @@ def check_rows(rows, truth, image_of, oracle):
         assert r["flagged"] == (t == "gun") and (t != "gun" or r["category"] == "gun")
 
 
-def interrupt_on_second_batch(monkeypatch, scan):
-    """Make ``scan.gate_items`` raise KeyboardInterrupt on its second call (a scan stopped midway: the first
+def interrupt_on_second_batch(monkeypatch, gating):
+    """Make ``gating.gate_items`` raise KeyboardInterrupt on its second call (a scan stopped midway: the first
     batch's rows are written); returns the real function, to put back for the resume."""
-    real, calls = scan.gate_items, []
+    real, calls = gating.gate_items, []
 
     def dies_on_second(pipe, items, reader):
         calls.append(1)
@@ -106,5 +106,5 @@ def interrupt_on_second_batch(monkeypatch, scan):
             raise KeyboardInterrupt
         return real(pipe, items, reader)
 
-    monkeypatch.setattr(scan, "gate_items", dies_on_second)
+    monkeypatch.setattr(gating, "gate_items", dies_on_second)
     return real

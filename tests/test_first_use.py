@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safeclip.runtime import cli, progress
+from safeclip.runtime import calibrate, progress
 from safeclip.runtime import run as run_cli
+from safeclip.runtime.scan import cli as scan_cli
 from safeclip.runtime.backends.pick import BACKEND_CHOICES
 
 
@@ -90,8 +91,8 @@ def test_run_prints_the_verdict_for_a_clean_image_too(controlled_bundle, test_im
 # -- help that agrees with the program ---------------------------------------------------------------------
 def _parsers():
     from safeclip.runtime.serve.cli import serve_parser
-    return {"safeclip-run": run_cli.run_parser(), "safeclip-scan": cli.scan_parser(),
-            "safeclip-calibrate": cli.calibrate_parser(), "safeclip-serve": serve_parser()}
+    return {"safeclip-run": run_cli.run_parser(), "safeclip-scan": scan_cli.scan_parser(),
+            "safeclip-calibrate": calibrate.calibrate_parser(), "safeclip-serve": serve_parser()}
 
 
 _REQUIRED = {"safeclip-run": ["--prompt", "p"], "safeclip-scan": ["x"], "safeclip-serve": []}
@@ -119,7 +120,7 @@ def test_an_unknown_backend_lists_the_same_choices(prog, capsys):
 
 def test_one_name_for_the_private_hosts_flag(capsys):
     from safeclip.runtime.serve.cli import serve_parser
-    scan = cli.scan_parser()
+    scan = scan_cli.scan_parser()
     assert "--allow-private-image-hosts" in scan._option_string_actions
     assert "--allow-private-image-hosts" in serve_parser()._option_string_actions
     assert "--allow-private-hosts" not in scan.format_help()                     # the old name is not offered
@@ -153,7 +154,7 @@ def labelled(tmp_path_factory, test_images):
 def test_scan_prints_plain_progress_lines_when_stderr_is_not_a_terminal(controlled_bundle, labelled, capsys,
                                                                         monkeypatch):
     monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)                      # a line at every batch
-    rc = cli.scan_main(["--bundle", str(controlled_bundle), str(labelled), "--batch-size", "4"])
+    rc = scan_cli.main(["--bundle", str(controlled_bundle), str(labelled), "--batch-size", "4"])
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if "images (" in l]
     assert rc == 3                                                             # broken.png could not be gated
@@ -196,18 +197,18 @@ def test_progress_is_a_tqdm_bar_on_a_terminal_and_quiet_between_plain_lines():
 
 
 def test_scan_summary_counts_failures_apart_and_exit_status(controlled_bundle, labelled, tmp_path, capsys):
-    rc = cli.scan_main(["--bundle", str(controlled_bundle), str(tmp_path / "missing.png")])
+    rc = scan_cli.main(["--bundle", str(controlled_bundle), str(tmp_path / "missing.png")])
     err = capsys.readouterr().err
     assert rc == 3 and "gated 0 of 1 item in" in err and "1 item: 0 gated (0 flagged), 1 failed" in err, err
     assert "1 images" not in err
-    rc = cli.scan_main(["--bundle", str(controlled_bundle), *(str(labelled / f"gun_{i}.png") for i in range(3))])
+    rc = scan_cli.main(["--bundle", str(controlled_bundle), *(str(labelled / f"gun_{i}.png") for i in range(3))])
     err = capsys.readouterr().err
     assert rc == 0 and "gated 3 of 3 items in" in err and "3 items: 3 gated (3 flagged), 0 failed" in err, err
 
 
 # -- safeclip-calibrate ------------------------------------------------------------------------------------
 def test_calibrate_skips_a_broken_image_naming_it_once(controlled_bundle, labelled, capsys):
-    rc = cli.calibrate_main(["--bundle", str(controlled_bundle), "--labels", str(labelled / "labels-broken.csv"),
+    rc = calibrate.main(["--bundle", str(controlled_bundle), "--labels", str(labelled / "labels-broken.csv"),
                              "--max-fpr", "0.125", "--dry-run"])
     out, err = capsys.readouterr()
     assert rc == 0 and "dry run: nothing written" in out, err
@@ -220,10 +221,10 @@ def test_calibrate_skips_a_broken_image_naming_it_once(controlled_bundle, labell
 def test_calibrate_refuses_a_compare_bundle_of_the_same_variant_and_a_bad_max_fpr(controlled_bundle, labelled,
                                                                                   capsys):
     base = ["--bundle", str(controlled_bundle), "--labels", str(labelled / "labels.csv"), "--dry-run"]
-    assert cli.calibrate_main(base + ["--max-fpr", "0.125", "--compare", str(controlled_bundle)]) == 2
+    assert calibrate.main(base + ["--max-fpr", "0.125", "--compare", str(controlled_bundle)]) == 2
     line = _one_error_line(capsys.readouterr().err, "safeclip-calibrate")
     assert "gate variant is 'reference', the same as --bundle's" in line
-    assert cli.calibrate_main(base + ["--max-fpr", "0"]) == 2
+    assert calibrate.main(base + ["--max-fpr", "0"]) == 2
     line = _one_error_line(capsys.readouterr().err, "safeclip-calibrate")
     assert "--max-fpr must be in (0, 1]" in line and "max_fpr" not in line.replace("--max-fpr", "")
 

@@ -433,7 +433,7 @@ def test_permission_and_recursion_errors_from_load_are_bundle_errors(vision_bund
 def test_calibrating_a_signed_bundle_needs_a_key_and_re_signs(vision_bundle, tmp_path, keys, capsys, monkeypatch):
     """A new threshold rewrites the manifest: refused without --sign-key, re-signed with it. (What threshold is
     chosen is tests/test_scan.py's and test_metrics.py's business: here the choice is fixed.)"""
-    from safeclip.runtime import cli
+    from safeclip.runtime import calibrate
 
     (priv, pub), (opriv, opub) = keys["publisher"], keys["other"]
     b = copy_bundle(vision_bundle, tmp_path / "b")
@@ -444,27 +444,27 @@ def test_calibrating_a_signed_bundle_needs_a_key_and_re_signs(vision_bundle, tmp
     labels.write_text(f"path,label\n{img},safe\n")
     choice = {"threshold": 0.42, "n_safe": 1, "n_toxic": 1, "dsr": 1.0, "fpr": 0.0, "fpr_upper95": 0.9,
               "bound_confident": False}
-    monkeypatch.setattr(cli, "_calibrated", lambda pipe, labels, max_fpr: (choice, {"dsr": 0.0, "fpr": 0.0}))
+    monkeypatch.setattr(calibrate, "_calibrated", lambda pipe, labels, max_fpr: (choice, {"dsr": 0.0, "fpr": 0.0}))
     argv = ["--bundle", str(b), "--labels", str(labels), "--max-fpr", "1", "--trusted-key", str(pub)]
-    assert cli.calibrate_main(argv) == 2
+    assert calibrate.main(argv) == 2
     err = capsys.readouterr().err
     assert "the bundle is signed and a new threshold rewrites its manifest: give --sign-key" in err
     assert load_manifest(b, trusted_keys=[pub]).gate["threshold"] == 0.6                 # unchanged
-    assert cli.calibrate_main(argv + ["--sign-key", str(opriv)]) == 0
+    assert calibrate.main(argv + ["--sign-key", str(opriv)]) == 0
     m = load_manifest(b, trusted_keys=[pub, opub], full_verify=True)
     assert m.gate["threshold"] == 0.42 and m.gate["history"][-1]["new_threshold"] == 0.42
     with pytest.raises(BundleError, match="not among the trusted keys"):
         load_manifest(b, trusted_keys=[pub])                               # re-signed by the calibrating key
     # a calibration that would never flag is not written (the bundle would not load)
     choice["threshold"] = 1.0
-    assert cli.calibrate_main(argv[:-2] + ["--trusted-key", str(opub), "--sign-key", str(opriv)]) == 2
+    assert calibrate.main(argv[:-2] + ["--trusted-key", str(opub), "--sign-key", str(opriv)]) == 2
     assert "the gate would never flag; nothing written" in capsys.readouterr().err
     assert load_manifest(b, trusted_keys=[opub]).gate["threshold"] == 0.42
 
 
 def test_ray_scan_workers_get_the_trusted_keys_themselves(vision_bundle, tmp_path, keys):
     """Ray actors may run where the PEM paths do not exist: the driver reads the keys and hands them over."""
-    from safeclip.runtime.scan_ray import GateWorker
+    from safeclip.runtime.scan.ray_workers import GateWorker
     from safeclip.runtime.signing import trusted_keys
 
     priv, pub = keys["publisher"]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safeclip.runtime import cli
+from safeclip.runtime import calibrate
+from safeclip.runtime.scan import cli as scan_cli
 from safeclip.runtime.manifest import load_manifest
 
 from conftest import controlled_text_embeds
@@ -49,7 +50,7 @@ def test_scan_reports_every_image_and_goes_on_after_bad_ones(controlled, tmp_pat
     bundle, data = controlled
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (tmp_path / "empty.jpg").write_bytes(b"")
-    rc = cli.scan_main(["--bundle", str(bundle), str(data), str(tmp_path)])
+    rc = scan_cli.main(["--bundle", str(bundle), str(data), str(tmp_path)])
     out, err = capsys.readouterr()
     recs = [json.loads(l) for l in out.splitlines()]
     assert rc == 3                      # finished, some items could not be gated (README: exit status)
@@ -66,7 +67,7 @@ def test_scan_reports_every_image_and_goes_on_after_bad_ones(controlled, tmp_pat
 def test_scan_with_labels_metrics(controlled, tmp_path, capsys):
     bundle, data = controlled
     report = tmp_path / "r.json"
-    rc = cli.scan_main(["--bundle", str(bundle), str(data), "--labels", str(data / "labels.csv"),
+    rc = scan_cli.main(["--bundle", str(bundle), str(data), "--labels", str(data / "labels.csv"),
                         "--report", str(report)])
     out, err = capsys.readouterr()
     assert rc == 0
@@ -83,10 +84,10 @@ def test_scan_bad_labels_and_bad_bundle_are_one_line_errors(controlled, tmp_path
     bundle, data = controlled
     bad = tmp_path / "bad.csv"
     bad.write_text("file,label\nx.png,gun\n")
-    assert cli.scan_main(["--bundle", str(bundle), str(data), "--labels", str(bad)]) == 2
+    assert scan_cli.main(["--bundle", str(bundle), str(data), "--labels", str(bad)]) == 2
     bad.write_text("path,label\nx.png,dragon\n")
-    assert cli.scan_main(["--bundle", str(bundle), str(data), "--labels", str(bad)]) == 2
-    assert cli.scan_main(["--bundle", str(tmp_path), str(data)]) == 2
+    assert scan_cli.main(["--bundle", str(bundle), str(data), "--labels", str(bad)]) == 2
+    assert scan_cli.main(["--bundle", str(tmp_path), str(data)]) == 2
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.startswith("safeclip-scan: error")]
     assert len(lines) == 3 and "Traceback" not in err
@@ -99,10 +100,10 @@ def test_calibrate_writes_threshold_and_history(controlled, tmp_path, capsys):
     shutil.copytree(bundle, b)
     old = load_manifest(b).gate["threshold"]
     # 8 safe images: a 0.05 bound is not measurable -> refused, nothing written
-    assert cli.calibrate_main(["--bundle", str(b), "--labels", str(data / "labels.csv"), "--max-fpr", "0.05"]) == 2
+    assert calibrate.main(["--bundle", str(b), "--labels", str(data / "labels.csv"), "--max-fpr", "0.05"]) == 2
     assert "too few" in capsys.readouterr().err
     assert load_manifest(b).gate["threshold"] == old
-    rc = cli.calibrate_main(["--bundle", str(b), "--labels", str(data / "labels.csv"), "--max-fpr", "0.125",
+    rc = calibrate.main(["--bundle", str(b), "--labels", str(data / "labels.csv"), "--max-fpr", "0.125",
                              "--descriptors-out", str(tmp_path / "d.json")])
     assert rc == 0
     g = load_manifest(b, full_verify=True).gate
@@ -111,7 +112,7 @@ def test_calibrate_writes_threshold_and_history(controlled, tmp_path, capsys):
     assert load_descriptor_set(tmp_path / "d.json").default_threshold == g["threshold"]
     # the written threshold reproduces the calibrated decisions: every toxic flagged, FPR within bound
     capsys.readouterr()
-    cli.scan_main(["--bundle", str(b), str(data)])
+    scan_cli.main(["--bundle", str(b), str(data)])
     recs = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     fp = sum(r["flagged"] for r in recs if "safe_" in r["path"])
     tp = sum(r["flagged"] for r in recs if "gun_" in r["path"])

@@ -6,7 +6,8 @@ import pytest
 pytest.importorskip("ray", reason="the [ray] extra is not installed (pip install -e '.[ray]')")
 import pyarrow.parquet as pq  # noqa: E402
 
-from safeclip.runtime import cli, scan  # noqa: E402
+from safeclip.runtime.scan import cli as scan_cli  # noqa: E402
+from safeclip.runtime.scan import gating  # noqa: E402
 
 from scan_data import build_sources, check_rows, interrupt_on_second_batch  # noqa: E402
 
@@ -24,12 +25,12 @@ def test_ray_scan_survives_a_dying_worker_and_matches_the_local_scan(ray_local, 
     sources, truth, image_of = build_sources(tmp_path / "data", test_images, crash_key="crash_me.png")
     assert not ray_local.exists()
     out, local = tmp_path / "ray.parquet", tmp_path / "local.parquet"
-    rc = cli.scan_main(["--bundle", str(controlled_bundle), *sources, "--output", str(out), *RAY])
+    rc = scan_cli.main(["--bundle", str(controlled_bundle), *sources, "--output", str(out), *RAY])
     assert rc == 3, capsys.readouterr().err           # 3: finished, but the broken items could not be gated
     assert ray_local.exists(), "the test hook never killed a worker"         # a worker really died mid-job
     rows = pq.read_table(out).to_pylist()
     check_rows(rows, truth, image_of, oracle)                                 # every row once, crash_me.png too
-    assert cli.scan_main(["--bundle", str(controlled_bundle), *sources, "--output", str(local)]) == 3
+    assert scan_cli.main(["--bundle", str(controlled_bundle), *sources, "--output", str(local)]) == 3
     by_id = {(r["source"], r["key"]): r for r in pq.read_table(local).to_pylist()}
     for r in rows:
         ref = by_id[(r["source"], r["key"])]
@@ -45,12 +46,12 @@ def test_job_interrupted_locally_is_finished_on_ray(ray_local, controlled_bundle
     sources, truth, image_of = build_sources(tmp_path / "data", test_images)
     out = tmp_path / "scan"
     base = ["--bundle", str(controlled_bundle), *sources, "--output", str(out), "--part-rows", "3"]
-    real = interrupt_on_second_batch(monkeypatch, scan)
-    assert cli.scan_main(base + ["--batch-size", "3"]) == 130
-    monkeypatch.setattr(scan, "gate_items", real)
+    real = interrupt_on_second_batch(monkeypatch, gating)
+    assert scan_cli.main(base + ["--batch-size", "3"]) == 130
+    monkeypatch.setattr(gating, "gate_items", real)
     first = {p.name for p in (tmp_path / "scan.partial").glob("part-*.parquet")}
     assert len(first) == 1 and not out.exists()
-    assert cli.scan_main(base + RAY) == 3                  # the broken items among the sources
+    assert scan_cli.main(base + RAY) == 3                  # the broken items among the sources
     assert f"3 of {len(truth)} items already written" in capsys.readouterr().err
     assert first <= {p.name for p in out.glob("part-*.parquet")}
     check_rows(pq.read_table(out).to_pylist(), truth, image_of, oracle)

@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("pyarrow", reason="Parquet output needs pyarrow (the [ray] extra installs it)")
 import pyarrow.parquet as pq  # noqa: E402
 
-from safeclip.runtime import cli, scan  # noqa: E402
+from safeclip.runtime.scan import cli as scan_cli  # noqa: E402
+from safeclip.runtime.scan import gating, sources as scan_sources  # noqa: E402
 
 from scan_data import build_sources, check_rows  # noqa: E402
 
@@ -28,34 +29,34 @@ def test_every_source_kind_to_parquet_with_error_rows_and_safe_subset(controlled
                                                                       capsys):
     sources, truth, image_of = data
     out, safe_txt, safe_pq = tmp_path / "scan.parquet", tmp_path / "safe.txt", tmp_path / "safe.parquet"
-    rc = cli.scan_main(["--bundle", str(controlled_bundle), *sources, "--output", str(out), "--batch-size", "3",
+    rc = scan_cli.main(["--bundle", str(controlled_bundle), *sources, "--output", str(out), "--batch-size", "3",
                         "--safe-out", str(safe_txt)])
     cap = capsys.readouterr()
     assert rc == 3 and cap.out == ""               # error rows: exit 3 (README); --output keeps stdout quiet
     assert not out.with_name(out.name + ".partial").exists()
     rows = pq.read_table(out).to_pylist()
     check_rows(rows, truth, image_of, oracle)
-    assert [(r["source"], r["key"]) for r in rows] == [(i["source"], i["key"]) for i in scan.list_items(sources)]
+    assert [(r["source"], r["key"]) for r in rows] == [(i["source"], i["key"]) for i in scan_sources.list_items(sources)]
     n_err = sum(t == "error" for t in truth.values())
     n_gun = sum(t == "gun" for t in truth.values())
     assert f"{len(truth)} items: {len(truth) - n_err} gated ({n_gun} flagged), {n_err} failed" in cap.err
     safe = [r for r in rows if r["flagged"] is False]
-    assert safe_txt.read_text().splitlines() == [scan.display_name(r) for r in safe]
+    assert safe_txt.read_text().splitlines() == [scan_sources.display_name(r) for r in safe]
     assert any("#" in line for line in safe_txt.read_text().splitlines())        # shard members as shard#key
     # the same output again: complete already, nothing gated; the safe subset as Parquet from its rows
-    assert cli.scan_main(["--bundle", str(controlled_bundle), *sources, "--output", str(out),
+    assert scan_cli.main(["--bundle", str(controlled_bundle), *sources, "--output", str(out),
                           "--safe-out", str(safe_pq)]) == 3
     assert "complete already" in capsys.readouterr().err
     assert pq.read_table(safe_pq).column("key").to_pylist() == [r["key"] for r in safe]
     # a finished output of another threshold is not taken for this job's
-    assert cli.scan_main(["--bundle", str(controlled_bundle), *sources, "--output", str(out),
+    assert scan_cli.main(["--bundle", str(controlled_bundle), *sources, "--output", str(out),
                           "--threshold", "0.99"]) == 2
     assert "rows of another job (differs in: threshold)" in capsys.readouterr().err
 
 
 def test_stdout_json_lines_cover_shards_too(controlled_bundle, data, capsys):
     sources, truth, _ = data
-    assert cli.scan_main(["--bundle", str(controlled_bundle), *sources[2:]]) == 3       # with error items
+    assert scan_cli.main(["--bundle", str(controlled_bundle), *sources[2:]]) == 3       # with error items
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(recs) == sum(k[0] in sources[2:] for k in truth)
     assert {r["path"].rsplit("#", 1)[-1] for r in recs if "error" in r} == {"bad", "s2"}
@@ -67,7 +68,7 @@ def test_interrupted_job_resumes_and_writes_each_image_once(controlled_bundle, d
     out = tmp_path / "scan"                        # a folder of parts this time
     argv = ["--bundle", str(controlled_bundle), *sources, "--output", str(out), "--batch-size", "2",
             "--part-rows", "2"]
-    real, calls = scan.gate_items, []
+    real, calls = gating.gate_items, []
 
     def dies_on_third(pipe, items, reader):
         calls.append(len(items))
@@ -75,15 +76,15 @@ def test_interrupted_job_resumes_and_writes_each_image_once(controlled_bundle, d
             raise KeyboardInterrupt
         return real(pipe, items, reader)
 
-    monkeypatch.setattr(scan, "gate_items", dies_on_third)
-    assert cli.scan_main(argv) == 130
+    monkeypatch.setattr(gating, "gate_items", dies_on_third)
+    assert scan_cli.main(argv) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     partial = tmp_path / "scan.partial"
     assert not out.exists() and len(list(partial.glob("part-*.parquet"))) == 2
     first = {p.name for p in partial.glob("part-*.parquet")}
 
     # another threshold would mix verdicts of two jobs: refused, the partial output untouched
-    assert cli.scan_main(argv + ["--threshold", "0.9"]) == 2
+    assert scan_cli.main(argv + ["--threshold", "0.9"]) == 2
     assert "another job" in capsys.readouterr().err
 
     gated = []
@@ -92,8 +93,8 @@ def test_interrupted_job_resumes_and_writes_each_image_once(controlled_bundle, d
         gated.extend(items)
         return real(pipe, items, reader)
 
-    monkeypatch.setattr(scan, "gate_items", counting)
-    assert cli.scan_main(argv) == 3                 # finished; the error items make it 3
+    monkeypatch.setattr(gating, "gate_items", counting)
+    assert scan_cli.main(argv) == 3                 # finished; the error items make it 3
     assert f"4 of {len(truth)} items already written" in capsys.readouterr().err
     assert len(gated) == len(truth) - 4 and len({(i["source"], i["key"]) for i in gated}) == len(gated)
     assert out.is_dir() and (out / "_SUCCESS").exists() and not partial.exists()
@@ -112,9 +113,9 @@ def test_labels_on_a_finished_output(controlled_bundle, data, tmp_path, capsys):
                 w.writerow([f"{src}/{key}", "gun" if t == "gun" else "safe"])
     out, report = tmp_path / "s.parquet", tmp_path / "r.json"
     base = ["--bundle", str(controlled_bundle), sources[0], "--output", str(out)]
-    assert cli.scan_main(base) == 3                 # the folder holds a broken image
+    assert scan_cli.main(base) == 3                 # the folder holds a broken image
     capsys.readouterr()
-    assert cli.scan_main(base + ["--labels", str(labels), "--report", str(report)]) == 3
+    assert scan_cli.main(base + ["--labels", str(labels), "--report", str(report)]) == 3
     err = capsys.readouterr().err
     assert "complete already" in err and "DSR 100.0%" in err and "FPR 0.0%" in err
     m = json.loads(report.read_text())["metrics"]
@@ -132,7 +133,7 @@ def test_bad_sources_and_options_are_one_line_errors(controlled_bundle, tmp_path
              [str(tmp_path), "--ray"],
              [str(tmp_path), "--batch-size", "0"]]
     for args in cases:
-        assert cli.scan_main(["--bundle", b, *args]) == 2, args
+        assert scan_cli.main(["--bundle", b, *args]) == 2, args
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("safeclip-scan: error")]
     assert len(lines) == len(cases) and "Traceback" not in err
@@ -154,13 +155,13 @@ def test_url_items_are_fetched_only_from_allowed_hosts(controlled_bundle, oracle
         lst = tmp_path / "urls.txt"
         lst.write_text(f"{base}/red.png\n{base}/blue.jpg\n{base}/missing.png\n")
         argv = ["--bundle", str(controlled_bundle), str(lst)]
-        assert cli.scan_main(argv) == 3                                    # every URL refused: none gated
+        assert scan_cli.main(argv) == 3                                    # every URL refused: none gated
         recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert len(recs) == 3 and all("error" in r for r in recs)
-        assert cli.scan_main(argv + ["--allow-private-image-hosts"]) == 3   # fetched this time; missing.png fails
+        assert scan_cli.main(argv + ["--allow-private-image-hosts"]) == 3   # fetched this time; missing.png fails
         recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert [("error" in r) for r in recs] == [False, False, True] and recs[0]["flagged"]
-        assert cli.scan_main(argv + ["--allow-private-hosts", "--output", str(tmp_path / "u.parquet")]) == 3
+        assert scan_cli.main(argv + ["--allow-private-hosts", "--output", str(tmp_path / "u.parquet")]) == 3
         assert "--allow-private-hosts is deprecated: use --allow-private-image-hosts" in capsys.readouterr().err
         rows = {r["key"].rsplit("/", 1)[-1]: r for r in pq.read_table(tmp_path / "u.parquet").to_pylist()}
     finally:

@@ -14,7 +14,8 @@ import pytest
 pytest.importorskip("pyarrow", reason="Parquet output needs pyarrow (the [ray] extra installs it)")
 import pyarrow.parquet as pq  # noqa: E402
 
-from safeclip.runtime import cli, scan  # noqa: E402
+from safeclip.runtime.scan import cli as scan_cli  # noqa: E402
+from safeclip.runtime.scan import gating  # noqa: E402
 
 from scan_data import _noisy, interrupt_on_second_batch  # noqa: E402
 
@@ -44,8 +45,8 @@ def test_resumed_scan_regates_changed_files_and_drops_gone_ones(controlled_bundl
     out, safe = tmp_path / "scan.parquet", tmp_path / "safe.txt"
     argv = ["--bundle", str(controlled_bundle), str(imgs), "--output", str(out), "--batch-size", "2",
             "--part-rows", "2", "--safe-out", str(safe)]
-    real = interrupt_on_second_batch(monkeypatch, scan)
-    assert cli.scan_main(argv) == 130                       # a_clean_0 and a_clean_1 gated (safe) and written
+    real = interrupt_on_second_batch(monkeypatch, gating)
+    assert scan_cli.main(argv) == 130                       # a_clean_0 and a_clean_1 gated (safe) and written
     capsys.readouterr()
     _swap_content_keep_mtime(imgs / "a_clean_0.png", imgs / "z_gun_0.png")   # now a flagged image
     (imgs / "a_clean_1.png").unlink()                                         # gone
@@ -55,8 +56,8 @@ def test_resumed_scan_regates_changed_files_and_drops_gone_ones(controlled_bundl
         gated.extend(it["key"] for it in items)
         return real(pipe, items, reader)
 
-    monkeypatch.setattr(scan, "gate_items", counting)
-    assert cli.scan_main(argv) == 0
+    monkeypatch.setattr(gating, "gate_items", counting)
+    assert scan_cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "1 rows of items no longer listed dropped; 1 items changed" in err
     assert "a_clean_0.png" in gated                          # the changed file was gated again
@@ -66,7 +67,7 @@ def test_resumed_scan_regates_changed_files_and_drops_gone_ones(controlled_bundl
     listed = safe.read_text().splitlines()
     assert listed == [str(imgs / "a_clean_2.png")]
     safe_pq = tmp_path / "safe.parquet"                     # the Parquet subset names the bytes gated
-    assert cli.scan_main(argv[:-1] + [str(safe_pq)]) == 0
+    assert scan_cli.main(argv[:-1] + [str(safe_pq)]) == 0
     got = pq.read_table(safe_pq).to_pylist()
     assert [(r["key"], r["sha256"]) for r in got] == [
         ("a_clean_2.png", hashlib.sha256((imgs / "a_clean_2.png").read_bytes()).hexdigest())]
@@ -76,17 +77,17 @@ def test_safe_out_leaves_out_images_changed_after_the_scan(controlled_bundle, te
     imgs = _folder(tmp_path / "imgs", test_images, n=2)
     out, safe = tmp_path / "scan.parquet", tmp_path / "safe.txt"
     base = ["--bundle", str(controlled_bundle), str(imgs), "--output", str(out)]
-    assert cli.scan_main(base) == 0
+    assert scan_cli.main(base) == 0
     _swap_content_keep_mtime(imgs / "a_clean_0.png", imgs / "z_gun_0.png")
     os.unlink(imgs / "a_clean_1.png")
     shutil.copy(imgs / "z_gun_1.png", imgs / "a_clean_1.png")    # same name, new file (new inode), flagged
     capsys.readouterr()
-    assert cli.scan_main(base + ["--safe-out", str(safe)]) == 0
+    assert scan_cli.main(base + ["--safe-out", str(safe)]) == 0
     err = capsys.readouterr().err
     assert "complete already" in err and "2 images gated safe have changed or are gone since" in err
     assert safe.read_text() == ""
     # without --output too: an image rewritten in place after gating is never listed
-    assert cli.scan_main(["--bundle", str(controlled_bundle), str(imgs / "z_gun_0.png"), "--safe-out", str(safe)]) == 0
+    assert scan_cli.main(["--bundle", str(controlled_bundle), str(imgs / "z_gun_0.png"), "--safe-out", str(safe)]) == 0
     assert safe.read_text() == ""
 
 
@@ -106,7 +107,7 @@ def test_fifo_sources_are_refused_without_hanging(controlled_bundle, tmp_path, c
 
     t = threading.Thread(target=writer, daemon=True)
     t.start()
-    rc = cli.scan_main(["--bundle", str(controlled_bundle), str(fifo), "--output", str(tmp_path / "o.parquet")])
+    rc = scan_cli.main(["--bundle", str(controlled_bundle), str(fifo), "--output", str(tmp_path / "o.parquet")])
     stop.set()
     err = capsys.readouterr().err
     assert rc == 2 and "not a regular file" in err and "Traceback" not in err
@@ -118,7 +119,7 @@ def test_safe_out_in_a_read_only_folder_is_one_line(controlled_bundle, test_imag
     ro = tmp_path / "ro"
     ro.mkdir()
     os.chmod(ro, 0o555)
-    cmd = [sys.executable, "-c", "import sys; from safeclip.runtime import cli; sys.exit(cli.scan_main(sys.argv[1:]))",
+    cmd = [sys.executable, "-c", "import sys; from safeclip.runtime.scan import cli; sys.exit(cli.main(sys.argv[1:]))",
            "--bundle", str(controlled_bundle), str(imgs), "--safe-out", str(ro / "safe.txt")]
     if os.geteuid() == 0:                # root ignores permission bits: drop the capabilities that bypass them
         if shutil.which("setpriv") is None:

@@ -1,4 +1,4 @@
-"""The model slot: one request runs at a time, at most ``max_queue`` wait in arrival order.
+"""Admission to the model (the slot): one request runs at a time, at most ``max_queue`` wait in arrival order.
 
 A waiter is handed the slot directly by ``release`` (no race for it), gives up after ``queue_timeout_s``
 (:class:`Busy`, answered 503 with ``Retry-After``), and leaves the line at once when its client disconnects

@@ -1,4 +1,4 @@
-"""What ``safeclip-scan`` screens and how: sources listed as small items, images read and gated in batches.
+"""What ``safeclip-scan`` screens: sources listed as small items, each item's bytes read where it is gated.
 
 Sources (each SOURCE argument):
 
@@ -14,19 +14,12 @@ Sources (each SOURCE argument):
 * anything else: one image file, gated whatever its extension (key = the path as given).
 
 An item is a small dict (``source``, ``key``, ``path``, ``kind``, ``loc``), so a job lists millions of them
-without reading an image; ``(source, key)`` identifies it in the output (``scan_out``). Images are read
+without reading an image; ``(source, key)`` identifies it in the output (``output.py``). Images are read
 where they are gated (``ItemReader``: a worker keeps the last shard it read open; for a Parquet shard that
 is its image column in memory, so shards of about 1 GB, as img2dataset writes them, suit it).
 
-``gate_items`` gates a batch with the bundle's vision+gate graph: every readable image is preprocessed, the
-batch goes through the graph in one run (its batch dimension is dynamic), and each row of ``class_probs``
-becomes a verdict through ``gate.verdict_from_probs``, the rule the pipeline itself applies. Multi-view
-(anyres) bundles are gated one image at a time through ``Pipeline.gate`` (their views aggregate per image);
-a batch the graph refuses (a TensorRT profile smaller than the batch) is retried one image at a time. An
-image that cannot be read or decoded gives an error result, never an exception.
-
-Provenance (what makes a resumed scan and ``--safe-out`` trustworthy): ``gate_items`` gates the very bytes it
-read and records in each item their sha256 and the identity of the file that held them (the image file, or the
+Provenance (what makes a resumed scan and ``--safe-out`` trustworthy): ``gating.gate_items`` gates the very
+bytes it read and records in each item their sha256 and the identity of the file that held them (the image file, or the
 Parquet/tar shard: device, inode, size, mtime and ctime in ns, read with ``fstat`` on the open file; ctime cannot
 be set back by an unprivileged edit). ``unchanged`` tells whether an item still holds what was gated: same
 identity, or else the same sha256 when its bytes are read again. Every file is opened without blocking and
@@ -40,10 +33,7 @@ import stat
 import tarfile
 from pathlib import Path
 
-import numpy as np
-
-from .gate import Verdict, verdict_from_probs
-from .error_text import one_line
+from ..error_text import one_line
 
 LIST_EXTS = {".txt", ".lst", ".list"}
 BYTES_COLUMNS = ("image", "bytes", "jpg", "png", "img")
@@ -262,7 +252,7 @@ class ItemReader:
                 ident = file_identity(os.fstat(f.fileno()))
                 return f.read(), ident
         if kind == "url":
-            from .fetch import fetch_image
+            from ..fetch import fetch_image
             return fetch_image(loc, max_bytes=MAX_FETCH_BYTES, timeout_s=self.fetch_timeout_s,
                                allow_private=self.allow_private), None
         if kind == "tar":
@@ -327,71 +317,3 @@ def _read_image_column(source: str) -> tuple[list, str]:
         f = pq.ParquetFile(fp)
         _, col, _ = parquet_columns(f.schema_arrow.names)
         return f.read(columns=[col]).column(col).to_pylist(), ident
-
-
-def gate_items(pipe, items: list[dict], reader: ItemReader) -> list[tuple[Verdict | None, str | None]]:
-    """(verdict, None) or (None, error message) for each item, in order (see the module docstring). Each item
-    gets ``sha256`` (of the bytes gated) and ``stat`` (its holder's identity when read), None when unread."""
-    out: list = [None] * len(items)
-    ready: list[tuple[int, np.ndarray]] = []
-    for i, it in enumerate(items):
-        it["sha256"] = it["stat"] = None
-        try:
-            image, it["stat"] = reader.read_bytes(it)
-            it["sha256"] = hashlib.sha256(image).hexdigest()
-            if pipe.anyres is not None:
-                v = pipe.gate(image)
-                out[i] = (_no_latency(v), None)
-            else:
-                ready.append((i, pipe.pixel_values(image)))                       # [1, 3, H, W]
-        except Exception as e:               # one bad image never stops the scan
-            out[i] = (None, one_line(e))
-    if ready:
-        for i, v in zip([i for i, _ in ready], _gate_batch(pipe, [pv for _, pv in ready])):
-            out[i] = v
-    return out
-
-
-def _gate_batch(pipe, pvs: list[np.ndarray]) -> list:
-    names = pipe.names
-    try:
-        probs = pipe.vision.run({names.pixel_values: np.concatenate(pvs)}).get(names.class_probs)   # [B, C]
-    except Exception as e:
-        if len(pvs) == 1:
-            return [(None, f"vision graph failed ({one_line(e)})")]
-        return [r for pv in pvs for r in _gate_batch(pipe, [pv])]
-    return [(verdict_from_probs(None if probs is None else probs[j], pipe.classes, pipe.safe_classes,
-                                pipe.threshold), None) for j in range(len(pvs))]
-
-
-def _no_latency(v: Verdict) -> Verdict:
-    from dataclasses import replace
-    return replace(v, latency_ms=None)
-
-
-def json_record(item: dict, verdict: Verdict | None, error: str | None) -> dict:
-    """What ``safeclip-scan`` prints for one item: ``{"path", flagged, category, score, probs, ...}`` or an error."""
-    rec: dict = {"path": display_name(item)}
-    if error is not None:
-        rec["error"] = error
-    else:
-        rec.update(verdict.to_json())
-        rec.pop("latency_ms", None)
-    return rec
-
-
-def crash_hook_for_tests(items: list[dict]) -> None:
-    """TEST ONLY (tests/test_scan_ray.py): with ``SAFECLIP_SCAN_TEST_CRASH=KEY:MARKER`` set, the first worker to
-    meet an item with key KEY creates the file MARKER and dies (``os._exit``), so Ray's actor restart and task
-    retry are exercised. Unset (always, outside that test) it does nothing."""
-    spec = os.environ.get("SAFECLIP_SCAN_TEST_CRASH")
-    if not spec:
-        return
-    key, _, marker = spec.partition(":")
-    if any(it["key"] == key for it in items):
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os._exit(17)

@@ -1,13 +1,11 @@
-"""Runtime command-line tools (no torch needed): ``safeclip-scan`` and ``safeclip-calibrate``.
+"""``safeclip-calibrate`` (no torch needed): choose the gate threshold on labelled images and write it into the
+bundle.
 
-    safeclip-scan --bundle engines/demo photos/ extra.jpg          # one JSON line per image on stdout
-    safeclip-scan --bundle engines/demo data/ --labels labels.csv   # + DSR, FPR, precision, confusion
-    safeclip-scan --bundle engines/demo shards/*.tar --output scan.parquet --safe-out safe.txt
-    safeclip-scan --bundle engines/demo shards/*.parquet --ray --workers 8 --output scan/   # on Ray Data
+    safeclip-calibrate --bundle engines/demo --labels labels.csv --max-fpr 0.03 [--dry-run]
 
-A bad file is reported as ``{"path": ..., "error": ...}`` (an error row with ``--output``) and the scan goes
-on; a bundle that does not verify stops everything before any image is read. Sources: ``scan.py``;
-Parquet output, resuming and exactly-once: ``scan_out.py``; the driver: ``scan_job.py``; Ray: ``scan_ray.py``.
+The threshold that maximises the defense success rate under a false-positive bound (``metrics.calibrate``)
+is written into the manifest, re-sealed atomically (re-signed with ``--sign-key`` for a signed bundle), the
+old value kept in the gate's history. An image that cannot be read is skipped and reported.
 """
 from __future__ import annotations
 
@@ -16,71 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from .backends.pick import BACKEND_CHOICES, BACKEND_HELP
 from .error_text import one_line
 from .signing import TRUSTED_KEY_HELP
-from .scan import IMAGE_EXTS, iter_images  # noqa: F401  (they live in scan.py; re-exported here)
 
 
-class _DeprecatedFlag(argparse.Action):
-    """A flag's old name: it still works (scripts keep running) and says on stderr which name replaces it."""
-
-    def __init__(self, option_strings, dest, new: str, **kw):
-        super().__init__(option_strings, dest, nargs=0, **kw)
-        self.new = new
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: warning: {option_string} is deprecated: use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, True)
-
-
-def scan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="safeclip-scan", description="Gate images with a bundle's vision graph "
-                                "(no language model): one JSON object per image on stdout (or Parquet rows with "
-                                "--output), a summary on stderr.")
-    p.add_argument("--bundle", required=True, type=Path, help="bundle folder (engines/<name>)")
-    p.add_argument("paths", nargs="+", metavar="SOURCE", help="image files, folders (recursive), file lists "
-                   "(.txt/.lst), Parquet (.parquet) or WebDataset (.tar) shards")
-    p.add_argument("--labels", type=Path, help="CSV with columns path,label (label: a class, or safe/toxic)")
-    p.add_argument("--report", type=Path, help="with --labels: write the metrics and threshold sweep as JSON")
-    p.add_argument("--plot", type=Path, help="with --labels: write the DSR/FPR threshold sweep as a PNG")
-    p.add_argument("--threshold", type=float, help="override the bundle's threshold for this scan")
-    p.add_argument("--full-verify", action="store_true", help="hash every bundle file (no verification cache)")
-    p.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PEM", help=TRUSTED_KEY_HELP)
-    o = p.add_argument_group("output (scan_out: resumable, each image once, OUT appears only when complete)")
-    o.add_argument("--output", metavar="OUT", help="write Parquet rows: OUT.parquet = one file, else a folder of "
-                   "parts; an interrupted job run again resumes")
-    o.add_argument("--safe-out", metavar="FILE", help="write the safe subset: a file list, or Parquet for a "
-                   ".parquet name")
-    o.add_argument("--part-rows", type=int, default=4096, help="rows per output part (default %(default)d)")
-    r = p.add_argument_group("execution")
-    r.add_argument("--batch-size", type=int, default=16, help="images per vision-graph run (default %(default)d)")
-    r.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
-    r.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (local scan)")
-    # one name with safeclip-serve's flag; the old --allow-private-hosts still works and warns
-    r.add_argument("--allow-private-image-hosts", dest="allow_private_hosts", action="store_true",
-                   help="URL items: also fetch from loopback and private addresses (refused by default)")
-    r.add_argument("--allow-private-hosts", dest="allow_private_hosts", action=_DeprecatedFlag,
-                   new="--allow-private-image-hosts", default=False, help=argparse.SUPPRESS)
-    r.add_argument("--ray", action="store_true", help="gate on Ray Data (needs the [ray] extra and --output)")
-    r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a "
-                   "local Ray)")
-    r.add_argument("--workers", type=int, default=1, help="--ray: gate actors (default %(default)d)")
-    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="--ray: CPUs per actor (default %(default)g)")
-    r.add_argument("--gpus-per-worker", type=float, default=0.0, help="--ray: GPUs per actor (default %(default)g)")
-    return p
-
-
-def scan_main(argv: list[str] | None = None) -> int:
-    from .scan_job import run_scan
-    return run_scan(scan_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(scan_main())
-
-
-# --- safeclip-calibrate ---------------------------------------------------------------------------------
 def calibrate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safeclip-calibrate", description="Choose the gate threshold that maximises "
                                 "the defense success rate under a false-positive bound, on your labelled images, "
@@ -134,7 +71,7 @@ def _calibrated(pipe, labels, max_fpr):
     return calibrate(rows, max_fpr, m["n_safe"], m["n_toxic"]), m
 
 
-def calibrate_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = calibrate_parser().parse_args(argv)
     if not 0.0 < args.max_fpr <= 1.0:
         print("safeclip-calibrate: error: --max-fpr must be in (0, 1]", file=sys.stderr)
@@ -211,3 +148,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.descriptors_out, json.dumps(dset.to_json(), indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.descriptors_out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,12 @@
 """``safeclip-scan --ray``: the same scan on Ray Data, one actor per worker (needs the ``[ray]`` extra).
 
-The driver lists the items (``scan.list_items``: paths and shard references, no image bytes), leaves out
-those the output already holds (``scan_out``), and hands the rest to Ray Data as a dataset of items.
+The driver lists the items (``sources.list_items``: paths and shard references, no image bytes), leaves out
+those the output already holds (``output.py``), and hands the rest to Ray Data as a dataset of items.
 ``map_batches`` runs them through a pool of ``GateWorker`` actors (``--workers`` of them, each with
 ``--cpus-per-worker`` CPUs and ``--gpus-per-worker`` GPUs): an actor opens the bundle once, vision+gate
 graph only (``Pipeline.load(..., language_model=False)``), reads its batch's images itself (paths, shard
 members, URLs: the workers must see the same paths as the driver, e.g. a shared file system), gates them
-with ``scan.gate_items`` (the local scan's code) and returns result rows. The driver writes the rows it
+with ``gating.gate_items`` (the local scan's code) and returns result rows. The driver writes the rows it
 receives as parts of the output (``ScanOutput.write``), so an interrupted job resumes where it stopped.
 
 Failures: an unreadable image is an error row. A worker process that dies is restarted by Ray and the
@@ -30,8 +30,8 @@ class GateWorker:
 
     def __init__(self, bundle: str, threshold: float | None = None, threads: int | None = None,
                  backend: str = "auto", allow_private_hosts: bool = False, trusted_keys=None):
-        from .pipeline import Pipeline
-        from .scan import ItemReader
+        from ..pipeline import Pipeline
+        from .sources import ItemReader
 
         self.pipe = Pipeline.load(bundle, backend=backend, threads=threads, language_model=False,
                                   trusted_keys=trusted_keys)
@@ -40,12 +40,11 @@ class GateWorker:
         self.reader = ItemReader(allow_private_hosts)
 
     def __call__(self, batch):
-        from .scan import crash_hook_for_tests, gate_items
-        from .scan_out import make_row, rows_table
+        from . import gating
+        from .output import make_row, rows_table
 
         items = batch.to_pylist()
-        crash_hook_for_tests(items)
-        results = gate_items(self.pipe, items, self.reader)
+        results = gating.gate_items(self.pipe, items, self.reader)
         return rows_table([make_row(it, v, e) for it, (v, e) in zip(items, results)], self.pipe.classes)
 
 
@@ -53,7 +52,7 @@ def ray_rows(bundle: str | Path, items: list[dict], *, workers: int = 1, cpus_pe
              gpus_per_worker: float = 0.0, batch_size: int = 16, threshold: float | None = None,
              backend: str = "auto", address: str | None = None, allow_private_hosts: bool = False,
              progress: bool = False, worker: type = GateWorker, trusted_keys=None):
-    """Yield lists of result rows (``scan_out.make_row`` dicts) for ``items``, gated on Ray. ``worker``: the
+    """Yield lists of result rows (``output.make_row`` dicts) for ``items``, gated on Ray. ``worker``: the
     actor class (a ``GateWorker`` subclass; ``scripts/bench_scan.py`` times batches with one)."""
     try:
         import ray

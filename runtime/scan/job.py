@@ -2,14 +2,14 @@
 
 Without ``--output`` the scan prints one JSON object per image on stdout as it always did (batches of
 ``--batch-size`` through the vision graph; the verdicts are the per-image ones). With ``--output OUT`` the
-rows go to Parquet (``scan_out``: resumable, exactly once, ``OUT`` appears only when complete) and stdout
-stays quiet; ``--ray`` gates on Ray Data (``scan_ray``) with the same rows and the same output. An ``OUT``
+rows go to Parquet (``output.py``: resumable, exactly once, ``OUT`` appears only when complete) and stdout
+stays quiet; ``--ray`` gates on Ray Data (``ray_workers.py``) with the same rows and the same output. An ``OUT``
 that is already complete is not scanned again: its rows feed ``--labels`` and ``--safe-out`` directly.
-``--safe-out FILE`` writes the safe subset (``scan_out.write_safe``): only items still listed whose content is
-what was gated (``scan.unchanged``); an image changed or gone since is left out and counted on stderr. A
+``--safe-out FILE`` writes the safe subset (``output.write_safe``): only items still listed whose content is
+what was gated (``sources.unchanged``); an image changed or gone since is left out and counted on stderr. A
 resumed ``--output`` first drops the rows of items gone from the listing and gates again those whose content
 changed. A ``--safe-out`` folder that cannot be written is one line and exit 1, checked before any gating.
-Progress goes to stderr as items finish (``progress.Progress``: a tqdm bar on a terminal, a plain line every
+Progress goes to stderr as items finish (``runtime/progress.py``: a tqdm bar on a terminal, a plain line every
 10 s otherwise). Exit status (``EXIT_*``; README "safeclip-scan"): 0 every item was gated; 3 the scan finished
 but some items could not be gated (each reported with its error, counted apart in the summary); 1 the job
 stopped before finishing, or there was nothing to gate; 2 a usage or input error; 130 interrupted (the rows
@@ -22,8 +22,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .error_text import one_line
-from .progress import Progress, plural
+from ..error_text import one_line
+from ..progress import Progress, plural
 
 EXIT_OK, EXIT_STOPPED, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
 
@@ -48,9 +48,9 @@ def _batches(items: list, n: int):
 
 
 def run_scan(args) -> int:
-    from .manifest import BundleError, load_manifest
-    from .scan import SourceError, list_items
-    from .scan_out import OutputError, ScanOutput, read_rows
+    from ..manifest import BundleError, load_manifest
+    from .sources import SourceError, list_items
+    from .output import OutputError, ScanOutput, read_rows
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         return _err("--threshold must be in [0, 1]")
@@ -72,7 +72,7 @@ def run_scan(args) -> int:
             g = m.gate_config
             gate = pipe = GateInfo(m, list(g.classes), list(g.safe_classes), g.threshold)
         else:
-            from .pipeline import Pipeline
+            from ..pipeline import Pipeline
             pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify,
                                  threads=args.threads, language_model=False, trusted_keys=args.trusted_key)
             gate = pipe
@@ -82,7 +82,7 @@ def run_scan(args) -> int:
         gate.threshold = args.threshold
     labels = None
     if args.labels:
-        from .metrics import LabelsError, read_labels
+        from ..metrics import LabelsError, read_labels
         try:
             labels = read_labels(args.labels, gate.classes, gate.safe_classes)
         except LabelsError as e:
@@ -154,7 +154,7 @@ def run_scan(args) -> int:
     return _finish(args, gate, rows, labels, items)
 
 
-ROWS_VERSION = 2                     # rows carry sha256 + stat (scan_out); older partial outputs are not mixed in
+ROWS_VERSION = 2                     # rows carry sha256 + stat (output.py); older partial outputs are not mixed in
 
 
 def _unwritable(path: str) -> str | None:
@@ -176,7 +176,7 @@ def _unwritable(path: str) -> str | None:
 def _drop_stale(out, written: dict, items: list[dict], allow_private_hosts: bool) -> None:
     """Before resuming: drop the rows of items no longer listed, and of items whose content is not what was
     gated (they are gated again)."""
-    from .scan import ItemReader, unchanged
+    from .sources import ItemReader, unchanged
 
     listed = {(it["source"], it["key"]): it for it in items}
     reader = ItemReader(allow_private_hosts=allow_private_hosts)
@@ -193,7 +193,7 @@ def _drop_stale(out, written: dict, items: list[dict], allow_private_hosts: bool
 
 def _current_safe(rows: list[dict], items: list[dict], allow_private_hosts: bool) -> tuple[list[dict], int]:
     """The rows ``--safe-out`` may list: safe, still listed, content unchanged; and how many safe rows were not."""
-    from .scan import ItemReader, unchanged
+    from .sources import ItemReader, unchanged
 
     listed = {(it["source"], it["key"]): it for it in items}
     reader = ItemReader(allow_private_hosts=allow_private_hosts)
@@ -217,13 +217,14 @@ def _tick(progress, rows: list[dict]) -> None:
 
 
 def _scan_to_stdout(pipe, items: list, batch_size: int, allow_private_hosts: bool, progress) -> list[dict]:
-    from .scan import ItemReader, gate_items, json_record
-    from .scan_out import make_row
+    from . import gating
+    from .output import json_record, make_row
+    from .sources import ItemReader
 
     reader, rows = ItemReader(allow_private_hosts=allow_private_hosts), []
     for batch in _batches(items, batch_size):
         new = []
-        for it, (v, e) in zip(batch, gate_items(pipe, batch, reader)):
+        for it, (v, e) in zip(batch, gating.gate_items(pipe, batch, reader)):
             progress.write(json.dumps(json_record(it, v, e)))
             new.append(make_row(it, v, e))
         rows.extend(new)
@@ -233,13 +234,14 @@ def _scan_to_stdout(pipe, items: list, batch_size: int, allow_private_hosts: boo
 
 
 def _scan_local(args, pipe, items: list, out, progress) -> None:
-    from .scan import ItemReader, gate_items
-    from .scan_out import make_row
+    from . import gating
+    from .output import make_row
+    from .sources import ItemReader
 
     reader, buf = ItemReader(allow_private_hosts=args.allow_private_hosts), []
     try:
         for batch in _batches(items, args.batch_size):
-            new = [make_row(it, v, e) for it, (v, e) in zip(batch, gate_items(pipe, batch, reader))]
+            new = [make_row(it, v, e) for it, (v, e) in zip(batch, gating.gate_items(pipe, batch, reader))]
             buf.extend(new)
             _tick(progress, new)
             if len(buf) >= args.part_rows:
@@ -251,8 +253,8 @@ def _scan_local(args, pipe, items: list, out, progress) -> None:
 
 
 def _scan_ray(args, gate, items: list, out, progress) -> None:
-    from .scan_ray import ray_rows
-    from .signing import trusted_keys                # read here; the actors get the keys, not paths
+    from .ray_workers import ray_rows
+    from ..signing import trusted_keys                # read here; the actors get the keys, not paths
 
     buf = []
     try:
@@ -271,7 +273,7 @@ def _scan_ray(args, gate, items: list, out, progress) -> None:
 
 
 def _finish(args, gate, rows: list[dict], labels, items: list[dict]) -> int:
-    from .scan_out import write_safe
+    from .output import write_safe
 
     n = len(rows)
     n_err = sum(r["error"] is not None for r in rows)
@@ -291,7 +293,7 @@ def _finish(args, gate, rows: list[dict], labels, items: list[dict]) -> int:
             return 1
         print(f"safeclip-scan: wrote the {k} safe images to {args.safe_out}", file=sys.stderr)
     if labels is not None:
-        from .scan import display_name
+        from .sources import display_name
         records = []
         for r in rows:
             rec = {"path": display_name(r)}
@@ -311,7 +313,7 @@ def report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> in
     """Join the scan's records with the labels by resolved path; print and write the metrics (as before)."""
     from pathlib import Path
 
-    from .metrics import confusion_text, evaluate, sweep, sweep_inputs
+    from ..metrics import confusion_text, evaluate, sweep, sweep_inputs
 
     by_path = {str(Path(r["path"]).resolve()): r for r in records if "error" not in r}
     joined = []
@@ -332,11 +334,11 @@ def report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> in
     print(confusion_text(m["confusion"]), file=sys.stderr)
     rows = sweep(*sweep_inputs(joined, pipe.classes, pipe.safe_classes))
     if args.report:
-        from .manifest import atomic_write_text
+        from ..manifest import atomic_write_text
         atomic_write_text(args.report, json.dumps({"bundle": str(args.bundle), "threshold": pipe.threshold,
                                                    "metrics": m, "sweep": rows}, indent=2) + "\n")
     if args.plot:
-        from .metrics import plot_sweep
+        from ..metrics import plot_sweep
         try:
             plot_sweep(rows, args.plot, title=f"{pipe.manifest.name}: DSR / FPR by threshold")
         except ImportError as e:

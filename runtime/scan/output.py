@@ -4,7 +4,7 @@ One row per item: ``source``, ``key``, ``path`` (null for shard members), ``flag
 ``score`` (null when not finite), ``probs`` (a struct, one float64 field per manifest class, in order:
 exact scores, for threshold sweeps), ``reason`` (set when the gate failed closed), ``error`` (set, and the
 verdict columns null, when the image could not be read), ``sha256`` (of the bytes gated) and ``stat`` (the
-identity of the file that held them, ``scan.file_identity``; both null when nothing was read).
+identity of the file that held them, ``sources.file_identity``; both null when nothing was read).
 ``(source, key)`` identifies an item.
 
 While a job runs, rows go to ``OUT.partial/`` in parts (``part-NNNNNN-<id>.parquet``, each written under a
@@ -13,7 +13,7 @@ digest and the threshold: a rerun with another bundle or threshold refuses to mi
 per output at a time). A rerun of an interrupted job reads the parts, skips the items they hold, and writes
 the rest; rows for an item already written (a batch retried after a worker died) are dropped, so no item is
 written twice. Before it resumes, the driver checks every row written against the files as they are now
-(``scan.unchanged``) and ``drop`` removes from the parts the rows of items gone from the listing and of items
+(``sources.unchanged``) and ``drop`` removes from the parts the rows of items gone from the listing and of items
 whose content changed, which are then gated again. When every listed item has its row, the job finishes:
 ``OUT`` ending in ``.parquet`` becomes one file (rows in listing order) written under a temporary name and renamed; any other ``OUT`` is the parts
 folder itself, renamed from ``OUT.partial`` (with a ``_SUCCESS`` file). ``OUT`` therefore exists only complete.
@@ -22,7 +22,8 @@ a complete ``OUT`` is reused (``--labels``, ``--safe-out``) only by the same job
 
 ``write_safe`` writes the safe subset (no error, not flagged) as a file list (one path a line; shard members
 as ``shard#key``) or, for a ``.parquet`` name, as Parquet rows (source, key, path, category, score, sha256: of
-the bytes gated, so a pipeline can check what it loads).
+the bytes gated, so a pipeline can check what it loads). Without ``--output``, ``json_record`` is the JSON
+object printed on stdout for each item.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .scan import display_name
+from .sources import display_name
 
 
 class OutputError(ValueError):
@@ -135,7 +136,7 @@ class ScanOutput:
                 raise OutputError(f"{self.partial} holds rows of another job (differs in: {diff}); use another "
                                   "--output or remove it")
         else:
-            from .manifest import atomic_write_text
+            from ..manifest import atomic_write_text
             atomic_write_text(meta, json.dumps(self.job, indent=1, sort_keys=True) + "\n")
         for part in self._parts():
             self._seq = max(self._seq, int(part.name.split("-")[1]) + 1)
@@ -253,6 +254,17 @@ def write_safe(rows: list[dict], path: str | Path) -> int:
         pq.write_table(t, tmp)
         os.replace(tmp, path)
     else:
-        from .manifest import atomic_write_text
+        from ..manifest import atomic_write_text
         atomic_write_text(path, "".join(display_name(r) + "\n" for r in safe))
     return len(safe)
+
+
+def json_record(item: dict, verdict: Verdict | None, error: str | None) -> dict:
+    """What ``safeclip-scan`` prints for one item: ``{"path", flagged, category, score, probs, ...}`` or an error."""
+    rec: dict = {"path": display_name(item)}
+    if error is not None:
+        rec["error"] = error
+    else:
+        rec.update(verdict.to_json())
+        rec.pop("latency_ms", None)
+    return rec
