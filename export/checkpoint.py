@@ -14,11 +14,9 @@ from pathlib import Path
 
 from safeclip.runtime.error_text import one_line
 
+from .checkpoint_error import CheckpointError
+
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-
-
-class CheckpointError(RuntimeError):
-    """A source checkpoint is missing, unreadable or of an unsupported kind."""
 
 
 @dataclass

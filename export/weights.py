@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint_error import CheckpointError
 
 __all__ = ["WeightError", "SafetensorsCheckpoint", "CheckpointWeights", "ModuleWeights", "meta_model",
            "checkpoint_key_map", "Materialized", "materialize", "fqn_of_params", "is_meta", "meta_twin"]
