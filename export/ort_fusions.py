@@ -149,7 +149,7 @@ def split_wide_weights(model, jobs: dict, read, max_bytes: int = SPLIT_MAX_BYTES
     ``jobs`` is :func:`~safeclip.export.onnx.onnx_from_meta_module`'s (init name -> (value, weight name,
     permutation)); weights already given to a graph pass (a callable source, e.g. a quantised layer) are left
     alone. ``read`` is the export's weight reader; each chunk is cut from the weight read once, when the first
-    chunk is written, and the weight is dropped after the last (one weight in memory at a time, as before).
+    chunk is written, and the weight is dropped after the last (one weight in memory at a time).
     Returns the new jobs (chunks in the place of the weight they replace) and {weight name: chunk count}."""
     import onnx_ir as ir
 

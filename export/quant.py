@@ -33,7 +33,7 @@ Graph forms:
   ``scripts/bench_quant.py``. Weights that read the same input with the same K (q/k/v, gate/up) are fused
   (``fuse_shared_input``) into one ``MatMulNBits`` whose N is their sum (the packed blocks, scales and zero
   points concatenated along N: the same bytes) followed by a ``Split``, as onnxruntime-genai's model builder
-  packs them: 4 weight nodes per layer instead of 7, and the small k/v products (N = KVH*Hd) no longer each
+  packs them: 4 weight nodes per layer instead of 7, and the small k/v products (N = KVH*Hd) do not each
   pay a kernel launch and a thread-pool hand-off. Measured at TinyLlama shape (``scripts/profile_decode.py``,
   BENCHMARKS.md). The manifest lists the fused groups (``fused``).
 * TensorRT targets (``jetson``, ``datacenter``): ``DequantizeLinear`` (opset 21) feeding ``MatMul``, fp16

@@ -8,11 +8,11 @@ Supported: schema version 1 with decoder contract 2: ``graphs.decoder.kv.form`` 
 the decoder's KV outputs are the call's new rows [B, KVH, S, Hd], which the runtime writes into its one KV
 arena (``backends/arena.py``). A decoder without it (contract 1: ``present = concat(past, new)``, bundles
 exported before the one-arena runtime) is refused with one line saying to re-export: serving it would
-need the second, ping-pong arena this runtime removed, and a re-export is the only step (the bundle's other
-graphs are unchanged). Bundles without a decoder load as before. Graph tensor names come from ``graphs.<graph>.names`` (roles to names) and
-``graphs.decoder.kv``; a bundle written before ``names`` existed gets the defaults of
-:class:`~safeclip.runtime.backends.base.VisionNames` / ``DecoderNames``. Every named tensor must be among
-the graph's declared inputs or outputs.
+need a second, ping-pong arena this runtime does not have, and a re-export is the only step (the bundle's
+other graphs are unchanged); a bundle without a decoder is not concerned. Graph tensor names come from
+``graphs.<graph>.names`` (roles to names) and ``graphs.decoder.kv``; a bundle written before ``names``
+existed gets the defaults of :class:`~safeclip.runtime.backends.base.VisionNames` / ``DecoderNames``. Every
+named tensor must be among the graph's declared inputs or outputs.
 """
 from __future__ import annotations
 

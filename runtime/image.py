@@ -337,9 +337,3 @@ def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
     if spec["normalize"]:
         x = (x - np.asarray(spec["image_mean"], np.float32)) / np.asarray(spec["image_std"], np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # pixel_values: [1, 3, H, W]
-
-
-def pixel_values_from_file(source, spec: dict, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """load_image + preprocess: a path/bytes/PIL image -> float32 [1, 3, H, W]."""
-    check_spec(spec)
-    return preprocess(load_image(source, max_pixels=max_pixels), spec)

@@ -73,7 +73,6 @@ class _Seq:
         self.cached = 0                                # prompt tokens restored from it
         self.fed_ids: list[int] = []                   # generated tokens fed back, in order
         self.token = -1                                # the last picked token, fed at the next step
-        self.t_submit = time.perf_counter()
         self.t0 = self.t1 = 0.0
         self.result: GenerationResult | None = None
 
@@ -108,11 +107,6 @@ class BatchStream:
     def cached_tokens(self) -> int:
         """Prompt tokens restored from the prefix cache instead of prefilled (0 until the prefill)."""
         return int(self._seq.cached)
-
-    @property
-    def waited_s(self) -> float:
-        """Seconds between submit and the start of this sequence's prefill (0 until then)."""
-        return max(0.0, self._seq.t0 - self._seq.t_submit) if self._seq.t0 else 0.0
 
     def cancel(self) -> None:
         """Leave the batch at the next step (no effect once finished)."""

@@ -18,8 +18,8 @@ which trusted keys are set can verify.
 
 Trust: the device trusts the keys named by ``SAFECLIP_TRUSTED_KEYS`` (a PEM file or a folder of ``*.pem``) and by
 ``--trusted-key`` / ``trusted_keys=`` (the same forms; both sources together). With at least one trusted key, a
-bundle must carry a valid signature by one of them; without any, signatures are not checked (and an unsigned
-bundle loads as before). A trust setting that names no usable key refuses to load: it fails closed.
+bundle must carry a valid signature by one of them; without any, signatures are not checked (an unsigned
+bundle loads). A trust setting that names no usable key refuses to load: it fails closed.
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image, ImageFile
 
 import safeclip.runtime.image as image_module
-from safeclip.runtime.image import (MAX_PIXELS, ImageError, check_spec, load_image, pixel_values_from_file,
-                                    preprocess, preprocess_spec_from_config)
+from safeclip.runtime.image import (MAX_PIXELS, ImageError, check_spec, load_image, preprocess,
+                                    preprocess_spec_from_config)
 
 ATOL = 1e-6
 SIZES = [(336, 336), (640, 480), (480, 640), (100, 37), (1, 1), (3, 2), (2000, 300)]  # (width, height)
@@ -320,15 +320,6 @@ def test_thin_strip_cannot_explode_in_resize_or_pad(monkeypatch):
         with pytest.raises(ImageError, match=what):
             preprocess(strip, spec)
     assert preprocess(Image.new("RGB", (300, 200)), clip).shape == (1, 3, 32, 32)
-
-
-def test_pixel_values_from_file(tmp_path, procs):
-    spec = preprocess_spec_from_config(procs["clip336"].to_dict())
-    (tmp_path / "a.png").write_bytes(encoded(noise(300, 200), "PNG"))
-    got = pixel_values_from_file(tmp_path / "a.png", spec)
-    assert np.array_equal(got, preprocess(load_image(tmp_path / "a.png"), spec))
-    with pytest.raises(ImageError, match="exceeds"):
-        pixel_values_from_file(tmp_path / "a.png", spec, max_pixels=100)
 
 
 def test_module_imports_no_heavy_packages():

@@ -15,8 +15,8 @@ slots*KVH*Lb*Hd elements of its slab, viewed as [slots, KVH, Lb, Hd], rows P..Lb
 * When P+S exceeds Lb, the arena is repacked in place to Lb' = :func:`grow` (at least double, at most the
   capacity): each head's P valid rows move from h*Lb to h*Lb', last head first, so no head is overwritten
   before it moves. Doubling makes that copy amortised O(1) rows per generated token (a geometric series:
-  fewer than 2 moves per row over a whole generation), against the P rows per step the old
-  ``present = concat(past, new)`` graph rewrote every step.
+  fewer than 2 moves per row over a whole generation), against the P rows per step that a
+  ``present = concat(past, new)`` graph rewrites.
 * Costs: attention reads Lb <= 2P rows per head (the masked rows cost reads, not accuracy: their weight is
   0); memory is one arena (slots*2L*KVH*C*Hd) plus the scratch (2L*KVH*E*Hd for E = the longest one-call
   extension, :data:`EXTEND_MAX`). The alternative, binding the whole capacity with a mask, never repacks

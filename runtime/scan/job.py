@@ -1,6 +1,6 @@
 """``safeclip-scan``'s driver: list the sources, gate them locally or on Ray, print or write the results.
 
-Without ``--output`` the scan prints one JSON object per image on stdout as it always did (batches of
+Without ``--output`` the scan prints one JSON object per image on stdout (batches of
 ``--batch-size`` through the vision graph; the verdicts are the per-image ones). With ``--output OUT`` the
 rows go to Parquet (``output.py``: resumable, exactly once, ``OUT`` appears only when complete) and stdout
 stays quiet; ``--ray`` gates on Ray Data (``ray_workers.py``) with the same rows and the same output. An ``OUT``
@@ -310,7 +310,7 @@ def _finish(args, gate, rows: list[dict], labels, items: list[dict]) -> int:
 
 
 def report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> int:
-    """Join the scan's records with the labels by resolved path; print and write the metrics (as before)."""
+    """Join the scan's records with the labels by resolved path; print and write the metrics."""
     from pathlib import Path
 
     from ..metrics import confusion_text, evaluate, sweep, sweep_inputs

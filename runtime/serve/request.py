@@ -81,16 +81,6 @@ class ChatRequest:
     seed: int | None
     stop: tuple[str, ...]
 
-    @property
-    def prompt(self) -> str:
-        """The new question."""
-        return self.conversation.text
-
-    @property
-    def image(self) -> bytes | str | None:
-        """The new question's image: decoded data-URI bytes, a remote URL (when allowed), or None."""
-        return self.conversation.images[0] if self.conversation.images else None
-
 
 def _show(v, limit: int = 60) -> str:
     """``v`` as JSON for an error message: whole, or described when long (never cut mid-JSON)."""
