@@ -5,8 +5,9 @@ IPv6 forms that lead to loopback or link-local IPv4 and keeps those that lead to
 """
 from __future__ import annotations
 
+import functools
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -26,24 +27,12 @@ def test_remote_image_filter_keeps_ipv6_forms_of_public_ipv4():
         assert _address_ok(addr), addr
 
 
-def test_fetch_errors_say_their_kind_on_one_line():
+def test_fetch_errors_say_their_kind_on_one_line(tmp_path):
     """refused (loopback while private hosts are not allowed), too_large (over max_bytes), failed (HTTP 404,
-    not http(s)); the body when all is well. A local server on 127.0.0.1 only."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path not in ("/small.png", "/big.png"):
-                self.send_error(404)
-                return
-            body = b"x" * (10 if self.path == "/small.png" else 5000)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    not http(s)); the body when all is well. A static file server on 127.0.0.1 only."""
+    (tmp_path / "small.png").write_bytes(b"x" * 10)
+    (tmp_path / "big.png").write_bytes(b"x" * 5000)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(tmp_path)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
@@ -59,3 +48,8 @@ def test_fetch_errors_say_their_kind_on_one_line():
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
