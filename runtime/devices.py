@@ -3,9 +3,9 @@
 Supported: the six production Orin modules. Figures from NVIDIA's Jetson Orin module data sheets and the Jetson
 module comparison (developer.nvidia.com/embedded/jetson-modules): GPU CUDA cores (Ampere, 128 per SM) and LPDDR5
 capacity. The exporter's ``--device`` refuses a bundle that cannot fit the named module
-(``export/memory.py``), and the runtime can name the module it runs on from what CUDA reports
-(:func:`identify`: SM count, and total memory rounded up to the module's DRAM), to tell AGX Orin, Orin NX and
-Orin Nano apart in a plan's device key.
+(``export/device_memory.py``). A TensorRT plan's device key records the SM count and memory class CUDA reports
+(``backends/cuda.py`` ``device_facts``), which tell AGX Orin, Orin NX and Orin Nano apart; :func:`identify` names
+the module(s) such facts fit.
 
 Orin NX 8GB and Orin Nano 8GB have the same GPU configuration (8 SMs, 1024 cores) and the same 8 GB of LPDDR5;
 they differ in clocks and memory bandwidth only, which CUDA's device properties do not reliably report (JetPack

@@ -79,6 +79,7 @@ class FakeCudart:
         self.mallocs = self.frees = self.copies = 0
         self.streams: list[cudaStream_t] = []
         self.reserved: dict[int, int] = {}             # TensorRT's own device memory (weights, activations): token -> bytes
+        self._tokens = 0
         self.peak = 0                                  # most device + reserved bytes held at once
 
     def used(self) -> int:
@@ -90,9 +91,8 @@ class FakeCudart:
         n = int(n)
         if self.limit is not None and self.used() + n > self.limit:
             return None
-        token = 0x7000_0000_0000 + 256 * (len(self.reserved) + 1 + max(self.reserved, default=0) % (1 << 20))
-        while token in self.reserved:
-            token += 256
+        self._tokens += 1
+        token = 0x7000_0000_0000 + 256 * self._tokens                # never a cudaMalloc'd address
         self.reserved[token] = n
         self.peak = max(self.peak, self.used())
         return token
@@ -337,22 +337,14 @@ _MEMORY: dict = {}
 
 def plan_memory(onnx_path, profiles) -> tuple[list[int], int]:
     """(context memory per profile, weight bytes) of a graph: the stand-in's model of what TensorRT allocates on
-    the device (``_fake_trt_shapes.activation_bytes``: live intermediates at each profile's max shapes; weights:
-    every initializer's bytes, external data included). Cached per graph file and profiles."""
-    import onnx
-
-    from _fake_trt_shapes import activation_bytes
+    the device (``_fake_trt_shapes``: live intermediates at each profile's max shapes, and every initializer's and
+    constant's bytes). Cached per graph file and profiles."""
+    from _fake_trt_shapes import activation_bytes, weights_bytes
 
     path = Path(onnx_path)
     key = (str(path.resolve()), path.stat().st_mtime_ns, json.dumps(profiles, sort_keys=True))
     if key not in _MEMORY:
-        model = onnx.load(str(path), load_external_data=False)
-        weights = 0
-        for t in model.graph.initializer:
-            ext = {e.key: e.value for e in t.external_data}
-            weights += int(ext.get("length", 0)) if t.data_location == onnx.TensorProto.EXTERNAL else \
-                len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
-        _MEMORY[key] = ([activation_bytes(path, p) for p in (profiles or [{}])], weights)
+        _MEMORY[key] = ([activation_bytes(path, p) for p in (profiles or [{}])], weights_bytes(path))
     return _MEMORY[key]
 
 

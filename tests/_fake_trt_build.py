@@ -38,30 +38,12 @@ import weakref
 from pathlib import Path
 
 from _fake_trt import _PybindEnum
-from _fake_trt_shapes import LIMIT, activation_bytes, tensor_volumes
+from _fake_trt_shapes import LIMIT, activation_bytes, tensor_volumes, weights_bytes
 
 # NvInfer.h `enum class BuilderFlag` (only the flags the stand-in offers).
 BUILDER_FLAGS = {10: {"FP16": 0, "INT8": 1, "REFIT": 4, "TF32": 6, "STRIP_PLAN": 19, "REFIT_IDENTICAL": 20},
                  11: {"REFIT": 4, "TF32": 6, "STRIP_PLAN": 18, "REFIT_IDENTICAL": 19}}
 STRONGLY_TYPED = {10: 1, 11: 0}                  # NvInfer.h `enum class NetworkDefinitionCreationFlag`
-
-
-def weights_bytes(onnx_path) -> int:
-    """Bytes of every initializer (inline or external) and Constant tensor, read from the graph's headers only."""
-    import onnx
-
-    from _fake_trt_shapes import _itembits
-
-    g = onnx.load(str(onnx_path), load_external_data=False).graph
-    tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute
-                                     if a.name == "value"]
-    total = 0
-    for t in tensors:
-        n = 1
-        for d in t.dims:
-            n *= int(d)
-        total += -(-n * _itembits(t.data_type) // 8)
-    return total
 
 
 def builder_api(trt, version: str, major: int, build_fails: bool, cudart=None) -> None:

@@ -137,3 +137,14 @@ def activation_bytes(onnx_path, profile: dict) -> int:
         for name in [n for n in live if last_use.get(n, i) <= i]:   # dead after this node (unread: dead now)
             del live[name]
     return peak
+
+
+def weights_bytes(onnx_path) -> int:
+    """Bytes of every initializer (inline or external) and Constant tensor, read from the graph's headers only:
+    what an engine built from the graph holds as weights."""
+    import onnx
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute
+                                     if a.name == "value"]
+    return sum(-(-_volume(t.dims) * _itembits(t.data_type) // 8) for t in tensors)

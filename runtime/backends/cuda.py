@@ -118,7 +118,8 @@ class CudaRuntime:
 
         Every Jetson Orin module calls its GPU "Orin" with compute capability 8.7, so the name alone would let
         a plan move between modules TensorRT tuned it apart for. The SM count (AGX Orin 64GB: 16, AGX Orin
-        32GB: 14, Orin NX 16GB/8GB and Orin Nano 8GB: 8, Orin Nano 4GB: 4) and the memory class (the device's
+        32GB: 14, Orin NX 16GB/8GB and Orin Nano 8GB: 8, Orin Nano 4GB: 4; NVIDIA's module data sheets, the
+        table in ``runtime/devices.py``) and the memory class (the device's
         total memory rounded up to a power of two GiB: 64, 32, 16, 8, 4; what the kernel keeps back moves the
         exact figure between releases, the class stays) tell them apart. Orin NX 8GB and Orin Nano 8GB share
         both (8 SMs, 8 GiB) and differ in clocks, which a power mode changes, so they are not told apart."""
