@@ -124,7 +124,7 @@ def test_demo_graphs_largest_tensor_is_the_attention_scores(demo_decoder_parts):
     m, kv, _ = demo_decoder_parts
     g = m.decoder
     hidden = g.inputs[g.names.inputs_embeds].shape[-1]
-    heads = m.model_facts.num_attention_heads if hasattr(m.model_facts, "num_attention_heads") else hidden // kv.head_dim
+    heads = hidden // kv.head_dim                                      # the demo's query heads (4)
     prefill, _, extend = TARGETS["jetson"].decoder_profiles(hidden, kv.num_layers, kv.num_kv_heads, kv.head_dim, 1024,
                                                            kv=kv, names=g.names)
     for p in (prefill, extend):
