@@ -177,10 +177,21 @@ def budget(prompt_len: int, capacity: int, max_new_tokens: int) -> tuple[int, bo
 
 
 def picker(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           seed: int | None = None) -> Callable[[np.ndarray], int]:
-    """One sequence's ``logits -> token``: :func:`sample` with its own Generator seeded by ``seed``."""
+           seed: int | None = None, constraint=None) -> Callable[[np.ndarray], int]:
+    """One sequence's ``logits -> token``: :func:`sample` with its own Generator seeded by ``seed``.
+
+    With a ``constraint`` (``grammar.Constraint``) the logits are masked to the tokens the grammar allows
+    before greedy or sampled picking, and the picked token advances the constraint; without one the picker
+    is the plain sampler (no extra work per token)."""
     rng = np.random.default_rng(seed)
-    return lambda logits: sample(logits, rng, temperature, top_k, top_p)
+    if constraint is None:
+        return lambda logits: sample(logits, rng, temperature, top_k, top_p)
+
+    def pick(logits: np.ndarray) -> int:
+        token = sample(constraint.apply(logits), rng, temperature, top_k, top_p)
+        constraint.advance(token)
+        return token
+    return pick
 
 
 def timings(prefill_s: float, decode_s: float, n_tokens: int) -> Timings:
@@ -194,10 +205,14 @@ class Progress:
     :meth:`feed` takes each picked token and returns the text it releases (text that may start a stop string
     is held back); ``reason`` is set once the sequence is done ("eos" | "stop" | "length" | "context").
     Shared by :class:`TextStream` (one sequence) and ``scheduler.Scheduler`` (many), so both end sequences alike.
+    With a ``constraint`` (the one the sequence's :func:`picker` advances), the sequence ends with "eos" as soon
+    as the grammar is complete (``constraint.done``: only EOS could follow); stop strings still apply.
     """
 
-    def __init__(self, tokenizer, budget: int, clamped: bool, eos: frozenset[int], stops: Sequence[str]):
+    def __init__(self, tokenizer, budget: int, clamped: bool, eos: frozenset[int], stops: Sequence[str],
+                 constraint=None):
         self.detok, self.budget, self.clamped, self.eos = _Detokenizer(tokenizer), budget, clamped, eos
+        self.constraint = constraint
         self.stops = [s for s in stops if s]
         self._longest_stop = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
@@ -221,6 +236,8 @@ class Progress:
         last, detok, reason = len(self.ids) >= self.budget, self.detok, None
         if token in self.eos:
             reason, piece = "eos", detok.flush()
+        elif self.constraint is not None and self.constraint.done:
+            reason, piece = "eos", detok.push(token) + detok.flush()
         else:
             piece = detok.push(token) + (detok.flush() if last else "")
         text = self.text + piece
@@ -247,13 +264,14 @@ class TextStream:
     def __init__(self, decoder, embed_table: np.ndarray, prompt_embeds: np.ndarray, *, tokenizer,
                  max_new_tokens: int, eos_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, on_token: Callable[[int, str], None] | None = None):
+                 seed: int | None = None, on_token: Callable[[int, str], None] | None = None, constraint=None):
         prompt_len = int(np.shape(prompt_embeds)[-2])                    # [S, D] or [1, S, D]
         self.budget, self.clamped = budget(prompt_len, decoder.capacity, max_new_tokens)
         self.decoder, self.table, self.prompt, self.tok = decoder, embed_table, prompt_embeds, tokenizer
         self.eos = frozenset(int(e) for e in eos_token_ids)
         self.stops = [s for s in stop_strings if s]
-        self.pick = picker(temperature, top_k, top_p, seed)
+        self.pick = picker(temperature, top_k, top_p, seed, constraint)
+        self.constraint = constraint
         self.on_token, self.prompt_len = on_token, prompt_len
         self._result: GenerationResult | None = None
         self._started = False
@@ -268,7 +286,7 @@ class TextStream:
         if self._started:
             raise RuntimeError("a TextStream can be iterated once")
         self._started = True
-        prog = Progress(self.tok, self.budget, self.clamped, self.eos, self.stops)
+        prog = Progress(self.tok, self.budget, self.clamped, self.eos, self.stops, self.constraint)
         t0 = time.perf_counter()
         token = self.pick(prefill(self.decoder, self.prompt))
         t1 = time.perf_counter()
@@ -296,11 +314,13 @@ def stream(decoder, embed_table: np.ndarray, prompt_embeds: np.ndarray, **kw) ->
 def generate(decoder, embed_table: np.ndarray, prompt_embeds: np.ndarray, *, max_new_tokens: int,
              eos_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
-    """Generate from prompt embeddings [S, D] until EOS, a stop string, ``max_new_tokens`` or the context end."""
+             seed: int | None = None, on_token: Callable[[int, str], None] | None = None,
+             constraint=None) -> GenerationResult:
+    """Generate from prompt embeddings [S, D] until EOS, a stop string, ``max_new_tokens``, the context end or
+    (with a ``grammar.Constraint``) the grammar's end."""
     s = TextStream(decoder, embed_table, prompt_embeds, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
                    eos_token_ids=eos_token_ids, stop_strings=stop_strings, temperature=temperature,
-                   top_k=top_k, top_p=top_p, seed=seed, on_token=on_token)
+                   top_k=top_k, top_p=top_p, seed=seed, on_token=on_token, constraint=constraint)
     for _ in s:
         pass
     return s.result

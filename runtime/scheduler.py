@@ -167,8 +167,9 @@ class Scheduler:
                stop_strings: Sequence[str] = (), temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None,
                on_token: Callable[[int, str], None] | None = None, prefix_keys: Sequence[int] | None = None,
-               prefix_cache=None) -> BatchStream:
-        """Queue one sequence (prompt embeddings [S, D]; ``generate.generate``'s keyword arguments);
+               prefix_cache=None, constraint=None) -> BatchStream:
+        """Queue one sequence (prompt embeddings [S, D]; ``generate.generate``'s keyword arguments, ``constraint``
+        (a ``grammar.Constraint``) included);
         ``prefix_keys`` ([S], what each position holds) with ``prefix_cache`` reuse and feed a prefix cache.
 
         Raises before it joins: ``ContextError`` when the prompt does not fit a slot, ``ValueError`` on a bad
@@ -176,8 +177,9 @@ class Scheduler:
         x = np.asarray(prompt_embeds)
         x = x.reshape(-1, x.shape[-1])                                              # [S, D]
         n, clamped = budget(x.shape[0], self.capacity, max_new_tokens)
-        prog = Progress(tokenizer, n, clamped, frozenset(int(e) for e in eos_token_ids), list(stop_strings))
-        seq = _Seq(x, prog, picker(temperature, top_k, top_p, seed), on_token)
+        prog = Progress(tokenizer, n, clamped, frozenset(int(e) for e in eos_token_ids), list(stop_strings),
+                        constraint)
+        seq = _Seq(x, prog, picker(temperature, top_k, top_p, seed, constraint), on_token)
         if prefix_cache is not None and prefix_cache.enabled and prefix_keys is not None:
             keys = np.asarray(prefix_keys, np.int64).reshape(-1)
             if keys.size != x.shape[0]:
