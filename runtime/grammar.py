@@ -45,7 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Grammar", "GrammarError", "Compiler", "Constraint", "KINDS"]
+__all__ = ["Grammar", "GrammarError", "Compiler", "Constraint", "KINDS", "check"]
 
 # compact JSON: the engine's separators with no whitespace anywhere
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -129,6 +129,21 @@ def _error(message: str) -> GrammarError:
     if m:
         return GrammarError(f"unsupported JSON Schema string format: {m.group(1)}", "format")
     return GrammarError(f"the grammar does not compile: {first}")
+
+
+def check(grammar: Grammar) -> None:
+    """Compile ``grammar`` without a tokenizer (what a request parser can do before any model work); raises
+    :class:`GrammarError` naming the unsupported keyword where it does not compile."""
+    build = KINDS.get(grammar.kind)
+    if build is None:
+        raise GrammarError(f"unknown grammar kind {grammar.kind!r} (supported: {', '.join(KINDS)})")
+    try:
+        text = build(grammar.source)
+    except ValueError as e:
+        raise _error(str(e)) from e
+    bad, msgs = _engine().LLMatcher.validate_grammar_with_warnings(text, None)
+    if bad:
+        raise _error(msgs[0] if msgs else "")
 
 
 class Constraint:

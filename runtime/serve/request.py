@@ -11,10 +11,15 @@ names is an SSRF hole; see ``runtime/fetch.py``); other schemes never.
 
 Sampling fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (default 0 = greedy, unlike
 OpenAI's 1: a kiosk wants the same answer twice), ``top_p``, ``seed``, ``stop``, ``stream``,
-``stream_options.include_usage``. OpenAI fields that change nothing here are accepted only at their neutral
-value (``n`` = 1, penalties 0, ``logprobs`` false, ``top_logprobs`` 0, ``logit_bias`` {}, text-only
-``response_format``/``modalities``); ``user``, ``metadata``, ``safety_identifier``, ``store``, ``service_tier``
-and ``parallel_tool_calls`` are accepted and ignored, as are unknown ``stream_options`` keys. ``null`` for an
+``stream_options.include_usage``. Structured output and tools (``runtime/tools.py``, only where the caller
+passes ``structured=True``, else refused unless neutral): ``response_format`` (text / json_object /
+json_schema, the schema checked by the grammar engine: a 400 ``unsupported_schema`` names the keyword it cannot
+compile), ``tools`` (function tools), ``tool_choice``, ``parallel_tool_calls``; in the history, an assistant
+message's ``tool_calls`` and ``tool`` messages answering them (rendered back in the tool convention's form).
+OpenAI fields that change nothing here are accepted only at their neutral value (``n`` = 1, penalties 0,
+``logprobs`` false, ``top_logprobs`` 0, ``logit_bias`` {}, text-only ``modalities``); ``user``, ``metadata``,
+``safety_identifier``, ``store`` and ``service_tier`` are accepted and ignored, as are unknown
+``stream_options`` keys. ``null`` for an
 optional field means absent, in the body, in a message and in a content part (typed clients such as LangChain
 and LlamaIndex send ``tools: null``, ``tool_calls: null``). Any other field is refused by name, so a client
 never believes a setting took effect when it did not. Text that is not valid Unicode (a lone surrogate, as a
@@ -29,10 +34,12 @@ import binascii
 import json
 from dataclasses import dataclass
 
+from .. import tools as T
+
 SUPPORTED_FIELDS = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                     "temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty",
                     "logprobs", "top_logprobs", "logit_bias", "response_format", "modalities", "user", "metadata",
-                    "safety_identifier", "store", "service_tier", "parallel_tool_calls")
+                    "safety_identifier", "store", "service_tier", "parallel_tool_calls", "tools", "tool_choice")
 IMAGE_ONLY_QUESTION = "Describe this image."     # the question an image sent without text is asked
 _NEUTRAL = {                     # accepted only at the value that changes nothing (null is always neutral)
     "n": lambda v: v == 1 and not isinstance(v, bool),
@@ -41,7 +48,6 @@ _NEUTRAL = {                     # accepted only at the value that changes nothi
     "logprobs": lambda v: v is False,
     "top_logprobs": lambda v: v == 0 and not isinstance(v, bool),
     "logit_bias": lambda v: v == {},
-    "response_format": lambda v: v == {"type": "text"},
     "modalities": lambda v: v == ["text"],
 }
 # Server limits (create_app / safeclip-serve flags); here so the CLI can show them without importing FastAPI.
@@ -80,6 +86,18 @@ class ChatRequest:
     top_p: float | None
     seed: int | None
     stop: tuple[str, ...]
+    response_format: T.ResponseFormat | None = None     # None: absent (free text)
+    tools: tuple[T.Tool, ...] = ()
+    tool_choice: T.ToolChoice = T.ToolChoice("none")
+    parallel_tool_calls: bool = True
+
+    def grammar(self):
+        """The ``grammar.Grammar`` the answer must follow (None: free text): ``tools.output_grammar``."""
+        return T.output_grammar(self.response_format, self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def tool_prompt(self) -> str:
+        """The tool convention's system prompt text ("" without callable tools): ``tools.tool_system_prompt``."""
+        return T.tool_system_prompt(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
 def _show(v, limit: int = 60) -> str:
@@ -221,13 +239,15 @@ def _user_content(content, allow_remote: bool) -> tuple[str, bytes | str | None]
 MAX_IMAGES = 8                   # images in one request's whole conversation (each is decoded and gated)
 _FIELDS = {"system": {"role", "content", "name"}, "developer": {"role", "content", "name"},
            "user": {"role", "content", "name"},
-           "assistant": {"role", "content", "name", "refusal", "tool_calls", "function_call", "audio"}}
+           "assistant": {"role", "content", "name", "refusal", "tool_calls", "function_call", "audio"},
+           "tool": {"role", "content", "tool_call_id", "name"}}
 
 
 @dataclass(frozen=True)
 class Conversation:
     system: str | None
-    history: tuple[tuple[str, tuple, str], ...]     # (question, image sources, answer) of each earlier turn
+    history: tuple[tuple[str, tuple, str], ...]     # (question, image sources, answer) of each earlier turn; tool
+    #   results are a question (tools.render_tool_results), assistant tool calls an answer (render_tool_calls)
     text: str                                        # the new question
     images: tuple                                    # its image sources (data-URI bytes or remote URLs)
     chars: int                                       # characters of text in all messages
@@ -263,28 +283,62 @@ def _text_content(content, i: int, role: str) -> str:
     return "\n".join(texts)
 
 
-def parse_messages(messages, allow_remote: bool) -> Conversation:
-    """A validated :class:`Conversation`, or a :class:`RequestError` naming the message at fault."""
+def parse_messages(messages, allow_remote: bool, tools: bool = False) -> Conversation:
+    """A validated :class:`Conversation`, or a :class:`RequestError` naming the message at fault; ``tools``:
+    assistant ``tool_calls`` and ``tool`` messages are accepted (else refused: the route has no tools)."""
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", "messages")
     system: list[str] = []
     turns: list[list] = []                    # [question, sources, answer]
     expect, chars, n_images = "user", 0, 0
+    calls: dict[str, str] = {}                # the last assistant message's tool calls: id -> function name
+    results: list | None = None               # the tool results of the turn being read
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}] must be an object, got {type(m).__name__}", "messages")
         m = _present(m)
         role = m.get("role")
-        if role in ("tool", "function"):
-            raise _unsupported(f"messages[{i}]: role '{role}' is not supported (this server has no tools)")
+        if role == "function":
+            raise _unsupported(f"messages[{i}]: role 'function' (the deprecated function-calling API) is not "
+                               "supported: use 'tool' messages")
         if not isinstance(role, str) or role not in _FIELDS:
             raise _bad(f"messages[{i}]: unknown role {_show(role)} (supported: system, developer, user, "
-                       "assistant)", "messages")
+                       "assistant, tool)", "messages")
         extra = set(m) - _FIELDS[role]
         if extra:
             raise _bad(f"unknown field {_show(sorted(extra)[0])} in messages[{i}]", "messages")
-        if m.get("tool_calls") is not None or m.get("function_call") is not None:
-            raise _unsupported(f"messages[{i}]: assistant tool calls are not supported (this server has no tools)")
+        if not tools and (role == "tool" or m.get("tool_calls") is not None):
+            raise _unsupported(f"messages[{i}]: tool messages and assistant tool calls are not supported here")
+        if m.get("function_call") is not None:
+            raise _unsupported(f"messages[{i}]: assistant 'function_call' (deprecated) is not supported: use "
+                               "'tool_calls'")
+        if role == "tool":
+            cid, content = m.get("tool_call_id"), m.get("content")
+            if cid not in calls:
+                raise _unsupported(f"messages[{i}]: a tool message must answer a tool call of the assistant "
+                                   f"message before it (unknown tool_call_id {_show(cid)})")
+            text = content if isinstance(content, str) else _text_content(content, i, role) \
+                if content is not None else ""
+            if results is None:                    # the results of one assistant message make one user turn
+                if expect != "user":
+                    raise _unsupported(f"messages[{i}]: tool results must follow the assistant's tool calls")
+                results = []
+                turns.append(["", (), None])
+                expect = "assistant"
+            results.append((cid, calls[cid], text))
+            turns[-1][0] = T.render_tool_results(results)
+            chars += len(text)
+            continue
+        if role == "user" and results is not None and turns and turns[-1][2] is None:
+            # a user message right after tool results joins their turn (the template alternates roles)
+            text, image = _user_content(m["content"], allow_remote) if "content" in m else ("", None)
+            if image is not None:
+                raise _unsupported(f"messages[{i}]: an image right after tool results is not supported")
+            turns[-1][0] += "\n" + text
+            chars += len(text)
+            results = None
+            continue
+        results = None
         if m.get("audio") is not None:
             raise _unsupported(f"messages[{i}]: assistant audio is not supported")
         if role in ("system", "developer"):
@@ -323,7 +377,14 @@ def parse_messages(messages, allow_remote: bool) -> Conversation:
             text = "" if content is None else _text_content(content, i, role)
             if not text and isinstance(m.get("refusal"), str):
                 text = m["refusal"]
-            if content is None and "refusal" not in m:
+            calls = {}
+            if m.get("tool_calls") is not None:
+                try:
+                    text = T.render_tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+                except T.SpecError as e:
+                    raise _bad(str(e), "messages") from None
+                calls = {c["id"]: c["function"]["name"] for c in m["tool_calls"] if isinstance(c.get("id"), str)}
+            elif content is None and "refusal" not in m:
                 raise _bad(f"messages[{i}] has no 'content'", "messages")
             turns[-1][2] = text
             expect = "user"
@@ -331,17 +392,27 @@ def parse_messages(messages, allow_remote: bool) -> Conversation:
     if not turns:
         raise _unsupported("the conversation has no user message")
     if expect == "user":
-        raise _unsupported("the last message must be the user's (continuing an assistant message is not "
-                           "supported)")
+        raise _unsupported("the last message must be the user's or a tool result (continuing an assistant "
+                           "message is not supported)")
     *history, (text, images, _) = turns
     return Conversation("\n".join(system) if system else None, tuple((q, s, a) for q, s, a in history), text,
                         images, chars)
 
 
 def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_chars: int,
-                       max_tokens_limit: int) -> ChatRequest:
-    """A validated :class:`ChatRequest` from a parsed JSON body, or :class:`RequestError`."""
+                       max_tokens_limit: int, structured: bool = False) -> ChatRequest:
+    """A validated :class:`ChatRequest` from a parsed JSON body, or :class:`RequestError`.
+
+    ``structured``: the caller applies ``ChatRequest.grammar()`` and the tool convention; without it a non-text
+    ``response_format``, ``tools`` and a ``tool_choice`` other than none are refused by name (a route that
+    would ignore them must not let a client believe they took effect)."""
     data = _present(data)
+    if not structured:
+        for name, off, code in (("response_format", lambda v: v == {"type": "text"}, "unsupported_value"),
+                                ("tools", lambda v: False, "unsupported_field"),
+                                ("tool_choice", lambda v: v == "none", "unsupported_field")):
+            if data.get(name) is not None and not off(data[name]):
+                raise _bad(f"'{name}' = {_show(data[name])} is not supported by this server", name, code)
     unknown = [k for k in data if k not in SUPPORTED_FIELDS]
     if unknown:
         raise _bad(f"unsupported field {_show(unknown[0])} (this server accepts: {', '.join(SUPPORTED_FIELDS)})",
@@ -355,7 +426,7 @@ def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_char
         raise _bad("'model' must be a string", "model")
     if "messages" not in data:
         raise _bad("'messages' is required", "messages")
-    conv = parse_messages(data["messages"], allow_remote_images)
+    conv = parse_messages(data["messages"], allow_remote_images, tools=structured)
     if conv.chars > max_prompt_chars:
         raise _bad(f"messages of {conv.chars} characters exceed the limit of {max_prompt_chars}", "messages",
                    "context_length_exceeded")
@@ -407,4 +478,11 @@ def parse_chat_request(data: dict, *, allow_remote_images: bool, max_prompt_char
             raise _bad(f"'{name}' must be true or false", name)
     if data.get("service_tier") is not None and not isinstance(data["service_tier"], str):
         raise _bad("'service_tier' must be a string", "service_tier")
-    return ChatRequest(model, conv, stream, include_usage, max_tokens, temperature, top_p, seed, stops)
+    try:
+        fmt = T.parse_response_format(data.get("response_format"))
+        tools = T.parse_tools(data.get("tools"))
+        choice = T.parse_tool_choice(data.get("tool_choice"), tools)
+    except T.SpecError as e:
+        raise _bad(str(e), e.param, "unsupported_schema" if e.keyword else "invalid_request") from None
+    return ChatRequest(model, conv, stream, include_usage, max_tokens, temperature, top_p, seed, stops, fmt, tools,
+                       choice, data.get("parallel_tool_calls") is not False)
