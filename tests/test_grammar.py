@@ -247,3 +247,63 @@ def test_properties_come_in_schema_order(demo):
               "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}}}
     res = demo.run("Two flags.", Grammar.json_schema(schema))
     assert list(json.loads(res.text)) == ["zeta", "alpha"]
+
+
+# --- the oracle on a real vocabulary: Llama-2 SentencePiece (byte fallback, "▁" words), padded model vocab --
+@pytest.fixture(scope="module")
+def llama2_bundle(tmp_path_factory):
+    import _tiny_llava as TL
+    from test_real_vocab import E2E
+
+    from safeclip.export.bundle import ExportOptions, export_bundle
+    from safeclip.runtime.pipeline import Pipeline
+
+    root = tmp_path_factory.mktemp("grammar-llama2")
+    facts = TL.build(E2E["llama2"], root / "ckpt")
+    clip = TL.build_clip(root / "clip")
+    out = export_bundle(ExportOptions(model=str(root / "ckpt"), clip=str(clip), out=root / "bundle")).bundle
+    return Pipeline.load(out), root / "ckpt", facts
+
+
+@pytest.mark.parametrize("name", ["object_enum_bounds", "any_of"])
+def test_constrained_greedy_equals_transformers_on_llama2_vocabulary(llama2_bundle, name):
+    import llguidance.hf
+    import llguidance.torch as lt
+    from test_real_vocab import runtime_ids
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
+
+    pipe, folder, facts = llama2_bundle
+    lm = pipe._lm
+    assert facts["vocab_size"] > facts["tokens"]                          # logits rows past the tokenizer
+    ids = runtime_ids(lm.tokenizer, lm.template, lm.special_tokens, lm.image_token_id, pipe.image_tokens(None),
+                      f"Answer in JSON ({name}) ü 東京", False)
+    g, text = _schema_grammar_text(SCHEMAS[name])
+    comp = Compiler.for_tokenizer(lm.tokenizer, lm.eos_ids)
+    res = G.generate(lm.decoder, lm.table, lm.table[ids], tokenizer=lm.tokenizer, max_new_tokens=N_NEW,
+                     eos_token_ids=lm.eos_ids, constraint=comp.constraint(g))
+
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    ltok = llguidance.hf.from_tokenizer(hf_tok, eos_token=list(lm.eos_ids))
+    matcher = llguidance.LLMatcher(ltok, text, log_level=0)
+    bits = lt.allocate_token_bitmask(1, ltok.vocab_size)
+
+    class Mask(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] > len(ids):
+                assert matcher.consume_token(int(input_ids[0, -1]))
+            lt.fill_next_token_bitmask(matcher, bits)
+            allowed = ((bits[0].unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1).reshape(-1).bool()
+            allowed = torch.cat([allowed[:ltok.vocab_size], torch.zeros(scores.shape[1] - ltok.vocab_size,
+                                                                        dtype=torch.bool)])
+            return torch.where(allowed, scores, torch.tensor(float("-inf")))
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor(ids)[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=N_NEW + 1, do_sample=False, logits_processor=LogitsProcessorList([Mask()]))
+    ref = out[0, len(ids):].tolist()
+    assert ref[-1] in lm.eos_ids and res.token_ids == ref[:-1] and res.finish_reason == "eos"
+    assert res.text == hf_tok.decode(ref, skip_special_tokens=True)
+    assert any(hf_tok.convert_ids_to_tokens(t).startswith("\u2581") or len(hf_tok.decode([t])) > 1
+               for t in res.token_ids)                                    # multi-character tokens were used
+    jsonschema.validate(json.loads(res.text), SCHEMAS[name])
