@@ -255,7 +255,7 @@ def parse_output(text: str, tools: tuple[Tool, ...], choice: ToolChoice) -> tupl
     if not isinstance(calls, list):
         return text, ()
     out = tuple(ToolCall(f"call_{uuid.uuid4().hex[:24]}", str(c.get("name")),
-                         json.dumps(c.get("arguments", {}), ensure_ascii=False))
+                         json.dumps(c.get("arguments", {}), ensure_ascii=False, separators=(",", ":")))
                 for c in calls if isinstance(c, dict))
     return None, out
 
