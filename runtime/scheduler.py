@@ -22,7 +22,7 @@ What a step does (the scheduler thread, nobody else touches the decoder):
    (prompt and answer) is snapshotted there (``slot_read``), as a one-sequence turn's is.
 3. One decode step of every running sequence ([B, D] embeddings -> [B, V] logits, B = running sequences).
    Each sequence picks its token with its own sampler (``generate.picker``: its own seeded Generator, so
-   the same seed gives the same tokens as alone) and turns it into text with its own ``generate.Progress``
+   the same seed gives the same tokens as alone, and its own grammar constraint when it has one) and turns it into text with its own ``generate.Progress``
    (detokenization, EOS, stop strings, budget: the very code ``TextStream`` runs). A finished sequence
    leaves at once.
 
