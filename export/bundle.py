@@ -23,9 +23,8 @@ import numpy as np
 from safeclip.descriptors import load_descriptor_set
 from safeclip.runtime.contract import DecoderGraph
 from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, POLICIES, verdict_from_probs
-from safeclip.runtime.graph_spec import vision_spec
-from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, VisionNames,
-                                       sha256_file, write_manifest)
+from safeclip.runtime.graph_spec import VisionNames, vision_spec
+from safeclip.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file, write_manifest
 from safeclip.runtime.tolerances import export_tolerance
 from safeclip.runtime.views import VIEW_MODES
 
@@ -165,7 +164,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     progress("vision: parity reference (fp32, layer by layer)")
     with Materialized(blocks, fqn_of, weights, block_progress(progress, "vision")), torch.no_grad():
         feats, probs = module(sample)                                    # the fp32 reference
-    ref = {FEATURES_OUTPUT: feats.numpy(), GATE_OUTPUT: probs.numpy()}
+    ref = {VisionNames.image_features: feats.numpy(), VisionNames.class_probs: probs.numpy()}
     exported = module if precision == "float32" else HalfVisionGate(module, inplace=True).eval()
     real = {n: t.detach().clone() for n, t in [*exported.named_parameters(), *exported.named_buffers()]
             if t.device.type != "meta"}                                  # gate head, descriptors, position ids
@@ -182,16 +181,17 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
 
     progress("vision: tracing (meta device)")
     onnx_from_meta_module(exported, (sample.to("meta"),), path, [VisionNames.pixel_values],
-                          [FEATURES_OUTPUT, GATE_OUTPUT], tensor,
+                          [VisionNames.image_features, VisionNames.class_probs], tensor,
                           dynamic_shapes={"pixel_values": axes[VisionNames.pixel_values]}, progress=tick)
     del exported, module, real
     progress("vision: parity (ONNX Runtime vs the fp32 reference)")
-    got = run_onnx(path, {VisionNames.pixel_values: sample.numpy()}, [FEATURES_OUTPUT, GATE_OUTPUT])
-    tol = {n: export_tolerance("vision_gate", precision, n).of(ref[n]) for n in (FEATURES_OUTPUT, GATE_OUTPUT)}
+    outputs = VisionNames().outputs                                      # image_features, class_probs
+    got = run_onnx(path, {VisionNames.pixel_values: sample.numpy()}, list(outputs))
+    tol = {n: export_tolerance("vision_gate", precision, n).of(ref[n]) for n in outputs}
     result = compare(f"vision_gate[{precision}]", ref, got, tol)
     # Verdicts from the graph must equal the reference rule applied to the fp32 module's output.
     for t in sorted({dset.default_threshold, 0.0, 0.3, 0.6}):
-        for a, b in zip(ref[GATE_OUTPUT], got[GATE_OUTPUT]):
+        for a, b in zip(ref[VisionNames.class_probs], got[VisionNames.class_probs]):
             va = verdict_from_probs(a, list(dset.classes), list(dset.safe_classes), t)
             vb = verdict_from_probs(b, list(dset.classes), list(dset.safe_classes), t)
             if (va.flagged, va.category) != (vb.flagged, vb.category):

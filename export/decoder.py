@@ -56,8 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safeclip.runtime.backends.base import KV_FORM, DecoderNames, KVSpec
-from safeclip.runtime.graph_spec import GraphSpec, decoder_spec
+from safeclip.runtime.graph_spec import KV_FORM, DecoderNames, GraphSpec, KVSpec, decoder_spec
 from safeclip.runtime.tolerances import export_tolerance
 
 from .ort_fusions import SPLIT_MAX_BYTES
@@ -68,7 +67,7 @@ __all__ = ["decoder_for_export", "export_decoder", "decoder_names", "ATOL"]
 DTYPES = ("float32", "float16")
 ATOL = {p: export_tolerance("decoder", p).atol for p in DTYPES}   # times max(1, max|ref|): runtime/tolerances.py
 FP32_OPS = ("Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal")    # must compute in fp32 in an fp16 graph
-PAST_KEY, PAST_VALUE = KVSpec.past_key, KVSpec.past_value              # the runtime's KV names (base.py)
+PAST_KEY, PAST_VALUE = KVSpec.past_key, KVSpec.past_value              # the runtime's KV names (graph_spec.py)
 PRESENT_KEY, PRESENT_VALUE = KVSpec.present_key, KVSpec.present_value
 
 

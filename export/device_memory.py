@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from safeclip.runtime.backends.base import DecoderNames, KVSpec
+from safeclip.runtime.graph_spec import DecoderNames, KVSpec
 from safeclip.runtime.devices import MODULES, GiB, OrinModule, module as find_module
 
 from .memory import _TEXT_DEFAULTS, BYTES, _config, estimate

@@ -11,7 +11,7 @@ exported before the one-arena runtime) is refused with one line saying to re-exp
 need a second, ping-pong arena this runtime does not have, and a re-export is the only step (the bundle's
 other graphs are unchanged); a bundle without a decoder is not concerned. Graph tensor names come from
 ``graphs.<graph>.names`` (roles to names) and ``graphs.decoder.kv``; a bundle written before ``names``
-existed gets the defaults of :class:`~safeclip.runtime.backends.base.VisionNames` / ``DecoderNames``. Every
+existed gets the defaults of :class:`~safeclip.runtime.graph_spec.VisionNames` / ``DecoderNames``. Every
 named tensor must be among the graph's declared inputs or outputs.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .backends.base import KV_FORM, DecoderNames, KVSpec, VisionNames
+from .graph_spec import KV_FORM, DecoderNames, KVSpec, VisionNames
 from .gate import POLICIES
 from .views import VIEW_MODES
 

@@ -38,7 +38,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .backends.base import DecoderNames, VisionNames
 from .contract import (ContractError, DecoderGraph, GateConfig, ModelFacts, VisionGraph, WeightQuantization,
                        matmulnbits_available)
 from .signing import SigningError, TrustedKeys, load_signing_key, sign, trusted_keys
@@ -46,13 +45,11 @@ from .verify_cache import VerifyCache
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-GATE_OUTPUT = VisionNames.class_probs            # the default names (bundles name their own: graphs.*.names)
-FEATURES_OUTPUT = VisionNames.image_features
 CACHE_MIN_BYTES = 16 << 20          # files at least this big may be verified through the cache
 MAX_MANIFEST_BYTES = 64 << 20
 
-__all__ = ["BundleError", "Manifest", "DecoderNames", "VisionNames", "load_manifest", "write_manifest", "sha256_file", "integrity_of",
-           "SCHEMA_VERSION", "MANIFEST", "GATE_OUTPUT", "FEATURES_OUTPUT", "atomic_write_text", "atomic_write_bytes",
+__all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "sha256_file", "integrity_of",
+           "SCHEMA_VERSION", "MANIFEST", "atomic_write_text", "atomic_write_bytes",
            "signing_payload", "open_in_bundle", "referenced_files"]
 
 

@@ -106,7 +106,7 @@ def demo_bundle(tmp_path_factory, cache_dir) -> Path:
 @pytest.fixture(scope="session")
 def demo_decoder_parts(demo_bundle):
     """The demo bundle's manifest, decoder KV layout and embedding table [V, D]: what decoder tests build on."""
-    from safeclip.runtime.backends.base import KVSpec
+    from safeclip.runtime.graph_spec import KVSpec
     from safeclip.runtime.manifest import load_manifest
 
     m = load_manifest(demo_bundle)

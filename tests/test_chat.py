@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 
 from _fake_trt import install_fakes, write_plan  # noqa: E402
 
-from safeclip.runtime.backends.base import ContextError, KVSpec  # noqa: E402
+from safeclip.runtime.backends.base import ContextError  # noqa: E402
+from safeclip.runtime.graph_spec import KVSpec  # noqa: E402
 from safeclip.runtime.backends.ort import OrtDecoder  # noqa: E402
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 

@@ -17,7 +17,8 @@ from safeclip.export.bundle import build_plan
 from safeclip.export.targets import TARGETS
 from safeclip.runtime import generate as G
 from safeclip.runtime.backends.arena import DeviceArena, HostArena
-from safeclip.runtime.backends.base import BackendError, ContextError, KVSpec
+from safeclip.runtime.backends.base import BackendError, ContextError
+from safeclip.runtime.graph_spec import KVSpec
 from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.backends.pick import slot_decoder as sharing

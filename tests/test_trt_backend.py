@@ -24,7 +24,8 @@ from safeclip.runtime.backends.pick import Probe, choose_backend, open_decoder, 
 from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession, decoder_shapes, plan_capacity
 from safeclip.runtime.backends.trt_plan import plan_extend, plan_prefill
 from safeclip.runtime.backends.trt_plan import PlanMismatchError, select_profile
-from safeclip.runtime.backends.base import ContextError, KVSpec
+from safeclip.runtime.backends.base import ContextError
+from safeclip.runtime.graph_spec import KVSpec
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.manifest import load_manifest
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from ..error_text import one_line
 from .arena import EXTEND_MAX, DeviceArena, HostArena, check_kv_arrays
-from .base import BackendError, ContextError, DecoderNames, KVSpec, truncation
+from ..graph_spec import DecoderNames, KVSpec
+from .base import BackendError, ContextError, truncation
 
 __all__ = ["BackendError", "OrtSession", "OrtDecoder", "available_providers", "make_session", "make_options"]
 
@@ -210,11 +211,12 @@ class OrtDecoder:
         if self.device != "cpu":
             raise ValueError("cache views need the CPU arena (use kv_read)")
         v, n = self.arena.view(), self.length
-        return v[layer, None, :, :n], v[self.kv.num_layers + layer, None, :, :n]
+        k, val = self.kv.layer_tensors(layer)                       # the KV order (graph_spec.KVSpec)
+        return v[k, None, :, :n], v[val, None, :, :n]
 
     def kv_read(self, length: int) -> list[np.ndarray]:
-        """Host copies of the first ``length`` cached positions, [1, KVH, length, Hd] each, in ``KVSpec.names()``
-        order (every layer's key, then every layer's value)."""
+        """Host copies of the first ``length`` cached positions, [1, KVH, length, Hd] each, in the KV order
+        (``graph_spec.KVSpec``: layer by layer, key then value)."""
         if not 0 <= int(length) <= self.length:
             raise ContextError(f"cannot read {length} positions of {self.length} cached")
         return self.arena.read(int(length)) if self.device == "cpu" else self.arena.read(int(length), self._host)
