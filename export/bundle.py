@@ -14,14 +14,14 @@ import platform
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
-from safeclip.runtime.contract import DecoderGraph
+from safeclip.runtime.contract import DecoderGraph, VisionGraph
 from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, POLICIES, verdict_from_probs
 from safeclip.runtime.graph_spec import VisionNames, vision_spec
 from safeclip.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file, write_manifest
@@ -32,6 +32,7 @@ from .parity import ParityResult
 
 FEATURE_ATOL = export_tolerance("vision_gate", "float32", "image_features").atol     # runtime/tolerances.py
 PROB_ATOL = export_tolerance("vision_gate", "float32", "class_probs").atol
+NEWLINE_FILE = "image_newline.npy"              # anyres: the learned newline row (graphs.vision_gate.image_newline)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def skeleton_and_weights(src):
 
 
 def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
-                       precision: str = "float32", release: bool = False,
+                       precision: str = "float32", release: bool = False, image_newline: str | None = None,
                        progress: Callable[[str], None] = lambda s: None) -> tuple[dict, ParityResult]:
     """Export the vision+gate graph and check it against the fp32 PyTorch module (a build gate).
 
@@ -139,7 +140,8 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     The graph is traced on the meta device and its weights streamed from ``src`` (a checkpoint or a model in
     memory) into ``vision_gate.onnx.data``; the fp32 reference runs one encoder layer at a time. ``release=True``
     frees CLIP's text tower once the descriptor embeddings exist (``src`` is then only good for the
-    language-model export).
+    language-model export). ``image_newline``: the anyres newline file the bundle will hold. Returns the
+    manifest's ``graphs.vision_gate`` (a :class:`~safeclip.runtime.contract.VisionGraph`'s JSON).
     """
     import torch
 
@@ -197,16 +199,13 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
             if (va.flagged, va.category) != (vb.flagged, vb.category):
                 raise ParityError(f"vision_gate parity failed: verdicts differ at threshold {t}")
     n_tokens, d_lm = feats.shape[1], feats.shape[2]
-    graph = {
-        "file": "vision_gate.onnx",
-        "data": "vision_gate.onnx.data" if (tmp / "vision_gate.onnx.data").exists() else None,
-        "precision": precision,
-        "names": asdict(VisionNames()),             # the tensors the runtime binds, by role
-        **vision_spec(size, n_tokens, d_lm, len(dset.classes), precision).io_json(),   # inputs, outputs
-        "encoder_layers_computed": layers_computed,
-        "encoder_layers_total": vcfg.num_hidden_layers,
-    }
-    return graph, result
+    spec = vision_spec(size, n_tokens, d_lm, len(dset.classes), precision)
+    graph = VisionGraph(file="vision_gate.onnx",
+                        data="vision_gate.onnx.data" if (tmp / "vision_gate.onnx.data").exists() else None,
+                        precision=precision, names=VisionNames(), inputs=spec.inputs_by_name,
+                        outputs=spec.outputs_by_name, encoder_layers_computed=layers_computed,
+                        encoder_layers_total=vcfg.num_hidden_layers, image_newline=image_newline)
+    return graph.to_json(), result
 
 
 def gate_self_test(folder: Path, vgraph: dict) -> dict:
@@ -296,7 +295,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         progress("exporting vision + gate graph")
         newline = src.arch.vision_parts(src.llava, src.weights).image_newline
         vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override,
-                                             precision=tgt.precision, release=True, progress=progress)
+                                             precision=tgt.precision, release=True, progress=progress,
+                                             image_newline=None if newline is None else NEWLINE_FILE)
         parity = [vparity]
         graphs = {"vision_gate": vgraph}
         progress("recording the gate's self-test answers (runtime/selftest.py)")
@@ -322,8 +322,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         from .architectures import read_preprocessor_config
         preprocess = src.arch.preprocess_spec(read_preprocessor_config(src.llava_path), src.llava.config)
         if newline is not None:                         # anyres: packed between rows of tiles by the runtime
-            np.save(tmp / "image_newline.npy", newline.astype(np.float32))
-            vgraph["image_newline"] = "image_newline.npy"
+            np.save(tmp / NEWLINE_FILE, newline.astype(np.float32))
         shutil.rmtree(tmp / "_work", ignore_errors=True)
         import onnx
         import torch
@@ -344,7 +343,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
                          "transformers": transformers.__version__, "onnx": onnx.__version__,
                          "python": platform.python_version()},
             "files": _files_entry(tmp),
-            "graphs": {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in graphs.items()},
+            "graphs": graphs,                                   # VisionGraph / DecoderGraph JSON (contract.py)
             "preprocess": preprocess,
             "gate": {
                 "variant": opts.gate, "classes": list(dset.classes), "safe_classes": list(dset.safe_classes),

@@ -4,7 +4,8 @@ Supported graphs: ``vision_gate`` (:func:`vision_spec`) and ``decoder`` (:func:`
 is an int or a symbol: ``batch``, ``seq``, ``past`` or the sum ``past+seq`` (attention_mask). From
 a :class:`GraphSpec` come
 
-* the manifest's I/O section (:meth:`GraphSpec.io_json`), which the runtime reads back;
+* the manifest's I/O section (:attr:`GraphSpec.inputs_by_name` / ``outputs_by_name``: the ``inputs`` /
+  ``outputs`` of a ``contract.VisionGraph`` or ``DecoderGraph``, which writes and reads them);
 * the exporter's ``torch.export`` dynamic axes (:meth:`GraphSpec.dynamic_axes`; a sum gets its own
   free dimension, since ``dynamic_shapes`` cannot express ``Dim + Dim``);
 * concrete input shapes for given symbol sizes (:meth:`GraphSpec.shapes`): the shapes of one decoder call
@@ -23,7 +24,7 @@ import it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -103,6 +104,15 @@ class KVSpec:
                 for pair in ((self.past_key.format(i=i), self.present_key.format(i=i)),
                              (self.past_value.format(i=i), self.present_value.format(i=i)))]
 
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``graphs.decoder.kv``: every field, and ``form`` (:data:`KV_FORM`) after ``dtype``."""
+        out: dict[str, Any] = {}
+        for k, v in asdict(self).items():
+            out[k] = v
+            if k == "dtype":
+                out["form"] = KV_FORM
+        return out
+
     @staticmethod
     def layer_tensors(layer: int) -> tuple[int, int]:
         """Indices of ``layer``'s key and value among the KV tensors (:meth:`names` order)."""
@@ -111,13 +121,19 @@ class KVSpec:
 
 @dataclass(frozen=True)
 class TensorDecl:
+    """One tensor of a graph, the one declaration class: the graph spec declares them, and the manifest's
+    ``graphs.<graph>.inputs`` / ``outputs`` are read into them (``contract.py``) and written from them."""
     name: str
-    dims: tuple[Dim, ...]
+    shape: tuple[Dim, ...]      # ints, or names of dynamic dimensions ("batch", "seq", "past+seq")
     dtype: str
 
     @property
     def dynamic(self) -> bool:
-        return any(isinstance(d, str) for d in self.dims)
+        return any(isinstance(d, str) for d in self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        """This tensor's entry under the manifest's ``inputs`` / ``outputs`` (keyed by its name there)."""
+        return {"shape": list(self.shape), "dtype": self.dtype}
 
 
 def _size(d: Dim, sizes: Mapping[str, int]) -> int:
@@ -142,14 +158,18 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def io_json(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """The manifest's ``inputs`` / ``outputs`` of this graph: ``{name: {"shape": dims, "dtype": dtype}}``."""
-        return {key: {t.name: {"shape": list(t.dims), "dtype": t.dtype} for t in ts}
-                for key, ts in (("inputs", self.inputs), ("outputs", self.outputs))}
+    @property
+    def inputs_by_name(self) -> dict[str, TensorDecl]:
+        """The inputs as the manifest section holds them (``{name: TensorDecl}``, positional order)."""
+        return {t.name: t for t in self.inputs}
+
+    @property
+    def outputs_by_name(self) -> dict[str, TensorDecl]:
+        return {t.name: t for t in self.outputs}
 
     def shapes(self, dynamic_only: bool = False, **sizes: int) -> dict[str, tuple[int, ...]]:
         """Input shapes for the given symbol sizes (``batch=1, seq=7, past=0``)."""
-        return {t.name: tuple(_size(d, sizes) for d in t.dims) for t in self.inputs
+        return {t.name: tuple(_size(d, sizes) for d in t.shape) for t in self.inputs
                 if t.dynamic or not dynamic_only}
 
     def profile(self, lo: Mapping[str, int], opt: Mapping[str, int], hi: Mapping[str, int]) -> dict:
@@ -163,7 +183,7 @@ class GraphSpec:
         out = {}
         for t in self.inputs:
             axes = {}
-            for i, d in enumerate(t.dims):
+            for i, d in enumerate(t.shape):
                 if isinstance(d, str):
                     axes[i] = free if "+" in d else made.setdefault(d, dim(d))
             if axes:
