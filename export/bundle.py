@@ -22,11 +22,10 @@ import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
 from safeclip.runtime.contract import DecoderGraph, VisionGraph
-from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, POLICIES, verdict_from_probs
+from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, POLICIES, VIEW_MODES, verdict_from_probs
 from safeclip.runtime.graph_spec import VisionNames, vision_spec
 from safeclip.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file, write_manifest
 from safeclip.runtime.tolerances import export_tolerance
-from safeclip.runtime.views import VIEW_MODES
 
 from .parity import ParityResult
 

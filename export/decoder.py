@@ -57,6 +57,7 @@ import numpy as np
 
 from safeclip.runtime.contract import DecoderGraph
 from safeclip.runtime.graph_spec import DecoderNames, GraphSpec, KVSpec, decoder_spec
+from safeclip.runtime.manifest import atomic_write
 from safeclip.runtime.tolerances import export_tolerance
 
 from .ort_fusions import SPLIT_MAX_BYTES
@@ -460,7 +461,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     data_name = files[1].name if len(files) > 1 else None
     emb_path = out / "embed_tokens.npy"
     table = weights.read(embed_fqn, tdtype).numpy()                      # [V, D]
-    _save_npy_atomic(emb_path, table)
+    atomic_write(emb_path, lambda f: np.save(f, table))
     files.append(emb_path)
 
     spec = _spec(layers, kvh, hd, facts["hidden_size"], facts["vocab_size"], dtype)
@@ -475,10 +476,3 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     return {"graphs": {"decoder": graph.to_json()},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
             "model": facts, "files": files, "parity": parity}
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)

@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Mapping
 
 from .graph_spec import KV_FORM, DecoderNames, KVSpec, TensorDecl, VisionNames
-from .gate import POLICIES
-from .views import VIEW_MODES
+from .gate import POLICIES, VIEW_MODES
 
 DECODER_CONTRACT = 2            # bumped from 1 when the decoder's KV outputs became the new rows only
 
@@ -181,7 +180,7 @@ class GateConfig:
     safe_classes: tuple[str, ...]
     threshold: float
     policy: str                              # one of gate.POLICIES: the bundle's default for flagged images
-    views: str                               # one of views.VIEW_MODES (anyres: how views are combined)
+    views: str                               # one of gate.VIEW_MODES (anyres: how views are combined)
     instruction: str | None = None
     refusals: dict[str, str] = field(default_factory=dict)
 
@@ -239,7 +238,8 @@ class WeightQuantization:
 
     ``form`` says which operator carries the weights: ``MatMulNBits`` (an ONNX Runtime contrib operator, CPU
     and CUDA providers) or ``DequantizeLinear`` (standard ONNX, opset 21; TensorRT targets). A bundle without
-    the section has float weights.
+    the section has float weights. Whether this ONNX Runtime can run ``MatMulNBits`` is the ONNX Runtime
+    backend's to say (``backends/ort.py``: ``matmulnbits_available``); this class only declares the scheme.
     """
     bits: int
     block_size: int | None                  # None: per output channel
@@ -269,24 +269,3 @@ class WeightQuantization:
         return cls(int(bits), None if block == "per-channel" else int(block), bool(q.get("symmetric", True)),
                    str(q.get("method", "rtn")), str(form), tuple(layers), bool(q.get("lm_head", False)))
 
-
-_MATMULNBITS: list[bool] = []
-
-
-def matmulnbits_available() -> bool:
-    """Whether this ONNX Runtime build has a ``com.microsoft.MatMulNBits`` kernel (asked once per process;
-    minimal and custom builds can leave contrib operators out)."""
-    if not _MATMULNBITS:
-        _MATMULNBITS.append(_try_matmulnbits())
-    return _MATMULNBITS[0]
-
-
-def _try_matmulnbits() -> bool:
-    """ONNX Runtime's registered kernels (``get_all_opkernel_def``: every kernel of every provider compiled
-    into this build) include a ``com.microsoft`` MatMulNBits."""
-    try:
-        from onnxruntime.capi import _pybind_state as C
-        kernels = C.get_all_opkernel_def()
-    except (ImportError, AttributeError, RuntimeError):   # no such API in this build: cannot tell, so refuse
-        return False
-    return any(k.op_name == "MatMulNBits" and k.domain == "com.microsoft" for k in kernels)

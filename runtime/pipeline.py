@@ -218,7 +218,7 @@ class Pipeline:
                                    self.threshold, latency_ms=ms)
             return feats, v
         from .anyres import features_for_image
-        from .views import aggregate_views
+        from .gate import aggregate_views
 
         v, view = aggregate_views(probs, self.classes, self.safe_classes, self.threshold, self.views, latency_ms=ms)
         packed = features_for_image(feats, size, self.manifest.preprocess, self.image_newline)   # [1, L, D_lm]

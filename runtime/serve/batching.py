@@ -21,7 +21,7 @@ import math
 import time
 
 from ..backends.slots import kv_slot_bytes
-from ..build import _available_bytes
+from ..host_memory import available_bytes as _available_bytes
 
 __all__ = ["BatchJob", "check_kv_memory", "slots_that_fit", "health_counts", "retry_after", "setup", "close"]
 
