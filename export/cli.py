@@ -194,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                                              quantize_lm_head=args.quantize_lm_head, sign_key=args.sign_key),
                                progress=progress)
     except KeyboardInterrupt:
-        return fail(PROG, "interrupted; nothing was written", EXIT_INTERRUPTED)
+        return fail(PROG, "interrupted; nothing was written", EXIT_INTERRUPTED, label=None)
     except ImportError as e:
-        return fail(PROG, f"{one_line(e)} (install the exporter: pip install 'safeclip-edge[export]')", EXIT_USAGE)
+        return fail(PROG, f"{one_line(e)} (install the exporter: pip install 'safeclip-edge[export]')", EXIT_USAGE,
+                    label=None)
     except Exception as e:  # the library raises typed, one-line errors; show them without a traceback
         return fail(PROG, e)
     for r in report.parity:

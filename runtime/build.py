@@ -279,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                                parity=not args.no_parity, progress=progress, sign_key=args.sign_key,
                                trusted_keys=args.trusted_key)
     except KeyboardInterrupt:
-        return fail(PROG, "interrupted; the manifest was not changed", EXIT_INTERRUPTED)
-    except trt_build.TensorRTUnavailable as e:
-        return fail(PROG, e, EXIT_USAGE)
+        return fail(PROG, "interrupted; the manifest was not changed", EXIT_INTERRUPTED, label=None)
+    except trt_build.TensorRTUnavailable as e:                  # what to install on this machine
+        return fail(PROG, e, EXIT_USAGE, label=None)
     except (BundleError, BuildError, BackendError, trt_build.EngineBuildError, trt_build.ProfileError,
             OSError, ValueError) as e:
         return fail(PROG, e)

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             alt = (other.manifest.gate_config.variant, *_calibrated(other, read_labels(
                 args.labels, other.classes, other.safe_classes), args.max_fpr))
     except KeyboardInterrupt:
-        return fail(PROG, "interrupted; nothing was written", EXIT_INTERRUPTED)
+        return fail(PROG, "interrupted; nothing was written", EXIT_INTERRUPTED, label=None)
     except (BundleError, LabelsError, CalibrationError, RuntimeError, ValueError, OSError) as e:
         return fail(PROG, e, EXIT_USAGE)
     old = pipe.threshold

@@ -8,7 +8,8 @@ Torch-free, so both the runtime and the exporter import it.
 Every console command follows one pattern: ``main(argv=None) -> int`` parses its arguments, calls the
 library, and turns what the library raises into an exit status through :func:`fail` (``PROG: error: <one
 line>`` on stderr: usage :data:`EXIT_USAGE`, a failure :data:`EXIT_FAILED`, Ctrl-C :data:`EXIT_INTERRUPTED`);
-only ``main`` exits, through ``sys.exit(main())``.
+only ``main`` exits, through ``sys.exit(main())``. Ctrl-C and missing software are told without the
+``error:`` label (``label=None``).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ def one_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
-def fail(prog: str, problem: BaseException | str, code: int = EXIT_FAILED) -> int:
+def fail(prog: str, problem: BaseException | str, code: int = EXIT_FAILED, label: str | None = "error") -> int:
     """Tell the user why ``prog`` stops, ``prog: error: <one line>`` on stderr, and return ``code``: how a
-    console command's ``main()`` reports any failure, without a traceback."""
+    console command's ``main()`` reports any failure, without a traceback. ``label=None`` for what is not an
+    error of the input (Ctrl-C, software this machine lacks): ``prog: <one line>``."""
     text = problem if isinstance(problem, str) else one_line(problem)
-    print(f"{prog}: error: {text}", file=sys.stderr)
+    print(f"{prog}: {text}" if label is None else f"{prog}: {label}: {text}", file=sys.stderr)
     return code

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         answer = stream.result
     except KeyboardInterrupt:
-        return fail(PROG, "interrupted", EXIT_INTERRUPTED)
+        return fail(PROG, "interrupted", EXIT_INTERRUPTED, label=None)
     except Exception as e:       # library errors are typed one-liners; never show a traceback
         return fail(PROG, e)
     if args.json:
