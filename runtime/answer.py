@@ -44,11 +44,11 @@ def _ms(seconds: float) -> float:
 class AnswerStream:
     """One request, already gated (``.verdict``) and planned (``.action``); iterate for the text pieces.
 
-    :meth:`Pipeline.stream` does the work before this object exists (image read, gate, policy, prompt), so
+    ``Chat.ask`` (every request's route) does the work before this object exists (image read, gate, policy, prompt), so
     its errors (unreadable image, prompt too long for the context) come before any language-model work;
-    the constructor only keeps what it is given. Iterating holds the pipeline's lock for one decoder step at
+    the constructor only keeps what it is given. Iterating holds the language model's lock for one decoder step at
     a time, never across a ``yield``: an abandoned stream blocks nobody, and if another request used the
-    decoder meanwhile, this one rebuilds its cache before its next step (:class:`_DecoderLease`).
+    decoder meanwhile, this one rebuilds its cache before its next step (``lease.DecoderLease``).
     """
 
     def __init__(self, pipe, *, verdict: Verdict | None, policy: str, action: str, timings: dict,
@@ -60,7 +60,7 @@ class AnswerStream:
         if self.refusal is not None:
             yield self.refusal
             return
-        yield from self._text_stream              # each decoder step takes the pipeline lock (_DecoderLease)
+        yield from self._text_stream              # each decoder step takes the model's lock (lease.py)
         r = self._text_stream.result
         self.timings.update(prefill_ms=_ms(r.timings.prefill_s), decode_ms=_ms(r.timings.decode_s),
                             decode_tokens_per_s=round(r.timings.tokens_per_s, 2),

@@ -19,6 +19,13 @@ DEFAULT_INSTRUCTION = (
 DEFAULT_REFUSAL = "I can't help with this image because it appears to contain harmful content ({category})."
 
 
+def check_policy(policy) -> str:
+    """``policy`` if it is one of :data:`POLICIES`, else ``ValueError`` naming them (the one policy check)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+    return policy
+
+
 @dataclass(frozen=True)
 class Verdict:
     flagged: bool

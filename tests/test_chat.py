@@ -28,7 +28,7 @@ class Spy:
     """Counts the decoder's calls and the tokens each prefill/extend runs, and the vision passes."""
 
     def __init__(self, pipe, monkeypatch):
-        self.calls, dec = [], pipe._lm.decoder
+        self.calls, dec = [], pipe.language_model.decoder
         for name in ("prefill", "extend", "truncate"):
             real = getattr(dec, name)
 
@@ -104,7 +104,7 @@ def test_a_differing_re_render_cuts_back_to_the_first_differing_token(setup, mon
     """A template that renders the last user turn differently from earlier ones: the cache is cut back to
     where the re-rendered turn differs, and the answer equals a full prefill's."""
     pipe, _, clean, _ = setup
-    lm = pipe._lm
+    lm = pipe.language_model
     monkeypatch.setattr(lm, "template", lm.template.replace("{{ message['role'].upper() + ': '}}",
                         "{{ message['role'].upper() + (' (now): ' if loop.last else ': ') }}"))
     spy = Spy(pipe, monkeypatch)
@@ -119,7 +119,7 @@ def test_a_differing_re_render_cuts_back_to_the_first_differing_token(setup, mon
     assert cut[0] < ids.size                             # cut inside the first turn: USER (now) -> USER
     fresh = pipe.chat()                                  # the same history, cache invalidated: full prefill
     fresh._turns = chat._turns[:1]
-    pipe._cache_owner = None
+    pipe.language_model.owner = None
     again = ask(fresh, "Tell me more.")
     assert again.result.cached_tokens == 0 and again.result.token_ids == s.result.token_ids
 
@@ -197,7 +197,7 @@ def test_stale_chat_stream_rebuilds_after_another_request(setup):
     list(it)
     solo = pipe.chat()
     solo._turns = chat._turns[:1]
-    pipe._cache_owner = None
+    pipe.language_model.owner = None
     assert ask(solo, "Say more.").result.token_ids == s.result.token_ids
 
 

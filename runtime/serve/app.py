@@ -58,7 +58,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..gate import POLICIES
+from ..gate import check_policy
 from ..backends.base import ContextError
 from ..fetch import FetchError, fetch_image
 from ..image import ImageError, load_image
@@ -284,8 +284,8 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     if not pipeline.has_language_model:
         raise ValueError(f"{pipeline.manifest.root}: bundle has no language model (exported with --no-decoder); "
                          "safeclip-serve needs one")
-    if policy is not None and policy not in POLICIES:
-        raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+    if policy is not None:
+        check_policy(policy)
     for name, v in (("max_body_bytes", max_body_bytes), ("max_pixels", max_pixels), ("max_tokens", max_tokens),
                     ("default_max_tokens", default_max_tokens), ("max_prompt_chars", max_prompt_chars)):
         if not isinstance(v, int) or v < 1:

@@ -50,7 +50,7 @@ def close(srv) -> None:
 def check_kv_memory(pipe, max_batch: int, available: int | None = None) -> int:
     """Bytes the ``max_batch`` KV slots take (each the decoder's capacity); ``ValueError`` when they do not
     fit ``available`` bytes (default: MemAvailable; the weights are already loaded)."""
-    dec = pipe._lm.decoder
+    dec = pipe.language_model.decoder
     per = kv_slot_bytes(dec.kv, dec.capacity)
     need = per * (max_batch + 1)                                  # the slots and one slot of prefill scratch
     avail = _memory_for_kv(dec) if available is None else available
@@ -73,7 +73,7 @@ def _memory_for_kv(dec) -> int | None:
 
 def slots_that_fit(pipe, available: int | None = None) -> int:
     """How many KV slots (plus the prefill one) fit ``available`` bytes (default MemAvailable; unknown: many)."""
-    dec = pipe._lm.decoder
+    dec = pipe.language_model.decoder
     avail = _memory_for_kv(dec) if available is None else available
     return 1 << 30 if avail is None else max(0, avail // kv_slot_bytes(dec.kv, dec.capacity) - 1)
 
