@@ -68,6 +68,13 @@ class AnswerStream:
                                         (self.timings.get("vision_gate_ms") or 0) / 1e3 + r.timings.prefill_s),
                             total_ms=_ms(time.perf_counter() - self._t0))
 
+    def cancel(self) -> None:
+        """Stop an unfinished answer decoded in a scheduler's batch: its sequence leaves at the next step. (A
+        one-sequence answer holds the decoder only during a step: dropping the stream is enough.)"""
+        cancel = getattr(self._text_stream, "cancel", None)
+        if cancel is not None:
+            cancel()
+
     @property
     def result(self) -> Answer:
         if self.refusal is not None:

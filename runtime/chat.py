@@ -16,7 +16,8 @@ KV reuse: the cache holds the last sequence this conversation ran. A new turn co
 (image positions compared by image content) with it: the cache is cut back to the longest common prefix
 (``Decoder.truncate``: the template may re-render an earlier turn differently from the tokens generated) and
 only the tokens after it are prefilled (``Decoder.extend``). If another request used the decoder in between,
-the whole sequence is prefilled again. The pipeline's lock is taken per decoder step, never across a yield.
+the whole sequence is prefilled again. The language model's lock is taken per decoder step, never across a
+yield (``lease.py``).
 With a ``prefix_cache`` (``prefix_cache.PrefixCache``, the server's), a finished turn's KV is snapshotted there
 (``Decoder.kv_read``) and a conversation whose keys share a longer prefix with a snapshot than with the
 decoder's own cache restores it (``Decoder.kv_write``): how a stateless client's re-sent history is not paid

@@ -37,7 +37,7 @@ class DecoderLease:
         self._fed: list[np.ndarray] = []
         self._fed_ids: list[int] = []
         self._next_id: int | None = None                 # set by on_token before the token is fed
-        self._token = object()                           # what lm.owner and the record hold (not the lease itself)
+        self._owner_token = object()                     # what lm.owner and the record hold (not the lease)
         self.cached = self.prefilled = 0
 
     @property
@@ -51,7 +51,7 @@ class DecoderLease:
         self._next_id = int(token)
 
     def _own(self, keys: list[int]) -> None:
-        self.lm.owner = self.record.lease = self._token
+        self.lm.owner = self.record.lease = self._owner_token
         self.record.keys = keys
 
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
@@ -84,7 +84,7 @@ class DecoderLease:
         self._fed.append(e)
         self._fed_ids.append(-1 if self._next_id is None else self._next_id)
         with self.lm.lock:
-            if self.lm.owner is self._token:
+            if self.lm.owner is self._owner_token:
                 self.record.keys.append(self._fed_ids[-1])
                 return np.array(self.dec.decode_one_token(e))
             x = np.concatenate([np.asarray(self._prompt, self.dtype), np.stack(self._fed)])   # [S + n, D]
@@ -101,7 +101,7 @@ class DecoderLease:
         per = 0 if kv is None else kv.position_bytes
         with self.lm.lock:
             keys = list(self.record.keys)
-            if self.lm.owner is not self._token or len(keys) != self.dec.length or not pc.wants(keys, per):
+            if self.lm.owner is not self._owner_token or len(keys) != self.dec.length or not pc.wants(keys, per):
                 return
             arrays = self.dec.kv_read(len(keys))
         pc.put(keys, arrays)

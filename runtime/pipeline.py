@@ -10,7 +10,8 @@
 Loading verifies the manifest and every file (see ``manifest.py``; with trusted keys, its signature), then
 checks that the vision graph really emits the gate output with one probability per manifest class and runs
 the gate's known-answer self-test on the session that will serve (``selftest.py``); anything else refuses to
-serve.
+serve. ``pipe.vision`` and ``pipe.language_model`` are the model handle (``model.py``); every request, a one-shot
+``stream``/``generate`` included, takes one route: ``Chat.ask`` (``chat.py``).
 
 Policies for a flagged image (default from the manifest; a call's ``policy=`` overrides it; the server fixes one):
 ``instruct`` inserts the safety instruction right after the image, before the user's text (a clean image
