@@ -157,6 +157,34 @@ def test_instruct_turn_carries_the_instruction_after_its_image(setup, demo_sourc
     assert list(follow.result.token_ids) == hf_generate(demo_sources, pipe, chat.history[:-1], [clean, toxic])[0]
 
 
+def test_one_route_and_one_render_per_turn_a_second_only_when_the_gate_adds_an_instruction(setup, monkeypatch):
+    """Pipeline.stream is a one-turn conversation (Chat.ask's route, its lease); a turn renders the conversation
+    through the template once, and a second time only when a newly gated image puts a safety instruction in."""
+    from safeclip.runtime.chat import ChatStream
+    from safeclip.runtime.lease import DecoderLease
+
+    pipe, toxic, clean, _ = setup
+    lm, renders = pipe.language_model, []
+    real = lm.render
+    monkeypatch.setattr(lm, "render", lambda messages: renders.append(messages) or real(messages))
+    pipe.image_cache.clear()
+    s = pipe.stream(clean, "What is in the picture?", max_new_tokens=2)
+    assert isinstance(s, ChatStream) and isinstance(s.lease, DecoderLease) and len(renders) == 1
+    assert "".join(s) == s.result.text and s.result.token_ids
+    chat, renders[:] = pipe.chat(), []
+    ask(chat, "What is in the picture?", clean, max_new_tokens=2, policy="instruct")
+    assert len(renders) == 1                                      # clean: no instruction, one render
+    renders.clear()
+    s = ask(chat, "And this one?", toxic, max_new_tokens=2, policy="instruct")
+    instruction = {"type": "text", "text": pipe.instruction_for("gun")}
+    assert s.result.action == "instructed" and len(renders) == 2      # the gate ran after the first render
+    assert instruction not in renders[0][-1]["content"] and instruction in renders[1][-1]["content"]
+    renders.clear()
+    again = pipe.chat()                                           # the flagged image is cached now: its verdict
+    ask(again, "And this one?", toxic, max_new_tokens=2, policy="instruct")    # is known before the render
+    assert len(renders) == 1 and instruction in renders[0][-1]["content"]
+
+
 def test_refuse_and_annotate_per_turn(setup, monkeypatch):
     pipe, toxic, clean, _ = setup
     chat = pipe.chat()
