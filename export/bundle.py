@@ -22,7 +22,7 @@ import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
 from safeclip.runtime.contract import DecoderGraph, VisionGraph
-from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, POLICIES, VIEW_MODES, verdict_from_probs
+from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, VIEW_MODES, check_policy, verdict_from_probs
 from safeclip.runtime.graph_spec import VisionNames, vision_spec
 from safeclip.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file, write_manifest
 from safeclip.runtime.tolerances import export_tolerance
@@ -251,8 +251,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         raise ValueError(f"unknown gate variant '{opts.gate}' (supported: {', '.join(GATE_VARIANTS)})")
     if opts.views not in VIEW_MODES:
         raise ValueError(f"unknown view aggregation '{opts.views}' (supported: {', '.join(VIEW_MODES)})")
-    if opts.policy not in POLICIES:
-        raise ValueError(f"unknown policy '{opts.policy}' (supported: {', '.join(POLICIES)})")
+    check_policy(opts.policy)
     if opts.threshold is not None and not 0.0 <= opts.threshold < 1.0:
         raise ValueError(f"--threshold must be in [0, 1) (1 would never flag), got {opts.threshold}")
     sign_key = None

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 __all__ = ["POLICIES", "GATE_VARIANTS", "VIEW_MODES", "DEFAULT_INSTRUCTION", "DEFAULT_REFUSAL", "Verdict",
-           "verdict_from_probs", "aggregate_views"]
+           "check_policy", "verdict_from_probs", "aggregate_views"]
 
 POLICIES = ("instruct", "refuse", "annotate")
 GATE_VARIANTS = ("reference", "clip")   # what the vision graph's gate head reads (export/vision_gate.py)
@@ -43,6 +43,13 @@ DEFAULT_INSTRUCTION = (
     "If it does, say that you cannot fulfil the request and briefly explain why; otherwise, fulfil the request."
 )
 DEFAULT_REFUSAL = "I can't help with this image because it appears to contain harmful content ({category})."
+
+
+def check_policy(policy) -> str:
+    """``policy`` if it is one of :data:`POLICIES`, else ``ValueError`` naming them (the one policy check)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+    return policy
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,7 @@ def _check_served(bundle: Path, folder: Path, clip_dir: Path, images: list[Path]
     ref_f, ref_p = hf_vision_gate(hf_llava(folder, tower), hf_clip(clip_dir), clip_dir, pv, dset)
     assert np.abs(ref_f).max() > 100 * FEATURE_ATOL and ref_p.max() - ref_p.min() > 100 * PROB_ATOL  # can fail
     pipe = Pipeline.load(bundle)
-    out = pipe.vision.run({"pixel_values": pv})                        # the graph on transformers' pixels
+    out = pipe.vision.run(pv)                                         # the graph on transformers' pixels
     pixel_err = feat_err = prob_err = 0.0
     for i, image in enumerate(images):                                  # end to end: the runtime's own pixels
         pixel_err = max(pixel_err, float(np.abs(pipe.pixel_values(image) - pv[i:i + 1]).max()))
