@@ -16,7 +16,8 @@ Tensor names live here and nowhere else: a bundle's manifest names every tensor 
 (``graphs.<graph>.names`` and ``graphs.decoder.kv``); :class:`VisionNames`, :class:`DecoderNames` and
 :class:`KVSpec` carry them from the manifest to the backends. Their defaults are the names this project's
 exporter writes (and the names bundles written before ``names`` existed use). :class:`KVSpec` also states
-the one KV order (every layer's key then value, as the graph takes and returns them).
+the one KV order (layer by layer: layer i's key, then layer i's value, as the graph takes and returns
+them).
 
 Standard library + numpy only, and no backend: the exporter, the builder, the manifest and the backends all
 import it.
