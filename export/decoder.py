@@ -51,13 +51,13 @@ Why these choices:
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from safeclip.runtime.backends.base import KV_FORM, DecoderNames, KVSpec
-from safeclip.runtime.graph_spec import GraphSpec, decoder_spec
+from safeclip.runtime.contract import DecoderGraph
+from safeclip.runtime.graph_spec import DecoderNames, GraphSpec, KVSpec, decoder_spec
+from safeclip.runtime.manifest import atomic_write
 from safeclip.runtime.tolerances import export_tolerance
 
 from .ort_fusions import SPLIT_MAX_BYTES
@@ -68,15 +68,12 @@ __all__ = ["decoder_for_export", "export_decoder", "decoder_names", "ATOL"]
 DTYPES = ("float32", "float16")
 ATOL = {p: export_tolerance("decoder", p).atol for p in DTYPES}   # times max(1, max|ref|): runtime/tolerances.py
 FP32_OPS = ("Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal")    # must compute in fp32 in an fp16 graph
-PAST_KEY, PAST_VALUE = KVSpec.past_key, KVSpec.past_value              # the runtime's KV names (base.py)
-PRESENT_KEY, PRESENT_VALUE = KVSpec.present_key, KVSpec.present_value
 
 
 def _spec(layers: int, kv_heads: int = 1, head_dim: int = 1, hidden: int = 1, vocab: int = 1,
           dtype: str = "float32") -> GraphSpec:
     """The decoder's graph spec (``runtime/graph_spec.py``): names, dtypes, dimensions in positional order."""
-    return decoder_spec(hidden, vocab, KVSpec(layers, kv_heads, head_dim, dtype,
-                                              PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE), DecoderNames())
+    return decoder_spec(hidden, vocab, KVSpec(layers, kv_heads, head_dim, dtype), DecoderNames())
 
 
 def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -464,28 +461,18 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     data_name = files[1].name if len(files) > 1 else None
     emb_path = out / "embed_tokens.npy"
     table = weights.read(embed_fqn, tdtype).numpy()                      # [V, D]
-    _save_npy_atomic(emb_path, table)
+    atomic_write(emb_path, lambda f: np.save(f, table))
     files.append(emb_path)
 
-    io = _spec(layers, kvh, hd, facts["hidden_size"], facts["vocab_size"], dtype).io_json()   # inputs, outputs
-    graph = {"file": onnx_path.name, "data": data_name, "names": asdict(DecoderNames()), **io,
-             "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype, "form": KV_FORM,
-                    "past_key": PAST_KEY, "past_value": PAST_VALUE,
-                    "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}}
+    spec = _spec(layers, kvh, hd, facts["hidden_size"], facts["vocab_size"], dtype)
+    quantization = None
     if quant is not None:
         fused = quant_pass.fused if quant.fuse_shared_input else None
-        graph["quantization"] = {**quant.manifest(quant_pass.done, fused), "error": quant_report}
-    if fusions:
-        graph["fusions"] = fusions
-    if split:
-        graph["split_weights"] = split               # checkpoint FQN -> column chunks (ort_fusions.split_wide_weights)
-    return {"graphs": {"decoder": graph},
+        quantization = {**quant.manifest(quant_pass.done, fused), "error": quant_report}
+    graph = DecoderGraph(file=onnx_path.name, data=data_name, names=DecoderNames(), inputs=spec.inputs_by_name,
+                         outputs=spec.outputs_by_name, kv=KVSpec(layers, kvh, hd, dtype), quantization=quantization,
+                         fusions=fusions or None,
+                         split_weights=split or None)   # checkpoint FQN -> column chunks (ort_fusions.split_wide_weights)
+    return {"graphs": {"decoder": graph.to_json()},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
             "model": facts, "files": files, "parity": parity}
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)

@@ -14,8 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from .error_text import one_line
+from .error_text import EXIT_INTERRUPTED, EXIT_USAGE, fail, one_line
 from .signing import TRUSTED_KEY_HELP
+
+PROG = "safeclip-calibrate"
 
 
 def calibrate_parser() -> argparse.ArgumentParser:
@@ -74,8 +76,7 @@ def _calibrated(pipe, labels, max_fpr):
 def main(argv: list[str] | None = None) -> int:
     args = calibrate_parser().parse_args(argv)
     if not 0.0 < args.max_fpr <= 1.0:
-        print("safeclip-calibrate: error: --max-fpr must be in (0, 1]", file=sys.stderr)
-        return 2
+        return fail(PROG, "--max-fpr must be in (0, 1]", EXIT_USAGE)
     from .manifest import BundleError, load_manifest, write_manifest
     from .metrics import CalibrationError, LabelsError, read_labels
     from .pipeline import Pipeline
@@ -100,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                                  "bundle exported with the other --gate")
             alt = (other.manifest.gate_config.variant, *_calibrated(other, read_labels(
                 args.labels, other.classes, other.safe_classes), args.max_fpr))
+    except KeyboardInterrupt:
+        return fail(PROG, "interrupted; nothing was written", EXIT_INTERRUPTED, label=None)
     except (BundleError, LabelsError, CalibrationError, RuntimeError, ValueError, OSError) as e:
-        print(f"safeclip-calibrate: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return fail(PROG, e, EXIT_USAGE)
     old = pipe.threshold
     if choice["threshold"] >= 1.0:       # the rule is p > threshold: a bundle with 1 would never flag (and not load)
-        print(f"safeclip-calibrate: error: no threshold below 1 catches any labelled toxic image within FPR "
-              f"{pct(args.max_fpr)}: the gate would never flag; nothing written", file=sys.stderr)
-        return 2
+        return fail(PROG, f"no threshold below 1 catches any labelled toxic image within FPR {pct(args.max_fpr)}: "
+                          "the gate would never flag; nothing written", EXIT_USAGE)
     variant = pipe.manifest.gate_config.variant
     print(f"gate {variant}: {choice['n_toxic']} toxic / {choice['n_safe']} safe labelled images")
     print(f"  current threshold {old:g}: DSR {pct(before['dsr'])}, FPR {pct(before['fpr'])}")

@@ -26,7 +26,7 @@ CAP = 96
 @pytest.fixture(scope="module")
 def lm(demo_bundle):
     pipe = Pipeline.load(demo_bundle, context=CAP)
-    return pipe._lm
+    return pipe.language_model
 
 
 def _prompts(lm, lengths, seed=0):

@@ -138,7 +138,7 @@ def default_max_batch(pipe, asked: int | None) -> int:
     if asked is not None:
         return asked
     from .batching import slots_that_fit
-    dec = pipe._lm.decoder if pipe.has_language_model else None
+    dec = pipe.language_model.decoder if pipe.has_language_model else None
     engine = getattr(dec, "max_batch", None) or 1 << 30
     return max(1, min(DEFAULT_MAX_BATCH.get(pipe.manifest.target, 1), engine, slots_that_fit(pipe)))
 

@@ -63,13 +63,10 @@ class _ReplicaHeader:
 class SafeclipDeployment:
     """One replica: the pipeline loads once in the constructor, the app is built around it."""
 
-    def __init__(self, bundle: str, pipeline_options: dict | None = None, app_options: dict | None = None,
-                 test_piece_delay_s: float = 0.0):
+    def __init__(self, bundle: str, pipeline_options: dict | None = None, app_options: dict | None = None):
         from ..pipeline import Pipeline
 
         self.pipe = Pipeline.load(bundle, **(pipeline_options or {}))
-        if test_piece_delay_s:                       # TEST ONLY (tests/test_serve_ray.py): slow answers
-            self.pipe = _SlowPipelineForTests(self.pipe, test_piece_delay_s)
         self.app_options = dict(app_options or {})
 
     def __serve_build_asgi_app__(self):
@@ -83,37 +80,12 @@ class SafeclipDeployment:
         return _ReplicaHeader(create_app(self.pipe, **self.app_options), replica)
 
 
-class _SlowPipelineForTests:
-    """TEST ONLY: the pipeline with a pause before each text piece, so a test can kill a replica mid-answer."""
-
-    def __init__(self, pipe, delay_s: float):
-        self._pipe, self._delay_s = pipe, float(delay_s)
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def stream(self, *args, **kw):
-        import time
-        inner, delay = self._pipe.stream(*args, **kw), self._delay_s
-
-        class _Stream:
-            def __getattr__(self, name):
-                return getattr(inner, name)
-
-            def __iter__(self):
-                for piece in inner:
-                    time.sleep(delay)
-                    yield piece
-
-        return _Stream()
-
-
 def _convert(key: str, value):
     if not isinstance(value, str):
         return value
     ints = {"num_replicas", "min_replicas", "max_replicas", "max_ongoing_requests", "threads", "context",
             "max_body_bytes", "max_pixels", "max_queue", "max_tokens", "default_max_tokens", "max_prompt_chars"}
-    floats = {"target_ongoing_requests", "test_piece_delay_s", "cpus_per_replica", "gpus_per_replica", "queue_timeout_s",
+    floats = {"target_ongoing_requests", "cpus_per_replica", "gpus_per_replica", "queue_timeout_s",
               "body_timeout_s", "fetch_timeout_s"}
     bools = {"allow_remote_images", "allow_private_image_hosts"}
     try:
@@ -139,7 +111,6 @@ def build_app(args: dict):
     if not bundle:
         raise ValueError("build_app needs bundle=<bundle folder>")
     app_keys = set(inspect.signature(create_app).parameters) - {"pipeline"}
-    delay = args.pop("test_piece_delay_s", 0.0) or 0.0
     unknown = set(args) - app_keys - set(PIPELINE_KEYS) - set(DEPLOYMENT_KEYS)
     if unknown:
         raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -163,7 +134,7 @@ def build_app(args: dict):
         if n < 1:
             raise ValueError(f"num_replicas must be at least 1, got {n}")
         opts["num_replicas"] = n
-    return SafeclipDeployment.options(**opts).bind(str(bundle), pipeline_options, app_options, delay)
+    return SafeclipDeployment.options(**opts).bind(str(bundle), pipeline_options, app_options)
 
 
 def run(args: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
