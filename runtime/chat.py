@@ -151,10 +151,13 @@ class _Turn:
 class ChatAnswer(Answer):
     verdicts: tuple[Verdict, ...] = ()     # every image of the conversation so far, in order
     cached_tokens: int = 0                 # prompt tokens the cache already held (not prefilled again)
+    tool_calls: tuple = ()                 # tools.ToolCall of the answer, when tools could be called
+    content: str | None = None             # the answer less its tool-call JSON (tools.parse_output); else text
 
     def to_json(self) -> dict:
         return {**super().to_json(), "verdicts": [v.to_json() for v in self.verdicts],
-                "cached_tokens": self.cached_tokens}
+                "cached_tokens": self.cached_tokens, "content": self.content,
+                "tool_calls": [c.as_openai() for c in self.tool_calls]}
 
 
 class ChatStream(AnswerStream):
@@ -162,9 +165,10 @@ class ChatStream(AnswerStream):
     that refused it), ``.verdicts`` (every image of the conversation), ``.result`` a :class:`ChatAnswer`."""
 
     def __init__(self, chat: "Chat", turn: _Turn, turn_id: int, verdicts: tuple[Verdict, ...],
-                 lease: DecoderLease | SlotTurn | None, **kw):
+                 lease: DecoderLease | SlotTurn | None, structured=None, **kw):
         super().__init__(chat.pipe, **kw)
         self.chat, self.turn, self.turn_id, self.verdicts, self.lease = chat, turn, turn_id, verdicts, lease
+        self.structured = structured                     # tools.Structured of the turn (None: free text)
 
     def __iter__(self):
         yield from super().__iter__()
@@ -176,8 +180,12 @@ class ChatStream(AnswerStream):
     @property
     def result(self) -> ChatAnswer:
         base = super().result
+        content, calls = base.text, ()
+        if self.structured is not None and base.action != "refused":
+            content, calls = self.structured.parse(base.text)
         return ChatAnswer(**{f.name: getattr(base, f.name) for f in fields(Answer)}, verdicts=self.verdicts,
-                          cached_tokens=0 if self.lease is None else self.lease.cached)
+                          cached_tokens=0 if self.lease is None else self.lease.cached, tool_calls=calls,
+                          content=None if base.action == "refused" else content)
 
 
 class Chat:
@@ -187,6 +195,7 @@ class Chat:
         if system is not None and not isinstance(system, str):
             raise ValueError(f"the system prompt must be a string, got {type(system).__name__}")
         self.pipe, self.system, self.prefix_cache = pipe, system, prefix_cache
+        self._tool_system = ""                           # the tool convention's text, after the system prompt
         self._turns: list[_Turn] = []
         self._pending = 0                                # id of the turn whose stream may still finish
         self._record = CacheRecord()                     # what this chat last put in the decoder's cache
@@ -254,7 +263,8 @@ class Chat:
         return {"role": "user", "content": parts}
 
     def _messages(self, turns: Sequence[_Turn], current: _Turn | None = None) -> list[dict[str, Any]]:
-        out = [] if self.system is None else [{"role": "system", "content": [{"type": "text", "text": self.system}]}]
+        system = self.system if not self._tool_system else "\n\n".join(t for t in (self.system, self._tool_system) if t)
+        out = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
         for t in turns:
             out += [self._user_message(t), {"role": "assistant", "content": [{"type": "text", "text": t.answer}]}]
         if current is not None:
@@ -297,7 +307,8 @@ class Chat:
     def ask(self, text: str, image=None, *, policy: str | None = None, instruction: str | None = None,
             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
             top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
-            max_pixels: int = MAX_PIXELS, reserve: int = 0) -> ChatStream:
+            max_pixels: int = MAX_PIXELS, reserve: int = 0, response_format=None, tools=None, tool_choice=None,
+            parallel_tool_calls: bool = True) -> ChatStream:
         """Ask the next question, with ``image`` (None, one image, or a list of them) before the text.
 
         Every request takes this route (``Pipeline.stream`` is a one-turn conversation): policy check, images
@@ -306,9 +317,15 @@ class Chat:
         pipeline's scheduler. The conversation is rendered a second time only when the gate puts a safety
         instruction into it (its text exists only once an image is flagged).
 
+        Structured output (``runtime/tools.py``, OpenAI's shapes or parsed ones): ``response_format`` constrains
+        the answer to JSON / a JSON Schema, ``tools`` + ``tool_choice`` (+ ``parallel_tool_calls``) to the tool
+        convention's calls (its text joins the system prompt); ``result.tool_calls`` / ``result.content`` hold
+        the parsed answer. A refused turn stays the refusal (no tool calls, content None).
+
         Raises here, before any language-model work: an unknown policy, an empty text, an unreadable image,
         a conversation longer than the context, or than the context less ``reserve`` tokens kept for the
-        answer (:class:`ContextError`), a bundle without a language model.
+        answer (:class:`ContextError`), a bundle without a language model, a bad or uncompilable
+        ``response_format`` / ``tools`` (``tools.SpecError`` / ``grammar.GrammarError``, both ValueErrors).
         """
         pipe, lm, t0 = self.pipe, self.pipe.language_model, time.perf_counter()
         policy = check_policy(policy or pipe.policy)
@@ -317,6 +334,14 @@ class Chat:
         if lm is None:
             raise GenerationUnavailable(f"{pipe.manifest.root}: bundle has no language model "
                                         "(exported with --no-decoder); only gating is available")
+        from . import tools as T
+
+        plan = T.structured(response_format, tools, tool_choice, parallel_tool_calls)
+        constraint = None
+        if plan.grammar is not None:                     # compiled before any vision or decoder work
+            from .grammar import Compiler
+            constraint = Compiler.for_tokenizer(lm.tokenizer, lm.eos_ids).constraint(plan.grammar)
+        self._tool_system = plan.system
         sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         timings: dict = {}
         cache, pending = pipe.image_cache, list(self._unseen)
@@ -361,7 +386,8 @@ class Chat:
         feats = np.concatenate([im.features for im in all_images]) if all_images else None
         embeds = lm.embed(ids, feats)                                          # [S, D]
         kw = dict(tokenizer=lm.tokenizer, max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids,
-                  stop_strings=list(stop), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                  stop_strings=list(stop), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  constraint=constraint)
         if pipe.scheduler is not None:                   # scheduler.py: the turn joins the running batch
             stream = pipe.scheduler.submit(embeds, prefix_keys=keys, prefix_cache=self.prefix_cache, **kw)
             lease = SlotTurn(stream, ids.size)
@@ -371,5 +397,5 @@ class Chat:
             lease = DecoderLease(lm, keys, self._record, self.prefix_cache)
             stream = TextStream(lease, lm.table, embeds, on_token=lease.on_token, **kw)
         action = ("instructed" if policy == "instruct" else "annotated") if flagged else "generated"
-        return ChatStream(self, turn, turn_id, verdicts, lease, verdict=own, policy=policy, action=action,
-                          timings=timings, t0=t0, text_stream=stream)
+        return ChatStream(self, turn, turn_id, verdicts, lease, plan if plan.grammar is not None else None,
+                          verdict=own, policy=policy, action=action, timings=timings, t0=t0, text_stream=stream)

@@ -33,7 +33,7 @@ from .grammar import Grammar, GrammarError, check
 
 __all__ = ["SpecError", "ResponseFormat", "Tool", "ToolChoice", "ToolCall", "parse_response_format", "parse_tools",
            "parse_tool_choice", "output_grammar", "tool_system_prompt", "parse_output", "render_tool_calls",
-           "render_tool_results", "active_tools", "MAX_PARALLEL", "MAX_TOOLS"]
+           "render_tool_results", "active_tools", "Structured", "structured", "MAX_PARALLEL", "MAX_TOOLS"]
 
 MAX_TOOLS = 64                  # OpenAI's limit is 128; a small model's prompt cannot hold more anyway
 MAX_PARALLEL = 8                # calls in one answer when parallel_tool_calls is true (bounds the grammar)
@@ -283,3 +283,31 @@ def render_tool_results(results: list[tuple[str | None, str | None, str]]) -> st
     """``tool`` messages ((tool_call_id, name, content) each) as one user turn, one JSON line per result."""
     return "\n".join(json.dumps({"tool_response": {"tool_call_id": cid, "name": name, "content": content}},
                                 ensure_ascii=False) for cid, name, content in results)
+
+
+@dataclass(frozen=True)
+class Structured:
+    """What one turn asks for: the answer's grammar (None: free text), the tool convention's system-prompt text
+    ("" without callable tools), and the tools and choice that turn the answer into tool calls."""
+    grammar: Grammar | None
+    system: str
+    tools: tuple[Tool, ...]
+    choice: ToolChoice
+
+    def parse(self, text: str) -> tuple[str | None, tuple[ToolCall, ...]]:
+        return parse_output(text, self.tools, self.choice)
+
+
+def structured(response_format=None, tools=None, tool_choice=None, parallel_tool_calls: bool = True) -> Structured:
+    """:class:`Structured` from OpenAI-shaped values (dicts and lists, as a client sends them) or already parsed
+    ones (:class:`ResponseFormat`, a tuple of :class:`Tool`, :class:`ToolChoice`); raises :class:`SpecError`."""
+    fmt = response_format if isinstance(response_format, ResponseFormat) or response_format is None \
+        else parse_response_format(response_format)
+    if tools is None or (isinstance(tools, tuple) and all(isinstance(t, Tool) for t in tools)):
+        tools = tools or ()
+    else:
+        tools = parse_tools(list(tools))
+    choice = tool_choice if isinstance(tool_choice, ToolChoice) else parse_tool_choice(tool_choice, tools)
+    parallel = parallel_tool_calls is not False
+    return Structured(output_grammar(fmt, tools, choice, parallel), tool_system_prompt(tools, choice, parallel),
+                      tools, choice)

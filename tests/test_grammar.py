@@ -273,7 +273,7 @@ def test_constrained_greedy_equals_transformers_on_llama2_vocabulary(llama2_bund
     from transformers import AutoTokenizer, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
 
     pipe, folder, facts = llama2_bundle
-    lm = pipe._lm
+    lm = pipe.language_model
     assert facts["vocab_size"] > facts["tokens"]                          # logits rows past the tokenizer
     ids = runtime_ids(lm.tokenizer, lm.template, lm.special_tokens, lm.image_token_id, pipe.image_tokens(None),
                       f"Answer in JSON ({name}) ü 東京", False)

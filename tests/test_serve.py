@@ -139,9 +139,11 @@ LIMITS = {   # name: (body, headers, status, error code)
     "NaN": (b'{"temperature": NaN}', JSON, 400, "invalid_json"),
     "nested too deeply": (b"[" * 60_000 + b"]" * 60_000, JSON, 400, "invalid_json"),
     "unknown field": (_chat(frobnicate=1), JSON, 400, "unsupported_field"),
-    "unsupported feature": (_chat(tools=[]), JSON, 400, "unsupported_field"),
-    "tool_choice": (_chat(tool_choice="auto"), JSON, 400, "unsupported_field"),
-    "response_format json": (_chat(response_format={"type": "json_object"}), JSON, 400, "unsupported_value"),
+    "empty tools": (_chat(tools=[]), JSON, 400, "invalid_request"),
+    "tool_choice without tools": (_chat(tool_choice="auto"), JSON, 400, "invalid_request"),
+    "response_format yaml": (_chat(response_format={"type": "yaml"}), JSON, 400, "invalid_request"),
+    "uncompilable schema": (_chat(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "array", "uniqueItems": True}}}), JSON, 400, "unsupported_schema"),
     "logit_bias set": (_chat(logit_bias={"42": 5}), JSON, 400, "unsupported_value"),
     "top_logprobs 2": (_chat(top_logprobs=2), JSON, 400, "unsupported_value"),
     "lone surrogate in the text": (b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', JSON, 400,
@@ -162,9 +164,9 @@ LIMITS = {   # name: (body, headers, status, error code)
                        "unsupported_conversation"),
     "tool message": ({"messages": user("a") + [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, JSON, 400,
                      "unsupported_conversation"),
-    "assistant tool_calls": ({"messages": user("a") + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}] + user("b")}, JSON, 400,
-        "unsupported_conversation"),
+    "assistant tool_calls with non-JSON arguments": ({"messages": user("a") + [{"role": "assistant", "content": None,
+        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{"}}]}] + user("b")},
+        JSON, 400, "invalid_request"),
     "assistant with an image": ({"messages": user("a") + [{"role": "assistant", "content": [
         {"type": "image_url", "image_url": {"url": data_uri(_png(8, 8))}}]}] + user("b")}, JSON, 400,
         "unsupported_conversation"),

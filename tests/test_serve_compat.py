@@ -37,8 +37,8 @@ def _chat(**kw) -> dict:
 
 
 def test_error_messages_are_never_cut_mid_json(server):
-    big = {"type": "json_schema", "json_schema": {"name": "x" * 200}}
-    status, _, err = raw(server.url, "POST", "/v1/chat/completions", _chat(response_format=big))
+    big = {"x" * 200: 5}
+    status, _, err = raw(server.url, "POST", "/v1/chat/completions", _chat(logit_bias=big))
     assert status == 400 and "a dict of 2" in err["error"]["message"] and '"xxx' not in err["error"]["message"]
     status, _, err = raw(server.url, "POST", "/v1/chat/completions", _chat(n=2))
     assert status == 400 and "'n' = 2 is not supported" in err["error"]["message"]

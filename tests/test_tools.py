@@ -117,7 +117,7 @@ def test_output_becomes_openai_tool_calls_or_content():
         {"role": "assistant", "content": "hello", "refusal": None}, "stop")
     assert assistant_message('{"tool_calls":[{"na', "length", req)[0]["content"] == '{"tool_calls":[{"na'
     assert assistant_message("I cannot help with this image.", "refused", req, refused=True) == (
-        {"role": "assistant", "content": None, "refusal": "I cannot help with this image."}, "stop")
+        {"role": "assistant", "content": None, "refusal": "I cannot help with this image."}, "content_filter")
     deltas = tool_call_deltas(msg["tool_calls"])
     assert deltas[0]["tool_calls"][0]["index"] == 0 and deltas[0]["tool_calls"][0]["id"] == call["id"]
     assert T.parse_output("free text", tools, T.ToolChoice("none")) == ("free text", ())

@@ -71,6 +71,7 @@ from .admission import END, Busy, Disconnected, Job, OneAtATime
 from ..prefix_cache import PrefixCache
 from .conversation import images_json, start_chat
 from .batching import Batched
+from .reply import assistant_message, holds_text, tool_call_deltas
 from .request import DEFAULTS, ChatRequest, RequestError, error_body, parse_chat_request, parse_json_body
 
 log = logging.getLogger("safeclip.serve")
@@ -187,7 +188,8 @@ class _Server:
             return start_chat(self.pipe, req.conversation, images, prefix_cache=self.prefix_cache,
                               policy=self.policy, max_pixels=self.limits["max_pixels"], reserve=req.max_tokens or 0,
                               max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              stop=req.stop)
+                              stop=req.stop, response_format=req.response_format, tools=req.tools,
+                              tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls)
         except ContextError as e:
             raise RequestError(400, str(e), "context_length_exceeded", "messages") from None
         except ImageError as e:
@@ -351,7 +353,7 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
         srv.check_content_type(request)
         req = await srv.intake.parsed(request, lambda body: parse_chat_request(     # MBs of JSON + base64: off
             parse_json_body(body), allow_remote_images=srv.allow_remote, max_prompt_chars=max_prompt_chars,
-            max_tokens_limit=max_tokens))
+            max_tokens_limit=max_tokens, structured=True))
         admit = request.scope.get("safeclip.admit")       # server.RequestLimit: a generation slot, body complete
         if admit is not None and (full := admit()) is not None:
             return _error(503, full, "too_many_connections", headers={"Retry-After": "1"})
@@ -388,12 +390,14 @@ async def _complete(srv: _Server, job: Job, request: Request, cid: str, created:
     s = job.stream
     a = s.result
     srv.count(a)
-    message = {"role": "assistant", "content": a.text}
-    if a.action == "refused":
-        message["refusal"] = a.text
+    if req.grammar() is not None:                    # structured output: reply.py's shape and refusal mapping
+        message, finish = assistant_message(a.text, a.finish_reason, req, refused=a.action == "refused")
+    else:
+        message, finish = {"role": "assistant", "content": a.text}, _FINISH.get(a.finish_reason, "stop")
+        if a.action == "refused":
+            message["refusal"] = a.text
     return {"id": cid, "object": "chat.completion", "created": created, "model": srv.model_id,
-            "choices": [{"index": 0, "message": message, "finish_reason": _FINISH.get(a.finish_reason, "stop"),
-                         "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": _usage(a), "safeclip": srv.gate_json(s, a, req.conversation)}
 
 
@@ -419,8 +423,15 @@ async def _sse(srv: _Server, job: Job, req: ChatRequest, cid: str, created: int)
     try:
         yield chunk({"role": "assistant", "content": ""}, safeclip=srv.gate_json(s, conv=req.conversation))
         refused = s.action == "refused"
+        structured = req.grammar() is not None
+        held = not refused and holds_text(req)           # tool calls: sent whole once the answer is complete
         while (piece := await job.next_piece()) is not END:
-            yield chunk({"content": piece, **({"refusal": piece} if refused else {})})
+            if held:
+                continue
+            if refused and structured:                   # OpenAI's structured-output refusal: no content
+                yield chunk({"refusal": piece})
+            else:
+                yield chunk({"content": piece, **({"refusal": piece} if refused else {})})
             if srv.past_deadline():
                 yield _event(error_body(503, "the server shut down before the answer was complete; try again "
                                         "shortly", "server_shutting_down"))
@@ -428,7 +439,12 @@ async def _sse(srv: _Server, job: Job, req: ChatRequest, cid: str, created: int)
                 return
         a = s.result
         srv.count(a)
-        yield chunk({}, _FINISH.get(a.finish_reason, "stop"), safeclip=srv.gate_json(s, a, req.conversation))
+        finish = _FINISH.get(a.finish_reason, "stop")
+        if held:
+            message, finish = assistant_message(a.text, a.finish_reason, req)
+            for delta in tool_call_deltas(message.get("tool_calls", [])) or [{"content": message["content"]}]:
+                yield chunk(delta)
+        yield chunk({}, finish, safeclip=srv.gate_json(s, a, req.conversation))
         if req.include_usage:
             yield _event({**base, "choices": [], "usage": _usage(a)})
         yield b"data: [DONE]\n\n"

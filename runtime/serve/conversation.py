@@ -16,7 +16,9 @@ server and the library render a conversation the same way.
 Refused by name (400 ``unsupported_conversation``), because the template cannot express them: a system
 message after the conversation began, two user or two assistant messages in a row, an assistant message
 first or last (continuing an assistant message is not supported), an image in a system or assistant message,
-``tool``/``function`` messages and assistant ``tool_calls`` (no tools here). A conversation whose tokens plus
+``function`` messages (the deprecated API). Assistant ``tool_calls`` and the ``tool`` messages answering them
+are rendered back in the tool convention's form (``runtime/tools.py``): the calls as the assistant's answer,
+the results as a user turn, so the conversation may end with tool results. A conversation whose tokens plus
 ``max_tokens`` do not fit the context is a 400 ``context_length_exceeded`` naming the numbers (raised by
 ``Chat.ask`` before any vision or language-model work); history is never truncated.
 """

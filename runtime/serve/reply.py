@@ -23,7 +23,7 @@ from .. import tools as T
 
 __all__ = ["assistant_message", "tool_call_deltas", "holds_text"]
 
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "refused": "stop"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "refused": "content_filter"}
 
 
 def holds_text(req) -> bool:
@@ -36,7 +36,7 @@ def assistant_message(text: str, finish_reason: str, req, *, refused: bool = Fal
     (``generate``'s: eos | stop | length | context | refused) under request ``req`` (``request.ChatRequest``)."""
     finish = FINISH.get(finish_reason, "stop")
     if refused:
-        return {"role": "assistant", "content": None, "refusal": text}, "stop"
+        return {"role": "assistant", "content": None, "refusal": text}, finish
     content, calls = T.parse_output(text, req.tools, req.tool_choice)
     msg = {"role": "assistant", "content": content, "refusal": None}
     if calls:
