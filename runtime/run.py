@@ -3,6 +3,7 @@
     safeclip-run --bundle engines/demo --image photo.jpg --prompt "What is in the picture?"
     safeclip-run --bundle engines/demo --image photo.jpg --prompt "..." --policy refuse --json
     safeclip-run --bundle engines/demo --prompt "Hello" --stream          # text only: not gated
+    safeclip-run --bundle engines/demo --image photo.jpg --prompt "..." --json-schema answer.schema.json
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def run_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="sampling: seed for a reproducible answer (default: "
                    "random; needs --temperature > 0)")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--json-schema", type=Path, default=None, metavar="FILE", help="JSON Schema file the answer must "
+                   "follow (grammar-constrained decoding: runtime/grammar.py)")
     s.add_argument("--context", type=int, default=None, help="KV-cache capacity (default: the export target's, "
                    "at most the model's context; more than the model's is refused)")
     o = p.add_argument_group("output")
@@ -86,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     problem = _check_args(args)
     if problem:
         return fail(PROG, problem, EXIT_USAGE)
+    response_format = None
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(args.json_schema.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            return fail(PROG, f"--json-schema {args.json_schema}: {getattr(e, 'strerror', None) or e}", EXIT_USAGE)
+        response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     from .pipeline import Pipeline
 
     try:
@@ -94,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.instruction is not None and args.policy is None and pipe.policy != "instruct":
             return fail(PROG, f"--instruction is the instruct policy's text; this bundle's policy is {pipe.policy} "
                               "(add --policy instruct)", EXIT_USAGE)
-        stream = pipe.stream(str(args.image) if args.image else None, args.prompt, policy=args.policy,
-                             instruction=args.instruction, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             stop=args.stop)
+        stream = pipe.chat().ask(args.prompt, str(args.image) if args.image else None, policy=args.policy,
+                                 instruction=args.instruction, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                 stop=args.stop, response_format=response_format)
         if args.stream and not args.json:
             if stream.verdict is not None:
                 print(verdict_line(stream.verdict, stream.policy), file=sys.stderr, flush=True)

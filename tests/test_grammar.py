@@ -307,3 +307,22 @@ def test_constrained_greedy_equals_transformers_on_llama2_vocabulary(llama2_bund
     assert any(hf_tok.convert_ids_to_tokens(t).startswith("\u2581") or len(hf_tok.decode([t])) > 1
                for t in res.token_ids)                                    # multi-character tokens were used
     jsonschema.validate(json.loads(res.text), SCHEMAS[name])
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+def test_safeclip_run_json_schema(demo_bundle, tmp_path, capsys):
+    from safeclip.runtime.run import main
+
+    f = tmp_path / "answer.schema.json"
+    f.write_text(json.dumps(SCHEMAS["object_enum_bounds"]))
+    assert main(["--bundle", str(demo_bundle), "--prompt", "Pick one.", "--json-schema", str(f), "--json",
+                 "--max-new-tokens", str(N_NEW)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    jsonschema.validate(json.loads(out["text"]), SCHEMAS["object_enum_bounds"])
+    f.write_text('{"type": "array", "uniqueItems": true}')
+    assert main(["--bundle", str(demo_bundle), "--prompt", "x", "--json-schema", str(f)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "uniqueItems" in err and "\n" not in err and "Traceback" not in err
+    f.write_text("{not json")
+    assert main(["--bundle", str(demo_bundle), "--prompt", "x", "--json-schema", str(f)]) != 0
+    assert "--json-schema" in capsys.readouterr().err
