@@ -1,4 +1,5 @@
-"""safeclip-serve with structured output and tools, through the official openai client (issue 25 §2-3).
+"""safeclip-serve with structured output and tools, through the official openai client, LangChain and LlamaIndex
+(issue 25 §2-3).
 
 On the controlled demo bundle (red images flag 'gun', blue are clean), random weights: the answers are nonsense,
 but they must validate against their schemas, which is what the grammar guarantees. Oracles: Pydantic parses
@@ -110,3 +111,34 @@ def test_instruct_keeps_the_schema(servers, test_images):
                                  response_format=Pick)
     g = r.model_extra["safeclip"]
     assert g["flagged"] and g["action"] == "instructed" and isinstance(r.choices[0].message.parsed, Pick)
+
+
+def test_langchain_structured_output_and_bind_tools(servers):
+    lc = pytest.importorskip("langchain_openai", reason="needs langchain-openai (dev extra)")
+    llm = lc.ChatOpenAI(base_url=servers[0].url + "/v1", api_key="unused", model=M, max_retries=0, timeout=60,
+                        temperature=0)
+    out = llm.with_structured_output(Pick, method="json_schema").invoke("Pick one.")
+    assert isinstance(out, Pick)
+    msg = llm.bind_tools([WEATHER], tool_choice="weather").invoke("Weather?")
+    (call,) = msg.tool_calls[:1]
+    assert call["name"] == "weather" and call["id"].startswith("call_")
+    jsonschema.validate(call["args"], WEATHER["function"]["parameters"])
+
+
+def test_llamaindex_openailike_function_calling(servers):
+    pytest.importorskip("llama_index.llms.openai_like", reason="needs llama-index-llms-openai-like (dev extra)")
+    from llama_index.core.llms import ChatMessage
+    from llama_index.core.tools import FunctionTool
+    from llama_index.llms.openai_like import OpenAILike
+
+    def weather(days: int) -> str:
+        """Forecast for the next days."""
+        return "sunny"
+
+    llm = OpenAILike(api_base=servers[0].url + "/v1", api_key="unused", model=M, is_chat_model=True,
+                     is_function_calling_model=True, max_retries=0, timeout=60)
+    tool = FunctionTool.from_defaults(fn=weather)
+    resp = llm.chat_with_tools([tool], chat_history=[ChatMessage(role="user", content="Weather?")],
+                               tool_required=True)
+    calls = llm.get_tool_calls_from_response(resp, error_on_no_tool_call=True)
+    assert calls and calls[0].tool_name == "weather" and isinstance(calls[0].tool_kwargs.get("days"), int)
