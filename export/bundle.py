@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
-from safeclip.runtime.contract import DecoderGraph, VisionGraph
+from safeclip.runtime.contract import DecoderGraph, GateConfig, VisionGraph
 from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, VIEW_MODES, check_policy, verdict_from_probs
 from safeclip.runtime.graph_spec import VisionNames, vision_spec
 from safeclip.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file, write_manifest
@@ -343,19 +343,16 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             "files": _files_entry(tmp),
             "graphs": graphs,                                   # VisionGraph / DecoderGraph JSON (contract.py)
             "preprocess": preprocess,
-            "gate": {
-                "variant": opts.gate, "classes": list(dset.classes), "safe_classes": list(dset.safe_classes),
-                "threshold": float(opts.threshold if opts.threshold is not None else dset.default_threshold),
-                "aggregation": "sum", "logit_scale": logit_scale_of(src.clip),
-                **({"views": opts.views} if newline is not None else {}),
-                "policy": opts.policy, "instruction": DEFAULT_INSTRUCTION,
-                "refusals": dict(dset.refusals),
-                "descriptors": {"name": dset.name, "version": dset.version, "sha256": dset.sha256,
-                                "source": dset.source, "description": dset.description,
-                                "sentences": {c: list(s) for c, s in zip(dset.classes, dset.sentences)}},
-                "history": [],
-                "self_test": self_test,
-            },
+            "gate": GateConfig(                                 # written through the contract that reads it
+                variant=opts.gate, classes=tuple(dset.classes), safe_classes=tuple(dset.safe_classes),
+                threshold=float(opts.threshold if opts.threshold is not None else dset.default_threshold),
+                aggregation="sum", logit_scale=logit_scale_of(src.clip),
+                views=opts.views if newline is not None else None,
+                policy=opts.policy, instruction=DEFAULT_INSTRUCTION, refusals=dict(dset.refusals),
+                descriptors={"name": dset.name, "version": dset.version, "sha256": dset.sha256,
+                             "source": dset.source, "description": dset.description,
+                             "sentences": {c: list(s) for c, s in zip(dset.classes, dset.sentences)}},
+                history=[], self_test=self_test).to_json(),
             "tokenizer": tok_entry,
             "prompt": prompt,
             **extra,

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safeclip.runtime.contract import DecoderGraph
+from safeclip.runtime.contract import DecoderGraph, ModelFacts
 from safeclip.runtime.graph_spec import DecoderNames, GraphSpec, KVSpec, decoder_spec
 from safeclip.runtime.manifest import atomic_write
 from safeclip.runtime.tolerances import export_tolerance
@@ -232,7 +232,7 @@ def _first(*values):
     return next((v for v in values if v is not None), None)
 
 
-def _model_facts(llava_model, tokenizer) -> dict:
+def _model_facts(llava_model, tokenizer) -> ModelFacts:
     cfg, tcfg = llava_model.config, llava_model.config.get_text_config(decoder=True)
     gen = getattr(llava_model, "generation_config", None)
     eos: list[int] = []
@@ -255,12 +255,11 @@ def _model_facts(llava_model, tokenizer) -> dict:
     pad = _first(getattr(gen, "pad_token_id", None), getattr(tcfg, "pad_token_id", None),
                  getattr(cfg, "pad_token_id", None))
     bos = _first(getattr(gen, "bos_token_id", None), getattr(tcfg, "bos_token_id", None))
-    return {"vocab_size": int(tcfg.vocab_size), "hidden_size": int(tcfg.hidden_size),
-            "num_layers": int(tcfg.num_hidden_layers), "context_length": int(tcfg.max_position_embeddings),
-            "bos_token_id": None if bos is None else int(bos), "eos_token_ids": eos,
-            "pad_token_id": None if pad is None else int(pad),
-            "image_token_id": int(image_token_id), "image_token": image_token,
-            "image_seq_length": int(cfg.image_seq_length)}
+    return ModelFacts(vocab_size=int(tcfg.vocab_size), hidden_size=int(tcfg.hidden_size),
+                      num_layers=int(tcfg.num_hidden_layers), context_length=int(tcfg.max_position_embeddings),
+                      bos_token_id=None if bos is None else int(bos), eos_token_ids=tuple(eos),
+                      pad_token_id=None if pad is None else int(pad), image_token_id=int(image_token_id),
+                      image_token=image_token, image_seq_length=int(cfg.image_seq_length))
 
 
 def _sample_args(torch, embed, b: int, s: int, p: int, kvh: int, hd: int, layers: int, dtype, gen):
@@ -414,7 +413,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     dynamic["past"] = tuple(axes[n] for n in in_names[3:])         # forward(inputs_embeds, mask, positions, *past)
     # sample sizes >= 2 everywhere: torch.export specialises 0 and 1
     gen = torch.Generator().manual_seed(1)
-    sample = _sample_args(torch, torch.zeros(8, facts["hidden_size"]), 2, 5, 3, kvh, hd, layers, tdtype, gen)
+    sample = _sample_args(torch, torch.zeros(8, facts.hidden_size), 2, 5, 3, kvh, hd, layers, tdtype, gen)
     sample = tuple(t.to("meta") for t in sample)
     wrapper_fqn = {n: fqn_of[id(p)] for n, p in wrapper.named_parameters(remove_duplicate=False)}
 
@@ -464,7 +463,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     atomic_write(emb_path, lambda f: np.save(f, table))
     files.append(emb_path)
 
-    spec = _spec(layers, kvh, hd, facts["hidden_size"], facts["vocab_size"], dtype)
+    spec = _spec(layers, kvh, hd, facts.hidden_size, facts.vocab_size, dtype)
     quantization = None
     if quant is not None:
         fused = quant_pass.fused if quant.fuse_shared_input else None
@@ -475,4 +474,4 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
                          split_weights=split or None)   # checkpoint FQN -> column chunks (ort_fusions.split_wide_weights)
     return {"graphs": {"decoder": graph.to_json()},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
-            "model": facts, "files": files, "parity": parity}
+            "model": facts.to_json(), "files": files, "parity": parity}

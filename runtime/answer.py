@@ -11,7 +11,7 @@ from typing import Iterator
 
 from .gate import Verdict
 
-__all__ = ["Answer", "AnswerStream", "GenerationUnavailable"]
+__all__ = ["Answer", "AnswerStream", "GenerationUnavailable", "ms"]
 
 
 class GenerationUnavailable(RuntimeError):
@@ -37,7 +37,8 @@ class Answer:
                 "completion_tokens": len(self.token_ids), "timings": self.timings}
 
 
-def _ms(seconds: float) -> float:
+def ms(seconds: float) -> float:
+    """Seconds as milliseconds, to the microsecond (every timing an answer reports)."""
     return round(seconds * 1e3, 3)
 
 
@@ -62,11 +63,11 @@ class AnswerStream:
             return
         yield from self._text_stream              # each decoder step takes the model's lock (lease.py)
         r = self._text_stream.result
-        self.timings.update(prefill_ms=_ms(r.timings.prefill_s), decode_ms=_ms(r.timings.decode_s),
+        self.timings.update(prefill_ms=ms(r.timings.prefill_s), decode_ms=ms(r.timings.decode_s),
                             decode_tokens_per_s=round(r.timings.tokens_per_s, 2),
-                            ttft_ms=_ms(self.timings.get("preprocess_ms", 0) / 1e3 +
+                            ttft_ms=ms(self.timings.get("preprocess_ms", 0) / 1e3 +
                                         (self.timings.get("vision_gate_ms") or 0) / 1e3 + r.timings.prefill_s),
-                            total_ms=_ms(time.perf_counter() - self._t0))
+                            total_ms=ms(time.perf_counter() - self._t0))
 
     def cancel(self) -> None:
         """Stop an unfinished answer decoded in a scheduler's batch: its sequence leaves at the next step. (A

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .error_text import EXIT_INTERRUPTED, EXIT_USAGE, fail, one_line
@@ -126,26 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     import hashlib
 
     m = load_manifest(args.bundle, trusted_keys=args.trusted_key)         # re-verify right before writing
-    data = dict(m.data)
-    gate = dict(data["gate"])
-    gate["history"] = list(gate.get("history", [])) + [{
+    data, g = dict(m.data), m.gate_config
+    if args.descriptors_out and g.descriptors is None:          # before anything is written
+        return fail(PROG, f"{args.bundle}: its gate records no descriptor set: --descriptors-out cannot be "
+                          "written; nothing written", EXIT_USAGE)
+    gate = replace(g, threshold=float(choice["threshold"]), history=list(g.history or []) + [{
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "old_threshold": old, "new_threshold": choice["threshold"], "max_fpr": args.max_fpr,
         "labels": str(args.labels), "labels_sha256": hashlib.sha256(args.labels.read_bytes()).hexdigest(),
-        "n_safe": choice["n_safe"], "n_toxic": choice["n_toxic"], "dsr": choice["dsr"], "fpr": choice["fpr"]}]
-    gate["threshold"] = float(choice["threshold"])
-    data["gate"] = gate
+        "n_safe": choice["n_safe"], "n_toxic": choice["n_toxic"], "dsr": choice["dsr"], "fpr": choice["fpr"]}])
+    data["gate"] = {**m.gate, **gate.to_json()}          # through the contract; keys it does not know stay
     write_manifest(args.bundle, data, sign_key=args.sign_key)
     print(f"wrote threshold {old:g} -> {choice['threshold']:.6g} into {args.bundle / 'manifest.json'}")
     if args.descriptors_out:
         from safeclip.descriptors import DescriptorSet
 
         from .manifest import atomic_write_text
-        d = gate["descriptors"]
+        d = gate.descriptors
         dset = DescriptorSet(name=d["name"], version=d["version"], classes=tuple(d["sentences"]),
                              sentences=tuple(tuple(s) for s in d["sentences"].values()),
-                             safe_classes=tuple(gate["safe_classes"]), default_threshold=gate["threshold"],
-                             description=d.get("description", ""), refusals=dict(gate.get("refusals") or {}))
+                             safe_classes=gate.safe_classes, default_threshold=gate.threshold,
+                             description=d.get("description", ""), refusals=dict(gate.refusals))
         atomic_write_text(args.descriptors_out, json.dumps(dset.to_json(), indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.descriptors_out}")
     return 0

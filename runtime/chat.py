@@ -56,7 +56,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .answer import Answer, AnswerStream, GenerationUnavailable, _ms
+from .answer import Answer, AnswerStream, GenerationUnavailable, ms
 from .backends.base import ContextError
 from .gate import Verdict, check_policy
 from .image import MAX_PIXELS
@@ -348,7 +348,7 @@ class Chat:
         t1 = time.perf_counter()
         images = self._gather(sources, max_pixels, pending)    # cached, or preprocessed (no vision pass yet)
         total = len(sources) + sum(len(t.images) for t in self._turns)
-        timings.update(preprocess_ms=_ms(time.perf_counter() - t1), image_cache_hits=total - len(pending))
+        timings.update(preprocess_ms=ms(time.perf_counter() - t1), image_cache_hits=total - len(pending))
         turn = _Turn(text, images, policy, instruction)
         ids, keys = self._tokens(turn)
         self._check_context(ids.size, reserve)                       # before the vision pass
@@ -362,7 +362,7 @@ class Chat:
                 cache.put(done[key])
             where[i] = done[key]
         self._unseen = []
-        timings["vision_gate_ms"] = _ms(vision_s) if pending else 0.0
+        timings["vision_gate_ms"] = ms(vision_s) if pending else 0.0
         self._pending += 1
         turn_id = self._pending
         verdicts = self.verdicts + tuple(im.verdict for im in images)
@@ -374,7 +374,7 @@ class Chat:
         if refusing:
             v = flagged[0] if policy == "refuse" and flagged else refusing[0]
             refusal = pipe.refusal_for(v.category)
-            timings["total_ms"] = _ms(time.perf_counter() - t0)
+            timings["total_ms"] = ms(time.perf_counter() - t0)
             self._finish(turn_id, turn, refusal)
             return ChatStream(self, turn, turn_id, verdicts, None, verdict=v, policy=policy, action="refused",
                               timings=timings, t0=t0, refusal=refusal)

@@ -43,6 +43,8 @@ def _json(value: Any) -> Any:
         return asdict(value)
     if isinstance(value, Mapping):
         return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, tuple):                  # as JSON reads it back: a list
+        return [_json(v) for v in value]
     return value
 
 
@@ -175,14 +177,30 @@ class DecoderGraph:
 
 @dataclass(frozen=True)
 class GateConfig:
+    """``gate``: the gate's rule and where it came from, as the exporter writes it (:meth:`to_json`) and the
+    runtime reads it (:meth:`from_json`); ``safeclip-calibrate`` changes ``threshold`` and appends to
+    ``history``. Optional fields left at ``None`` are not written (``views``: single-view bundles; read as
+    :attr:`view_rule` "any")."""
     variant: str
     classes: tuple[str, ...]
     safe_classes: tuple[str, ...]
     threshold: float
-    policy: str                              # one of gate.POLICIES: the bundle's default for flagged images
-    views: str                               # one of gate.VIEW_MODES (anyres: how views are combined)
+    aggregation: str | None = None           # how descriptor similarities become a class probability ("sum")
+    logit_scale: float | None = None         # CLIP's, applied to the similarities (export/vision_gate.py)
+    views: str | None = None                 # anyres: how views are combined, one of gate.VIEW_MODES
+    policy: str = "instruct"                 # one of gate.POLICIES: the bundle's default for flagged images
     instruction: str | None = None
     refusals: dict[str, str] = field(default_factory=dict)
+    descriptors: dict | None = None          # the descriptor set: name, version, sha256, source, sentences
+    history: list | None = None              # safeclip-calibrate's changes of the threshold
+    self_test: dict | None = None            # the gate's known-answer probes and answers (selftest.py)
+
+    @property
+    def view_rule(self) -> str:
+        return self.views or "any"
+
+    def to_json(self) -> dict[str, Any]:
+        return section_json(self)
 
     @classmethod
     def from_json(cls, gate: Mapping) -> "GateConfig":
@@ -200,36 +218,58 @@ class GateConfig:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
             raise ContractError(f"gate.threshold must be a number in [0, 1), got {t!r} "
                                 "(the gate flags p > threshold: 1 would never fire)")
-        policy, views = gate.get("policy", "instruct"), gate.get("views", "any")
+        policy, views = gate.get("policy", "instruct"), gate.get("views")
         if policy not in POLICIES:
             raise ContractError(f"gate.policy '{policy}' is not one of {', '.join(POLICIES)}")
-        if views not in VIEW_MODES:
+        if views is not None and views not in VIEW_MODES:
             raise ContractError(f"gate.views '{views}' is not one of {', '.join(VIEW_MODES)}")
         refusals = gate.get("refusals") or {}
         if not isinstance(refusals, Mapping) or not all(isinstance(v, str) for v in refusals.values()):
             raise ContractError("gate.refusals must map categories to texts")
-        instruction = gate.get("instruction")
-        if instruction is not None and not isinstance(instruction, str):
-            raise ContractError("gate.instruction must be a text")
-        return cls(str(gate.get("variant")), tuple(classes), tuple(safe), float(t), policy, views,
-                   instruction or None, dict(refusals))
+        instruction = _optional(gate, "instruction", str, "gate")
+        scale = gate.get("logit_scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise ContractError(f"gate.logit_scale must be a number, got {scale!r}")
+        history = gate.get("history")
+        if history is not None and not isinstance(history, list):
+            raise ContractError("gate.history must be a list")
+        return cls(str(gate.get("variant")), tuple(classes), tuple(safe), float(t),
+                   _optional(gate, "aggregation", str, "gate"), None if scale is None else float(scale), views,
+                   policy, instruction or None, dict(refusals), _optional(gate, "descriptors", Mapping, "gate"),
+                   history, _optional(gate, "self_test", Mapping, "gate"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelFacts:
-    """What generation needs from ``model`` (checked when the bundle has a decoder)."""
+    """``model``: what generation needs from the checkpoint (checked when the bundle has a decoder), as the
+    exporter writes it (:meth:`to_json`, in this field order) and the runtime reads it. ``context_length``,
+    ``eos_token_ids``, ``image_token_id`` and ``image_seq_length`` are required; the others describe the
+    checkpoint (``None``: not written)."""
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
     context_length: int
-    image_token_id: int
-    image_seq_length: int
+    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None = None
+    image_token_id: int
+    image_token: str | None = None
+    image_seq_length: int
+
+    def to_json(self) -> dict[str, Any]:
+        return section_json(self)
 
     @classmethod
     def from_json(cls, model: Mapping) -> "ModelFacts":
         for key in ("image_token_id", "image_seq_length", "eos_token_ids", "context_length"):
             if key not in model:
                 raise ContractError(f"'model' lacks {key}")
-        return cls(int(model["context_length"]), int(model["image_token_id"]), int(model["image_seq_length"]),
-                   tuple(int(i) for i in model["eos_token_ids"]))
+        opt = {k: _optional(model, k, int, "model") for k in ("vocab_size", "hidden_size", "num_layers",
+                                                                "bos_token_id", "pad_token_id")}
+        return cls(context_length=int(model["context_length"]), image_token_id=int(model["image_token_id"]),
+                   image_seq_length=int(model["image_seq_length"]),
+                   eos_token_ids=tuple(int(i) for i in model["eos_token_ids"]), **opt,
+                   image_token=_optional(model, "image_token", str, "model"))
 
 
 @dataclass(frozen=True)

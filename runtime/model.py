@@ -43,7 +43,7 @@ class VisionGate:
         self.classes: list[str] = list(g.classes)
         self.safe_classes: list[str] = list(g.safe_classes)
         self.threshold: float = g.threshold
-        self.view_rule: str = g.views
+        self.view_rule: str = g.view_rule
         self.anyres: dict | None = manifest.preprocess.get("anyres")
         self.image_newline: np.ndarray | None = None
         if self.anyres is not None:

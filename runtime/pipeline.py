@@ -45,14 +45,34 @@ class Pipeline:
         self.image_cache_bytes = 256 << 20            # conversations' image features + verdicts (chat.ImageCache)
         self._image_cache = None
         self.scheduler = None                         # scheduler.Scheduler once enable_batching ran
-        g = manifest.gate_config                      # validated when the bundle loaded
         self.names = manifest.vision.names
-        self.classes: list[str] = list(g.classes)
-        self.safe_classes: list[str] = list(g.safe_classes)
-        self.threshold = g.threshold
-        self.policy: str = g.policy
-        self.views: str = g.views
-        self.anyres: dict | None = vision.anyres
+        self.policy: str = manifest.gate_config.policy    # validated when the bundle loaded
+
+    # the gate's settings are the VisionGate's (one copy: an override such as safeclip-scan's --threshold
+    # reaches every verdict)
+    @property
+    def classes(self) -> list[str]:
+        return self.vision.classes
+
+    @property
+    def safe_classes(self) -> list[str]:
+        return self.vision.safe_classes
+
+    @property
+    def threshold(self) -> float:
+        return self.vision.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.vision.threshold = float(value)
+
+    @property
+    def views(self) -> str:
+        return self.vision.view_rule
+
+    @property
+    def anyres(self) -> dict | None:
+        return self.vision.anyres
 
     @classmethod
     def load(cls, bundle_dir: str | Path, backend: str = "auto", full_verify: bool = False,

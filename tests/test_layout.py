@@ -202,11 +202,7 @@ def test_tensor_names_and_kv_layout_live_in_the_graph_spec():
 
 
 # ``from x import _y`` across modules in runtime/ and export/ that stay, each with its reason.
-PRIVATE_IMPORTS_KEPT = {
-    # the timing helper of runtime/answer.py: answer.py and chat.py are the lead's one-route files (issue 24);
-    # that part gives it a public name or one home
-    ("runtime/chat.py", "answer", "_ms"),
-}
+PRIVATE_IMPORTS_KEPT: set[tuple[str, str, str]] = set()
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -224,11 +220,8 @@ def test_no_module_imports_another_modules_private_names():
     assert PRIVATE_IMPORTS_KEPT <= found, f"no longer needed, remove: {sorted(PRIVATE_IMPORTS_KEPT - found)}"
 
 
-# Console commands not yet on the one pattern, with the reason.
-COMMANDS_PENDING = {
-    "safeclip-scan": "runtime/scan/ is the lead's part of issue 24 (its job module still prints and returns codes)",
-    "safeclip-serve": "runtime/serve/cli.py is the lead's part of issue 24 (one route, one model handle)",
-}
+# Console commands not yet on the one pattern, with the reason (none).
+COMMANDS_PENDING: dict[str, str] = {}
 
 
 def _module_path(target: str) -> Path:

@@ -1,4 +1,4 @@
-"""The manifest's graph sections are written through the typed contract that reads them (runtime/contract.py).
+"""The manifest's graph, gate and model sections are written through the typed contract that reads them (runtime/contract.py).
 
 Oracle: a section with every field set (none left at ``None``) goes through ``to_json``, real JSON and
 ``from_json`` and comes back equal, and its JSON holds one key per field: a field added to ``VisionGraph``,
@@ -10,7 +10,7 @@ from dataclasses import fields
 
 import pytest
 
-from safeclip.runtime.contract import ContractError, DecoderGraph, VisionGraph
+from safeclip.runtime.contract import ContractError, DecoderGraph, GateConfig, ModelFacts, VisionGraph
 from safeclip.runtime.graph_spec import (KV_FORM, DecoderNames, KVSpec, TensorDecl, VisionNames, decoder_spec,
                                          vision_spec)
 
@@ -76,3 +76,30 @@ def test_bad_optional_fields_are_refused_in_one_line(key, value, message):
 def test_one_declaration_class_for_spec_and_manifest():
     got = VisionGraph.from_json(VISION.to_json()).inputs["px"]
     assert type(got) is TensorDecl and got == VSPEC.inputs[0] and got.dynamic
+
+
+GATE = GateConfig(variant="reference", classes=("gun", "neutral", "blood"), safe_classes=("neutral",),
+                  threshold=0.4, aggregation="sum", logit_scale=100.0, views="mean", policy="refuse",
+                  instruction="Careful: {category}.", refusals={"gun": "No."},
+                  descriptors={"name": "default", "version": 1, "sentences": {"gun": ["a gun"]}},
+                  history=[{"old_threshold": 0.5, "new_threshold": 0.4}],
+                  self_test={"probe_set": "v1", "probes": []})
+MODEL = ModelFacts(vocab_size=100, hidden_size=64, num_layers=2, context_length=512, bos_token_id=1,
+                   eos_token_ids=(2, 7), pad_token_id=0, image_token_id=99, image_token="<image>",
+                   image_seq_length=576)
+
+
+@pytest.mark.parametrize("section", [GATE, MODEL], ids=["gate", "model"])
+def test_gate_and_model_sections_write_every_field_and_read_back(section):
+    test_every_field_is_written_and_read_back(section)
+
+
+def test_gate_written_by_the_exporter_is_the_typed_object(controlled_bundle):
+    """An exported bundle's gate and model sections are exactly their typed objects written (nothing written
+    beside the contract), and a single-view bundle writes no ``views`` (read as "any")."""
+    from safeclip.runtime.manifest import load_manifest
+
+    m = load_manifest(controlled_bundle)
+    assert m.gate == json.loads(json.dumps(m.gate_config.to_json()))
+    assert m.model == json.loads(json.dumps(m.model_facts.to_json()))
+    assert "views" not in m.gate and m.gate_config.view_rule == "any"

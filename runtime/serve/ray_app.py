@@ -154,14 +154,14 @@ def ray_main(a) -> int:
     """``safeclip-serve --ray``: ``a`` is ``cli.serve_parser()``'s namespace."""
     import sys
 
-    from ..error_text import one_line
-
+    from ..error_text import EXIT_INTERRUPTED, fail
     from ..signing import SigningError, trusted_keys
+    from . import PROG
+
     try:                                 # the driver reads the keys; replicas get the keys themselves, not paths
         keys = trusted_keys(getattr(a, "trusted_key", None))
     except SigningError as e:
-        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     args = {"bundle": str(a.bundle), "trusted_keys": keys, "num_replicas": a.replicas, "min_replicas": a.min_replicas,
             "max_replicas": a.max_replicas, "target_ongoing_requests": a.target_ongoing_requests,
             "max_ongoing_requests": a.max_ongoing_requests, "cpus_per_replica": a.cpus_per_replica,
@@ -180,17 +180,15 @@ def ray_main(a) -> int:
             raise ValueError(f"{a.bundle}: bundle has no language model (exported with --no-decoder); "
                              "safeclip-serve needs one")
     except Exception as e:
-        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     print(f"safeclip-serve: starting Ray Serve on http://{a.host}:{a.port}/ ({a.replicas} replica(s)"
           f"{', autoscaling' if a.max_replicas else ''})", file=sys.stderr, flush=True)
     try:
         run(args, host=a.host, port=a.port, address=a.ray_address, blocking=True)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:
-        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     finally:                      # this app only: other Serve apps on a shared cluster go on
         try:
             serve.delete("safeclip")
