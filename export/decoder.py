@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from safeclip.runtime.backends.base import KV_FORM, DecoderNames, KVSpec
-from safeclip.runtime.graph_spec import GraphSpec, decoder_spec
+from safeclip.runtime.graph_spec import KV_SHARED, GraphSpec, SharedDecoderNames, decoder_spec, shared_decoder_spec
 from safeclip.runtime.tolerances import export_tolerance
 
 from .ort_fusions import SPLIT_MAX_BYTES
@@ -327,16 +327,17 @@ def _parity_cases(ref_wrapper, embed, kv: tuple[int, int, int]) -> list[tuple[st
             ("extend, bucketed past", ext, ref_ext)]
 
 
-def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
-    """ONNX Runtime vs the fp32 reference on each case; raises ParityError (see the module docstring)."""
+def _parity(onnx_path: Path, cases, layers: int, dtype: str, names=None, run=run_onnx) -> list:
+    """ONNX Runtime vs the fp32 reference on each case; raises ParityError (see the module docstring).
+    ``names``: the graph's (inputs, outputs) (default: the traced graph's); ``run(path, feeds, outputs)``."""
     torch = _torch()
     tdtype = torch.float16 if dtype == "float16" else torch.float32
-    in_names, out_names = decoder_names(layers)
+    in_names, out_names = names or decoder_names(layers)
     results = []
     for name, args, reference in cases:
         feeds = {n: (a.to(tdtype) if a.dtype.is_floating_point else a).numpy() for n, a in zip(in_names, args)}
         refs = {n: _np(r) for n, r in zip(out_names, reference)}
-        got = run_onnx(onnx_path, feeds, out_names)
+        got = run(onnx_path, feeds, out_names)
         atol = {n: export_tolerance("decoder", dtype, n).of(r) for n, r in refs.items()}
         results.append(compare(f"decoder[{dtype}] {name}", refs, got, atol))
     return results
@@ -344,7 +345,7 @@ def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
 
 def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer=None, weights=None,
                    progress=lambda msg: None, quant=None, ort_fusions: bool = False,
-                   split_max_bytes: int = SPLIT_MAX_BYTES) -> dict:
+                   split_max_bytes: int = SPLIT_MAX_BYTES, fused: bool = False) -> dict:
     """Write ``decoder.onnx`` (+ ``.data``) and ``embed_tokens.npy`` into ``out_dir``; check parity.
 
     ``llava_model`` is either a model held in memory or a meta-device skeleton whose tensors ``weights`` (a
@@ -364,7 +365,10 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     Runtime's fused operator (:mod:`~safeclip.export.ort_fusions`) before the parity gate runs, and splits
     float MatMul weights larger than ``split_max_bytes`` (default ``SPLIT_MAX_BYTES``, 64 MiB: the fp32
     ``lm_head``) into column chunks so that ONNX Runtime's load-time prepacking never holds one of them twice;
-    the manifest records the counts under ``fusions`` and ``split_weights``.
+    the manifest records the counts under ``fusions`` and ``split_weights``. ``fused`` (the cpu target) writes
+    the graph of ONNX Runtime's fused operators instead (:mod:`~safeclip.export.fused_decoder`, KV form
+    ``"shared"``; its weights take the same quantisation and splitting) when the model allows it, else says why
+    through ``progress`` and writes the traced graph.
     """
     torch = _torch()
     from .onnx import block_progress, onnx_from_meta_module, weight_progress
@@ -403,6 +407,16 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
         with Materialized([*lm.layers, lm.norm, head], fqn_of, weights.base, block_progress(progress, "decoder")):
             base_cases = _parity_cases(wrapper, embed, (layers, kvh, hd))
     del embed
+
+    why = None
+    if fused:
+        from . import fused_decoder as fd
+        why = fd.unsupported(lm_cfg, dtype)
+        if why:
+            progress(f"decoder: writing the traced graph: the fused cpu graph does not take {why}")
+        else:
+            caches = fd.rope_caches(lm.rotary_emb, facts["context_length"], torch)   # fp32, before the meta move
+    fused = fused and why is None
 
     # Trace on the meta device in the target dtype; RoPE frequencies stay fp32 (Module.to would round them:
     # a relative error of ~5e-4 in a frequency is an angle error of ~2 rad at position 4096).
@@ -449,17 +463,41 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
             split.update({wrapper_fqn.get(k, k): v for k, v in found.items()})
         return jobs
 
-    with _ExportAttention(lm.config):
-        files = onnx_from_meta_module(wrapper, sample, onnx_path, in_names, out_names, tensor,
-                                      dynamic_shapes=dynamic, progress=tick, graph_pass=graph_pass)
+    kv_spec = KVSpec(layers, kvh, hd, dtype, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)
+    names, io_names, run = DecoderNames(), decoder_names(layers), run_onnx
+    if fused:
+        from .onnx import write_streamed
+        names = SharedDecoderNames()
+        spec = shared_decoder_spec(facts["hidden_size"], facts["vocab_size"], kv_spec, names)
+        io_names = (spec.input_names, spec.output_names)
+        model, jobs = fd.fused_graph(lm_cfg, asdict(names), kv_spec, caches, facts["vocab_size"], set(wrapper_fqn))
+
+        def fused_pass(model, jobs):
+            jobs = quant_pass(model, jobs) if quant_pass is not None else jobs
+            fusions.update({fd.GQA_OP: layers, fd.SKIP_NORM_OP: 2 * layers, fd.NORM_OP: 1,
+                            "packed_qkv": fd.pack_qkv(model)})
+            jobs, found = split_wide_weights(model, jobs, tensor, split_max_bytes, onnx_path.name)
+            split.update({wrapper_fqn.get(k, k): v for k, v in found.items()})
+            return jobs
+
+        from .ort_fusions import split_wide_weights
+        files = write_streamed(model, jobs, onnx_path, tensor, tick, fused_pass)
+        del model, jobs
+        cases = fd.shared_cases(cases, torch)
+        base_cases = fd.shared_cases(base_cases, torch) if quant is not None else None
+        run = fd.shared_outputs(run_onnx, names.inputs_embeds, names.seqlens_k)
+    else:
+        with _ExportAttention(lm.config):
+            files = onnx_from_meta_module(wrapper, sample, onnx_path, in_names, out_names, tensor,
+                                          dynamic_shapes=dynamic, progress=tick, graph_pass=graph_pass)
     if dtype == "float16":
         _check_fp32_islands(onnx_path)
     progress("decoder: parity (ONNX Runtime vs the fp32 reference, prefill and decode)")
     if quant is None:
-        parity = _parity(onnx_path, cases, layers, dtype)
+        parity = _parity(onnx_path, cases, layers, dtype, io_names, run)
     else:
         from .quant_parity import check
-        parity, quant_report = check(onnx_path, cases, base_cases, decoder_names(layers), dtype, quant, weights)
+        parity, quant_report = check(onnx_path, cases, base_cases, io_names, dtype, quant, weights, run)
 
     data_name = files[1].name if len(files) > 1 else None
     emb_path = out / "embed_tokens.npy"
@@ -467,9 +505,10 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     _save_npy_atomic(emb_path, table)
     files.append(emb_path)
 
-    io = _spec(layers, kvh, hd, facts["hidden_size"], facts["vocab_size"], dtype).io_json()   # inputs, outputs
-    graph = {"file": onnx_path.name, "data": data_name, "names": asdict(DecoderNames()), **io,
-             "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype, "form": KV_FORM,
+    io = (spec if fused else _spec(layers, kvh, hd, facts["hidden_size"], facts["vocab_size"], dtype)).io_json()
+    graph = {"file": onnx_path.name, "data": data_name, "names": asdict(names), **io,
+             "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype,
+                    "form": KV_SHARED if fused else KV_FORM,
                     "past_key": PAST_KEY, "past_value": PAST_VALUE,
                     "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}}
     if quant is not None:

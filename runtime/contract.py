@@ -6,7 +6,9 @@ unusable refuses to serve with a one-line ``BundleError`` instead of failing on 
 
 Supported: schema version 1 with decoder contract 2: ``graphs.decoder.kv.form`` is ``"new"`` (``KV_FORM``), i.e.
 the decoder's KV outputs are the call's new rows [B, KVH, S, Hd], which the runtime writes into its one KV
-arena (``backends/arena.py``). A decoder without it (contract 1: ``present = concat(past, new)``, bundles
+arena (``backends/arena.py``), or ``"shared"`` (``graph_spec.KV_SHARED``: the cpu target's fused graph,
+``export/fused_decoder.py``), whose past and present KV are one buffer [B, KVH, C, Hd] that ONNX Runtime's
+GroupQueryAttention writes in place (``backends/ort_shared.py``); its names are ``SharedDecoderNames``. A decoder without it (contract 1: ``present = concat(past, new)``, bundles
 exported before the one-arena runtime) is refused with one line saying to re-export: serving it would
 need a second, ping-pong arena this runtime does not have, and a re-export is the only step (the bundle's
 other graphs are unchanged); a bundle without a decoder is not concerned. Graph tensor names come from
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .backends.base import KV_FORM, DecoderNames, KVSpec, VisionNames
+from .graph_spec import KV_FORMS
 from .gate import POLICIES
 from .views import VIEW_MODES
 
@@ -99,6 +102,7 @@ class DecoderGraph:
     kv: KVSpec
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
+    kv_form: str = KV_FORM                   # a key of graph_spec.KV_FORMS: how the graph returns its KV
 
     @classmethod
     def from_json(cls, graph: Mapping, where: str = "graphs.decoder") -> "DecoderGraph":
@@ -112,15 +116,21 @@ class DecoderGraph:
         for k in need[:3]:
             if isinstance(kv[k], bool) or not isinstance(kv[k], int) or kv[k] < 1:
                 raise ContractError(f"{where}.kv.{k} must be a positive int, got {kv[k]!r}")
-        if kv.get("form") != KV_FORM:
+        form = kv.get("form")
+        if form is not None and form not in KV_FORMS:
+            raise ContractError(f"{where}.kv.form '{form}' is not one this runtime reads "
+                                f"({', '.join(KV_FORMS)}); re-export the bundle with this version's safeclip-export")
+        if form is None:
             raise ContractError(f"{where}: this decoder returns past+new KV (decoder contract 1, exported before "
                                 f"the one-arena runtime); re-export the bundle with safeclip-export "
-                                f"(this runtime reads decoder contract {DECODER_CONTRACT}, kv.form '{KV_FORM}')")
+                                f"(this runtime reads decoder contract {DECODER_CONTRACT}, kv.form "
+                                f"{' or '.join(repr(f) for f in KV_FORMS)})")
         spec = KVSpec.from_manifest(kv)
         missing = [p for p, _ in spec.names() if p not in ins] + [o for _, o in spec.names() if o not in outs]
         if missing:
             raise ContractError(f"{where}: KV tensors {', '.join(missing[:4])} are not among the graph's I/O")
-        return cls(graph["file"], graph.get("data"), _names(DecoderNames, graph, where, ins, outs), spec, ins, outs)
+        return cls(graph["file"], graph.get("data"), _names(KV_FORMS[form], graph, where, ins, outs), spec, ins, outs,
+                   form)
 
     @property
     def files(self) -> tuple[str, ...]:
