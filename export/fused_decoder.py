@@ -177,10 +177,13 @@ def pack_qkv(model) -> int:
                 or v.producer() is not split or list(split.outputs) != [q, k, v]
                 or any(len(list(o.uses())) != 1 for o in split.outputs)):
             continue
+        sizes = split.inputs[1] if len(split.inputs) > 1 else None        # the split sizes, an initializer
         node.replace_input_with(0, split.inputs[0])
         node.replace_input_with(1, None)
         node.replace_input_with(2, None)
         graph.remove(split, safe=True)
+        if sizes is not None and sizes.is_initializer() and not list(sizes.uses()):
+            del graph.initializers[sizes.name]
         n += 1
     return n
 

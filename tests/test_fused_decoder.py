@@ -72,6 +72,8 @@ def test_int4_fused_graph_packs_qkv_into_attention(tmp_path):
     assert ops.count("MatMulNBits") == 4 * L and ops.count("Split") == L and ops.count("MatMul") == 1   # lm_head
     gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == L and all(n.input[1] == "" and n.input[2] == "" for n in gqa)
+    used = {i for n in g.node for i in n.input}
+    assert not [t.name for t in g.initializer if t.name not in used]          # the dropped Splits left nothing
     assert dec["fusions"]["packed_qkv"] == L
     assert dec["quantization"]["error"]["vs_unquantised"]["prefill"]["top1_agree"] in (True, False)
 
