@@ -15,7 +15,8 @@ prefill tokens/s (one prefill of ``--prefill-len`` tokens). Then each is profile
 ONNX Runtime's profiler over ``--steps`` decode steps): nodes per step, the summed node time, the mean
 ``model_run``; their gap is the time ONNX Runtime spends between nodes (scheduling, thread hand-offs). The first
 ``--check-tokens`` greedy tokens of both forms are compared (same weights: they should agree, fp32 exactly).
-One precision's pair is freed before the next is loaded (fp32: 2 x 4.4 GB).
+One precision's pair is exported (when missing) just before it is measured, and freed before the next is loaded
+(fp32: 2 x 4.4 GB); its table row is printed as soon as it is measured.
 
     python scripts/bench_fused.py                       # TinyLlama-1.1B shape, fp32/int8/int4, 2 threads
     python scripts/bench_fused.py --quick               # toy shape, seconds
@@ -104,7 +105,6 @@ def measure(args) -> dict:
     from profile_decode import profile_folder
 
     variants = args.variants.split(",")
-    infos = ensure(args.work, args.shape, variants, args.block_size)
     rng = np.random.default_rng(SEED)
     vocab = SHAPES[args.shape]["vocab_size"]
     ids, long_ids = rng.integers(5, vocab, args.prompt_len), rng.integers(5, vocab, args.prefill_len)
@@ -114,7 +114,10 @@ def measure(args) -> dict:
            "prefill_len": args.prefill_len, "rounds": args.rounds, "started": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                               time.gmtime()),
            "loadavg_start": os.getloadavg(), "variants": {}}
-    for w in variants:
+    done = {}
+    for w in variants:                                       # exported just before they are measured
+        infos = ensure(args.work, args.shape, [w], args.block_size)
+        done.update(infos)
         runs = {f: Runner(infos[(w, f)], args.threads, cap) for f in FORMS}
         tokens = {f: runs[f].decode(ids, args.check_tokens)[1] for f in FORMS}       # also the warm-up
         for f in FORMS:
@@ -147,7 +150,7 @@ def measure(args) -> dict:
         print(markdown_rows(w, row), flush=True)
     res["loadavg_end"] = os.getloadavg()
     if args.cleanup:
-        for info in infos.values():
+        for info in done.values():
             shutil.rmtree(info["dir"], ignore_errors=True)
     return res
 

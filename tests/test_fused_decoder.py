@@ -53,6 +53,18 @@ def test_cpu_bundle_decoder_is_the_fused_graph(demo_bundle):
                             "total_sequence_length": "total_sequence_length", "logits": "logits"}
     assert dec["inputs"]["seqlens_k"] == {"shape": ["batch"], "dtype": "int32"}
     assert dec["outputs"]["present.0.key"]["shape"] == dec["inputs"]["past_key_values.0.key"]["shape"]
+    import onnxruntime as ort
+
+    from safeclip.runtime.graph_spec import shared_decoder_spec
+    from safeclip.runtime.manifest import load_manifest
+
+    g = load_manifest(demo_bundle).decoder
+    spec = shared_decoder_spec(dec["inputs"]["inputs_embeds"]["shape"][-1], dec["outputs"]["logits"]["shape"][-1],
+                               g.kv, g.names)
+    assert {k: dec[k] for k in ("inputs", "outputs")} == spec.io_json()
+    s = ort.InferenceSession(str(demo_bundle / dec["file"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in s.get_inputs()] == spec.input_names
+    assert [o.name for o in s.get_outputs()] == spec.output_names
 
 
 def test_int4_fused_graph_packs_qkv_into_attention(tmp_path):
