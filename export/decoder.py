@@ -5,6 +5,8 @@ Supported: ``LlavaForConditionalGeneration`` whose language model is a Llama-sty
 or fp16. Batch, sequence and past length are dynamic; a past length of 0 (prefill) works in the same graph.
 Not supported: sliding-window attention (its cache drops old rows, which the runtime's append-only arena
 does not); such a model is refused with a ``ValueError``.
+The ``cpu`` target writes instead the graph of ONNX Runtime's fused operators (``fused=True``:
+``export/fused_decoder.py``, KV form "shared"), through the same weight streaming, quantisation and parity gate.
 
 Graph ``decoder.onnx`` (opset 18, weights in ``decoder.onnx.data``)::
 
@@ -57,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from safeclip.runtime.backends.base import KV_FORM, DecoderNames, KVSpec
-from safeclip.runtime.graph_spec import KV_SHARED, GraphSpec, SharedDecoderNames, decoder_spec, shared_decoder_spec
+from safeclip.runtime.graph_spec import KV_SHARED, GraphSpec, decoder_spec
 from safeclip.runtime.tolerances import export_tolerance
 
 from .ort_fusions import SPLIT_MAX_BYTES
@@ -466,23 +468,10 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     kv_spec = KVSpec(layers, kvh, hd, dtype, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)
     names, io_names, run = DecoderNames(), decoder_names(layers), run_onnx
     if fused:
-        from .onnx import write_streamed
-        names = SharedDecoderNames()
-        spec = shared_decoder_spec(facts["hidden_size"], facts["vocab_size"], kv_spec, names)
+        files, spec, names = fd.write_fused(lm_cfg, kv_spec, caches, facts["hidden_size"], facts["vocab_size"],
+                                            onnx_path, tensor, wrapper_fqn, quant_pass, split_max_bytes, tick,
+                                            fusions, split)
         io_names = (spec.input_names, spec.output_names)
-        model, jobs = fd.fused_graph(lm_cfg, asdict(names), kv_spec, caches, facts["vocab_size"], set(wrapper_fqn))
-
-        def fused_pass(model, jobs):
-            jobs = quant_pass(model, jobs) if quant_pass is not None else jobs
-            fusions.update({fd.GQA_OP: layers, fd.SKIP_NORM_OP: 2 * layers, fd.NORM_OP: 1,
-                            "packed_qkv": fd.pack_qkv(model)})
-            jobs, found = split_wide_weights(model, jobs, tensor, split_max_bytes, onnx_path.name)
-            split.update({wrapper_fqn.get(k, k): v for k, v in found.items()})
-            return jobs
-
-        from .ort_fusions import split_wide_weights
-        files = write_streamed(model, jobs, onnx_path, tensor, tick, fused_pass)
-        del model, jobs
         cases = fd.shared_cases(cases, torch)
         base_cases = fd.shared_cases(base_cases, torch) if quant is not None else None
         run = fd.shared_outputs(run_onnx, names.inputs_embeds, names.seqlens_k)

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["unsupported", "fused_graph", "rope_caches", "pack_qkv", "GQA_OP", "SKIP_NORM_OP", "NORM_OP"]
+__all__ = ["unsupported", "fused_graph", "rope_caches", "pack_qkv", "write_fused", "shared_cases", "shared_outputs",
+           "GQA_OP", "SKIP_NORM_OP", "NORM_OP"]
 
 GQA_OP, SKIP_NORM_OP, NORM_OP = "GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"
 MS = "com.microsoft"
@@ -186,6 +187,35 @@ def pack_qkv(model) -> int:
             del graph.initializers[sizes.name]
         n += 1
     return n
+
+
+def write_fused(cfg, kv, caches, hidden: int, vocab: int, onnx_path, read, source_of: dict, quant_pass,
+                split_max_bytes: int, progress, fusions: dict, split: dict):
+    """Build the fused graph and write it with its weights (``onnx.write_streamed``): the quantisation pass
+    (``quant_pass``, or None), :func:`pack_qkv`, then ``ort_fusions.split_wide_weights`` on the float weights
+    left. ``read(name)`` reads a wrapper parameter; ``source_of``: wrapper parameter name -> checkpoint FQN.
+    Fills ``fusions`` (operator counts) and ``split`` (checkpoint FQN -> column chunks); returns (files written,
+    the graph's spec, its ``SharedDecoderNames``)."""
+    from dataclasses import asdict
+
+    from safeclip.runtime.graph_spec import SharedDecoderNames, shared_decoder_spec
+
+    from .onnx import write_streamed
+    from .ort_fusions import split_wide_weights
+
+    names = SharedDecoderNames()
+    layers = kv.num_layers
+    model, jobs = fused_graph(cfg, asdict(names), kv, caches, vocab, set(source_of))
+
+    def graph_pass(model, jobs):
+        jobs = quant_pass(model, jobs) if quant_pass is not None else jobs
+        fusions.update({GQA_OP: layers, SKIP_NORM_OP: 2 * layers, NORM_OP: 1, "packed_qkv": pack_qkv(model)})
+        jobs, found = split_wide_weights(model, jobs, read, split_max_bytes, onnx_path.name)
+        split.update({source_of.get(k, k): v for k, v in found.items()})
+        return jobs
+
+    files = write_streamed(model, jobs, onnx_path, read, progress, graph_pass)
+    return files, shared_decoder_spec(hidden, vocab, kv, names), names
 
 
 def shared_cases(cases, torch, rows: int = 16, seed: int = 0) -> list:
