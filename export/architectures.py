@@ -6,7 +6,7 @@ Supported:
   (``LlavaImageProcessor`` pad-to-square or ``CLIPImageProcessor``).
 * ``llava_next`` (LLaVA-NeXT / v1.6, ``LlavaNextForConditionalGeneration``): "anyres": a base view plus
   tiles per image (``safeclip.runtime.anyres``), the tiles' features packed with the model's
-  ``image_newline`` by the runtime in numpy; the gate runs on every view (``safeclip.runtime.views``).
+  ``image_newline`` by the runtime in numpy; the gate runs on every view (``safeclip.runtime.gate.aggregate_views``).
 
 Both keep the vision tower at ``model.vision_tower`` and the projector at ``model.multi_modal_projector``
 and read ``vision_feature_layer`` / ``vision_feature_select_strategy`` from the top-level config, so one

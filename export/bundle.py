@@ -14,25 +14,24 @@ import platform
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from safeclip.descriptors import load_descriptor_set
-from safeclip.runtime.contract import DecoderGraph
-from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, POLICIES, verdict_from_probs
-from safeclip.runtime.graph_spec import vision_spec
-from safeclip.runtime.manifest import (FEATURES_OUTPUT, GATE_OUTPUT, MANIFEST, SCHEMA_VERSION, VisionNames,
-                                       sha256_file, write_manifest)
+from safeclip.runtime.contract import DecoderGraph, GateConfig, VisionGraph
+from safeclip.runtime.gate import DEFAULT_INSTRUCTION, GATE_VARIANTS, VIEW_MODES, check_policy, verdict_from_probs
+from safeclip.runtime.graph_spec import VisionNames, vision_spec
+from safeclip.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file, write_manifest
 from safeclip.runtime.tolerances import export_tolerance
-from safeclip.runtime.views import VIEW_MODES
 
 from .parity import ParityResult
 
 FEATURE_ATOL = export_tolerance("vision_gate", "float32", "image_features").atol     # runtime/tolerances.py
 PROB_ATOL = export_tolerance("vision_gate", "float32", "class_probs").atol
+NEWLINE_FILE = "image_newline.npy"              # anyres: the learned newline row (graphs.vision_gate.image_newline)
 
 
 @dataclass
@@ -129,7 +128,7 @@ def skeleton_and_weights(src):
 
 
 def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
-                       precision: str = "float32", release: bool = False,
+                       precision: str = "float32", release: bool = False, image_newline: str | None = None,
                        progress: Callable[[str], None] = lambda s: None) -> tuple[dict, ParityResult]:
     """Export the vision+gate graph and check it against the fp32 PyTorch module (a build gate).
 
@@ -141,7 +140,8 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     The graph is traced on the meta device and its weights streamed from ``src`` (a checkpoint or a model in
     memory) into ``vision_gate.onnx.data``; the fp32 reference runs one encoder layer at a time. ``release=True``
     frees CLIP's text tower once the descriptor embeddings exist (``src`` is then only good for the
-    language-model export).
+    language-model export). ``image_newline``: the anyres newline file the bundle will hold. Returns the
+    manifest's ``graphs.vision_gate`` (a :class:`~safeclip.runtime.contract.VisionGraph`'s JSON).
     """
     import torch
 
@@ -166,7 +166,7 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
     progress("vision: parity reference (fp32, layer by layer)")
     with Materialized(blocks, fqn_of, weights, block_progress(progress, "vision")), torch.no_grad():
         feats, probs = module(sample)                                    # the fp32 reference
-    ref = {FEATURES_OUTPUT: feats.numpy(), GATE_OUTPUT: probs.numpy()}
+    ref = {VisionNames.image_features: feats.numpy(), VisionNames.class_probs: probs.numpy()}
     exported = module if precision == "float32" else HalfVisionGate(module, inplace=True).eval()
     real = {n: t.detach().clone() for n, t in [*exported.named_parameters(), *exported.named_buffers()]
             if t.device.type != "meta"}                                  # gate head, descriptors, position ids
@@ -183,31 +183,29 @@ def export_vision_gate(src, dset, variant: str, tmp: Path, text_embeds=None,
 
     progress("vision: tracing (meta device)")
     onnx_from_meta_module(exported, (sample.to("meta"),), path, [VisionNames.pixel_values],
-                          [FEATURES_OUTPUT, GATE_OUTPUT], tensor,
+                          [VisionNames.image_features, VisionNames.class_probs], tensor,
                           dynamic_shapes={"pixel_values": axes[VisionNames.pixel_values]}, progress=tick)
     del exported, module, real
     progress("vision: parity (ONNX Runtime vs the fp32 reference)")
-    got = run_onnx(path, {VisionNames.pixel_values: sample.numpy()}, [FEATURES_OUTPUT, GATE_OUTPUT])
-    tol = {n: export_tolerance("vision_gate", precision, n).of(ref[n]) for n in (FEATURES_OUTPUT, GATE_OUTPUT)}
+    outputs = VisionNames().outputs                                      # image_features, class_probs
+    got = run_onnx(path, {VisionNames.pixel_values: sample.numpy()}, list(outputs))
+    tol = {n: export_tolerance("vision_gate", precision, n).of(ref[n]) for n in outputs}
     result = compare(f"vision_gate[{precision}]", ref, got, tol)
     # Verdicts from the graph must equal the reference rule applied to the fp32 module's output.
     for t in sorted({dset.default_threshold, 0.0, 0.3, 0.6}):
-        for a, b in zip(ref[GATE_OUTPUT], got[GATE_OUTPUT]):
+        for a, b in zip(ref[VisionNames.class_probs], got[VisionNames.class_probs]):
             va = verdict_from_probs(a, list(dset.classes), list(dset.safe_classes), t)
             vb = verdict_from_probs(b, list(dset.classes), list(dset.safe_classes), t)
             if (va.flagged, va.category) != (vb.flagged, vb.category):
                 raise ParityError(f"vision_gate parity failed: verdicts differ at threshold {t}")
     n_tokens, d_lm = feats.shape[1], feats.shape[2]
-    graph = {
-        "file": "vision_gate.onnx",
-        "data": "vision_gate.onnx.data" if (tmp / "vision_gate.onnx.data").exists() else None,
-        "precision": precision,
-        "names": asdict(VisionNames()),             # the tensors the runtime binds, by role
-        **vision_spec(size, n_tokens, d_lm, len(dset.classes), precision).io_json(),   # inputs, outputs
-        "encoder_layers_computed": layers_computed,
-        "encoder_layers_total": vcfg.num_hidden_layers,
-    }
-    return graph, result
+    spec = vision_spec(size, n_tokens, d_lm, len(dset.classes), precision)
+    graph = VisionGraph(file="vision_gate.onnx",
+                        data="vision_gate.onnx.data" if (tmp / "vision_gate.onnx.data").exists() else None,
+                        precision=precision, names=VisionNames(), inputs=spec.inputs_by_name,
+                        outputs=spec.outputs_by_name, encoder_layers_computed=layers_computed,
+                        encoder_layers_total=vcfg.num_hidden_layers, image_newline=image_newline)
+    return graph.to_json(), result
 
 
 def gate_self_test(folder: Path, vgraph: dict) -> dict:
@@ -254,8 +252,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         raise ValueError(f"unknown gate variant '{opts.gate}' (supported: {', '.join(GATE_VARIANTS)})")
     if opts.views not in VIEW_MODES:
         raise ValueError(f"unknown view aggregation '{opts.views}' (supported: {', '.join(VIEW_MODES)})")
-    if opts.policy not in POLICIES:
-        raise ValueError(f"unknown policy '{opts.policy}' (supported: {', '.join(POLICIES)})")
+    check_policy(opts.policy)
     if opts.threshold is not None and not 0.0 <= opts.threshold < 1.0:
         raise ValueError(f"--threshold must be in [0, 1) (1 would never flag), got {opts.threshold}")
     sign_key = None
@@ -300,7 +297,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         progress("exporting vision + gate graph")
         newline = src.arch.vision_parts(src.llava, src.weights).image_newline
         vgraph, vparity = export_vision_gate(src, dset, opts.gate, tmp, opts.text_embeds_override,
-                                             precision=tgt.precision, release=True, progress=progress)
+                                             precision=tgt.precision, release=True, progress=progress,
+                                             image_newline=None if newline is None else NEWLINE_FILE)
         parity = [vparity]
         graphs = {"vision_gate": vgraph}
         progress("recording the gate's self-test answers (runtime/selftest.py)")
@@ -327,8 +325,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
         from .architectures import read_preprocessor_config
         preprocess = src.arch.preprocess_spec(read_preprocessor_config(src.llava_path), src.llava.config)
         if newline is not None:                         # anyres: packed between rows of tiles by the runtime
-            np.save(tmp / "image_newline.npy", newline.astype(np.float32))
-            vgraph["image_newline"] = "image_newline.npy"
+            np.save(tmp / NEWLINE_FILE, newline.astype(np.float32))
         shutil.rmtree(tmp / "_work", ignore_errors=True)
         import onnx
         import torch
@@ -349,21 +346,18 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
                          "transformers": transformers.__version__, "onnx": onnx.__version__,
                          "python": platform.python_version()},
             "files": _files_entry(tmp),
-            "graphs": {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in graphs.items()},
+            "graphs": graphs,                                   # VisionGraph / DecoderGraph JSON (contract.py)
             "preprocess": preprocess,
-            "gate": {
-                "variant": opts.gate, "classes": list(dset.classes), "safe_classes": list(dset.safe_classes),
-                "threshold": float(opts.threshold if opts.threshold is not None else dset.default_threshold),
-                "aggregation": "sum", "logit_scale": logit_scale_of(src.clip),
-                **({"views": opts.views} if newline is not None else {}),
-                "policy": opts.policy, "instruction": DEFAULT_INSTRUCTION,
-                "refusals": dict(dset.refusals),
-                "descriptors": {"name": dset.name, "version": dset.version, "sha256": dset.sha256,
-                                "source": dset.source, "description": dset.description,
-                                "sentences": {c: list(s) for c, s in zip(dset.classes, dset.sentences)}},
-                "history": [],
-                "self_test": self_test,
-            },
+            "gate": GateConfig(                                 # written through the contract that reads it
+                variant=opts.gate, classes=tuple(dset.classes), safe_classes=tuple(dset.safe_classes),
+                threshold=float(opts.threshold if opts.threshold is not None else dset.default_threshold),
+                aggregation="sum", logit_scale=logit_scale_of(src.clip),
+                views=opts.views if newline is not None else None,
+                policy=opts.policy, instruction=DEFAULT_INSTRUCTION, refusals=dict(dset.refusals),
+                descriptors={"name": dset.name, "version": dset.version, "sha256": dset.sha256,
+                             "source": dset.source, "description": dset.description,
+                             "sentences": {c: list(s) for c, s in zip(dset.classes, dset.sentences)}},
+                history=[], self_test=self_test).to_json(),
             "tokenizer": tok_entry,
             "prompt": prompt,
             **extra,

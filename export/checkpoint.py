@@ -35,7 +35,7 @@ class Sources:
     weights: object = None   # where a meta-device ``llava``'s tensors are read (safeclip.export.weights)
 
 
-def _resolve(name: str, what: str) -> tuple[Path, str | None]:
+def resolve_checkpoint(name: str, what: str) -> tuple[Path, str | None]:
     """A local folder or a snapshot of a hub id in the local cache; never downloads when offline."""
     p = Path(name).expanduser()
     if p.is_dir():
@@ -103,7 +103,7 @@ def load_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
         raise CheckpointError(f"model '{model}': cannot load ({type(e).__name__}: {one_line(e)})") from None
     vt_id = vt_rev = None
     if vision_tower:
-        vt_dir, vt_rev = _resolve(vision_tower, "vision tower")
+        vt_dir, vt_rev = resolve_checkpoint(vision_tower, "vision tower")
         swap_vision_tower(llava, vt_dir, vision_tower)
         vt_id = vision_tower
     vt = llava.model.vision_tower
@@ -132,12 +132,12 @@ def _resolve_all(model: str, clip: str | None, workdir: Path):
         model_rev = clip_rev = None
         clip_name = clip or model
         if clip not in (None, model):
-            clip_dir, clip_rev = _resolve(clip, "CLIP model")
+            clip_dir, clip_rev = resolve_checkpoint(clip, "CLIP model")
     else:
-        llava_dir, model_rev = _resolve(model, "model")
+        llava_dir, model_rev = resolve_checkpoint(model, "model")
         _arch_of(llava_dir, model)
         clip_name = clip or DEFAULT_CLIP
-        clip_dir, clip_rev = _resolve(clip_name, "CLIP model")
+        clip_dir, clip_rev = resolve_checkpoint(clip_name, "CLIP model")
     return llava_dir, model_rev, clip_dir, clip_rev, clip_name
 
 
@@ -164,7 +164,7 @@ def open_sources(model: str, clip: str | None, workdir: Path, vision_tower: str 
     weights = CheckpointWeights(ckpt, checkpoint_key_map(llava, ckpt, f"model '{model}'"))
     vt_id = vt_rev = None
     if vision_tower:
-        vt_dir, vt_rev = _resolve(vision_tower, "vision tower")
+        vt_dir, vt_rev = resolve_checkpoint(vision_tower, "vision tower")
         vcfg = _config(vt_dir, "vision tower", vision_tower)
         vcfg = getattr(vcfg, "vision_config", vcfg)
         if not isinstance(vcfg, CLIPVisionConfig):

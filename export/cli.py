@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 from safeclip.runtime.gate import GATE_VARIANTS, POLICIES
-from safeclip.runtime.error_text import one_line
+from safeclip.runtime.error_text import EXIT_INTERRUPTED, EXIT_USAGE, fail, one_line
 from safeclip.runtime.devices import MODULES
-from safeclip.runtime.views import VIEW_MODES
+from safeclip.runtime.gate import VIEW_MODES
 
 from .targets import TARGETS
+
+PROG = "safeclip-export"
 
 
 def _quiet_libraries() -> None:
@@ -110,8 +112,8 @@ def _memory_model(args) -> str:
         from .checkpoint import DEMOS
         return str(ARCHITECTURES[DEMOS[model]].tiny_test_model(Path(tempfile.mkdtemp()))[0])
     if model not in MODELS and model not in MODEL_IDS:
-        from .checkpoint import _resolve
-        return str(_resolve(model, "model")[0])
+        from .checkpoint import resolve_checkpoint
+        return str(resolve_checkpoint(model, "model")[0])
     return model
 
 
@@ -145,9 +147,8 @@ def dry_run(args) -> int:
         return 0
     model = _memory_model(args)
     if args.context is None:                     # the target's context, at most the model's
-        from .memory import _TEXT_DEFAULTS, _config
-        _, cfg = _config(model)
-        t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+        from .memory import model_config, text_config
+        t = text_config(model_config(model)[1])
         context = min(context, int(t["max_position_embeddings"]))
     weights = args.weights if args.weights in ("int8", "int4") else None
     print(dry_run_table(model, context, precision, weights, offer_int8=not trt))
@@ -164,22 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     if args.context is not None and not args.dry_run:      # refused, not dropped: an export has no such knob
-        print("safeclip-export: error: --context only plans (with --dry-run); an export keeps the model's context: "
-              "cap the KV cache on the device with safeclip-run/safeclip-serve --context", file=sys.stderr)
-        return 2
+        return fail(PROG, "--context only plans (with --dry-run); an export keeps the model's context: cap the KV "
+                          "cache on the device with safeclip-run/safeclip-serve --context", EXIT_USAGE)
     _quiet_libraries()
     if args.dry_run:
         try:
             return dry_run(args)
         except Exception as e:
-            print(f"safeclip-export: error: {one_line(e)}", file=sys.stderr)
-            return 1
+            return fail(PROG, e)
     if args.device:                          # refuse a plan the module cannot hold before any long work
         try:
             check_device_fits(args)
         except Exception as e:
-            print(f"safeclip-export: error: {one_line(e)}", file=sys.stderr)
-            return 1
+            return fail(PROG, e)
     t0 = time.perf_counter()
 
     def progress(step: str) -> None:
@@ -196,14 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                                              quantize_lm_head=args.quantize_lm_head, sign_key=args.sign_key),
                                progress=progress)
     except KeyboardInterrupt:
-        print("safeclip-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return fail(PROG, "interrupted; nothing was written", EXIT_INTERRUPTED, label=None)
     except ImportError as e:
-        print(f"safeclip-export: {e} (install the exporter: pip install 'safeclip-edge[export]')", file=sys.stderr)
-        return 2
+        return fail(PROG, f"{one_line(e)} (install the exporter: pip install 'safeclip-edge[export]')", EXIT_USAGE,
+                    label=None)
     except Exception as e:  # the library raises typed, one-line errors; show them without a traceback
-        print(f"safeclip-export: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     for r in report.parity:
         print(f"parity  {r}", file=sys.stderr)
     if args.target == "datacenter":          # build TensorRT engines at once where TensorRT and a GPU are here
@@ -212,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = maybe_build_engines(report.bundle, progress, sign_key=args.sign_key)
             print(f"engines {outcome.message}", file=sys.stderr)
         except Exception as e:
-            print(f"safeclip-export: error: engine build failed (the ONNX bundle is complete): {one_line(e)}",
-                  file=sys.stderr)
-            return 1
+            return fail(PROG, f"engine build failed (the ONNX bundle is complete): {one_line(e)}")
     print(f"bundle  {report.bundle}  ({report.seconds:.1f}s, peak RSS {report.peak_rss_mb:.0f} MiB)", file=sys.stderr)
     print(report.bundle)
     return 0

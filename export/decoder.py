@@ -53,13 +53,13 @@ Why these choices:
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from safeclip.runtime.backends.base import KV_FORM, DecoderNames, KVSpec
-from safeclip.runtime.graph_spec import KV_SHARED, GraphSpec, decoder_spec
+from safeclip.runtime.contract import DecoderGraph, ModelFacts
+from safeclip.runtime.graph_spec import KV_FORM, KV_SHARED, DecoderNames, GraphSpec, KVSpec, decoder_spec
+from safeclip.runtime.manifest import atomic_write
 from safeclip.runtime.tolerances import export_tolerance
 
 from .ort_fusions import SPLIT_MAX_BYTES
@@ -70,15 +70,12 @@ __all__ = ["decoder_for_export", "export_decoder", "decoder_names", "ATOL"]
 DTYPES = ("float32", "float16")
 ATOL = {p: export_tolerance("decoder", p).atol for p in DTYPES}   # times max(1, max|ref|): runtime/tolerances.py
 FP32_OPS = ("Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal")    # must compute in fp32 in an fp16 graph
-PAST_KEY, PAST_VALUE = KVSpec.past_key, KVSpec.past_value              # the runtime's KV names (base.py)
-PRESENT_KEY, PRESENT_VALUE = KVSpec.present_key, KVSpec.present_value
 
 
 def _spec(layers: int, kv_heads: int = 1, head_dim: int = 1, hidden: int = 1, vocab: int = 1,
           dtype: str = "float32") -> GraphSpec:
     """The decoder's graph spec (``runtime/graph_spec.py``): names, dtypes, dimensions in positional order."""
-    return decoder_spec(hidden, vocab, KVSpec(layers, kv_heads, head_dim, dtype,
-                                              PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE), DecoderNames())
+    return decoder_spec(hidden, vocab, KVSpec(layers, kv_heads, head_dim, dtype), DecoderNames())
 
 
 def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -237,7 +234,7 @@ def _first(*values):
     return next((v for v in values if v is not None), None)
 
 
-def _model_facts(llava_model, tokenizer) -> dict:
+def _model_facts(llava_model, tokenizer) -> ModelFacts:
     cfg, tcfg = llava_model.config, llava_model.config.get_text_config(decoder=True)
     gen = getattr(llava_model, "generation_config", None)
     eos: list[int] = []
@@ -260,12 +257,11 @@ def _model_facts(llava_model, tokenizer) -> dict:
     pad = _first(getattr(gen, "pad_token_id", None), getattr(tcfg, "pad_token_id", None),
                  getattr(cfg, "pad_token_id", None))
     bos = _first(getattr(gen, "bos_token_id", None), getattr(tcfg, "bos_token_id", None))
-    return {"vocab_size": int(tcfg.vocab_size), "hidden_size": int(tcfg.hidden_size),
-            "num_layers": int(tcfg.num_hidden_layers), "context_length": int(tcfg.max_position_embeddings),
-            "bos_token_id": None if bos is None else int(bos), "eos_token_ids": eos,
-            "pad_token_id": None if pad is None else int(pad),
-            "image_token_id": int(image_token_id), "image_token": image_token,
-            "image_seq_length": int(cfg.image_seq_length)}
+    return ModelFacts(vocab_size=int(tcfg.vocab_size), hidden_size=int(tcfg.hidden_size),
+                      num_layers=int(tcfg.num_hidden_layers), context_length=int(tcfg.max_position_embeddings),
+                      bos_token_id=None if bos is None else int(bos), eos_token_ids=tuple(eos),
+                      pad_token_id=None if pad is None else int(pad), image_token_id=int(image_token_id),
+                      image_token=image_token, image_seq_length=int(cfg.image_seq_length))
 
 
 def _sample_args(torch, embed, b: int, s: int, p: int, kvh: int, hd: int, layers: int, dtype, gen):
@@ -417,7 +413,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
         if why:
             progress(f"decoder: writing the traced graph: the fused cpu graph does not take {why}")
         else:
-            caches = fd.rope_caches(lm.rotary_emb, facts["context_length"], torch)   # fp32, before the meta move
+            caches = fd.rope_caches(lm.rotary_emb, facts.context_length, torch)   # fp32, before the meta move
     fused = fused and why is None
 
     # Trace on the meta device in the target dtype; RoPE frequencies stay fp32 (Module.to would round them:
@@ -433,7 +429,7 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     dynamic["past"] = tuple(axes[n] for n in in_names[3:])         # forward(inputs_embeds, mask, positions, *past)
     # sample sizes >= 2 everywhere: torch.export specialises 0 and 1
     gen = torch.Generator().manual_seed(1)
-    sample = _sample_args(torch, torch.zeros(8, facts["hidden_size"]), 2, 5, 3, kvh, hd, layers, tdtype, gen)
+    sample = _sample_args(torch, torch.zeros(8, facts.hidden_size), 2, 5, 3, kvh, hd, layers, tdtype, gen)
     sample = tuple(t.to("meta") for t in sample)
     wrapper_fqn = {n: fqn_of[id(p)] for n, p in wrapper.named_parameters(remove_duplicate=False)}
 
@@ -465,10 +461,10 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
             split.update({wrapper_fqn.get(k, k): v for k, v in found.items()})
         return jobs
 
-    kv_spec = KVSpec(layers, kvh, hd, dtype, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)
+    kv_spec = KVSpec(layers, kvh, hd, dtype)
     names, io_names, run = DecoderNames(), decoder_names(layers), run_onnx
     if fused:
-        files, spec, names = fd.write_fused(lm_cfg, kv_spec, caches, facts["hidden_size"], facts["vocab_size"],
+        files, spec, names = fd.write_fused(lm_cfg, kv_spec, caches, facts.hidden_size, facts.vocab_size,
                                             onnx_path, tensor, wrapper_fqn, quant_pass, split_max_bytes, tick,
                                             fusions, split)
         io_names = (spec.input_names, spec.output_names)
@@ -491,29 +487,18 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     data_name = files[1].name if len(files) > 1 else None
     emb_path = out / "embed_tokens.npy"
     table = weights.read(embed_fqn, tdtype).numpy()                      # [V, D]
-    _save_npy_atomic(emb_path, table)
+    atomic_write(emb_path, lambda f: np.save(f, table))
     files.append(emb_path)
 
-    io = (spec if fused else _spec(layers, kvh, hd, facts["hidden_size"], facts["vocab_size"], dtype)).io_json()
-    graph = {"file": onnx_path.name, "data": data_name, "names": asdict(names), **io,
-             "kv": {"num_layers": layers, "num_kv_heads": kvh, "head_dim": hd, "dtype": dtype,
-                    "form": KV_SHARED if fused else KV_FORM,
-                    "past_key": PAST_KEY, "past_value": PAST_VALUE,
-                    "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}}
+    spec = spec if fused else _spec(layers, kvh, hd, facts.hidden_size, facts.vocab_size, dtype)
+    quantization = None
     if quant is not None:
         fused = quant_pass.fused if quant.fuse_shared_input else None
-        graph["quantization"] = {**quant.manifest(quant_pass.done, fused), "error": quant_report}
-    if fusions:
-        graph["fusions"] = fusions
-    if split:
-        graph["split_weights"] = split               # checkpoint FQN -> column chunks (ort_fusions.split_wide_weights)
-    return {"graphs": {"decoder": graph},
+        quantization = {**quant.manifest(quant_pass.done, fused), "error": quant_report}
+    graph = DecoderGraph(file=onnx_path.name, data=data_name, names=names, inputs=spec.inputs_by_name,
+                         outputs=spec.outputs_by_name, kv=KVSpec(layers, kvh, hd, dtype), quantization=quantization,
+                         fusions=fusions or None, kv_form=KV_SHARED if fused else KV_FORM,
+                         split_weights=split or None)   # checkpoint FQN -> column chunks (ort_fusions.split_wide_weights)
+    return {"graphs": {"decoder": graph.to_json()},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},
-            "model": facts, "files": files, "parity": parity}
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
+            "model": facts.to_json(), "files": files, "parity": parity}

@@ -37,10 +37,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from safeclip.runtime.backends.base import DecoderNames, KVSpec
+from safeclip.runtime.graph_spec import DecoderNames, KVSpec
 from safeclip.runtime.devices import MODULES, GiB, OrinModule, module as find_module
 
-from .memory import _TEXT_DEFAULTS, BYTES, _config, estimate
+from .memory import BYTES, estimate, model_config, text_config
 from .targets import VOLUME_LIMIT, Target       # NvInfer.h: a tensor's volume must be below 2^31 elements
 
 __all__ = ["DeviceFitError", "TrtMemory", "call_context_bytes", "trt_memory", "check_device", "device_table",
@@ -136,8 +136,8 @@ def trt_memory(config_or_name: Any, target: Target, weights: str | None = None,
         raise ValueError(f"target '{target.name}' builds no TensorRT engines")
     if weights == "int8":
         raise ValueError("--weights int8 is not offered for TensorRT targets (export/quant.py): use int4 or fp16")
-    name, cfg = _config(config_or_name)
-    t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+    name, cfg = model_config(config_or_name)
+    t = text_config(cfg)
     ctx = min(int(context or target.context), int(t["max_position_embeddings"]))
     precision = "fp16" if target.precision == "float16" else "fp32"
     b = BYTES[precision]

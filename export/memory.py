@@ -100,7 +100,8 @@ _TEXT_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_l
                   "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 __all__ = ["UnsupportedPrecision", "MemoryEstimate", "estimate", "export_needs", "param_counts", "dry_run_table", "family_table",
-           "MODELS", "MODEL_IDS", "MODEL_SOURCES", "ORIN_MODULES", "USABLE_ASSUMPTION", "usable_bytes"]
+           "MODELS", "MODEL_IDS", "MODEL_SOURCES", "ORIN_MODULES", "USABLE_ASSUMPTION", "usable_bytes", "model_config",
+           "text_config"]
 
 
 class UnsupportedPrecision(ValueError):
@@ -156,7 +157,8 @@ def _quant_bytes(t: Mapping, weights: str, b: int, per_channel_int8: bool = True
     return lin * b - (lin * bits // 8 + scales)
 
 
-def _config(config_or_name: Any) -> tuple[str, dict]:
+def model_config(config_or_name: Any) -> tuple[str, dict]:
+    """(name, config dict) of a table model name or id, a folder or config.json path, a config object or dict."""
     if isinstance(config_or_name, str) and config_or_name in MODEL_IDS:
         config_or_name = MODEL_IDS[config_or_name]
     if isinstance(config_or_name, str) and config_or_name in MODELS:
@@ -175,6 +177,11 @@ def _config(config_or_name: Any) -> tuple[str, dict]:
     raise TypeError(f"expected a model name, a config dict or a config.json path, got {type(config_or_name).__name__}")
 
 
+def text_config(cfg: Mapping) -> dict:
+    """The language model's config of a LLaVA config, LLaVA-1.5's values where it leaves one out."""
+    return {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+
+
 def _max_views(cfg: Mapping, tile: int) -> int:
     pins = cfg.get("image_grid_pinpoints")
     if not pins:
@@ -185,7 +192,7 @@ def _max_views(cfg: Mapping, tile: int) -> int:
 def param_counts(cfg: Mapping) -> dict[str, int]:
     """Parameters per component of a LLaVA / LLaVA-NeXT config (formulas in the module docstring)."""
     v = {**_CLIP_L_336, **(cfg.get("vision_config") or {})}
-    t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+    t = text_config(cfg)
     H, I, n = v["hidden_size"], v["intermediate_size"], (v["image_size"] // v["patch_size"]) ** 2
     embeddings = 3 * v["patch_size"] ** 2 * H + H + (n + 1) * H          # patch conv (no bias), class, positions
     layer = 4 * (H * H + H) + 2 * 2 * H + (H * I + I) + (I * H + H)     # q k v o, 2 LayerNorms, fc1, fc2
@@ -205,7 +212,7 @@ def param_counts(cfg: Mapping) -> dict[str, int]:
 def estimate(config_or_name: Any, context: int, precision: str = "fp16", weights: str | None = None) -> MemoryEstimate:
     """Weights, KV cache and activation estimate of one model at ``context`` tokens; ``weights`` int8/int4
     quantises the language model's linear layers (``precision`` int8/int4: fp16 graphs with those weights)."""
-    name, cfg = _config(config_or_name)
+    name, cfg = model_config(config_or_name)
     if str(precision).lower() in WEIGHT_BITS:
         precision, weights = "fp16", str(precision).lower()
     if weights is not None and weights not in WEIGHT_BITS:
@@ -215,7 +222,7 @@ def estimate(config_or_name: Any, context: int, precision: str = "fp16", weights
         weights = None
     b = _bytes_per(precision)
     v = {**_CLIP_L_336, **(cfg.get("vision_config") or {})}
-    t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+    t = text_config(cfg)
     max_ctx = int(t["max_position_embeddings"])
     if not 1 <= int(context) <= max_ctx:
         raise ValueError(f"context {context} outside 1..{max_ctx}, the model's max_position_embeddings")
@@ -239,8 +246,8 @@ def estimate(config_or_name: Any, context: int, precision: str = "fp16", weights
 
 def longest_context(config_or_name: Any, module: str, precision: str = "fp16", weights: str | None = None) -> int:
     """The longest context (tokens, at most the model's) whose estimate fits ``module``; 0: none does."""
-    _, cfg = _config(config_or_name)
-    t = {**_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+    _, cfg = model_config(config_or_name)
+    t = text_config(cfg)
     top = int(t["max_position_embeddings"])
     one, full = estimate(cfg, 1, precision, weights), estimate(cfg, top, precision, weights)
     per_token = (full.total_bytes - one.total_bytes) / max(top - 1, 1)          # KV + activations are linear
@@ -319,7 +326,7 @@ def dry_run_table(config_or_name: Any, context: int, precision: str = "fp16", we
     for module in ORIN_MODULES:
         cells = [longest_context(config_or_name, module, precision, w) for _, w in variants]
         out.append(f"| {module} | " + " | ".join(str(c) if c else "-" for c in cells) + " |")
-    disk, peak = export_needs(e, {**_TEXT_DEFAULTS, **(_config(config_or_name)[1].get("text_config") or {})})
+    disk, peak = export_needs(e, text_config(model_config(config_or_name)[1]))
     out += ["", f"Exporting it (safeclip-export on the host, {e.weights} weights): about {_gib(disk)} GiB of disk for "
             f"the bundle and a peak of about {_gib(peak)} GiB of memory (weights are streamed from the checkpoint "
             "tensor by tensor; the parity check memory-maps the largest graph's weights)."]

@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from safeclip.runtime.backends.arena import EXTEND_MAX
-from safeclip.runtime.backends.base import DecoderNames, KVSpec, VisionNames
+from safeclip.runtime.graph_spec import DecoderNames, KVSpec, VisionNames
 from safeclip.runtime.graph_spec import decoder_spec, vision_spec
 
 GiB = 1 << 30

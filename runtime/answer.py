@@ -11,7 +11,7 @@ from typing import Iterator
 
 from .gate import Verdict
 
-__all__ = ["Answer", "AnswerStream", "GenerationUnavailable"]
+__all__ = ["Answer", "AnswerStream", "GenerationUnavailable", "ms"]
 
 
 class GenerationUnavailable(RuntimeError):
@@ -37,18 +37,19 @@ class Answer:
                 "completion_tokens": len(self.token_ids), "timings": self.timings}
 
 
-def _ms(seconds: float) -> float:
+def ms(seconds: float) -> float:
+    """Seconds as milliseconds, to the microsecond (every timing an answer reports)."""
     return round(seconds * 1e3, 3)
 
 
 class AnswerStream:
     """One request, already gated (``.verdict``) and planned (``.action``); iterate for the text pieces.
 
-    :meth:`Pipeline.stream` does the work before this object exists (image read, gate, policy, prompt), so
+    ``Chat.ask`` (every request's route) does the work before this object exists (image read, gate, policy, prompt), so
     its errors (unreadable image, prompt too long for the context) come before any language-model work;
-    the constructor only keeps what it is given. Iterating holds the pipeline's lock for one decoder step at
+    the constructor only keeps what it is given. Iterating holds the language model's lock for one decoder step at
     a time, never across a ``yield``: an abandoned stream blocks nobody, and if another request used the
-    decoder meanwhile, this one rebuilds its cache before its next step (:class:`_DecoderLease`).
+    decoder meanwhile, this one rebuilds its cache before its next step (``lease.DecoderLease``).
     """
 
     def __init__(self, pipe, *, verdict: Verdict | None, policy: str, action: str, timings: dict,
@@ -60,13 +61,20 @@ class AnswerStream:
         if self.refusal is not None:
             yield self.refusal
             return
-        yield from self._text_stream              # each decoder step takes the pipeline lock (_DecoderLease)
+        yield from self._text_stream              # each decoder step takes the model's lock (lease.py)
         r = self._text_stream.result
-        self.timings.update(prefill_ms=_ms(r.timings.prefill_s), decode_ms=_ms(r.timings.decode_s),
+        self.timings.update(prefill_ms=ms(r.timings.prefill_s), decode_ms=ms(r.timings.decode_s),
                             decode_tokens_per_s=round(r.timings.tokens_per_s, 2),
-                            ttft_ms=_ms(self.timings.get("preprocess_ms", 0) / 1e3 +
+                            ttft_ms=ms(self.timings.get("preprocess_ms", 0) / 1e3 +
                                         (self.timings.get("vision_gate_ms") or 0) / 1e3 + r.timings.prefill_s),
-                            total_ms=_ms(time.perf_counter() - self._t0))
+                            total_ms=ms(time.perf_counter() - self._t0))
+
+    def cancel(self) -> None:
+        """Stop an unfinished answer decoded in a scheduler's batch: its sequence leaves at the next step. (A
+        one-sequence answer holds the decoder only during a step: dropping the stream is enough.)"""
+        cancel = getattr(self._text_stream, "cancel", None)
+        if cancel is not None:
+            cancel()
 
     @property
     def result(self) -> Answer:

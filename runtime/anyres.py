@@ -27,7 +27,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from .image import _PIL_RESAMPLE, ImageError, _to_rgb, check_spec, preprocess, preprocess_spec_from_config
+from .image import PIL_RESAMPLE, ImageError, check_spec, preprocess, preprocess_spec_from_config, to_rgb
 
 __all__ = ["select_best_resolution", "grid_shape", "anyres_spec_from_config", "check_anyres_spec",
            "anyres_views", "pack_features", "num_image_tokens", "features_for_image", "max_views",
@@ -173,9 +173,9 @@ def anyres_views(image: Image.Image, spec: dict) -> tuple[np.ndarray, tuple[int,
     if not isinstance(image, Image.Image):
         raise ImageError(f"<{type(image).__name__}>: anyres_views needs a PIL image (use load_image)")
     if image.mode != "RGB":
-        image = _to_rgb(image, "<PIL image>")
+        image = to_rgb(image, "<PIL image>")
     a = spec["anyres"]
-    tile, resample = a["tile_size"], _PIL_RESAMPLE[spec["resample"]]
+    tile, resample = a["tile_size"], PIL_RESAMPLE[spec["resample"]]
     w, h = image.size
     th, tw = select_best_resolution((h, w), a["grid_pinpoints"])
     nh, nw = _fit_size(h, w, th, tw)

@@ -46,10 +46,12 @@ from .backends import trt_build
 from .backends.base import BackendError
 from .backends.ort import OrtDecoder, make_session
 from .manifest import BundleError, Manifest, load_manifest, sha256_file, verify_files, write_manifest
-from .error_text import one_line
+from .error_text import EXIT_INTERRUPTED, EXIT_USAGE, fail
+from .host_memory import available_bytes
 from .signing import TRUSTED_KEY_HELP
 from .tolerances import engine_tolerance
 
+PROG = "safeclip-build"
 GRAPH_PRECISION = {"float16": "strongly_typed", "float32": "strongly_typed"}
 
 __all__ = ["BuildError", "BuildReport", "BuildOutcome", "build_engines", "maybe_build_engines", "engine_parity",
@@ -78,17 +80,6 @@ class BuildOutcome:
 def graph_precision(graph: dict, fallback: str = "float32") -> str:
     """The precision a graph was exported in: its own record, else its KV cache dtype (decoder)."""
     return graph.get("precision") or (graph.get("kv") or {}).get("dtype") or fallback
-
-
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux, Jetson included), else None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _compare(where: str, ref: np.ndarray, got: np.ndarray, precision: str) -> float:
@@ -128,7 +119,7 @@ def engine_parity(name: str, plan_path: Path, manifest: dict, root: Path, device
             eng.close()
     if name == "decoder":
         dec = m.decoder
-        need, have = 3 * m.file_bytes(dec.files) + plan_path.stat().st_size, _available_bytes()
+        need, have = 3 * m.file_bytes(dec.files) + plan_path.stat().st_size, available_bytes()
         if have is not None and need > have:      # ORT CPU may hold fp32 copies of fp16 weights next to the engine
             return {"skipped": f"ONNX Runtime reference needs about {need / 2**30:.1f} GiB, "
                                f"{have / 2**30:.1f} GiB available"}
@@ -288,15 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                                parity=not args.no_parity, progress=progress, sign_key=args.sign_key,
                                trusted_keys=args.trusted_key)
     except KeyboardInterrupt:
-        print("safeclip-build: interrupted; the manifest was not changed", file=sys.stderr)
-        return 130
-    except trt_build.TensorRTUnavailable as e:
-        print(f"safeclip-build: {one_line(e)}", file=sys.stderr)
-        return 2
+        return fail(PROG, "interrupted; the manifest was not changed", EXIT_INTERRUPTED, label=None)
+    except trt_build.TensorRTUnavailable as e:                  # what to install on this machine
+        return fail(PROG, e, EXIT_USAGE, label=None)
     except (BundleError, BuildError, BackendError, trt_build.EngineBuildError, trt_build.ProfileError,
             OSError, ValueError) as e:
-        print(f"safeclip-build: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     for name, rec in report.built.items():
         par = rec.get("parity", {})
         err = par.get("skipped") or ", ".join(f"{k} {v:.2e}" for k, v in par.items()) or "not checked"

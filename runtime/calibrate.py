@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from .error_text import one_line
+from .error_text import EXIT_INTERRUPTED, EXIT_USAGE, fail, one_line
 from .signing import TRUSTED_KEY_HELP
+
+PROG = "safeclip-calibrate"
 
 
 def calibrate_parser() -> argparse.ArgumentParser:
@@ -74,8 +77,7 @@ def _calibrated(pipe, labels, max_fpr):
 def main(argv: list[str] | None = None) -> int:
     args = calibrate_parser().parse_args(argv)
     if not 0.0 < args.max_fpr <= 1.0:
-        print("safeclip-calibrate: error: --max-fpr must be in (0, 1]", file=sys.stderr)
-        return 2
+        return fail(PROG, "--max-fpr must be in (0, 1]", EXIT_USAGE)
     from .manifest import BundleError, load_manifest, write_manifest
     from .metrics import CalibrationError, LabelsError, read_labels
     from .pipeline import Pipeline
@@ -100,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                                  "bundle exported with the other --gate")
             alt = (other.manifest.gate_config.variant, *_calibrated(other, read_labels(
                 args.labels, other.classes, other.safe_classes), args.max_fpr))
+    except KeyboardInterrupt:
+        return fail(PROG, "interrupted; nothing was written", EXIT_INTERRUPTED, label=None)
     except (BundleError, LabelsError, CalibrationError, RuntimeError, ValueError, OSError) as e:
-        print(f"safeclip-calibrate: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return fail(PROG, e, EXIT_USAGE)
     old = pipe.threshold
     if choice["threshold"] >= 1.0:       # the rule is p > threshold: a bundle with 1 would never flag (and not load)
-        print(f"safeclip-calibrate: error: no threshold below 1 catches any labelled toxic image within FPR "
-              f"{pct(args.max_fpr)}: the gate would never flag; nothing written", file=sys.stderr)
-        return 2
+        return fail(PROG, f"no threshold below 1 catches any labelled toxic image within FPR {pct(args.max_fpr)}: "
+                          "the gate would never flag; nothing written", EXIT_USAGE)
     variant = pipe.manifest.gate_config.variant
     print(f"gate {variant}: {choice['n_toxic']} toxic / {choice['n_safe']} safe labelled images")
     print(f"  current threshold {old:g}: DSR {pct(before['dsr'])}, FPR {pct(before['fpr'])}")
@@ -125,26 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     import hashlib
 
     m = load_manifest(args.bundle, trusted_keys=args.trusted_key)         # re-verify right before writing
-    data = dict(m.data)
-    gate = dict(data["gate"])
-    gate["history"] = list(gate.get("history", [])) + [{
+    data, g = dict(m.data), m.gate_config
+    if args.descriptors_out and g.descriptors is None:          # before anything is written
+        return fail(PROG, f"{args.bundle}: its gate records no descriptor set: --descriptors-out cannot be "
+                          "written; nothing written", EXIT_USAGE)
+    gate = replace(g, threshold=float(choice["threshold"]), history=list(g.history or []) + [{
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "old_threshold": old, "new_threshold": choice["threshold"], "max_fpr": args.max_fpr,
         "labels": str(args.labels), "labels_sha256": hashlib.sha256(args.labels.read_bytes()).hexdigest(),
-        "n_safe": choice["n_safe"], "n_toxic": choice["n_toxic"], "dsr": choice["dsr"], "fpr": choice["fpr"]}]
-    gate["threshold"] = float(choice["threshold"])
-    data["gate"] = gate
+        "n_safe": choice["n_safe"], "n_toxic": choice["n_toxic"], "dsr": choice["dsr"], "fpr": choice["fpr"]}])
+    data["gate"] = {**m.gate, **gate.to_json()}          # through the contract; keys it does not know stay
     write_manifest(args.bundle, data, sign_key=args.sign_key)
     print(f"wrote threshold {old:g} -> {choice['threshold']:.6g} into {args.bundle / 'manifest.json'}")
     if args.descriptors_out:
         from safeclip.descriptors import DescriptorSet
 
         from .manifest import atomic_write_text
-        d = gate["descriptors"]
+        d = gate.descriptors
         dset = DescriptorSet(name=d["name"], version=d["version"], classes=tuple(d["sentences"]),
                              sentences=tuple(tuple(s) for s in d["sentences"].values()),
-                             safe_classes=tuple(gate["safe_classes"]), default_threshold=gate["threshold"],
-                             description=d.get("description", ""), refusals=dict(gate.get("refusals") or {}))
+                             safe_classes=gate.safe_classes, default_threshold=gate.threshold,
+                             description=d.get("description", ""), refusals=dict(gate.refusals))
         atomic_write_text(args.descriptors_out, json.dumps(dset.to_json(), indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.descriptors_out}")
     return 0

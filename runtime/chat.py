@@ -16,7 +16,8 @@ KV reuse: the cache holds the last sequence this conversation ran. A new turn co
 (image positions compared by image content) with it: the cache is cut back to the longest common prefix
 (``Decoder.truncate``: the template may re-render an earlier turn differently from the tokens generated) and
 only the tokens after it are prefilled (``Decoder.extend``). If another request used the decoder in between,
-the whole sequence is prefilled again. The pipeline's lock is taken per decoder step, never across a yield.
+the whole sequence is prefilled again. The language model's lock is taken per decoder step, never across a
+yield (``lease.py``).
 With a ``prefix_cache`` (``prefix_cache.PrefixCache``, the server's), a finished turn's KV is snapshotted there
 (``Decoder.kv_read``) and a conversation whose keys share a longer prefix with a snapshot than with the
 decoder's own cache restores it (``Decoder.kv_write``): how a stateless client's re-sent history is not paid
@@ -55,10 +56,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .answer import Answer, AnswerStream, GenerationUnavailable, ms
 from .backends.base import ContextError
-from .gate import POLICIES, Verdict
+from .gate import Verdict, check_policy
 from .image import MAX_PIXELS
-from .answer import Answer, AnswerStream, GenerationUnavailable, _ms
+from .lease import CacheRecord, DecoderLease, SlotTurn
 
 __all__ = ["Chat", "ChatAnswer", "ChatStream", "ImageCache", "image_key"]
 
@@ -125,6 +127,12 @@ class ImageCache:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.features.nbytes
 
+    def clear(self) -> None:
+        """Forget every image (the counters stay)."""
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
     def stats(self) -> dict:
         return {"entries": len(self._items), "bytes": self.bytes, "max_bytes": self.max_bytes,
                 "hits": self.hits, "misses": self.misses}
@@ -149,115 +157,12 @@ class ChatAnswer(Answer):
                 "cached_tokens": self.cached_tokens}
 
 
-class _ChatLease:
-    """One turn's use of the pipeline's decoder (the ``Decoder`` shape ``TextStream`` drives), one locked step
-    at a time. The prefill reuses what the cache holds of this conversation; a step after another request used
-    the decoder rebuilds the cache from this turn's prompt and the tokens fed since (as ``_DecoderLease``)."""
-
-    def __init__(self, chat: "Chat", keys: np.ndarray):
-        self.chat, self.pipe, self.dec = chat, chat.pipe, chat.pipe._lm.decoder
-        self.capacity, self.hidden_size, self.dtype = self.dec.capacity, self.dec.hidden_size, self.dec.dtype
-        self.keys = keys                                 # [S] what each prompt position holds (module docstring)
-        self._prompt: np.ndarray | None = None
-        self._fed: list[np.ndarray] = []
-        self._fed_ids: list[int] = []
-        self._next_id: int | None = None                 # set by on_token before the token is fed
-        self._token = object()
-        self.cached = self.prefilled = 0
-
-    @property
-    def length(self) -> int:
-        return 0 if self._prompt is None else len(self._prompt) + len(self._fed)
-
-    def reset(self, length: int = 0) -> None:
-        self._prompt, self._fed = None, []
-
-    def on_token(self, token: int, _piece: str) -> None:
-        self._next_id = int(token)
-
-    def _own(self, keys: list[int]) -> None:
-        self.pipe._cache_owner = self.chat._cache_token = self._token
-        self.chat._cached_keys = keys
-
-    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        x = np.asarray(inputs_embeds)
-        self._prompt, self._fed, self._fed_ids = x.reshape(-1, x.shape[-1]), [], []        # [S, D]
-        S = len(self._prompt)
-        with self.pipe._lock:
-            keep = 0
-            if self.pipe._cache_owner is not None and self.pipe._cache_owner is self.chat._cache_token:
-                held = np.asarray(self.chat._cached_keys[: min(self.dec.length, S - 1)], np.int64)
-                diff = np.flatnonzero(held != self.keys[: held.size])
-                keep = int(diff[0]) if diff.size else held.size
-            pc = self.chat.prefix_cache
-            n, arrays = pc.match(self.keys, S - 1) if pc is not None and pc.enabled else (0, None)
-            if n > keep:                                  # a longer prefix of this sequence was snapshotted
-                self.dec.kv_write(arrays)
-                keep = n
-                logits = self.dec.extend(self._prompt[keep:])
-            elif keep == 0:
-                logits = self.dec.prefill(self._prompt)
-            else:
-                self.dec.truncate(keep)                   # cut back to the first differing position
-                logits = self.dec.extend(self._prompt[keep:])
-            self.cached, self.prefilled = keep, S - keep
-            self._own([int(k) for k in self.keys])
-            return np.array(logits)
-
-    def snapshot(self) -> None:
-        """Store what the decoder holds of this turn (prompt + answer) in the chat's prefix cache."""
-        pc = self.chat.prefix_cache
-        if pc is None or not pc.enabled:
-            return
-        kv = getattr(self.dec, "kv", None)            # KVSpec: the snapshot's size before reading it
-        per = 0 if kv is None else kv.position_bytes
-        with self.pipe._lock:
-            keys = list(self.chat._cached_keys)
-            if self.pipe._cache_owner is not self._token or len(keys) != self.dec.length or not pc.wants(keys, per):
-                return
-            arrays = self.dec.kv_read(len(keys))
-        pc.put(keys, arrays)
-
-    def decode_one_token(self, token_embeds: np.ndarray) -> np.ndarray:
-        e = np.asarray(token_embeds, dtype=self.dtype).reshape(-1)
-        self._fed.append(e)
-        self._fed_ids.append(-1 if self._next_id is None else self._next_id)
-        with self.pipe._lock:
-            if self.pipe._cache_owner is self._token:
-                self.chat._cached_keys.append(self._fed_ids[-1])
-                return np.array(self.dec.decode_one_token(e))
-            x = np.concatenate([np.asarray(self._prompt, self.dtype), np.stack(self._fed)])   # [S + n, D]
-            logits = np.array(self.dec.prefill(x))       # another request ran: rebuild
-            self._own([int(k) for k in self.keys] + list(self._fed_ids))
-            return logits
-
-
-class _BatchedTurn:
-    """A turn decoded by the pipeline's ``scheduler.Scheduler`` (``Pipeline.enable_batching``) in its own KV slot:
-    the scheduler restores the longest prefix the chat's prefix cache holds of it and snapshots the finished
-    turn there itself (``scheduler.py``), so there is nothing to snapshot here."""
-
-    def __init__(self, stream, prompt_tokens: int):
-        self.stream, self.prompt_tokens = stream, int(prompt_tokens)
-
-    @property
-    def cached(self) -> int:
-        return self.stream.cached_tokens
-
-    @property
-    def prefilled(self) -> int:
-        return self.prompt_tokens - self.cached
-
-    def snapshot(self) -> None:
-        pass
-
-
 class ChatStream(AnswerStream):
     """One turn of a :class:`Chat`: iterate for the text pieces; ``.verdict`` (this turn's image, or the image
     that refused it), ``.verdicts`` (every image of the conversation), ``.result`` a :class:`ChatAnswer`."""
 
     def __init__(self, chat: "Chat", turn: _Turn, turn_id: int, verdicts: tuple[Verdict, ...],
-                 lease: _ChatLease | None, **kw):
+                 lease: DecoderLease | SlotTurn | None, **kw):
         super().__init__(chat.pipe, **kw)
         self.chat, self.turn, self.turn_id, self.verdicts, self.lease = chat, turn, turn_id, verdicts, lease
 
@@ -284,8 +189,7 @@ class Chat:
         self.pipe, self.system, self.prefix_cache = pipe, system, prefix_cache
         self._turns: list[_Turn] = []
         self._pending = 0                                # id of the turn whose stream may still finish
-        self._cache_token: object | None = None          # the lease whose sequence this chat last cached
-        self._cached_keys: list[int] = []
+        self._record = CacheRecord()                     # what this chat last put in the decoder's cache
         self._unseen: list[tuple[list, int, np.ndarray, Any]] = []    # history images not gated yet
 
     # -- history ---------------------------------------------------------------------------------------
@@ -293,15 +197,22 @@ class Chat:
         """Forget the conversation (the system prompt stays)."""
         self._turns, self._pending, self._unseen = [], self._pending + 1, []
 
+    def undo(self) -> None:
+        """Forget the last finished turn (its question, images and answer), e.g. to ask it again; an unfinished
+        turn's stream no longer joins the history. The decoder's cache keeps what it holds: the next turn
+        reuses the common prefix."""
+        if not self._turns:
+            raise ValueError("the conversation has no finished turn to undo")
+        self._turns.pop()
+        self._pending += 1
+
     def set_history(self, turns: Sequence[tuple[str, Sequence, str]], *, policy: str | None = None,
                     max_pixels: int = MAX_PIXELS) -> None:
         """Replace the conversation by earlier turns, ``(user text, images, assistant answer)`` each, as a
         stateless client re-sends them. Their images are taken from the image cache or gated by the next
         :meth:`ask` (after its context check), like that turn's own; ``policy`` is theirs (default the
         pipeline's). Raises ``ValueError``/``ImageError`` on a bad turn, the chat unchanged."""
-        policy = policy or self.pipe.policy
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+        policy = check_policy(policy or self.pipe.policy)
         unseen: list = []
         new = []
         for i, (text, images, answer) in enumerate(turns):
@@ -317,8 +228,8 @@ class Chat:
             key = image_key(src, max_pixels)
             hit = cache.get(key)
             if hit is None:
-                pv, size = self.pipe._views(src, max_pixels)
-                hit = _Image(key, np.zeros((self.pipe.image_tokens(size), 0), np.float32), None)
+                pv, size = self.pipe.vision.views(src, max_pixels)
+                hit = _Image(key, np.zeros((self.pipe.vision.image_tokens(size), 0), np.float32), None)
                 pending.append((images, len(images), pv, size))
             images.append(hit)
         return images
@@ -357,30 +268,27 @@ class Chat:
             self._pending += 1
 
     # -- tokens ----------------------------------------------------------------------------------------
-    def _tokens(self, turn: _Turn) -> tuple[np.ndarray, np.ndarray, list[_Image]]:
-        """(ids [S] with every image expanded, position keys [S], the images in order) of history + ``turn``."""
-        from .prompt import render_messages, tokenize
-
-        lm = self.pipe._lm
-        text = render_messages(lm.template, self._messages(self._turns, turn), add_generation_prompt=True,
-                               **lm.special_tokens)
+    def _tokens(self, turn: _Turn) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [S] with every image expanded, position keys [S]) of history + ``turn``: one render through the
+        chat template and one tokenization."""
+        lm = self.pipe.language_model
         images = [im for t in (*self._turns, turn) for im in t.images]
-        raw = tokenize(lm.tokenizer, text, lm.image_token_id, 1, bos_token=lm.special_tokens.get("bos_token"),
-                       num_images=len(images))
+        raw = lm.tokenize(lm.render(self._messages(self._turns, turn)), num_images=len(images))
         slots = np.flatnonzero(raw == lm.image_token_id)
         repeats = np.ones(raw.size, np.int64)
         repeats[slots] = [im.positions for im in images]
         raw_keys = raw.copy()                          # an image's positions: one negative code per content
         raw_keys[slots] = [-(int(im.key[:15], 16) + 1) for im in images]    # the same in every chat
-        ids, keys = np.repeat(raw, repeats), np.repeat(raw_keys, repeats)    # [S], [S]
-        return ids, keys, images
+        return np.repeat(raw, repeats), np.repeat(raw_keys, repeats)        # [S], [S]
 
     def _check_context(self, n: int, reserve: int = 0) -> None:
-        cap = self.pipe._lm.decoder.capacity
+        cap = self.pipe.language_model.capacity
         if reserve and n + reserve > cap:
             raise ContextError(f"this model's context is {cap} tokens, but the conversation takes {n} tokens and "
                                f"max_tokens asks for {reserve} more ({n + reserve} in all); shorten the "
                                f"conversation or lower max_tokens")
+        if n > cap and not self._turns:
+            raise ContextError(f"prompt of {n} tokens exceeds the context capacity of {cap} tokens")
         if n > cap:
             raise ContextError(f"conversation of {n} tokens ({len(self._turns)} earlier turns and this one) exceeds "
                                f"the context capacity of {cap} tokens; start a new conversation (reset())")
@@ -392,17 +300,21 @@ class Chat:
             max_pixels: int = MAX_PIXELS, reserve: int = 0) -> ChatStream:
         """Ask the next question, with ``image`` (None, one image, or a list of them) before the text.
 
+        Every request takes this route (``Pipeline.stream`` is a one-turn conversation): policy check, images
+        (cached or preprocessed), one render + tokenization of the conversation and the context check, the
+        vision pass and gate, the policy, then the decoder through a :class:`~.lease.DecoderLease` or the
+        pipeline's scheduler. The conversation is rendered a second time only when the gate puts a safety
+        instruction into it (its text exists only once an image is flagged).
+
         Raises here, before any language-model work: an unknown policy, an empty text, an unreadable image,
         a conversation longer than the context, or than the context less ``reserve`` tokens kept for the
         answer (:class:`ContextError`), a bundle without a language model.
         """
-        pipe, t0 = self.pipe, time.perf_counter()
-        policy = policy or pipe.policy
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+        pipe, lm, t0 = self.pipe, self.pipe.language_model, time.perf_counter()
+        policy = check_policy(policy or pipe.policy)
         if not isinstance(text, str) or not text.strip():
-            raise ValueError("the question is empty")
-        if pipe._lm is None:
+            raise ValueError("the prompt is empty")
+        if lm is None:
             raise GenerationUnavailable(f"{pipe.manifest.root}: bundle has no language model "
                                         "(exported with --no-decoder); only gating is available")
         sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
@@ -411,20 +323,21 @@ class Chat:
         t1 = time.perf_counter()
         images = self._gather(sources, max_pixels, pending)    # cached, or preprocessed (no vision pass yet)
         total = len(sources) + sum(len(t.images) for t in self._turns)
-        timings.update(preprocess_ms=_ms(time.perf_counter() - t1), image_cache_hits=total - len(pending))
+        timings.update(preprocess_ms=ms(time.perf_counter() - t1), image_cache_hits=total - len(pending))
         turn = _Turn(text, images, policy, instruction)
-        self._check_context(self._tokens(turn)[0].size, reserve)     # before the vision pass
+        ids, keys = self._tokens(turn)
+        self._check_context(ids.size, reserve)                       # before the vision pass
         vision_s, done = 0.0, {}
         for where, i, pv, size in pending:               # this turn's images and the history's unseen ones
             key = where[i].key
             if key not in done:
-                feats, verdict = pipe._vision_pass(pv, size)              # [1, N, D_lm]
+                feats, verdict = pipe.vision.encode_views(pv, size)       # [1, N, D_lm]
                 vision_s += verdict.latency_ms / 1e3
                 done[key] = _Image(key, np.ascontiguousarray(feats[0]), verdict)
                 cache.put(done[key])
             where[i] = done[key]
         self._unseen = []
-        timings["vision_gate_ms"] = _ms(vision_s) if pending else 0.0
+        timings["vision_gate_ms"] = ms(vision_s) if pending else 0.0
         self._pending += 1
         turn_id = self._pending
         verdicts = self.verdicts + tuple(im.verdict for im in images)
@@ -436,24 +349,26 @@ class Chat:
         if refusing:
             v = flagged[0] if policy == "refuse" and flagged else refusing[0]
             refusal = pipe.refusal_for(v.category)
-            timings["total_ms"] = _ms(time.perf_counter() - t0)
+            timings["total_ms"] = ms(time.perf_counter() - t0)
             self._finish(turn_id, turn, refusal)
             return ChatStream(self, turn, turn_id, verdicts, None, verdict=v, policy=policy, action="refused",
                               timings=timings, t0=t0, refusal=refusal)
-        ids, keys, all_images = self._tokens(turn)
-        self._check_context(ids.size, reserve)                       # the instructions take room too
-        from .generate import TextStream, embed_prompt
-
-        lm = pipe._lm
+        instructed = {d.key for d in done.values() if d.verdict.flagged}
+        if any(im.key in instructed for t in (*self._turns, turn) if t.policy == "instruct" for im in t.images):
+            ids, keys = self._tokens(turn)               # the gate put a safety instruction in: render again
+            self._check_context(ids.size, reserve)       # the instruction takes room too
+        all_images = [im for t in (*self._turns, turn) for im in t.images]
         feats = np.concatenate([im.features for im in all_images]) if all_images else None
-        embeds = embed_prompt(lm.table, ids, lm.image_token_id, feats, dtype=lm.decoder.dtype)      # [S, D]
+        embeds = lm.embed(ids, feats)                                          # [S, D]
         kw = dict(tokenizer=lm.tokenizer, max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_ids,
                   stop_strings=list(stop), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if pipe.scheduler is not None:                   # scheduler.py: the turn joins the running batch
             stream = pipe.scheduler.submit(embeds, prefix_keys=keys, prefix_cache=self.prefix_cache, **kw)
-            lease = _BatchedTurn(stream, ids.size)
+            lease = SlotTurn(stream, ids.size)
         else:
-            lease = _ChatLease(self, keys)
+            from .generate import TextStream
+
+            lease = DecoderLease(lm, keys, self._record, self.prefix_cache)
             stream = TextStream(lease, lm.table, embeds, on_token=lease.on_token, **kw)
         action = ("instructed" if policy == "instruct" else "annotated") if flagged else "generated"
         return ChatStream(self, turn, turn_id, verdicts, lease, verdict=own, policy=policy, action=action,

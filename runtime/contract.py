@@ -13,35 +13,60 @@ exported before the one-arena runtime) is refused with one line saying to re-exp
 need a second, ping-pong arena this runtime does not have, and a re-export is the only step (the bundle's
 other graphs are unchanged); a bundle without a decoder is not concerned. Graph tensor names come from
 ``graphs.<graph>.names`` (roles to names) and ``graphs.decoder.kv``; a bundle written before ``names``
-existed gets the defaults of :class:`~safeclip.runtime.backends.base.VisionNames` / ``DecoderNames``. Every
+existed gets the defaults of :class:`~safeclip.runtime.graph_spec.VisionNames` / ``DecoderNames``. Every
 named tensor must be among the graph's declared inputs or outputs.
+
+The graph sections are written through the same classes that read them: the exporter builds a
+:class:`VisionGraph` / :class:`DecoderGraph` and writes its ``to_json()`` (every field that is not ``None``,
+in field order), so a new field is one edit here. Tensors are the graph spec's ``TensorDecl``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Mapping
 
-from .backends.base import KV_FORM, DecoderNames, KVSpec, VisionNames
-from .graph_spec import KV_FORMS
-from .gate import POLICIES
-from .views import VIEW_MODES
+from .graph_spec import KV_FORM, KV_FORMS, DecoderNames, KVSpec, TensorDecl, VisionNames
+from .gate import POLICIES, VIEW_MODES
 
 DECODER_CONTRACT = 2            # bumped from 1 when the decoder's KV outputs became the new rows only
 
-__all__ = ["DECODER_CONTRACT", "ContractError", "TensorSpec", "VisionGraph", "DecoderGraph", "GateConfig", "ModelFacts"]
+__all__ = ["DECODER_CONTRACT", "ContractError", "VisionGraph", "DecoderGraph", "GateConfig", "ModelFacts"]
 
 
 class ContractError(ValueError):
     """A manifest section does not hold what the runtime needs (``manifest.py`` turns it into a BundleError)."""
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple                 # ints, or names of dynamic dimensions ("batch", "seq", "past+seq")
-    dtype: str
+def _json(value: Any) -> Any:
+    """A section field as the manifest holds it: typed values through their ``to_json``, names by role."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if is_dataclass(value):
+        return asdict(value)
+    if isinstance(value, Mapping):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, tuple):                  # as JSON reads it back: a list
+        return [_json(v) for v in value]
+    return value
 
 
-def _tensors(graph: Mapping, key: str, where: str) -> dict[str, TensorSpec]:
+def section_json(section) -> dict[str, Any]:
+    """A typed manifest section as JSON: every field that is not ``None``, in field order."""
+    return {f.name: _json(v) for f in fields(section) if (v := getattr(section, f.name)) is not None}
+
+
+_KINDS = {str: "a text", int: "an int", Mapping: "an object"}
+
+
+def _optional(graph: Mapping, key: str, kind: type, where: str):
+    """``graph[key]`` when present (``None`` if not), refused with one line if it is not of ``kind``."""
+    v = graph.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, kind)):
+        raise ContractError(f"{where}.{key} must be {_KINDS[kind]}, got {v!r}")
+    return v
+
+
+def _tensors(graph: Mapping, key: str, where: str) -> dict[str, TensorDecl]:
     io = graph.get(key)
     if not isinstance(io, Mapping):
         raise ContractError(f"{where}.{key} must be an object of tensors")
@@ -49,7 +74,7 @@ def _tensors(graph: Mapping, key: str, where: str) -> dict[str, TensorSpec]:
     for name, spec in io.items():
         if not isinstance(spec, Mapping) or not isinstance(spec.get("shape"), list):
             raise ContractError(f"{where}.{key}.{name} needs a shape list")
-        out[str(name)] = TensorSpec(tuple(spec["shape"]), str(spec.get("dtype", "")))
+        out[str(name)] = TensorDecl(str(name), tuple(spec["shape"]), str(spec.get("dtype", "")))
     return out
 
 
@@ -73,11 +98,15 @@ def _names(cls, graph: Mapping, where: str, inputs: Mapping, outputs: Mapping):
 
 @dataclass(frozen=True)
 class VisionGraph:
+    """``graphs.vision_gate``."""
     file: str
-    data: str | None
+    data: str | None                         # external weights, when the graph has them
+    precision: str | None                    # float32 / float16 (bundles written before it: None)
     names: VisionNames
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
+    inputs: dict[str, TensorDecl]
+    outputs: dict[str, TensorDecl]
+    encoder_layers_computed: int | None = None      # the tower's layers the graph runs (up to the feature layer)
+    encoder_layers_total: int | None = None
     image_newline: str | None = None         # anyres: the learned newline row, a hashed .npy
 
     @classmethod
@@ -85,8 +114,15 @@ class VisionGraph:
         if not isinstance(graph, Mapping) or not graph.get("file"):
             raise ContractError(f"{where} must name its file")
         ins, outs = _tensors(graph, "inputs", where), _tensors(graph, "outputs", where)
-        return cls(graph["file"], graph.get("data"), _names(VisionNames, graph, where, ins, outs), ins, outs,
-                   graph.get("image_newline"))
+        return cls(file=graph["file"], data=_optional(graph, "data", str, where),
+                   precision=_optional(graph, "precision", str, where),
+                   names=_names(VisionNames, graph, where, ins, outs), inputs=ins, outputs=outs,
+                   encoder_layers_computed=_optional(graph, "encoder_layers_computed", int, where),
+                   encoder_layers_total=_optional(graph, "encoder_layers_total", int, where),
+                   image_newline=_optional(graph, "image_newline", str, where))
+
+    def to_json(self) -> dict[str, Any]:
+        return section_json(self)
 
     @property
     def gate_width(self) -> Any:
@@ -96,13 +132,18 @@ class VisionGraph:
 
 @dataclass(frozen=True)
 class DecoderGraph:
+    """``graphs.decoder``. ``quantization``, ``fusions`` and ``split_weights`` are carried as written (the
+    exporter's records; the runtime's typed view of the first is :class:`WeightQuantization`)."""
     file: str
     data: str | None
     names: DecoderNames
+    inputs: dict[str, TensorDecl]
+    outputs: dict[str, TensorDecl]
     kv: KVSpec
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
-    kv_form: str = KV_FORM                   # a key of graph_spec.KV_FORMS: how the graph returns its KV
+    quantization: dict | None = None         # export/quant.py's scheme and error report
+    fusions: dict | None = None              # ONNX Runtime fusions applied: {op: count}
+    split_weights: dict | None = None        # checkpoint FQN -> column chunks (export/ort_fusions.py)
+    kv_form: str = KV_FORM                   # a key of graph_spec.KV_FORMS, written as kv.form
 
     @classmethod
     def from_json(cls, graph: Mapping, where: str = "graphs.decoder") -> "DecoderGraph":
@@ -129,8 +170,15 @@ class DecoderGraph:
         missing = [p for p, _ in spec.names() if p not in ins] + [o for _, o in spec.names() if o not in outs]
         if missing:
             raise ContractError(f"{where}: KV tensors {', '.join(missing[:4])} are not among the graph's I/O")
-        return cls(graph["file"], graph.get("data"), _names(KV_FORMS[form], graph, where, ins, outs), spec, ins, outs,
-                   form)
+        extra = {k: _optional(graph, k, Mapping, where) for k in ("quantization", "fusions", "split_weights")}
+        return cls(file=graph["file"], data=_optional(graph, "data", str, where),
+                   names=_names(KV_FORMS[form], graph, where, ins, outs), inputs=ins, outputs=outs, kv=spec,
+                   **{k: None if v is None else dict(v) for k, v in extra.items()}, kv_form=form)
+
+    def to_json(self) -> dict[str, Any]:
+        out = section_json(self)
+        out["kv"]["form"] = out.pop("kv_form", KV_FORM)                   # KVSpec.to_json writes the default form
+        return out
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -139,14 +187,30 @@ class DecoderGraph:
 
 @dataclass(frozen=True)
 class GateConfig:
+    """``gate``: the gate's rule and where it came from, as the exporter writes it (:meth:`to_json`) and the
+    runtime reads it (:meth:`from_json`); ``safeclip-calibrate`` changes ``threshold`` and appends to
+    ``history``. Optional fields left at ``None`` are not written (``views``: single-view bundles; read as
+    :attr:`view_rule` "any")."""
     variant: str
     classes: tuple[str, ...]
     safe_classes: tuple[str, ...]
     threshold: float
-    policy: str                              # one of gate.POLICIES: the bundle's default for flagged images
-    views: str                               # one of views.VIEW_MODES (anyres: how views are combined)
+    aggregation: str | None = None           # how descriptor similarities become a class probability ("sum")
+    logit_scale: float | None = None         # CLIP's, applied to the similarities (export/vision_gate.py)
+    views: str | None = None                 # anyres: how views are combined, one of gate.VIEW_MODES
+    policy: str = "instruct"                 # one of gate.POLICIES: the bundle's default for flagged images
     instruction: str | None = None
     refusals: dict[str, str] = field(default_factory=dict)
+    descriptors: dict | None = None          # the descriptor set: name, version, sha256, source, sentences
+    history: list | None = None              # safeclip-calibrate's changes of the threshold
+    self_test: dict | None = None            # the gate's known-answer probes and answers (selftest.py)
+
+    @property
+    def view_rule(self) -> str:
+        return self.views or "any"
+
+    def to_json(self) -> dict[str, Any]:
+        return section_json(self)
 
     @classmethod
     def from_json(cls, gate: Mapping) -> "GateConfig":
@@ -164,36 +228,58 @@ class GateConfig:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
             raise ContractError(f"gate.threshold must be a number in [0, 1), got {t!r} "
                                 "(the gate flags p > threshold: 1 would never fire)")
-        policy, views = gate.get("policy", "instruct"), gate.get("views", "any")
+        policy, views = gate.get("policy", "instruct"), gate.get("views")
         if policy not in POLICIES:
             raise ContractError(f"gate.policy '{policy}' is not one of {', '.join(POLICIES)}")
-        if views not in VIEW_MODES:
+        if views is not None and views not in VIEW_MODES:
             raise ContractError(f"gate.views '{views}' is not one of {', '.join(VIEW_MODES)}")
         refusals = gate.get("refusals") or {}
         if not isinstance(refusals, Mapping) or not all(isinstance(v, str) for v in refusals.values()):
             raise ContractError("gate.refusals must map categories to texts")
-        instruction = gate.get("instruction")
-        if instruction is not None and not isinstance(instruction, str):
-            raise ContractError("gate.instruction must be a text")
-        return cls(str(gate.get("variant")), tuple(classes), tuple(safe), float(t), policy, views,
-                   instruction or None, dict(refusals))
+        instruction = _optional(gate, "instruction", str, "gate")
+        scale = gate.get("logit_scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise ContractError(f"gate.logit_scale must be a number, got {scale!r}")
+        history = gate.get("history")
+        if history is not None and not isinstance(history, list):
+            raise ContractError("gate.history must be a list")
+        return cls(str(gate.get("variant")), tuple(classes), tuple(safe), float(t),
+                   _optional(gate, "aggregation", str, "gate"), None if scale is None else float(scale), views,
+                   policy, instruction or None, dict(refusals), _optional(gate, "descriptors", Mapping, "gate"),
+                   history, _optional(gate, "self_test", Mapping, "gate"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelFacts:
-    """What generation needs from ``model`` (checked when the bundle has a decoder)."""
+    """``model``: what generation needs from the checkpoint (checked when the bundle has a decoder), as the
+    exporter writes it (:meth:`to_json`, in this field order) and the runtime reads it. ``context_length``,
+    ``eos_token_ids``, ``image_token_id`` and ``image_seq_length`` are required; the others describe the
+    checkpoint (``None``: not written)."""
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
     context_length: int
-    image_token_id: int
-    image_seq_length: int
+    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None = None
+    image_token_id: int
+    image_token: str | None = None
+    image_seq_length: int
+
+    def to_json(self) -> dict[str, Any]:
+        return section_json(self)
 
     @classmethod
     def from_json(cls, model: Mapping) -> "ModelFacts":
         for key in ("image_token_id", "image_seq_length", "eos_token_ids", "context_length"):
             if key not in model:
                 raise ContractError(f"'model' lacks {key}")
-        return cls(int(model["context_length"]), int(model["image_token_id"]), int(model["image_seq_length"]),
-                   tuple(int(i) for i in model["eos_token_ids"]))
+        opt = {k: _optional(model, k, int, "model") for k in ("vocab_size", "hidden_size", "num_layers",
+                                                                "bos_token_id", "pad_token_id")}
+        return cls(context_length=int(model["context_length"]), image_token_id=int(model["image_token_id"]),
+                   image_seq_length=int(model["image_seq_length"]),
+                   eos_token_ids=tuple(int(i) for i in model["eos_token_ids"]), **opt,
+                   image_token=_optional(model, "image_token", str, "model"))
 
 
 @dataclass(frozen=True)
@@ -202,7 +288,8 @@ class WeightQuantization:
 
     ``form`` says which operator carries the weights: ``MatMulNBits`` (an ONNX Runtime contrib operator, CPU
     and CUDA providers) or ``DequantizeLinear`` (standard ONNX, opset 21; TensorRT targets). A bundle without
-    the section has float weights.
+    the section has float weights. Whether this ONNX Runtime can run ``MatMulNBits`` is the ONNX Runtime
+    backend's to say (``backends/ort.py``: ``matmulnbits_available``); this class only declares the scheme.
     """
     bits: int
     block_size: int | None                  # None: per output channel
@@ -232,24 +319,3 @@ class WeightQuantization:
         return cls(int(bits), None if block == "per-channel" else int(block), bool(q.get("symmetric", True)),
                    str(q.get("method", "rtn")), str(form), tuple(layers), bool(q.get("lm_head", False)))
 
-
-_MATMULNBITS: list[bool] = []
-
-
-def matmulnbits_available() -> bool:
-    """Whether this ONNX Runtime build has a ``com.microsoft.MatMulNBits`` kernel (asked once per process;
-    minimal and custom builds can leave contrib operators out)."""
-    if not _MATMULNBITS:
-        _MATMULNBITS.append(_try_matmulnbits())
-    return _MATMULNBITS[0]
-
-
-def _try_matmulnbits() -> bool:
-    """ONNX Runtime's registered kernels (``get_all_opkernel_def``: every kernel of every provider compiled
-    into this build) include a ``com.microsoft`` MatMulNBits."""
-    try:
-        from onnxruntime.capi import _pybind_state as C
-        kernels = C.get_all_opkernel_def()
-    except (ImportError, AttributeError, RuntimeError):   # no such API in this build: cannot tell, so refuse
-        return False
-    return any(k.op_name == "MatMulNBits" and k.domain == "com.microsoft" for k in kernels)

@@ -4,39 +4,137 @@ Supported graphs: ``vision_gate`` (:func:`vision_spec`) and ``decoder`` (:func:`
 is an int or a symbol: ``batch``, ``seq``, ``past`` or the sum ``past+seq`` (attention_mask). From
 a :class:`GraphSpec` come
 
-* the manifest's I/O section (:meth:`GraphSpec.io_json`), which the runtime reads back;
+* the manifest's I/O section (:attr:`GraphSpec.inputs_by_name` / ``outputs_by_name``: the ``inputs`` /
+  ``outputs`` of a ``contract.VisionGraph`` or ``DecoderGraph``, which writes and reads them);
 * the exporter's ``torch.export`` dynamic axes (:meth:`GraphSpec.dynamic_axes`; a sum gets its own
   free dimension, since ``dynamic_shapes`` cannot express ``Dim + Dim``);
 * concrete input shapes for given symbol sizes (:meth:`GraphSpec.shapes`): the shapes of one decoder call
   (``backends/trt.py``) and, at min/opt/max sizes, TensorRT optimisation profiles (:meth:`GraphSpec.profile`,
   used by ``export/targets.py``).
 
-Names come from :mod:`~safeclip.runtime.backends.base` (``VisionNames``, ``DecoderNames``, ``KVSpec``).
-Standard library only: the exporter, the builder and the runtime all import it.
+Tensor names live here and nowhere else: a bundle's manifest names every tensor the runtime binds
+(``graphs.<graph>.names`` and ``graphs.decoder.kv``); :class:`VisionNames`, :class:`DecoderNames` and
+:class:`KVSpec` carry them from the manifest to the backends. Their defaults are the names this project's
+exporter writes (and the names bundles written before ``names`` existed use). :class:`KVSpec` also states
+the one KV order (layer by layer: layer i's key, then layer i's value, as the graph takes and returns
+them).
+
+Standard library + numpy only, and no backend: the exporter, the builder, the manifest and the backends all
+import it.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
-from .backends.base import DecoderNames, KVSpec, VisionNames
+import numpy as np
 
-__all__ = ["TensorDecl", "GraphSpec", "vision_spec", "decoder_spec", "shared_decoder_spec", "SharedDecoderNames",
-           "KV_FORMS", "KV_SHARED"]
+__all__ = ["KV_FORM", "VisionNames", "DecoderNames", "KVSpec", "TensorDecl", "GraphSpec", "vision_spec",
+           "decoder_spec", "shared_decoder_spec", "SharedDecoderNames", "KV_FORMS", "KV_SHARED"]
 
 Dim = int | str
+
+# The manifest's ``graphs.decoder.kv.form`` for a graph whose KV outputs are the call's new rows only,
+# [B, KVH, S, Hd] (decoder contract 2, ``contract.py``); bundles without it return past + new and are refused.
+KV_FORM = "new"
+
+
+@dataclass(frozen=True)
+class VisionNames:
+    """Tensor names of the vision+gate graph."""
+    pixel_values: str = "pixel_values"          # input  [B, 3, H, W] float32
+    image_features: str = "image_features"      # output [B, N, D_lm]
+    class_probs: str = "class_probs"            # output [B, C] float32, the gate
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.pixel_values,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.image_features, self.class_probs)
+
+
+@dataclass(frozen=True)
+class DecoderNames:
+    """Tensor names of the decoder graph besides the KV cache (those are :class:`KVSpec`'s)."""
+    inputs_embeds: str = "inputs_embeds"        # input  [B, S, D]
+    attention_mask: str = "attention_mask"      # input  [B, P+S] int64
+    position_ids: str = "position_ids"          # input  [B, S] int64
+    logits: str = "logits"                      # output [B, 1, V]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.inputs_embeds, self.attention_mask, self.position_ids)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.logits,)
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """KV-cache layout of a decoder graph, as the manifest's ``graphs.decoder.kv`` states it.
+
+    The one KV order, everywhere (graph inputs and outputs, :meth:`names`, the backends' arena tensors,
+    ``Decoder.kv_read`` / ``kv_write`` arrays, prefix-cache snapshots): interleaved per layer, layer 0 key,
+    layer 0 value, layer 1 key, ... -- KV tensor ``j`` is layer ``j // 2``'s key (``j`` even) or value (odd).
+    """
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"        # outputs: the call's new rows [B, KVH, S, Hd] (KV_FORM)
+    present_value: str = "present.{i}.value"
+
+    @classmethod
+    def from_manifest(cls, kv: dict) -> "KVSpec":
+        return cls(**{k: kv[k] for k in cls.__dataclass_fields__ if k in kv})
+
+    @property
+    def position_bytes(self) -> int:
+        """Bytes one cached position takes: every layer's key and value row."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+    def names(self) -> list[tuple[str, str]]:
+        """(past, present) tensor names in the KV order: layer i's key, then layer i's value, for each i."""
+        return [pair for i in range(self.num_layers)
+                for pair in ((self.past_key.format(i=i), self.present_key.format(i=i)),
+                             (self.past_value.format(i=i), self.present_value.format(i=i)))]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``graphs.decoder.kv``: every field, and ``form`` (:data:`KV_FORM`) after ``dtype``."""
+        out: dict[str, Any] = {}
+        for k, v in asdict(self).items():
+            out[k] = v
+            if k == "dtype":
+                out["form"] = KV_FORM
+        return out
+
+    @staticmethod
+    def layer_tensors(layer: int) -> tuple[int, int]:
+        """Indices of ``layer``'s key and value among the KV tensors (:meth:`names` order)."""
+        return 2 * layer, 2 * layer + 1
 
 
 @dataclass(frozen=True)
 class TensorDecl:
+    """One tensor of a graph, the one declaration class: the graph spec declares them, and the manifest's
+    ``graphs.<graph>.inputs`` / ``outputs`` are read into them (``contract.py``) and written from them."""
     name: str
-    dims: tuple[Dim, ...]
+    shape: tuple[Dim, ...]      # ints, or names of dynamic dimensions ("batch", "seq", "past+seq")
     dtype: str
 
     @property
     def dynamic(self) -> bool:
-        return any(isinstance(d, str) for d in self.dims)
+        return any(isinstance(d, str) for d in self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        """This tensor's entry under the manifest's ``inputs`` / ``outputs`` (keyed by its name there)."""
+        return {"shape": list(self.shape), "dtype": self.dtype}
 
 
 def _size(d: Dim, sizes: Mapping[str, int]) -> int:
@@ -61,14 +159,18 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def io_json(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """The manifest's ``inputs`` / ``outputs`` of this graph: ``{name: {"shape": dims, "dtype": dtype}}``."""
-        return {key: {t.name: {"shape": list(t.dims), "dtype": t.dtype} for t in ts}
-                for key, ts in (("inputs", self.inputs), ("outputs", self.outputs))}
+    @property
+    def inputs_by_name(self) -> dict[str, TensorDecl]:
+        """The inputs as the manifest section holds them (``{name: TensorDecl}``, positional order)."""
+        return {t.name: t for t in self.inputs}
+
+    @property
+    def outputs_by_name(self) -> dict[str, TensorDecl]:
+        return {t.name: t for t in self.outputs}
 
     def shapes(self, dynamic_only: bool = False, **sizes: int) -> dict[str, tuple[int, ...]]:
         """Input shapes for the given symbol sizes (``batch=1, seq=7, past=0``)."""
-        return {t.name: tuple(_size(d, sizes) for d in t.dims) for t in self.inputs
+        return {t.name: tuple(_size(d, sizes) for d in t.shape) for t in self.inputs
                 if t.dynamic or not dynamic_only}
 
     def profile(self, lo: Mapping[str, int], opt: Mapping[str, int], hi: Mapping[str, int]) -> dict:
@@ -82,7 +184,7 @@ class GraphSpec:
         out = {}
         for t in self.inputs:
             axes = {}
-            for i, d in enumerate(t.dims):
+            for i, d in enumerate(t.shape):
                 if isinstance(d, str):
                     axes[i] = free if "+" in d else made.setdefault(d, dim(d))
             if axes:
@@ -105,10 +207,8 @@ def decoder_spec(hidden: int, vocab: int | None, kv: KVSpec, names: DecoderNames
     value; logits (one position) then each layer's *new* key and value (the call's S rows only: the runtime
     writes them into its one KV arena, ``backends/arena.py``). ``vocab=None``: inputs only."""
     dt, h, d = kv.dtype, kv.num_kv_heads, kv.head_dim
-    past = [TensorDecl(n, ("batch", h, "past", d), dt)
-            for i in range(kv.num_layers) for n in (kv.past_key.format(i=i), kv.past_value.format(i=i))]
-    present = [TensorDecl(n, ("batch", h, "seq", d), dt)
-               for i in range(kv.num_layers) for n in (kv.present_key.format(i=i), kv.present_value.format(i=i))]
+    past = [TensorDecl(p, ("batch", h, "past", d), dt) for p, _ in kv.names()]        # the KV order (KVSpec)
+    present = [TensorDecl(n, ("batch", h, "seq", d), dt) for _, n in kv.names()]
     inputs = (TensorDecl(names.inputs_embeds, ("batch", "seq", hidden), dt),
               TensorDecl(names.attention_mask, ("batch", "past+seq"), "int64"),
               TensorDecl(names.position_ids, ("batch", "seq"), "int64"), *past)

@@ -49,7 +49,7 @@ FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL codes
-_PIL_RESAMPLE = {name: code for code, name in RESAMPLE.items()}
+PIL_RESAMPLE = {name: code for code, name in RESAMPLE.items()}          # the spec's name -> PIL code
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 SPEC_KEYS = ("resize", "resample", "center_crop", "rescale_factor", "normalize", "image_mean", "image_std",
              "pad_to_square", "pad_color")
@@ -120,10 +120,10 @@ def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
         im = ImageOps.exif_transpose(im)  # a new (loaded) image; the caller's is never modified
     except Exception as exc:  # a lazily opened PIL image may fail to decode here, or its EXIF may be corrupt
         raise ImageError(f"{name}: cannot decode image ({type(exc).__name__}: {one_line(exc)})") from exc
-    return _to_rgb(im, name)
+    return to_rgb(im, name)
 
 
-def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+def to_rgb(im: Image.Image, name: str) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparency composited onto white (see module docstring)."""
     try:
         if im.mode in _SIXTEEN_BIT:
@@ -263,8 +263,8 @@ def check_spec(spec: dict) -> None:
     resize, crop = spec["resize"], spec["center_crop"]
     if resize is not None:
         _size(resize, "resize", legacy_int="shortest_edge")
-        if spec["resample"] not in _PIL_RESAMPLE:
-            raise ValueError(f"preprocess spec: 'resample' {spec['resample']!r} not in {sorted(_PIL_RESAMPLE)}")
+        if spec["resample"] not in PIL_RESAMPLE:
+            raise ValueError(f"preprocess spec: 'resample' {spec['resample']!r} not in {sorted(PIL_RESAMPLE)}")
     if crop is not None and set(_size(crop, "center_crop", legacy_int="square")) != {"height", "width"}:
         raise ValueError("preprocess spec: 'center_crop' needs height and width")
     _positive(spec["rescale_factor"], "rescale_factor")
@@ -310,7 +310,7 @@ def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise ImageError(f"<{type(image).__name__}>: preprocess needs a PIL image (use load_image)")
     name = "<PIL image>"
-    image = _to_rgb(image, name)
+    image = to_rgb(image, name)
     w, h = image.size
     budget = 2 * max(MAX_PIXELS, w * h)  # intermediate images may not grow beyond this
 
@@ -328,7 +328,7 @@ def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
     if spec["resize"] is not None:
         oh, ow = _resized_hw(image.height, image.width, spec["resize"])
         guard(oh, ow, "resized")
-        image = image.resize((ow, oh), resample=_PIL_RESAMPLE[spec["resample"]])
+        image = image.resize((ow, oh), resample=PIL_RESAMPLE[spec["resample"]])
     a = np.asarray(image)  # [H, W, 3] uint8
     if spec["center_crop"] is not None:
         a = _center_crop(a, spec["center_crop"]["height"], spec["center_crop"]["width"])

@@ -36,23 +36,20 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
-from .backends.base import DecoderNames, VisionNames
-from .contract import (ContractError, DecoderGraph, GateConfig, ModelFacts, VisionGraph, WeightQuantization,
-                       matmulnbits_available)
+from .backends.ort import matmulnbits_available
+from .contract import ContractError, DecoderGraph, GateConfig, ModelFacts, VisionGraph, WeightQuantization
 from .signing import SigningError, TrustedKeys, load_signing_key, sign, trusted_keys
 from .verify_cache import VerifyCache
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-GATE_OUTPUT = VisionNames.class_probs            # the default names (bundles name their own: graphs.*.names)
-FEATURES_OUTPUT = VisionNames.image_features
 CACHE_MIN_BYTES = 16 << 20          # files at least this big may be verified through the cache
 MAX_MANIFEST_BYTES = 64 << 20
 
-__all__ = ["BundleError", "Manifest", "DecoderNames", "VisionNames", "load_manifest", "write_manifest", "sha256_file", "integrity_of",
-           "SCHEMA_VERSION", "MANIFEST", "GATE_OUTPUT", "FEATURES_OUTPUT", "atomic_write_text", "atomic_write_bytes",
+__all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "sha256_file", "integrity_of",
+           "SCHEMA_VERSION", "MANIFEST", "atomic_write", "atomic_write_text", "atomic_write_bytes",
            "signing_payload", "open_in_bundle", "referenced_files"]
 
 
@@ -113,17 +110,18 @@ def signing_payload(manifest: dict) -> bytes:
     return _canonical({k: v for k, v in manifest.items() if k not in ("integrity", "signature")})
 
 
-def atomic_write_bytes(path: str | Path, data) -> None:
-    """Write ``data`` (bytes-like: bytes, a numpy buffer, TensorRT's ``IHostMemory``, not copied) so that readers
-    see the old or the new file, never a half-written one: a temporary file in the same folder, fsync, rename.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write a file through ``write(f)`` (``f`` a binary file: ``np.save`` streams into it) so that readers see
+    the old or the new file, never a half-written one: a temporary file in the same folder, fsync, rename.
     The folder is created if needed; the file is readable by all (0644), as a bundle served by another user
-    must be. The one atomic writer of the project: manifests, plans, timing caches, reports."""
+    must be. The one atomic writer of the project: manifests, plans, embedding tables, timing caches,
+    reports."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -131,6 +129,12 @@ def atomic_write_bytes(path: str | Path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data) -> None:
+    """:func:`atomic_write` of ``data`` (bytes-like: bytes, a numpy buffer, TensorRT's ``IHostMemory``; not
+    copied)."""
+    atomic_write(path, lambda f: f.write(memoryview(data)))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

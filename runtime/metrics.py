@@ -4,7 +4,8 @@ Supported:
 
 * :func:`verdict` -- the gate's decision rule on one probability vector (the reference rule of SafeCLIP):
   ``top = argmax(probs)``; flagged when ``top`` is not a safe class AND ``probs[top] > threshold`` (strict).
-  Any non-finite probability fails closed: ``(True, "unknown", nan)``.
+  Any non-finite probability fails closed: ``(True, "unknown", nan)``. Written apart from the serving rule
+  (``gate.py``) as the tests' independent oracle for it.
 * :func:`read_labels` -- a ground-truth CSV with a header naming ``path`` and ``label`` (extra columns are
   ignored). A label is a class name (case-insensitive; returned in the gate's spelling) or one of the words
   ``safe`` / ``toxic``. A safe class means safe; any other class means toxic.
@@ -68,7 +69,10 @@ def _check_classes(classes: Sequence[str], safe_classes: Iterable[str]) -> set[s
 
 def verdict(probs: np.ndarray, classes: list[str], safe_classes: list[str],
             threshold: float) -> tuple[bool, str, float]:
-    """The gate's decision on one image: ``(flagged, top_class, top_prob)``.
+    """The gate's decision on one image: ``(flagged, top_class, top_prob)``, written independently of the
+    serving rule (``gate.verdict_from_probs``) on purpose: it is the tests' oracle for that rule and for
+    :func:`sweep` (``tests/test_bundle.py``, ``tests/test_metrics.py``). The runtime never calls it; a change
+    of the rule is made in both, and the tests fail until they agree.
 
     ``probs``: [C] or [1, C] class probabilities in ``classes`` order (the vision graph's ``class_probs``).
     Ties in the argmax go to the first class in ``classes`` order (``np.argmax``). The comparison is

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from .backends.pick import BACKEND_CHOICES, BACKEND_HELP
 from .gate import POLICIES
-from .error_text import one_line
+from .error_text import EXIT_INTERRUPTED, EXIT_USAGE, fail
 from .signing import TRUSTED_KEY_HELP
+
+PROG = "safeclip-run"
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -83,17 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     args = run_parser().parse_args(argv)
     problem = _check_args(args)
     if problem:
-        print(f"safeclip-run: error: {problem}", file=sys.stderr)
-        return 2
+        return fail(PROG, problem, EXIT_USAGE)
     from .pipeline import Pipeline
 
     try:
         pipe = Pipeline.load(args.bundle, backend=args.backend, full_verify=args.full_verify, context=args.context,
                              trusted_keys=args.trusted_key)
         if args.instruction is not None and args.policy is None and pipe.policy != "instruct":
-            print(f"safeclip-run: error: --instruction is the instruct policy's text; this bundle's policy is "
-                  f"{pipe.policy} (add --policy instruct)", file=sys.stderr)
-            return 2
+            return fail(PROG, f"--instruction is the instruct policy's text; this bundle's policy is {pipe.policy} "
+                              "(add --policy instruct)", EXIT_USAGE)
         stream = pipe.stream(str(args.image) if args.image else None, args.prompt, policy=args.policy,
                              instruction=args.instruction, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -110,10 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         answer = stream.result
     except KeyboardInterrupt:
-        return 130
+        return fail(PROG, "interrupted", EXIT_INTERRUPTED, label=None)
     except Exception as e:       # library errors are typed one-liners; never show a traceback
-        print(f"safeclip-run: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     if args.json:
         print(json.dumps(answer.to_json(), ensure_ascii=False))
     elif not args.stream:

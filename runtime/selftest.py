@@ -29,7 +29,7 @@ from .tolerances import engine_tolerance
 PROBE_SET = "v1"
 N_FEATURE_SAMPLES = 16
 
-__all__ = ["PROBE_SET", "SelfTestError", "probe_images", "record", "check"]
+__all__ = ["PROBE_SET", "SelfTestError", "probe_images", "record", "check", "check_session"]
 
 
 class SelfTestError(ValueError):
@@ -94,3 +94,23 @@ def check(recorded, run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], 
                                 f"(tolerance {bound:.3g}): the gate graph was swapped or corrupted")
         worst = max(worst, err / bound if bound else 0.0)
     return worst
+
+
+def check_session(m, session) -> None:
+    """Run bundle ``m``'s recorded probes (``gate.self_test``) through ``session``, the vision session that will
+    serve (ONNX Runtime or TensorRT); ``manifest.BundleError`` naming the bundle on any mismatch."""
+    from .manifest import BundleError
+
+    names = m.vision.names
+    size = m.vision.inputs[names.pixel_values].shape[-1]
+
+    def run(pv: np.ndarray):                                      # pixel_values [1, 3, S, S]
+        out = session.run({names.pixel_values: pv})
+        return out[names.image_features], out[names.class_probs]
+
+    try:
+        if not isinstance(size, int):
+            raise SelfTestError(f"the vision graph's input size {size!r} is not fixed")
+        check(m.gate.get("self_test"), run, size)
+    except SelfTestError as e:
+        raise BundleError(f"{m.root}: {e}") from None

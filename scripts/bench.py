@@ -241,6 +241,7 @@ def bench(args) -> dict:
     from safeclip.export.onnx import onnx_from_module
     from safeclip.runtime.backends.ort import make_session
     from safeclip.runtime.gate import verdict_from_probs
+    from safeclip.runtime.model import VisionGate
     from safeclip.runtime.pipeline import Pipeline
 
     shape = SHAPES["quick" if args.quick else "full"]
@@ -276,7 +277,7 @@ def bench(args) -> dict:
         res["bundle_export_s"] = built["bundle_export_s"]
 
         pipe = Pipeline.load(built["bundle"])
-        gated = pipe.vision                                               # make_session(): what the runtime serves
+        gated = pipe.vision.session                                       # make_session(): what the runtime serves
         src = load_sources(str(work / "ckpt" / "llava"), str(work / "ckpt" / "clip"), work / "src")
         src.llava.model.language_model = src.llava.lm_head = None         # only the vision half is needed here
         trim()
@@ -351,8 +352,9 @@ def bench(args) -> dict:
         gated2 = make_session(bundle_graph)
         checks.update(ungated_vs_gated_features=float(np.abs(ungated.sess.run(None, feed)[0] - g_feats).max()),
                       ungated_outputs=ungated.output_names)
-        plain = Pipeline(pipe.manifest, ungated, pipe.backend, pipe._lm)  # the same runtime, ungated graph
-        twin = Pipeline(pipe.manifest, gated2, pipe.backend, pipe._lm)
+        plain = Pipeline(pipe.manifest, VisionGate(pipe.manifest, ungated), pipe.backend,   # the same runtime,
+                         pipe.language_model)                                               # ungated graph
+        twin = Pipeline(pipe.manifest, VisionGate(pipe.manifest, gated2), pipe.backend, pipe.language_model)
         first = {}
 
         def ttft(p, policy, key):                  # generate(max_new_tokens=1): preprocess + vision + prefill

@@ -57,12 +57,12 @@ def main() -> int:
     detail = []
     for r in range(a.repeat + 1):                                   # the first repeat warms up, not counted
         img = Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8))
-        pipe._image_cache = None
+        pipe.image_cache.clear()
         chat = pipe.chat(system="You are a helpful assistant.")
         first, res1 = _ttft(chat, "What is in the picture? Describe it.", img)
         follow, res2 = _ttft(chat, "How old is it?")
-        chat._turns.pop()                                           # ask the same follow-up again, no reuse
-        pipe._cache_owner = None
+        chat.undo()                                                 # ask the same follow-up again, no reuse
+        pipe.language_model.owner = None                            # the decoder's cache is nobody's
         cold, res3 = _ttft(chat, "How old is it?")
         assert res2.token_ids == res3.token_ids, "reuse changed the answer"
         if r:

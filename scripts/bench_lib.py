@@ -246,12 +246,12 @@ def strip_gate(src: Path, dst: Path) -> None:
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    from safeclip.runtime.manifest import GATE_OUTPUT
+    from safeclip.runtime.graph_spec import VisionNames
 
     m = ir.load(str(src))
-    outs = [v for v in m.graph.outputs if v.name != GATE_OUTPUT]
+    outs = [v for v in m.graph.outputs if v.name != VisionNames.class_probs]
     if len(outs) == len(m.graph.outputs):
-        raise ValueError(f"{src} has no '{GATE_OUTPUT}' output")
+        raise ValueError(f"{src} has no '{VisionNames.class_probs}' output")
     m.graph.outputs.clear()
     m.graph.outputs.extend(outs)
     RemoveUnusedNodesPass()(m)

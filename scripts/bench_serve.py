@@ -165,7 +165,7 @@ def _steps(bundle: Path, slots: int, past: int, repeat: int, threads: int | None
     from safeclip.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, threads=threads, context=past + repeat + 8)
-    lm = pipe._lm
+    lm = pipe.language_model
     dec = SlotDecoder.sharing(lm.decoder, slots)
     rng = np.random.default_rng(0)
     for s in range(slots):

@@ -5,7 +5,7 @@ Builds the demo bundle (vision only), adds a weight-sized file (default 1.2 GB: 
 tower + projector of LLaVA-1.5; ``--gb`` to change) to its file list, reseals it, and times
 ``load_manifest`` cold (full sha256), warm (cache hit) and with ``full_verify=True``; then
 ``Pipeline.load`` (verification + ONNX Runtime session + the gate's self-test) warm, and the self-test alone
-(``pipeline._self_test``: two vision passes) against one vision pass of the same session. Medians of ``--repeat``
+(``selftest.check_session``: two vision passes) against one vision pass of the same session. Medians of ``--repeat``
 runs. The cache is the HMAC'd, ctime-keyed one of ``runtime/verify_cache.py``.
 
 ``--sparse`` makes the weight file a sparse file of zeros (no disk space; the kernel returns zeros without disk
@@ -67,11 +67,11 @@ def main() -> int:
         cold = timed(lambda: mf.load_manifest(b))           # hashes, then fills the cache
         warm = [timed(lambda: mf.load_manifest(b)) for _ in range(a.repeat)]
         pipe = [timed(lambda: Pipeline.load(b)) for _ in range(a.repeat)]
-        from safeclip.runtime.pipeline import _self_test
+        from safeclip.runtime.selftest import check_session
         p = Pipeline.load(b)
-        pv = {p.names.pixel_values: np.zeros((1, 3, 336, 336), np.float32)}
+        pv = np.zeros((1, 3, 336, 336), np.float32)                  # pixel_values [1, 3, 336, 336]
         p.vision.run(pv)
-        selftest = [timed(lambda: _self_test(p.manifest, p.vision)) for _ in range(a.repeat)]
+        selftest = [timed(lambda: check_session(p.manifest, p.vision.session)) for _ in range(a.repeat)]
         vision = [timed(lambda: p.vision.run(pv)) for _ in range(a.repeat)]
         size = sum(p.stat().st_size for p in b.iterdir() if p.is_file())
         res = {"bundle_bytes": size, "full_verify_s": statistics.median(full), "cold_cache_s": cold,

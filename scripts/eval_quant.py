@@ -48,7 +48,7 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
 
 def perplexity(pipe, text: str, window: int) -> dict:
     """exp(mean NLL) of ``text`` under the bundle's decoder, windows of ``window`` tokens (see the docstring)."""
-    lm = pipe._lm                                       # decoder, embedding table, tokenizer (runtime/pipeline.py)
+    lm = pipe.language_model                                       # decoder, embedding table, tokenizer (runtime/pipeline.py)
     bos = pipe.manifest.model.get("bos_token_id")
     ids = lm.tokenizer.encode(text, add_special_tokens=False).ids
     ids = ([int(bos)] if bos is not None else []) + list(ids)

@@ -152,7 +152,7 @@ def worker(args) -> dict:
     import gc
 
     from safeclip.export.decoder import export_decoder
-    from safeclip.runtime.backends.base import KVSpec
+    from safeclip.runtime.graph_spec import KVSpec
     from safeclip.runtime.backends.ort import OrtDecoder
 
     out = Path(args.out)

@@ -117,7 +117,7 @@ def demo_bundle_traced(tmp_path_factory, cache_dir) -> Path:
 @pytest.fixture(scope="session")
 def demo_decoder_parts(demo_bundle_traced):
     """The demo bundle's manifest, decoder KV layout and embedding table [V, D]: what decoder tests build on."""
-    from safeclip.runtime.backends.base import KVSpec
+    from safeclip.runtime.graph_spec import KVSpec
     from safeclip.runtime.manifest import load_manifest
 
     m = load_manifest(demo_bundle_traced)
@@ -142,13 +142,21 @@ def controlled_bundle(tmp_path_factory, demo_sources, test_images, cache_dir) ->
     return export_bundle(ExportOptions(model="demo", out=out, text_embeds_override=te)).bundle
 
 
-def crash_once_hook(key: str, marker: str):
+RAY_PIECE_DELAY_S = 0.03    # Ray workers pause this long before each answer's text piece: answers last a while
+
+
+def ray_worker_hook(key: str, marker: str, piece_delay_s: float):
     """A Ray ``worker_process_setup_hook`` (Ray's own seam: it runs in every worker process as it starts) that
-    wraps ``safeclip.runtime.scan.gating.gate_items`` there: the first worker to meet an item keyed ``key``
+    (1) wraps ``safeclip.runtime.scan.gating.gate_items`` there: the first worker to meet an item keyed ``key``
     creates the file ``marker`` and dies (``os._exit``), so Ray's actor restart and task retry are exercised
-    (tests/test_scan_ray.py). A nested function: Ray's cloudpickle ships it by value, so the workers need not
-    import this file; the driver's own scan is untouched."""
+    (tests/test_scan_ray.py); (2) pauses ``piece_delay_s`` before each text piece of every answer
+    (``AnswerStream.__iter__``), so a test can stop a Serve replica mid-answer (tests/test_serve_ray.py). A nested
+    function: Ray's cloudpickle ships it by value, so the workers need not import this file; the driver's own
+    scan and answers are untouched."""
     def install() -> None:
+        import time
+
+        from safeclip.runtime import answer
         from safeclip.runtime.scan import gating
 
         real = gating.gate_items
@@ -165,6 +173,14 @@ def crash_once_hook(key: str, marker: str):
             return real(pipe, items, reader)
 
         gating.gate_items = gate_items
+        pieces = answer.AnswerStream.__iter__
+
+        def slow_pieces(self):
+            for piece in pieces(self):
+                time.sleep(piece_delay_s)
+                yield piece
+
+        answer.AnswerStream.__iter__ = slow_pieces
 
     return install
 
@@ -172,13 +188,14 @@ def crash_once_hook(key: str, marker: str):
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One small local Ray runtime for the session's Ray tests (test_scan_ray.py, test_serve_ray.py), shut down at
-    the end. Its workers run ``crash_once_hook``: the first worker to meet an item keyed ``crash_me.png`` dies
-    once (the fixture's value is the marker file it leaves)."""
+    the end. Its workers run ``ray_worker_hook``: the first worker to meet an item keyed ``crash_me.png`` dies
+    once (the fixture's value is the marker file it leaves), and answers pause before each text piece."""
     ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip install -e '.[ray]')")
     marker = tmp_path_factory.mktemp("ray") / "crashed"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"worker_process_setup_hook": crash_once_hook("crash_me.png", str(marker))})
+             runtime_env={"worker_process_setup_hook": ray_worker_hook("crash_me.png", str(marker),
+                                                                        RAY_PIECE_DELAY_S)})
     try:
         yield marker
     finally:

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 
 from _fake_trt import install_fakes, write_plan  # noqa: E402
 
-from safeclip.runtime.backends.base import ContextError, KVSpec  # noqa: E402
+from safeclip.runtime.backends.base import ContextError  # noqa: E402
+from safeclip.runtime.graph_spec import KVSpec  # noqa: E402
 from safeclip.runtime.backends.ort import OrtDecoder  # noqa: E402
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 
@@ -28,7 +29,7 @@ class Spy:
     """Counts the decoder's calls and the tokens each prefill/extend runs, and the vision passes."""
 
     def __init__(self, pipe, monkeypatch):
-        self.calls, dec = [], pipe._lm.decoder
+        self.calls, dec = [], pipe.language_model.decoder
         for name in ("prefill", "extend", "truncate"):
             real = getattr(dec, name)
 
@@ -104,7 +105,7 @@ def test_a_differing_re_render_cuts_back_to_the_first_differing_token(setup, mon
     """A template that renders the last user turn differently from earlier ones: the cache is cut back to
     where the re-rendered turn differs, and the answer equals a full prefill's."""
     pipe, _, clean, _ = setup
-    lm = pipe._lm
+    lm = pipe.language_model
     monkeypatch.setattr(lm, "template", lm.template.replace("{{ message['role'].upper() + ': '}}",
                         "{{ message['role'].upper() + (' (now): ' if loop.last else ': ') }}"))
     spy = Spy(pipe, monkeypatch)
@@ -119,7 +120,7 @@ def test_a_differing_re_render_cuts_back_to_the_first_differing_token(setup, mon
     assert cut[0] < ids.size                             # cut inside the first turn: USER (now) -> USER
     fresh = pipe.chat()                                  # the same history, cache invalidated: full prefill
     fresh._turns = chat._turns[:1]
-    pipe._cache_owner = None
+    pipe.language_model.owner = None
     again = ask(fresh, "Tell me more.")
     assert again.result.cached_tokens == 0 and again.result.token_ids == s.result.token_ids
 
@@ -155,6 +156,34 @@ def test_instruct_turn_carries_the_instruction_after_its_image(setup, demo_sourc
     follow = ask(chat, "Why?")                                           # the instruction stays in the history
     assert chat.history[2]["content"][1]["text"] == pipe.instruction_for("gun")
     assert list(follow.result.token_ids) == hf_generate(demo_sources, pipe, chat.history[:-1], [clean, toxic])[0]
+
+
+def test_one_route_and_one_render_per_turn_a_second_only_when_the_gate_adds_an_instruction(setup, monkeypatch):
+    """Pipeline.stream is a one-turn conversation (Chat.ask's route, its lease); a turn renders the conversation
+    through the template once, and a second time only when a newly gated image puts a safety instruction in."""
+    from safeclip.runtime.chat import ChatStream
+    from safeclip.runtime.lease import DecoderLease
+
+    pipe, toxic, clean, _ = setup
+    lm, renders = pipe.language_model, []
+    real = lm.render
+    monkeypatch.setattr(lm, "render", lambda messages: renders.append(messages) or real(messages))
+    pipe.image_cache.clear()
+    s = pipe.stream(clean, "What is in the picture?", max_new_tokens=2)
+    assert isinstance(s, ChatStream) and isinstance(s.lease, DecoderLease) and len(renders) == 1
+    assert "".join(s) == s.result.text and s.result.token_ids
+    chat, renders[:] = pipe.chat(), []
+    ask(chat, "What is in the picture?", clean, max_new_tokens=2, policy="instruct")
+    assert len(renders) == 1                                      # clean: no instruction, one render
+    renders.clear()
+    s = ask(chat, "And this one?", toxic, max_new_tokens=2, policy="instruct")
+    instruction = {"type": "text", "text": pipe.instruction_for("gun")}
+    assert s.result.action == "instructed" and len(renders) == 2      # the gate ran after the first render
+    assert instruction not in renders[0][-1]["content"] and instruction in renders[1][-1]["content"]
+    renders.clear()
+    again = pipe.chat()                                           # the flagged image is cached now: its verdict
+    ask(again, "And this one?", toxic, max_new_tokens=2, policy="instruct")    # is known before the render
+    assert len(renders) == 1 and instruction in renders[0][-1]["content"]
 
 
 def test_refuse_and_annotate_per_turn(setup, monkeypatch):
@@ -197,7 +226,7 @@ def test_stale_chat_stream_rebuilds_after_another_request(setup):
     list(it)
     solo = pipe.chat()
     solo._turns = chat._turns[:1]
-    pipe._cache_owner = None
+    pipe.language_model.owner = None
     assert ask(solo, "Say more.").result.token_ids == s.result.token_ids
 
 

@@ -35,7 +35,8 @@ from safetensors import safe_open  # noqa: E402
 
 from safeclip.descriptors import load_descriptor_set  # noqa: E402
 from safeclip.export.bundle import FEATURE_ATOL, PROB_ATOL, ExportOptions, export_bundle  # noqa: E402
-from safeclip.runtime.manifest import FEATURES_OUTPUT, GATE_OUTPUT, load_manifest  # noqa: E402
+from safeclip.runtime.graph_spec import VisionNames  # noqa: E402
+from safeclip.runtime.manifest import load_manifest  # noqa: E402
 from safeclip.runtime.pipeline import Pipeline  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -262,16 +263,17 @@ def _check_served(bundle: Path, folder: Path, clip_dir: Path, images: list[Path]
     ref_f, ref_p = hf_vision_gate(hf_llava(folder, tower), hf_clip(clip_dir), clip_dir, pv, dset)
     assert np.abs(ref_f).max() > 100 * FEATURE_ATOL and ref_p.max() - ref_p.min() > 100 * PROB_ATOL  # can fail
     pipe = Pipeline.load(bundle)
-    out = pipe.vision.run({"pixel_values": pv})                        # the graph on transformers' pixels
+    out = pipe.vision.run(pv)                                         # the graph on transformers' pixels
     pixel_err = feat_err = prob_err = 0.0
     for i, image in enumerate(images):                                  # end to end: the runtime's own pixels
         pixel_err = max(pixel_err, float(np.abs(pipe.pixel_values(image) - pv[i:i + 1]).max()))
         feats, verdict = pipe.encode(image)
         feat_err = max(feat_err, float(np.abs(feats[0] - ref_f[i]).max()))
         prob_err = max(prob_err, float(np.abs(np.array([verdict.probs[c] for c in dset.classes]) - ref_p[i]).max()))
-    assert out[FEATURES_OUTPUT].shape == ref_f.shape and out[GATE_OUTPUT].shape == ref_p.shape
-    graph_feat_err = float(np.abs(out[FEATURES_OUTPUT] - ref_f).max())
-    graph_prob_err = float(np.abs(out[GATE_OUTPUT] - ref_p).max())
+    feat, gate = VisionNames().outputs
+    assert out[feat].shape == ref_f.shape and out[gate].shape == ref_p.shape
+    graph_feat_err = float(np.abs(out[feat] - ref_f).max())
+    graph_prob_err = float(np.abs(out[gate] - ref_p).max())
     assert pixel_err <= PIXEL_ATOL, f"preprocessing differs from transformers' by {pixel_err}"
     # the exporter's absolute tolerance, and as the tiny random features are small (|max| 0.04..0.08, where
     # 1e-4 alone lets a 0.1 % weight error through) the same relative to their largest value
@@ -324,7 +326,7 @@ def test_half_precision_checkpoint_exports_fp32_equal_to_transformers_fp32(dtype
     assert set(_tensors(case["folder"]).values()) == {code}
     m = load_manifest(case["bundle"])
     assert m.data["build"]["precision"] == m.graphs["vision_gate"]["precision"] == "float32"
-    assert m.graphs["vision_gate"]["outputs"][FEATURES_OUTPUT]["dtype"] == "float32"
+    assert m.graphs["vision_gate"]["outputs"][VisionNames.image_features]["dtype"] == "float32"
     check_served(case["bundle"], case["folder"], rs_clip, _images(test_images))
 
 

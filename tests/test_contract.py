@@ -118,6 +118,19 @@ def test_decoder_of_the_old_kv_form_is_refused_with_one_line(controlled_bundle, 
     assert "\n" not in str(e.value)
 
 
+def test_exported_graph_sections_are_their_typed_objects_written(controlled_bundle):
+    """The exporter writes graphs.* through VisionGraph/DecoderGraph.to_json: reading a bundle's section and
+    writing it again gives the same JSON, key order included (test_manifest_sections.py: every field)."""
+    from safeclip.runtime.contract import DecoderGraph, VisionGraph
+
+    m = load_manifest(controlled_bundle)
+    for cls, key in ((VisionGraph, "vision_gate"), (DecoderGraph, "decoder")):
+        raw = m.graphs[key]
+        typed = cls.from_json(raw)
+        assert json.dumps(typed.to_json()) == json.dumps(raw), key
+        assert cls.from_json(typed.to_json()) == typed
+
+
 def test_graph_specs_are_what_the_bundle_declares_and_the_graphs_take(demo_bundle_traced):
     """The manifest's I/O sections, the ONNX graphs' positional I/O and the TensorRT profiles all come from
     one spec per graph (runtime/graph_spec.py); the traced decoder (KV form "new", what TensorRT targets write:
@@ -132,11 +145,11 @@ def test_graph_specs_are_what_the_bundle_declares_and_the_graphs_take(demo_bundl
     dec, vis = m.decoder, m.vision
     hidden = dec.inputs[dec.names.inputs_embeds].shape[-1]
     dspec = decoder_spec(hidden, dec.outputs[dec.names.logits].shape[-1], dec.kv, dec.names)
-    assert {k: m.graphs["decoder"][k] for k in ("inputs", "outputs")} == dspec.io_json()
+    assert (dec.inputs, dec.outputs) == (dspec.inputs_by_name, dspec.outputs_by_name)
     feats = vis.outputs[vis.names.image_features].shape
     vspec = vision_spec(vis.inputs[vis.names.pixel_values].shape[-1], feats[1], feats[2], vis.gate_width,
                         vis.outputs[vis.names.image_features].dtype, vis.names)
-    assert {k: m.graphs["vision_gate"][k] for k in ("inputs", "outputs")} == vspec.io_json()
+    assert (vis.inputs, vis.outputs) == (vspec.inputs_by_name, vspec.outputs_by_name)
     for spec, f in ((dspec, dec.file), (vspec, vis.file)):
         s = ort.InferenceSession(str(m.path(f)), providers=["CPUExecutionProvider"])
         assert [i.name for i in s.get_inputs()] == spec.input_names

@@ -229,6 +229,23 @@ def test_calibrate_refuses_a_compare_bundle_of_the_same_variant_and_a_bad_max_fp
     assert "--max-fpr must be in (0, 1]" in line and "max_fpr" not in line.replace("--max-fpr", "")
 
 
+# -- every command: Ctrl-C is one line and 130, never a traceback (error_text.fail) --------------------------
+@pytest.mark.parametrize("main, argv, line", [
+    (run_cli.main, ["--bundle", "B", "--prompt", "Hi"], "safeclip-run: interrupted"),
+    (calibrate.main, ["--bundle", "B", "--labels", "L.csv", "--max-fpr", "0.1"],
+     "safeclip-calibrate: interrupted; nothing was written"),
+], ids=["run", "calibrate"])
+def test_commands_answer_ctrl_c_with_one_line(main, argv, line, monkeypatch, capsys):
+    from safeclip.runtime.pipeline import Pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "load", interrupted)
+    assert main(argv) == 130
+    assert capsys.readouterr().err == line + "\n"
+
+
 # -- safeclip-export: --context without --dry-run ----------------------------------------------------------
 def test_export_refuses_context_without_dry_run(tmp_path, capsys):
     pytest.importorskip("torch")

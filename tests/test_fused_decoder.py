@@ -61,7 +61,7 @@ def test_cpu_bundle_decoder_is_the_fused_graph(demo_bundle):
     g = load_manifest(demo_bundle).decoder
     spec = shared_decoder_spec(dec["inputs"]["inputs_embeds"]["shape"][-1], dec["outputs"]["logits"]["shape"][-1],
                                g.kv, g.names)
-    assert {k: dec[k] for k in ("inputs", "outputs")} == spec.io_json()
+    assert (g.inputs, g.outputs) == (spec.inputs_by_name, spec.outputs_by_name)
     s = ort.InferenceSession(str(demo_bundle / dec["file"]), providers=["CPUExecutionProvider"])
     assert [i.name for i in s.get_inputs()] == spec.input_names
     assert [o.name for o in s.get_outputs()] == spec.output_names

@@ -131,7 +131,7 @@ def test_self_test_runs_on_the_serving_backend(vision_bundle, tmp_path, monkeypa
     """TensorRT (the stand-in) serves the gate: an engine within the build tolerance passes, a swapped one fails."""
     from _fake_trt import install_fakes, write_plan
     from safeclip.runtime.backends.pick import open_vision
-    from safeclip.runtime.pipeline import _self_test
+    from safeclip.runtime.selftest import check_session
     from test_trt_backend import ORIN, jetson_profiles
 
     install_fakes(monkeypatch, "10.3.0.30")
@@ -149,10 +149,10 @@ def test_self_test_runs_on_the_serving_backend(vision_bundle, tmp_path, monkeypa
         m = load_manifest(b)
         vs = open_vision(m, "tensorrt")
         if ok:
-            _self_test(m, vs)
+            check_session(m, vs)
         else:
             with pytest.raises(BundleError, match="gate self-test failed: class_probs differs .* by 0.3"):
-                _self_test(m, vs)
+                check_session(m, vs)
 
 
 # -- signed bundles ----------------------------------------------------------------------------------------

@@ -71,11 +71,38 @@ def test_a_step_copies_only_its_new_rows_and_the_cache_is_read_back(demo):
     assert len(got) == 2 * kv.num_layers and all(g.shape == (1, kv.num_kv_heads, 6, kv.head_dim) for g in got)
     for i in range(kv.num_layers):
         k, v = dec.cache(i)
-        np.testing.assert_array_equal(got[i], k)
-        np.testing.assert_array_equal(got[kv.num_layers + i], v)
+        np.testing.assert_array_equal(got[2 * i], k)                  # the graph's order: layer i key, value
+        np.testing.assert_array_equal(got[2 * i + 1], v)
     assert all(g.flags.owndata or g.base is not None for g in got)    # copies, not views of the arena
     got[0][:] = 0
     assert np.abs(dec.cache(0)[0]).max() > 0
+
+
+def test_the_runtime_keeps_the_graphs_kv_order(demo):
+    """One KV order: KVSpec.names(), the arena's tensors and kv_read follow the graph's own positional order of
+    past inputs and present outputs (interleaved per layer), checked against the ONNX file itself, by position."""
+    import onnxruntime as ort
+
+    m, kv, table = demo
+    sess = ort.InferenceSession(str(m.path("decoder.onnx")), providers=["CPUExecutionProvider"])
+    past = [i.name for i in sess.get_inputs()][3:]                  # after embeddings, mask, positions
+    present = [o.name for o in sess.get_outputs()][1:]              # after logits
+    assert [p for p, _ in kv.names()] == past and [o for _, o in kv.names()] == present
+    x = table[[5, 7, 9, 11, 2]][None].astype(kv.dtype)              # [1, S, D]
+    S, H, D = x.shape[1], kv.num_kv_heads, kv.head_dim
+    feeds = {"inputs_embeds": x, "attention_mask": np.ones((1, S), np.int64),
+             "position_ids": np.arange(S, dtype=np.int64)[None],
+             **{n: np.zeros((1, H, 0, D), kv.dtype) for n in past}}
+    graph = sess.run(present, feeds)                                # the graph's new rows, positional order
+    dec = OrtDecoder(m.path("decoder.onnx"), kv, capacity=16)
+    dec.prefill(x[0])
+    got = dec.kv_read(S)
+    assert len(got) == len(graph) == 2 * kv.num_layers
+    for j, (a, b) in enumerate(zip(got, graph)):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"KV tensor {j} ({present[j]})")
+    assert {kv.layer_tensors(i) for i in range(kv.num_layers)} == {(present.index(kv.present_key.format(i=i)),
+                                                                    present.index(kv.present_value.format(i=i)))
+                                                                   for i in range(kv.num_layers)}
 
 
 def test_truncate_then_extend_equals_a_fresh_prefill(demo):

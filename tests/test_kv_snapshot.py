@@ -40,7 +40,7 @@ def _check(make, m, kv, table):
     assert len(snap) == 2 * L and all(a.shape == (1, H, 16, D) and a.dtype == np.dtype(kv.dtype) for a in snap)
     if hasattr(src, "cache"):                                          # CPU ORT: the very arrays of the cache
         k0, v0 = src.cache(0)
-        assert np.array_equal(snap[0], k0) and np.array_equal(snap[L], v0)
+        assert np.array_equal(snap[0], k0) and np.array_equal(snap[1], v0)    # layer 0's key, then its value
     short = src.kv_read(9)
     assert all(np.array_equal(s, a[:, :, :9]) for s, a in zip(short, snap))
     dst.prefill(table[rng.integers(0, table.shape[0], 30)])          # something else, longer, to overwrite

@@ -19,7 +19,7 @@ from safeclip.descriptors import load_descriptor_set
 from safeclip.export.architectures import ARCHITECTURES, read_preprocessor_config, spec_for
 from safeclip.runtime.anyres import (anyres_spec_from_config, anyres_views, features_for_image, max_views,
                                      num_image_tokens, pack_features, select_best_resolution)
-from safeclip.runtime.views import aggregate_views
+from safeclip.runtime.gate import aggregate_views
 
 from conftest import gate_embedding
 

@@ -10,7 +10,7 @@ import pytest
 
 from _ort_binding import copy_at_bind
 
-from safeclip.runtime.backends.base import DecoderNames
+from safeclip.runtime.graph_spec import DecoderNames
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.backends.slots import SlotDecoder
 

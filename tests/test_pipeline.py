@@ -52,7 +52,7 @@ def test_instruct_on_flagged_image_equals_hf_with_instruction(setup, demo_source
     assert "gun" in instruction
     ref, prompt_len = hf_generate(demo_sources, pipe, toxic, prompt, instruction)
     assert list(a.token_ids) == ref and a.prompt_tokens == prompt_len
-    assert len(ref) == N or ref[-1] in pipe._lm.eos_ids
+    assert len(ref) == N or ref[-1] in pipe.language_model.eos_ids
 
 
 @pytest.mark.parametrize("prompt", ["What is in the picture?", "Is this safe?"])
@@ -78,8 +78,8 @@ def test_refuse_never_runs_the_language_model(setup, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the decoder ran under policy refuse")
 
-    monkeypatch.setattr(pipe._lm.decoder, "prefill", forbidden)
-    monkeypatch.setattr(pipe._lm.decoder, "decode_one_token", forbidden)
+    monkeypatch.setattr(pipe.language_model.decoder, "prefill", forbidden)
+    monkeypatch.setattr(pipe.language_model.decoder, "decode_one_token", forbidden)
     a = pipe.generate(toxic, "What is in the picture?", policy="refuse")
     assert a.action == "refused" and a.finish_reason == "refused" and a.token_ids == ()
     assert a.text == pipe.manifest.gate["refusals"]["gun"]
@@ -132,10 +132,10 @@ def test_safeclip_threads_reaches_both_sessions(setup, monkeypatch):
     _, bundle, _, _ = setup
     monkeypatch.setenv("SAFECLIP_THREADS", "1")
     pipe = Pipeline.load(bundle)
-    assert pipe.vision.sess.get_session_options().intra_op_num_threads == 1
-    assert pipe._lm.decoder.session.get_session_options().intra_op_num_threads == 1
+    assert pipe.vision.session.sess.get_session_options().intra_op_num_threads == 1
+    assert pipe.language_model.decoder.session.get_session_options().intra_op_num_threads == 1
     pipe = Pipeline.load(bundle, threads=2)                       # an explicit count wins
-    assert pipe._lm.decoder.session.get_session_options().intra_op_num_threads == 2
+    assert pipe.language_model.decoder.session.get_session_options().intra_op_num_threads == 2
 
 
 def test_safeclip_spin_sets_the_thread_pool_spinning(monkeypatch):

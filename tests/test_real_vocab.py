@@ -134,7 +134,7 @@ def _image(test_images):
 @pytest.mark.parametrize("name", list(E2E))
 def test_bundle_prompt_ids_equal_llava_processor(bundles, test_images, name, with_image):
     pipe, folder, facts = bundles(name)
-    lm = pipe._lm
+    lm = pipe.language_model
     assert lm.image_token_id == facts["image_token_id"] and lm.decoder.vocab_size == facts["vocab_size"]
     image = _image(test_images) if with_image else None
     for prompt in PROMPTS:

@@ -64,6 +64,32 @@ def test_scan_reports_every_image_and_goes_on_after_bad_ones(controlled, tmp_pat
     assert "18 items: 16 gated (8 flagged), 2 failed" in err
 
 
+def test_threshold_override_reaches_every_verdict(controlled, test_images, monkeypatch):
+    """safeclip-scan's --threshold (and calibrate's) sets ``pipe.threshold``: it must reach the rule that the
+    vision gate applies, in ``gate`` and in ``gate_batch`` (on the code where it set a copy that VisionGate
+    never read, the image stayed flagged). The graph's probabilities are fixed here, 0.7 for 'gun'."""
+    from safeclip.runtime.pipeline import Pipeline
+
+    bundle, _ = controlled
+    pipe = Pipeline.load(bundle, language_model=False)
+    classes, real = pipe.classes, pipe.vision.session.run
+
+    def run(feed):                                                     # the real features, fixed probabilities
+        out = dict(real(feed))
+        p = np.full((len(feed[pipe.names.pixel_values]), len(classes)), 0.3 / (len(classes) - 1), np.float32)
+        p[:, classes.index("gun")] = 0.7
+        out[pipe.names.class_probs] = p
+        return out
+
+    monkeypatch.setattr(pipe.vision.session, "run", run)
+    pv = pipe.pixel_values(test_images / "red.png")
+    for t, flagged in ((0.5, True), (0.8, False), (0.65, True)):
+        pipe.threshold = t
+        assert pipe.vision.threshold == t
+        assert pipe.gate(test_images / "red.png").flagged is flagged
+        assert [v.flagged for v in pipe.vision.gate_batch([pv, pv])] == [flagged, flagged]
+
+
 def test_scan_with_labels_metrics(controlled, tmp_path, capsys):
     bundle, data = controlled
     report = tmp_path / "r.json"

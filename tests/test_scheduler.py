@@ -28,7 +28,7 @@ CAP = 96
 @pytest.fixture(scope="module")
 def lm(demo_bundle):
     pipe = Pipeline.load(demo_bundle, context=CAP)
-    return pipe._lm
+    return pipe.language_model
 
 
 @pytest.fixture(scope="module", params=["fused", "traced"])
@@ -36,7 +36,7 @@ def any_lm(request):
     """The demo bundle's language model with the cpu target's fused decoder (KV form "shared") and with the
     traced one (KV form "new"), and its bundle folder."""
     bundle = request.getfixturevalue("demo_bundle" if request.param == "fused" else "demo_bundle_traced")
-    return Pipeline.load(bundle, context=CAP)._lm, bundle
+    return Pipeline.load(bundle, context=CAP).language_model, bundle
 
 
 def _alone(lm, bundle, capacity):

@@ -17,7 +17,8 @@ from safeclip.export.bundle import build_plan
 from safeclip.export.targets import TARGETS
 from safeclip.runtime import generate as G
 from safeclip.runtime.backends.arena import DeviceArena, HostArena
-from safeclip.runtime.backends.base import BackendError, ContextError, KVSpec
+from safeclip.runtime.backends.base import BackendError, ContextError
+from safeclip.runtime.graph_spec import KVSpec
 from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.backends.pick import slot_decoder as sharing
@@ -208,7 +209,7 @@ def test_tensorrt_scheduler_is_token_exact_with_joins_leaves_and_sampling(trt_en
     from safeclip.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(e["m"].root, context=CAP)                      # the tokenizer and EOS ids
-    lm = pipe._lm
+    lm = pipe.language_model
     prompts = _prompts(table, (3, 30, 9, 17, 5, 12))
     budgets = [20, 6, 30, 11, 25, 9]
     solo = [G.generate(lm.decoder, table, table[p], tokenizer=lm.tokenizer, max_new_tokens=n,

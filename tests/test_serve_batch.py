@@ -147,10 +147,10 @@ def trt_pipe(bundle, monkeypatch, tmp_path):
 
     def make(max_batch=None, capacity=256):
         pipe = Pipeline.load(bundle, context=capacity)
-        m, kv = pipe.manifest, pipe._lm.decoder.kv
+        m, kv = pipe.manifest, pipe.language_model.decoder.kv
         profiles = build_plan(TARGETS["jetson"], m.graphs, m.model, max_batch=max_batch)["decoder"]["profiles"]
         plan = write_plan(m.path("decoder.onnx"), tmp_path / f"decoder-{max_batch}.plan", profiles)
-        pipe._lm.decoder = TrtDecoder(plan, kv, capacity=capacity)
+        pipe.language_model.decoder = TrtDecoder(plan, kv, capacity=capacity)
         pipe.backend = "tensorrt"
         return pipe
 
@@ -185,14 +185,14 @@ def test_tensorrt_defaults_follow_the_target_the_engine_and_the_device_memory(tr
     from safeclip.runtime.backends.slots import kv_slot_bytes
 
     def as_target(pipe, name):
-        return SimpleNamespace(manifest=SimpleNamespace(target=name), has_language_model=True, _lm=pipe._lm)
+        return SimpleNamespace(manifest=SimpleNamespace(target=name), has_language_model=True, language_model=pipe.language_model)
 
     wide, narrow = trt_pipe(16), trt_pipe(2)
     assert default_max_batch(as_target(wide, "datacenter"), None) == 8       # datacenter default
     assert default_max_batch(as_target(narrow, "datacenter"), None) == 2     # at most what the engine batches
     assert default_max_batch(as_target(wide, "jetson"), None) == 1           # a kiosk: one at a time
-    per = kv_slot_bytes(wide._lm.decoder.kv, 256)
-    free = wide._lm.decoder.cuda.mem_info()[0]                               # the device's, not MemAvailable
+    per = kv_slot_bytes(wide.language_model.decoder.kv, 256)
+    free = wide.language_model.decoder.cuda.mem_info()[0]                               # the device's, not MemAvailable
     assert slots_that_fit(wide) == free // per - 1
     with pytest.raises(Exception, match="profiles batch at most 2 sequences per decode step, not 3"):
         create_app(narrow, max_batch=3)

@@ -49,7 +49,7 @@ def test_client_leaving_mid_generation_frees_the_slot(bundle, long_ok, stream):
         s.close()
         assert wait_until(lambda: not health(srv.url)["busy"], 5) < 2.0
         wait_until(lambda: slow.closed == slow.started == 1)        # the generator was closed, not drained
-        assert not slow._pipe._lock.locked()
+        assert not slow._pipe.language_model.lock.locked()
         r = raw(srv.url, "POST", "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 3})
         assert r[0] == 200 and r[2]["usage"]["completion_tokens"] == 3
 

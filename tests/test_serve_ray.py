@@ -19,7 +19,7 @@ from serve_fixtures import bundle, oracle  # noqa: E402,F401 (fixtures)
 from serve_fixtures import Q, data_uri, free_socket, pieces, user  # noqa: E402
 
 N = 8
-DELAY = 0.03             # seconds before each text piece (test-only option): answers last a while
+# answers last a while: the session's Ray workers pause before each text piece (conftest.ray_worker_hook)
 
 
 def _client(url: str, retries: int = 0):
@@ -49,8 +49,8 @@ def ray_url(ray_local, bundle):
     port = sock.getsockname()[1]
     sock.close()
     ray_app.run({"bundle": str(bundle), "num_replicas": 2, "cpus_per_replica": 0.5, "max_ongoing_requests": 2,
-                 "default_max_tokens": N, "max_tokens": 64, "threads": 1,
-                 "test_piece_delay_s": DELAY}, host="127.0.0.1", port=port)
+                 "default_max_tokens": N, "max_tokens": 64, "threads": 1},
+                host="127.0.0.1", port=port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -24,7 +24,8 @@ from safeclip.runtime.backends.pick import Probe, choose_backend, open_decoder, 
 from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession, decoder_shapes, plan_capacity
 from safeclip.runtime.backends.trt_plan import plan_extend, plan_prefill
 from safeclip.runtime.backends.trt_plan import PlanMismatchError, select_profile
-from safeclip.runtime.backends.base import ContextError, KVSpec
+from safeclip.runtime.backends.base import ContextError
+from safeclip.runtime.graph_spec import KVSpec
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.manifest import load_manifest
 
@@ -352,7 +353,7 @@ def test_build_records_engines_and_reseals(fakes, jetson_bundle):
 
 def test_build_skips_decoder_parity_when_the_reference_would_not_fit(fakes, jetson_bundle, monkeypatch):
     import safeclip.runtime.build as build
-    monkeypatch.setattr(build, "_available_bytes", lambda: 1 << 20)   # 1 MiB free: ORT CPU must not be loaded
+    monkeypatch.setattr(build, "available_bytes", lambda: 1 << 20)   # 1 MiB free: ORT CPU must not be loaded
     msgs = []
     report = build.build_engines(jetson_bundle, build_engine=fake_builder([]), progress=msgs.append)
     assert report.built["decoder"]["parity"]["skipped"].startswith("ONNX Runtime reference needs about")

@@ -23,7 +23,7 @@ from safeclip.runtime.backends.trt import decoder_shapes, plan_capacity
 from safeclip.runtime.backends.arena import EXTEND_MAX
 from safeclip.runtime.backends.trt_plan import (ProfileSelectionError, plan_batch, plan_extend, plan_prefill,
                                                 select_profile)
-from safeclip.runtime.backends.base import KVSpec
+from safeclip.runtime.graph_spec import KVSpec
 
 BUILT = [t for t in TARGETS.values() if t.build_engines != "never"]
 

@@ -17,7 +17,7 @@ from _fake_trt import GARBAGE, FakeCudart, install_fakes, write_plan
 from safeclip.runtime.backends.cuda import CudaRuntime
 from safeclip.runtime.backends.ort import BackendError
 from safeclip.runtime.backends.trt import TrtDecoder, TrtVisionSession
-from safeclip.runtime.backends.base import KVSpec
+from safeclip.runtime.graph_spec import KVSpec
 from safeclip.runtime.backends.ort import OrtDecoder
 from safeclip.runtime.manifest import load_manifest
 

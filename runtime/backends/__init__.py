@@ -1,7 +1,8 @@
 """Inference backends, one module each, behind two small interfaces.
 
 * ``base.py``: what the generation loop and every backend share (``BackendError``, ``ContextError``,
-  ``KVSpec``, the ``Decoder`` interface); standard library only.
+  ``truncation``, the ``Decoder`` interface); standard library only. Tensor names and the KV layout are
+  ``runtime/graph_spec.py``'s.
 * ``ort.py``: ONNX Runtime (CPU always; CUDA / TensorRT execution providers with onnxruntime-gpu):
   ``OrtSession`` (``run(feeds) -> {name: array}``) and ``OrtDecoder``.
 * ``trt.py``: native TensorRT plans (``TrtVisionSession``, ``TrtDecoder``); ``cuda.py`` its CUDA calls;
@@ -10,7 +11,7 @@
 """
 from __future__ import annotations
 
-from .base import BackendError, ContextError, KVSpec
+from .base import BackendError, ContextError
 from .ort import OrtSession, available_providers, make_session
 
-__all__ = ["BackendError", "ContextError", "KVSpec", "OrtSession", "available_providers", "make_session"]
+__all__ = ["BackendError", "ContextError", "OrtSession", "available_providers", "make_session"]

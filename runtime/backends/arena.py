@@ -61,7 +61,7 @@ def check_kv_arrays(arrays: Sequence, tensors: int, kvh: int, hd: int, dtype: np
     """The length of ``kv_write``'s arrays ([1, KVH, length, Hd] each, ``tensors`` of them, the cache dtype);
     ValueError on a shape/dtype mismatch, ContextError beyond the capacity."""
     if len(arrays) != tensors:
-        raise ValueError(f"expected {tensors} KV arrays (every layer's key, then every layer's value), got {len(arrays)}")
+        raise ValueError(f"expected {tensors} KV arrays (the KV order of graph_spec.KVSpec), got {len(arrays)}")
     shapes = {tuple(np.shape(a)) for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"KV arrays have different shapes {sorted(shapes)}")

@@ -17,6 +17,9 @@ host inputs (embedding, mask, position; binding all 4L+3 took ~0.4 ms per step a
 are rebound on every call because a GPU provider copies them at bind time (``_bind``). Bundles
 whose decoder returns past + new (written before this design) are
 refused when the manifest is read (``contract.py``): re-export them.
+
+Which contrib kernels this ONNX Runtime build has is asked here (:func:`matmulnbits_available`): the
+manifest refuses an int4/int8 ``MatMulNBits`` bundle at load on a build without it.
 """
 from __future__ import annotations
 
@@ -28,9 +31,11 @@ import numpy as np
 
 from ..error_text import one_line
 from .arena import EXTEND_MAX, DeviceArena, HostArena, check_kv_arrays
-from .base import BackendError, ContextError, DecoderNames, KVSpec, truncation
+from ..graph_spec import DecoderNames, KVSpec
+from .base import BackendError, ContextError, truncation
 
-__all__ = ["BackendError", "OrtSession", "OrtDecoder", "available_providers", "make_session", "make_options"]
+__all__ = ["BackendError", "OrtSession", "OrtDecoder", "available_providers", "make_session", "make_options",
+           "matmulnbits_available"]
 
 
 _PROVIDERS = {
@@ -104,6 +109,28 @@ def make_session(path: str | Path, device: str = "cpu", threads: int | None = No
     except Exception as e:
         raise BackendError(f"cannot load {Path(path).name}: {one_line(e)}") from None
     return OrtSession(sess, wanted[0])
+
+
+_MATMULNBITS: list[bool] = []
+
+
+def matmulnbits_available() -> bool:
+    """Whether this ONNX Runtime build has a ``com.microsoft.MatMulNBits`` kernel (asked once per process;
+    minimal and custom builds can leave contrib operators out)."""
+    if not _MATMULNBITS:
+        _MATMULNBITS.append(_try_matmulnbits())
+    return _MATMULNBITS[0]
+
+
+def _try_matmulnbits() -> bool:
+    """ONNX Runtime's registered kernels (``get_all_opkernel_def``: every kernel of every provider compiled
+    into this build) include a ``com.microsoft`` MatMulNBits."""
+    try:   # ONNX Runtime lists its registered kernels only through its binding module
+        from onnxruntime.capi import _pybind_state as C
+        kernels = C.get_all_opkernel_def()
+    except (ImportError, AttributeError, RuntimeError):   # no such API in this build: cannot tell, so refuse
+        return False
+    return any(k.op_name == "MatMulNBits" and k.domain == "com.microsoft" for k in kernels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,11 +237,12 @@ class OrtDecoder:
         if self.device != "cpu":
             raise ValueError("cache views need the CPU arena (use kv_read)")
         v, n = self.arena.view(), self.length
-        return v[layer, None, :, :n], v[self.kv.num_layers + layer, None, :, :n]
+        k, val = self.kv.layer_tensors(layer)                       # the KV order (graph_spec.KVSpec)
+        return v[k, None, :, :n], v[val, None, :, :n]
 
     def kv_read(self, length: int) -> list[np.ndarray]:
-        """Host copies of the first ``length`` cached positions, [1, KVH, length, Hd] each, in ``KVSpec.names()``
-        order (every layer's key, then every layer's value)."""
+        """Host copies of the first ``length`` cached positions, [1, KVH, length, Hd] each, in the KV order
+        (``graph_spec.KVSpec``: layer by layer, key then value)."""
         if not 0 <= int(length) <= self.length:
             raise ContextError(f"cannot read {length} positions of {self.length} cached")
         return self.arena.read(int(length)) if self.device == "cpu" else self.arena.read(int(length), self._host)

@@ -32,9 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..graph_spec import SharedDecoderNames
+from ..graph_spec import KVSpec, SharedDecoderNames
 from .arena import check_kv_arrays
-from .base import BackendError, ContextError, KVSpec, truncation
+from .base import BackendError, ContextError, truncation
 
 __all__ = ["SharedKVDecoder", "SharedSlotDecoder"]
 
@@ -179,7 +179,8 @@ class SharedKVDecoder:
     def cache(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of the cached key and value of ``layer``: [1, KVH, length, Hd] each."""
         n = self.length
-        return self.data[layer, :1, :, :n], self.data[self.kv.num_layers + layer, :1, :, :n]
+        k, v = self.kv.layer_tensors(layer)                         # the KV order (graph_spec.KVSpec)
+        return self.data[k, :1, :, :n], self.data[v, :1, :, :n]
 
     def kv_read(self, length: int) -> list[np.ndarray]:
         """Host copies of the first ``length`` cached positions, [1, KVH, length, Hd] each, ``KVSpec.names()``

@@ -38,7 +38,8 @@ from typing import Sequence
 import numpy as np
 
 from .arena import check_kv_arrays
-from .base import ContextError, KVSpec
+from ..graph_spec import KVSpec
+from .base import ContextError
 from .ort import OrtDecoder
 
 __all__ = ["SlotOps", "SlotDecoder", "kv_slot_bytes"]
@@ -201,8 +202,8 @@ class SlotOps:
             self.arena.bucket = 0
 
     def slot_write(self, slot: int, arrays: Sequence[np.ndarray]) -> None:
-        """Fill ``slot`` with a cached prefix (``slot_read``'s or ``kv_read``'s arrays: [1, KVH, n, Hd] each, every
-        layer's key then every layer's value); afterwards it holds n positions (a prefix-cache restore)."""
+        """Fill ``slot`` with a cached prefix (``slot_read``'s or ``kv_read``'s arrays: [1, KVH, n, Hd] each, in
+        the KV order of ``graph_spec.KVSpec``); afterwards it holds n positions (a prefix-cache restore)."""
         s = self._check_slot(slot)
         a = self.arena
         n = check_kv_arrays(arrays, a.tensors, a.kvh, a.hd, a.dtype, self.capacity)
@@ -211,7 +212,7 @@ class SlotOps:
         self.lengths[s] = n
 
     def slot_read(self, slot: int) -> list[np.ndarray]:
-        """Host copies of ``slot``'s cached rows, [1, KVH, len, Hd] each, ``KVSpec.names()`` order (tests)."""
+        """Host copies of ``slot``'s cached rows, [1, KVH, len, Hd] each, in ``graph_spec.KVSpec``'s order (tests)."""
         s = self._check_slot(slot)
         return self._read_slot(s, int(self.lengths[s]))
 

@@ -24,7 +24,8 @@ cuda-python for memory and streams (see ``cuda.py``). Both are imported lazily, 
   the message names the rebuild command), and a decoder's ``capacity`` must lie within what its
   profiles cover (:func:`plan_capacity`).
 * Choosing a backend is ``pick.py``'s job; it imports this module lazily, and this module does not import
-  it back (nor the generation loop: the errors and ``KVSpec`` come from ``base.py``).
+  it back (nor the generation loop: the errors come from ``base.py``, tensor names and ``KVSpec`` from
+  ``graph_spec.py``).
 
 Plans are memory-mapped for deserialization, so a multi-GB decoder plan is not copied into a Python bytes
 object first (on Jetson, host and GPU share the same DRAM).
@@ -39,7 +40,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .arena import EXTEND_MAX, DeviceArena, check_kv_arrays
-from .base import BackendError, ContextError, DecoderNames, truncation
+from ..graph_spec import DecoderNames
+from .base import BackendError, ContextError, truncation
 from .cuda import CudaRuntime, round_up
 from .slots import SlotOps
 from .trt_plan import (ProfileSelectionError, check_plan_compatible, decoder_shapes, plan_batch, plan_capacity,
@@ -289,7 +291,7 @@ class TrtDecoder:
         _check_record(record, device, bundle, trt, cuda)
         self.eng = eng = _Engine(trt, plan_path)
         self.names = io = names                                   # embeddings, mask, positions, logits
-        names = kv.names()                                        # (past, new) of every layer's k, v
+        names = kv.names()                                        # (past, new) in the KV order (KVSpec)
         expected = [*io.inputs, *(p for p, _ in names)]
         eng.require(expected, [*io.outputs, *(o for _, o in names)])
         extra = sorted(set(eng.inputs) - set(expected))
@@ -463,8 +465,8 @@ class TrtDecoder:
             self.length = n
 
     def kv_read(self, length: int) -> list[np.ndarray]:
-        """Host copies of the first ``length`` cached positions, [1, KVH, length, Hd] each, in ``KVSpec.names()``
-        order (every layer's key, then every layer's value)."""
+        """Host copies of the first ``length`` cached positions, [1, KVH, length, Hd] each, in the KV order
+        (``graph_spec.KVSpec``: layer by layer, key then value)."""
         if not 0 <= int(length) <= self.length:
             raise ContextError(f"cannot read {length} positions of {self.length} cached")
         return self.arena.read(int(length), self._host)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from .base import BackendError, DecoderNames
-from ..graph_spec import decoder_spec
+from ..graph_spec import DecoderNames, decoder_spec
+from .base import BackendError
 
 REBUILD = "safeclip-build --bundle {bundle}"
 DEVICE_FIELDS = ("tensorrt_version", "compute_capability", "gpu_name", "sm_count", "memory_class_gib")

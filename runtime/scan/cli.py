@@ -6,7 +6,8 @@
     safeclip-scan --bundle engines/demo shards/*.parquet --ray --workers 8 --output scan/   # on Ray Data
 
 A bad file is reported as ``{"path": ..., "error": ...}`` (an error row with ``--output``) and the scan goes
-on; a bundle that does not verify stops everything before any image is read. The driver is ``job.py``.
+on; a bundle that does not verify stops everything before any image is read. The driver is ``job.py``; what
+stops it (``job.ScanStop``) is reported here, in one line.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..backends.pick import BACKEND_CHOICES, BACKEND_HELP
+from ..error_text import fail
 from ..signing import TRUSTED_KEY_HELP
 
 
@@ -68,8 +70,13 @@ def scan_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .job import run_scan
-    return run_scan(scan_parser().parse_args(argv))
+    from .job import ScanStop, run_scan
+
+    args = scan_parser().parse_args(argv)
+    try:
+        return run_scan(args)
+    except ScanStop as e:
+        return fail("safeclip-scan", str(e), e.code, e.label)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Gating a batch of scan items with a bundle's vision+gate graph (the graph only: no language model).
 
 ``gate_items`` gates a batch with the bundle's vision+gate graph: every readable image is preprocessed, the
-batch goes through the graph in one run (its batch dimension is dynamic), and each row of ``class_probs``
-becomes a verdict through ``gate.verdict_from_probs``, the rule the pipeline itself applies. Multi-view
-(anyres) bundles are gated one image at a time through ``Pipeline.gate`` (their views aggregate per image);
+batch goes through the graph in one run (its batch dimension is dynamic: ``VisionGate.gate_batch``), each row
+of ``class_probs`` becoming a verdict by the rule every request's gate applies. Multi-view
+(anyres) bundles are gated one image at a time through ``VisionGate.gate`` (their views aggregate per image);
 a batch the graph refuses (a TensorRT profile smaller than the batch) is retried one image at a time. An
 image that cannot be read or decoded gives an error result, never an exception.
 """
@@ -14,7 +14,7 @@ import hashlib
 import numpy as np
 
 from ..error_text import one_line
-from ..gate import Verdict, verdict_from_probs
+from ..gate import Verdict
 from .sources import ItemReader
 
 
@@ -28,11 +28,11 @@ def gate_items(pipe, items: list[dict], reader: ItemReader) -> list[tuple[Verdic
         try:
             image, it["stat"] = reader.read_bytes(it)
             it["sha256"] = hashlib.sha256(image).hexdigest()
-            if pipe.anyres is not None:
-                v = pipe.gate(image)
+            if pipe.vision.anyres is not None:
+                v = pipe.vision.gate(image)
                 out[i] = (_no_latency(v), None)
             else:
-                ready.append((i, pipe.pixel_values(image)))                       # [1, 3, H, W]
+                ready.append((i, pipe.vision.views(image)[0]))                       # [1, 3, H, W]
         except Exception as e:               # one bad image never stops the scan
             out[i] = (None, one_line(e))
     if ready:
@@ -42,15 +42,13 @@ def gate_items(pipe, items: list[dict], reader: ItemReader) -> list[tuple[Verdic
 
 
 def _gate_batch(pipe, pvs: list[np.ndarray]) -> list:
-    names = pipe.names
     try:
-        probs = pipe.vision.run({names.pixel_values: np.concatenate(pvs)}).get(names.class_probs)   # [B, C]
+        verdicts = pipe.vision.gate_batch(pvs)                   # one graph run over [B, 3, H, W]
     except Exception as e:
         if len(pvs) == 1:
             return [(None, f"vision graph failed ({one_line(e)})")]
         return [r for pv in pvs for r in _gate_batch(pipe, [pv])]
-    return [(verdict_from_probs(None if probs is None else probs[j], pipe.classes, pipe.safe_classes,
-                                pipe.threshold), None) for j in range(len(pvs))]
+    return [(v, None) for v in verdicts]
 
 
 def _no_latency(v: Verdict) -> Verdict:

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..error_text import one_line
+from ..error_text import EXIT_INTERRUPTED, one_line
 from ..progress import Progress, plural
 
 EXIT_OK, EXIT_STOPPED, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
@@ -37,9 +37,13 @@ class GateInfo:
     threshold: float
 
 
-def _err(msg: str) -> int:
-    print(f"safeclip-scan: error: {msg}", file=sys.stderr)
-    return EXIT_USAGE
+class ScanStop(Exception):
+    """Why a scan stops before its end: the one line ``safeclip-scan``'s ``main()`` reports through
+    ``error_text.fail`` (``label=None``: not an error of the input, e.g. Ctrl-C) and the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE, label: str | None = "error"):
+        super().__init__(message)
+        self.code, self.label = code, label
 
 
 def _batches(items: list, n: int):
@@ -53,19 +57,18 @@ def run_scan(args) -> int:
     from .output import OutputError, ScanOutput, read_rows
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        return _err("--threshold must be in [0, 1]")
+        raise ScanStop("--threshold must be in [0, 1]")
     if (args.report or args.plot) and not args.labels:
-        return _err("--report and --plot need --labels")
+        raise ScanStop("--report and --plot need --labels")
     if args.ray and not args.output:
-        return _err("--ray needs --output (the rows go to Parquet, not stdout)")
+        raise ScanStop("--ray needs --output (the rows go to Parquet, not stdout)")
     for name in ("workers", "batch_size", "part_rows"):
         if getattr(args, name) < 1:
-            return _err(f"--{name.replace('_', '-')} must be at least 1")
+            raise ScanStop(f"--{name.replace('_', '-')} must be at least 1")
     if args.cpus_per_worker <= 0 or args.gpus_per_worker < 0:
-        return _err("--cpus-per-worker must be positive and --gpus-per-worker not negative")
+        raise ScanStop("--cpus-per-worker must be positive and --gpus-per-worker not negative")
     if args.safe_out and (problem := _unwritable(args.safe_out)):
-        print(f"safeclip-scan: error: --safe-out {args.safe_out}: {problem}", file=sys.stderr)
-        return 1
+        raise ScanStop(f"--safe-out {args.safe_out}: {problem}", 1)
     try:
         if args.ray:
             m = load_manifest(args.bundle, full_verify=args.full_verify, trusted_keys=args.trusted_key)
@@ -77,7 +80,7 @@ def run_scan(args) -> int:
                                  threads=args.threads, language_model=False, trusted_keys=args.trusted_key)
             gate = pipe
     except (BundleError, OSError, RuntimeError) as e:
-        return _err(one_line(e))
+        raise ScanStop(one_line(e))
     if args.threshold is not None:
         gate.threshold = args.threshold
     labels = None
@@ -86,7 +89,7 @@ def run_scan(args) -> int:
         try:
             labels = read_labels(args.labels, gate.classes, gate.safe_classes)
         except LabelsError as e:
-            return _err(one_line(e))
+            raise ScanStop(one_line(e))
 
     out = None
     if args.output:
@@ -98,14 +101,14 @@ def run_scan(args) -> int:
             out.check_complete()
             rows = read_rows(args.output)
         except OutputError as e:
-            return _err(one_line(e))
+            raise ScanStop(one_line(e))
         except Exception as e:
-            return _err(f"{args.output}: cannot read ({one_line(e)})")
+            raise ScanStop(f"{args.output}: cannot read ({one_line(e)})")
         print(f"safeclip-scan: {args.output} is complete already: nothing to scan", file=sys.stderr)
         try:
             items = list(list_items(args.paths)) if args.safe_out else []
         except SourceError as e:
-            return _err(one_line(e))
+            raise ScanStop(one_line(e))
         return _finish(args, gate, rows, labels, items)
     try:
         items = list(list_items(args.paths))
@@ -113,9 +116,9 @@ def run_scan(args) -> int:
             _drop_stale(out, out.open(), items, args.allow_private_hosts)
         done = out.done if out is not None else set()
     except (SourceError, OutputError) as e:
-        return _err(one_line(e))
+        raise ScanStop(one_line(e))
     except OSError as e:
-        return _err(f"{args.output}: cannot update the partial output ({one_line(e)})")
+        raise ScanStop(f"{args.output}: cannot update the partial output ({one_line(e)})")
     todo = [it for it in items if (it["source"], it["key"]) not in done]
     if out is not None and done:
         print(f"safeclip-scan: resuming {args.output}: {len(items) - len(todo)} of {len(items)} items already "
@@ -132,17 +135,15 @@ def run_scan(args) -> int:
     except KeyboardInterrupt:
         if out is not None:
             out.close()
-            print(f"safeclip-scan: interrupted: {len(out.done)} rows are in {out.partial}; run the same command "
-                  "again to resume", file=sys.stderr)
-        return 130
+            raise ScanStop(f"interrupted: {len(out.done)} rows are in {out.partial}; run the same command "
+                           "again to resume", EXIT_INTERRUPTED, None) from None
+        raise ScanStop("interrupted", EXIT_INTERRUPTED, None) from None
     except OutputError as e:
-        print(f"safeclip-scan: {one_line(e)}", file=sys.stderr)
-        return 1
+        raise ScanStop(one_line(e), 1, None) from None
     except Exception as e:              # Ray failures, a full disk: one line, the rows written so far stay
         if out is not None:
             out.close()
-        print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        raise ScanStop(one_line(e), 1) from None
     finally:
         progress.close()
     dt = time.perf_counter() - t0
@@ -289,8 +290,7 @@ def _finish(args, gate, rows: list[dict], labels, items: list[dict]) -> int:
         try:
             k = write_safe(safe, args.safe_out)
         except OSError as e:
-            print(f"safeclip-scan: error: cannot write --safe-out {args.safe_out} ({one_line(e)})", file=sys.stderr)
-            return 1
+            raise ScanStop(f"cannot write --safe-out {args.safe_out} ({one_line(e)})", 1) from None
         print(f"safeclip-scan: wrote the {k} safe images to {args.safe_out}", file=sys.stderr)
     if labels is not None:
         from .sources import display_name
@@ -323,8 +323,7 @@ def report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> in
             joined.append({**r, "label": label})
     missing = len(labels) - len(joined)
     if not joined:
-        print("safeclip-scan: error: no scanned image appears in the labels file", file=sys.stderr)
-        return 1
+        raise ScanStop("no scanned image appears in the labels file", 1)
     m = evaluate(joined, pipe.classes, pipe.safe_classes)
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     print(f"labelled {m['n']} (toxic {m['n_toxic']}, safe {m['n_safe']}); not scanned: {missing}", file=sys.stderr)
@@ -342,6 +341,5 @@ def report_labels(args, pipe, records: list[dict], labels: dict[str, str]) -> in
         try:
             plot_sweep(rows, args.plot, title=f"{pipe.manifest.name}: DSR / FPR by threshold")
         except ImportError as e:
-            print(f"safeclip-scan: error: {one_line(e)}", file=sys.stderr)
-            return 2
+            raise ScanStop(one_line(e), EXIT_USAGE) from None
     return 0

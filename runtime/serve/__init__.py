@@ -9,7 +9,9 @@ imports neither: ``create_app`` loads them on first use, so ``safeclip.runtime``
 """
 from __future__ import annotations
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "PROG"]
+
+PROG = "safeclip-serve"                          # every line the server and its command print starts with it
 
 
 def __getattr__(name: str):

@@ -19,9 +19,10 @@ bytes of bodies held at once), ``Host``/``Origin`` against DNS rebinding (403; `
 (415), malformed JSON and unknown fields (400), image bytes/format/pixels (400 ``invalid_image``), prompt
 length and context (400 ``context_length_exceeded``), ``max_tokens`` (400), remote image URLs (400 unless
 allowed), missing or wrong
-key (401). One model runs one request at a time (``slot.Slot``): at most ``max_queue`` further requests wait, in
-arrival order; a full queue or a wait longer than ``queue_timeout_s`` answers 503 with ``Retry-After``. With
-``max_batch`` > 1, up to that many decode together instead (``batching.py``: continuous batching).
+key (401). Admission (``admission.py``): one model runs one request at a time (``OneAtATime``, the slot): at most
+``max_queue`` further requests wait, in arrival order; a full queue or a wait longer than ``queue_timeout_s``
+answers 503 with ``Retry-After``. With ``max_batch`` > 1, up to that many decode together instead
+(``batching.Batched``: continuous batching).
 A client that disconnects while queued, or mid-generation (plain or streamed), gives its place back at once;
 the token being computed finishes on the model thread and the generator is closed there.
 
@@ -58,7 +59,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..gate import POLICIES
+from ..gate import check_policy
 from ..backends.base import ContextError
 from ..fetch import FetchError, fetch_image
 from ..image import ImageError, load_image
@@ -66,18 +67,16 @@ from ..prompt import PromptError
 from .cors import CORSAndOptions
 from .hosts import HostCheck
 from .intake import Intake, ReleaseAfter
-from .admission import Busy, Disconnected, Slot
+from .admission import END, Busy, Disconnected, Job, OneAtATime
 from ..prefix_cache import PrefixCache
 from .conversation import images_json, start_chat
-from . import batching
-from ..scheduler import QueueFull
+from .batching import Batched
 from .request import DEFAULTS, ChatRequest, RequestError, error_body, parse_chat_request, parse_json_body
 
 log = logging.getLogger("safeclip.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
         "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-_END = object()
 _STOPPING = "the server is shutting down; try again shortly"
 # fetch.FetchError.kind -> (HTTP status, OpenAI error code); any other kind: 400 invalid_image
 _FETCH_ERRORS = {"refused": (400, "remote_image_refused"), "too_large": (413, "request_too_large")}
@@ -88,37 +87,11 @@ def _error(status: int, message: str, code: str | None = None, param: str | None
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
-class _Job:
-    """One request's hold on the model: its AnswerStream, stepped on the model thread; ``close`` is idempotent."""
-
-    def __init__(self, srv: "_Server", stream, t0: float):
-        self.srv, self.stream, self.t0 = srv, stream, t0
-        self.it = iter(stream)
-        self.finished = self.closed = False
-
-    async def next_piece(self):
-        piece = await self.srv.run(next, self.it, _END)
-        self.finished = piece is _END
-        return piece
-
-    def close(self) -> None:
-        """Give the slot back; an unfinished generator is closed on the model thread after the step in flight."""
-        if self.closed:
-            return
-        self.closed = True
-        if not self.finished:
-            try:
-                self.srv.executor.submit(self.it.close)
-            except RuntimeError:                        # executor already shut down (server stopping)
-                pass
-        self.srv.slot.release(time.perf_counter() - self.t0)
-
-
 class _SSEResponse(StreamingResponse):
     """A streaming response that always closes its generator and its job, so a dropped client frees the slot
     even when it left before the generator ever started."""
 
-    def __init__(self, content, job: _Job, **kw):
+    def __init__(self, content, job: Job, **kw):
         super().__init__(content, **kw)
         self.job = job
 
@@ -133,14 +106,18 @@ class _SSEResponse(StreamingResponse):
 
 class _Server:
     def __init__(self, pipe, *, api_key: str | None, policy: str | None, allow_remote_images: bool,
-                 allow_private_image_hosts: bool, limits: dict):
+                 allow_private_image_hosts: bool, limits: dict, max_batch: int):
         self.pipe, self.api_key, self.policy, self.allow_remote = pipe, api_key, policy, allow_remote_images
         self.limits = limits
         self.model_id = pipe.manifest.name
         # the id /v1/models lists; also the bundle's folder name, which differs when a bundle was renamed
         self.model_ids = {self.model_id, Path(str(pipe.manifest.root)).name}
-        self.slot = Slot(limits["max_queue"], limits["queue_timeout_s"])
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeclip-model")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        # admission.py's face: one request at a time (the slot), or a batch (batching.py)
+        self.admission = (Batched(pipe, self.run, max_batch, limits["max_queue"]) if max_batch > 1 else
+                          OneAtATime(self.run, self.executor, limits["max_queue"], limits["queue_timeout_s"]))
         self.decode_sem: asyncio.Semaphore | None = None
         self.allow_private = allow_private_image_hosts
         self.stopping = False
@@ -154,7 +131,7 @@ class _Server:
         """Stop taking work: queued requests get 503 now, the running one may go on for ``deadline_s``."""
         self.stopping = True
         self.stop_deadline = time.monotonic() + deadline_s
-        self.slot.fail_waiters(Busy(_STOPPING, self.stop_retry_after()))
+        self.admission.fail_waiters(Busy(_STOPPING, self.stop_retry_after()))
 
     def stop_retry_after(self) -> int:
         return 5
@@ -284,8 +261,8 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     if not pipeline.has_language_model:
         raise ValueError(f"{pipeline.manifest.root}: bundle has no language model (exported with --no-decoder); "
                          "safeclip-serve needs one")
-    if policy is not None and policy not in POLICIES:
-        raise ValueError(f"unknown policy '{policy}' (supported: {', '.join(POLICIES)})")
+    if policy is not None:
+        check_policy(policy)
     for name, v in (("max_body_bytes", max_body_bytes), ("max_pixels", max_pixels), ("max_tokens", max_tokens),
                     ("default_max_tokens", default_max_tokens), ("max_prompt_chars", max_prompt_chars)):
         if not isinstance(v, int) or v < 1:
@@ -302,14 +279,13 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
                   fetch_timeout_s=float(fetch_timeout_s), prefix_cache_bytes=int(prefix_cache_mb * 2 ** 20),
                   body_budget_bytes=int(body_budget_mb * 2 ** 20) if body_budget_mb else 4 * max_body_bytes)
     srv = _Server(pipeline, api_key=api_key, policy=policy, allow_remote_images=allow_remote_images,
-                  allow_private_image_hosts=allow_private_image_hosts, limits=limits)
-    batching.setup(srv, max_batch)
+                  allow_private_image_hosts=allow_private_image_hosts, limits=limits, max_batch=max_batch)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         srv.executor.shutdown(wait=True, cancel_futures=True)
-        batching.close(srv)
+        srv.admission.close()
 
     app = FastAPI(title="safeclip-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -339,8 +315,8 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": srv.model_id, "busy": srv.slot.busy, "queued": len(srv.slot.waiters),
-                "max_queue": max_queue, "prefix_cache": srv.stats(), **batching.health_counts(srv)}
+        return {"status": "ok", "model": srv.model_id, "max_queue": max_queue, "prefix_cache": srv.stats(),
+                **srv.admission.health()}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -383,26 +359,13 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
             raise RequestError(404, f"model '{req.model}' not found (this server serves '{srv.model_id}')",
                                "model_not_found", "model")
         images = [await srv.decode_image(src) for src in req.conversation.sources]
-        t0 = time.perf_counter()
-        if srv.batching:                               # gated on the model thread, then joins the batch
-            try:
-                job = batching.BatchJob(srv, await srv.run(srv.start_stream, images, req), t0, _END)
-            except QueueFull as e:
-                return _error(503, str(e), "server_busy", headers={"Retry-After": str(batching.retry_after(srv))})
-        else:
-            try:
-                await srv.slot.acquire(request.receive)
-            except Busy as e:
-                return _error(503, str(e), "server_shutting_down" if srv.stopping else "server_busy",
-                              headers={"Retry-After": str(e.retry_after)})
-            except Disconnected:
-                return _error(400, "client disconnected", "client_disconnected")
-            t0 = time.perf_counter()
-            try:
-                job = _Job(srv, await srv.run(srv.start_stream, images, req), t0)
-            except BaseException:
-                srv.slot.release(time.perf_counter() - t0)
-                raise
+        try:                                           # the slot or the batch (admission.py), then gated
+            job = await srv.admission.start(request.receive, lambda: srv.start_stream(images, req))
+        except Busy as e:
+            return _error(503, str(e), "server_shutting_down" if srv.stopping else "server_busy",
+                          headers={"Retry-After": str(e.retry_after)})
+        except Disconnected:
+            return _error(400, "client disconnected", "client_disconnected")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return _SSEResponse(_sse(srv, job, req, cid, created), job, media_type="text/event-stream",
@@ -415,8 +378,8 @@ def create_app(pipeline, *, api_key: str | None = None, max_body_bytes: int = DE
     return app
 
 
-async def _complete(srv: _Server, job: _Job, request: Request, cid: str, created: int, req: ChatRequest):
-    while (await job.next_piece()) is not _END:
+async def _complete(srv: _Server, job: Job, request: Request, cid: str, created: int, req: ChatRequest):
+    while (await job.next_piece()) is not END:
         if await request.is_disconnected():
             return _error(400, "client disconnected", "client_disconnected")
         if srv.past_deadline():
@@ -444,7 +407,7 @@ def _event(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _sse(srv: _Server, job: _Job, req: ChatRequest, cid: str, created: int):
+async def _sse(srv: _Server, job: Job, req: ChatRequest, cid: str, created: int):
     """OpenAI chunk stream: role (+ verdict), content pieces, finish (+ verdict), [usage], [DONE]."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": srv.model_id}
     s = job.stream
@@ -456,7 +419,7 @@ async def _sse(srv: _Server, job: _Job, req: ChatRequest, cid: str, created: int
     try:
         yield chunk({"role": "assistant", "content": ""}, safeclip=srv.gate_json(s, conv=req.conversation))
         refused = s.action == "refused"
-        while (piece := await job.next_piece()) is not _END:
+        while (piece := await job.next_piece()) is not END:
             yield chunk({"content": piece, **({"refusal": piece} if refused else {})})
             if srv.past_deadline():
                 yield _event(error_body(503, "the server shut down before the answer was complete; try again "

@@ -1,56 +1,85 @@
 """The server with continuous batching (``--max-batch N`` > 1): requests join ``scheduler.Scheduler``'s batch.
 
-With ``max_batch`` 1 the server keeps ``slot.Slot`` (one request at a time, ``max_queue`` waiting). With more:
+With ``max_batch`` 1 the server admits one request at a time (``admission.OneAtATime``). With more (:class:`Batched`):
 
 * the scheduler's waiting list is the queue: a request is gated and its prompt prepared on the model thread,
   then submitted; when ``max_queue`` requests already wait it is answered 503 with ``Retry-After``
   (``scheduler.QueueFull``). A refused image (policy ``refuse``) never reaches the scheduler. The queue timeout
   does not apply (a batched request starts as soon as a slot frees; its response may already be streaming).
-* each request waits for its text pieces on its own thread (:data:`BatchJob`'s pool, one per running or
+* each request waits for its text pieces on its own thread (:class:`Batched`'s pool, one per running or
   waiting request), never on the model thread, so a slow client stalls nobody; a client that disconnects
   cancels its sequence, which leaves the batch at the next step (``BatchStream.cancel``).
 * memory is bounded by the KV slots: :func:`check_kv_memory` refuses to start when ``max_batch`` slots of
   ``context`` positions do not fit the memory available, naming the numbers.
-* ``/health`` shows ``running`` and ``waiting`` sequences (:func:`health_counts`, also for one at a time), and
+* ``/health`` shows ``running`` and ``waiting`` sequences (``health()``, also for one at a time), and
   with batching the scheduler's counters (``batch``: steps, mean batch, tokens decoded, seconds in decode steps
   and in prefills).
 """
 from __future__ import annotations
 
-import math
 import time
 
 from ..backends.slots import kv_slot_bytes
-from ..build import _available_bytes
+from ..host_memory import available_bytes as _available_bytes
+from ..scheduler import QueueFull
+from .admission import Busy, Job, ServiceTime
 
-__all__ = ["BatchJob", "check_kv_memory", "slots_that_fit", "health_counts", "retry_after", "setup", "close"]
-
-
-def setup(srv, max_batch: int) -> None:
-    """Give the server ``srv`` (app.py's ``_Server``) a scheduler of ``max_batch`` slots (1: none, the slot)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-    srv.batching, srv.wait_pool, srv.service_s = max_batch > 1, None, 2.0
-    if not srv.batching:
-        return
-    check_kv_memory(srv.pipe, max_batch)
-    srv.pipe.enable_batching(max_batch, max_waiting=srv.limits["max_queue"])
-    srv.wait_pool = ThreadPoolExecutor(max_workers=max_batch + srv.limits["max_queue"] + 2,
-                                       thread_name_prefix="safeclip-wait")
+__all__ = ["Batched", "check_kv_memory", "slots_that_fit"]
 
 
-def close(srv) -> None:
-    if srv.batching and srv.pipe.scheduler is not None:
-        srv.pipe.scheduler.close()
-        srv.wait_pool.shutdown(wait=False, cancel_futures=True)
+class Batched:
+    """``max_batch`` > 1 (the admission face of ``admission.py``): the pipeline's scheduler decodes up to
+    ``max_batch`` requests together; its waiting list (``max_queue``) is the queue. ``begin()`` gates and prepares
+    a request on the model thread and submits it (``scheduler.QueueFull``: :class:`~.admission.Busy`); its pieces
+    are awaited on a pool thread of its own, never the model thread; closing an unfinished job cancels its
+    sequence (it leaves the batch at the next step)."""
+
+    batched = True
+
+    def __init__(self, pipe, run, max_batch: int, max_queue: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        check_kv_memory(pipe, max_batch)
+        self.pipe, self.run, self.service = pipe, run, ServiceTime()
+        self.scheduler = pipe.enable_batching(max_batch, max_waiting=max_queue)
+        self.wait_pool = ThreadPoolExecutor(max_workers=max_batch + max_queue + 2, thread_name_prefix="safeclip-wait")
+
+    async def start(self, receive, begin) -> Job:
+        t0 = time.perf_counter()
+        try:
+            stream = await self.run(begin)
+        except QueueFull as e:
+            st = self.scheduler.stats()
+            raise Busy(str(e), self.service.retry_after(st["waiting"], st["max_batch"])) from None
+        return Job(stream, t0, self._step, lambda finished, held_s: self._close(stream, finished, held_s))
+
+    async def _step(self, fn, *args):
+        import asyncio
+        return await asyncio.get_running_loop().run_in_executor(self.wait_pool, fn, *args)
+
+    def _close(self, stream, finished: bool, held_s: float) -> None:
+        if not finished:
+            stream.cancel()
+        self.service.add(held_s)
+
+    def health(self) -> dict:
+        st = self.scheduler.stats()
+        return {"busy": False, "queued": 0, "running": st["running"], "waiting": st["waiting"],
+                "max_batch": st["max_batch"],
+                "batch": {k: st[k] for k in ("steps", "mean_batch", "decoded_tokens", "decode_s", "prefill_s")}}
+
+    def fail_waiters(self, exc: Exception) -> None:
+        pass                                        # waiting sequences are the scheduler's: they finish or time out
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.wait_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def check_kv_memory(pipe, max_batch: int, available: int | None = None) -> int:
     """Bytes the ``max_batch`` KV slots take (each the decoder's capacity); ``ValueError`` when they do not
     fit ``available`` bytes (default: MemAvailable; the weights are already loaded)."""
-    dec = pipe._lm.decoder
+    dec = pipe.language_model.decoder
     per = kv_slot_bytes(dec.kv, dec.capacity)
     need = per * (max_batch + 1)                                  # the slots and one slot of prefill scratch
     avail = _memory_for_kv(dec) if available is None else available
@@ -73,50 +102,6 @@ def _memory_for_kv(dec) -> int | None:
 
 def slots_that_fit(pipe, available: int | None = None) -> int:
     """How many KV slots (plus the prefill one) fit ``available`` bytes (default MemAvailable; unknown: many)."""
-    dec = pipe._lm.decoder
+    dec = pipe.language_model.decoder
     avail = _memory_for_kv(dec) if available is None else available
     return 1 << 30 if avail is None else max(0, avail // kv_slot_bytes(dec.kv, dec.capacity) - 1)
-
-
-def health_counts(srv) -> dict:
-    """``running``, ``waiting`` and ``max_batch`` for ``/health``."""
-    sched = srv.pipe.scheduler if srv.batching else None
-    if sched is None:
-        return {"running": int(srv.slot.busy), "waiting": len(srv.slot.waiters), "max_batch": 1}
-    st = sched.stats()
-    return {"running": st["running"], "waiting": st["waiting"], "max_batch": st["max_batch"],
-            "batch": {k: st[k] for k in ("steps", "mean_batch", "decoded_tokens", "decode_s", "prefill_s")}}
-
-
-def retry_after(srv) -> int:
-    """Seconds until a waiting place likely frees: the mean answer time per batch of waiting requests."""
-    st = srv.pipe.scheduler.stats()
-    return int(min(120, max(1, math.ceil(srv.service_s * (st["waiting"] / st["max_batch"] + 1)))))
-
-
-class BatchJob:
-    """One request's place in the batch: its AnswerStream, whose pieces are awaited on a pool thread;
-    ``close`` cancels an unfinished sequence (it leaves at the next step) and is idempotent. ``end`` is what
-    :meth:`next_piece` returns once the stream is done (app.py's marker)."""
-
-    def __init__(self, srv, stream, t0: float, end):
-        self.srv, self.stream, self.t0, self.end = srv, stream, t0, end
-        self.it = iter(stream)
-        self.finished = self.closed = False
-
-    async def next_piece(self):
-        import asyncio
-
-        piece = await asyncio.get_running_loop().run_in_executor(self.srv.wait_pool, next, self.it, self.end)
-        self.finished = piece is self.end
-        return piece
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        text = getattr(self.stream, "_text_stream", None)
-        if not self.finished and text is not None and hasattr(text, "cancel"):
-            text.cancel()
-        held = time.perf_counter() - self.t0
-        self.srv.service_s = 0.8 * self.srv.service_s + 0.2 * held

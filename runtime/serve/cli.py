@@ -19,8 +19,9 @@ from pathlib import Path
 
 from ..backends.pick import BACKEND_CHOICES, BACKEND_HELP
 from ..gate import POLICIES
-from ..error_text import one_line
+from ..error_text import EXIT_INTERRUPTED, EXIT_USAGE, fail
 from ..signing import TRUSTED_KEY_HELP
+from . import PROG
 
 # --max-batch by export target (BENCHMARKS.md "Continuous batching"): cpu decodes up to 4 together (a step of 4
 # costs 1.3x a step of 1 at TinyLlama-1.1B shape: 3.1x the tokens/s; 8 give 4.7x at 1.7x the step, but twice
@@ -138,7 +139,7 @@ def default_max_batch(pipe, asked: int | None) -> int:
     if asked is not None:
         return asked
     from .batching import slots_that_fit
-    dec = pipe._lm.decoder if pipe.has_language_model else None
+    dec = pipe.language_model.decoder if pipe.has_language_model else None
     engine = getattr(dec, "max_batch", None) or 1 << 30
     return max(1, min(DEFAULT_MAX_BATCH.get(pipe.manifest.target, 1), engine, slots_that_fit(pipe)))
 
@@ -163,21 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
     problem = _check_args(args)
     if problem:
-        print(f"safeclip-serve: error: {problem}", file=sys.stderr)
-        return 2
+        return fail(PROG, problem, EXIT_USAGE)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        print(f"safeclip-serve: error: {e.name or 'fastapi'} is not installed; install the serving extra: "
-              "pip install 'safeclip-edge[serve]'", file=sys.stderr)
-        return 1
+        return fail(PROG, f"{e.name or 'fastapi'} is not installed; install the serving extra: "
+                    "pip install 'safeclip-edge[serve]'")
     if args.ray:
         try:
             from .ray_app import ray_main
         except ImportError:
-            print("safeclip-serve: error: --ray needs Ray: pip install 'safeclip-edge[ray]'", file=sys.stderr)
-            return 1
+            return fail(PROG, "--ray needs Ray: pip install 'safeclip-edge[ray]'")
         return ray_main(args)
     from ..pipeline import Pipeline
     from .app import create_app
@@ -196,13 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                          allowed_hosts=args.allowed_host,
                          max_batch=default_max_batch(pipe, args.max_batch))
     except Exception as e:                 # library errors are typed one-liners; never show a traceback
-        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     try:
         sock = _listen(args.host, args.port)
     except OSError as e:
-        print(f"safeclip-serve: error: cannot listen on {args.host}:{args.port} ({e.strerror or e})", file=sys.stderr)
-        return 1
+        return fail(PROG, f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     # printed whatever --log-level says (it names the address), in the log's one format (server.log_line)
@@ -217,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         sock.close()
     return 0

@@ -63,13 +63,10 @@ class _ReplicaHeader:
 class SafeclipDeployment:
     """One replica: the pipeline loads once in the constructor, the app is built around it."""
 
-    def __init__(self, bundle: str, pipeline_options: dict | None = None, app_options: dict | None = None,
-                 test_piece_delay_s: float = 0.0):
+    def __init__(self, bundle: str, pipeline_options: dict | None = None, app_options: dict | None = None):
         from ..pipeline import Pipeline
 
         self.pipe = Pipeline.load(bundle, **(pipeline_options or {}))
-        if test_piece_delay_s:                       # TEST ONLY (tests/test_serve_ray.py): slow answers
-            self.pipe = _SlowPipelineForTests(self.pipe, test_piece_delay_s)
         self.app_options = dict(app_options or {})
 
     def __serve_build_asgi_app__(self):
@@ -83,37 +80,12 @@ class SafeclipDeployment:
         return _ReplicaHeader(create_app(self.pipe, **self.app_options), replica)
 
 
-class _SlowPipelineForTests:
-    """TEST ONLY: the pipeline with a pause before each text piece, so a test can kill a replica mid-answer."""
-
-    def __init__(self, pipe, delay_s: float):
-        self._pipe, self._delay_s = pipe, float(delay_s)
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def stream(self, *args, **kw):
-        import time
-        inner, delay = self._pipe.stream(*args, **kw), self._delay_s
-
-        class _Stream:
-            def __getattr__(self, name):
-                return getattr(inner, name)
-
-            def __iter__(self):
-                for piece in inner:
-                    time.sleep(delay)
-                    yield piece
-
-        return _Stream()
-
-
 def _convert(key: str, value):
     if not isinstance(value, str):
         return value
     ints = {"num_replicas", "min_replicas", "max_replicas", "max_ongoing_requests", "threads", "context",
             "max_body_bytes", "max_pixels", "max_queue", "max_tokens", "default_max_tokens", "max_prompt_chars"}
-    floats = {"target_ongoing_requests", "test_piece_delay_s", "cpus_per_replica", "gpus_per_replica", "queue_timeout_s",
+    floats = {"target_ongoing_requests", "cpus_per_replica", "gpus_per_replica", "queue_timeout_s",
               "body_timeout_s", "fetch_timeout_s"}
     bools = {"allow_remote_images", "allow_private_image_hosts"}
     try:
@@ -139,7 +111,6 @@ def build_app(args: dict):
     if not bundle:
         raise ValueError("build_app needs bundle=<bundle folder>")
     app_keys = set(inspect.signature(create_app).parameters) - {"pipeline"}
-    delay = args.pop("test_piece_delay_s", 0.0) or 0.0
     unknown = set(args) - app_keys - set(PIPELINE_KEYS) - set(DEPLOYMENT_KEYS)
     if unknown:
         raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -163,7 +134,7 @@ def build_app(args: dict):
         if n < 1:
             raise ValueError(f"num_replicas must be at least 1, got {n}")
         opts["num_replicas"] = n
-    return SafeclipDeployment.options(**opts).bind(str(bundle), pipeline_options, app_options, delay)
+    return SafeclipDeployment.options(**opts).bind(str(bundle), pipeline_options, app_options)
 
 
 def run(args: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
@@ -183,14 +154,14 @@ def ray_main(a) -> int:
     """``safeclip-serve --ray``: ``a`` is ``cli.serve_parser()``'s namespace."""
     import sys
 
-    from ..error_text import one_line
-
+    from ..error_text import EXIT_INTERRUPTED, fail
     from ..signing import SigningError, trusted_keys
+    from . import PROG
+
     try:                                 # the driver reads the keys; replicas get the keys themselves, not paths
         keys = trusted_keys(getattr(a, "trusted_key", None))
     except SigningError as e:
-        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     args = {"bundle": str(a.bundle), "trusted_keys": keys, "num_replicas": a.replicas, "min_replicas": a.min_replicas,
             "max_replicas": a.max_replicas, "target_ongoing_requests": a.target_ongoing_requests,
             "max_ongoing_requests": a.max_ongoing_requests, "cpus_per_replica": a.cpus_per_replica,
@@ -209,17 +180,15 @@ def ray_main(a) -> int:
             raise ValueError(f"{a.bundle}: bundle has no language model (exported with --no-decoder); "
                              "safeclip-serve needs one")
     except Exception as e:
-        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     print(f"safeclip-serve: starting Ray Serve on http://{a.host}:{a.port}/ ({a.replicas} replica(s)"
           f"{', autoscaling' if a.max_replicas else ''})", file=sys.stderr, flush=True)
     try:
         run(args, host=a.host, port=a.port, address=a.ray_address, blocking=True)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:
-        print(f"safeclip-serve: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     finally:                      # this app only: other Serve apps on a shared cluster go on
         try:
             serve.delete("safeclip")

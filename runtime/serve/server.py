@@ -33,10 +33,10 @@ from uvicorn.logging import AccessFormatter
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .intake import bound_heap
+from . import PROG
 from .request import error_body
 
 RETRY_AFTER_S = 1
-PROG = "safeclip-serve"
 
 
 def log_line(message: str, level: int = logging.INFO) -> str:
