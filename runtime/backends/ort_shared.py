@@ -48,7 +48,7 @@ class SharedKVDecoder:
 
     def __init__(self, onnx_path: str | Path, kv: KVSpec, *, capacity: int, session_options=None,
                  threads: int | None = None, device: str = "cpu", weights_bytes: int | None = None,
-                 names: SharedDecoderNames = SharedDecoderNames(), session=None, slots: int = 1, **_ignored):
+                 names: SharedDecoderNames = SharedDecoderNames(), session=None, slots: int = 1):
         import onnxruntime as ort
 
         from .ort import make_options
@@ -98,7 +98,6 @@ class SharedKVDecoder:
         if context_length is not None and cap > context_length:
             raise ContextError(f"capacity {cap} exceeds the model's context length {context_length}")
         size = sum(os.path.getsize(root / f) for f in g.files)
-        kw.pop("extend_max", None)
         return cls(root / g.file, g.kv, capacity=cap, weights_bytes=size, names=g.names, **kw)
 
     @property
