@@ -54,6 +54,7 @@ class ExportOptions:
     quant_method: str = "rtn"
     quantize_lm_head: bool = False
     max_batch: int | None = None                 # TensorRT targets: decode profile size (None: the target's)
+    fused_ops: bool | None = None                # decoder of ONNX Runtime's fused operators (None: the target's)
     sign_key: Path | None = None                 # Ed25519 private key (PEM): sign the manifest (runtime/signing.py)
     text_embeds_override: object = None          # tests: a controlled gate ([S, E] tensor)
 
@@ -267,6 +268,9 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
                              f"datacenter (the {opts.target} target batches any number of sequences)")
         if isinstance(opts.max_batch, bool) or not 1 <= int(opts.max_batch) <= MAX_BATCH_LIMIT:
             raise ValueError(f"--max-batch must be 1..{MAX_BATCH_LIMIT}, got {opts.max_batch}")
+    if opts.fused_ops and tgt.build_engines != "never":
+        raise ValueError(f"the fused decoder (ONNX Runtime's contrib operators) goes with --target cpu: TensorRT "
+                         f"does not parse them (the {opts.target} target keeps the standard operators)")
     from .quant import QuantError, scheme_for
     quant = scheme_for(opts.weights, tgt, opts.block_size, opts.symmetric, opts.quant_method,
                        opts.quantize_lm_head)
@@ -304,7 +308,8 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
             from .decoder import export_decoder
             progress("exporting language model (decoder with KV cache)")
             frag = export_decoder(src.llava, tmp, dtype=tgt.precision, weights=src.weights, progress=progress,
-                                  quant=quant, ort_fusions=tgt.build_engines == "never")
+                                  quant=quant, ort_fusions=tgt.build_engines == "never",
+                                  fused=tgt.fused_ops if opts.fused_ops is None else opts.fused_ops)
             graphs.update(frag["graphs"])
             extra = {k: v for k, v in frag.items() if k not in ("graphs", "files", "parity")}
             parity.extend(frag.get("parity", []))

@@ -5,6 +5,8 @@ Supported: ``LlavaForConditionalGeneration`` whose language model is a Llama-sty
 or fp16. Batch, sequence and past length are dynamic; a past length of 0 (prefill) works in the same graph.
 Not supported: sliding-window attention (its cache drops old rows, which the runtime's append-only arena
 does not); such a model is refused with a ``ValueError``.
+The ``cpu`` target writes instead the graph of ONNX Runtime's fused operators (``fused=True``:
+``export/fused_decoder.py``, KV form "shared"), through the same weight streaming, quantisation and parity gate.
 
 Graph ``decoder.onnx`` (opset 18, weights in ``decoder.onnx.data``)::
 
@@ -56,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from safeclip.runtime.contract import DecoderGraph, ModelFacts
-from safeclip.runtime.graph_spec import DecoderNames, GraphSpec, KVSpec, decoder_spec
+from safeclip.runtime.graph_spec import KV_FORM, KV_SHARED, DecoderNames, GraphSpec, KVSpec, decoder_spec
 from safeclip.runtime.manifest import atomic_write
 from safeclip.runtime.tolerances import export_tolerance
 
@@ -323,16 +325,17 @@ def _parity_cases(ref_wrapper, embed, kv: tuple[int, int, int]) -> list[tuple[st
             ("extend, bucketed past", ext, ref_ext)]
 
 
-def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
-    """ONNX Runtime vs the fp32 reference on each case; raises ParityError (see the module docstring)."""
+def _parity(onnx_path: Path, cases, layers: int, dtype: str, names=None, run=run_onnx) -> list:
+    """ONNX Runtime vs the fp32 reference on each case; raises ParityError (see the module docstring).
+    ``names``: the graph's (inputs, outputs) (default: the traced graph's); ``run(path, feeds, outputs)``."""
     torch = _torch()
     tdtype = torch.float16 if dtype == "float16" else torch.float32
-    in_names, out_names = decoder_names(layers)
+    in_names, out_names = names or decoder_names(layers)
     results = []
     for name, args, reference in cases:
         feeds = {n: (a.to(tdtype) if a.dtype.is_floating_point else a).numpy() for n, a in zip(in_names, args)}
         refs = {n: _np(r) for n, r in zip(out_names, reference)}
-        got = run_onnx(onnx_path, feeds, out_names)
+        got = run(onnx_path, feeds, out_names)
         atol = {n: export_tolerance("decoder", dtype, n).of(r) for n, r in refs.items()}
         results.append(compare(f"decoder[{dtype}] {name}", refs, got, atol))
     return results
@@ -340,7 +343,7 @@ def _parity(onnx_path: Path, cases, layers: int, dtype: str) -> list:
 
 def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer=None, weights=None,
                    progress=lambda msg: None, quant=None, ort_fusions: bool = False,
-                   split_max_bytes: int = SPLIT_MAX_BYTES) -> dict:
+                   split_max_bytes: int = SPLIT_MAX_BYTES, fused: bool = False) -> dict:
     """Write ``decoder.onnx`` (+ ``.data``) and ``embed_tokens.npy`` into ``out_dir``; check parity.
 
     ``llava_model`` is either a model held in memory or a meta-device skeleton whose tensors ``weights`` (a
@@ -360,7 +363,10 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     Runtime's fused operator (:mod:`~safeclip.export.ort_fusions`) before the parity gate runs, and splits
     float MatMul weights larger than ``split_max_bytes`` (default ``SPLIT_MAX_BYTES``, 64 MiB: the fp32
     ``lm_head``) into column chunks so that ONNX Runtime's load-time prepacking never holds one of them twice;
-    the manifest records the counts under ``fusions`` and ``split_weights``.
+    the manifest records the counts under ``fusions`` and ``split_weights``. ``fused`` (the cpu target) writes
+    the graph of ONNX Runtime's fused operators instead (:mod:`~safeclip.export.fused_decoder`, KV form
+    ``"shared"``; its weights take the same quantisation and splitting) when the model allows it, else says why
+    through ``progress`` and writes the traced graph.
     """
     torch = _torch()
     from .onnx import block_progress, onnx_from_meta_module, weight_progress
@@ -399,6 +405,16 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
         with Materialized([*lm.layers, lm.norm, head], fqn_of, weights.base, block_progress(progress, "decoder")):
             base_cases = _parity_cases(wrapper, embed, (layers, kvh, hd))
     del embed
+
+    why = None
+    if fused:
+        from . import fused_decoder as fd
+        why = fd.unsupported(lm_cfg, dtype)
+        if why:
+            progress(f"decoder: writing the traced graph: the fused cpu graph does not take {why}")
+        else:
+            caches = fd.rope_caches(lm.rotary_emb, facts.context_length, torch)   # fp32, before the meta move
+    fused = fused and why is None
 
     # Trace on the meta device in the target dtype; RoPE frequencies stay fp32 (Module.to would round them:
     # a relative error of ~5e-4 in a frequency is an angle error of ~2 rad at position 4096).
@@ -445,17 +461,28 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
             split.update({wrapper_fqn.get(k, k): v for k, v in found.items()})
         return jobs
 
-    with _ExportAttention(lm.config):
-        files = onnx_from_meta_module(wrapper, sample, onnx_path, in_names, out_names, tensor,
-                                      dynamic_shapes=dynamic, progress=tick, graph_pass=graph_pass)
+    kv_spec = KVSpec(layers, kvh, hd, dtype)
+    names, io_names, run = DecoderNames(), decoder_names(layers), run_onnx
+    if fused:
+        files, spec, names = fd.write_fused(lm_cfg, kv_spec, caches, facts.hidden_size, facts.vocab_size,
+                                            onnx_path, tensor, wrapper_fqn, quant_pass, split_max_bytes, tick,
+                                            fusions, split)
+        io_names = (spec.input_names, spec.output_names)
+        cases = fd.shared_cases(cases, torch)
+        base_cases = fd.shared_cases(base_cases, torch) if quant is not None else None
+        run = fd.shared_outputs(run_onnx, names.inputs_embeds, names.seqlens_k)
+    else:
+        with _ExportAttention(lm.config):
+            files = onnx_from_meta_module(wrapper, sample, onnx_path, in_names, out_names, tensor,
+                                          dynamic_shapes=dynamic, progress=tick, graph_pass=graph_pass)
     if dtype == "float16":
         _check_fp32_islands(onnx_path)
     progress("decoder: parity (ONNX Runtime vs the fp32 reference, prefill and decode)")
     if quant is None:
-        parity = _parity(onnx_path, cases, layers, dtype)
+        parity = _parity(onnx_path, cases, layers, dtype, io_names, run)
     else:
         from .quant_parity import check
-        parity, quant_report = check(onnx_path, cases, base_cases, decoder_names(layers), dtype, quant, weights)
+        parity, quant_report = check(onnx_path, cases, base_cases, io_names, dtype, quant, weights, run)
 
     data_name = files[1].name if len(files) > 1 else None
     emb_path = out / "embed_tokens.npy"
@@ -463,14 +490,14 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     atomic_write(emb_path, lambda f: np.save(f, table))
     files.append(emb_path)
 
-    spec = _spec(layers, kvh, hd, facts.hidden_size, facts.vocab_size, dtype)
+    spec = spec if fused else _spec(layers, kvh, hd, facts.hidden_size, facts.vocab_size, dtype)
     quantization = None
     if quant is not None:
         fused = quant_pass.fused if quant.fuse_shared_input else None
         quantization = {**quant.manifest(quant_pass.done, fused), "error": quant_report}
-    graph = DecoderGraph(file=onnx_path.name, data=data_name, names=DecoderNames(), inputs=spec.inputs_by_name,
+    graph = DecoderGraph(file=onnx_path.name, data=data_name, names=names, inputs=spec.inputs_by_name,
                          outputs=spec.outputs_by_name, kv=KVSpec(layers, kvh, hd, dtype), quantization=quantization,
-                         fusions=fusions or None,
+                         fusions=fusions or None, kv_form=KV_SHARED if fused else KV_FORM,
                          split_weights=split or None)   # checkpoint FQN -> column chunks (ort_fusions.split_wide_weights)
     return {"graphs": {"decoder": graph.to_json()},
             "embeddings": {"file": emb_path.name, "dtype": dtype, "shape": list(table.shape)},

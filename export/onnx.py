@@ -103,11 +103,9 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
     """
     import logging
 
-    import onnx_ir as ir
     import torch
 
     path = Path(path)
-    data = path.with_name(path.name + ".data")
     program = _torch_export(module, args, path, input_names, output_names, dynamic_shapes, optimize=False)
     model = program.model
     pending: dict[str, object] = {}                       # initializer name -> its ir.Value, weights to stream
@@ -124,6 +122,27 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
         quiet.setLevel(level)
     model = program.model
     jobs = _fold_transposes(model, {n for n in pending if n in model.graph.initializers})
+    files = write_streamed(model, jobs, path, weights, progress, graph_pass)
+    del program, model
+    _release_rewriter_state()
+    return files
+
+
+def write_streamed(model, jobs: dict, path: str | Path, weights, progress=lambda done, total, nbytes: None,
+                   graph_pass=None) -> list[Path]:
+    """Write the ``onnx_ir`` ``model`` to ``path`` and its weights, one at a time, to ``path.data``.
+
+    ``jobs`` maps initializer name -> (ir.Value, weight name or a callable returning the final array,
+    permutation or None), as :func:`onnx_from_meta_module` describes; ``graph_pass(model, jobs) -> jobs`` runs
+    first. A model built directly (``fused_decoder.py``) takes the same path as a traced one. Returns the files
+    written."""
+    import onnx
+    import onnx_ir as ir
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    for p in (path, data):
+        p.unlink(missing_ok=True)
     if graph_pass is not None:
         jobs = graph_pass(model, jobs)
     done, total, written = 0, len(jobs), 0
@@ -147,10 +166,8 @@ def onnx_from_meta_module(module, args: tuple, path: str | Path, input_names: li
             done, written = done + 1, written + nbytes
             progress(done, total, written)
     proto = ir.serde.serialize_model(model)
-    import onnx
     onnx.save_model(proto, str(path))
-    del program, model, proto
-    _release_rewriter_state()
+    del proto
     files = [path] + ([data] if data.stat().st_size else [])
     if not data.stat().st_size:
         data.unlink()

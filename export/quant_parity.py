@@ -88,29 +88,30 @@ def _run_cases(path: Path, cases, names: tuple[list[str], list[str]], dtype: str
 
     tdtype = torch.float16 if dtype == "float16" else torch.float32
     in_names, out_names = names
-    run = run or (lambda feeds, outs: run_onnx(path, feeds, outs))
+    run = run or run_onnx
     for name, args, reference in cases:
         feeds = {n: (a.to(tdtype) if a.dtype.is_floating_point else a).numpy() for n, a in zip(in_names, args)}
         refs = {n: r.detach().float().numpy() for n, r in zip(out_names, reference)}
-        yield name, refs, run(feeds, out_names)
+        yield name, refs, run(path, feeds, out_names)
 
 
 def check(onnx_path: Path, cases, base_cases, names: tuple[list[str], list[str]], dtype: str,
-          scheme: QuantScheme, weights: RecordingWeights) -> tuple[list, dict]:
+          scheme: QuantScheme, weights: RecordingWeights, run=None) -> tuple[list, dict]:
     """The gate (raises :class:`~safeclip.export.parity.ParityError`), then the quantisation error report.
 
     ``cases``: (name, inputs, reference outputs) of the dequantised model; ``base_cases``: of the unquantised
-    one; ``names``: the graph's (input names, output names). Returns (ParityResults, report)."""
+    one; ``names``: the graph's (input names, output names); ``run(path, feeds, outputs)`` runs the graph (default
+    ``parity.run_onnx``; the fused graph's cuts its KV buffers to the new rows). Returns (ParityResults, report)."""
     tag = f"decoder[{dtype}, int{scheme.bits}]"
     results, error = [], {}
     copy = _reference_copy(Path(onnx_path))
     path = copy or Path(onnx_path)
     try:
-        for name, refs, got in _run_cases(path, cases, names, dtype):
+        for name, refs, got in _run_cases(path, cases, names, dtype, run):
             tol = {n: export_tolerance("decoder", dtype, n).of(r) for n, r in refs.items()}
             results.append(compare(f"{tag} {name}", refs, got, tol))
         logits = names[1][0]
-        for name, refs, got in _run_cases(path, base_cases, names, dtype):
+        for name, refs, got in _run_cases(path, base_cases, names, dtype, run):
             ref, out = refs[logits].astype(np.float64), got[logits].astype(np.float64)
             scale = max(float(np.abs(ref).max()), 1e-30)
             error[name] = {"logits_max_abs": float(np.abs(ref - out).max()),

@@ -1,6 +1,8 @@
 """Deployment targets: presets in one table (precision, engine build, optimisation profiles, workspace).
 
-* ``cpu``: fp32 graphs, ONNX Runtime only; nothing to build.
+* ``cpu``: fp32 graphs, ONNX Runtime only; nothing to build. The decoder is written with ONNX Runtime's fused
+  contrib operators (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits:
+  ``fused_decoder.py``); the TensorRT targets keep the standard operators TensorRT's parser takes.
 * ``jetson``: Orin / Thor. Half-precision graphs (norm reductions and softmax kept fp32), batch-1 profiles,
   a workspace sized for memory shared between CPU and GPU. Engines are built *on the device* by
   ``safeclip-build`` (TensorRT plans are not portable across GPUs or TensorRT versions); the exporter
@@ -63,6 +65,7 @@ class Target:
     max_batch: int = 1                 # sequences one decode step takes (the decode profile's batch range)
     prefill_chunk: int = 512           # most tokens one prefill call takes (longer prompts go on in extend calls)
     decode_opt_batch: int = 1          # the decode profile's opt batch (kernels are tuned for it)
+    fused_ops: bool = False            # decoder of ONNX Runtime's contrib operators (export/fused_decoder.py)
 
     def vision_profiles(self, size: int, views: int = 1, names: VisionNames = VisionNames()) -> list[dict]:
         """One profile over the views of ``vision_batch`` images; ``views`` is the most views one image
@@ -114,7 +117,8 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "cpu": Target("cpu", "float32", "never", (1, 1, 16), (1, 1, 1), 640, 4096, 0,
-                  "fp32 graphs for ONNX Runtime on the CPU"),
+                  "fp32 graphs for ONNX Runtime on the CPU; the decoder uses ONNX Runtime's fused operators",
+                  fused_ops=True),
     "jetson": Target("jetson", "float16", "on-device", (1, 1, 4), (1, 1, 1), 512, 4096, 2 * GiB,
                      "Jetson Orin/Thor: fp16 graphs, batch 1 (decode steps of up to 4), prompts prefilled in chunks "
                      "of 512, engines built on the device with safeclip-build", max_batch=4, prefill_chunk=512),

@@ -6,7 +6,9 @@ unusable refuses to serve with a one-line ``BundleError`` instead of failing on 
 
 Supported: schema version 1 with decoder contract 2: ``graphs.decoder.kv.form`` is ``"new"`` (``KV_FORM``), i.e.
 the decoder's KV outputs are the call's new rows [B, KVH, S, Hd], which the runtime writes into its one KV
-arena (``backends/arena.py``). A decoder without it (contract 1: ``present = concat(past, new)``, bundles
+arena (``backends/arena.py``), or ``"shared"`` (``graph_spec.KV_SHARED``: the cpu target's fused graph,
+``export/fused_decoder.py``), whose past and present KV are one buffer [B, KVH, C, Hd] that ONNX Runtime's
+GroupQueryAttention writes in place (``backends/ort_shared.py``); its names are ``SharedDecoderNames``. A decoder without it (contract 1: ``present = concat(past, new)``, bundles
 exported before the one-arena runtime) is refused with one line saying to re-export: serving it would
 need a second, ping-pong arena this runtime does not have, and a re-export is the only step (the bundle's
 other graphs are unchanged); a bundle without a decoder is not concerned. Graph tensor names come from
@@ -23,7 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Mapping
 
-from .graph_spec import KV_FORM, DecoderNames, KVSpec, TensorDecl, VisionNames
+from .graph_spec import KV_FORM, KV_FORMS, DecoderNames, KVSpec, TensorDecl, VisionNames
 from .gate import POLICIES, VIEW_MODES
 
 DECODER_CONTRACT = 2            # bumped from 1 when the decoder's KV outputs became the new rows only
@@ -141,6 +143,7 @@ class DecoderGraph:
     quantization: dict | None = None         # export/quant.py's scheme and error report
     fusions: dict | None = None              # ONNX Runtime fusions applied: {op: count}
     split_weights: dict | None = None        # checkpoint FQN -> column chunks (export/ort_fusions.py)
+    kv_form: str = KV_FORM                   # a key of graph_spec.KV_FORMS, written as kv.form
 
     @classmethod
     def from_json(cls, graph: Mapping, where: str = "graphs.decoder") -> "DecoderGraph":
@@ -154,21 +157,28 @@ class DecoderGraph:
         for k in need[:3]:
             if isinstance(kv[k], bool) or not isinstance(kv[k], int) or kv[k] < 1:
                 raise ContractError(f"{where}.kv.{k} must be a positive int, got {kv[k]!r}")
-        if kv.get("form") != KV_FORM:
+        form = kv.get("form")
+        if form is not None and form not in KV_FORMS:
+            raise ContractError(f"{where}.kv.form '{form}' is not one this runtime reads "
+                                f"({', '.join(KV_FORMS)}); re-export the bundle with this version's safeclip-export")
+        if form is None:
             raise ContractError(f"{where}: this decoder returns past+new KV (decoder contract 1, exported before "
                                 f"the one-arena runtime); re-export the bundle with safeclip-export "
-                                f"(this runtime reads decoder contract {DECODER_CONTRACT}, kv.form '{KV_FORM}')")
+                                f"(this runtime reads decoder contract {DECODER_CONTRACT}, kv.form "
+                                f"{' or '.join(repr(f) for f in KV_FORMS)})")
         spec = KVSpec.from_manifest(kv)
         missing = [p for p, _ in spec.names() if p not in ins] + [o for _, o in spec.names() if o not in outs]
         if missing:
             raise ContractError(f"{where}: KV tensors {', '.join(missing[:4])} are not among the graph's I/O")
         extra = {k: _optional(graph, k, Mapping, where) for k in ("quantization", "fusions", "split_weights")}
         return cls(file=graph["file"], data=_optional(graph, "data", str, where),
-                   names=_names(DecoderNames, graph, where, ins, outs), inputs=ins, outputs=outs, kv=spec,
-                   **{k: None if v is None else dict(v) for k, v in extra.items()})
+                   names=_names(KV_FORMS[form], graph, where, ins, outs), inputs=ins, outputs=outs, kv=spec,
+                   **{k: None if v is None else dict(v) for k, v in extra.items()}, kv_form=form)
 
     def to_json(self) -> dict[str, Any]:
-        return section_json(self)
+        out = section_json(self)
+        out["kv"]["form"] = out.pop("kv_form", KV_FORM)                   # KVSpec.to_json writes the default form
+        return out
 
     @property
     def files(self) -> tuple[str, ...]:

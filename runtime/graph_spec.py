@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 __all__ = ["KV_FORM", "VisionNames", "DecoderNames", "KVSpec", "TensorDecl", "GraphSpec", "vision_spec",
-           "decoder_spec"]
+           "decoder_spec", "shared_decoder_spec", "SharedDecoderNames", "KV_FORMS", "KV_SHARED"]
 
 Dim = int | str
 
@@ -212,5 +212,51 @@ def decoder_spec(hidden: int, vocab: int | None, kv: KVSpec, names: DecoderNames
     inputs = (TensorDecl(names.inputs_embeds, ("batch", "seq", hidden), dt),
               TensorDecl(names.attention_mask, ("batch", "past+seq"), "int64"),
               TensorDecl(names.position_ids, ("batch", "seq"), "int64"), *past)
+    outputs = () if vocab is None else (TensorDecl(names.logits, ("batch", 1, vocab), dt), *present)
+    return GraphSpec(inputs, outputs)
+
+
+# -- the decoder KV form "shared" (``export/fused_decoder.py``: ONNX Runtime's GroupQueryAttention) --------------
+KV_SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class SharedDecoderNames:
+    """Tensor names of a decoder of KV form ``"shared"`` besides the KV cache: GroupQueryAttention takes each
+    sequence's length instead of a mask and positions (rotary positions are the lengths), and its past and
+    present KV are one buffer [B, KVH, C, Hd] written in place."""
+    inputs_embeds: str = "inputs_embeds"                    # input  [B, S, D]
+    seqlens_k: str = "seqlens_k"                            # input  [B] int32: total length - 1 per sequence
+    total_sequence_length: str = "total_sequence_length"    # input  [] int32: the longest total length
+    logits: str = "logits"                                  # output [B, 1, V]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.inputs_embeds, self.seqlens_k, self.total_sequence_length)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.logits,)
+
+
+# graphs.decoder.kv.form -> the names of its non-KV tensors. "new": the graph returns the call's new rows, the
+# runtime copies them into its arena (``backends/arena.py``); "shared": past and present are one buffer.
+KV_FORMS: dict[str, type] = {"new": DecoderNames, KV_SHARED: SharedDecoderNames}
+
+
+@functools.lru_cache(maxsize=16)
+def shared_decoder_spec(hidden: int, vocab: int | None, kv: KVSpec,
+                        names: SharedDecoderNames = SharedDecoderNames()) -> GraphSpec:
+    """The ``"shared"`` decoder graph in positional order: embeddings, lengths, total length, each layer's KV
+    buffer (key, value) [batch, KVH, past, Hd] where ``past`` is the buffer's capacity; logits, then the same
+    buffers as outputs (bound to the same memory: the call's rows are written in place)."""
+    dt, h, d = kv.dtype, kv.num_kv_heads, kv.head_dim
+    past = [TensorDecl(n, ("batch", h, "past", d), dt)
+            for i in range(kv.num_layers) for n in (kv.past_key.format(i=i), kv.past_value.format(i=i))]
+    present = [TensorDecl(n, ("batch", h, "past", d), dt)
+               for i in range(kv.num_layers) for n in (kv.present_key.format(i=i), kv.present_value.format(i=i))]
+    inputs = (TensorDecl(names.inputs_embeds, ("batch", "seq", hidden), dt),
+              TensorDecl(names.seqlens_k, ("batch",), "int32"),
+              TensorDecl(names.total_sequence_length, (), "int32"), *past)
     outputs = () if vocab is None else (TensorDecl(names.logits, ("batch", 1, vocab), dt), *present)
     return GraphSpec(inputs, outputs)

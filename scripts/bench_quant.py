@@ -66,8 +66,10 @@ def write_checkpoint(ckpt: Path, shape_name: str) -> None:
     (ckpt / "stamp.json").write_text(json.dumps({"shape": SHAPES[shape_name], "seed": SEED}))
 
 
-def export_one(ckpt: Path, out: Path, weights: str, block_size: int) -> None:
-    """Streaming export of the decoder in ``weights`` (run as a subprocess; writes ``out/bundle.json``)."""
+def export_one(ckpt: Path, out: Path, weights: str, block_size: int, form: str = "fused") -> None:
+    """Streaming export of the decoder in ``weights`` (run as a subprocess; writes ``out/bundle.json``).
+    ``form``: ``fused`` (the cpu target's graph of ONNX Runtime's fused operators) or ``traced`` (the traced
+    graph with RMSNorm fused, the cpu target's form before issue 26; ``scripts/bench_fused.py`` compares them)."""
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
     from safeclip.export.decoder import export_decoder
@@ -88,10 +90,10 @@ def export_one(ckpt: Path, out: Path, weights: str, block_size: int) -> None:
     quant = scheme_for(None if weights == "fp32" else weights, target("cpu"),
                        None if weights == "fp32" else block_size)
     frag = export_decoder(skeleton, out, dtype="float32", tokenizer=hf_tok, weights=reader, quant=quant,
-                          ort_fusions=True)                      # as the cpu target's bundle is exported
+                          ort_fusions=True, fused=form == "fused")   # as the cpu target's bundle is exported
     files = [out / f for f in (frag["graphs"]["decoder"]["file"], frag["graphs"]["decoder"]["data"],
                                frag["embeddings"]["file"]) if f]
-    info = {"weights": weights, "exporter": exporter_digest(), "graphs": frag["graphs"],
+    info = {"weights": weights, "form": form, "exporter": exporter_digest(), "graphs": frag["graphs"],
             "embeddings": frag["embeddings"], "model": frag["model"],
             "export_s": time.perf_counter() - t0, "export_peak_rss_bytes": proc_status_bytes("VmHWM"),
             "bundle_bytes": sum(f.stat().st_size for f in files),
@@ -214,11 +216,11 @@ def runtime_rss(folder: Path, threads: int, prompt_len: int, new_tokens: int) ->
 
 class Runtime:
     def __init__(self, folder: Path, info: dict, threads: int, capacity: int):
-        from safeclip.runtime.backends.ort import OrtDecoder, make_options
+        from safeclip.runtime.backends.ort import make_options
 
         so = make_options(threads)                  # the runtime's own options (SAFECLIP_SPIN honoured)
         ctx = int(info["model"]["context_length"])
-        self.decoder = OrtDecoder.from_manifest(folder, info["graphs"]["decoder"], capacity=min(capacity, ctx),
+        self.decoder = decoder_class(info).from_manifest(folder, info["graphs"]["decoder"], capacity=min(capacity, ctx),
                                                 context_length=ctx, session_options=so)
         self.table = np.load(folder / info["embeddings"]["file"], mmap_mode="r", allow_pickle=False)
         from tokenizers import Tokenizer
@@ -239,6 +241,14 @@ class Runtime:
         generate(self.decoder, self.table, emb, max_new_tokens=n, eos_token_ids=[], tokenizer=self.tok,
                  on_token=lambda t, piece: stamps.append(time.perf_counter()))
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def decoder_class(info: dict):
+    """The runtime's decoder for a bundle's KV form (``pick.open_decoder`` chooses the same way)."""
+    from safeclip.runtime.backends.ort import OrtDecoder
+    from safeclip.runtime.backends.ort_shared import SharedKVDecoder
+
+    return SharedKVDecoder if info["graphs"]["decoder"]["kv"].get("form") == "shared" else OrtDecoder
 
 
 def _child_json(*args: str) -> dict:
@@ -372,6 +382,7 @@ def parse_args(argv=None):
     ap.add_argument("--_rss", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--weights", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--form", choices=["fused", "traced"], default="fused", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.shape, args.new_tokens, args.repeats, args.block_size = "quick", 16, 3, 64
@@ -384,7 +395,7 @@ def main(argv=None) -> int:
         write_checkpoint(args._checkpoint, args.shape)
         return 0
     if args._export:
-        export_one(args.ckpt, args._export, args.weights, args.block_size)
+        export_one(args.ckpt, args._export, args.weights, args.block_size, args.form)
         return 0
     if args._rss:
         runtime_rss(args._rss, args.threads, args.prompt_len, args.new_tokens)

@@ -52,7 +52,9 @@ def _decoder(folder: Path, info: dict, threads: int, capacity: int, profile_dir:
              options: dict | None = None):
     import onnxruntime as ort
 
-    from safeclip.runtime.backends.ort import OrtDecoder, make_options
+    from bench_quant import decoder_class
+
+    from safeclip.runtime.backends.ort import make_options
 
     so = make_options(threads)
     for k, v in (options or {}).items():
@@ -62,7 +64,7 @@ def _decoder(folder: Path, info: dict, threads: int, capacity: int, profile_dir:
         so.profile_file_prefix = os.path.join(profile_dir, "decode")
     ctx = int(info["model"]["context_length"])
     del ort
-    return OrtDecoder.from_manifest(folder, info["graphs"]["decoder"], capacity=min(capacity, ctx),
+    return decoder_class(info).from_manifest(folder, info["graphs"]["decoder"], capacity=min(capacity, ctx),
                                     context_length=ctx, session_options=so)
 
 

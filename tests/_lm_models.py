@@ -37,12 +37,13 @@ def demo_model(num_kv_heads: int = 2):
 
 
 @functools.lru_cache(maxsize=None)
-def exported(num_kv_heads: int = 2, dtype: str = "float32") -> LM:
+def exported(num_kv_heads: int = 2, dtype: str = "float32", fused: bool = False) -> LM:
+    """``fused``: the cpu target's graph of ONNX Runtime's fused operators (KV form "shared")."""
     from safeclip.export.decoder import export_decoder
 
     llava_dir, model, tok = demo_model(num_kv_heads)
-    bundle = _ROOT / f"bundle_kv{num_kv_heads}_{dtype}"
-    frag = export_decoder(model, bundle, dtype=dtype, tokenizer=tok)
+    bundle = _ROOT / f"bundle_kv{num_kv_heads}_{dtype}{'_fused' if fused else ''}"
+    frag = export_decoder(model, bundle, dtype=dtype, tokenizer=tok, ort_fusions=fused, fused=fused)
     return LM(llava_dir, model, tok, bundle, frag)
 
 

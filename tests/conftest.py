@@ -104,12 +104,23 @@ def demo_bundle(tmp_path_factory, cache_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_decoder_parts(demo_bundle):
+def demo_bundle_traced(tmp_path_factory, cache_dir) -> Path:
+    """The demo bundle with the traced decoder (KV form "new": the graph returns the new rows and the runtime's
+    bucketed arena holds them), as the TensorRT targets write it, in fp32 for ONNX Runtime: what the arena,
+    stand-in and CUDA-arena tests exercise (the cpu target's default is the fused graph, ``demo_bundle``)."""
+    pytest.importorskip("torch")
+    from safeclip.export.bundle import ExportOptions, export_bundle
+    out = tmp_path_factory.mktemp("bundles") / "demo_traced"
+    return export_bundle(ExportOptions(model="demo", out=out, fused_ops=False)).bundle
+
+
+@pytest.fixture(scope="session")
+def demo_decoder_parts(demo_bundle_traced):
     """The demo bundle's manifest, decoder KV layout and embedding table [V, D]: what decoder tests build on."""
     from safeclip.runtime.graph_spec import KVSpec
     from safeclip.runtime.manifest import load_manifest
 
-    m = load_manifest(demo_bundle)
+    m = load_manifest(demo_bundle_traced)
     kv = KVSpec.from_manifest(m.graphs["decoder"]["kv"])
     return m, kv, np.load(m.path(m.data["embeddings"]["file"]))
 

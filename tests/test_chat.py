@@ -248,20 +248,20 @@ def _check_truncate_extend(dec, ref, table):
         dec.truncate(21)
 
 
-def test_truncate_and_extend_on_both_decoders(demo_bundle, monkeypatch, tmp_path):
+def test_truncate_and_extend_on_both_decoders(demo_bundle_traced, monkeypatch, tmp_path):
     from safeclip.export.bundle import build_plan
     from safeclip.export.targets import TARGETS
     from safeclip.runtime.backends.trt import TrtDecoder
     from safeclip.runtime.manifest import load_manifest
 
-    m = load_manifest(demo_bundle)
+    m = load_manifest(demo_bundle_traced)
     kv = KVSpec.from_manifest(m.graphs["decoder"]["kv"])
     table = np.load(m.path(m.data["embeddings"]["file"]))
     ref = OrtDecoder(m.path("decoder.onnx"), kv, capacity=64)
     _check_truncate_extend(OrtDecoder(m.path("decoder.onnx"), kv, capacity=64), ref, table)
     install_fakes(monkeypatch, "10.3.0.30")
     profiles = build_plan(TARGETS["jetson"], m.graphs, m.model)["decoder"]["profiles"]
-    dec = TrtDecoder(write_plan(demo_bundle / "decoder.onnx", tmp_path / "decoder.plan", profiles), kv, capacity=64)
+    dec = TrtDecoder(write_plan(demo_bundle_traced / "decoder.onnx", tmp_path / "decoder.plan", profiles), kv, capacity=64)
     assert dec.takes(0, 7) and dec.takes(12, 1) and dec.takes(12, 7)       # jetson: prefill, decode, extend profiles
     assert dec.extend_max == 64                                             # an extension is one call
     _check_truncate_extend(dec, ref, table)

@@ -111,7 +111,7 @@ def test_bad_decoder_contract_refuses_to_load(controlled_bundle, tmp_path):
 def test_decoder_of_the_old_kv_form_is_refused_with_one_line(controlled_bundle, tmp_path):
     """A decoder exported before the one-arena runtime (present = past + new, no kv.form): re-export."""
     b = copy_bundle(controlled_bundle, tmp_path / "b")
-    assert load_manifest(b).data["graphs"]["decoder"]["kv"]["form"] == "new"
+    assert load_manifest(b).data["graphs"]["decoder"]["kv"]["form"] == "shared"      # the cpu target's
     _reseal(b, lambda d: d["graphs"]["decoder"]["kv"].pop("form"))
     with pytest.raises(BundleError, match="returns past\\+new KV .*re-export the bundle with safeclip-export") as e:
         Pipeline.load(b)
@@ -131,9 +131,11 @@ def test_exported_graph_sections_are_their_typed_objects_written(controlled_bund
         assert cls.from_json(typed.to_json()) == typed
 
 
-def test_graph_specs_are_what_the_bundle_declares_and_the_graphs_take(controlled_bundle):
+def test_graph_specs_are_what_the_bundle_declares_and_the_graphs_take(demo_bundle_traced):
     """The manifest's I/O sections, the ONNX graphs' positional I/O and the TensorRT profiles all come from
-    one spec per graph (runtime/graph_spec.py)."""
+    one spec per graph (runtime/graph_spec.py); the traced decoder (KV form "new", what TensorRT targets write:
+    the cpu target's fused one is checked in test_fused_decoder.py)."""
+    controlled_bundle = demo_bundle_traced
     import onnxruntime as ort
 
     from safeclip.export.targets import TARGETS

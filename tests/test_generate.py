@@ -23,6 +23,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from safeclip.runtime import generate as G  # noqa: E402
 from safeclip.runtime.backends.base import ContextError  # noqa: E402
 from safeclip.runtime.backends.ort import OrtDecoder  # noqa: E402
+from safeclip.runtime.backends.ort_shared import SharedKVDecoder  # noqa: E402
 from safeclip.runtime.prompt import PromptError, render, tokenize  # noqa: E402
 
 N_NEW = 36
@@ -39,8 +40,10 @@ class Runtime:
 
     def __init__(self, lm, capacity=None):
         self.lm, self.facts = lm, lm.frag["model"]
-        self.decoder = OrtDecoder.from_manifest(lm.bundle, lm.frag["graphs"]["decoder"], capacity=capacity,
-                                                  context_length=self.facts["context_length"])
+        graph = lm.frag["graphs"]["decoder"]
+        cls = SharedKVDecoder if graph["kv"]["form"] == "shared" else OrtDecoder
+        self.decoder = cls.from_manifest(lm.bundle, graph, capacity=capacity,
+                                         context_length=self.facts["context_length"])
         self.table = np.load(lm.bundle / lm.frag["embeddings"]["file"], mmap_mode="r")
         self.tok = Tokenizer.from_file(str(lm.llava_dir / "tokenizer.json"))
         self.template = (lm.llava_dir / "chat_template.jinja").read_text()
@@ -67,14 +70,21 @@ def _pixels(seed):
     return None if seed is None else torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["gqa", "mha"])
+@pytest.fixture(scope="module", params=[(2, False), (4, False), (2, True), (4, True)],
+                ids=["gqa", "mha", "gqa-fused", "mha-fused"])
 def rt(request):
-    return Runtime(exported(request.param, "float32"))
+    return Runtime(exported(*request.param[:1], "float32", fused=request.param[1]))
 
 
 @pytest.fixture(scope="module")
 def gqa():
     return Runtime(exported(2, "float32"))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["traced", "fused"])
+def gqa_both(request):
+    """The GQA model's decoder as the traced graph and as the cpu target's fused graph (KV form "shared")."""
+    return Runtime(exported(2, "float32", fused=request.param))
 
 
 # --- oracle: greedy generation == transformers ----------------------------------------------------------
@@ -108,7 +118,8 @@ def test_eos_ends_generation_like_transformers(gqa):
     assert res.finish_reason == "eos"
 
 
-def test_runtime_cache_equals_transformers_cache(gqa):
+def test_runtime_cache_equals_transformers_cache(gqa_both):
+    gqa = gqa_both
     ids = gqa.ids("Hello there", None)
     emb = G.embed_prompt(gqa.table, ids)
     gqa.decoder.prefill(emb)

@@ -17,14 +17,14 @@ def parts(demo_decoder_parts):
     return demo_decoder_parts
 
 
-def _trt(m, demo_bundle, tmp_path, monkeypatch, kv, capacity):
+def _trt(m, demo_bundle_traced, tmp_path, monkeypatch, kv, capacity):
     from safeclip.export.bundle import build_plan
     from safeclip.export.targets import TARGETS
     from safeclip.runtime.backends.trt import TrtDecoder
 
     install_fakes(monkeypatch, "10.3.0.30")
     profiles = build_plan(TARGETS["jetson"], m.graphs, m.model)["decoder"]["profiles"]
-    return TrtDecoder(write_plan(demo_bundle / "decoder.onnx", tmp_path / "decoder.plan", profiles), kv,
+    return TrtDecoder(write_plan(demo_bundle_traced / "decoder.onnx", tmp_path / "decoder.plan", profiles), kv,
                       capacity=capacity)
 
 
@@ -81,9 +81,9 @@ def test_ort_round_trip_and_errors(parts):
     _check(lambda: OrtDecoder(m.path("decoder.onnx"), kv, capacity=64), m, kv, table)
 
 
-def test_trt_round_trip_and_errors(parts, demo_bundle, tmp_path, monkeypatch):
+def test_trt_round_trip_and_errors(parts, demo_bundle_traced, tmp_path, monkeypatch):
     m, kv, table = parts
-    _check(lambda: _trt(m, demo_bundle, tmp_path, monkeypatch, kv, 64), m, kv, table)
+    _check(lambda: _trt(m, demo_bundle_traced, tmp_path, monkeypatch, kv, 64), m, kv, table)
 
 
 def test_prefix_cache_longest_prefix_lru_by_bytes_and_covered_entries():

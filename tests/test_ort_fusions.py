@@ -92,14 +92,14 @@ def test_what_is_not_an_rmsnorm_is_left_alone(variant):
         np.testing.assert_array_equal(a, b)
 
 
-def test_cpu_bundle_decoder_has_every_norm_fused(demo_bundle):
-    """The cpu target's decoder (the session's demo bundle): 2 norms per layer + the final one, no traced
+def test_cpu_bundle_decoder_has_every_norm_fused(demo_bundle_traced):
+    """A cpu bundle with the traced decoder (``fused_ops=False``): 2 norms per layer + the final one, no traced
     RMSNorm pieces left, recorded in the manifest; the export's parity gate ran on this graph."""
     import json
 
-    dec = json.loads((demo_bundle / "manifest.json").read_text())["graphs"]["decoder"]
+    dec = json.loads((demo_bundle_traced / "manifest.json").read_text())["graphs"]["decoder"]
     layers = dec["kv"]["num_layers"]
-    ops = [n.op_type for n in onnx.load(str(demo_bundle / dec["file"]), load_external_data=False).graph.node]
+    ops = [n.op_type for n in onnx.load(str(demo_bundle_traced / dec["file"]), load_external_data=False).graph.node]
     assert ops.count(RMS_NORM_OP) == 2 * layers + 1 == dec["fusions"][RMS_NORM_OP]
     assert "Reciprocal" not in ops and "Pow" not in ops and "Sqrt" not in ops
 

@@ -89,18 +89,18 @@ def test_device_arena_slot_moves_equal_the_host_arena():
 
 # -- TensorRT: TrtSlotDecoder on the stand-in ----------------------------------------------------------------
 @pytest.fixture
-def trt_env(demo_bundle, monkeypatch, tmp_path):
+def trt_env(demo_bundle_traced, monkeypatch, tmp_path):
     """The demo bundle's decoder as a stand-in plan with the jetson target's profiles (max_batch 4), a
     one-sequence TrtDecoder on it, the embedding table and a CPU oracle factory."""
     from safeclip.runtime.backends.trt import TrtDecoder
 
     trt, rt = install_fakes(monkeypatch, "10.3.0.30")
-    m = load_manifest(demo_bundle)
+    m = load_manifest(demo_bundle_traced)
     kv = KVSpec.from_manifest(m.graphs["decoder"]["kv"])
 
     def plan(max_batch=None):
         profiles = build_plan(TARGETS["jetson"], m.graphs, m.model, max_batch=max_batch)["decoder"]["profiles"]
-        return write_plan(demo_bundle / "decoder.onnx", tmp_path / f"decoder-{max_batch}.plan", profiles)
+        return write_plan(demo_bundle_traced / "decoder.onnx", tmp_path / f"decoder-{max_batch}.plan", profiles)
 
     dec = TrtDecoder(plan(), kv, capacity=CAP)
     table = np.load(m.path(m.data["embeddings"]["file"]))
@@ -236,12 +236,12 @@ def test_tensorrt_scheduler_is_token_exact_with_joins_leaves_and_sampling(trt_en
 
 # -- the CUDA provider on a lent GPU ---------------------------------------------------------------------
 @pytest.mark.cuda
-def test_cuda_slot_decoder_equals_the_cpu_one(demo_bundle):
+def test_cuda_slot_decoder_equals_the_cpu_one(demo_bundle_traced):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)")
-    m = load_manifest(demo_bundle)
+    m = load_manifest(demo_bundle_traced)
     kv = KVSpec.from_manifest(m.graphs["decoder"]["kv"])
     table = np.load(m.path(m.data["embeddings"]["file"]))
     one = OrtDecoder(m.path("decoder.onnx"), kv, capacity=CAP, device="cuda")
@@ -284,20 +284,20 @@ def test_tensorrt_slot_write_restores_a_prefix_and_decoding_goes_on_as_alone(trt
     dec.close()
 
 
-def test_the_real_cuda_backing_runs_the_backend_as_device_check_does(demo_bundle, tmp_path):
+def test_the_real_cuda_backing_runs_the_backend_as_device_check_does(demo_bundle_traced, tmp_path):
     """scripts/device_check.sh drives TrtDecoder/TrtSlotDecoder's real cuda-python paths on a lent GPU with the
     stand-in engine over ``RealCudaBacking`` (device memory read and written with cuda-python copies). Here the
     backing runs over FakeCudart, so its own copies are checked like the backend's; the results must match."""
     from _fake_trt import RealCudaBacking, fake_tensorrt
     from safeclip.runtime.backends.trt import TrtDecoder
 
-    m = load_manifest(demo_bundle)
+    m = load_manifest(demo_bundle_traced)
     kv = KVSpec.from_manifest(m.graphs["decoder"]["kv"])
     table = np.load(m.path(m.data["embeddings"]["file"]))
     rt = FakeCudart()
     trt = fake_tensorrt(RealCudaBacking(rt))
     profiles = build_plan(TARGETS["jetson"], m.graphs, m.model)["decoder"]["profiles"]
-    dec = TrtDecoder(write_plan(demo_bundle / "decoder.onnx", tmp_path / "d.plan", profiles), kv, capacity=CAP,
+    dec = TrtDecoder(write_plan(demo_bundle_traced / "decoder.onnx", tmp_path / "d.plan", profiles), kv, capacity=CAP,
                      trt=trt, cuda=CudaRuntime(rt))
     ref = OrtDecoder(m.path("decoder.onnx"), kv, capacity=CAP)
     p = _prompts(table, (9,))[0]

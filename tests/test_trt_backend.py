@@ -109,9 +109,9 @@ def test_explicit_requests_that_cannot_be_honoured_raise():
     assert choose_backend(manifest_dict(), "onnxruntime-gpu", probe=FakeProbe()).name == "onnxruntime-cuda"
 
 
-def test_real_probe_on_this_machine_falls_back_to_onnxruntime(demo_bundle, monkeypatch):
+def test_real_probe_on_this_machine_falls_back_to_onnxruntime(demo_bundle_traced, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)             # import tensorrt -> ImportError
-    m = load_manifest(demo_bundle)
+    m = load_manifest(demo_bundle_traced)
     c = choose_backend(m)
     assert c.name in ("onnxruntime-cpu", "onnxruntime-cuda")
     assert "no TensorRT build plan" in c.notes[0]                   # the demo bundle is a cpu-target export
@@ -161,14 +161,14 @@ def test_plan_capacity_stops_at_the_first_gap():
 # -- running plans against the stand-ins ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def plans(tmp_path_factory, demo_bundle):
+def plans(tmp_path_factory, demo_bundle_traced):
     """Fake plans for the demo bundle's (fp32) graphs with the jetson target's profiles."""
-    m = load_manifest(demo_bundle)
+    m = load_manifest(demo_bundle_traced)
     plan = jetson_profiles(m)
     d = tmp_path_factory.mktemp("plans")
     return {"manifest": m, "plan": plan,
-            "vision": write_plan(demo_bundle / "vision_gate.onnx", d / "vision_gate.plan", plan["vision_gate"]["profiles"]),
-            "decoder": write_plan(demo_bundle / "decoder.onnx", d / "decoder.plan", plan["decoder"]["profiles"])}
+            "vision": write_plan(demo_bundle_traced / "vision_gate.onnx", d / "vision_gate.plan", plan["vision_gate"]["profiles"]),
+            "decoder": write_plan(demo_bundle_traced / "decoder.onnx", d / "decoder.plan", plan["decoder"]["profiles"])}
 
 
 def test_vision_session_matches_onnxruntime(fakes, plans):
@@ -302,10 +302,10 @@ def fake_builder(calls, perturb=DRIFT):
 
 
 @pytest.fixture
-def jetson_bundle(tmp_path, demo_bundle):
+def jetson_bundle(tmp_path, demo_bundle_traced):
     """The demo bundle re-planned for jetson (fp32 graphs, jetson profiles), re-sealed."""
     from safeclip.runtime.manifest import write_manifest
-    b = shutil.copytree(demo_bundle, tmp_path / "b")
+    b = shutil.copytree(demo_bundle_traced, tmp_path / "b")
     m = load_manifest(b)
     data = dict(m.data)
     data["target"] = "jetson"
@@ -361,8 +361,8 @@ def test_build_skips_decoder_parity_when_the_reference_would_not_fit(fakes, jets
     assert any("decoder: parity check skipped" in s for s in msgs)
 
 
-def test_open_helpers_with_onnxruntime_cpu(demo_bundle):
-    m = load_manifest(demo_bundle)
+def test_open_helpers_with_onnxruntime_cpu(demo_bundle_traced):
+    m = load_manifest(demo_bundle_traced)
     vs = open_vision(m, "onnxruntime-cpu")
     assert vs.provider == "CPUExecutionProvider" and "class_probs" in vs.output_names
     assert open_decoder(m, "onnxruntime-cpu").capacity == 2048            # the model's context
@@ -393,13 +393,13 @@ def test_build_rebuilds_a_stale_plan_and_fails_closed_on_parity(fakes, jetson_bu
     load_manifest(jetson_bundle, full_verify=True)                      # still a valid bundle
 
 
-def test_build_cli_without_tensorrt_is_one_line(monkeypatch, capsys, jetson_bundle, demo_bundle):
+def test_build_cli_without_tensorrt_is_one_line(monkeypatch, capsys, jetson_bundle, demo_bundle_traced):
     from safeclip.runtime.build import main, maybe_build_engines
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     assert main(["--bundle", str(jetson_bundle)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("safeclip-build: TensorRT is not installed") and "\n" not in err
-    assert main(["--bundle", str(demo_bundle)]) == 1                  # a cpu-target bundle has no plan
+    assert main(["--bundle", str(demo_bundle_traced)]) == 1                  # a cpu-target bundle has no plan
     assert "target 'cpu' has no TensorRT build plan" in capsys.readouterr().err
     assert main(["--bundle", str(jetson_bundle / "nope")]) == 1
     assert "no such bundle folder" in capsys.readouterr().err
@@ -441,13 +441,13 @@ def test_real_cuda_copies_round_trip():
 
 @pytest.mark.trt
 @pytest.mark.cuda
-def test_real_engines_match_onnxruntime(tmp_path, demo_bundle):
+def test_real_engines_match_onnxruntime(tmp_path, demo_bundle_traced):
     """On a GPU machine with TensorRT: build the demo engines for real and compare with ONNX Runtime."""
     pytest.importorskip("tensorrt", reason=TRT_SKIP)
     pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed (pip install cuda-python)")
     from safeclip.runtime.build import build_engines
     from safeclip.runtime.manifest import write_manifest
-    b = shutil.copytree(demo_bundle, tmp_path / "b")
+    b = shutil.copytree(demo_bundle_traced, tmp_path / "b")
     m = load_manifest(b)
     data = dict(m.data)
     data["build"] = {**data["build"], "plan": jetson_profiles(m), "engines": {}}

@@ -111,13 +111,13 @@ def test_execute_refuses_overlapping_bindings_and_returns_false_for_missing_ones
 # -- the backend's error paths on TensorRT's refusals ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def decoder_plan(tmp_path_factory, demo_bundle):
+def decoder_plan(tmp_path_factory, demo_bundle_traced):
     from safeclip.export.bundle import build_plan
     from safeclip.export.targets import TARGETS
-    m = load_manifest(demo_bundle)
+    m = load_manifest(demo_bundle_traced)
     plan = build_plan(TARGETS["jetson"], m.graphs, m.model)
     d = tmp_path_factory.mktemp("standin_plans")
-    return m, write_plan(demo_bundle / "decoder.onnx", d / "decoder.plan", plan["decoder"]["profiles"])
+    return m, write_plan(demo_bundle_traced / "decoder.onnx", d / "decoder.plan", plan["decoder"]["profiles"])
 
 
 @pytest.mark.parametrize("fault, step, message", [

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..manifest import Manifest
+from ..graph_spec import KV_SHARED
 from .base import BackendError
 from .trt_plan import PlanMismatchError, check_plan_compatible
 
@@ -112,11 +113,20 @@ def choose_backend(manifest, requested: str = "auto", probe: Probe | None = None
     if want == "onnxruntime-cuda" and "CUDAExecutionProvider" not in providers:
         raise BackendError(f"onnxruntime-cuda backend unavailable: onnxruntime has no CUDAExecutionProvider (have: "
                            f"{', '.join(providers)}); install onnxruntime-gpu (on Jetson, the build for your JetPack)")
+    kv = ((m.data.get("graphs") or {}).get("decoder") or {}).get("kv") or {}
+    shared = isinstance(kv, dict) and kv.get("form") == KV_SHARED
+    if want == "onnxruntime-cuda" and shared:
+        raise BackendError("onnxruntime-cuda backend unavailable: this bundle's decoder is the cpu target's fused "
+                           "graph (KV form 'shared'), untested on the CUDA provider; use onnxruntime-cpu or export "
+                           "for --target jetson / datacenter")
     if want in ("onnxruntime-cuda", "onnxruntime-cpu"):
         return BackendChoice(want)
-    if "CUDAExecutionProvider" in providers:
+    if shared:
+        notes.append("onnxruntime-cuda: the decoder is the cpu target's fused graph (KV form 'shared', CPU only)")
+    elif "CUDAExecutionProvider" in providers:
         return BackendChoice("onnxruntime-cuda", tuple(notes))
-    notes.append("onnxruntime-cuda: onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    else:
+        notes.append("onnxruntime-cuda: onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     return BackendChoice("onnxruntime-cpu", tuple(notes))
 
 
@@ -147,6 +157,11 @@ def open_decoder(manifest, backend: str, *, context: int | None = None, threads:
     if backend not in ORT_DEVICE:
         raise BackendError(f"unknown backend '{backend}' (supported: {', '.join(BACKENDS)})")
     device = "cpu" if backend == "onnxruntime-cpu" else "cuda"          # KV arenas live where the provider runs
+    if manifest.decoder.kv_form == KV_SHARED:                           # the cpu target's fused graph
+        from .ort_shared import SharedKVDecoder
+        return SharedKVDecoder.from_manifest(manifest.root, manifest.decoder, capacity=cap or model_ctx,
+                                             context_length=model_ctx, session_options=session_options,
+                                             threads=threads, device=device)
     return OrtDecoder.from_manifest(manifest.root, manifest.decoder, capacity=cap or model_ctx,
                                     context_length=model_ctx, session_options=session_options, threads=threads,
                                     device=device)
@@ -157,8 +172,11 @@ def slot_decoder(dec, slots: int, capacity: int | None = None):
     ``SlotDecoder`` on an ``OrtDecoder``'s session (CPU or CUDA), a ``TrtSlotDecoder`` on a ``TrtDecoder``'s
     plan and context (TensorRT imported only then)."""
     from .ort import OrtDecoder
+    from .ort_shared import SharedKVDecoder, SharedSlotDecoder
     from .slots import SlotDecoder
 
+    if isinstance(dec, SharedKVDecoder):
+        return SharedSlotDecoder.sharing(dec, slots, capacity)
     if isinstance(dec, OrtDecoder):
         return SlotDecoder.sharing(dec, slots, capacity)
     from .trt import TrtDecoder, TrtSlotDecoder
