@@ -66,8 +66,9 @@ def write_checkpoint(ckpt: Path, shape_name: str) -> None:
     (ckpt / "stamp.json").write_text(json.dumps({"shape": SHAPES[shape_name], "seed": SEED}))
 
 
-def export_one(ckpt: Path, out: Path, weights: str, block_size: int) -> None:
-    """Streaming export of the decoder in ``weights`` (run as a subprocess; writes ``out/bundle.json``)."""
+def export_one(ckpt: Path, out: Path, weights: str, block_size: int, lm_head: bool = False) -> None:
+    """Streaming export of the decoder in ``weights`` (run as a subprocess; writes ``out/bundle.json``);
+    ``lm_head``: quantise it too (``--quantize-lm-head``)."""
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
     from safeclip.export.decoder import export_decoder
@@ -86,7 +87,7 @@ def export_one(ckpt: Path, out: Path, weights: str, block_size: int) -> None:
     st = SafetensorsCheckpoint(ckpt)
     reader = CheckpointWeights(st, checkpoint_key_map(skeleton, st, str(ckpt)))
     quant = scheme_for(None if weights == "fp32" else weights, target("cpu"),
-                       None if weights == "fp32" else block_size)
+                       None if weights == "fp32" else block_size, lm_head=lm_head)
     frag = export_decoder(skeleton, out, dtype="float32", tokenizer=hf_tok, weights=reader, quant=quant,
                           ort_fusions=True)                      # as the cpu target's bundle is exported
     files = [out / f for f in (frag["graphs"]["decoder"]["file"], frag["graphs"]["decoder"]["data"],
@@ -372,6 +373,7 @@ def parse_args(argv=None):
     ap.add_argument("--_rss", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--weights", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--lm-head", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.shape, args.new_tokens, args.repeats, args.block_size = "quick", 16, 3, 64
@@ -384,7 +386,7 @@ def main(argv=None) -> int:
         write_checkpoint(args._checkpoint, args.shape)
         return 0
     if args._export:
-        export_one(args.ckpt, args._export, args.weights, args.block_size)
+        export_one(args.ckpt, args._export, args.weights, args.block_size, args.lm_head)
         return 0
     if args._rss:
         runtime_rss(args._rss, args.threads, args.prompt_len, args.new_tokens)
