@@ -7,7 +7,8 @@ One run on one machine:
   text-only prompt never runs), saved once as an fp16 safetensors LLaVA checkpoint in ``--work``.
 * Three decoders exported from that checkpoint by the streaming exporter (``export_decoder`` on a meta-device
   skeleton, weights read tensor by tensor), each in its own subprocess: ``fp32``, ``int8`` and ``int4``
-  (``--block-size``, symmetric, round to nearest, ``lm_head`` kept fp32: the exporter's defaults). Each export
+  (``--block-size``, symmetric, round to nearest, ``lm_head`` kept fp32 in both: int8's default quantises it,
+  ``scripts/bench_peers.py`` measures that). Each export
   passes its parity gate (the int8/int4 gate: ``export/quant_parity.py``) or the run stops. Peak RSS of each
   export is the subprocess' ``VmHWM``; "bundle" is its decoder graph + data + embedding table.
 * Decode tokens/s: the three runtimes (``OrtDecoder`` as ``runtime/pipeline.py`` loads it) loaded together,

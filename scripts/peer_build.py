@@ -21,6 +21,7 @@ line where its engine is not installed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -168,21 +169,27 @@ def build_ours(m: Model, out: Path, *, llava: Path, block_size: int, **_) -> Non
     _mark(out)
 
 
+def gguf_f32(llama: Path, tree: Path) -> Path:
+    """The Llama folder as an F32 GGUF (llama.cpp's converter; needs torch and its gguf-py, not llama_cpp)."""
+    f32 = llama.parent / f"{llama.name}-f32.gguf"
+    if not f32.exists():
+        tmp = f32.with_suffix(".tmp")
+        _run([sys.executable, tree / "convert_hf_to_gguf.py", llama, "--outfile", tmp, "--outtype", "f32"])
+        tmp.rename(f32)
+    return f32
+
+
 def build_gguf(m: Model, out: Path, *, llama: Path, tree: Path, threads: int, **_) -> None:
     import ctypes
 
     import llama_cpp
 
     out.mkdir(parents=True, exist_ok=True)
-    f32 = llama.parent / f"{llama.name}-f32.gguf"
-    if not f32.exists():
-        tmp = f32.with_suffix(".tmp")
-        _run([sys.executable, tree / "convert_hf_to_gguf.py", llama, "--outfile", tmp, "--outtype", "f32"])
-        tmp.rename(f32)
+    f32 = gguf_f32(llama, tree)
     b = dict(m.build)
     target = out / "model.gguf"
     if b["ftype"] == "F32":
-        shutil.copyfile(f32, target)
+        os.link(f32, target)                                 # the same file, not a second 4 GB copy
     else:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{b['ftype']}")
