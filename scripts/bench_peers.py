@@ -104,8 +104,9 @@ def group_reference(names: list[str]) -> str | None:
 
 def folder_bytes(folder: Path) -> int:
     """Bytes of the files an engine loads (build stamps and logs left out)."""
-    skip = {".done", "bundle.json", "worker.log"}
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name not in skip)
+    skip = {".done", "bundle.json"}
+    return sum(f.stat().st_size for f in folder.rglob("*")
+               if f.is_file() and f.name not in skip and not f.name.startswith(".logits-"))
 
 
 # -- timing ---------------------------------------------------------------------------------------------------------
@@ -175,8 +176,15 @@ def text_tokens(llama_dir: Path, n: int) -> np.ndarray:
 
 
 def teacher_forced_logits(folder: Path, ids: np.ndarray, threads: int) -> np.ndarray:
-    """Logits [P, V] at every position of ``ids`` (one decode step per token), this project's runtime."""
+    """Logits [P, V] at every position of ``ids`` (one decode step per token), this project's runtime; kept in
+    the bundle's folder (a rebuilt bundle is a new folder) for the next run."""
+    import hashlib
+
     from bench_quant import Runtime
+
+    cache = folder / f".logits-{hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest()[:16]}.npy"
+    if cache.exists():
+        return np.load(cache)
 
     info = {**json.loads((folder / "bundle.json").read_text()), "dir": str(folder)}
     rt = Runtime(folder, info, threads, len(ids) + 8)
@@ -186,7 +194,11 @@ def teacher_forced_logits(folder: Path, ids: np.ndarray, threads: int) -> np.nda
     out = [np.array(dec.prefill(emb[:1]), np.float32)]
     for row in emb[1:]:
         out.append(np.array(dec.decode_one_token(row), np.float32))
-    return np.stack(out)
+    logits = np.stack(out)
+    tmp = cache.with_name(cache.name + ".tmp.npy")
+    np.save(tmp, logits)
+    tmp.replace(cache)
+    return logits
 
 
 def logits_error(got: np.ndarray, ref: np.ndarray) -> dict:
