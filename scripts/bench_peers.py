@@ -30,7 +30,7 @@ Install (from a fresh checkout, into the project's venv)::
     # llama.cpp: compiles for tens of minutes on 2 cores; build the wheel once and keep it
     CMAKE_BUILD_PARALLEL_LEVEL=1 pip wheel --no-deps llama-cpp-python==0.3.36 -w ~/wheels
     pip install ~/wheels/llama_cpp_python-0.3.36-*.whl
-    python scripts/bench_peers.py                 # ~1 h on 2 shared cores, ~25 GB disk in --work, ~14 GB RAM
+    python scripts/bench_peers.py                 # ~1.5 h on 2 shared cores (exports ~25 min each), 26 GB in --work, ~14 GB RAM
     python scripts/bench_peers.py --quick         # a toy shape, minutes
 
 The sdist (``convert_hf_to_gguf.py``, its ``gguf-py`` and the Llama-2 vocabulary) is fetched with ``pip
