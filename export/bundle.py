@@ -52,7 +52,7 @@ class ExportOptions:
     block_size: int | None = None
     symmetric: bool = True
     quant_method: str = "rtn"
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool | None = None         # None: export/quant.py's LM_HEAD_DEFAULT for the bit width
     max_batch: int | None = None                 # TensorRT targets: decode profile size (None: the target's)
     fused_ops: bool | None = None                # decoder of ONNX Runtime's fused operators (None: the target's)
     sign_key: Path | None = None                 # Ed25519 private key (PEM): sign the manifest (runtime/signing.py)

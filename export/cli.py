@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(ONNX Runtime targets only; default: symmetric)")
     w.add_argument("--quant-method", default="rtn", help="rtn: round to nearest (the only method here; awq and "
                    "gptq are refused, see README)")
-    w.add_argument("--quantize-lm-head", action="store_true", help="int8/int4: quantise lm_head too (default: "
-                   "kept at the float precision; the embedding table always is)")
+    w.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="int8/int4: quantise lm_head too, or not (default: int8 on ONNX Runtime targets quantises "
+                   "it, int4 keeps it at the float precision, as measured in BENCHMARKS.md; the embedding table is "
+                   "never quantised)")
     plan = p.add_argument_group("planning")
     plan.add_argument("--dry-run", action="store_true", help="export nothing: print the memory needed (weights, KV "
                       "cache, activations) against every Jetson Orin module, for --model (a known name, a folder, "

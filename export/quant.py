@@ -3,9 +3,13 @@
 Supported (``safeclip-export --weights int8|int4``):
 
 * block-wise round-to-nearest (``--quant-method rtn``) over the language model's linear layers: q/k/v/o
-  and gate/up/down of every decoder layer; ``lm_head`` only with ``--quantize-lm-head`` (default off: the
-  head is one matrix whose errors land directly on the logits, and every peer cited in README keeps it at
-  16 bits by default). The token embedding table is not quantised (``embeddings: "float"`` in the manifest):
+  and gate/up/down of every decoder layer; ``lm_head`` per :data:`LM_HEAD_DEFAULT` unless
+  ``--quantize-lm-head`` / ``--no-quantize-lm-head`` says otherwise: int8 quantises it (ONNX Runtime targets),
+  int4 keeps it at the graph precision. The head is one matrix whose errors land directly on the logits;
+  measured at TinyLlama shape by ``scripts/bench_peers.py`` (BENCHMARKS.md, "lm_head"): an int8 head moves the
+  logits far less than the int8 body already does and decodes faster; an int4 head moves them several times
+  more than the int4 body and flips the top token often, which is why llama.cpp keeps its output layer at Q6_K
+  and why int4 keeps the float head here. A head tied to the token embeddings is never quantised by default. The token embedding table is not quantised (``embeddings: "float"`` in the manifest):
   the runtime gathers one row of it per token from host memory, so it costs memory, not bandwidth, and a
   quantised table would need a dequantising gather in the runtime. The vision tower keeps its precision.
 * block size 32, 64 or 128 along the input (reduction) dimension K, which must divide K of every quantised
@@ -94,7 +98,7 @@ class QuantScheme:
     form: str = MATMULNBITS         # MatMulNBits | DequantizeLinear
     scale_dtype: str = "float32"    # the graph's activation dtype
     accuracy_level: int = 0         # MatMulNBits only
-    lm_head: bool = False
+    lm_head: bool | None = False    # None: on by default (LM_HEAD_DEFAULT), off where tied to the embeddings
     layers: tuple[str, ...] = LINEARS
     fuse_shared_input: bool = False  # MatMulNBits only: one node per group of weights that read the same input
 
@@ -112,6 +116,11 @@ class QuantScheme:
         return d
 
 
+# --quantize-lm-head's default per bit width on ONNX Runtime targets (MatMulNBits); TensorRT targets keep the
+# head at the graph precision. From scripts/bench_peers.py at TinyLlama shape (module docstring, BENCHMARKS.md).
+LM_HEAD_DEFAULT = {8: True, 4: False}
+
+
 # One line: why --weights int8 is refused for TensorRT targets (module docstring, "TensorRT targets").
 TRT_INT8_REFUSAL = ("--weights int8 is not offered for --target {target}: TensorRT documents weight-only quantization "
                     "for INT4 only (its INT8 GEMMs need calibrated INT8 activations too), so an int8 engine would not "
@@ -119,9 +128,10 @@ TRT_INT8_REFUSAL = ("--weights int8 is not offered for --target {target}: Tensor
 
 
 def scheme_for(weights: str | None, target, block_size: int | None = None, symmetric: bool = True,
-               method: str = "rtn", lm_head: bool = False) -> QuantScheme | None:
+               method: str = "rtn", lm_head: bool | None = None) -> QuantScheme | None:
     """Validate a ``--weights`` request for ``target`` (a :class:`~safeclip.export.targets.Target`); None for
-    float weights. Raises :class:`QuantError` (one line) for anything unsupported."""
+    float weights. ``lm_head`` None: :data:`LM_HEAD_DEFAULT`. Raises :class:`QuantError` (one line) for
+    anything unsupported."""
     float_name = "fp32" if target.precision == "float32" else "fp16"
     if weights in (None, float_name):
         if block_size is not None or not symmetric or method != "rtn" or lm_head:
@@ -152,6 +162,8 @@ def scheme_for(weights: str | None, target, block_size: int | None = None, symme
         raise QuantError(TRT_INT8_REFUSAL.format(target=target.name))
     form = DQ if trt else MATMULNBITS
     per_channel = trt and bits == 8
+    if lm_head is None:
+        lm_head = None if not trt and LM_HEAD_DEFAULT[bits] else False
     return QuantScheme(bits, None if per_channel else block_size, symmetric, method, form, target.precision,
                        0 if trt else 4, lm_head, fuse_shared_input=not trt)
 
@@ -163,13 +175,21 @@ def linear_fqns(language_model, lm_head, fqn_of: dict[int, str], scheme: QuantSc
     for name, mod in language_model.named_modules():
         if name.rsplit(".", 1)[-1] in scheme.layers and hasattr(mod, "weight"):
             out.add(fqn_of[id(mod.weight)])
-    if scheme.lm_head:
+    if scheme.lm_head is not False:
         head = fqn_of[id(lm_head.weight)]
-        if head == fqn_of[id(language_model.get_input_embeddings().weight)]:
+        if head != fqn_of[id(language_model.get_input_embeddings().weight)]:
+            out.add(head)
+        elif scheme.lm_head:
             raise QuantError("lm_head is tied to the token embeddings, which stay unquantised; "
                              "leave --quantize-lm-head out for this model")
-        out.add(head)
     return out
+
+
+def resolve_lm_head(scheme: QuantScheme, fqns: set[str], lm_head, fqn_of: dict[int, str]) -> QuantScheme:
+    """The scheme with ``lm_head`` True or False as :func:`linear_fqns` chose it (None: the default)."""
+    from dataclasses import replace
+
+    return replace(scheme, lm_head=fqn_of[id(lm_head.weight)] in fqns)
 
 
 def pick_block_size(scheme: QuantScheme, shapes: dict[str, tuple[int, int]]) -> QuantScheme:

@@ -25,7 +25,7 @@ import numpy as np
 from safeclip.runtime.tolerances import export_tolerance
 
 from .parity import compare, run_onnx
-from .quant import DequantizedWeights, QuantScheme, linear_fqns, pick_block_size
+from .quant import DequantizedWeights, QuantScheme, linear_fqns, pick_block_size, resolve_lm_head
 
 __all__ = ["bind", "check", "reconstruction"]
 
@@ -33,6 +33,7 @@ __all__ = ["bind", "check", "reconstruction"]
 def bind(scheme: QuantScheme, language_model, lm_head, fqn_of: dict[int, str], weights):
     """(the scheme with its block size fixed for this model, a :class:`DequantizedWeights` reader)."""
     fqns = linear_fqns(language_model, lm_head, fqn_of, scheme)
+    scheme = resolve_lm_head(scheme, fqns, lm_head, fqn_of)
     params = {fqn_of[id(p)]: tuple(p.shape) for p in [*language_model.parameters(), *lm_head.parameters()]}
     scheme = pick_block_size(scheme, {f: params[f] for f in fqns})
     return scheme, RecordingWeights(weights, scheme, fqns)

@@ -51,6 +51,9 @@ SHAPES = {  # LlamaConfig fields of the language model
                            intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048),
     "quick": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                   intermediate_size=704, vocab_size=8000, max_position_embeddings=2048),
+    # quick at the Llama-2 vocabulary's size: scripts/bench_peers.py --quick (the peers' converters need a real vocab)
+    "quick-32k": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                      intermediate_size=704, vocab_size=32000, max_position_embeddings=2048),
 }
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]     # ids 0..4; prompts use ids >= 5
 SEED = 20250302

@@ -7,7 +7,8 @@ One run on one machine:
   text-only prompt never runs), saved once as an fp16 safetensors LLaVA checkpoint in ``--work``.
 * Three decoders exported from that checkpoint by the streaming exporter (``export_decoder`` on a meta-device
   skeleton, weights read tensor by tensor), each in its own subprocess: ``fp32``, ``int8`` and ``int4``
-  (``--block-size``, symmetric, round to nearest, ``lm_head`` kept fp32: the exporter's defaults). Each export
+  (``--block-size``, symmetric, round to nearest, ``lm_head`` kept fp32 in both: int8's default quantises it,
+  ``scripts/bench_peers.py`` measures that). Each export
   passes its parity gate (the int8/int4 gate: ``export/quant_parity.py``) or the run stops. Peak RSS of each
   export is the subprocess' ``VmHWM``; "bundle" is its decoder graph + data + embedding table.
 * Decode tokens/s: the three runtimes (``OrtDecoder`` as ``runtime/pipeline.py`` loads it) loaded together,
@@ -66,10 +67,12 @@ def write_checkpoint(ckpt: Path, shape_name: str) -> None:
     (ckpt / "stamp.json").write_text(json.dumps({"shape": SHAPES[shape_name], "seed": SEED}))
 
 
-def export_one(ckpt: Path, out: Path, weights: str, block_size: int, form: str = "fused") -> None:
+def export_one(ckpt: Path, out: Path, weights: str, block_size: int, form: str = "fused",
+               lm_head: bool = False) -> None:
     """Streaming export of the decoder in ``weights`` (run as a subprocess; writes ``out/bundle.json``).
     ``form``: ``fused`` (the cpu target's graph of ONNX Runtime's fused operators) or ``traced`` (the traced
-    graph with RMSNorm fused, the cpu target's form before issue 26; ``scripts/bench_fused.py`` compares them)."""
+    graph with RMSNorm fused, the cpu target's form before issue 26; ``scripts/bench_fused.py`` compares them);
+    ``lm_head``: quantise it too (``--quantize-lm-head``)."""
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
     from safeclip.export.decoder import export_decoder
@@ -88,7 +91,7 @@ def export_one(ckpt: Path, out: Path, weights: str, block_size: int, form: str =
     st = SafetensorsCheckpoint(ckpt)
     reader = CheckpointWeights(st, checkpoint_key_map(skeleton, st, str(ckpt)))
     quant = scheme_for(None if weights == "fp32" else weights, target("cpu"),
-                       None if weights == "fp32" else block_size)
+                       None if weights == "fp32" else block_size, lm_head=lm_head)
     frag = export_decoder(skeleton, out, dtype="float32", tokenizer=hf_tok, weights=reader, quant=quant,
                           ort_fusions=True, fused=form == "fused")   # as the cpu target's bundle is exported
     files = [out / f for f in (frag["graphs"]["decoder"]["file"], frag["graphs"]["decoder"]["data"],
@@ -383,6 +386,7 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--weights", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--form", choices=["fused", "traced"], default="fused", help=argparse.SUPPRESS)
+    ap.add_argument("--lm-head", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.shape, args.new_tokens, args.repeats, args.block_size = "quick", 16, 3, 64
@@ -395,7 +399,7 @@ def main(argv=None) -> int:
         write_checkpoint(args._checkpoint, args.shape)
         return 0
     if args._export:
-        export_one(args.ckpt, args._export, args.weights, args.block_size, args.form)
+        export_one(args.ckpt, args._export, args.weights, args.block_size, args.form, args.lm_head)
         return 0
     if args._rss:
         runtime_rss(args._rss, args.threads, args.prompt_len, args.new_tokens)

@@ -99,10 +99,12 @@ def test_int8_cpu_decoder_passes_parity_with_matmulnbits(decoders, demo_sources)
     d, frag = decoders["cpu", "int8"]
     ops, opsets = _ops(d / "decoder.onnx")
     layers = demo_sources.llava.config.text_config.num_hidden_layers
-    # q/k/v and gate/up fused (one node each, then a Split), o and down alone: 4 nodes per layer, not 7
-    assert ops.count("MatMulNBits") == 4 * layers and opsets["com.microsoft"] == 1
+    # q/k/v and gate/up fused (one node each, then a Split), o and down alone: 4 nodes per layer, not 7; plus
+    # lm_head, which int8 quantises by default (LM_HEAD_DEFAULT, issue 26)
+    assert ops.count("MatMulNBits") == 4 * layers + 1 and opsets["com.microsoft"] == 1
     q = frag["graphs"]["decoder"]["quantization"]
     assert (q["bits"], q["block_size"], q["form"], q["accuracy_level"]) == (8, 32, "MatMulNBits", 4)
+    assert q["lm_head"] is True and q["layers"][-1] == "lm_head"
     assert q["fused"] == [["gate_proj", "up_proj"], ["q_proj", "k_proj", "v_proj"]] and q["fused_nodes"] == 2 * layers
     names = [r.component for r in frag["parity"]]
     assert names == [f"decoder[float32, int8] {c}" for c in ("prefill", "decode", "decode, bucketed past",
@@ -111,7 +113,7 @@ def test_int8_cpu_decoder_passes_parity_with_matmulnbits(decoders, demo_sources)
     assert q["error"]["checked"] == "exact-compute graph"
     assert not list(d.glob(".*reference*"))                               # the exact-compute copy is gone
     err = q["error"]
-    assert 1e-3 < err["weights"]["rel_frobenius_mean"] < 1e-2 and err["weights"]["layers"] == 7 * layers
+    assert 1e-3 < err["weights"]["rel_frobenius_mean"] < 1e-2 and err["weights"]["layers"] == 7 * layers + 1
     assert all(v["top1_agree"] for v in err["vs_unquantised"].values())
 
 
@@ -327,6 +329,42 @@ def test_eval_quant_perplexity_equals_transformers_and_reports_agreement(demo_bu
     c = r["comparison"]
     assert c["images"] == 2 and c["verdict_agreement"] == 1.0 and 0.0 <= c["exact_agreement"] <= 1.0
     assert c["ppl_candidate"] > 0 and "perplexity" in capsys.readouterr().out
+
+
+def test_lm_head_default_per_bit_width_and_the_flag_overrides_it():
+    """Issue 26: int8 quantises lm_head by default on ONNX Runtime targets, int4 does not (BENCHMARKS.md "lm_head");
+    --quantize-lm-head / --no-quantize-lm-head override it; a head tied to the embeddings stays float by default
+    and is refused in one line when asked for."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safeclip.export.cli import build_parser
+    from safeclip.export.quant import LM_HEAD_DEFAULT, linear_fqns, resolve_lm_head
+
+    assert LM_HEAD_DEFAULT == {8: True, 4: False}
+    cpu = target("cpu")
+    assert scheme_for("int8", cpu).lm_head is None and scheme_for("int4", cpu).lm_head is False
+    assert scheme_for("int4", target("jetson")).lm_head is False
+    assert scheme_for("int8", cpu, lm_head=False).lm_head is False and scheme_for("int4", cpu, lm_head=True).lm_head
+    assert scheme_for("fp32", cpu, lm_head=False) is None
+    with pytest.raises(QuantError, match="need --weights int8 or int4"):
+        scheme_for("fp32", cpu, lm_head=True)
+    p = build_parser()
+    assert [p.parse_args(["--out", "x", *a]).quantize_lm_head for a in
+            ([], ["--quantize-lm-head"], ["--no-quantize-lm-head"])] == [None, True, False]
+    for tied in (False, True):
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+        model = LlamaForCausalLM(cfg)
+        fqn_of = {id(v): k for k, v in model.named_parameters(remove_duplicate=False)}
+        head = fqn_of[id(model.lm_head.weight)]
+        for sch, quantised in ((scheme_for("int8", cpu), not tied), (scheme_for("int4", cpu), False),
+                               (scheme_for("int8", cpu, lm_head=False), False)):
+            fqns = linear_fqns(model.model, model.lm_head, fqn_of, sch)
+            assert (head in fqns) is quantised and len(fqns) == 7 + quantised
+            assert resolve_lm_head(sch, fqns, model.lm_head, fqn_of).lm_head is quantised
+        if tied:
+            with pytest.raises(QuantError, match="lm_head is tied to the token embeddings"):
+                linear_fqns(model.model, model.lm_head, fqn_of, scheme_for("int8", cpu, lm_head=True))
 
 
 def test_int8_is_refused_for_tensorrt_targets_only():
