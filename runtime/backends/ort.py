@@ -134,6 +134,22 @@ def _try_matmulnbits() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def decoder_files(root: str | Path, graph, capacity: int | None, context_length: int | None):
+    """(``DecoderGraph``, graph path, KV capacity, weight bytes on disk) of a bundle's ``graphs.decoder`` entry
+    (a ``DecoderGraph`` or its JSON): what every ONNX Runtime decoder opens; the capacity defaults to the
+    model's context length and may not exceed it (``ContextError``)."""
+    from ..contract import DecoderGraph
+
+    g = graph if isinstance(graph, DecoderGraph) else DecoderGraph.from_json(graph)
+    root = Path(root)
+    cap = capacity or context_length
+    if cap is None:
+        raise ValueError("give capacity or the model's context_length")
+    if context_length is not None and cap > context_length:
+        raise ContextError(f"capacity {cap} exceeds the model's context length {context_length}")
+    return g, root / g.file, cap, sum(os.path.getsize(root / f) for f in g.files)
+
+
 class OrtDecoder:
     """ONNX Runtime decoder session with one preallocated, I/O-bound KV arena (module docstring, ``arena.py``).
 
@@ -211,17 +227,8 @@ class OrtDecoder:
                       context_length: int | None = None, **kw) -> "OrtDecoder":
         """From a bundle folder and its ``graphs.decoder`` entry (a ``DecoderGraph``, or its JSON);
         capacity defaults to the context length."""
-        from ..contract import DecoderGraph
-
-        g = graph if isinstance(graph, DecoderGraph) else DecoderGraph.from_json(graph)
-        root = Path(root)
-        cap = capacity or context_length
-        if cap is None:
-            raise ValueError("give capacity or the model's context_length")
-        if context_length is not None and cap > context_length:
-            raise ContextError(f"capacity {cap} exceeds the model's context length {context_length}")
-        size = sum(os.path.getsize(root / f) for f in g.files)
-        return cls(root / g.file, g.kv, capacity=cap, weights_bytes=size, names=g.names, **kw)
+        g, path, cap, size = decoder_files(root, graph, capacity, context_length)
+        return cls(path, g.kv, capacity=cap, weights_bytes=size, names=g.names, **kw)
 
     @property
     def kv_bytes(self) -> int:

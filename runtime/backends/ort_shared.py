@@ -26,7 +26,6 @@ test a CUDA bundle of this form, so ``device="cuda"`` is refused.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +34,8 @@ import numpy as np
 from ..graph_spec import KVSpec, SharedDecoderNames
 from .arena import check_kv_arrays
 from .base import BackendError, ContextError, truncation
+from .ort import decoder_files
+from .slots import decode_step
 
 __all__ = ["SharedKVDecoder", "SharedSlotDecoder"]
 
@@ -88,17 +89,8 @@ class SharedKVDecoder:
     @classmethod
     def from_manifest(cls, root: str | Path, graph, *, capacity: int | None = None,
                       context_length: int | None = None, **kw) -> "SharedKVDecoder":
-        from ..contract import DecoderGraph
-
-        g = graph if isinstance(graph, DecoderGraph) else DecoderGraph.from_json(graph)
-        root = Path(root)
-        cap = capacity or context_length
-        if cap is None:
-            raise ValueError("give capacity or the model's context_length")
-        if context_length is not None and cap > context_length:
-            raise ContextError(f"capacity {cap} exceeds the model's context length {context_length}")
-        size = sum(os.path.getsize(root / f) for f in g.files)
-        return cls(root / g.file, g.kv, capacity=cap, weights_bytes=size, names=g.names, **kw)
+        g, path, cap, size = decoder_files(root, graph, capacity, context_length)
+        return cls(path, g.kv, capacity=cap, weights_bytes=size, names=g.names, **kw)
 
     @property
     def kv_bytes(self) -> int:
@@ -265,17 +257,8 @@ class SharedSlotDecoder(SharedKVDecoder):
     def decode(self, token_embeds) -> np.ndarray:
         """One token [B, D] for each of slots 0..B-1 (all holding a sequence) in one graph call; returns the
         next logits [B, V] (a view, valid until the next call)."""
-        e = np.asarray(token_embeds)
-        B = e.shape[0] if e.ndim == 2 else 0
-        if not 1 <= B <= self.slots or e.shape[-1] != self.hidden_size:
-            raise ValueError(f"token embeddings must be [B, {self.hidden_size}] with 1 <= B <= {self.slots}, "
-                             f"got {list(e.shape)}")
-        P = self.lengths[:B]
-        if P.min() < 1:
-            raise ValueError(f"slot {int(np.argmin(P))} holds no sequence")
-        if P.max() + 1 > self.capacity:
-            raise ContextError(f"slot {int(np.argmax(P))}: {int(P.max())} cached + 1 new token exceed the cache "
-                               f"capacity {self.capacity}")
+        e, P = decode_step(token_embeds, self.slots, self.hidden_size, self.lengths, self.capacity)
+        B = len(P)
         x = np.ascontiguousarray(e.reshape(B, 1, -1), dtype=self.dtype)
         logits = self._call(x, 0, P + 1)
         self.lengths[:B] += 1

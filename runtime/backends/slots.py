@@ -50,6 +50,24 @@ def kv_slot_bytes(kv: KVSpec, capacity: int) -> int:
     return kv.position_bytes * capacity
 
 
+def decode_step(token_embeds, slots: int, hidden_size: int, lengths: np.ndarray,
+                capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [B, D], a copy of the cached lengths [B] of slots 0..B-1) for one batched decode step, checked:
+    1 <= B <= ``slots``, every slot 0..B-1 holds a sequence, and one more token fits ``capacity``
+    (``ContextError``). Every slot decoder's ``decode`` starts here."""
+    e = np.asarray(token_embeds)
+    B = e.shape[0] if e.ndim == 2 else 0
+    if not 1 <= B <= slots or e.shape[-1] != hidden_size:
+        raise ValueError(f"token embeddings must be [B, {hidden_size}] with 1 <= B <= {slots}, got {list(e.shape)}")
+    P = lengths[:B].copy()
+    if P.min() < 1:
+        raise ValueError(f"slot {int(np.argmin(P))} holds no sequence")
+    if P.max() + 1 > capacity:
+        raise ContextError(f"slot {int(np.argmax(P))}: {int(P.max())} cached + 1 new token exceed the cache "
+                           f"capacity {capacity}")
+    return e, P
+
+
 class SlotOps:
     """The slot methods of a batched decoder, over a backend's four moves (``_call``, ``_place``, ``_scatter``,
     ``_read_slot``) and ``self.arena`` (slots x KVH head blocks). A subclass sets ``slots``, ``capacity``,
@@ -164,17 +182,8 @@ class SlotOps:
     def decode(self, token_embeds) -> np.ndarray:
         """One token [B, D] for each of slots 0..B-1 (all holding a sequence) in one graph call; returns the
         next logits [B, V] (a view, valid until the next call)."""
-        e = np.asarray(token_embeds)
-        B = e.shape[0] if e.ndim == 2 else 0
-        if not 1 <= B <= self.slots or e.shape[-1] != self.hidden_size:
-            raise ValueError(f"token embeddings must be [B, {self.hidden_size}] with 1 <= B <= {self.slots}, "
-                             f"got {list(e.shape)}")
-        P = self.lengths[:B].copy()
-        if P.min() < 1:
-            raise ValueError(f"slot {int(np.argmin(P))} holds no sequence")
-        if P.max() + 1 > self.capacity:
-            raise ContextError(f"slot {int(np.argmax(P))}: {int(P.max())} cached + 1 new token exceed the cache "
-                               f"capacity {self.capacity}")
+        e, P = decode_step(token_embeds, self.slots, self.hidden_size, self.lengths, self.capacity)
+        B = len(P)
         a = self.arena
         Lb = a.bucket
         x = np.ascontiguousarray(e.reshape(B, 1, -1), dtype=self.dtype)
