@@ -11,8 +11,8 @@ from dataclasses import fields
 import pytest
 
 from safeclip.runtime.contract import ContractError, DecoderGraph, GateConfig, ModelFacts, VisionGraph
-from safeclip.runtime.graph_spec import (KV_FORM, DecoderNames, KVSpec, TensorDecl, VisionNames, decoder_spec,
-                                         vision_spec)
+from safeclip.runtime.graph_spec import (KV_FORM, KV_SHARED, DecoderNames, KVSpec, SharedDecoderNames, TensorDecl,
+                                         VisionNames, decoder_spec, shared_decoder_spec, vision_spec)
 
 KV = KVSpec(3, 2, 8, "float16", past_key="cache.{i}.k", past_value="cache.{i}.v", present_key="new.{i}.k",
             present_value="new.{i}.v")
@@ -28,14 +28,25 @@ DECODER = DecoderGraph(file="d.onnx", data="d.onnx.data", names=DNAMES, inputs=D
                        outputs=DSPEC.outputs_by_name, kv=KV,
                        quantization={"bits": 4, "block_size": 32, "form": "MatMulNBits", "layers": ["a"]},
                        fusions={"SimplifiedLayerNormalization": 7}, split_weights={"lm_head.weight": [2, 50]})
+SNAMES = SharedDecoderNames("embeds", "lens", "total", "scores")
+SSPEC = shared_decoder_spec(64, 100, KV, SNAMES)
+SHARED = DecoderGraph(file="d.onnx", data="d.onnx.data", names=SNAMES, inputs=SSPEC.inputs_by_name,
+                      outputs=SSPEC.outputs_by_name, kv=KV, quantization={"bits": 8, "block_size": 128,
+                                                                           "form": "MatMulNBits", "layers": ["a"]},
+                      fusions={"GroupQueryAttention": 3}, split_weights={"lm_head.weight": [2, 50]}, kv_form=KV_SHARED)
+WRITTEN_INSIDE = {"kv_form": ("kv", "form")}       # DecoderGraph.kv_form is the manifest's graphs.decoder.kv.form
 
 
-@pytest.mark.parametrize("section", [VISION, DECODER], ids=["vision_gate", "decoder"])
+@pytest.mark.parametrize("section", [VISION, DECODER, SHARED], ids=["vision_gate", "decoder", "decoder-shared"])
 def test_every_field_is_written_and_read_back(section):
     unset = [f.name for f in fields(section) if getattr(section, f.name) is None]
     assert not unset, f"set {unset} in this test: every field must be written and read back"
     js = json.loads(json.dumps(section.to_json()))
-    assert list(js) == [f.name for f in fields(section)]                    # one key per field, in field order
+    top = [f.name for f in fields(section) if f.name not in WRITTEN_INSIDE]
+    assert list(js) == top                                                  # one key per field, in field order
+    for name, (outer, key) in WRITTEN_INSIDE.items():                       # ... or inside the section it belongs to
+        if hasattr(section, name):
+            assert js[outer][key] == getattr(section, name)
     assert type(section).from_json(js) == section
 
 

@@ -135,9 +135,10 @@ def test_kv_memory_is_checked_at_start(bundle):
 
 # -- on the TensorRT backend (the stand-in, tests/_fake_trt.py) ------------------------------------------------
 @pytest.fixture
-def trt_pipe(bundle, monkeypatch, tmp_path):
+def trt_pipe(demo_bundle_traced, monkeypatch, tmp_path):
     """The demo pipeline with its decoder on a TensorRT stand-in plan (the jetson target's profiles: batched
-    steps of up to 4, or of ``max_batch``); the vision graph stays on ONNX Runtime."""
+    steps of up to 4, or of ``max_batch``); the vision graph stays on ONNX Runtime. The traced decoder (KV form
+    "new", standard operators): what a TensorRT target's bundle holds (the cpu target's fused graph is not)."""
     from _fake_trt import install_fakes, write_plan
     from safeclip.export.bundle import build_plan
     from safeclip.export.targets import TARGETS
@@ -146,7 +147,7 @@ def trt_pipe(bundle, monkeypatch, tmp_path):
     _, rt = install_fakes(monkeypatch, "10.3.0.30")
 
     def make(max_batch=None, capacity=256):
-        pipe = Pipeline.load(bundle, context=capacity)
+        pipe = Pipeline.load(demo_bundle_traced, context=capacity)
         m, kv = pipe.manifest, pipe.language_model.decoder.kv
         profiles = build_plan(TARGETS["jetson"], m.graphs, m.model, max_batch=max_batch)["decoder"]["profiles"]
         plan = write_plan(m.path("decoder.onnx"), tmp_path / f"decoder-{max_batch}.plan", profiles)
@@ -158,9 +159,10 @@ def trt_pipe(bundle, monkeypatch, tmp_path):
     return make
 
 
-def test_the_server_batches_on_tensorrt_and_each_client_gets_its_solo_answer(trt_pipe, oracle):
+def test_the_server_batches_on_tensorrt_and_each_client_gets_its_solo_answer(trt_pipe, demo_bundle_traced):
     from safeclip.runtime.backends.trt import TrtSlotDecoder
 
+    oracle = Pipeline.load(demo_bundle_traced)                   # the same graph alone, on ONNX Runtime
     pipe = trt_pipe()
     srv = ServerThread(create_app(pipe, max_batch=3, max_queue=8, max_tokens=64))
     assert isinstance(pipe.scheduler.dec, TrtSlotDecoder)
@@ -185,7 +187,8 @@ def test_tensorrt_defaults_follow_the_target_the_engine_and_the_device_memory(tr
     from safeclip.runtime.backends.slots import kv_slot_bytes
 
     def as_target(pipe, name):
-        return SimpleNamespace(manifest=SimpleNamespace(target=name), has_language_model=True, language_model=pipe.language_model)
+        return SimpleNamespace(manifest=SimpleNamespace(target=name), has_language_model=True,
+                               language_model=pipe.language_model)
 
     wide, narrow = trt_pipe(16), trt_pipe(2)
     assert default_max_batch(as_target(wide, "datacenter"), None) == 8       # datacenter default
