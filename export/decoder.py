@@ -493,8 +493,8 @@ def export_decoder(llava_model, out_dir: Path, dtype: str = "float32", tokenizer
     spec = spec if fused else _spec(layers, kvh, hd, facts.hidden_size, facts.vocab_size, dtype)
     quantization = None
     if quant is not None:
-        fused = quant_pass.fused if quant.fuse_shared_input else None
-        quantization = {**quant.manifest(quant_pass.done, fused), "error": quant_report}
+        shared_input = quant_pass.fused if quant.fuse_shared_input else None      # not the graph's form
+        quantization = {**quant.manifest(quant_pass.done, shared_input), "error": quant_report}
     graph = DecoderGraph(file=onnx_path.name, data=data_name, names=names, inputs=spec.inputs_by_name,
                          outputs=spec.outputs_by_name, kv=KVSpec(layers, kvh, hd, dtype), quantization=quantization,
                          fusions=fusions or None, kv_form=KV_SHARED if fused else KV_FORM,

@@ -172,3 +172,21 @@ def test_auto_backend_keeps_the_fused_graph_on_the_cpu(demo_bundle):
     assert choice.name == "onnxruntime-cpu" and any("fused graph" in n for n in choice.notes)
     with pytest.raises(BackendError, match="fused graph"):
         choose_backend(m, "onnxruntime-cuda", Gpu())
+
+
+def test_a_quantised_fused_graph_is_declared_shared_whatever_the_quantiser_fused(tmp_path):
+    """The manifest's KV form follows the graph written, not the quantiser's list of shared-input groups: with
+    none fused (``fuse_shared_input=False``) the fused graph was declared form "new" with the shared graph's
+    names, a section the contract refuses (found by scripts/bench_fused.py)."""
+    from dataclasses import replace
+
+    from safeclip.export.decoder import export_decoder
+    from safeclip.export.quant import scheme_for
+    from safeclip.export.targets import target
+    from safeclip.runtime.contract import DecoderGraph
+
+    _, model, tok = demo_model(2)
+    sch = replace(scheme_for("int8", target("cpu"), 32), fuse_shared_input=False)
+    dec = export_decoder(model, tmp_path, tokenizer=tok, quant=sch, ort_fusions=True, fused=True)["graphs"]["decoder"]
+    assert dec["kv"]["form"] == "shared"
+    assert DecoderGraph.from_json(dec).kv_form == "shared"
