@@ -2,8 +2,8 @@
 
 Supported: one sequence at a time (batch 1), greedy or temperature / top-k / top-p sampling with a seeded
 numpy Generator, EOS ids, stop strings, incremental UTF-8-safe detokenization, and a grammar constraint
-(``constraint=``, a ``grammar.Constraint``: JSON Schema, regex, Lark) that masks the logits before picking. Split as gpt-fast does:
-:func:`prefill`, :func:`decode_one_token`, :func:`decode_n_tokens`, :func:`generate` / :func:`stream`.
+(``constraint=``, a ``grammar.Constraint``: JSON Schema, regex, Lark) that masks the logits before picking.
+Split as gpt-fast does: :func:`prefill`, :func:`decode_one_token`, :func:`decode_n_tokens`, :func:`generate` / :func:`stream`.
 The loop talks to any *decoder* with ``prefill(embeds)``, ``decode_one_token(embed)``, ``reset()``,
 ``capacity``, ``length`` and ``hidden_size`` (``backends/base.py``: ``Decoder``); the backends provide
 them (``backends/ort.py``: ``OrtDecoder``, ``backends/trt.py``: ``TrtDecoder``).
