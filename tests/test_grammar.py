@@ -41,6 +41,29 @@ SCHEMAS = {
 }
 
 
+
+def hf_mask(ltok, grammar_text: str, prompt_len: int):
+    """The oracle's side: transformers' logits processor applying llguidance's own mask for ``grammar_text``
+    (rows past the tokenizer's vocabulary, such as a model's padding rows, never allowed)."""
+    import llguidance.torch as lt
+    from transformers import LogitsProcessor
+
+    matcher = llguidance.LLMatcher(ltok, grammar_text, log_level=0)
+    bits = lt.allocate_token_bitmask(1, ltok.vocab_size)
+
+    class Mask(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] > prompt_len:
+                assert matcher.consume_token(int(input_ids[0, -1]))
+            lt.fill_next_token_bitmask(matcher, bits)
+            allowed = ((bits[0].unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1).reshape(-1).bool()
+            out = torch.full_like(scores, float("-inf"))
+            n = min(scores.shape[1], allowed.numel(), ltok.vocab_size)
+            out[:, :n] = torch.where(allowed[:n], scores[:, :n], out[:, :n])
+            return out
+
+    return Mask()
+
 class Demo:
     def __init__(self):
         self.lm = lm = exported(2, "float32")
@@ -63,30 +86,15 @@ class Demo:
     def reference(self, text, grammar_text):
         """transformers greedy generate() with llguidance's mask as a logits processor."""
         import llguidance.hf
-        import llguidance.torch as lt
-        from transformers import LogitsProcessor, LogitsProcessorList
+        from transformers import LogitsProcessorList
 
         ltok = llguidance.hf.from_tokenizer(self.lm.hf_tokenizer, eos_token=self.eos)
-        matcher = llguidance.LLMatcher(ltok, grammar_text, log_level=0)
-        bits = lt.allocate_token_bitmask(1, ltok.vocab_size)
         ids = self.ids(text)
-
-        class Mask(LogitsProcessor):
-            def __call__(self, input_ids, scores):
-                if input_ids.shape[1] > len(ids):
-                    assert matcher.consume_token(int(input_ids[0, -1]))
-                lt.fill_next_token_bitmask(matcher, bits)
-                allowed = ((bits[0].unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1).reshape(-1).bool()
-                out = torch.full_like(scores, float("-inf"))
-                n = min(scores.shape[1], allowed.numel())
-                out[:, :n] = torch.where(allowed[:n], scores[:, :n], out[:, :n])
-                return out
-
         with torch.no_grad():
             ref = self.lm.model.generate(input_ids=torch.tensor(ids)[None], max_new_tokens=N_NEW + 1,
                                          do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                          eos_token_id=self.eos, pad_token_id=self.eos[0],
-                                         logits_processor=LogitsProcessorList([Mask()]))
+                                         logits_processor=LogitsProcessorList([hf_mask(ltok, grammar_text, len(ids))]))
         return ref[0, len(ids):].tolist()
 
 
@@ -223,7 +231,8 @@ def test_a_grammar_error_ends_only_its_sequence(demo):
         good = sched.submit(demo.table[demo.ids("y")], tokenizer=demo.tok, max_new_tokens=5)
         with pytest.raises(Exception, match="broken grammar"):
             list(bad)
-        assert len(list(good)) >= 0 and good.result.finish_reason in ("length", "eos")
+        list(good)                                                # the other sequence runs to its end
+        assert good.result.finish_reason in ("length", "eos")
     finally:
         sched.close()
 
@@ -268,9 +277,8 @@ def llama2_bundle(tmp_path_factory):
 @pytest.mark.parametrize("name", ["object_enum_bounds", "any_of"])
 def test_constrained_greedy_equals_transformers_on_llama2_vocabulary(llama2_bundle, name):
     import llguidance.hf
-    import llguidance.torch as lt
     from test_real_vocab import runtime_ids
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration, LogitsProcessorList
 
     pipe, folder, facts = llama2_bundle
     lm = pipe.language_model
@@ -284,23 +292,12 @@ def test_constrained_greedy_equals_transformers_on_llama2_vocabulary(llama2_bund
 
     hf_tok = AutoTokenizer.from_pretrained(folder)
     ltok = llguidance.hf.from_tokenizer(hf_tok, eos_token=list(lm.eos_ids))
-    matcher = llguidance.LLMatcher(ltok, text, log_level=0)
-    bits = lt.allocate_token_bitmask(1, ltok.vocab_size)
-
-    class Mask(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            if input_ids.shape[1] > len(ids):
-                assert matcher.consume_token(int(input_ids[0, -1]))
-            lt.fill_next_token_bitmask(matcher, bits)
-            allowed = ((bits[0].unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1).reshape(-1).bool()
-            allowed = torch.cat([allowed[:ltok.vocab_size], torch.zeros(scores.shape[1] - ltok.vocab_size,
-                                                                        dtype=torch.bool)])
-            return torch.where(allowed, scores, torch.tensor(float("-inf")))
 
     model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor(ids)[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=N_NEW + 1, do_sample=False, logits_processor=LogitsProcessorList([Mask()]))
+                             max_new_tokens=N_NEW + 1, do_sample=False,
+                             logits_processor=LogitsProcessorList([hf_mask(ltok, text, len(ids))]))
     ref = out[0, len(ids):].tolist()
     assert ref[-1] in lm.eos_ids and res.token_ids == ref[:-1] and res.finish_reason == "eos"
     assert res.text == hf_tok.decode(ref, skip_special_tokens=True)
