@@ -8,7 +8,7 @@ Not CI. One run on one machine, same random weights everywhere (issue 26):
   (models and settings: its ``MODELS``): this project's cpu bundles the project's way (fp32, int8, int4, block
   128, fp32 lm_head; and int8 / int4 with ``--quantize-lm-head``), llama.cpp (``convert_hf_to_gguf.py`` from
   the llama-cpp-python sdist, ``llama_model_quantize`` to Q8_0 / Q4_0; Q4_0 with its default Q6_K output layer
-  and with an F32 one) and ONNX Runtime GenAI (its model builder: defaults, and matched to ours: block 128,
+  and with an F32 one) and ONNX Runtime GenAI (its model builder: defaults, and matched to ours: our block size,
   fp32 lm_head). An engine that is not installed is skipped with one line.
 * Timing: models are grouped by precision; in each group every model runs in its own warm worker process
   (``scripts/peer_workers.py``) with ``--threads`` threads, and rounds alternate all of them (the order
@@ -27,8 +27,12 @@ Not CI. One run on one machine, same random weights everywhere (issue 26):
 Install (from a fresh checkout, into the project's venv)::
 
     pip install -e '.[export]' onnxruntime-genai
-    # llama.cpp: compiles for tens of minutes on 2 cores; build the wheel once and keep it
-    CMAKE_BUILD_PARALLEL_LEVEL=1 pip wheel --no-deps llama-cpp-python==0.3.36 -w ~/wheels
+    # llama.cpp: compiles llama.cpp; build the wheel once and keep it. Without its tools, examples, server and
+    # multimodal library it is 140 compile steps, ~8 min on 2 quiet cores (2026-12-06; the full build: 178
+    # steps, over 1.5 h on 2 shared cores). pip's build isolation fetches scikit-build-core from PyPI.
+    CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_MTMD=OFF" \
+        pip wheel --no-deps llama-cpp-python==0.3.36 -w ~/wheels
     pip install ~/wheels/llama_cpp_python-0.3.36-*.whl
     python scripts/bench_peers.py                 # ~1.5 h on 2 shared cores (exports ~25 min each), 26 GB in --work, ~14 GB RAM
     python scripts/bench_peers.py --quick         # a toy shape, minutes
@@ -79,6 +83,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.shape, args.rounds, args.new_tokens, args.prefill_len, args.lm_head_positions = "quick-32k", 2, 8, 64, 40
+        args.block_size = 64        # the toy shape's MLP width (704) is not a multiple of 128
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:

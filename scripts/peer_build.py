@@ -62,10 +62,10 @@ MODELS = {m.name: m for m in (
           (("ftype", "Q4_0"), ("output", "F32"))),
     Model("genai-fp32", "genai", "fp32", "ORT GenAI fp32", (("precision", "fp32"),)),
     Model("genai-int8", "genai", "int8", "ORT GenAI int8 default (block 32, int8 lm_head)", (("precision", "int8"),)),
-    Model("genai-int8-matched", "genai", "int8", "ORT GenAI int8 matched (block 128, fp32 lm_head)",
+    Model("genai-int8-matched", "genai", "int8", "ORT GenAI int8 matched (our block size, fp32 lm_head)",
           (("precision", "int8"), ("matched", True))),
     Model("genai-int4", "genai", "int4", "ORT GenAI int4 default (block 32, int4 lm_head)", (("precision", "int4"),)),
-    Model("genai-int4-matched", "genai", "int4", "ORT GenAI int4 matched (block 128, fp32 lm_head)",
+    Model("genai-int4-matched", "genai", "int4", "ORT GenAI int4 matched (our block size, fp32 lm_head)",
           (("precision", "int4"), ("matched", True))),
 )}
 ENGINE_MODULES = {"ours": "onnxruntime", "llama.cpp": "llama_cpp", "genai": "onnxruntime_genai"}
@@ -202,9 +202,9 @@ def build_gguf(m: Model, out: Path, *, llama: Path, tree: Path, threads: int, **
     _mark(out)
 
 
-def build_genai(m: Model, out: Path, *, llama: Path, threads: int, **_) -> None:
+def build_genai(m: Model, out: Path, *, llama: Path, threads: int, block_size: int, **_) -> None:
     b = dict(m.build)
-    extra = ["block_size=128", "nodes_to_exclude=/lm_head/MatMul"] if b.get("matched") else []
+    extra = [f"block_size={block_size}", "nodes_to_exclude=/lm_head/MatMul"] if b.get("matched") else []
     cache = out.with_name(out.name + ".cache")
     _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", llama, "-o", out, "-p", b["precision"],
           "-e", "cpu", "-c", cache] + (["--extra_options", *extra] if extra else []))

@@ -34,6 +34,15 @@ def test_parse_args_defaults_and_checks(capsys):
         bench_peers.parse_args(["--new-tokens", "1"])
 
 
+def test_quick_block_size_divides_the_quick_shapes_widths():
+    # --quick with the default block 128 stopped in the export: the toy shape's MLP width (704) is 11 x 64
+    from bench_generate import SHAPES
+
+    q = bench_peers.parse_args(["--quick"])
+    shape = SHAPES[q.shape]
+    assert shape["intermediate_size"] % q.block_size == 0 and shape["hidden_size"] % q.block_size == 0
+
+
 def test_per_round_ratios_are_paired_medians():
     s = {"ours": [10.0, 20.0, 40.0], "peer": [15.0, 20.0, 20.0]}
     r = bench_peers.per_round_ratios(s, "ours")
