@@ -61,13 +61,22 @@ class LlamaCpp:
 
         self.llm = Llama(model_path=str(folder / "model.gguf"), n_ctx=capacity, n_threads=threads,
                          n_threads_batch=threads, n_batch=512, n_ubatch=512, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def last_logits(self) -> np.ndarray:
+        """The last evaluated position's logits, from llama.cpp's context (``llama_get_logits_ith``):
+        llama-cpp-python 0.3.x no longer copies them into ``Llama.scores`` unless ``logits_all``, so that
+        array stays zero (every greedy token was 0 until 2026-12-06)."""
+        import llama_cpp
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
 
     def decode(self, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
         llm, tokens, stamps = self.llm, [], []
         llm.reset()
         llm.eval(prompt)
         for _ in range(n):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(self.last_logits()))
             tokens.append(tok)
             stamps.append(time.perf_counter())
             if len(tokens) < n:
