@@ -53,6 +53,7 @@ class ExportOptions:
     symmetric: bool = True
     quant_method: str = "rtn"
     quantize_lm_head: bool | None = None         # None: export/quant.py's LM_HEAD_DEFAULT for the bit width
+    lm_head_bits: int | None = None              # a quantised lm_head's bit width (None: LM_HEAD_DEFAULT / the body's)
     max_batch: int | None = None                 # TensorRT targets: decode profile size (None: the target's)
     fused_ops: bool | None = None                # decoder of ONNX Runtime's fused operators (None: the target's)
     sign_key: Path | None = None                 # Ed25519 private key (PEM): sign the manifest (runtime/signing.py)
@@ -273,7 +274,7 @@ def export_bundle(opts: ExportOptions, progress: Callable[[str], None] = lambda 
                          f"does not parse them (the {opts.target} target keeps the standard operators)")
     from .quant import QuantError, scheme_for
     quant = scheme_for(opts.weights, tgt, opts.block_size, opts.symmetric, opts.quant_method,
-                       opts.quantize_lm_head)
+                       opts.quantize_lm_head, opts.lm_head_bits)
     if quant is not None and not opts.with_decoder:
         raise QuantError(f"--weights {opts.weights} quantises the decoder; it cannot go with --no-decoder")
     dset = load_descriptor_set(opts.descriptors)

@@ -16,6 +16,7 @@ from safeclip.runtime.error_text import EXIT_INTERRUPTED, EXIT_USAGE, fail, one_
 from safeclip.runtime.devices import MODULES
 from safeclip.runtime.gate import VIEW_MODES
 
+from .quant import HEAD_BITS, LM_HEAD_DEFAULT
 from .targets import TARGETS
 
 PROG = "safeclip-export"
@@ -86,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quant-method", default="rtn", help="rtn: round to nearest (the only method here; awq and "
                    "gptq are refused, see README)")
     w.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="int8/int4: quantise lm_head too, or not (default: int8 on ONNX Runtime targets quantises "
-                   "it, int4 keeps it at the float precision, as measured in BENCHMARKS.md; the embedding table is "
-                   "never quantised)")
+                   help="int8/int4: quantise lm_head too (at the body's bit width unless --lm-head-bits says), or "
+                   "not (default on ONNX Runtime targets: " + ", ".join(
+                       f"int{b} body: " + (f"int{h} head" if h else "float head") for b, h in LM_HEAD_DEFAULT.items())
+                   + ", as measured in BENCHMARKS.md; the embedding table is never quantised)")
+    w.add_argument("--lm-head-bits", type=int, choices=HEAD_BITS, default=None,
+                   help="int8/int4, ONNX Runtime targets: the quantised lm_head's own bit width (e.g. 8 under an "
+                   "int4 body, as llama.cpp keeps its output layer at 6 bits); implies --quantize-lm-head")
     plan = p.add_argument_group("planning")
     plan.add_argument("--dry-run", action="store_true", help="export nothing: print the memory needed (weights, KV "
                       "cache, activations) against every Jetson Orin module, for --model (a known name, a folder, "
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                                              weights=args.weights, block_size=args.block_size,
                                              max_batch=args.max_batch,
                                              symmetric=not args.zero_point, quant_method=args.quant_method,
-                                             quantize_lm_head=args.quantize_lm_head, sign_key=args.sign_key),
+                                             quantize_lm_head=args.quantize_lm_head, lm_head_bits=args.lm_head_bits,
+                                             sign_key=args.sign_key),
                                progress=progress)
     except KeyboardInterrupt:
         return fail(PROG, "interrupted; nothing was written", EXIT_INTERRUPTED, label=None)

@@ -101,9 +101,22 @@ class QuantScheme:
     lm_head: bool | None = False    # None: on by default (LM_HEAD_DEFAULT), off where tied to the embeddings
     layers: tuple[str, ...] = LINEARS
     fuse_shared_input: bool = False  # MatMulNBits only: one node per group of weights that read the same input
+    lm_head_bits: int | None = None  # a quantised head's bit width when it differs from ``bits`` (MatMulNBits)
+    head: str = ""                   # the head's checkpoint FQN (resolve_lm_head), for :meth:`of`
+
+    def of(self, fqn: str) -> "QuantScheme":
+        """The scheme one weight is quantised with: the head's own bit width for the head, else this one."""
+        from dataclasses import replace
+
+        if self.lm_head_bits is not None and self.lm_head_bits != self.bits and fqn == self.head:
+            return replace(self, bits=self.lm_head_bits, lm_head_bits=None)
+        return self
 
     def manifest(self, chosen: list[str] | None = None, fused: list[tuple[str, ...]] | None = None) -> dict:
         d = asdict(self)
+        d.pop("head")
+        if d["lm_head_bits"] is None:
+            d.pop("lm_head_bits")
         d["layers"] = list(self.layers) + (["lm_head"] if self.lm_head else [])
         d["block_size"] = self.block_size if self.block_size else "per-channel"
         d.update({"weight_only": True, "embeddings": "float", "vision_tower": "unquantised",
@@ -116,9 +129,11 @@ class QuantScheme:
         return d
 
 
-# --quantize-lm-head's default per bit width on ONNX Runtime targets (MatMulNBits); TensorRT targets keep the
-# head at the graph precision. From scripts/bench_peers.py at TinyLlama shape (module docstring, BENCHMARKS.md).
-LM_HEAD_DEFAULT = {8: True, 4: False}
+# The lm_head's bit width by the body's (``--weights``) on ONNX Runtime targets (MatMulNBits), None: kept at the
+# float precision; TensorRT targets keep the head at the graph precision. From scripts/bench_peers.py at
+# TinyLlama shape (module docstring, BENCHMARKS.md).
+LM_HEAD_DEFAULT: dict[int, int | None] = {8: 8, 4: None}
+HEAD_BITS = (4, 8)
 
 
 # One line: why --weights int8 is refused for TensorRT targets (module docstring, "TensorRT targets").
@@ -128,15 +143,17 @@ TRT_INT8_REFUSAL = ("--weights int8 is not offered for --target {target}: Tensor
 
 
 def scheme_for(weights: str | None, target, block_size: int | None = None, symmetric: bool = True,
-               method: str = "rtn", lm_head: bool | None = None) -> QuantScheme | None:
+               method: str = "rtn", lm_head: bool | None = None, lm_head_bits: int | None = None
+               ) -> QuantScheme | None:
     """Validate a ``--weights`` request for ``target`` (a :class:`~safeclip.export.targets.Target`); None for
-    float weights. ``lm_head`` None: :data:`LM_HEAD_DEFAULT`. Raises :class:`QuantError` (one line) for
+    float weights. ``lm_head`` None: :data:`LM_HEAD_DEFAULT`; True: quantised, with ``lm_head_bits`` bits
+    (default: the body's); ``lm_head_bits`` alone implies True. Raises :class:`QuantError` (one line) for
     anything unsupported."""
     float_name = "fp32" if target.precision == "float32" else "fp16"
     if weights in (None, float_name):
-        if block_size is not None or not symmetric or method != "rtn" or lm_head:
-            raise QuantError("--block-size, --zero-point, --quant-method and --quantize-lm-head need "
-                             "--weights int8 or int4")
+        if block_size is not None or not symmetric or method != "rtn" or lm_head or lm_head_bits is not None:
+            raise QuantError("--block-size, --zero-point, --quant-method, --quantize-lm-head and --lm-head-bits "
+                             "need --weights int8 or int4")
         return None
     if weights not in WEIGHT_CHOICES:
         raise QuantError(f"unsupported --weights '{weights}' (supported: {float_name}, int8, int4); "
@@ -162,10 +179,22 @@ def scheme_for(weights: str | None, target, block_size: int | None = None, symme
         raise QuantError(TRT_INT8_REFUSAL.format(target=target.name))
     form = DQ if trt else MATMULNBITS
     per_channel = trt and bits == 8
-    if lm_head is None:
-        lm_head = None if not trt and LM_HEAD_DEFAULT[bits] else False
+    if lm_head_bits is not None:
+        if isinstance(lm_head_bits, bool) or lm_head_bits not in HEAD_BITS:
+            raise QuantError(f"unsupported --lm-head-bits {lm_head_bits} (supported: "
+                             f"{', '.join(map(str, HEAD_BITS))})")
+        if lm_head is False:
+            raise QuantError("--lm-head-bits quantises lm_head; it cannot go with --no-quantize-lm-head")
+        if trt and lm_head_bits != bits:
+            raise QuantError(f"--lm-head-bits {lm_head_bits} is not offered for --target {target.name}: "
+                             f"TensorRT targets quantise only int4 block-wise (the head stays fp16 by default)")
+        lm_head = True
+    elif lm_head is None:
+        lm_head_bits = None if trt else LM_HEAD_DEFAULT[bits]
+        lm_head = None if lm_head_bits else False
     return QuantScheme(bits, None if per_channel else block_size, symmetric, method, form, target.precision,
-                       0 if trt else 4, lm_head, fuse_shared_input=not trt)
+                       0 if trt else 4, lm_head, fuse_shared_input=not trt,
+                       lm_head_bits=None if lm_head_bits in (None, bits) else lm_head_bits)
 
 
 def linear_fqns(language_model, lm_head, fqn_of: dict[int, str], scheme: QuantScheme) -> set[str]:
@@ -186,10 +215,13 @@ def linear_fqns(language_model, lm_head, fqn_of: dict[int, str], scheme: QuantSc
 
 
 def resolve_lm_head(scheme: QuantScheme, fqns: set[str], lm_head, fqn_of: dict[int, str]) -> QuantScheme:
-    """The scheme with ``lm_head`` True or False as :func:`linear_fqns` chose it (None: the default)."""
+    """The scheme with ``lm_head`` True or False as :func:`linear_fqns` chose it (None: the default), and the
+    head's FQN (:meth:`QuantScheme.of`); a head left float has no bit width of its own."""
     from dataclasses import replace
 
-    return replace(scheme, lm_head=fqn_of[id(lm_head.weight)] in fqns)
+    head = fqn_of[id(lm_head.weight)]
+    chosen = head in fqns
+    return replace(scheme, lm_head=chosen, head=head, lm_head_bits=scheme.lm_head_bits if chosen else None)
 
 
 def pick_block_size(scheme: QuantScheme, shapes: dict[str, tuple[int, int]]) -> QuantScheme:
@@ -288,7 +320,8 @@ class DequantizedWeights:
             return self.base.read(fqn, dtype)
         w = self.base.read(fqn, torch.float32)                           # [N, K]
         n, k = w.shape
-        deq = dequantize(quantize(w.numpy().T, self.scheme), k, n, self.scheme)
+        sch = self.scheme.of(fqn)
+        deq = dequantize(quantize(w.numpy().T, sch), k, n, sch)
         t = torch.from_numpy(np.ascontiguousarray(deq.T))
         return t.to(dtype) if dtype is not None else t
 
@@ -349,19 +382,20 @@ class QuantPass:
             if group is None:                                            # a later member of a fused group
                 continue
             fqns = [found[i][0] for i in group]
+            g = sch.of(fqns[0])                                          # the head may have its own bit width
             k, ns = found[group[0]][1], [found[i][2] for i in group]
             name = group[0] if len(group) == 1 else self._fused_name(group)
-            shapes, dtypes = self._layout(k, sum(ns))
-            vals = {a: ir.Value(name=f"{name}.q{sch.bits}.{a}", shape=ir.Shape(shapes[a]),
+            shapes, dtypes = self._layout(k, sum(ns), g)
+            vals = {a: ir.Value(name=f"{name}.q{g.bits}.{a}", shape=ir.Shape(shapes[a]),
                                 type=ir.TensorType(dtypes[a])) for a in arrays}
             if len(group) == 1:
                 for node in found[init_name][3]:
-                    self._rewrite(graph, node, vals, k, ns[0])
+                    self._rewrite(graph, node, vals, k, ns[0], g)
             else:
-                self._rewrite_fused(graph, [found[i][3][0] for i in group], vals, k, ns, name)
+                self._rewrite_fused(graph, [found[i][3][0] for i in group], vals, k, ns, name, g)
                 self.fused.append(tuple(fqns))
             for a in arrays:
-                out[vals[a].name] = (vals[a], self._producer(tuple(fqns), a, arrays, k, ns), None)
+                out[vals[a].name] = (vals[a], self._producer(tuple(fqns), a, arrays, k, ns, g), None)
             self.done.extend(fqns)
         opsets = model.opset_imports
         if sch.form == MATMULNBITS:
@@ -378,7 +412,7 @@ class QuantPass:
         order = {id(node): j for j, node in enumerate(graph)}
         by_input: dict[tuple, list[str]] = {}
         for init_name, (fqn, k, n, uses) in found.items():
-            key = (id(uses[0].inputs[0]), k) if len(uses) == 1 else ("alone", init_name)
+            key = (id(uses[0].inputs[0]), k, self.scheme.of(fqn).bits) if len(uses) == 1 else ("alone", init_name)
             by_input.setdefault(key, []).append(init_name)
         return {g[0]: g for g in (sorted(g, key=lambda i: order[id(found[i][3][0])]) for g in by_input.values())}
 
@@ -390,12 +424,13 @@ class QuantPass:
             return ".".join(parts[0][:-2] + ["+".join(p[-2] for p in parts), parts[0][-1]])
         return "+".join(group)
 
-    def _rewrite_fused(self, graph, nodes: list, vals: dict, k: int, ns: list[int], name: str) -> None:
+    def _rewrite_fused(self, graph, nodes: list, vals: dict, k: int, ns: list[int], name: str,
+                       sch: QuantScheme) -> None:
         """One MatMulNBits with N = sum(ns) over the MatMuls ``nodes`` (same input), then a Split into their
         outputs, inserted where the first of them was."""
         import onnx_ir as ir
 
-        sch, x = self.scheme, nodes[0].inputs[0]
+        x = nodes[0].inputs[0]
         attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", sum(ns)), ir.AttrInt64("bits", sch.bits),
                  ir.AttrInt64("block_size", sch.block_size)]
         if sch.accuracy_level:
@@ -416,10 +451,10 @@ class QuantPass:
             replace_output(graph, node, out)
 
 
-    def _layout(self, k: int, n: int):
+    @staticmethod
+    def _layout(k: int, n: int, sch: QuantScheme):
         import onnx_ir as ir
 
-        sch = self.scheme
         fdt = ir.DataType.FLOAT16 if sch.scale_dtype == "float16" else ir.DataType.FLOAT
         if sch.form == DQ and sch.bits == 8:
             return {"packed": [k, n], "scales": [n]}, {"packed": ir.DataType.INT8, "scales": fdt}
@@ -431,10 +466,11 @@ class QuantPass:
         return ({"packed": [n, kb, blob], "scales": [n, kb], "zero_points": zp},
                 {"packed": ir.DataType.UINT8, "scales": fdt, "zero_points": ir.DataType.UINT8})
 
-    def _rewrite(self, graph, node, vals: dict, k: int, n: int) -> None:
+    @staticmethod
+    def _rewrite(graph, node, vals: dict, k: int, n: int, sch: QuantScheme) -> None:
         import onnx_ir as ir
 
-        sch, x = self.scheme, node.inputs[0]
+        x = node.inputs[0]
         if sch.form == MATMULNBITS:
             attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", sch.bits),
                      ir.AttrInt64("block_size", sch.block_size)]
@@ -451,14 +487,15 @@ class QuantPass:
         graph.insert_before(node, new)
         replace_output(graph, node, new[-1].outputs[0])
 
-    def _producer(self, fqns: tuple[str, ...], which: str, arrays: list[str], k: int, ns: list[int]):
+    def _producer(self, fqns: tuple[str, ...], which: str, arrays: list[str], k: int, ns: list[int],
+                  sch: QuantScheme):
         """The array ``which`` of the weights ``fqns`` (one, or a fused group concatenated along N), quantised
         from the original weights when the first of its arrays is written and dropped after the last."""
         def produce():
             import torch
 
             if fqns not in self._memo:
-                parts = [quantize(self.read(f, torch.float32).numpy().T, self.scheme) for f in fqns]  # [N, K] each
+                parts = [quantize(self.read(f, torch.float32).numpy().T, sch) for f in fqns]  # [N, K] each
                 self._memo[fqns] = {a: np.concatenate([p[a] for p in parts]) if len(parts) > 1 else parts[0][a]
                                     for a in arrays}
             a = self._memo[fqns][which]

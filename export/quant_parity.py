@@ -27,7 +27,7 @@ from safeclip.runtime.tolerances import export_tolerance
 from .parity import compare, run_onnx
 from .quant import DequantizedWeights, QuantScheme, linear_fqns, pick_block_size, resolve_lm_head
 
-__all__ = ["bind", "check", "reconstruction"]
+__all__ = ["bind", "check", "exact_compute_copy", "reconstruction"]
 
 
 def bind(scheme: QuantScheme, language_model, lm_head, fqn_of: dict[int, str], weights):
@@ -64,7 +64,7 @@ def reconstruction(weights: RecordingWeights) -> dict:
             "max_abs": float(max((e[1] for e in weights.errors.values()), default=0.0))}
 
 
-def _reference_copy(onnx_path: Path) -> Path | None:
+def exact_compute_copy(onnx_path: Path) -> Path | None:
     """A copy of the graph file with ``accuracy_level`` dropped from every MatMulNBits (None: nothing to drop)."""
     import onnx
 
@@ -105,7 +105,7 @@ def check(onnx_path: Path, cases, base_cases, names: tuple[list[str], list[str]]
     ``parity.run_onnx``; the fused graph's cuts its KV buffers to the new rows). Returns (ParityResults, report)."""
     tag = f"decoder[{dtype}, int{scheme.bits}]"
     results, error = [], {}
-    copy = _reference_copy(Path(onnx_path))
+    copy = exact_compute_copy(Path(onnx_path))
     path = copy or Path(onnx_path)
     try:
         for name, refs, got in _run_cases(path, cases, names, dtype, run):

@@ -298,6 +298,7 @@ class WeightQuantization:
     form: str
     layers: tuple[str, ...]
     lm_head: bool
+    lm_head_bits: int | None = None         # a quantised head's own bit width (None: ``bits``)
 
     FORMS = ("MatMulNBits", "DequantizeLinear")
 
@@ -316,6 +317,12 @@ class WeightQuantization:
         layers = q.get("layers") or []
         if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
             raise ContractError("graphs.decoder.quantization.layers must list layer names")
+        head_bits = q.get("lm_head_bits")
+        if head_bits is not None and (head_bits not in (4, 8) or isinstance(head_bits, bool)
+                                      or not q.get("lm_head") or form != "MatMulNBits"):
+            raise ContractError(f"graphs.decoder.quantization.lm_head_bits must be 4 or 8 on a quantised "
+                                f"MatMulNBits lm_head, got {head_bits!r}")
         return cls(int(bits), None if block == "per-channel" else int(block), bool(q.get("symmetric", True)),
-                   str(q.get("method", "rtn")), str(form), tuple(layers), bool(q.get("lm_head", False)))
+                   str(q.get("method", "rtn")), str(form), tuple(layers), bool(q.get("lm_head", False)),
+                   None if head_bits is None else int(head_bits))
 

@@ -104,7 +104,12 @@ def per_round_ratios(samples: dict[str, list[float]], ref: str) -> dict[str, flo
 def group_reference(names: list[str]) -> str | None:
     """This project's model of a precision group (the one with the fp32 lm_head, else the first of ours)."""
     ours = [n for n in names if MODELS[n].engine == "ours"]
-    return next((n for n in ours if "qhead" not in n), ours[0] if ours else None)
+    return next((n for n in ours if not quantised_head(n)), ours[0] if ours else None)
+
+
+def quantised_head(name: str) -> bool:
+    b = dict(MODELS[name].build)
+    return bool(b.get("lm_head") or b.get("lm_head_bits"))
 
 
 def folder_bytes(folder: Path) -> int:
@@ -219,10 +224,11 @@ def lm_head_error(folders: dict[str, Path], llama_dir: Path, args) -> dict:
         return {}
     ref = teacher_forced_logits(folders["ours-fp32"], ids, args.threads)
     res, cache = {}, {}
-    for n in ("ours-int8", "ours-int8-qhead", "ours-int4", "ours-int4-qhead"):
+    ours = [n for n in MODELS if MODELS[n].engine == "ours" and MODELS[n].precision != "fp32"]
+    for n in sorted(ours, key=quantised_head):                  # each body with the fp32 head first
         if n in folders:
             cache[n] = teacher_forced_logits(folders[n], ids, args.threads)
-            body = n.replace("-qhead", "")
+            body = group_reference([m for m in ours if MODELS[m].precision == MODELS[n].precision])
             res[n] = {"vs_fp32": logits_error(cache[n], ref)}
             if n != body and body in cache:
                 res[n]["vs_fp32_head"] = logits_error(cache[n], cache[body])

@@ -68,11 +68,12 @@ def write_checkpoint(ckpt: Path, shape_name: str) -> None:
 
 
 def export_one(ckpt: Path, out: Path, weights: str, block_size: int, form: str = "fused",
-               lm_head: bool = False) -> None:
+               lm_head: bool = False, lm_head_bits: int | None = None) -> None:
     """Streaming export of the decoder in ``weights`` (run as a subprocess; writes ``out/bundle.json``).
     ``form``: ``fused`` (the cpu target's graph of ONNX Runtime's fused operators) or ``traced`` (the traced
     graph with RMSNorm fused, the cpu target's form before issue 26; ``scripts/bench_fused.py`` compares them);
-    ``lm_head``: quantise it too (``--quantize-lm-head``)."""
+    ``lm_head``: quantise it too (``--quantize-lm-head``), with ``lm_head_bits`` bits (``--lm-head-bits``; None:
+    the body's)."""
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
     from safeclip.export.decoder import export_decoder
@@ -91,7 +92,8 @@ def export_one(ckpt: Path, out: Path, weights: str, block_size: int, form: str =
     st = SafetensorsCheckpoint(ckpt)
     reader = CheckpointWeights(st, checkpoint_key_map(skeleton, st, str(ckpt)))
     quant = scheme_for(None if weights == "fp32" else weights, target("cpu"),
-                       None if weights == "fp32" else block_size, lm_head=lm_head)
+                       None if weights == "fp32" else block_size, lm_head=lm_head or bool(lm_head_bits),
+                       lm_head_bits=lm_head_bits)
     frag = export_decoder(skeleton, out, dtype="float32", tokenizer=hf_tok, weights=reader, quant=quant,
                           ort_fusions=True, fused=form == "fused")   # as the cpu target's bundle is exported
     files = [out / f for f in (frag["graphs"]["decoder"]["file"], frag["graphs"]["decoder"]["data"],
@@ -387,6 +389,7 @@ def parse_args(argv=None):
     ap.add_argument("--weights", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--form", choices=["fused", "traced"], default="fused", help=argparse.SUPPRESS)
     ap.add_argument("--lm-head", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--lm-head-bits", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.shape, args.new_tokens, args.repeats, args.block_size = "quick", 16, 3, 64
@@ -399,7 +402,8 @@ def main(argv=None) -> int:
         write_checkpoint(args._checkpoint, args.shape)
         return 0
     if args._export:
-        export_one(args.ckpt, args._export, args.weights, args.block_size, args.form, args.lm_head)
+        export_one(args.ckpt, args._export, args.weights, args.block_size, args.form, args.lm_head,
+                   args.lm_head_bits)
         return 0
     if args._rss:
         runtime_rss(args._rss, args.threads, args.prompt_len, args.new_tokens)

@@ -55,6 +55,8 @@ MODELS = {m.name: m for m in (
     Model("ours-int4", "ours", "int4", "this project int4 (block 128, fp32 lm_head)", (("weights", "int4"),)),
     Model("ours-int4-qhead", "ours", "int4", "this project int4, --quantize-lm-head (int4 lm_head)",
           (("weights", "int4"), ("lm_head", True))),
+    Model("ours-int4-q8head", "ours", "int4", "this project int4, --lm-head-bits 8 (int8 lm_head)",
+          (("weights", "int4"), ("lm_head_bits", 8))),
     Model("llama.cpp-f32", "llama.cpp", "fp32", "llama.cpp F32", (("ftype", "F32"),)),
     Model("llama.cpp-q8_0", "llama.cpp", "int8", "llama.cpp Q8_0", (("ftype", "Q8_0"),)),
     Model("llama.cpp-q4_0", "llama.cpp", "int4", "llama.cpp Q4_0 (default: lm_head Q6_K)", (("ftype", "Q4_0"),)),
@@ -165,7 +167,8 @@ def checkpoint(work: Path, shape_name: str, tree: Path) -> tuple[Path, Path]:
 def build_ours(m: Model, out: Path, *, llava: Path, block_size: int, **_) -> None:
     b = dict(m.build)
     _run([sys.executable, HERE / "bench_quant.py", "--_export", out, "--ckpt", llava, "--weights", b["weights"],
-          "--block-size", block_size] + (["--lm-head"] if b.get("lm_head") else []))
+          "--block-size", block_size] + (["--lm-head"] if b.get("lm_head") else [])
+         + (["--lm-head-bits", b["lm_head_bits"]] if b.get("lm_head_bits") else []))
     _mark(out)
 
 

@@ -54,6 +54,7 @@ def test_per_round_ratios_are_paired_medians():
 def test_group_reference_is_ours_with_the_fp32_head():
     assert bench_peers.group_reference(["llama.cpp-q4_0", "ours-int4-qhead", "ours-int4"]) == "ours-int4"
     assert bench_peers.group_reference(["genai-int8", "ours-int8-qhead"]) == "ours-int8-qhead"
+    assert bench_peers.group_reference(["ours-int4-q8head", "ours-int4", "genai-int4"]) == "ours-int4"
     assert bench_peers.group_reference(["genai-int8"]) is None
     assert {m.precision for m in peer_build.MODELS.values()} == set(bench_peers.PRECISIONS)
     assert set(peer_build.BUILDERS) == set(peer_build.ENGINE_MODULES) == set(peer_workers.ENGINES)

@@ -340,7 +340,7 @@ def test_lm_head_default_per_bit_width_and_the_flag_overrides_it():
     from safeclip.export.cli import build_parser
     from safeclip.export.quant import LM_HEAD_DEFAULT, linear_fqns, resolve_lm_head
 
-    assert LM_HEAD_DEFAULT == {8: True, 4: False}
+    assert LM_HEAD_DEFAULT == {8: 8, 4: None}
     cpu = target("cpu")
     assert scheme_for("int8", cpu).lm_head is None and scheme_for("int4", cpu).lm_head is False
     assert scheme_for("int4", target("jetson")).lm_head is False
@@ -365,6 +365,94 @@ def test_lm_head_default_per_bit_width_and_the_flag_overrides_it():
         if tied:
             with pytest.raises(QuantError, match="lm_head is tied to the token embeddings"):
                 linear_fqns(model.model, model.lm_head, fqn_of, scheme_for("int8", cpu, lm_head=True))
+
+
+def test_lm_head_bits_requests_and_refusals():
+    """--lm-head-bits: the head's own bit width (MatMulNBits only), implying --quantize-lm-head; the body's own
+    width is no separate width; TensorRT targets, float exports, an unquantised head and odd widths are refused."""
+    from safeclip.export.cli import build_parser
+
+    cpu = target("cpu")
+    s = scheme_for("int4", cpu, lm_head_bits=8)
+    assert (s.bits, s.lm_head, s.lm_head_bits) == (4, True, 8)
+    assert scheme_for("int4", cpu, lm_head=True, lm_head_bits=4).lm_head_bits is None
+    assert scheme_for("int8", cpu).lm_head_bits is None                   # int8 head under int8: the same width
+    for kw, msg in (({"weights": "int4", "target": target("jetson"), "lm_head_bits": 8}, "not offered for --target"),
+                    ({"weights": "fp32", "target": cpu, "lm_head_bits": 8}, "need --weights int8 or int4"),
+                    ({"weights": "int4", "target": cpu, "lm_head": False, "lm_head_bits": 8}, "--no-quantize-lm-head"),
+                    ({"weights": "int4", "target": cpu, "lm_head_bits": 6}, "unsupported --lm-head-bits 6")):
+        with pytest.raises(QuantError, match=msg):
+            scheme_for(**kw)
+    p = build_parser()
+    assert p.parse_args(["--out", "x", "--lm-head-bits", "8"]).lm_head_bits == 8
+    with pytest.raises(SystemExit):
+        p.parse_args(["--out", "x", "--lm-head-bits", "6"])
+
+
+@pytest.fixture(scope="module")
+def int4_q8head_bundle(demo_sources, tmp_path_factory):
+    from safeclip.export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("q") / "int4-q8head"
+    export_bundle(ExportOptions(model="demo", out=out, weights="int4", lm_head_bits=8))
+    return out
+
+
+def test_int8_head_under_an_int4_body(int4_q8head_bundle, demo_sources):
+    """The head's MatMulNBits is 8-bit, every other one 4-bit; the manifest says so and the contract reads it (a
+    width on a float head is refused); the pipeline's greedy tokens equal transformers' with each weight
+    dequantised at its own width, the decoder session on the exact-compute copy of the graph (the parity gate's:
+    ``accuracy_level`` dropped). The served graph's int8 activation rounding (accuracy_level 4) is the kernel's and
+    not gated (runtime/tolerances.py): on the demo's near-tied random logits it flips a token within 16 steps."""
+    import dataclasses
+
+    import onnx
+
+    from safeclip.export.quant import DequantizedWeights, linear_fqns
+    from safeclip.export.quant_parity import exact_compute_copy
+    from safeclip.export.weights import ModuleWeights, fqn_of_params
+    from safeclip.runtime.contract import ContractError, WeightQuantization
+    from safeclip.runtime.manifest import load_manifest
+    from safeclip.runtime.pipeline import Pipeline
+    from test_pipeline import hf_generate
+
+    m = json.loads((int4_q8head_bundle / "manifest.json").read_text())
+    q = m["graphs"]["decoder"]["quantization"]
+    assert (q["bits"], q["lm_head"], q["lm_head_bits"], q["layers"][-1]) == (4, True, 8, "lm_head")
+    g = onnx.load(str(int4_q8head_bundle / m["graphs"]["decoder"]["file"]), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.node if n.op_type == "MatMulNBits"}
+    vocab = demo_sources.llava.config.text_config.vocab_size
+    n_of = {n.name: next(a.i for a in n.attribute if a.name == "N") for n in g.node if n.op_type == "MatMulNBits"}
+    assert sorted(b for k, b in bits.items() if n_of[k] == vocab) == [8]
+    assert set(b for k, b in bits.items() if n_of[k] != vocab) == {4} and len(bits) > 1
+    wq = load_manifest(int4_q8head_bundle).decoder_quantization
+    assert (wq.bits, wq.lm_head, wq.lm_head_bits) == (4, True, 8)
+    with pytest.raises(ContractError, match="lm_head_bits"):
+        WeightQuantization.from_json({**q, "lm_head": False})
+
+    model = copy.deepcopy(demo_sources.llava)
+    fqn_of = fqn_of_params(model)
+    lm = model.model.language_model
+    scheme = QuantScheme(4, q["block_size"], True, form=MATMULNBITS, accuracy_level=4, lm_head=True, lm_head_bits=8)
+    fqns = linear_fqns(lm, model.lm_head, fqn_of, scheme)
+    scheme = dataclasses.replace(scheme, head=fqn_of[id(model.lm_head.weight)])
+    assert scheme.of(scheme.head).bits == 8 and scheme.of(next(f for f in fqns if f != scheme.head)).bits == 4
+    deq = DequantizedWeights(ModuleWeights(demo_sources.llava), scheme, fqns)
+    with torch.no_grad():
+        for fqn in deq.fqns:
+            model.get_parameter(fqn).copy_(deq.read(fqn))
+    oracle = types.SimpleNamespace(llava=model, llava_path=demo_sources.llava_path)
+    pipe = Pipeline.load(int4_q8head_bundle)
+    served = pipe.language_model.decoder
+    exact = exact_compute_copy(int4_q8head_bundle / m["graphs"]["decoder"]["file"])
+    try:
+        pipe.language_model.decoder = type(served)(exact, served.kv, capacity=served.capacity, names=served.names)
+        for prompt in ("Tell me a story.", "Name three colours."):
+            got = pipe.generate(None, prompt, max_new_tokens=N).token_ids
+            want, _ = hf_generate(oracle, pipe, None, prompt, max_new_tokens=N)
+            assert list(got) == want
+    finally:
+        exact.unlink()
 
 
 def test_int8_is_refused_for_tensorrt_targets_only():
