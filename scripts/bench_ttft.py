@@ -22,8 +22,8 @@ The gate's verdict and the greedy tokens of the two forms are compared (same wei
     python scripts/bench_ttft.py --weights int4,int8 --cleanup
     python scripts/bench_ttft.py --quick                      # toy shape, seconds
 
-Exports are kept under ``--work`` and reused while the exporter's sources are unchanged (``--cleanup`` deletes
-them afterwards: 2 x 2.3 GB at int4). Prints a Markdown table; writes ``--out`` (JSON).
+Exports are kept under ``--work`` and reused while the exporter's sources are unchanged, or always with
+``--keep-exports`` (``--cleanup`` deletes them afterwards: 2 x 2.3 GB at int4). Prints a Markdown table; writes ``--out`` (JSON).
 """
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def parse_args(argv=None):
                     / "ttft")
     ap.add_argument("--out", type=Path, default=Path("bench-results/bench_ttft.json"))
     ap.add_argument("--cleanup", action="store_true", help="delete the exports (not the checkpoint) afterwards")
+    ap.add_argument("--keep-exports", action="store_true", help="reuse exports made by other exporter sources "
+                    "(each result records the digest of the sources that made it)")
     ap.add_argument("--quick", action="store_true", help="the toy shape, 2 rounds")
     ap.add_argument("--_export", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_form", choices=FORMS, help=argparse.SUPPRESS)
@@ -120,7 +122,8 @@ def stamp_of(bundle: Path) -> Path:
 def ensure(args, w: str, form: str) -> Path:
     out = args.work / f"{args.shape}-{w}-{form}"
     stamp = stamp_of(out)
-    if out.is_dir() and stamp.exists() and json.loads(stamp.read_text()).get("digest") == exporter_digest():
+    if out.is_dir() and stamp.exists() and (args.keep_exports or
+                                            json.loads(stamp.read_text()).get("digest") == exporter_digest()):
         return out
     shutil.rmtree(out, ignore_errors=True)
     print(f"bench_ttft: exporting {out.name}", file=sys.stderr, flush=True)
@@ -166,7 +169,8 @@ def measure(args, w: str, folders: dict[str, Path]) -> dict:
                   ("preprocess_ms", "vision_gate_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")}
         out[f].update(prompt_tokens=rs[0]["prompt_tokens"], verdict=rs[0]["verdict"], rounds=rs)
         stamp = json.loads(stamp_of(folders[f]).read_text())
-        out[f].update(export_s=stamp["export_s"], parity_worst_of_tolerance=stamp["parity_worst_of_tolerance"])
+        out[f].update(export_s=stamp["export_s"], parity_worst_of_tolerance=stamp["parity_worst_of_tolerance"],
+                      exporter_digest=stamp["digest"])
     for k in ("ttft_ms", "prefill_ms"):
         out["fused"][f"speedup_{k}"] = statistics.median(
             t[k] / u[k] for t, u in zip(rounds["traced"], rounds["fused"], strict=True))
