@@ -10,7 +10,8 @@ Per layer, as onnxruntime-genai's model builder (``builder.py``, ``make_layernor
 ``GroupQueryAttention``) emits it::
 
     SkipSimplifiedLayerNormalization(x, residual)  (layer 0: SimplifiedLayerNormalization(x))
-    MatMul q, k, v            -> QuantPass fuses them into one MatMulNBits (int8/int4), then GQA takes it packed
+    MatMul q, k, v            -> one MatMul of the three weights side by side (fp32: pack_float_qkv), or one
+                                 MatMulNBits (int8/int4: QuantPass fuses them); GQA takes it as packed QKV
     GroupQueryAttention       rotary inside (do_rotary, cos/sin caches [context, rotary_dim/2]),
                               past/present [B, KVH, C, Hd] bound to the same buffer: the new rows are written in place
     MatMul o
@@ -39,8 +40,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["unsupported", "fused_graph", "rope_caches", "pack_qkv", "write_fused", "shared_cases", "shared_outputs",
-           "GQA_OP", "SKIP_NORM_OP", "NORM_OP"]
+__all__ = ["unsupported", "fused_graph", "rope_caches", "pack_qkv", "pack_float_qkv", "write_fused", "shared_cases",
+           "shared_outputs", "GQA_OP", "SKIP_NORM_OP", "NORM_OP"]
 
 GQA_OP, SKIP_NORM_OP, NORM_OP = "GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"
 MS = "com.microsoft"
@@ -189,11 +190,66 @@ def pack_qkv(model) -> int:
     return n
 
 
+def pack_float_qkv(model, jobs: dict, read, graph_name: str) -> tuple[dict, int]:
+    """GQA nodes whose q, k, v are three float ``MatMul``s of one input with streamed weights (the fp32 graph,
+    which no quantisation pass fused) take one ``MatMul`` of the three weights side by side [K, Nq+Nk+Nv] as
+    packed QKV (``key``/``value`` omitted), as onnxruntime-genai's builder packs its float q/k/v: two MatMuls a
+    layer fewer, each small k/v product no longer a kernel launch and a thread-pool hand-off of its own. The
+    packed weight is a job that reads the three (``read``, the export's reader) when it is written, so one
+    layer's q/k/v are in memory at a time. Returns (the jobs, the packed weight in the first one's place; how
+    many nodes were packed)."""
+    import onnx_ir as ir
+
+    from .onnx import streamed_weight
+
+    graph, packed, first_of = model.graph, 0, {}
+    for node in list(graph):
+        if node.op_type != GQA_OP or node.domain != MS or node.inputs[1] is None or node.inputs[2] is None:
+            continue
+        outs = node.inputs[:3]
+        mms = [t.producer() for t in outs]
+        if any(m is None or m.op_type != "MatMul" or m.domain != "" for m in mms):
+            continue
+        x, ws = mms[0].inputs[0], [m.inputs[1] for m in mms]
+        if (any(m.inputs[0] is not x for m in mms) or any(len(list(t.uses())) != 1 for t in (*outs, *ws))
+                or any(w.name not in jobs or callable(jobs[w.name][1]) for w in ws)):
+            continue
+        k, ns = int(ws[0].shape[0]), [int(w.shape[1]) for w in ws]
+        name = ws[0].name.replace(".q_proj.", ".qkv_proj.")
+        w = ir.Value(name=name if name != ws[0].name else f"{ws[0].name}.qkv", shape=ir.Shape([k, sum(ns)]),
+                     type=ws[0].type)
+        parts = [jobs[v.name] for v in ws]
+
+        def produce(parts=parts):
+            return np.concatenate([streamed_weight(graph_name, read, v, src, perm).numpy()
+                                   for v, src, perm in parts], axis=1)
+        mm = ir.Node("", "MatMul", [x, w], name=mms[0].name.replace(".q_proj", ".qkv_proj"))
+        graph.insert_before(mms[0], [mm])
+        mm.outputs[0].type = outs[0].type
+        mm.outputs[0].shape = ir.Shape([*list(outs[0].shape)[:-1], sum(ns)]) if outs[0].shape is not None else None
+        node.replace_input_with(0, mm.outputs[0])
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        for m in mms:
+            graph.remove(m, safe=True)
+        first_of[ws[0].name] = (w.name, (w, produce, None))
+        for v in ws[1:]:
+            first_of[v.name] = None
+        packed += 1
+    out = {}
+    for init_name, job in jobs.items():
+        if init_name not in first_of:
+            out[init_name] = job
+        elif first_of[init_name] is not None:
+            out[first_of[init_name][0]] = first_of[init_name][1]
+    return out, packed
+
+
 def write_fused(cfg, kv, caches, hidden: int, vocab: int, onnx_path, read, source_of: dict, quant_pass,
                 split_max_bytes: int, progress, fusions: dict, split: dict):
     """Build the fused graph and write it with its weights (``onnx.write_streamed``): the quantisation pass
-    (``quant_pass``, or None), :func:`pack_qkv`, then ``ort_fusions.split_wide_weights`` on the float weights
-    left. ``read(name)`` reads a wrapper parameter; ``source_of``: wrapper parameter name -> checkpoint FQN.
+    (``quant_pass``, or None), :func:`pack_qkv` (quantised q/k/v) or :func:`pack_float_qkv` (float ones), then
+    ``ort_fusions.split_wide_weights`` on the float weights left. ``read(name)`` reads a wrapper parameter; ``source_of``: wrapper parameter name -> checkpoint FQN.
     Fills ``fusions`` (operator counts) and ``split`` (checkpoint FQN -> column chunks); returns (files written,
     the graph's spec, its ``SharedDecoderNames``)."""
     from dataclasses import asdict
@@ -209,7 +265,9 @@ def write_fused(cfg, kv, caches, hidden: int, vocab: int, onnx_path, read, sourc
 
     def graph_pass(model, jobs):
         jobs = quant_pass(model, jobs) if quant_pass is not None else jobs
-        fusions.update({GQA_OP: layers, SKIP_NORM_OP: 2 * layers, NORM_OP: 1, "packed_qkv": pack_qkv(model)})
+        n = pack_qkv(model)
+        jobs, n_float = pack_float_qkv(model, jobs, read, onnx_path.name)
+        fusions.update({GQA_OP: layers, SKIP_NORM_OP: 2 * layers, NORM_OP: 1, "packed_qkv": n + n_float})
         jobs, found = split_wide_weights(model, jobs, read, split_max_bytes, onnx_path.name)
         split.update({source_of.get(k, k): v for k, v in found.items()})
         return jobs

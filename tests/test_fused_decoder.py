@@ -38,16 +38,20 @@ def _decoder(lm, capacity=48):
 
 
 def test_cpu_bundle_decoder_is_the_fused_graph(demo_bundle):
-    """The cpu target's bundle: per layer one GroupQueryAttention and two skip-norms (the first layer's input
-    norm plain), SiLU as Sigmoid*Mul, the last position sliced; none of the traced graph's Reshape/Transpose/
-    Concat/Neg/Softmax; the manifest declares KV form "shared" and its names."""
+    """The cpu target's bundle: per layer one GroupQueryAttention taking q/k/v packed from one MatMul and two
+    skip-norms (the first layer's input norm plain), SiLU as Sigmoid*Mul, the last position sliced; none of the
+    traced graph's Reshape/Transpose/Concat/Neg/Softmax; the manifest declares KV form "shared" and its names."""
     dec = json.loads((demo_bundle / "manifest.json").read_text())["graphs"]["decoder"]
     L = dec["kv"]["num_layers"]
     ops = _ops(demo_bundle / dec["file"])
     assert set(ops) <= FUSED_OPS, set(ops) - FUSED_OPS
     assert ops.count("GroupQueryAttention") == L == dec["fusions"]["GroupQueryAttention"]
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * L and ops.count("SimplifiedLayerNormalization") == 1
-    assert ops.count("MatMul") == 7 * L + 1 and len(ops) == 13 * L + 3
+    # fp32 q/k/v: one MatMul of the three weights side by side, taken by GroupQueryAttention as packed QKV
+    assert ops.count("MatMul") == 5 * L + 1 and len(ops) == 11 * L + 3 and dec["fusions"]["packed_qkv"] == L
+    gqa = [n for n in onnx.load(str(demo_bundle / dec["file"]), load_external_data=False).graph.node
+           if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == "" and n.input[2] == "" for n in gqa)
     assert dec["kv"]["form"] == "shared"
     assert dec["names"] == {"inputs_embeds": "inputs_embeds", "seqlens_k": "seqlens_k",
                             "total_sequence_length": "total_sequence_length", "logits": "logits"}
