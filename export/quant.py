@@ -132,7 +132,7 @@ class QuantScheme:
 # The lm_head's bit width by the body's (``--weights``) on ONNX Runtime targets (MatMulNBits), None: kept at the
 # float precision; TensorRT targets keep the head at the graph precision. From scripts/bench_peers.py at
 # TinyLlama shape (module docstring, BENCHMARKS.md).
-LM_HEAD_DEFAULT: dict[int, int | None] = {8: 8, 4: None}
+LM_HEAD_DEFAULT: dict[int, int | None] = {8: 8, 4: 8}
 HEAD_BITS = (4, 8)
 
 
