@@ -10,11 +10,11 @@ One run on one machine:
   bench's own byte-level 32000 vocabulary.
 * Decode: the random-weight LLaVA at ``--shape`` (default TinyLlama-1.1B: hidden 2048, 22 layers, vocab 32000)
   exported int4 (block 128) as ``scripts/bench_quant.py`` does (in ``--work``; ``--clean`` deletes the
-  multi-GB checkpoint and bundle after), ``OrtDecoder`` with ``--threads`` intra-op threads. Its tokenizer is
-  the Llama-2 one where present (same 32000 ids: the weights are random, the mask is real). Alternated in one
-  process, ``--repeats`` rounds: one sequence greedy unconstrained, then constrained by a JSON schema whose
-  string field leaves the random model room for ``--new-tokens`` tokens (eos disabled for the unconstrained
-  run); then the batched scheduler with ``--batch`` sequences, unconstrained and constrained (wall time per
+  multi-GB checkpoint and bundle after), the runtime's decoder for its KV form (``bench_quant.decoder_class``)
+  with ``--threads`` intra-op threads. Its tokenizer is the Llama-2 one where present (same 32000 ids: the
+  weights are random, the mask is real). Alternated in one process, ``--repeats`` rounds: one sequence greedy
+  unconstrained, then constrained by a JSON schema whose string field leaves the random model room for
+  ``--new-tokens`` tokens (eos disabled for the unconstrained run); then the batched scheduler with ``--batch`` sequences, unconstrained and constrained (wall time per
   decode step, prefills included, and the mean batch: constrained sequences may end early, which shrinks the
   batch). One-sequence decode time per token = (last token - first token) / (tokens - 1); medians over rounds;
   overhead = constrained / unconstrained - 1 (issue 25's target: at most 5% at TinyLlama-1.1B int4 CPU).
@@ -38,10 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from safeclip.runtime.manifest import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from bench_generate import SHAPES, machine_facts, make_tokenizer  # noqa: E402
+from bench_quant import decoder_class  # noqa: E402
 
 MASK_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["object", "x", "name", "tags"],
                "properties": {"object": {"type": "string", "enum": ["cup", "ball", "box"]},
@@ -118,16 +121,16 @@ def per_token_s(stamps: list[float]) -> float:
 
 
 def decode(args, bundle: Path, tok, eos: int) -> dict:
-    from safeclip.runtime.backends.ort import OrtDecoder, make_options
-    from safeclip.runtime.backends.slots import SlotDecoder
+    from safeclip.runtime.backends.ort import make_options
+    from safeclip.runtime.backends.pick import slot_decoder
     from safeclip.runtime.generate import generate
     from safeclip.runtime.grammar import Compiler, Grammar
     from safeclip.runtime.scheduler import Scheduler
 
     info = json.loads((bundle / "bundle.json").read_text())
     ctx = int(info["model"]["context_length"])
-    dec = OrtDecoder.from_manifest(bundle, info["graphs"]["decoder"], capacity=min(256, ctx), context_length=ctx,
-                                   session_options=make_options(args.threads))
+    dec = decoder_class(info).from_manifest(bundle, info["graphs"]["decoder"], capacity=min(256, ctx),
+                                            context_length=ctx, session_options=make_options(args.threads))
     table = np.load(bundle / info["embeddings"]["file"], mmap_mode="r")
     if tok is None:
         from tokenizers import Tokenizer
@@ -146,7 +149,7 @@ def decode(args, bundle: Path, tok, eos: int) -> dict:
         return per_token_s(stamps), len(res.token_ids), res.text
 
     def batched(constrained: bool) -> tuple[float, float, float]:
-        sched = Scheduler(SlotDecoder.sharing(dec, args.batch), table)
+        sched = Scheduler(slot_decoder(dec, args.batch), table)
         try:
             t0 = time.perf_counter()
             streams = [sched.submit(np.asarray(table[p], dec.dtype), tokenizer=tok, max_new_tokens=args.new_tokens,
@@ -247,10 +250,7 @@ def main(argv=None) -> int:
         finally:
             if args.clean:
                 shutil.rmtree(args.work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".part")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(res, indent=1))
     print(markdown(res))
     return 0
 
