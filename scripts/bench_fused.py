@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from safeclip.runtime.manifest import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_generate import SEED, SHAPES, machine_facts  # noqa: E402
@@ -195,10 +197,7 @@ def main(argv=None) -> int:
         args.shape, args.rounds, args.new_tokens, args.block_size, args.prefill_len = "quick", 2, 16, 64, 64
     print(HEADER, flush=True)
     res = measure(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".part")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(res, indent=1))
     print(f"\n{res['started']}, load {res['loadavg_start'][0]:.2f} -> {res['loadavg_end'][0]:.2f}, "
           f"{res['machine'].get('cpu', '')}")
     return 0

@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from safeclip.runtime.manifest import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from peer_build import MODELS, ensure, installed, skip_line  # noqa: E402
@@ -310,10 +312,7 @@ def main(argv=None) -> int:
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,
            "loadavg_start": la0, "loadavg_end": os.getloadavg(), "wall_s": time.time() - t0,
            "machine": machine(), "versions": versions(), "skipped": skipped, "groups": groups, "lm_head_error": lm}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(res, indent=1))
     print(markdown(res))
     if args.clean:
         shutil.rmtree(args.work, ignore_errors=True)

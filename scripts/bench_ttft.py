@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from safeclip.runtime.manifest import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -108,9 +110,9 @@ def export_child(args) -> int:
     rep = export_bundle(opts, progress=lambda s: print(f"  {out.name}: {s}", file=sys.stderr, flush=True))
     worst = max((err / p.atol[k] for p in rep.parity for k, err in p.max_abs_err.items() if p.atol.get(k)),
                 default=0.0)
-    stamp_of(out).write_text(json.dumps({"digest": exporter_digest(), "form": args._form,
-                                                       "weights": args._w, "export_s": time.perf_counter() - t0,
-                                                       "parity_worst_of_tolerance": worst}))
+    atomic_write_text(stamp_of(out), json.dumps({"digest": exporter_digest(), "form": args._form, "weights": args._w,
+                                                 "export_s": time.perf_counter() - t0,
+                                                 "parity_worst_of_tolerance": worst}))
     return 0
 
 
@@ -220,10 +222,7 @@ def main(argv=None) -> int:
              "block_size": args.block_size, "question": args.question, "image": args.image.name}
     print(f"\n{args.shape} shape, random weights, {args.threads} threads, {args.rounds} alternated rounds; {t0}; "
           f"load average {facts['load_before']:.2f} -> {facts['load_after']:.2f}; {facts['cpu']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": facts, "results": results}, indent=1))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps({"machine": facts, "results": results}, indent=1))
     return 0
 
 
