@@ -202,7 +202,7 @@ def pack_float_qkv(model, jobs: dict, read, graph_name: str) -> tuple[dict, int]
 
     from .onnx import streamed_weight
 
-    graph, packed, first_of = model.graph, 0, {}
+    graph, packed, replaced = model.graph, 0, {}      # weight name -> (new name, new job), None: dropped
     for node in list(graph):
         if node.op_type != GQA_OP or node.domain != MS or node.inputs[1] is None or node.inputs[2] is None:
             continue
@@ -232,16 +232,14 @@ def pack_float_qkv(model, jobs: dict, read, graph_name: str) -> tuple[dict, int]
         node.replace_input_with(2, None)
         for m in mms:
             graph.remove(m, safe=True)
-        first_of[ws[0].name] = (w.name, (w, produce, None))
-        for v in ws[1:]:
-            first_of[v.name] = None
+        replaced[ws[0].name] = (w.name, (w, produce, None))
+        replaced.update({v.name: None for v in ws[1:]})
         packed += 1
     out = {}
     for init_name, job in jobs.items():
-        if init_name not in first_of:
-            out[init_name] = job
-        elif first_of[init_name] is not None:
-            out[first_of[init_name][0]] = first_of[init_name][1]
+        new = replaced.get(init_name, (init_name, job))
+        if new is not None:
+            out[new[0]] = new[1]
     return out, packed
 
 
@@ -249,7 +247,8 @@ def write_fused(cfg, kv, caches, hidden: int, vocab: int, onnx_path, read, sourc
                 split_max_bytes: int, progress, fusions: dict, split: dict):
     """Build the fused graph and write it with its weights (``onnx.write_streamed``): the quantisation pass
     (``quant_pass``, or None), :func:`pack_qkv` (quantised q/k/v) or :func:`pack_float_qkv` (float ones), then
-    ``ort_fusions.split_wide_weights`` on the float weights left. ``read(name)`` reads a wrapper parameter; ``source_of``: wrapper parameter name -> checkpoint FQN.
+    ``ort_fusions.split_wide_weights`` on the float weights left. ``read(name)`` reads a wrapper parameter;
+    ``source_of``: wrapper parameter name -> checkpoint FQN.
     Fills ``fusions`` (operator counts) and ``split`` (checkpoint FQN -> column chunks); returns (files written,
     the graph's spec, its ``SharedDecoderNames``)."""
     from dataclasses import asdict

@@ -14,9 +14,9 @@ One run on one machine:
   with ``--threads`` intra-op threads. Its tokenizer is the Llama-2 one where present (same 32000 ids: the
   weights are random, the mask is real). Alternated in one process, ``--repeats`` rounds: one sequence greedy
   unconstrained, then constrained by a JSON schema whose string field leaves the random model room for
-  ``--new-tokens`` tokens (eos disabled for the unconstrained run); then the batched scheduler with ``--batch`` sequences, unconstrained and constrained (wall time per
-  decode step, prefills included, and the mean batch: constrained sequences may end early, which shrinks the
-  batch). One-sequence decode time per token = (last token - first token) / (tokens - 1); medians over rounds;
+  ``--new-tokens`` tokens (eos disabled for the unconstrained run); then the batched scheduler with
+  ``--batch`` sequences, unconstrained and constrained (wall time per decode step, prefills included, and the
+  mean batch: constrained sequences may end early, which shrinks the batch). One-sequence decode time per token = (last token - first token) / (tokens - 1); medians over rounds;
   overhead = constrained / unconstrained - 1 (issue 25's target: at most 5% at TinyLlama-1.1B int4 CPU).
 
     python scripts/bench_grammar.py                # ~10 min on 2 shared cores the first time (export), ~3 after

@@ -6,10 +6,10 @@ Not CI. One run on one machine, same random weights everywhere (issue 26):
   hidden 2048, 22 layers, 32 heads / 4 KV heads, MLP 5632, vocabulary 32000) and, from the same fp16 tensors, a
   plain Llama folder with the Llama-2 tokenizer; converted for every engine by ``scripts/peer_build.py``
   (models and settings: its ``MODELS``): this project's cpu bundles the project's way (fp32, int8, int4, block
-  128, fp32 lm_head; and int8 / int4 with ``--quantize-lm-head``), llama.cpp (``convert_hf_to_gguf.py`` from
-  the llama-cpp-python sdist, ``llama_model_quantize`` to Q8_0 / Q4_0; Q4_0 with its default Q6_K output layer
-  and with an F32 one) and ONNX Runtime GenAI (its model builder: defaults, and matched to ours: our block size,
-  fp32 lm_head). An engine that is not installed is skipped with one line.
+  128, fp32 lm_head; int8 / int4 with ``--quantize-lm-head``; int4 with ``--lm-head-bits 8``), llama.cpp
+  (``convert_hf_to_gguf.py`` from the llama-cpp-python sdist, ``llama_model_quantize`` to Q8_0 / Q4_0; Q4_0 with
+  its default Q6_K output layer and with an F32 one) and ONNX Runtime GenAI (its model builder: defaults, and
+  matched to ours: our block size, fp32 lm_head). An engine that is not installed is skipped with one line.
 * Timing: models are grouped by precision; in each group every model runs in its own warm worker process
   (``scripts/peer_workers.py``) with ``--threads`` threads, and rounds alternate all of them (the order
   rotates each round): greedy decode of ``--new-tokens`` after a ``--prompt-len`` random prompt, then prefill
@@ -34,7 +34,7 @@ Install (from a fresh checkout, into the project's venv)::
         -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_MTMD=OFF" \
         pip wheel --no-deps llama-cpp-python==0.3.36 -w ~/wheels
     pip install ~/wheels/llama_cpp_python-0.3.36-*.whl
-    python scripts/bench_peers.py                 # ~1.5 h on 2 shared cores (exports ~25 min each), 26 GB in --work, ~14 GB RAM
+    python scripts/bench_peers.py                 # ~30 min on 2 cores with the builds (2026-12-06); 29 GB, 14 GB RAM
     python scripts/bench_peers.py --quick         # a toy shape, minutes
 
 The sdist (``convert_hf_to_gguf.py``, its ``gguf-py`` and the Llama-2 vocabulary) is fetched with ``pip

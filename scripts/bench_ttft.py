@@ -23,7 +23,8 @@ The gate's verdict and the greedy tokens of the two forms are compared (same wei
     python scripts/bench_ttft.py --quick                      # toy shape, seconds
 
 Exports are kept under ``--work`` and reused while the exporter's sources are unchanged, or always with
-``--keep-exports`` (``--cleanup`` deletes them afterwards: 2 x 2.3 GB at int4). Prints a Markdown table; writes ``--out`` (JSON).
+``--keep-exports`` (``--cleanup`` deletes them afterwards: 2 x 2.3 GB at int4). Prints a Markdown table;
+writes ``--out`` (JSON).
 """
 from __future__ import annotations
 

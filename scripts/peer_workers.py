@@ -65,7 +65,8 @@ class LlamaCpp:
 
     def last_logits(self) -> np.ndarray:
         """The last evaluated position's logits, from llama.cpp's context (``llama_get_logits_ith``):
-        llama-cpp-python 0.3.x no longer copies them into ``Llama.scores`` unless ``logits_all``, so that
+        llama-cpp-python 0.3.36 no longer copies them into ``Llama.scores`` unless ``logits_all`` (``Llama.eval``
+        in ``llama_cpp/llama.py``: the copy is commented out, "logits are only needed for logprobs"), so that
         array stays zero (every greedy token was 0 until 2026-12-06)."""
         import llama_cpp
 
